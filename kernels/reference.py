@@ -1,0 +1,267 @@
+"""Torch twin of the attention-statistics kernels: exact, streaming in query chunks, any device.
+
+Computes softmax(scale * q k^T + mask) v for causal attention with GQA, left padding and an
+optional sliding window, and reduces the attention A into the statistics of a `StatRequest`
+(see `request.py` for each definition) without ever holding more than one query chunk of A:
+memory is O(B * H * chunk * Nk) for the chunk plus O(B * H * (Nq + Nk)) for the statistics.
+
+This is the CPU path of `probe.capture(backend="chunked")` and the reference the Triton kernels
+are tested against. `StatAccumulator` is shared with the eager backend, which feeds it the full
+patterns that TransformerLens materialises, so every backend reduces A the same way.
+
+Shapes: q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D]; Hq = G * Hkv and query head h reads KV head
+h // G (the order of transformers' `repeat_kv`). Query i sits at key position i + Nk - Nq.
+key_mask [B, Nk] bool, True for real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnlab.kernels.request import StatRequest
+
+# Attention probabilities below this are treated as exactly zero by nobody: it only guards the
+# division of an all-masked (padding) query row.
+_TINY = 1e-30
+
+
+def visibility(
+    key_mask: torch.Tensor | None,
+    batch: int,
+    q_start: int,
+    q_end: int,
+    n_keys: int,
+    q_offset: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """[B, 1, q_end - q_start, Nk] bool: may query i see key j (causal, padding, window)."""
+    pos_q = torch.arange(q_start, q_end, device=device) + q_offset
+    pos_k = torch.arange(n_keys, device=device)
+    diff = pos_q[:, None] - pos_k[None, :]
+    vis = diff >= 0
+    if sliding_window is not None:
+        vis = vis & (diff < sliding_window)
+    vis = vis[None, None].expand(batch, 1, -1, -1)
+    if key_mask is not None:
+        km = key_mask.to(torch.bool)
+        # A pad query sees nothing: its row is all-masked and every statistic of it is undefined.
+        q_real = km[:, q_offset + q_start : q_offset + q_end]
+        vis = vis & km[:, None, None, :] & q_real[:, None, :, None]
+    return vis
+
+
+def first_real_position(key_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """[B] index of the first non-pad key of each row (0 without padding)."""
+    if key_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return (~key_mask.to(torch.bool)).sum(dim=1).to(torch.long)
+
+
+class StatAccumulator:
+    """Reduces chunks of post-softmax attention rows into the statistics of a request.
+
+    `add(p, vis, q_start)` takes p [B, H, C, Nk] (fp32, zero where not visible) for queries
+    q_start .. q_start + C; `finish()` returns the named tensors, each [B, H, ...].
+    """
+
+    def __init__(
+        self,
+        request: StatRequest,
+        batch: int,
+        heads: int,
+        n_queries: int,
+        n_keys: int,
+        key_mask: torch.Tensor | None,
+        sliding_window: int | None,
+        device: torch.device,
+    ) -> None:
+        self.r = request
+        self.B, self.H, self.Nq, self.Nk = batch, heads, n_queries, n_keys
+        self.q_offset = n_keys - n_queries
+        self.key_mask = key_mask
+        self.window = sliding_window
+        self.device = device
+        f32 = dict(dtype=torch.float32, device=device)
+        nan = float("nan")
+        r = request
+        self.out: dict[str, torch.Tensor] = {}
+        if r.received:
+            self.out["received"] = torch.zeros(batch, heads, n_keys, **f32)
+            self._seen_by = torch.zeros(batch, 1, n_keys, **f32)
+        if r.sink_k is not None:
+            self.out["sink_mass"] = torch.full((batch, heads, n_queries), nan, **f32)
+            first = first_real_position(key_mask, batch, device)
+            cols = torch.arange(n_keys, device=device)
+            self._sink_cols = (cols[None] >= first[:, None]) & (cols[None] < first[:, None] + r.sink_k)
+        if r.entropy:
+            self.out["entropy"] = torch.full((batch, heads, n_queries), nan, **f32)
+        if r.top_key:
+            self.out["top_key"] = torch.full((batch, heads, n_queries), -1, dtype=torch.long, device=device)
+            self.out["top_prob"] = torch.full((batch, heads, n_queries), nan, **f32)
+        if r.pooled_block is not None:
+            b = r.pooled_block
+            self.out["pooled"] = torch.zeros(batch, heads, math.ceil(n_queries / b), math.ceil(n_keys / b), **f32)
+        if r.segment_ids is not None:
+            s = r.n_segments
+            ids = r.segment_ids.to(device=device, dtype=torch.long)
+            self._key_seg = ids
+            # One-hot of key -> segment ([B, Nk, S]); keys in no segment are a zero row.
+            onehot = torch.zeros(batch, n_keys, s + 1, **f32)
+            onehot.scatter_(2, (ids + 1).clamp_min(0)[..., None], 1.0)
+            self._seg_onehot = onehot[..., 1:]
+            self._seg_sum = torch.zeros(batch, heads, s + 1, s, **f32)
+        if r.distance_window is not None:
+            self.out["distance"] = torch.full((batch, heads, n_queries), nan, **f32)
+            self.out["local_mass"] = torch.full((batch, heads, n_queries), nan, **f32)
+        if r.row_positions is not None:
+            self.out["rows"] = torch.full((batch, heads, len(r.row_positions), n_keys), nan, **f32)
+            self._row_index = {pos: n for n, pos in enumerate(r.row_positions)}
+        if r.pattern:
+            self.out["pattern"] = torch.zeros(batch, heads, n_queries, n_keys, **f32)
+
+    def add(self, p: torch.Tensor, vis: torch.Tensor, q_start: int) -> None:
+        r, out = self.r, self.out
+        c = p.shape[2]
+        q_end = q_start + c
+        rows = slice(q_start, q_end)
+        row_ok = vis.any(dim=-1)  # [B, 1, C]: real queries
+        nan_rows = ~row_ok
+        if r.received:
+            out["received"] += p.sum(dim=2)
+            self._seen_by += vis.sum(dim=2, dtype=torch.float32)
+        if r.sink_k is not None:
+            sm = (p * self._sink_cols[:, None, None, :]).sum(dim=-1)
+            out["sink_mass"][:, :, rows] = sm.masked_fill(nan_rows, float("nan"))
+        if r.entropy:
+            ent = -torch.special.xlogy(p, p).sum(dim=-1)
+            out["entropy"][:, :, rows] = ent.masked_fill(nan_rows, float("nan"))
+        if r.top_key:
+            prob, idx = p.max(dim=-1)
+            out["top_key"][:, :, rows] = idx.masked_fill(nan_rows, -1)
+            out["top_prob"][:, :, rows] = prob.masked_fill(nan_rows, float("nan"))
+        if r.pooled_block is not None:
+            b = r.pooled_block
+            nb = out["pooled"].shape[-1]
+            pad = nb * b - self.Nk
+            pk = torch.nn.functional.pad(p, (0, pad)).view(self.B, self.H, c, nb, b).sum(dim=-1)
+            qblock = torch.arange(q_start, q_end, device=self.device) // b
+            out["pooled"].index_add_(2, qblock, pk)
+        if r.segment_ids is not None:
+            per_key_seg = torch.matmul(p, self._seg_onehot[:, None])  # [B, H, C, S]
+            qseg = self._key_seg[:, self.q_offset + q_start : self.q_offset + q_end] + 1  # 0 = none
+            for bi in range(self.B):
+                self._seg_sum[bi].index_add_(1, qseg[bi], per_key_seg[bi])
+        if r.distance_window is not None:
+            pos_q = torch.arange(q_start, q_end, device=self.device, dtype=torch.float32) + self.q_offset
+            diff = pos_q[:, None] - torch.arange(self.Nk, device=self.device, dtype=torch.float32)[None]
+            dist = (p * diff).sum(dim=-1)
+            local = (p * (diff < r.distance_window)).sum(dim=-1)
+            out["distance"][:, :, rows] = dist.masked_fill(nan_rows, float("nan"))
+            out["local_mass"][:, :, rows] = local.masked_fill(nan_rows, float("nan"))
+        if r.row_positions is not None:
+            for pos, n in self._row_index.items():
+                if q_start <= pos < q_end:
+                    row = p[:, :, pos - q_start]
+                    ok = row_ok[:, :, pos - q_start, None]
+                    out["rows"][:, :, n] = row.masked_fill(~ok, float("nan"))
+        if r.pattern:
+            out["pattern"][:, :, rows] = p
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        r, out = self.r, self.out
+        if r.received:
+            seen = self._seen_by
+            out["received"] = torch.where(seen > 0, out["received"] / seen.clamp_min(1), float("nan"))
+        if r.pooled_block is not None:
+            b = r.pooled_block
+            nqb, nkb = out["pooled"].shape[-2:]
+            qsize = (torch.clamp(self.Nq - torch.arange(nqb, device=self.device) * b, max=b)).float()
+            ksize = (torch.clamp(self.Nk - torch.arange(nkb, device=self.device) * b, max=b)).float()
+            out["pooled"] = out["pooled"] / (qsize[:, None] * ksize[None, :])
+        if r.segment_ids is not None:
+            s = r.n_segments
+            # Segment sizes: queries are counted among this call's queries only.
+            qids = self._key_seg[:, self.q_offset :]
+            q_count = torch.stack([torch.bincount(q + 1, minlength=s + 1)[1:] for q in qids]).float()
+            k_count = self._seg_onehot.sum(dim=1)  # [B, S]
+            denom = q_count[:, :, None] * k_count[:, None, :]
+            seg = self._seg_sum[:, :, 1:] / denom[:, None].clamp_min(1)
+            out["segments"] = torch.where(denom[:, None] > 0, seg, float("nan"))
+        return out
+
+
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    request: StatRequest = StatRequest(),
+    key_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Causal GQA attention with statistics, streamed over query chunks (fp32 math).
+
+    Returns (out [B, Hq, Nq, Dv] in q's dtype, {name: [B, Hq, ...] statistics}). Pad queries
+    get a zero output (never NaN: their hidden states flow on as masked keys).
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if Nk < Nq:
+        raise ValueError(f"fewer keys ({Nk}) than queries ({Nq})")
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    q_offset = Nk - Nq
+    if chunk_size is None:
+        chunk_size = default_chunk_size(B, Hq, Nk)
+    acc = StatAccumulator(request, B, Hq, Nq, Nk, key_mask, sliding_window, q.device)
+    kf = k.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
+    vf = v.float()
+    out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    for q_start in range(0, Nq, chunk_size):
+        q_end = min(Nq, q_start + chunk_size)
+        c = q_end - q_start
+        qc = q[:, :, q_start:q_end].float().reshape(B, Hkv, G * c, D)
+        s = (torch.matmul(qc, kf) * scale).view(B, Hq, c, Nk)
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        vis = visibility(key_mask, B, q_start, q_end, Nk, q_offset, sliding_window, q.device)
+        s = s.masked_fill(~vis, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+        o = torch.matmul(p.view(B, Hkv, G * c, Nk), vf).view(B, Hq, c, -1)
+        out[:, :, q_start:q_end] = o.to(q.dtype)
+        if not request.empty:
+            acc.add(p, vis, q_start)
+    return out, acc.finish()
+
+
+def default_chunk_size(batch: int, heads: int, n_keys: int, budget_bytes: int = 256 * 2**20) -> int:
+    """Largest power-of-two query chunk whose fp32 scores fit the budget (a few live copies)."""
+    per_row = batch * heads * n_keys * 4 * 4  # scores, probabilities and two temporaries
+    c = max(1, budget_bytes // max(per_row, 1))
+    return max(16, min(4096, 2 ** int(math.log2(c))))
+
+
+def stats_from_pattern(
+    pattern: torch.Tensor,
+    request: StatRequest,
+    key_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The same statistics from a materialised pattern [B, H, Nq, Nk] (the eager backend)."""
+    B, H, Nq, Nk = pattern.shape
+    vis = visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, pattern.device)
+    p = pattern.float().masked_fill(~vis, 0.0)
+    acc = StatAccumulator(request, B, H, Nq, Nk, key_mask, sliding_window, pattern.device)
+    acc.add(p, vis, 0)
+    return acc.finish()

@@ -1,0 +1,17 @@
+"""attnlab.probe: models in, attention out.
+
+`load(name)` gives a `Probe` (fast path + hooked path); `Probe.capture(...)` gives a `Capture` of
+per-head attention statistics; `RunStore` writes and reads run directories.
+"""
+
+from attnlab.probe.capture import Capture
+from attnlab.probe.errors import AttnlabError
+from attnlab.probe.probe import BACKENDS, ModelInfo, Probe, load
+from attnlab.probe.registry import DEFAULT_MODEL, REGISTRY
+from attnlab.probe.stats import CATALOGUE, Stat
+from attnlab.probe.tokens import Tokens
+
+__all__ = [
+    "BACKENDS", "CATALOGUE", "DEFAULT_MODEL", "REGISTRY", "AttnlabError", "Capture", "ModelInfo", "Probe",
+    "Stat", "Tokens", "load",
+]

@@ -1,0 +1,119 @@
+"""The fast path: the plain HF model with attention routed through attnlab's attention function.
+
+`register()` adds an attention implementation named "attnlab" to transformers'
+`AttentionInterface` and a matching mask function to `AttentionMaskInterface`. The mask function
+hands the attention function the 2-D padding mask ([B, Nk] bool, or None without padding) instead
+of an O(N^2) 4-D mask: causality, padding and sliding windows are applied inside the kernels
+chunk by chunk. No modelling file is forked.
+
+With no capture session active, the function is plain attention (PyTorch SDPA). Inside
+`CaptureSession` (a context variable, so concurrent threads do not see each other's sessions),
+each selected layer's attention runs through a statistics kernel and its outputs are recorded.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.kernels import StatRequest, visibility
+
+ATTN_IMPLEMENTATION = "attnlab"
+
+_SESSION: contextvars.ContextVar[CaptureSession | None] = contextvars.ContextVar("attnlab_session", default=None)
+
+
+@dataclass
+class CaptureSession:
+    """Per-forward recording state: which layers, which kernel, what each layer produced."""
+
+    layers: set[int]
+    make_request: Callable[[int, int], StatRequest]  # (n_queries, n_keys) -> request
+    kernel: Callable  # attention_stats-compatible
+    on_layer: Callable[[int], None] | None = None  # progress callback
+    records: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __enter__(self) -> CaptureSession:
+        self._token = _SESSION.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _SESSION.reset(self._token)
+
+
+def attnlab_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface signature: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D];
+    returns ([B, Nq, Hq, Dv], None)."""
+    session = _SESSION.get()
+    layer = getattr(module, "layer_idx", None)
+    key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    if key_mask is not None:
+        key_mask = key_mask[:, -key.shape[2] :].to(torch.bool)
+    if session is None or layer not in session.layers:
+        out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap)
+        return out.transpose(1, 2).contiguous(), None
+    started = time.perf_counter()
+    request = session.make_request(query.shape[2], key.shape[2])
+    out, stats = session.kernel(
+        query, key, value, scale=scaling, request=request, key_mask=key_mask,
+        sliding_window=sliding_window, softcap=softcap,
+    )
+    session.records.setdefault(layer, []).append(stats)
+    session.seconds += time.perf_counter() - started
+    if session.on_layer is not None:
+        session.on_layer(layer)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa(q, k, v, key_mask, scaling, sliding_window, softcap):
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    G = Hq // k.shape[1]
+    if softcap is not None:
+        from attnlab.kernels import attention_stats
+
+        return attention_stats(q, k, v, scale=scaling, key_mask=key_mask, sliding_window=sliding_window,
+                               softcap=softcap)[0]
+    needs_mask = key_mask is not None or (sliding_window is not None and Nk > sliding_window) or Nq != Nk
+    mask = None
+    if needs_mask:
+        mask = visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, q.device)
+        # Pad query rows see nothing; give them their own position so SDPA returns no NaN.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and Nq > 1, scale=scaling, enable_gqa=G > 1
+    )
+
+
+_registered = False
+
+
+def register() -> None:
+    """Make attn_implementation="attnlab" available to every transformers model (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attnlab_attention)
+    # flash_attention_mask returns the 2-D padding mask (None when there is no padding).
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    _registered = True

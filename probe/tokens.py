@@ -1,0 +1,134 @@
+"""Tokenisation with explicit BOS handling and left padding.
+
+Sinks depend on whether a BOS token is prepended, so attnlab never lets the tokenizer decide:
+texts are tokenised without special tokens and the model's BOS id is prepended when
+`prepend_bos=True` (the choice is recorded in every capture and run). Batches are left-padded:
+the "first token" of a row is its first non-pad token, and every statistic is NaN at pad positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.probe.errors import AttnlabError
+
+
+@dataclass
+class Tokens:
+    """A tokenised batch.
+
+    input_ids, attention_mask: [B, N] (left padding, mask True on real tokens).
+    strings: [B][N] token strings ('' at pad positions).
+    offsets: [B][N] (start, end) character offsets in the row's text; (-1, -1) for BOS and pads.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    strings: list[list[str]]
+    offsets: list[list[tuple[int, int]]]
+    texts: list[str] | None
+    prepend_bos: bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.attention_mask.all())
+
+    def position_ids(self) -> torch.Tensor:
+        """[B, N] positions counted from each row's first real token (0 at pads)."""
+        return (self.attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+    def first_real(self) -> torch.Tensor:
+        """[B] index of the first non-pad token of each row."""
+        return (~self.attention_mask).sum(dim=1)
+
+
+def tokenize(
+    tokenizer,
+    texts: str | list[str],
+    *,
+    prepend_bos: bool = True,
+    context_length: int | None = None,
+    model_name: str = "the model",
+) -> Tokens:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise AttnlabError("no input: pass at least one text")
+    for n, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise AttnlabError(f"input {n} is a {type(text).__name__}, not a string: pass texts or token ids")
+        if not text.strip():
+            raise AttnlabError(f"input {n} is empty: pass a text with at least one non-space character")
+    bos = tokenizer.bos_token_id
+    if prepend_bos and bos is None:
+        raise AttnlabError(f"{model_name}'s tokenizer has no BOS token: use prepend_bos=False")
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    rows, offs = [], []
+    for ids, off in zip(enc["input_ids"], enc["offset_mapping"]):
+        ids, off = list(ids), [tuple(o) for o in off]
+        if prepend_bos:
+            ids, off = [bos] + ids, [(-1, -1)] + off
+        rows.append(ids)
+        offs.append(off)
+    return _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name)
+
+
+def from_ids(
+    tokenizer,
+    ids: torch.Tensor | list[list[int]],
+    *,
+    prepend_bos: bool = False,
+    context_length: int | None = None,
+    model_name: str = "the model",
+) -> Tokens:
+    """Tokens from given ids (kept as they are; `prepend_bos` adds the BOS id in front)."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist() if ids.ndim == 2 else [ids.tolist()]
+    rows = [list(r) for r in ids]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise AttnlabError("empty token ids: pass at least one token per row")
+    if prepend_bos:
+        if tokenizer.bos_token_id is None:
+            raise AttnlabError(f"{model_name}'s tokenizer has no BOS token: use prepend_bos=False")
+        rows = [[tokenizer.bos_token_id] + r for r in rows]
+    offs = [[(-1, -1)] * len(r) for r in rows]
+    return _pad(tokenizer, rows, offs, None, prepend_bos, context_length, model_name)
+
+
+def _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name) -> Tokens:
+    longest = max(len(r) for r in rows)
+    if context_length is not None and longest > context_length:
+        raise AttnlabError(
+            f"input is {longest} tokens but {model_name}'s context is {context_length} tokens: "
+            "shorten the text (or split it into several inputs)"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        pad = 0
+    B = len(rows)
+    input_ids = torch.full((B, longest), pad, dtype=torch.long)
+    mask = torch.zeros((B, longest), dtype=torch.bool)
+    strings, offsets = [], []
+    for b, (r, o) in enumerate(zip(rows, offs)):
+        n_pad = longest - len(r)
+        input_ids[b, n_pad:] = torch.tensor(r, dtype=torch.long)
+        mask[b, n_pad:] = True
+        strings.append([""] * n_pad + tokenizer.convert_ids_to_tokens(r))
+        offsets.append([(-1, -1)] * n_pad + list(o))
+    strings = [[_readable(s) for s in row] for row in strings]
+    return Tokens(input_ids, mask, strings, offsets, texts, prepend_bos)
+
+
+def _readable(token: str) -> str:
+    # Byte-level BPE spells a space as 'Ġ' and a newline as 'Ċ'; SentencePiece spells a space '▁'.
+    return token.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ")
