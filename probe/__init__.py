@@ -8,10 +8,11 @@ from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.probe import BACKENDS, ModelInfo, Probe, load
 from attnlab.probe.registry import DEFAULT_MODEL, REGISTRY
+from attnlab.probe.runs import Run, RunStore
 from attnlab.probe.stats import CATALOGUE, Stat
 from attnlab.probe.tokens import Tokens
 
 __all__ = [
     "BACKENDS", "CATALOGUE", "DEFAULT_MODEL", "REGISTRY", "AttnlabError", "Capture", "ModelInfo", "Probe",
-    "Stat", "Tokens", "load",
+    "Run", "RunStore", "Stat", "Tokens", "load",
 ]

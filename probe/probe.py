@@ -275,7 +275,6 @@ class Probe:
         out = torch.full((tokens.batch_size, tokens.length), -1, dtype=torch.long)
         lengths = tokens.attention_mask.sum(dim=1)
         for b, row in enumerate(rows):
-            row = row[row.shape[0] - int(lengths[b]):] if row.shape[0] >= int(lengths[b]) else row
             if row.shape[0] != int(lengths[b]):
                 raise AttnlabError(
                     f"segments: row {b} has {row.shape[0]} ids for {int(lengths[b])} tokens: give one id per "

