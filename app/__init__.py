@@ -1,1 +1,1 @@
-"""placeholder"""
+"""attnlab.app: where people meet attnlab — the `attnlab` CLI, the Dash dashboard, HTML reports."""
