@@ -110,6 +110,9 @@ def capture(
         stat_list = catalogue.parse_list(stats)
         layer_list, head_list = _int_list(layers, "layers"), _int_list(heads, "heads")
         with err.status(f"loading {model}"):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
             probe = load(model, device=device, log=lambda msg: err.print(msg))
         tokens = probe.tokenize(body, prepend_bos=bos)
         n_layers = len(layer_list) if layer_list else probe.info.n_layers
@@ -159,6 +162,9 @@ def _print_summary(cap, probe, top: int) -> None:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers' own per-load progress bars would interleave with ours.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from attnlab.kernels.edits import KernelEdit, apply_edits
 from attnlab.kernels.request import StatRequest
 
 # Attention probabilities below this are treated as exactly zero by nobody: it only guards the
@@ -204,10 +205,12 @@ def attention_stats(
     sliding_window: int | None = None,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    edits: tuple[KernelEdit, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal GQA attention with statistics, streamed over query chunks (fp32 math).
 
-    Returns (out [B, Hq, Nq, Dv] in q's dtype, {name: [B, Hq, ...] statistics}). Pad queries
+    `edits` (see `edits.py`) change the attention before the output and the statistics are
+    taken: the statistics describe the edited attention. Returns (out [B, Hq, Nq, Dv] in q's dtype, {name: [B, Hq, ...] statistics}). Pad queries
     get a zero output (never NaN: their hidden states flow on as masked keys).
     """
     B, Hq, Nq, D = q.shape
@@ -238,6 +241,7 @@ def attention_stats(
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         p = p / p.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+        p = apply_edits(p, edits, q_start, Nq)
         o = torch.matmul(p.view(B, Hkv, G * c, Nk), vf).view(B, Hq, c, -1)
         out[:, :, q_start:q_end] = o.to(q.dtype)
         if not request.empty:

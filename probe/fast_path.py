@@ -68,18 +68,46 @@ def attnlab_attention(
         key_mask = key_mask[:, -key.shape[2] :].to(torch.bool)
     if session is None or layer not in session.layers:
         out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap)
-        return out.transpose(1, 2).contiguous(), None
-    started = time.perf_counter()
-    request = session.make_request(query.shape[2], key.shape[2])
-    out, stats = session.kernel(
-        query, key, value, scale=scaling, request=request, key_mask=key_mask,
-        sliding_window=sliding_window, softcap=softcap,
-    )
-    session.records.setdefault(layer, []).append(stats)
-    session.seconds += time.perf_counter() - started
-    if session.on_layer is not None:
-        session.on_layer(layer)
+    else:
+        started = time.perf_counter()
+        request = session.make_request(query.shape[2], key.shape[2])
+        out, stats = session.kernel(
+            query, key, value, scale=scaling, request=request, key_mask=key_mask,
+            sliding_window=sliding_window, softcap=softcap,
+        )
+        session.records.setdefault(layer, []).append(stats)
+        session.seconds += time.perf_counter() - started
+        if session.on_layer is not None:
+            session.on_layer(layer)
+    ablations = _ABLATIONS.get()
+    if ablations and layer in ablations:
+        out = _ablate_heads(out, value, key_mask, ablations[layer])
     return out.transpose(1, 2).contiguous(), None
+
+
+# ----- head ablations (attnlab.probe.ablations) -----
+# layer -> ((query head, mode), ...); modes: "zero" (the head's output is 0) and "bos" (the head
+# attends only to the first real key: its output is that key's value vector, GQA-mapped). The
+# ablation edits the head's output after any statistics were recorded: a capture inside an
+# ablation still reports the unablated pattern of the ablated head.
+_ABLATIONS: contextvars.ContextVar[dict[int, tuple[tuple[int, str], ...]] | None] = contextvars.ContextVar(
+    "attnlab_ablations", default=None
+)
+
+
+def _ablate_heads(out: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, heads) -> torch.Tensor:
+    """out [B, Hq, Nq, Dv], value [B, Hkv, Nk, Dv], key_mask [B, Nk] bool or None -> edited copy."""
+    out = out.clone()
+    group = out.shape[1] // value.shape[1]
+    first = (~key_mask).sum(dim=1) if key_mask is not None else torch.zeros(out.shape[0], dtype=torch.long)
+    first = first.to(value.device)
+    for head, mode in heads:
+        if mode == "zero":
+            out[:, head] = 0
+        else:  # "bos"
+            v0 = value[torch.arange(value.shape[0], device=value.device), head // group, first]  # [B, Dv]
+            out[:, head] = v0[:, None, :].to(out.dtype)
+    return out
 
 
 def _sdpa(q, k, v, key_mask, scaling, sliding_window, softcap):

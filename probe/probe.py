@@ -144,6 +144,13 @@ class Probe:
                 **kwargs,
             )
 
+    def ablate(self, heads, mode: str = "zero"):
+        """Context manager: zero (mode="zero") or send to the first token (mode="bos") the given
+        (layer, head) pairs on the fast path (`attnlab.probe.ablations`)."""
+        from attnlab.probe.ablations import ablate
+
+        return ablate(self, heads, mode)
+
     def sliding_window(self, layer: int) -> int | None:
         cfg = self.model.config.get_text_config()
         window = getattr(cfg, "sliding_window", None)
