@@ -29,7 +29,7 @@ report: $(STAMP)
 	$(VENV)/bin/attnlab capture --model smollm2-135m --example --out runs
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(PY) -P -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs test-artifacts
