@@ -236,6 +236,16 @@ class Probe:
             timings={"capture_seconds": round(elapsed, 4)},
         )
 
+    def generate(self, inputs, *, max_new_tokens: int = 50, stop_at_newline: bool = True, step_stats=(),
+                 layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None):
+        """Greedy decoding; `step_stats` (e.g. ["top_key"]) are captured at every decode step for the
+        one new query row. Returns a `Generation` (see `attnlab.probe.generate`)."""
+        from attnlab.probe.generate import greedy_generate
+
+        return greedy_generate(self, self.to_tokens(inputs, prepend_bos=prepend_bos), max_new_tokens=max_new_tokens,
+                               stop_at_newline=stop_at_newline, step_stats=step_stats, layers=layers, heads=heads,
+                               backend=backend, on_step=on_step)
+
     # ----- helpers -----
     def _resolve_backend(self, backend: str, stat_list) -> str:
         if backend not in BACKENDS:

@@ -1,0 +1,213 @@
+"""Retrieval heads (Wu et al., "Retrieval Head Mechanistically Explains Long-Context Factuality")
+and echo/induction heads (Tang et al., RazorAttention).
+
+Retrieval score: in needle-in-a-haystack tests, at every decode step and for every head, let
+j = argmax_j A[last, j]; if j lies in the needle's answer span and prompt_ids[j] equals the token
+generated at that step, the head scores 1/|span|. A test counts only when retrieval succeeded
+(ROUGE-1 recall of the answer > 0.5); a head's score is its mean over successful tests, its
+activation frequency the share of successful tests in which it scored; retrieval head: score > 0.1.
+Only the decode steps' top keys are captured (`top_key` on one query row), never a pattern; the
+prompt prefill runs on the fast path.
+
+Echo / induction: on BOS + n random tokens repeated r times, for queries in repeats 2..r,
+echo mass = attention to earlier copies of the current token, induction mass = attention to the
+token after an earlier copy. Keep the top 14% of heads by induction plus the top 1% by echo; for
+GQA models the unit is the KV group, scored by the max over its query heads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+
+from attnlab.analyses.plots import head_heatmap
+from attnlab.analyses.result import Result
+from attnlab.probe.errors import AttnlabError
+from attnlab.probe.tasks import niah
+
+# CPU-sized defaults for the default model; the paper's grid is 20 lengths (1K-50K) x 10 depths.
+CPU_LENGTHS = (256, 512)
+CPU_DEPTHS = (0, 25, 50, 75, 100)
+PAPER_LENGTHS = tuple(int(x) for x in np.linspace(1000, 50000, 20))
+PAPER_DEPTHS = tuple(int(x) for x in np.linspace(0, 100, 10))
+
+
+def retrieval_heads(
+    probe,
+    lengths: Sequence[int] = CPU_LENGTHS,
+    depths: Sequence[float] = CPU_DEPTHS,
+    needles: Sequence[niah.Needle] = tuple(niah.NEEDLES),
+    *,
+    threshold: float = 0.1,
+    success_recall: float = 0.5,
+    max_new_tokens: int = 24,
+    chat: bool | None = None,
+    backend: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> Result:
+    """Retrieval score of every head over a lengths x depths x needles NIAH grid.
+
+    chat: wrap prompts in the tokenizer's chat template (default: when it has one)."""
+    if not lengths or not depths or not needles:
+        raise AttnlabError("retrieval_heads needs at least one length, one depth and one needle")
+    too_long = [n for n in lengths if n > probe.info.context_length]
+    if too_long:
+        raise AttnlabError(f"lengths {too_long} exceed {probe.name}'s context of {probe.info.context_length} tokens")
+    chat = bool(niah.chat_frame(probe.tokenizer)) if chat is None else chat
+    L, H = probe.info.n_layers, probe.info.n_heads
+    score_sum = torch.zeros(L, H, dtype=torch.float64)
+    active = torch.zeros(L, H, dtype=torch.float64)
+    tests, started = [], time.perf_counter()
+    total, done = len(lengths) * len(needles), 0
+    for length in lengths:
+        for needle in needles:
+            prompts = [niah.build(probe.tokenizer, needle, length, d, chat=chat) for d in depths]
+            gen = probe.generate([p.input_ids for p in prompts], max_new_tokens=max_new_tokens, prepend_bos=False,
+                                 step_stats=["top_key"], backend=backend)
+            for b, prompt in enumerate(prompts):
+                response = gen.texts[b]
+                recall = niah.rouge1_recall(needle.answer, response)
+                success = recall > success_recall
+                scores = copy_paste_scores(prompt, gen.new_ids[b], [s["top_key"][b, :, :, 0] for s in gen.steps])
+                if success:
+                    score_sum += scores
+                    active += (scores > 0).double()
+                tests.append({"length": length, "depth": prompt.depth, "question": needle.question,
+                              "answer": needle.answer, "response": response, "recall": recall, "success": success,
+                              "span_start": prompt.span[0], "span_end": prompt.span[1]})
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    tests_df = pd.DataFrame(tests)
+    n_success = int(tests_df["success"].sum())
+    mean = score_sum / max(n_success, 1)
+    heads = pd.DataFrame({
+        "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
+        "score": mean.flatten().numpy(), "activation_frequency": (active / max(n_success, 1)).flatten().numpy(),
+    })
+    heads["kv_head"] = [probe.info.kv_head(h) for h in heads["head"]]
+    heads["is_retrieval"] = heads["score"] > threshold
+    share = heads["is_retrieval"].mean()
+    zero = (heads["score"] == 0).mean()
+    top = heads.sort_values("score", ascending=False).head(5)
+    summary = (
+        f"{n_success}/{len(tests_df)} NIAH tests succeeded; {heads['is_retrieval'].sum()} of {len(heads)} heads "
+        f"({share:.1%}) are retrieval heads (score > {threshold}), {zero:.0%} score 0 "
+        "(published on 7B models: 3-6% and 45-73%). Top: "
+        + ", ".join(f"{r.layer}.{r.head} ({r.score:.2f})" for r in top.itertuples())
+    )
+    res = Result(
+        "retrieval",
+        tables={"heads": heads, "tests": tests_df},
+        tensors={"score": mean.float()},
+        tensor_dims={"score": ("layer", "head")},
+        params={"model": probe.name, "lengths": list(lengths), "depths": list(depths), "needles": len(needles),
+                "threshold": threshold, "success_recall": success_recall, "max_new_tokens": max_new_tokens,
+                "chat": chat},
+        summary=summary,
+        prepend_bos=True,
+        timings={"seconds": round(time.perf_counter() - started, 2)},
+    )
+    res.figures = retrieval_figures(heads, tests_df)
+    return res
+
+
+def copy_paste_scores(prompt: niah.NiahPrompt, new_ids: list[int], top_keys: list[torch.Tensor]) -> torch.Tensor:
+    """[L, H] retrieval score of one test: sum over steps of 1/|span| per copy-paste hit.
+
+    top_keys[t]: [L, H] argmax key at the step that generated new_ids[t]."""
+    s0, s1 = prompt.span
+    ids = torch.tensor(prompt.input_ids)
+    L, H = top_keys[0].shape if top_keys else (0, 0)
+    score = torch.zeros(L, H, dtype=torch.float64)
+    for t, token in enumerate(new_ids):
+        j = top_keys[t]
+        in_span = (j >= s0) & (j < s1)
+        copied = ids[j.clamp(0, len(ids) - 1)] == token
+        score += (in_span & copied).double() / (s1 - s0)
+    return score
+
+
+def retrieval_figures(heads: pd.DataFrame, tests: pd.DataFrame) -> dict[str, go.Figure]:
+    grid = tests.pivot_table(index="length", columns="depth", values="success", aggfunc="mean")
+    accuracy = go.Figure(go.Heatmap(z=grid.values, x=[f"{d:g}%" for d in grid.columns], y=[str(i) for i in grid.index],
+                                    zmin=0, zmax=1, colorscale="RdYlGn", colorbar=dict(title="success")))
+    accuracy.update_layout(title="Needle-in-a-haystack success (length x depth)", xaxis_title="depth",
+                           yaxis_title="length (tokens)")
+    dist = px.histogram(heads, x="score", nbins=40, log_y=True, title="Retrieval score distribution over heads")
+    return {
+        "retrieval_heatmap": head_heatmap(heads, "score", "Retrieval score (layer x head)", zmin=0),
+        "score_distribution": dist,
+        "niah_accuracy": accuracy,
+    }
+
+
+def induction_heads(
+    probe,
+    seq_len: int = 128,
+    repeats: int = 4,
+    *,
+    induction_share: float = 0.14,
+    echo_share: float = 0.01,
+    max_queries: int | None = 384,
+    seed: int = 0,
+    backend: str = "auto",
+) -> Result:
+    """Echo and induction mass of every head on repeated random tokens (RazorAttention's probe,
+    2,500 x 4 in the paper; 128 x 4 by default on the CPU). Queries are all positions of
+    repeats 2..r, or `max_queries` of them drawn at random (exact rows are captured for those)."""
+    if repeats < 2 or seq_len < 2:
+        raise AttnlabError("induction_heads needs repeats >= 2 and seq_len >= 2")
+    g = torch.Generator().manual_seed(seed)
+    special = set(probe.tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(min(len(probe.tokenizer), 32000)) if i not in special])
+    block = vocab[torch.randint(len(vocab), (seq_len,), generator=g)]
+    ids = torch.cat([torch.tensor([probe.tokenizer.bos_token_id]), block.repeat(repeats)])
+    queries = torch.arange(1 + seq_len, len(ids))
+    if max_queries is not None and len(queries) > max_queries:
+        queries = queries[torch.randperm(len(queries), generator=g)[:max_queries]].sort().values
+    cap = probe.capture(ids[None], stats=[f"rows({','.join(map(str, queries.tolist()))})"], prepend_bos=False,
+                        backend=backend)
+    rows = cap["rows"][0]  # [L, H, P, N]
+    echo = torch.zeros(rows.shape[:2], dtype=torch.float64)
+    induction = torch.zeros_like(echo)
+    for p, i in enumerate(queries.tolist()):
+        copies = torch.arange(i - seq_len, 0, -seq_len)  # earlier copies of the current token
+        echo += rows[:, :, p, copies].sum(-1).double()
+        induction += rows[:, :, p, copies + 1].sum(-1).double()
+    echo /= len(queries)
+    induction /= len(queries)
+    L, H = echo.shape
+    heads = pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
+                          "induction": induction.flatten().numpy(), "echo": echo.flatten().numpy()})
+    heads["kv_head"] = [probe.info.kv_head(h) for h in heads["head"]]
+    heads["score"] = heads["induction"]
+    # The unit of selection: a KV group (max over its query heads) for GQA models, else a head.
+    unit = ["layer", "kv_head"] if probe.info.n_kv_heads < probe.info.n_heads else ["layer", "head"]
+    groups = heads.groupby(unit, as_index=False)[["induction", "echo"]].max()
+    k_ind = max(1, math.ceil(induction_share * len(groups)))
+    k_echo = max(1, math.ceil(echo_share * len(groups)))
+    chosen = set(map(tuple, groups.nlargest(k_ind, "induction")[unit].values)) | set(
+        map(tuple, groups.nlargest(k_echo, "echo")[unit].values))
+    heads["selected"] = [tuple(r) in chosen for r in heads[unit].values]
+    groups["selected"] = [tuple(r) in chosen for r in groups[unit].values]
+    top = heads.nlargest(3, "induction")
+    summary = (f"{len(chosen)} {'KV groups' if unit[1] == 'kv_head' else 'heads'} kept (top {induction_share:.0%} "
+               f"by induction + top {echo_share:.0%} by echo) on BOS + {seq_len} random tokens x {repeats}. "
+               "Strongest induction heads: " + ", ".join(f"{r.layer}.{r.head} ({r.induction:.2f})" for r in top.itertuples()))
+    res = Result("induction", tables={"heads": heads, "groups": groups},
+                 tensors={"induction": induction.float(), "echo": echo.float()},
+                 tensor_dims={"induction": ("layer", "head"), "echo": ("layer", "head")},
+                 params={"model": probe.name, "seq_len": seq_len, "repeats": repeats, "induction_share": induction_share,
+                         "echo_share": echo_share, "queries": len(queries), "seed": seed},
+                 summary=summary, prepend_bos=True)
+    res.figures = {"induction_heatmap": head_heatmap(heads, "induction", "Induction mass (layer x head)", zmin=0),
+                   "echo_heatmap": head_heatmap(heads, "echo", "Echo mass (layer x head)", zmin=0)}
+    return res
