@@ -128,6 +128,72 @@ def capture(
     out.print(f"run written to [bold]{path}[/]")
 
 
+@app.command()
+def report(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or a local HF folder."),
+    suite: str = typer.Option("default", help="default (the analyses that run on the CPU in a few minutes) or all."),
+    analyses: Optional[str] = typer.Option(None, help="Comma-separated analyses instead of a suite: "
+                                           "sinks, extreme_tokens, retrieval, induction, thought_anchors, active_dormant."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", "-f", help="Text for the text-based analyses "
+                                             "(default: the built-in example)."),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Two or more run directories to put side "
+                                                 "by side (no model is loaded)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs directory."),
+) -> None:
+    """Run analyses and write one self-contained HTML report (plotly inlined, no network needed).
+
+    Each analysis is saved as its own run; the report is a run holding report.html. With
+    --compare, the figures of two saved runs are paired side by side."""
+    from attnlab.app import report as reports
+    from attnlab.probe import AttnlabError, RunStore, load
+
+    store = RunStore(out_dir)
+    try:
+        if compare:
+            path = reports.compare(store, compare)
+            out.print(f"comparison written to [bold]{path / 'report.html'}[/]")
+            return
+        names = [a.strip() for a in analyses.split(",") if a.strip()] if analyses else reports.SUITES.get(suite)
+        if names is None:
+            _fail(f"unknown suite '{suite}': choose from {', '.join(reports.SUITES)}")
+        unknown = [a for a in names if a not in reports.SECTIONS]
+        if unknown:
+            _fail(f"unknown analyses {unknown}: choose from {', '.join(reports.SECTIONS)}")
+        text = None
+        if text_file is not None:
+            if not text_file.is_file():
+                _fail(f"text file {text_file} does not exist: pass the path of a UTF-8 text file")
+            text = text_file.read_text(encoding="utf-8")
+            if not text.strip():
+                _fail(f"text file {text_file} is empty: pass a file with some text")
+        with err.status(f"loading {model}"):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            probe = load(model, device=device, log=lambda msg: err.print(msg))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("analyses", total=len(names))
+
+            def on_start(name: str) -> None:
+                bar.update(task, description=f"running {name}", completed=names.index(name))
+
+            results = reports.run_suite(probe, names, text, on_start=on_start)
+            bar.update(task, completed=len(names))
+        path = reports.write_report(store, probe, results)
+    except AttnlabError as e:
+        _fail(str(e))
+    table = Table(title=f"attnlab report: {probe.name}")
+    table.add_column("analysis")
+    table.add_column("seconds", justify="right")
+    table.add_column("summary", overflow="fold")
+    for name, res in zip(names, results):
+        table.add_row(name, f"{res.timings.get('seconds', 0):.1f}", res.summary)
+    out.print(table)
+    out.print(f"report written to [bold]{path / 'report.html'}[/]")
+
+
 def _print_summary(cap, probe, top: int) -> None:
     info = probe.info
     out.print(

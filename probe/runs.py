@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -98,27 +99,37 @@ class RunStore:
         tensor_dims: dict[str, tuple[str, ...]] | None = None,
         manifest: dict | None = None,
         name: str | None = None,
+        files: dict[str, str | bytes] | None = None,
     ) -> Path:
-        """Write one run atomically; returns its directory."""
+        """Write one run atomically; returns its directory. `files`: extra files by name (e.g. an
+        HTML report), listed in the manifest."""
         tables, tensors, tensor_dims = tables or {}, tensors or {}, tensor_dims or {}
         self.root.mkdir(parents=True, exist_ok=True)
         created = dt.datetime.now(dt.timezone.utc)
         body = dict(manifest or {})
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:6]
-        name = name or f"{created:%Y%m%d-%H%M%S}-{_slug(model.get('name', 'model'))}-{kind}-{digest}"
+        # A random suffix: two runs written in the same second never collide.
+        name = name or f"{created:%Y%m%d-%H%M%S}-{_slug(model.get('name', 'model'))}-{kind}-{uuid.uuid4().hex[:6]}"
         final = self.root / name
         if final.exists():
             raise AttnlabError(f"run directory {final} already exists: choose another name")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
         try:
-            files: dict = {"tables": {}, "tensors": {}}
+            files_: dict = {"tables": {}, "tensors": {}, "files": sorted(files or {})}
+            for fname, content in (files or {}).items():
+                if "/" in fname or fname.startswith(".") or fname == "manifest.json":
+                    raise AttnlabError(f"cannot write a run file named {fname!r}")
+                target = tmp / fname
+                if isinstance(content, bytes):
+                    target.write_bytes(content)
+                else:
+                    target.write_text(content, encoding="utf-8")
             for tname, df in tables.items():
                 df.to_parquet(tmp / f"{tname}.parquet", index=False)
-                files["tables"][tname] = f"{tname}.parquet"
+                files_["tables"][tname] = f"{tname}.parquet"
             if tensors:
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
                 for tname, t in tensors.items():
-                    files["tensors"][tname] = {
+                    files_["tensors"][tname] = {
                         "file": "tensors.safetensors",
                         "dims": list(tensor_dims.get(tname, [f"dim{i}" for i in range(t.dim())])),
                         "shape": list(t.shape),
@@ -132,7 +143,7 @@ class RunStore:
                 "model": model,
                 **body,
                 "versions": versions(),
-                **files,
+                **files_,
             }
             (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=_json_default))
             os.replace(tmp, final)

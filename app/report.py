@@ -1,0 +1,266 @@
+"""Self-contained HTML reports of analysis runs.
+
+    attnlab report --model smollm2-135m --suite default --out runs/
+    attnlab report --compare runs/RUN_A runs/RUN_B --out runs/
+
+A report is one HTML file with the plotly.js bundle of the installed plotly package inlined once
+(no CDN, no external fonts: it opens offline), a table of contents, and for each analysis: what it
+measures in two sentences with the paper cited, its figures, its top-heads table and the
+parameters used. Each analysis is also saved as its own run; the report is a run of kind
+'report' whose manifest lists them. `--compare` puts the figures of two runs side by side.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.offline
+
+from attnlab.analyses import Result
+from attnlab.analyses.plots import head_heatmap
+from attnlab.probe.errors import AttnlabError
+from attnlab.probe.runs import Run, RunStore, model_record
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    about: str  # two sentences and the citation
+    run: Callable[..., Result]  # (probe, text, progress) -> Result
+    cpu_minutes: float  # rough cost of the CPU-sized default on the default model
+
+
+def _example_text() -> str:
+    return resources.files("attnlab.probe").joinpath("data/example.txt").read_text()
+
+
+def _run_sinks(probe, text, progress):
+    from attnlab.analyses import sinks
+    from attnlab.probe.tasks import load_domain
+
+    texts = [text] + list(load_domain("prose"))
+    return sinks.sink_metric(probe, texts)
+
+
+def _run_extreme(probe, text, progress):
+    from attnlab.analyses import sinks
+
+    return sinks.extreme_tokens(probe, [text])
+
+
+def _run_retrieval(probe, text, progress):
+    from attnlab.analyses import retrieval
+
+    return retrieval.retrieval_heads(probe, lengths=(256,), depths=(0, 50, 100), progress=progress)
+
+
+def _run_induction(probe, text, progress):
+    from attnlab.analyses import retrieval
+
+    return retrieval.induction_heads(probe)
+
+
+def _run_thought_anchors(probe, text, progress):
+    from attnlab.analyses import thought_anchors
+
+    return thought_anchors.run(probe, thought_anchors.load_traces(), progress=False)
+
+
+def _run_active_dormant(probe, text, progress):
+    from attnlab.analyses import active_dormant
+
+    return active_dormant.head_domains(probe, progress=progress)
+
+
+SECTIONS: dict[str, Section] = {
+    "sinks": Section(
+        "Attention sinks",
+        "How much attention each head sends to each of the first tokens (alpha_k, the mean over the queries that "
+        "can see key k), and Sink_k^eps, the share of heads with alpha_k > eps; hidden sinks are later tokens that "
+        "still draw more than 0.1. Gu et al., <i>When Attention Sink Emerges in Language Models: An Empirical View</i> "
+        "(ICLR 2025); hidden sinks as in Yu et al., <i>ACT</i> (ICML 2024).",
+        _run_sinks, 0.3,
+    ),
+    "extreme_tokens": Section(
+        "Extreme tokens: residual peaks and value drains",
+        "The sink token's residual-stream norm towers over other tokens' from early layers on while its value "
+        "vectors shrink, and a few hidden dimensions carry the peak. Guo et al., <i>Active-Dormant Attention Heads</i> "
+        "(2024), section 4; the phi detector from Kang et al., <i>See What You Are Told</i> (VAR, ICLR 2025).",
+        _run_extreme, 0.2,
+    ),
+    "retrieval": Section(
+        "Retrieval heads",
+        "In needle-in-a-haystack tests, a retrieval head's top key at each decode step is the needle token it is "
+        "copying; its score is the share of the answer it copies, over successful tests. Wu et al., <i>Retrieval "
+        "Head Mechanistically Explains Long-Context Factuality</i> (ICLR 2025).",
+        _run_retrieval, 1.5,
+    ),
+    "induction": Section(
+        "Echo and induction heads",
+        "On repeated random tokens, induction heads attend to the token after an earlier copy of the current "
+        "token, echo heads to the earlier copy itself. Tang et al., <i>RazorAttention</i> (ICLR 2025); Olsson et "
+        "al., <i>In-context Learning and Induction Heads</i> (2022).",
+        _run_induction, 0.2,
+    ),
+    "thought_anchors": Section(
+        "Thought anchors: receiver heads",
+        "Receiver heads concentrate attention on a few 'broadcasting' sentences of a reasoning trace (high "
+        "kurtosis of their sentence-level vertical scores); suppressing a sentence's keys measures its influence on "
+        "later sentences. Bogdan, Macar et al., <i>Thought Anchors: Which LLM Reasoning Steps Matter?</i> (2025).",
+        _run_thought_anchors, 1.5,
+    ),
+    "active_dormant": Section(
+        "Active-dormant heads",
+        "A head is dormant on a domain when it parks its attention on the first token and removing it barely "
+        "changes the loss, and active-dormant when it is dormant on one domain and active on another. Guo et al., "
+        "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024).",
+        _run_active_dormant, 2.0,
+    ),
+}
+SUITES = {
+    "default": ["sinks", "extreme_tokens", "induction", "retrieval", "thought_anchors"],
+    "all": list(SECTIONS),
+}
+
+
+def run_suite(probe, analyses: Sequence[str], text: str | None = None,
+              on_start: Callable[[str], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> list[Result]:
+    unknown = [a for a in analyses if a not in SECTIONS]
+    if unknown:
+        raise AttnlabError(f"unknown analyses {unknown}: choose from {', '.join(SECTIONS)} (or --suite default/all)")
+    text = text or _example_text()
+    results = []
+    for name in analyses:
+        if on_start is not None:
+            on_start(name)
+        started = time.perf_counter()
+        res = SECTIONS[name].run(probe, text, progress)
+        res.timings.setdefault("seconds", round(time.perf_counter() - started, 2))
+        res.params.setdefault("section", name)
+        results.append(res)
+    return results
+
+
+def figures_of(result: Result) -> dict[str, go.Figure]:
+    """The result's figures; for a result read back from disk, rebuilt from its tables."""
+    if result.figures:
+        return result.figures
+    figs = {}
+    if result.analysis == "retrieval" and {"heads", "tests"} <= set(result.tables):
+        from attnlab.analyses.retrieval import retrieval_figures
+
+        return retrieval_figures(result.tables["heads"], result.tables["tests"])
+    heads = result.tables.get("heads")
+    if heads is not None and {"layer", "head", "score"} <= set(heads.columns):
+        figs["heads"] = head_heatmap(heads, "score", f"{result.analysis}: score (layer x head)")
+    return figs
+
+
+def top_heads(result: Result, n: int = 10) -> pd.DataFrame | None:
+    heads = result.tables.get("heads")
+    if heads is None or "score" not in heads.columns:
+        return None
+    cols = [c for c in heads.columns if c in ("layer", "head", "kv_head", "score")] + [
+        c for c in heads.columns if c not in ("layer", "head", "kv_head", "score", "batch")][:3]
+    return heads.sort_values("score", ascending=False).head(n)[cols]
+
+
+# ----- HTML -----
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0 auto; max-width: 1180px;
+       padding: 1.5rem; color: #1d1d1f; }
+h1 { margin-bottom: .2rem; } .meta { color: #555; margin-top: 0; }
+nav ul { columns: 2; } section { border-top: 1px solid #ddd; margin-top: 2rem; padding-top: .5rem; }
+table { border-collapse: collapse; font-size: .85rem; margin: .5rem 0; }
+td, th { border: 1px solid #ddd; padding: .2rem .5rem; text-align: right; } th { background: #f4f4f6; }
+.about { max-width: 60rem; } .summary { background: #f4f7fb; padding: .5rem .8rem; border-radius: 4px; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }
+"""
+
+
+def _figure_div(fig: go.Figure) -> str:
+    return plotly.offline.plot(fig, output_type="div", include_plotlyjs=False, config={"displaylogo": False})
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, escape=True)
+
+
+def _params(params: dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in params.items())
+    return f"<table>{rows}</table>"
+
+
+def _page(title: str, meta: str, nav: list[tuple[str, str]], body: str) -> str:
+    toc = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in nav)
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+        f"<body><h1>{html.escape(title)}</h1><p class='meta'>{meta}</p><nav><h2>Contents</h2><ul>{toc}</ul></nav>"
+        f"{body}</body></html>"
+    )
+
+
+def render(results: Sequence[Result], model: dict, title: str | None = None) -> str:
+    nav, parts = [], []
+    for res in results:
+        name = res.params.get("section", res.analysis)
+        section = SECTIONS.get(name)
+        anchor = f"sec-{name}"
+        heading = section.title if section else name
+        nav.append((anchor, heading))
+        figs = "".join(_figure_div(f) for f in figures_of(res).values())
+        top = top_heads(res)
+        parts.append(
+            f"<section id='{anchor}'><h2>{html.escape(heading)}</h2>"
+            + (f"<p class='about'>{section.about}</p>" if section else "")
+            + (f"<p class='summary'>{html.escape(res.summary)}</p>" if res.summary else "")
+            + figs
+            + (f"<h3>Top heads</h3>{_table(top)}" if top is not None else "")
+            + f"<h3>Parameters</h3>{_params(res.params)}</section>"
+        )
+    meta = (f"model <b>{html.escape(str(model.get('name')))}</b> ({model.get('n_layers')} layers x "
+            f"{model.get('n_heads')} heads, {model.get('n_kv_heads')} KV heads), weights sha256 "
+            f"{str(model.get('weights_sha256', ''))[:12]}…, generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    return _page(title or f"attnlab report: {model.get('name')}", meta, nav, "".join(parts))
+
+
+def write_report(store: RunStore, probe, results: Sequence[Result]) -> Path:
+    """Save each result as a run, then the report (a run of kind 'report' holding report.html)."""
+    run_names = [res.save(store, probe).name for res in results]
+    page = render(results, model_record(probe))
+    return store.write("report", model_record(probe), files={"report.html": page},
+                       manifest={"runs": run_names, "analyses": [r.params.get("section", r.analysis) for r in results]})
+
+
+def compare(store: RunStore, runs: Sequence[str | Path]) -> Path:
+    """A report with the figures of two (or more) runs side by side."""
+    if len(runs) < 2:
+        raise AttnlabError("--compare needs at least two run directories")
+    loaded: list[Run] = [store.load(r) for r in runs]
+    results = [Result.load(r) for r in loaded]
+    labels = [f"{r.manifest['model'].get('name')} · {r.manifest['kind']} · {r.path.name}" for r in loaded]
+    figs = [figures_of(res) for res in results]
+    names = [n for n in figs[0] if all(n in f for f in figs[1:])]
+    if not names:
+        raise AttnlabError("these runs share no figure: compare runs of the same analysis (e.g. two models, or with "
+                           "and without an intervention)")
+    head = "".join(f"<div><h3>{html.escape(lab)}</h3><p class='summary'>{html.escape(res.summary)}</p></div>"
+                   for lab, res in zip(labels, results))
+    body = [f"<section id='sec-runs'><h2>Runs</h2><div class='pair'>{head}</div></section>"]
+    nav = [("sec-runs", "Runs")]
+    for n in names:
+        nav.append((f"fig-{n}", n))
+        cells = "".join(f"<div>{_figure_div(f[n])}</div>" for f in figs)
+        body.append(f"<section id='fig-{n}'><h2>{html.escape(n)}</h2><div class='pair'>{cells}</div></section>")
+    page = _page("attnlab comparison", " vs ".join(html.escape(lab) for lab in labels), nav, "".join(body))
+    return store.write("compare", {"name": " vs ".join(r.manifest["model"].get("name", "?") for r in loaded)},
+                       files={"report.html": page}, manifest={"runs": [str(r.path) for r in loaded]})
