@@ -5,13 +5,16 @@ folder, if ever imported under its bare directory name, still resolves to attnla
 """
 
 from attnlab.kernels.dispatch import triton_available, triton_kernel
+from attnlab.kernels.edits import KernelEdit, apply_edits
 from attnlab.kernels.reference import StatAccumulator, attention_stats, stats_from_pattern, visibility
 from attnlab.kernels.request import OUTPUT_DIMS, StatRequest
 
 __all__ = [
+    "KernelEdit",
     "OUTPUT_DIMS",
     "StatAccumulator",
     "StatRequest",
+    "apply_edits",
     "attention_stats",
     "stats_from_pattern",
     "triton_available",

@@ -1,0 +1,338 @@
+"""The Triton kernels behind `triton_stats.attention_stats` (read that module's docstring first).
+
+`_fwd_kernel` (pass 1, query-block outer): FlashAttention-2's online softmax (Dao 2023) with the
+per-query statistics carried next to the output accumulator; `_col_kernel` (pass 2, key-block outer)
+re-streams the tiles with the known log-sum-exp. Scores are in log2 units (s * log2 e) for exp2;
+a masked score is -1e30 (exp2 gives 0 and 0 * -1e30 stays finite, unlike -inf).
+"""
+
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@triton.jit
+def _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
+            SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK: tl.constexpr):
+    """Scores in log2 units [rows, BLOCK_N], edited, -1e30 where invisible (when MASK)."""
+    s = tl.dot(q, k)
+    if SOFTCAP:
+        x = s * (qk_scale / softcap)  # natural-unit score / softcap
+        s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
+    else:
+        s = s * (qk_scale * 1.4426950408889634)
+    if HAS_EDIT:
+        srcv = tl.load(src_base + cols, mask=kmask, other=0) != 0
+        tgtv = tl.load(tgt_base + cols, mask=kmask, other=0) != 0
+        s = s + tl.where(srcv[None, :], bs[:, None], 0.0) + tl.where(tgtv[None, :], bt[:, None], 0.0)
+    if MASK:
+        vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] >= first) & kmask[None, :]
+        if HAS_WINDOW:
+            vis = vis & (pos[:, None] - cols[None, :] < window)
+        s = tl.where(vis, s, -1.0e30)
+    return s
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn,
+            src_base, tgt_base, seg_base, bs, bt, pos, first, window, qk_scale, softcap, lo, hi, Nk,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr,
+            HAS_WINDOW: tl.constexpr, MASK: tl.constexpr, ENT: tl.constexpr, TOP: tl.constexpr,
+            DIST: tl.constexpr, SP: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr,
+            SPLIT: tl.constexpr, LO: tl.constexpr):
+    """The online-softmax loop over key blocks [lo, hi), carrying the per-query accumulators."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kmask = cols < Nk
+        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        s = _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
+                    SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
+        m_blk = tl.max(s, 1)
+        if TOP:  # the argmax only when some row's maximum moved (rare once a sink is seen)
+            upd = m_blk > m_i
+            if tl.max(upd.to(tl.int32), 0) > 0:
+                top_i = tl.where(upd, start_n + tl.argmax(s, 1, tie_break_left=True), top_i)
+        m_new = tl.maximum(m_i, m_blk)
+        z = s - m_new[:, None]
+        p = tl.math.exp2(z)
+        alpha = tl.math.exp2(m_i - m_new)
+        if ENT:
+            t_i = alpha * (t_i + (m_i - m_new) * l_i) + tl.sum(p * z, 1)
+        if DIST:
+            d_i = alpha * d_i + tl.sum(p * cols.to(tl.float32)[None, :], 1)
+        if CLASS_MASS:
+            srcv = tl.load(src_base + cols, mask=kmask, other=0) != 0
+            tgtv = tl.load(tgt_base + cols, mask=kmask, other=0) != 0
+            ms_i = alpha * ms_i + tl.sum(tl.where(srcv[None, :], p, 0.0), 1)
+            mt_i = alpha * mt_i + tl.sum(tl.where(tgtv[None, :], p, 0.0), 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if WRITE_OUT:
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        if SP > 0:  # per-row sums over key segments (one-hot product, see _col_loop)
+            # the key-segment one-hot comes from memory like V (pipelined), not built in registers
+            onehot = tl.load(seg_base + cols[:, None] * SP + tl.arange(0, SP)[None, :], mask=kmask[:, None], other=0.0)
+            ps = p * 16384.0  # scaled fp16, as in _col_loop
+            p_hi = ps.to(SPLIT)
+            r_acc = r_acc * alpha[:, None]
+            r_acc = tl.dot(p_hi, onehot, r_acc)
+            if LO:
+                r_acc = tl.dot((ps - p_hi.to(tl.float32)).to(SPLIT), onehot, r_acc)
+        m_i = m_new
+    return acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i
+
+
+@triton.jit
+def _mass(q, k_base, skn, src_base, tgt_base, bs, bt, pos, first, window, qk_scale, softcap, lse2, lo, hi, Nk,
+          limit, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr,
+          HAS_WINDOW: tl.constexpr, LOCAL: tl.constexpr):
+    """sum of A over keys < limit (LOCAL False: sink keys) or with pos - key < limit (LOCAL True)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tot = tl.zeros_like(lse2)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kmask = cols < Nk
+        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        s = _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
+                    SOFTCAP, HAS_EDIT, HAS_WINDOW, True)
+        if LOCAL:
+            keep = pos[:, None] - cols[None, :] < limit
+        else:
+            keep = cols[None, :] < limit
+        p = tl.math.exp2(s - lse2[:, None])
+        tot += tl.sum(tl.where(keep, p, 0.0), 1)
+    return tot
+
+
+# ----------------------------------------------------------------------------- pass 1
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHot,
+                Ent, Top, TopP, Dist, Sink, Local, SegPart, MassS, MassT,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                Hq, G, Nq, Nk, q_off, qk_scale, softcap, window, sink_k, dist_window, n_mblocks, min_first, max_first,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                ENT: tl.constexpr, TOP: tl.constexpr, DIST: tl.constexpr, SINK: tl.constexpr,
+                LOCAL: tl.constexpr, SP: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr,
+                SPLIT: tl.constexpr, LO: tl.constexpr):
+    bh = tl.program_id(0)
+    pid_m = n_mblocks - 1 - tl.program_id(1)  # the heaviest causal blocks first
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Nq
+    pos = offs_m + q_off
+    first = tl.load(First + b)
+    real = row_ok & (pos >= first)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    src_base = Src + b * Nk
+    tgt_base = Tgt + b * Nk
+    seg_base = SegHot + b * Nk * SP  # [B, Nk, SP] one-hot of each key's segment
+    row_base = bh * Nq + offs_m
+    if HAS_EDIT:
+        bs = tl.load(BiasS + row_base, mask=row_ok, other=0.0)
+        bt = tl.load(BiasT + row_base, mask=row_ok, other=0.0)
+    else:
+        bs = tl.zeros([BLOCK_M], dtype=tl.float32)
+        bt = bs
+
+    # key ranges: [lo, a) and [f, hi) need the mask, [a, f) is visible to every row of the block
+    min_pos = q_off + pid_m * BLOCK_M
+    max_pos = min_pos + BLOCK_M - 1
+    hi = tl.minimum(Nk, max_pos + 1)
+    # loop bounds come from host scalars: the interpreter cannot range over a loaded value
+    lo = min_first + 0 * pid_m
+    full_lo = max_first + 0 * pid_m
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, min_pos - window + 1)
+        full_lo = tl.maximum(full_lo, max_pos - window + 1)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_lo = ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_hi = ((min_pos + 1) // BLOCK_N) * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    f = tl.maximum(a, tl.minimum(full_hi, hi))
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    d_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ms_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mt_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_M], dtype=tl.int32) - 1
+    r_acc = tl.zeros([BLOCK_M, SP if SP > 0 else 16], dtype=tl.float32)
+    acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
+        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
+        seg_base, bs, bt, pos, first, window, qk_scale, softcap, lo, a, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
+        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO)
+    acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
+        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
+        seg_base, bs, bt, pos, first, window, qk_scale, softcap, a, f, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
+        HAS_WINDOW, False, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO)
+    acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
+        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
+        seg_base, bs, bt, pos, first, window, qk_scale, softcap, f, hi, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
+        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO)
+
+    l_safe = tl.where(real, l_i, 1.0)
+    inv_l = 1.0 / l_safe
+    lse2 = tl.where(real, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(Lse2 + row_base, lse2, mask=row_ok)
+    nan = float("nan")
+    if WRITE_OUT:
+        o = tl.where(real[:, None], acc * inv_l[:, None], 0.0)
+        tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])
+    if ENT:
+        ent = tl.log(l_safe) - 0.6931471805599453 * t_i * inv_l
+        tl.store(Ent + row_base, tl.where(real, ent, nan), mask=row_ok)
+    if TOP:
+        tl.store(Top + row_base, tl.where(real, top_i, -1).to(tl.int64), mask=row_ok)
+        tl.store(TopP + row_base, tl.where(real, inv_l, nan), mask=row_ok)
+    if DIST:
+        dist = pos.to(tl.float32) - d_i * inv_l
+        tl.store(Dist + row_base, tl.where(real, dist, nan), mask=row_ok)
+    if CLASS_MASS:
+        tl.store(MassS + row_base, tl.where(real, ms_i * inv_l, 0.0), mask=row_ok)
+        tl.store(MassT + row_base, tl.where(real, mt_i * inv_l, 0.0), mask=row_ok)
+    if SINK:
+        s_hi = tl.minimum(hi, max_first + sink_k)
+        sink = _mass(q, k_base, skn, src_base, tgt_base, bs, bt, pos, first, window, qk_scale, softcap, lse2,
+                     lo, s_hi, Nk, first + sink_k, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, False)
+        tl.store(Sink + row_base, tl.where(real, sink, nan), mask=row_ok)
+    if LOCAL:
+        l_lo = tl.maximum(lo, ((min_pos - dist_window + 1) // BLOCK_N) * BLOCK_N)
+        loc = _mass(q, k_base, skn, src_base, tgt_base, bs, bt, pos, first, window, qk_scale, softcap, lse2,
+                    l_lo, hi, Nk, dist_window, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, True)
+        tl.store(Local + row_base, tl.where(real, loc, nan), mask=row_ok)
+    if SP > 0:
+        rows = tl.where(real[:, None], r_acc * (inv_l / 16384.0)[:, None], 0.0)  # [BLOCK_M, SP]: A summed per key segment
+        qseg = tl.load(KeySeg + b * Nk + pos, mask=real, other=-1)
+        qhot = (qseg[:, None] == tl.arange(0, SP)[None, :]).to(tl.float32)
+        part = tl.dot(tl.trans(qhot), rows, input_precision="ieee")  # [SP, SP]
+        sp = tl.arange(0, SP)
+        tl.store(SegPart + ((bh * n_mblocks + pid_m) * SP + sp[:, None]) * SP + sp[None, :], part)
+
+
+# ----------------------------------------------------------------------------- pass 2
+
+
+@triton.jit
+def _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base, hot,
+              sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks, pool, lo, hi,
+              HEAD_DIM: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              POOL: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr):
+    """Query blocks [lo, hi) against one key block, transposed: scores are [keys, packed rows]."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    r = tl.arange(0, GP * BLOCK_M)
+    g = r // BLOCK_M
+    mm = r % BLOCK_M
+    h = hk * G + g
+    gok = g < G
+    hv = tl.arange(0, HP)
+    for m0 in range(lo, hi, BLOCK_M):
+        qi = m0 + mm
+        ok = (qi < Nq) & gok
+        row = (b * Hq + h) * Nq + qi
+        qt = tl.load(Q + b * sqb + h[None, :] * sqh + qi[None, :] * sqn + offs_d[:, None], mask=ok[None, :], other=0.0)
+        lse2 = tl.load(Lse2 + row, mask=ok, other=float("inf"))
+        s = tl.dot(k, qt)  # [BLOCK_N, rows]
+        if SOFTCAP:
+            x = s * (qk_scale / softcap)
+            s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
+        else:
+            s = s * (qk_scale * 1.4426950408889634)
+        if HAS_EDIT:
+            bs = tl.load(BiasS + row, mask=ok, other=0.0)
+            bt = tl.load(BiasT + row, mask=ok, other=0.0)
+            srcv = tl.load(src_base + cols, mask=kmask, other=0) != 0
+            tgtv = tl.load(tgt_base + cols, mask=kmask, other=0) != 0
+            s = s + tl.where(srcv[:, None], bs[None, :], 0.0) + tl.where(tgtv[:, None], bt[None, :], 0.0)
+        if MASK:
+            pos = qi + q_off
+            vis = (cols[:, None] <= pos[None, :]) & (cols[:, None] >= first) & kmask[:, None]
+            if HAS_WINDOW:
+                vis = vis & (pos[None, :] - cols[:, None] < window)
+            s = tl.where(vis, s, -1.0e30)
+        p = tl.math.exp2(s - lse2[None, :])
+        # per-head column sums [BLOCK_N, HP] as a tensor-core product with a one-hot (the path P V
+        # uses; an fp32/tf32 operand here was 2-3x slower)
+        ps = p * 16384.0  # p * 2^14 in fp16: 11 significant bits, normal down to p ~ 4e-9
+        p_hi = ps.to(SPLIT)
+        colsum = tl.dot(p_hi, hot)
+        if LO:
+            colsum = tl.dot((ps - p_hi.to(tl.float32)).to(SPLIT), hot, colsum)
+        recv += colsum
+        if POOL:  # the tile sum is reduced once per pooled cell, not once per query block
+            cell += colsum
+            if ((m0 + BLOCK_M) % pool == 0) | (m0 + BLOCK_M >= qhi):
+                dst = PoolPart + ((b * Hq + hk * G + hv) * n_qcells + m0 // pool) * n_kblocks + kb
+                tl.store(dst, tl.sum(cell, 0) * (1.0 / 16384.0), mask=hv < G)
+                cell = tl.zeros_like(cell)
+    return recv, cell
+
+
+@triton.jit
+def _col_kernel(Q, K, Lse2, First, Src, Tgt, BiasS, BiasT, Recv, PoolPart,
+                sqb, sqh, sqn, skb, skh, skn,
+                Hq, Hkv, G, Nq, Nk, q_off, qk_scale, softcap, window, n_qcells, n_kblocks, pool, min_first,
+                max_first, HEAD_DIM: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                RECV: tl.constexpr, POOL: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr):
+    bk = tl.program_id(0)
+    kb = tl.program_id(1)  # key block 0 (seen by the most queries) first
+    b = bk // Hkv
+    hk = bk % Hkv
+    offs_d = tl.arange(0, HEAD_DIM)
+    n0 = kb * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    kmask = cols < Nk
+    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    first = tl.load(First + b)
+    src_base = Src + b * Nk
+    tgt_base = Tgt + b * Nk
+    # one-hot [packed row, head] turns the per-head column sums into one small product
+    r = tl.arange(0, GP * BLOCK_M)
+    hv = tl.arange(0, HP)
+    hot = ((r // BLOCK_M)[:, None] == hv[None, :]).to(SPLIT)
+    # query blocks: [qlo, a) masked, [a, f) all visible, [f, qhi) masked
+    qlo = tl.maximum(n0, min_first) - q_off
+    qlo = (tl.maximum(qlo, 0) // BLOCK_M) * BLOCK_M
+    qhi = Nq + 0 * kb
+    if HAS_WINDOW:
+        qhi = tl.minimum(qhi, n0 + BLOCK_N - 1 + window - q_off)
+    a = tl.maximum(n0 + BLOCK_N - 1 - q_off, qlo)
+    a = ((a + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    f = (Nq // BLOCK_M) * BLOCK_M + 0 * kb
+    if HAS_WINDOW:
+        f = tl.minimum(f, (tl.maximum(n0 + window - q_off, 0) // BLOCK_M) * BLOCK_M)
+    a = tl.minimum(a, qhi)
+    a = tl.where(n0 < max_first, qhi, a)
+    f = tl.maximum(tl.minimum(f, qhi), a)
+    recv = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
+    cell = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
+    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
+                           hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
+                           pool, qlo, a, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, True, SPLIT, LO)
+    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
+                           hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
+                           pool, a, f, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, False, SPLIT, LO)
+    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
+                           hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
+                           pool, f, qhi, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, True, SPLIT, LO)
+    if RECV:
+        hh = hk * G + hv
+        tl.store(Recv + (b * Hq + hh[None, :]) * Nk + cols[:, None], recv * (1.0 / 16384.0), mask=(hv < G)[None, :] & kmask[:, None])

@@ -1,0 +1,325 @@
+"""Triton kernels for causal GQA attention with statistics (METHODS.md section 7).
+
+Flash attention (Dao et al. 2022, "FlashAttention"; the online softmax of Milakov and Gimelshein
+2018) extended to reduce A = softmax(scale * q k^T + mask) into the statistics of a `StatRequest`
+without materialising A. Same signature and outputs as the torch twin (`reference.py`):
+
+- pass 1 (`_fwd_kernel`, query-block outer): the output, the row log-sum-exp and the per-query
+  statistics on the fly: entropy = ln l - sum p (s - m) / l, top key (running max and its index),
+  distance = pos_i - sum p j / l; sink and local mass by re-streaming only their few key blocks
+  with the final log-sum-exp; segments as per-row sums over key segments (one-hot product, like
+  P V) reduced over the block's query segments into one S x S partial per query block.
+- pass 2 (`_col_kernel`, key-block outer): with the known log-sum-exp, per-key column sums
+  (`received`) and per-tile sums (`pooled`); one program owns one key block, so every output
+  element has one writer (no atomics); the G query heads of one KV head are packed as rows.
+- `rows(positions)` are a few rows: recomputed in torch from the log-sum-exp.
+- edits (`edits.py`) enter as a per-row logit bias on two key classes (source, target); the
+  mass transfer first runs pass 1 without its output to measure the row masses on the classes.
+
+Measured on one H100 (bench/kernels.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
+multiples of SDPA's default (cuDNN) forward at 32k / 128k: forward with per-query statistics
+1.69x / 1.53x (369 / 375 TFLOP/s), pass 2 alone 1.04x / 0.92x, every statistic but `pattern`
+3.15x / 2.76x: the targets (1.45x, 1.75x) are not reached yet. Where the time goes: pass 2 costs
+as much as a forward (it recomputes Q K^T and one exp per entry, at half the forward's matmul work
+per exp); segments add ~2.5 ms at 32k. Next: cuDNN's output and log-sum-exp when no edit is
+active, and one fused key-outer pass writing per-query partials.
+
+All scores live in log2 units (s * log2 e) so the kernels use exp2. Not supported here, and so
+computed by the torch twin instead (never a wrong number): fp32 inputs, head dims other than
+64/128/256, `pattern`, `pooled` blocks that are not a multiple of 16, more than 64 segments, a
+key mask that is not left padding, more than one edit, CPU tensors without TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from attnlab.kernels import reference
+from attnlab.kernels.triton_kernels import _col_kernel, _fwd_kernel
+from attnlab.kernels.edits import MIN_LOG, KernelEdit
+from attnlab.kernels.request import StatRequest
+
+LOG2E = 1.4426950408889634
+MAX_SEGMENTS = 64
+
+# head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of pass 1; pass 2 picks its own blocks.
+FWD_CONFIG = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+COL_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}  # (BLOCK_N, num_warps, num_stages)
+COL_ROWS = 64  # packed rows (heads x queries) per pass-2 tile
+# Sums of p through tensor-core products with a one-hot (received, pooled, segments): p * 2^14 in
+# fp16, as hi + lo halves (~22 significant bits; True) or hi alone (False: each term within 2^-11 =
+# 4.9e-4 relative, so every sum of positive terms too). False is ~20% faster per pass on an H100.
+EXACT_SUMS = False
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _split():
+    """dtype of p (scaled by 2^14) in the one-hot products that sum it: fp16 (11 significant bits,
+    4x finer than bf16; the scale keeps p >= 4e-9 out of fp16's subnormals)."""
+    return tl.float16
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+
+def _unsupported(q, k, v, request, key_mask, edits) -> str | None:
+    """Why this call goes to the torch twin, or None."""
+    if not (q.is_cuda or _interpret()):
+        return "CPU tensors (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "dtype other than bf16/fp16"
+    if q.shape[-1] not in FWD_CONFIG or v.shape[-1] != q.shape[-1]:
+        return "head dim other than 64/128/256"
+    if request.pattern:
+        return "pattern"
+    if request.pooled_block is not None and request.pooled_block % 16:
+        return "pooled block not a multiple of 16"
+    if request.segment_ids is not None and request.n_segments > MAX_SEGMENTS:
+        return f"more than {MAX_SEGMENTS} segments"
+    if len(edits) > 1:
+        return "more than one edit"
+    if key_mask is not None:
+        km = key_mask.to(torch.bool)
+        first = (~km).sum(dim=1, keepdim=True)
+        if not torch.equal(km, torch.arange(km.shape[1], device=km.device)[None] >= first):
+            return "key mask is not left padding"
+    return None
+
+
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    request: StatRequest = StatRequest(),
+    key_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    edits: tuple[KernelEdit, ...] = (),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Same contract as `reference.attention_stats` (chunk_size is ignored: nothing is chunked).
+
+    q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> (out [B, Hq, Nq, D] in q's dtype, {name: tensor}).
+    """
+    edits = tuple(edits)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if Nk < Nq:
+        raise ValueError(f"fewer keys ({Nk}) than queries ({Nq})")
+    if _unsupported(q, k, v, request, key_mask, edits) is not None:
+        return reference.attention_stats(q, k, v, scale=scale, request=request, key_mask=key_mask,
+                                         sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
+                                         edits=edits)
+    run = _Call(q, k, v, scale, key_mask, sliding_window, softcap)
+    edit = edits[0] if edits else None
+    if edit is not None:
+        run.set_edit(edit)
+    return run.forward(request)
+
+
+class _Call:
+    """One attention call: normalised inputs, launch parameters, and the two passes."""
+
+    def __init__(self, q, k, v, scale, key_mask, window, softcap):
+        self.q, self.k, self.v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        B, Hq, Nq, D = q.shape
+        self.B, self.Hq, self.Nq, self.D = B, Hq, Nq, D
+        self.Hkv, self.Nk = k.shape[1], k.shape[2]
+        self.G = Hq // self.Hkv
+        self.q_off = self.Nk - Nq
+        self.scale = D**-0.5 if scale is None else float(scale)
+        self.softcap = softcap
+        self.window = window
+        self.device = q.device
+        self.key_mask = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.bool)
+        self.first = reference.first_real_position(self.key_mask, B, q.device).to(torch.int32)
+        self.min_first, self.max_first = int(self.first.min()), int(self.first.max())
+        self.edit = None
+        self.src = self.tgt = torch.zeros(1, dtype=torch.int8, device=q.device)
+        self.bias_s = self.bias_t = torch.zeros(1, dtype=torch.float32, device=q.device)
+
+    # -- edits as per-row biases (log2 units) on the source and target key classes
+    def set_edit(self, e: KernelEdit) -> None:
+        src, tgt = e.key_classes(self.device)
+        self.src, self.tgt = src.to(torch.int8).contiguous(), tgt.to(torch.int8).contiguous()
+        rows = e.rows(self.B, self.Nq, self.device)
+        if e.kind == "logit_bias":
+            bs = torch.where(rows, max(e.log_scale, MIN_LOG) * LOG2E, 0.0)
+            self.bias_s, self.bias_t = bs.float().contiguous(), torch.zeros_like(bs, dtype=torch.float32)
+        else:
+            ms, mt = self._class_masses()
+            keep = max(e.keep, 0.0)
+            log_keep = max(math.log(keep), MIN_LOG) if keep > 0 else MIN_LOG
+            move = rows & (mt > 0)
+            factor = 1.0 + (1.0 - keep) * ms / mt.clamp_min(1e-30)
+            self.bias_s = torch.where(move, log_keep * LOG2E, 0.0).float().contiguous()
+            self.bias_t = torch.where(move, torch.log2(factor), 0.0).float().contiguous()
+        self.edit = e
+
+    def _class_masses(self):
+        """Pass 1 without output: the unedited row masses on the source and target keys."""
+        f32 = dict(dtype=torch.float32, device=self.device)
+        ms = torch.empty(self.B, self.Hq, self.Nq, **f32)
+        mt = torch.empty_like(ms)
+        self._launch_fwd(StatRequest(), out=None, lse2=torch.empty_like(ms), stats={}, seg_part=None,
+                         masses=(ms, mt), has_edit=False)
+        return ms, mt
+
+    # -- pass 1
+    def _launch_fwd(self, request, out, lse2, stats, seg_part, masses=None, has_edit=None):
+        BM, BN, warps, stages = (16, 16, 4, 1) if _interpret() else FWD_CONFIG[self.D]
+        n_m = triton.cdiv(self.Nq, BM)
+        dummy = lse2
+        sp = 0
+        seg = seg_hot = self.first  # dummies
+        if request.segment_ids is not None:
+            sp = max(16, triton.next_power_of_2(request.n_segments))
+            ids = request.segment_ids.to(device=self.device, dtype=torch.long)
+            seg = ids.to(torch.int32).contiguous()
+            hot_dtype = torch.float16
+            seg_hot = torch.nn.functional.one_hot((ids + 1).clamp_min(0), sp + 1)[..., 1:].to(hot_dtype).contiguous()
+        has_edit = self.edit is not None if has_edit is None else has_edit
+        o = out if out is not None else self.q
+        q, k, v = self.q, self.k, self.v
+        self.fwd_compiled = _fwd_kernel[(self.B * self.Hq, n_m)](
+            q, k, v, o, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, seg, seg_hot,
+            stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
+            stats.get("distance", dummy), stats.get("sink_mass", dummy), stats.get("local_mass", dummy),
+            seg_part if seg_part is not None else dummy,
+            masses[0] if masses else dummy, masses[1] if masses else dummy,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            self.Hq, self.G, self.Nq, self.Nk, self.q_off, self.scale, float(self.softcap or 1.0),
+            int(self.window or 0), int(request.sink_k or 0), int(request.distance_window or 0), n_m,
+            self.min_first, self.max_first,
+            HEAD_DIM=self.D, BLOCK_M=BM, BLOCK_N=BN, SOFTCAP=self.softcap is not None, HAS_EDIT=has_edit,
+            HAS_WINDOW=self.window is not None, ENT="entropy" in stats, TOP="top_key" in stats,
+            DIST="distance" in stats, SINK="sink_mass" in stats, LOCAL="local_mass" in stats, SP=sp,
+            CLASS_MASS=masses is not None, WRITE_OUT=out is not None, SPLIT=_split(), LO=EXACT_SUMS, num_warps=warps, num_stages=stages,
+        )
+        return n_m, sp
+
+    def forward(self, request: StatRequest):
+        B, Hq, Nq, Nk = self.B, self.Hq, self.Nq, self.Nk
+        f32 = dict(dtype=torch.float32, device=self.device)
+        out = torch.empty(B, Hq, Nq, self.D, dtype=self.q.dtype, device=self.device)
+        lse2 = torch.empty(B, Hq, Nq, **f32)
+        stats: dict[str, torch.Tensor] = {}
+        if request.entropy:
+            stats["entropy"] = torch.empty(B, Hq, Nq, **f32)
+        if request.top_key:
+            stats["top_key"] = torch.empty(B, Hq, Nq, dtype=torch.long, device=self.device)
+            stats["top_prob"] = torch.empty(B, Hq, Nq, **f32)
+        if request.sink_k is not None:
+            stats["sink_mass"] = torch.empty(B, Hq, Nq, **f32)
+        if request.distance_window is not None:
+            stats["distance"] = torch.empty(B, Hq, Nq, **f32)
+            stats["local_mass"] = torch.empty(B, Hq, Nq, **f32)
+        seg_part = None
+        if request.segment_ids is not None:
+            BM = 16 if _interpret() else FWD_CONFIG[self.D][0]
+            sp = max(16, triton.next_power_of_2(request.n_segments))
+            seg_part = torch.empty(B, Hq, triton.cdiv(Nq, BM), sp, sp, **f32)
+        self._launch_fwd(request, out, lse2, stats, seg_part)
+        if request.received or request.pooled_block is not None:
+            stats.update(self._columns(request, lse2))
+        if seg_part is not None:
+            stats["segments"] = self._segments(request, seg_part)
+        if request.row_positions is not None:
+            stats["rows"] = self._rows(request.row_positions, lse2)
+        return out, {name: stats[name] for name in request.outputs()}
+
+    # -- pass 2 and its normalisation
+    def _columns(self, request, lse2):
+        B, Hq, Nq, Nk, G = self.B, self.Hq, self.Nq, self.Nk, self.G
+        f32 = dict(dtype=torch.float32, device=self.device)
+        GP = triton.next_power_of_2(G)
+        pool = request.pooled_block or 0
+        if _interpret():
+            BN, warps, stages = 16, 4, 1
+            BM = 16
+        else:
+            BN, warps, stages = COL_CONFIG[self.D]
+            BM = max(16, COL_ROWS // GP)
+        if pool:
+            while pool % BN:
+                BN //= 2
+            while pool % BM:
+                BM //= 2
+        n_kb = triton.cdiv(Nk, BN)
+        n_qc = triton.cdiv(Nq, pool) if pool else 1
+        recv = torch.empty(B, Hq, Nk, **f32) if request.received else lse2
+        part = torch.zeros(B, Hq, n_qc, n_kb, **f32) if pool else lse2
+        q, k = self.q, self.k
+        self.col_compiled = _col_kernel[(B * self.Hkv, n_kb)](
+            q, k, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, recv, part,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            Hq, self.Hkv, G, Nq, Nk, self.q_off, self.scale, float(self.softcap or 1.0), int(self.window or 0),
+            n_qc, n_kb, max(pool, 1), self.min_first, self.max_first,
+            HEAD_DIM=self.D, GP=GP, HP=max(16, GP), BLOCK_M=BM, BLOCK_N=BN, SOFTCAP=self.softcap is not None,
+            HAS_EDIT=self.edit is not None, HAS_WINDOW=self.window is not None, RECV=request.received,
+            POOL=bool(pool), SPLIT=_split(), LO=EXACT_SUMS, num_warps=warps, num_stages=stages,
+        )
+        res = {}
+        if request.received:
+            seen = self._seen_by()
+            res["received"] = torch.where(seen > 0, recv / seen.clamp_min(1), float("nan"))
+        if pool:
+            n_kc = triton.cdiv(Nk, pool)
+            per = pool // BN
+            part = torch.nn.functional.pad(part, (0, n_kc * per - n_kb)).view(B, Hq, n_qc, n_kc, per).sum(-1)
+            qsize = torch.clamp(Nq - torch.arange(n_qc, device=self.device) * pool, max=pool).float()
+            ksize = torch.clamp(Nk - torch.arange(n_kc, device=self.device) * pool, max=pool).float()
+            res["pooled"] = part / (qsize[:, None] * ksize[None, :])
+        return res
+
+    def _seen_by(self) -> torch.Tensor:
+        """[B, 1, Nk] number of real queries that can see each key."""
+        j = torch.arange(self.Nk, device=self.device)[None]
+        first = self.first.long()[:, None]
+        lo = torch.maximum(torch.maximum(j, first), torch.full_like(j, self.q_off))
+        hi = torch.full_like(lo, self.Nk - 1)
+        if self.window is not None:
+            hi = torch.minimum(hi, j + self.window - 1)
+        n = (hi - lo + 1).clamp_min(0)
+        n = torch.where(j >= first, n, 0)
+        return n[:, None].float()
+
+    def _segments(self, request, seg_part):
+        s = request.n_segments
+        total = seg_part.sum(dim=2)[..., :s, :s]  # [B, H, S, S]
+        ids = request.segment_ids.to(device=self.device, dtype=torch.long)
+        onehot = torch.nn.functional.one_hot((ids + 1).clamp_min(0), s + 1)[..., 1:].float()  # [B, Nk, S]
+        k_count = onehot.sum(dim=1)
+        q_count = onehot[:, self.q_off :].sum(dim=1)
+        denom = (q_count[:, :, None] * k_count[:, None, :])[:, None]
+        return torch.where(denom > 0, total / denom.clamp_min(1), float("nan"))
+
+    def _rows(self, positions, lse2):
+        """Exact rows [B, H, R, Nk] from the known log-sum-exp (a few rows: torch is enough)."""
+        idx = torch.tensor(positions, device=self.device, dtype=torch.long)
+        qr = self.q[:, :, idx].float().view(self.B, self.Hkv, self.G * len(positions), self.D)
+        s = torch.matmul(qr, self.k.float().transpose(-1, -2)).view(self.B, self.Hq, len(positions), self.Nk)
+        s = s * self.scale
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
+        s = s * LOG2E
+        if self.edit is not None:
+            s = s + self.bias_s[:, :, idx, None] * self.src[:, None, None].bool()
+            s = s + self.bias_t[:, :, idx, None] * self.tgt[:, None, None].bool()
+        vis = torch.cat([reference.visibility(self.key_mask, self.B, int(i), int(i) + 1, self.Nk, self.q_off,
+                                              self.window, self.device) for i in positions], dim=2)
+        p = torch.exp2(s - lse2[:, :, idx, None]).masked_fill(~vis, 0.0)
+        return p.masked_fill(~vis.any(-1, keepdim=True), float("nan"))
