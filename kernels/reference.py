@@ -37,10 +37,11 @@ def visibility(
     q_offset: int,
     sliding_window: int | None,
     device: torch.device,
+    k_start: int = 0,
 ) -> torch.Tensor:
-    """[B, 1, q_end - q_start, Nk] bool: may query i see key j (causal, padding, window)."""
+    """[B, 1, q_end - q_start, n_keys - k_start] bool: may query i see key j (causal, padding, window)."""
     pos_q = torch.arange(q_start, q_end, device=device) + q_offset
-    pos_k = torch.arange(n_keys, device=device)
+    pos_k = torch.arange(k_start, n_keys, device=device)
     diff = pos_q[:, None] - pos_k[None, :]
     vis = diff >= 0
     if sliding_window is not None:
@@ -50,7 +51,7 @@ def visibility(
         km = key_mask.to(torch.bool)
         # A pad query sees nothing: its row is all-masked and every statistic of it is undefined.
         q_real = km[:, q_offset + q_start : q_offset + q_end]
-        vis = vis & km[:, None, None, :] & q_real[:, None, :, None]
+        vis = vis & km[:, None, None, k_start:n_keys] & q_real[:, None, :, None]
     return vis
 
 
@@ -123,41 +124,45 @@ class StatAccumulator:
         if r.pattern:
             self.out["pattern"] = torch.zeros(batch, heads, n_queries, n_keys, **f32)
 
-    def add(self, p: torch.Tensor, vis: torch.Tensor, q_start: int) -> None:
+    def add(self, p: torch.Tensor, vis: torch.Tensor, q_start: int, k_start: int = 0) -> None:
+        """p, vis: [B, H|1, C, K] for queries q_start.. and keys k_start..k_start+K (every key
+        outside that range is invisible to these queries). With pooling, k_start is a multiple
+        of the block."""
         r, out = self.r, self.out
-        c = p.shape[2]
-        q_end = q_start + c
-        rows = slice(q_start, q_end)
+        c, width = p.shape[2], p.shape[3]
+        q_end, k_end = q_start + c, k_start + p.shape[3]
+        rows, keys = slice(q_start, q_end), slice(k_start, k_end)
         row_ok = vis.any(dim=-1)  # [B, 1, C]: real queries
         nan_rows = ~row_ok
         if r.received:
-            out["received"] += p.sum(dim=2)
-            self._seen_by += vis.sum(dim=2, dtype=torch.float32)
+            out["received"][..., keys] += p.sum(dim=2)
+            self._seen_by[..., keys] += vis.sum(dim=2, dtype=torch.float32)
         if r.sink_k is not None:
-            sm = (p * self._sink_cols[:, None, None, :]).sum(dim=-1)
+            sm = (p * self._sink_cols[:, None, None, keys]).sum(dim=-1)
             out["sink_mass"][:, :, rows] = sm.masked_fill(nan_rows, float("nan"))
         if r.entropy:
             ent = -torch.special.xlogy(p, p).sum(dim=-1)
             out["entropy"][:, :, rows] = ent.masked_fill(nan_rows, float("nan"))
         if r.top_key:
             prob, idx = p.max(dim=-1)
-            out["top_key"][:, :, rows] = idx.masked_fill(nan_rows, -1)
+            out["top_key"][:, :, rows] = (idx + k_start).masked_fill(nan_rows, -1)
             out["top_prob"][:, :, rows] = prob.masked_fill(nan_rows, float("nan"))
         if r.pooled_block is not None:
             b = r.pooled_block
-            nb = out["pooled"].shape[-1]
-            pad = nb * b - self.Nk
-            pk = torch.nn.functional.pad(p, (0, pad)).view(self.B, self.H, c, nb, b).sum(dim=-1)
+            nb = math.ceil(width / b)
+            pk = torch.nn.functional.pad(p, (0, nb * b - width)).view(self.B, self.H, c, nb, b).sum(dim=-1)
             qblock = torch.arange(q_start, q_end, device=self.device) // b
-            out["pooled"].index_add_(2, qblock, pk)
+            kb0 = k_start // b
+            nb = min(nb, out["pooled"].shape[-1] - kb0)
+            out["pooled"][..., kb0 : kb0 + nb].index_add_(2, qblock, pk[..., :nb])
         if r.segment_ids is not None:
-            per_key_seg = torch.matmul(p, self._seg_onehot[:, None])  # [B, H, C, S]
+            per_key_seg = torch.matmul(p, self._seg_onehot[:, None, keys])  # [B, H, C, S]
             qseg = self._key_seg[:, self.q_offset + q_start : self.q_offset + q_end] + 1  # 0 = none
             for bi in range(self.B):
                 self._seg_sum[bi].index_add_(1, qseg[bi], per_key_seg[bi])
         if r.distance_window is not None:
             pos_q = torch.arange(q_start, q_end, device=self.device, dtype=torch.float32) + self.q_offset
-            diff = pos_q[:, None] - torch.arange(self.Nk, device=self.device, dtype=torch.float32)[None]
+            diff = pos_q[:, None] - torch.arange(k_start, k_end, device=self.device, dtype=torch.float32)[None]
             dist = (p * diff).sum(dim=-1)
             local = (p * (diff < r.distance_window)).sum(dim=-1)
             out["distance"][:, :, rows] = dist.masked_fill(nan_rows, float("nan"))
@@ -165,11 +170,12 @@ class StatAccumulator:
         if r.row_positions is not None:
             for pos, n in self._row_index.items():
                 if q_start <= pos < q_end:
-                    row = p[:, :, pos - q_start]
+                    full = torch.zeros(self.B, self.H, self.Nk, dtype=torch.float32, device=self.device)
+                    full[..., keys] = p[:, :, pos - q_start]
                     ok = row_ok[:, :, pos - q_start, None]
-                    out["rows"][:, :, n] = row.masked_fill(~ok, float("nan"))
+                    out["rows"][:, :, n] = full.masked_fill(~ok, float("nan"))
         if r.pattern:
-            out["pattern"][:, :, rows] = p
+            out["pattern"][:, :, rows, keys] = p
 
     def finish(self) -> dict[str, torch.Tensor]:
         r, out = self.r, self.out
@@ -228,24 +234,34 @@ def attention_stats(
     kf = k.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
     vf = v.float()
     out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    # Keys a chunk can see: none after its last query (causal), none before its first query's
+    # window. Scoring only those halves the work of a causal capture; pooled tiles need the range
+    # to start on a block edge. Edits address every key, so with edits the range is all keys.
+    align = request.pooled_block or 1
     for q_start in range(0, Nq, chunk_size):
         q_end = min(Nq, q_start + chunk_size)
         c = q_end - q_start
+        k_start, k_end = 0, Nk
+        if not edits:
+            k_end = q_end + q_offset
+            if sliding_window is not None:
+                k_start = max(0, q_start + q_offset - sliding_window + 1) // align * align
         qc = q[:, :, q_start:q_end].float().reshape(B, Hkv, G * c, D)
-        s = (torch.matmul(qc, kf) * scale).view(B, Hq, c, Nk)
+        s = (torch.matmul(qc, kf[..., k_start:k_end]) * scale).view(B, Hq, c, k_end - k_start)
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
-        vis = visibility(key_mask, B, q_start, q_end, Nk, q_offset, sliding_window, q.device)
-        s = s.masked_fill(~vis, float("-inf"))
+        vis = visibility(key_mask, B, q_start, q_end, k_end, q_offset, sliding_window, q.device, k_start)
+        # In place from here on: a chunk's scores become its probabilities in the same buffer.
+        s.masked_fill_(~vis, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m)
-        p = p / p.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+        m.masked_fill_(~torch.isfinite(m), 0.0)
+        p = s.sub_(m).exp_()
+        p.div_(p.sum(dim=-1, keepdim=True).clamp_min_(_TINY))
         p = apply_edits(p, edits, q_start, Nq)
-        o = torch.matmul(p.view(B, Hkv, G * c, Nk), vf).view(B, Hq, c, -1)
+        o = torch.matmul(p.view(B, Hkv, G * c, -1), vf[:, :, k_start:k_end]).view(B, Hq, c, -1)
         out[:, :, q_start:q_end] = o.to(q.dtype)
         if not request.empty:
-            acc.add(p, vis, q_start)
+            acc.add(p, vis, q_start, k_start)
     return out, acc.finish()
 
 
