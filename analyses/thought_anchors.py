@@ -1,0 +1,378 @@
+"""Thought anchors: receiver heads, sentence receiver scores and the attention-suppression matrix.
+
+Bogdan, Macar et al., "Thought Anchors: Which LLM Reasoning Steps Matter?"
+(interp-reasoning/thought-anchors). For a reasoning trace split into sentences S_0..S_{n-1}:
+    M[i, j] = mean of A over tokens(S_i) x tokens(S_j)              (per head; `segments` stat)
+    v_j     = mean over i >= j + proximity of M[i, j]                (vertical score, proximity 4)
+    kurt    = excess kurtosis of v over sentences (Fisher, biased, NaNs omitted), mean over traces
+    receiver heads = top 20 heads by kurt (layer 0 excluded); receiver score_j = mean v_j over them
+    Supp[t, s] = mean over tokens k of S_t of log(KL(p_k || q_k^{-s}) + 1e-9),  t > s
+where p_k / q_k^{-s} are the next-token distributions at token k without / with the pre-softmax
+logits of every key in S_s set to the dtype minimum (every head of every layer, or a head set),
+both at temperature 0.6 over the union of their top-p (0.9999, at most 100) tokens.
+
+    traces = load_traces()                                   # the shipped example traces
+    res = run(probe, traces)                                 # receivers + suppression
+    res.tables["sentences"]; res.tables["heads"]; res.tables["suppression"]
+
+Sentence splitting and token spans live in `attnlab.analyses.traces` (re-exported here).
+
+attnlab's choices (where the paper or its code is silent or buggy):
+- Sentences: the region between `<think>` and `</think>` (either may be missing), cut after
+  `.`, `?`, `!` followed by whitespace and at blank lines (`\\n`, optional spaces/tabs, `\\n`);
+  each piece is stripped of surrounding whitespace, so a span [start, end) starts and ends on a
+  non-space character. A chunk under `min_chars` characters (its exact span, whitespace inside
+  included) merges into the next one until it is long enough; a short last chunk merges into the
+  previous one (as the official splitter does).
+- Token spans: a token belongs to the sentence holding its first non-space character (a leading
+  space of " The" does not move it); whitespace-only tokens between sentences, the prompt, the
+  answer after `</think>` and BOS belong to no sentence (segment id -1) but stay in the forward
+  pass as context. Every token of every sentence counts, the last one included (the official
+  averaging drops the last sentence's final token).
+- Kurtosis: scipy.stats.kurtosis(fisher=True, bias=True, nan_policy="omit") re-implemented in
+  numpy (scipy is not an attnlab dependency): m4 / m2^2 - 3 over the non-NaN values, NaN for
+  fewer than 2 values or zero variance. A head's score is the mean over the traces where it is
+  defined.
+- Suppression runs on the hooked path (`blocks.{l}.attn.hook_attn_scores` is pre-softmax, causal
+  mask already applied). A query whose only visible keys lie in S_s (the first sentence of a trace
+  given without BOS or prompt) keeps its row: masking it would leave nothing to attend to. The KL
+  uses both runs' real logits on the union of the two top-p sets, renormalised there (the
+  official code only stored each run's own top-p logits and filled the other run's missing ones
+  with -1e9). By default one pass per sentence plus one baseline (S + 1 passes of the same
+  shape, so tokens before S_s are bitwise unchanged); batch_size > 1 packs batch_size - 1
+  suppressed variants with a copy of the baseline into each forward (for GPUs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from attnlab.analyses import thought_anchors_plots as taplots
+from attnlab.analyses.result import Result
+from attnlab.analyses.traces import (  # noqa: F401  (re-exported: one import for the whole analysis)
+    TRACE_FOLDER, Trace, load_traces, locate_sentences, prepare_trace, split_sentences, think_region,
+    token_segments,
+)
+from attnlab.probe.errors import AttnlabError
+from attnlab.probe.stats import Stat
+
+
+# ----- receiver heads (pure) -----
+def vertical_scores(M: np.ndarray | torch.Tensor, proximity: int = 4) -> np.ndarray:
+    """M [..., S, S] (query sentence, key sentence) -> v [..., S]: v_j = mean over i >= j +
+    proximity of M[i, j] (NaN where no such i: the last `proximity` sentences)."""
+    M = np.asarray(M, dtype=np.float64)
+    S = M.shape[-1]
+    i, j = np.indices((S, S))
+    keep = (i - j) >= proximity
+    masked = np.where(keep, M, np.nan)
+    count = (keep & ~np.isnan(masked)).sum(axis=-2)
+    total = np.nansum(masked, axis=-2)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def excess_kurtosis(v: np.ndarray, axis: int = -1) -> np.ndarray:
+    """scipy.stats.kurtosis(v, axis, fisher=True, bias=True, nan_policy='omit'): m4 / m2^2 - 3 over
+    the non-NaN values; NaN for fewer than 2 values or zero variance."""
+    v = np.moveaxis(np.asarray(v, dtype=np.float64), axis, -1)
+    ok = ~np.isnan(v)
+    n = ok.sum(axis=-1)
+    mean = np.nansum(v, axis=-1) / np.maximum(n, 1)
+    d = np.where(ok, v - mean[..., None], 0.0)
+    m2 = (d**2).sum(axis=-1) / np.maximum(n, 1)
+    m4 = (d**4).sum(axis=-1) / np.maximum(n, 1)
+    zero = m2 <= (np.finfo(np.float64).resolution * mean) ** 2
+    with np.errstate(all="ignore"):
+        k = m4 / m2**2 - 3.0
+    return np.where(zero | (n < 2), np.nan, k)
+
+
+def top_heads(kurt: np.ndarray, top_k: int = 20, exclude_layers: Sequence[int] = (0,)) -> list[tuple[int, int]]:
+    """kurt [L, H] -> the top_k (layer, head) by kurtosis, NaN and excluded layers skipped."""
+    k = np.array(kurt, dtype=np.float64)
+    k[list(exclude_layers)] = np.nan
+    flat = np.where(np.isnan(k.ravel()), -np.inf, k.ravel())
+    order = [int(x) for x in np.argsort(-flat, kind="stable") if np.isfinite(flat[x])][:top_k]
+    return [divmod(x, k.shape[1]) for x in order]
+
+
+def sentence_attention(probe, trace: Trace, backend: str = "auto") -> torch.Tensor:
+    """M [layer, head, S, S] for one trace through the streamed `segments` capture statistic."""
+    cap = probe.capture(trace.tokens, stats=[Stat("segments", trace.segment_ids)], backend=backend)
+    return cap["segments"][0]
+
+
+# ----- attention suppression -----
+def suppression_mask(trace: Trace, source: int) -> torch.Tensor:
+    """[N, N] bool: (query, key) logits to set to the minimum when suppressing sentence `source`."""
+    n = trace.tokens.length
+    a, b = trace.token_spans[source]
+    keys = torch.zeros(n, dtype=torch.bool)
+    keys[a:b] = True
+    rows = torch.ones(n, dtype=torch.bool)
+    if a == int(trace.tokens.first_real()[0]):  # nothing before S_s: its own queries keep their rows
+        rows[a:b] = False
+    return rows[:, None] & keys[None, :]
+
+
+def kl_top_p(base: torch.Tensor, other: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9999,
+             max_tokens: int = 100) -> torch.Tensor:
+    """base, other: logits [N, V] -> KL(base || other) [N] at `temperature`, both renormalised over
+    the union of their top-p sets (each at most max_tokens tokens). Rows go in chunks of 256 to
+    bound the fp64 softmax's memory on long traces."""
+    if base.shape[0] > 256:
+        return torch.cat([kl_top_p(base[i:i + 256], other[i:i + 256], temperature, top_p, max_tokens)
+                          for i in range(0, base.shape[0], 256)])
+
+    def nucleus(logits):
+        probs = torch.softmax(logits.double() / temperature, dim=-1)
+        top, idx = probs.topk(min(max_tokens, probs.shape[-1]), dim=-1)
+        k = ((top.cumsum(dim=-1) < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=top.shape[-1])
+        return idx, torch.arange(top.shape[-1])[None] < k
+
+    ib, kb = nucleus(base)
+    io, ko = nucleus(other)
+    dup = ((io[:, :, None] == ib[:, None, :]) & kb[:, None, :]).any(dim=-1)
+    idx = torch.cat([ib, io], dim=1)
+    keep = torch.cat([kb, ko & ~dup], dim=1)
+    lp = torch.log_softmax((base.double().gather(1, idx) / temperature).masked_fill(~keep, -torch.inf), dim=-1)
+    lq = torch.log_softmax((other.double().gather(1, idx) / temperature).masked_fill(~keep, -torch.inf), dim=-1)
+    terms = torch.where(keep, lp.exp() * (lp - lq), torch.zeros_like(lp))
+    return terms.sum(dim=-1).clamp_min(0.0)
+
+
+def suppression_hooks(probe, heads: Sequence[tuple[int, int]] | None,
+                      get_mask: Callable[[], torch.Tensor]) -> list[tuple[str, Callable]]:
+    """Hooks for `bridge.run_with_hooks`: in each chosen (layer, head) (None = all), set the
+    pre-softmax scores [B, head, query, key] to the dtype minimum where get_mask() [B, N, N] is True."""
+    L, H = probe.info.n_layers, probe.info.n_heads
+    heads = [(l, h) for l in range(L) for h in range(H)] if heads is None else [(int(l), int(h)) for l, h in heads]
+    if not heads:
+        raise AttnlabError("no heads to suppress: pass heads=None for all, or a list of (layer, head)")
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        if not (0 <= l < L and 0 <= h < H):
+            raise AttnlabError(f"head {l}.{h} is outside {probe.name} ({L} layers x {H} heads)")
+        by_layer.setdefault(l, []).append(h)
+
+    def hook_for(layer_heads):
+        idx = torch.tensor(sorted(set(layer_heads)))
+
+        def hook(scores, hook):
+            i = idx.to(scores.device)
+            sub = scores.index_select(1, i).masked_fill(get_mask()[:, None].to(scores.device),
+                                                        torch.finfo(scores.dtype).min)
+            return scores.index_copy(1, i, sub)
+
+        return hook
+
+    return [(f"blocks.{l}.attn.hook_attn_scores", hook_for(hs)) for l, hs in sorted(by_layer.items())]
+
+
+def suppression_matrix(probe, trace: Trace, heads: Sequence[tuple[int, int]] | None = None, *,
+                       temperature: float = 0.6, top_p: float = 0.9999, max_tokens: int = 100,
+                       batch_size: int = 1, progress: Callable[[int, int], None] | bool = True) -> dict:
+    """Suppress each sentence in turn on the hooked path; heads None = every head of every layer.
+
+    Returns {"supp": [target, source] log(KL + 1e-9) means (NaN where target <= source),
+    "token_log_kl": [source, N] per-token log KL, "forward_passes": int}."""
+    S, N = trace.n_sentences, trace.tokens.length
+    bridge = probe.bridge
+    device = next(bridge.parameters()).device
+    current: list[torch.Tensor] = [torch.zeros(1, N, N, dtype=torch.bool)]  # the running batch's masks
+    fwd_hooks = suppression_hooks(probe, heads, lambda: current[0])
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=S, desc=f"suppression ({trace.name})", leave=False)
+    token_log_kl = torch.full((S, N), float("nan"), dtype=torch.float64)
+    none = torch.zeros(N, N, dtype=torch.bool)
+    passes, base = 0, None
+
+    def forward(masks: torch.Tensor) -> torch.Tensor:
+        current[0] = masks.to(device)
+        B = masks.shape[0]
+        with torch.no_grad():
+            return bridge.run_with_hooks(
+                trace.tokens.input_ids.expand(B, -1).to(device),
+                attention_mask=trace.tokens.attention_mask.long().expand(B, -1).to(device),
+                position_ids=trace.tokens.position_ids().expand(B, -1).to(device),
+                fwd_hooks=fwd_hooks, return_type="logits",
+            ).float().cpu()
+
+    # batch_size 1: the baseline once, then one pass per sentence (S + 1 passes, same shapes, so
+    # the unaffected tokens match bitwise). Larger batches carry the baseline in every batch.
+    if batch_size <= 1:
+        base = forward(none[None])[0]
+        passes += 1
+    step = max(1, batch_size - 1)
+    for start in range(0, S, step):
+        sources = list(range(start, min(S, start + step)))
+        masks = torch.stack(([] if batch_size <= 1 else [none]) + [suppression_mask(trace, s) for s in sources])
+        logits = forward(masks)
+        passes += masks.shape[0]
+        ref = base if batch_size <= 1 else logits[0]
+        for n, s in enumerate(sources, start=0 if batch_size <= 1 else 1):
+            token_log_kl[s] = torch.log(kl_top_p(ref, logits[n], temperature, top_p, max_tokens) + 1e-9)
+            if bar is not None:
+                bar.update(1)
+            elif callable(progress):
+                progress(s + 1, S)
+    if bar is not None:
+        bar.close()
+    supp = torch.full((S, S), float("nan"), dtype=torch.float64)
+    for t, (a, b) in enumerate(trace.token_spans):
+        supp[t, :t] = token_log_kl[:t, a:b].mean(dim=1)
+    return {"supp": supp, "token_log_kl": token_log_kl, "forward_passes": passes}
+
+
+# ----- the analysis -----
+def _as_traces(probe, traces, sentences, min_chars, prepend_bos) -> list[Trace]:
+    if isinstance(traces, (str, Trace)):
+        traces = [traces]
+    items = list(traces.items()) if isinstance(traces, dict) else [(f"trace{n}", t) for n, t in enumerate(traces)]
+    if not items:
+        raise AttnlabError("no traces: pass a reasoning trace (text), a list of them, or load_traces()")
+    if sentences is not None and len(items) != 1:
+        raise AttnlabError("sentences=[...] applies to a single trace: pass one trace, or let attnlab split")
+    out = [t if isinstance(t, Trace) else prepare_trace(probe, t, sentences, name=name, min_chars=min_chars,
+                                                        prepend_bos=prepend_bos) for name, t in items]
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise AttnlabError(f"trace names repeat ({names}): give each Trace its own name")
+    return out
+
+
+def run(
+    probe,
+    traces,
+    *,
+    sentences=None,
+    proximity: int = 4,
+    top_k: int = 20,
+    exclude_layers: Sequence[int] = (0,),
+    suppress: bool | Sequence[str] = True,
+    suppress_heads: str | Sequence[tuple[int, int]] = "all",
+    temperature: float = 0.6,
+    top_p: float = 0.9999,
+    max_tokens: int = 100,
+    min_chars: int = 10,
+    prepend_bos: bool = True,
+    backend: str = "auto",
+    batch_size: int = 1,
+    progress: Callable[[int, int], None] | bool = True,
+) -> Result:
+    """Receiver heads and sentence receiver scores over the traces, and the suppression matrix.
+
+    traces: a text, a list of texts, {name: text} (e.g. `load_traces()`), or prepared `Trace`s.
+    suppress: True (every trace), False, or the names of the traces to suppress in.
+    suppress_heads: "all" (every head of every layer), "receivers", or a list of (layer, head).
+    Tables: `sentences` (trace, sentence, text, char/token spans, n_tokens, receiver_score),
+    `heads` (layer, head, kv_head, score = mean kurtosis, n_traces, rank, is_receiver),
+    `vertical` (trace, layer, head, sentence, score = v_j), `suppression` (trace, source, target,
+    value). Tensors: `attention_<trace>` [layer, head, query_sentence, key_sentence],
+    `suppression_<trace>` [target, source]."""
+    prepared = _as_traces(probe, traces, sentences, min_chars, prepend_bos)
+    L, H = probe.info.n_layers, probe.info.n_heads
+    mats, verts, kurts = {}, {}, []
+    for tr in prepared:
+        mats[tr.name] = sentence_attention(probe, tr, backend)
+        verts[tr.name] = vertical_scores(mats[tr.name].numpy(), proximity)  # [L, H, S]
+        kurts.append(excess_kurtosis(verts[tr.name]))
+    kurt_all = np.stack(kurts)  # [trace, L, H]
+    n_def = (~np.isnan(kurt_all)).sum(axis=0)
+    with np.errstate(all="ignore"):
+        kurt = np.where(n_def > 0, np.nansum(kurt_all, axis=0) / np.maximum(n_def, 1), np.nan)
+    receivers = top_heads(kurt, top_k, exclude_layers)
+    if not receivers:
+        raise AttnlabError(f"no head has a defined kurtosis: every trace needs at least proximity + 2 = "
+                           f"{proximity + 2} sentences (pass longer traces or a smaller proximity)")
+    rank = {lh: r for r, lh in enumerate(receivers)}
+    heads = pd.DataFrame({
+        "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
+        "kv_head": np.tile([probe.info.kv_head(h) for h in range(H)], L),
+        "score": kurt.ravel(), "n_traces": n_def.ravel(),
+    })
+    heads["rank"] = [rank.get((l, h), -1) for l, h in zip(heads["layer"], heads["head"])]
+    heads["is_receiver"] = heads["rank"] >= 0
+    rl, rh = np.array([l for l, _ in receivers]), np.array([h for _, h in receivers])
+    sent_tables, vert_rows = [], []
+    for tr in prepared:
+        v = verts[tr.name]
+        recv = v[rl, rh]  # [top_k, S]
+        table = tr.table()
+        count = (~np.isnan(recv)).sum(axis=0)
+        table["receiver_score"] = np.where(count > 0, np.nansum(recv, axis=0) / np.maximum(count, 1), np.nan)
+        sent_tables.append(table)
+        li, hi, si = np.indices(v.shape)
+        vert_rows.append(pd.DataFrame({"trace": tr.name, "layer": li.ravel(), "head": hi.ravel(),
+                                       "sentence": si.ravel(), "score": v.ravel()}))
+    sent_table = pd.concat(sent_tables, ignore_index=True)
+
+    names = [t.name for t in prepared] if suppress is True else ([] if not suppress else list(suppress))
+    unknown = set(names) - set(mats)
+    if unknown:
+        raise AttnlabError(f"suppress: unknown trace(s) {sorted(unknown)}: choose from {', '.join(mats)}")
+    supp_heads = None if suppress_heads == "all" else receivers if suppress_heads == "receivers" else suppress_heads
+    if isinstance(supp_heads, str):
+        raise AttnlabError(f"suppress_heads={supp_heads!r}: use 'all', 'receivers' or a list of (layer, head)")
+    supp_rows, tensors, dims, passes = [], {}, {}, 0
+    for tr in prepared:
+        tensors[f"attention_{tr.name}"] = mats[tr.name].float()
+        dims[f"attention_{tr.name}"] = ("layer", "head", "query_sentence", "key_sentence")
+        if tr.name not in names:
+            continue
+        out = suppression_matrix(probe, tr, supp_heads, temperature=temperature, top_p=top_p,
+                                 max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+        passes += out["forward_passes"]
+        tensors[f"suppression_{tr.name}"] = out["supp"].float()
+        dims[f"suppression_{tr.name}"] = ("target", "source")
+        for t in range(tr.n_sentences):
+            for s in range(t):
+                supp_rows.append({"trace": tr.name, "source": s, "target": t, "value": float(out["supp"][t, s])})
+    supp_table = pd.DataFrame(supp_rows, columns=["trace", "source", "target", "value"])
+
+    res = Result(
+        analysis="thought_anchors",
+        tables={"sentences": sent_table, "heads": heads, "vertical": pd.concat(vert_rows, ignore_index=True),
+                "suppression": supp_table},
+        tensors=tensors, tensor_dims=dims,
+        params={"model": probe.name, "proximity": proximity, "top_k": top_k,
+                "exclude_layers": list(exclude_layers),
+                "suppress_heads": (suppress_heads if isinstance(suppress_heads, str)
+                                   else [list(x) for x in suppress_heads]),
+                "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "min_chars": min_chars,
+                "traces": [t.name for t in prepared], "receiver_heads": [list(x) for x in receivers],
+                "suppression_forward_passes": passes},
+        prepend_bos=prepend_bos,
+    )
+    first = prepared[0]
+    res.figures = {
+        "kurtosis_heatmap": taplots.kurtosis_heatmap(heads, title=f"vertical-score kurtosis ({probe.name})"),
+        "receiver_scores": taplots.receiver_bars(sent_table, trace=first.name),
+        "sentence_attention": taplots.sentence_attention_heatmap(
+            mats[first.name][receivers[0][0], receivers[0][1]].numpy(), first.sentences,
+            title=f"sentence attention, receiver head {receivers[0][0]}.{receivers[0][1]} ({first.name})"),
+    }
+    if len(supp_table):
+        shown = supp_table.trace.iloc[0]
+        res.figures["suppression"] = taplots.suppression_heatmap(supp_table, sent_table, trace=shown)
+        res.figures["sentence_graph"] = taplots.sentence_graph(sent_table, supp_table, trace=shown)
+    best = sent_table.dropna(subset=["receiver_score"]).sort_values("receiver_score", ascending=False).head(3)
+    res.summary = (
+        f"{len(prepared)} trace(s), {len(sent_table)} sentences; receiver heads (top {top_k}, layers "
+        f"{list(exclude_layers)} excluded): " + ", ".join(f"{l}.{h} ({kurt[l, h]:.1f})" for l, h in receivers[:5])
+        + "; top sentences: " + "; ".join(f"{r.trace}#{r.sentence} {r.text[:40]!r} ({r.receiver_score:.3g})"
+                                          for r in best.itertuples())
+    )
+    return res
+
+
+__all__ = ["TRACE_FOLDER", "Trace", "excess_kurtosis", "kl_top_p", "load_traces", "locate_sentences",
+           "prepare_trace", "run", "sentence_attention", "split_sentences", "suppression_hooks", "suppression_mask",
+           "suppression_matrix", "think_region", "token_segments", "top_heads", "vertical_scores"]
