@@ -66,14 +66,19 @@ def attnlab_attention(
     key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     if key_mask is not None:
         key_mask = key_mask[:, -key.shape[2] :].to(torch.bool)
-    if session is None or layer not in session.layers:
+    edits = _edits_for(layer, query, key, key_mask)
+    if (session is None or layer not in session.layers) and not edits:
         out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap)
+    elif session is None or layer not in session.layers:
+        # Edits without capture: the kernels apply them (SDPA cannot move mass).
+        out, _ = _edit_kernel(query)(query, key, value, scale=scaling, key_mask=key_mask,
+                                     sliding_window=sliding_window, softcap=softcap, edits=edits)
     else:
         started = time.perf_counter()
         request = session.make_request(query.shape[2], key.shape[2])
         out, stats = session.kernel(
             query, key, value, scale=scaling, request=request, key_mask=key_mask,
-            sliding_window=sliding_window, softcap=softcap,
+            sliding_window=sliding_window, softcap=softcap, edits=edits,
         )
         session.records.setdefault(layer, []).append(stats)
         session.seconds += time.perf_counter() - started
@@ -83,6 +88,27 @@ def attnlab_attention(
     if ablations and layer in ablations:
         out = _ablate_heads(out, value, key_mask, ablations[layer])
     return out.transpose(1, 2).contiguous(), None
+
+
+# ----- attention edits (attnlab.probe.edits) -----
+# The active AttentionEdits; each compiles to the kernels' KernelEdit for one layer's call, with
+# its key selector resolved against that call's padding mask (so it holds at decode steps too).
+_EDITS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("attnlab_edits", default=None)
+
+
+def _edits_for(layer, query, key, key_mask) -> tuple:
+    edits = _EDITS.get()
+    if not edits:
+        return ()
+    mask = key_mask if key_mask is not None else torch.ones(key.shape[0], key.shape[2], dtype=torch.bool,
+                                                            device=key.device)
+    return tuple(k for e in edits if (k := e.kernel_edit(layer, query.shape[1], mask)) is not None)
+
+
+def _edit_kernel(query):
+    from attnlab import kernels
+
+    return kernels.triton_kernel() if kernels.triton_available(query.device) else kernels.attention_stats
 
 
 # ----- head ablations (attnlab.probe.ablations) -----

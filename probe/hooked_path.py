@@ -44,7 +44,9 @@ def eager_stats(
     make_request: Callable[[int, int], StatRequest],
     sliding_window: Callable[[int], int | None],
     on_layer: Callable[[int], None] | None = None,
+    edit_hooks: list | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
+    """edit_hooks: fwd_hooks that edit patterns; they run before the statistics hooks."""
     device = next(bridge.parameters()).device
     key_mask = tokens.attention_mask.to(device)
     n = tokens.length
@@ -60,7 +62,7 @@ def eager_stats(
 
         return hook
 
-    fwd_hooks = [(f"blocks.{layer}.attn.hook_pattern", hook_for(layer)) for layer in layers]
+    fwd_hooks = list(edit_hooks or []) + [(f"blocks.{layer}.attn.hook_pattern", hook_for(layer)) for layer in layers]
     with torch.no_grad():
         bridge.run_with_hooks(
             tokens.input_ids.to(device),

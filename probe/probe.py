@@ -210,8 +210,14 @@ class Probe:
 
         started = time.perf_counter()
         if backend == "eager":
+            active = fast_path._EDITS.get()
+            edit_hooks = None
+            if active:
+                from attnlab.probe.edits import bridge_hooks
+
+                edit_hooks = bridge_hooks(self, active, tokens)
             records = hooked_path.eager_stats(
-                self.bridge, tokens, layer_list, head_list, make_request, self.sliding_window, on_layer
+                self.bridge, tokens, layer_list, head_list, make_request, self.sliding_window, on_layer, edit_hooks
             )
         else:
             kernel = kernels.attention_stats if backend == "chunked" else kernels.triton_kernel()
@@ -245,6 +251,13 @@ class Probe:
         return greedy_generate(self, self.to_tokens(inputs, prepend_bos=prepend_bos), max_new_tokens=max_new_tokens,
                                stop_at_newline=stop_at_newline, step_stats=step_stats, layers=layers, heads=heads,
                                backend=backend, on_step=on_step)
+
+    def intervene(self, *edits):
+        """Context manager: apply `AttentionEdit`s (attnlab.probe.edits) on the fast path inside the
+        block — forward, capture (statistics then describe the edited attention) and generate."""
+        from attnlab.probe.edits import intervene
+
+        return intervene(self, *edits)
 
     # ----- helpers -----
     def _resolve_backend(self, backend: str, stat_list) -> str:

@@ -1,0 +1,182 @@
+"""Attention edits: the two primitives of every published attention intervention.
+
+1. `LogitBias(c)`: add ln(c) to the pre-softmax logits of the selected keys, i.e. multiply their
+   post-softmax weight by c and renormalise the row (c = 0 removes the keys: attention
+   suppression; ZeroTuning scales the first token by gamma; PASTA down-weights by alpha).
+2. `MassTransfer(keep, to)`: post-softmax, keep `keep` of the mass on the selected keys and give
+   the rest to the `to` keys (default: every other key) in proportion to their weight; rows still
+   sum to 1 (ACT, VAR).
+
+    edit = AttentionEdit(keys=FirstToken(), op=LogitBias(2.0), layers=range(0, 10), heads=[3])
+    with probe.intervene(edit):
+        logits = probe.forward(tokens).logits      # also probe.capture(...), probe.generate(...)
+
+Key selectors are resolved per batch row from the padding mask, so they hold in prefill and in
+one-token decode steps (keys generated later are never selected): `FirstToken()` (the first
+non-pad token of each row) and `Positions([...])` (indices counted from each row's first real
+token; `Positions.span(tokens, row, text, start_char, end_char)` turns a character span of the
+text into positions). On the fast path the edits run inside the attention kernels (the torch
+twin, or Triton on CUDA); on the hooked path `bridge_hooks` applies the same torch twin to
+`hook_pattern`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.kernels import KernelEdit, apply_edits
+from attnlab.kernels.edits import MIN_LOG
+from attnlab.probe import fast_path
+from attnlab.probe.errors import AttnlabError
+from attnlab.probe.tokens import Tokens
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The first non-pad token of each row (BOS when one is prepended)."""
+
+    def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
+        first = (~key_mask).sum(dim=1)
+        return torch.arange(key_mask.shape[1], device=key_mask.device)[None] == first[:, None]
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Token positions counted from each row's first real token (0 = BOS when prepended)."""
+
+    positions: tuple[int, ...]
+
+    def __init__(self, positions: Sequence[int]):
+        object.__setattr__(self, "positions", tuple(int(p) for p in positions))
+        if not self.positions or min(self.positions) < 0:
+            raise AttnlabError("Positions needs at least one non-negative token position")
+
+    def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
+        first = (~key_mask).sum(dim=1)
+        pos = torch.arange(key_mask.shape[1], device=key_mask.device)[None] - first[:, None]
+        chosen = torch.tensor(self.positions, device=key_mask.device)
+        return torch.isin(pos, chosen) & key_mask
+
+    @classmethod
+    def span(cls, tokens: Tokens, row: int, start_char: int, end_char: int) -> Positions:
+        """The tokens of row `row` that overlap the characters [start_char, end_char) of its text."""
+        text = tokens.texts[row] if tokens.texts else None
+        if text is None:
+            raise AttnlabError("a character span needs tokens made from text (probe.tokenize)")
+        if not 0 <= start_char < end_char <= len(text):
+            raise AttnlabError(f"span [{start_char}, {end_char}) is not inside the text of {len(text)} characters")
+        first = int(tokens.first_real()[row])
+        hits = [i - first for i, (a, b) in enumerate(tokens.offsets[row]) if a >= 0 and a < end_char and b > start_char]
+        if not hits:
+            raise AttnlabError(f"no token overlaps characters [{start_char}, {end_char})")
+        return cls(hits)
+
+    @classmethod
+    def substring(cls, tokens: Tokens, row: int, needle: str) -> Positions:
+        """The tokens of the first occurrence of `needle` in row `row`'s text."""
+        text = tokens.texts[row] if tokens.texts else ""
+        at = text.find(needle)
+        if not needle or at < 0:
+            raise AttnlabError(f"'{needle[:40]}' is not in the text: pass a substring of it")
+        return cls.span(tokens, row, at, at + len(needle))
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    c: float  # multiply the selected keys' weight by c (add ln c to their logits)
+
+    def __post_init__(self):
+        if not self.c >= 0:
+            raise AttnlabError(f"LogitBias(c) needs c >= 0 (0 removes the keys), got {self.c}")
+
+
+@dataclass(frozen=True)
+class MassTransfer:
+    keep: float  # share of the selected keys' mass they keep
+    to: FirstToken | Positions | None = None  # receivers (default: every other key)
+
+    def __post_init__(self):
+        if not 0 <= self.keep <= 1:
+            raise AttnlabError(f"MassTransfer(keep) needs 0 <= keep <= 1, got {self.keep}")
+
+
+@dataclass(frozen=True)
+class AttentionEdit:
+    keys: FirstToken | Positions
+    op: LogitBias | MassTransfer
+    layers: tuple[int, ...] | None = None  # None: every layer
+    heads: tuple[int, ...] | None = None  # query heads; None: every head
+
+    def __init__(self, keys, op, layers=None, heads=None):
+        object.__setattr__(self, "keys", keys)
+        object.__setattr__(self, "op", op)
+        object.__setattr__(self, "layers", None if layers is None else tuple(int(x) for x in layers))
+        object.__setattr__(self, "heads", None if heads is None else tuple(int(x) for x in heads))
+
+    def kernel_edit(self, layer: int, n_heads: int, key_mask: torch.Tensor) -> KernelEdit | None:
+        """This edit as the kernels' KernelEdit for one layer's call (None if the layer is not edited)."""
+        if self.layers is not None and layer not in self.layers:
+            return None
+        heads = torch.zeros(n_heads, dtype=torch.bool, device=key_mask.device)
+        heads[list(self.heads) if self.heads is not None else slice(None)] = True
+        source = self.keys.mask(key_mask)
+        if isinstance(self.op, LogitBias):
+            if self.op.c > 0:
+                return KernelEdit.logit_bias(heads, source, self.op.c)
+            # c = 0 removes the keys: a bias so negative that exp() is exactly 0 in fp32.
+            return KernelEdit(heads=heads, source=source, kind="logit_bias", log_scale=MIN_LOG)
+        target = self.op.to.mask(key_mask) if self.op.to is not None else None
+        return KernelEdit.mass_transfer(heads, source, self.op.keep, target)
+
+
+def validate(probe, edits: Sequence[AttentionEdit]) -> list[AttentionEdit]:
+    out = []
+    for e in edits:
+        if not isinstance(e, AttentionEdit):
+            raise AttnlabError(f"intervene takes AttentionEdit objects, got {type(e).__name__}")
+        for layer in e.layers or ():
+            if not 0 <= layer < probe.info.n_layers:
+                raise AttnlabError(f"edit layer {layer} is out of range: {probe.name} has {probe.info.n_layers} layers")
+        for head in e.heads or ():
+            if not 0 <= head < probe.info.n_heads:
+                raise AttnlabError(f"edit head {head} is out of range: {probe.name} has {probe.info.n_heads} heads")
+        out.append(e)
+    if not out:
+        raise AttnlabError("intervene needs at least one AttentionEdit")
+    return out
+
+
+def kernel_edits(edits: Sequence[AttentionEdit], layer: int, n_heads: int, key_mask: torch.Tensor) -> tuple:
+    return tuple(k for e in edits if (k := e.kernel_edit(layer, n_heads, key_mask)) is not None)
+
+
+@contextmanager
+def intervene(probe, *edits: AttentionEdit) -> Iterator[list[AttentionEdit]]:
+    """Apply edits on the probe's fast path inside the block (nests: inner edits add)."""
+    checked = validate(probe, edits)
+    current = list(fast_path._EDITS.get() or ())
+    token = fast_path._EDITS.set(tuple(current + checked))
+    try:
+        yield checked
+    finally:
+        fast_path._EDITS.reset(token)
+
+
+def bridge_hooks(probe, edits: Sequence[AttentionEdit], tokens: Tokens) -> list:
+    """fwd_hooks for the hooked path: the same edits applied to each layer's `hook_pattern`."""
+    checked = validate(probe, edits)
+    key_mask = tokens.attention_mask
+
+    def hook_for(layer: int):
+        def hook(pattern, hook):
+            kedits = kernel_edits(checked, layer, pattern.shape[1], key_mask.to(pattern.device))
+            return apply_edits(pattern.float(), kedits, 0, pattern.shape[2]).to(pattern.dtype)
+
+        return hook
+
+    layers = sorted({layer for e in checked for layer in (e.layers or range(probe.info.n_layers))})
+    return [(f"blocks.{layer}.attn.hook_pattern", hook_for(layer)) for layer in layers]
