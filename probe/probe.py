@@ -55,8 +55,11 @@ def load(
     device: str | None = None,
     dtype: torch.dtype | str = torch.float32,
     log: Callable[[str], None] = lambda _: None,
+    cache: bool = True,
 ) -> Probe:
     """Load a model by registry name or local Hugging Face folder; nothing downloads.
+
+    cache=False builds a random-init registry model in memory (GPU benchmarks); no hooked path.
 
     The first load of a registry model dequantises its GGUF once and caches safetensors under
     $ATTNLAB_CACHE (see `attnlab.probe.registry`)."""
@@ -65,8 +68,11 @@ def load(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    folder, meta = registry.ensure_folder(name_or_path, log=log)
     fast_path.register()
+    if not cache:
+        model, tokenizer, meta = registry.random_in_memory(name_or_path, dtype, device)
+        return Probe(name_or_path, None, meta, model, tokenizer, device, dtype)
+    folder, meta = registry.ensure_folder(name_or_path, log=log)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
     )
@@ -78,7 +84,7 @@ def load(
 class Probe:
     def __init__(self, name, folder: Path, meta: dict, model, tokenizer, device: str, dtype: torch.dtype):
         self.name = name
-        self.folder = Path(folder)
+        self.folder = Path(folder) if folder is not None else None
         self.meta = meta
         self.model = model
         self.tokenizer = tokenizer
@@ -98,7 +104,7 @@ class Probe:
             architecture=(model.config.architectures or [type(model).__name__])[0],
             trained=bool(meta.get("trained", True)),
             weights_sha256=meta.get("weights_sha256", ""),
-            folder=str(folder),
+            folder=str(folder) if folder is not None else "",
         )
 
     def __repr__(self) -> str:
@@ -130,6 +136,9 @@ class Probe:
     def bridge(self):
         """The hooked path (TransformerLens TransformerBridge on its own model instance)."""
         if self._bridge is None:
+            if self.folder is None:
+                raise AttnlabError(f"{self.name} was built in memory (cache=False): the hooked path needs a model "
+                                   "folder; load it with cache=True")
             self._bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
         return self._bridge
 

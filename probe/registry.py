@@ -264,6 +264,27 @@ def ensure_folder(name_or_path: str, log: Callable[[str], None] = lambda _: None
     return target, json.loads(meta_file.read_text())
 
 
+def random_in_memory(name: str, dtype, device: str):
+    """(model, tokenizer, meta) of a random-init registry model, built in memory, nothing cached
+    (GPU benchmarks: a 1B-shaped model need not be written to disk)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = REGISTRY.get(name)
+    if spec is None or spec.config is None:
+        raise AttnlabError(f"'{name}' is not a random-init model: choose one of "
+                           + ", ".join(n for n, s in REGISTRY.items() if s.config is not None))
+    config = spec.config()
+    config.architectures = [spec.architecture]
+    config._attn_implementation = "attnlab"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="attnlab")
+    meta = {"name": name, "source": {"kind": "random-init", "seed": 0, "in_memory": True}, "trained": False,
+            "weights_sha256": ""}
+    return model.eval(), byte_tokenizer(), meta
+
+
 def _build(spec: ModelSpec, build: Path, scratch: Path, log: Callable[[str], None]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
