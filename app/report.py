@@ -70,7 +70,8 @@ def _run_induction(probe, text, progress):
 def _run_thought_anchors(probe, text, progress):
     from attnlab.analyses import thought_anchors
 
-    return thought_anchors.run(probe, thought_anchors.load_traces(), progress=False)
+    # Receiver heads over every shipped trace; suppression (one forward per sentence) on one.
+    return thought_anchors.run(probe, thought_anchors.load_traces(), suppress=["pencils"], progress=False)
 
 
 def _run_active_dormant(probe, text, progress):
