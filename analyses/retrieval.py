@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -211,3 +212,69 @@ def induction_heads(
     res.figures = {"induction_heatmap": head_heatmap(heads, "induction", "Induction mass (layer x head)", zmin=0),
                    "echo_heatmap": head_heatmap(heads, "echo", "Echo mass (layer x head)", zmin=0)}
     return res
+
+
+def masking(
+    probe,
+    scores: Result,
+    k: int = 20,
+    *,
+    n_random: int = 3,
+    mode: str = "uniform",
+    decode_only: bool = True,
+    lengths: Sequence[int] | None = None,
+    depths: Sequence[float] | None = None,
+    needles: Sequence[niah.Needle] = tuple(niah.NEEDLES),
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Result:
+    """NIAH success with the top-k retrieval heads masked vs k random non-retrieval heads.
+
+    mode: "uniform" (the paper's query zeroing: the head attends uniformly), "zero" (the head's
+    output is 0) or "mean" (its output is the mean of its outputs over the sequence);
+    decode_only: mask during decode steps only (the paper), else during the prefill as well.
+    `scores` is a `retrieval_heads` result; the NIAH grid defaults to the one it was scored on."""
+    from attnlab.probe.ablations import ablate
+
+    heads = scores.tables["heads"]
+    lengths = lengths or scores.params["lengths"]
+    depths = depths or scores.params["depths"]
+    chat = scores.params.get("chat", False)
+    k = min(k, int((heads["score"] <= scores.params["threshold"]).sum()))
+    top = [tuple(map(int, r)) for r in heads.nlargest(k, "score")[["layer", "head"]].values]
+    pool = heads[~heads["is_retrieval"]][["layer", "head"]].values
+    rng = np.random.default_rng(seed)
+    conditions = [("none", 0, [])] + [("top retrieval", 0, top)] + [
+        ("random non-retrieval", d, [tuple(map(int, pool[i])) for i in rng.choice(len(pool), k, replace=False)])
+        for d in range(n_random)]
+    rows, total, done = [], len(conditions) * len(lengths) * len(needles), 0
+    for name, draw, masked in conditions:
+        for length in lengths:
+            for needle in needles:
+                prompts = [niah.build(probe.tokenizer, needle, length, d, chat=chat) for d in depths]
+                with ablate(probe, masked, mode=mode, decode_only=decode_only) if masked else nullcontext():
+                    gen = probe.generate([p.input_ids for p in prompts], max_new_tokens=max_new_tokens,
+                                         prepend_bos=False)
+                for p, response in zip(prompts, gen.texts):
+                    recall = niah.rouge1_recall(needle.answer, response)
+                    rows.append({"condition": name, "draw": draw, "length": length, "depth": p.depth,
+                                 "question": needle.question, "response": response, "recall": recall,
+                                 "success": recall > scores.params["success_recall"]})
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    table = pd.DataFrame(rows)
+    acc = table.groupby("condition")["success"].mean()
+    summary = (f"NIAH success with {k} heads masked ({mode}, {'decode only' if decode_only else 'whole sequence'}): "
+               f"none {acc.get('none', float('nan')):.0%}, top retrieval heads {acc.get('top retrieval', float('nan')):.0%}, "
+               f"random non-retrieval heads {acc.get('random non-retrieval', float('nan')):.0%} "
+               f"({n_random} draws). Published (Llama-2-7B-80K, 20 heads): 63.6 vs 94.7.")
+    fig = px.bar(table.groupby(["condition", "length"], as_index=False)["success"].mean(), x="length", y="success",
+                 color="condition", barmode="group", range_y=[0, 1],
+                 title=f"NIAH success with {k} heads masked ({mode})")
+    return Result("retrieval_masking", tables={"tests": table, "masked": pd.DataFrame(
+        [{"condition": n, "draw": d, "layer": h[0], "head": h[1]} for n, d, hs in conditions for h in hs])},
+        params={"model": probe.name, "k": k, "n_random": n_random, "mode": mode, "decode_only": decode_only,
+                "lengths": list(lengths), "depths": list(depths), "seed": seed},
+        summary=summary, figures={"masking": fig}, prepend_bos=True)

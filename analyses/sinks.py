@@ -18,7 +18,8 @@ attnlab's choices (where the papers are silent):
   tokens (BOS counted); T=None keeps them whole (the capture statistics work at any length).
 - Hidden sinks: alpha_k averages over the T - k queries that see key k, so the last keys are
   averaged over a handful of queries (alpha_{T-1} is one query's self-attention). A key counts
-  only if at least `min_queries` (8) queries see it.
+  only if at least `min_queries` (16 = T/4) queries see it (with 8, keys at positions 54-56 of
+  single prompts, seen only by nearby queries of local heads, show up in 40+ heads).
 - D_sink is found from data: dims d whose |x_d| / rms(x) at the first token exceeds
   `dim_threshold` (5, i.e. a 5-sigma coordinate) in at least half of the layers >= `min_layer`;
   at most `max_dims`, strongest first.
@@ -61,7 +62,7 @@ def first_keys(received: torch.Tensor, tokens: Tokens, k_max: int) -> torch.Tens
     return out
 
 
-def detect_sinks(alpha: torch.Tensor, threshold: float = 0.1, min_queries: int = 8) -> list[list[list[int]]]:
+def detect_sinks(alpha: torch.Tensor, threshold: float = 0.1, min_queries: int = 16) -> list[list[list[int]]]:
     """alpha [L, H, N] of one row (real keys only, key 0 = first real token) -> per layer and head
     the key positions with alpha > threshold that at least min_queries queries see, ascending."""
     L, H, N = alpha.shape
@@ -70,7 +71,7 @@ def detect_sinks(alpha: torch.Tensor, threshold: float = 0.1, min_queries: int =
     return [[ok[l, h].nonzero()[:, 0].tolist() for h in range(H)] for l in range(L)]
 
 
-def hidden_sinks(alpha: torch.Tensor, threshold: float = 0.1, min_queries: int = 8) -> list[tuple[int, int, int]]:
+def hidden_sinks(alpha: torch.Tensor, threshold: float = 0.1, min_queries: int = 16) -> list[tuple[int, int, int]]:
     """ACT's hidden sinks of one row: (layer, head, key) for every detected sink except the first
     detected one of each head."""
     found = detect_sinks(alpha, threshold, min_queries)
@@ -136,7 +137,7 @@ def sink_metric(
     k_max: int = 10,
     prepend_bos: bool = True,
     hidden_threshold: float = 0.1,
-    min_queries: int = 8,
+    min_queries: int = 16,
     backend: str = "auto",
     batch_size: int = 8,
 ) -> Result:
@@ -183,7 +184,7 @@ def sink_metric(
         "sink_rate": (alpha[..., 0] > eps).double().mean(dim=0).numpy().ravel(),
     })
     hidden = pd.DataFrame(hidden_rows, columns=["sample", "layer", "head", "kv_head", "position", "token", "score"])
-    tok_table = (hidden.assign(lh=hidden.layer * 1000 + hidden.head)
+    tok_table = (hidden.assign(lh=hidden["layer"] * 1000 + hidden["head"])
                  .groupby("token", as_index=False)
                  .agg(count=("score", "size"), n_heads=("lh", "nunique"), n_samples=("sample", "nunique"),
                       score=("score", "mean"))
@@ -298,7 +299,7 @@ def extreme_tokens(
         f"first-token residual >= 5x median in {int((peak.ratio >= 5).sum())}/{len(peak)} layers; "
         f"value-norm ratio first/median: median over heads {drain.score.median():.3f}; D_sink = {dims}; "
         f"VAR flags {flagged.groupby(['sample', 'position']).ngroups} (sample, token) pairs, "
-        f"{int((flagged.position == 0).groupby(flagged['sample']).any().sum()) if len(flagged) else 0} of them first tokens"
+        f"{flagged[flagged.position == 0]['sample'].nunique()} of them first tokens"
     )
     return res
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from attnlab.probe import fast_path
 from attnlab.probe.errors import AttnlabError
 
-MODES = ("zero", "bos")
+MODES = ("zero", "bos", "uniform", "mean")
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,23 @@ def _normalise(probe, heads, mode: str) -> list[HeadAblation]:
 
 
 @contextmanager
-def ablate(probe, heads: Iterable[tuple[int, int] | HeadAblation] | tuple[int, int], mode: str = "zero") -> Iterator[list[HeadAblation]]:
-    """Ablate (layer, head) pairs on `probe`'s fast path inside the block; nests (inner adds)."""
+def ablate(
+    probe, heads: Iterable[tuple[int, int] | HeadAblation] | tuple[int, int], mode: str = "zero",
+    decode_only: bool = False,
+) -> Iterator[list[HeadAblation]]:
+    """Ablate (layer, head) pairs on `probe`'s fast path inside the block; nests (inner adds).
+
+    decode_only: only in one-token decode steps (retrieval-head masking masks decoding only).
+    "mean" averages the head's output over the call's queries, so it needs the whole sequence."""
+    if mode == "mean" and decode_only:
+        raise AttnlabError("mode 'mean' averages over the sequence's positions: use decode_only=False")
     if getattr(probe.model.config, "_attn_implementation", None) != fast_path.ATTN_IMPLEMENTATION:
         raise AttnlabError("head ablations need the fast path (attn_implementation='attnlab'): load the model "
                            "with attnlab.probe.load")
     items = _normalise(probe, heads, mode)
     current = dict(fast_path._ABLATIONS.get() or {})
     for a in items:
-        current[a.layer] = tuple(dict.fromkeys(current.get(a.layer, ()) + ((a.head, a.mode),)))
+        current[a.layer] = tuple(dict.fromkeys(current.get(a.layer, ()) + ((a.head, a.mode, decode_only),)))
     token = fast_path._ABLATIONS.set(current)
     try:
         yield items

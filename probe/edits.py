@@ -13,9 +13,10 @@
 
 Key selectors are resolved per batch row from the padding mask, so they hold in prefill and in
 one-token decode steps (keys generated later are never selected): `FirstToken()` (the first
-non-pad token of each row) and `Positions([...])` (indices counted from each row's first real
-token; `Positions.span(tokens, row, text, start_char, end_char)` turns a character span of the
-text into positions). On the fast path the edits run inside the attention kernels (the torch
+non-pad token of each row), `Positions([...])` (indices counted from each row's first real
+token, the same for every row), `RowPositions([[...], ...])` (a list per batch row; ACT's per-input
+sinks); `Positions.span(tokens, row, start_char, end_char)` turns a character span of the text
+into positions. On the fast path the edits run inside the attention kernels (the torch
 twin, or Triton on CUDA); on the hooked path `bridge_hooks` applies the same torch twin to
 `hook_pattern`.
 """
@@ -86,6 +87,31 @@ class Positions:
 
 
 @dataclass(frozen=True)
+class RowPositions:
+    """Per batch row, its own token positions (counted from the row's first real token); a row may
+    select nothing. For input-dependent key sets such as ACT's hidden sinks of each input."""
+
+    rows: tuple[tuple[int, ...], ...]
+
+    def __init__(self, rows: Sequence[Sequence[int]]):
+        object.__setattr__(self, "rows", tuple(tuple(int(p) for p in r) for r in rows))
+        if not self.rows or any(p < 0 for r in self.rows for p in r):
+            raise AttnlabError("RowPositions needs one list of non-negative positions per batch row")
+
+    def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
+        if key_mask.shape[0] != len(self.rows):
+            raise AttnlabError(f"RowPositions has {len(self.rows)} rows but the batch has {key_mask.shape[0]}")
+        first = (~key_mask).sum(dim=1)
+        out = torch.zeros_like(key_mask, dtype=torch.bool)
+        for b, positions in enumerate(self.rows):
+            for p in positions:
+                at = int(first[b]) + p
+                if at < key_mask.shape[1]:
+                    out[b, at] = True
+        return out & key_mask
+
+
+@dataclass(frozen=True)
 class LogitBias:
     c: float  # multiply the selected keys' weight by c (add ln c to their logits)
 
@@ -97,7 +123,7 @@ class LogitBias:
 @dataclass(frozen=True)
 class MassTransfer:
     keep: float  # share of the selected keys' mass they keep
-    to: FirstToken | Positions | None = None  # receivers (default: every other key)
+    to: FirstToken | Positions | RowPositions | None = None  # receivers (default: every other key)
 
     def __post_init__(self):
         if not 0 <= self.keep <= 1:
@@ -106,7 +132,7 @@ class MassTransfer:
 
 @dataclass(frozen=True)
 class AttentionEdit:
-    keys: FirstToken | Positions
+    keys: FirstToken | Positions | RowPositions
     op: LogitBias | MassTransfer
     layers: tuple[int, ...] | None = None  # None: every layer
     heads: tuple[int, ...] | None = None  # query heads; None: every head

@@ -86,7 +86,7 @@ def attnlab_attention(
             session.on_layer(layer)
     ablations = _ABLATIONS.get()
     if ablations and layer in ablations:
-        out = _ablate_heads(out, value, key_mask, ablations[layer])
+        out = _ablate_heads(out, value, key_mask, ablations[layer], sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -112,8 +112,9 @@ def _edit_kernel(query):
 
 
 # ----- head ablations (attnlab.probe.ablations) -----
-# layer -> ((query head, mode), ...); modes: "zero" (the head's output is 0) and "bos" (the head
-# attends only to the first real key: its output is that key's value vector, GQA-mapped). The
+# layer -> ((query head, mode, decode_only), ...); modes: "zero" (the head's output is 0), "bos"
+# (the head attends only to the first real key: its output is that key's value vector,
+# GQA-mapped), "uniform" (equal attention on every visible key) and "mean" (the head's mean output). The
 # ablation edits the head's output after any statistics were recorded: a capture inside an
 # ablation still reports the unablated pattern of the ablated head.
 _ABLATIONS: contextvars.ContextVar[dict[int, tuple[tuple[int, str], ...]] | None] = contextvars.ContextVar(
@@ -121,18 +122,39 @@ _ABLATIONS: contextvars.ContextVar[dict[int, tuple[tuple[int, str], ...]] | None
 )
 
 
-def _ablate_heads(out: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, heads) -> torch.Tensor:
-    """out [B, Hq, Nq, Dv], value [B, Hkv, Nk, Dv], key_mask [B, Nk] bool or None -> edited copy."""
+def _ablate_heads(out: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, heads,
+                  sliding_window: int | None = None) -> torch.Tensor:
+    """out [B, Hq, Nq, Dv], value [B, Hkv, Nk, Dv], key_mask [B, Nk] bool or None -> edited copy.
+
+    heads: ((query head, mode, decode_only), ...); a decode_only ablation skips calls with more
+    than one query (the prefill)."""
+    B, Hq, Nq, _ = out.shape
+    Nk = value.shape[2]
+    heads = [(h, m) for h, m, decode_only in heads if not (decode_only and Nq > 1)]
+    if not heads:
+        return out
     out = out.clone()
-    group = out.shape[1] // value.shape[1]
-    first = (~key_mask).sum(dim=1) if key_mask is not None else torch.zeros(out.shape[0], dtype=torch.long)
+    group = Hq // value.shape[1]
+    first = (~key_mask).sum(dim=1) if key_mask is not None else torch.zeros(B, dtype=torch.long)
     first = first.to(value.device)
+    vis = None
     for head, mode in heads:
         if mode == "zero":
             out[:, head] = 0
-        else:  # "bos"
-            v0 = value[torch.arange(value.shape[0], device=value.device), head // group, first]  # [B, Dv]
+        elif mode == "bos":
+            v0 = value[torch.arange(B, device=value.device), head // group, first]  # [B, Dv]
             out[:, head] = v0[:, None, :].to(out.dtype)
+        elif mode == "uniform":
+            # The paper's query zeroing: equal logits, so the mean of the visible values.
+            if vis is None:
+                vis = visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, value.device)[:, 0].float()
+                vis = vis / vis.sum(dim=-1, keepdim=True).clamp_min(1)
+            out[:, head] = torch.matmul(vis, value[:, head // group].float()).to(out.dtype)
+        else:  # "mean": the head's mean output over this call's real queries
+            real = (key_mask[:, Nk - Nq:] if key_mask is not None else torch.ones(B, Nq, dtype=torch.bool,
+                                                                                device=out.device)).float()
+            mean = (out[:, head].float() * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+            out[:, head] = mean[:, None].to(out.dtype)
     return out
 
 

@@ -153,12 +153,13 @@ class Probe:
                 **kwargs,
             )
 
-    def ablate(self, heads, mode: str = "zero"):
-        """Context manager: zero (mode="zero") or send to the first token (mode="bos") the given
-        (layer, head) pairs on the fast path (`attnlab.probe.ablations`)."""
+    def ablate(self, heads, mode: str = "zero", decode_only: bool = False):
+        """Context manager: ablate (layer, head) pairs on the fast path — mode "zero", "bos" (all
+        attention to the first token), "uniform" (query zeroed) or "mean"; decode_only limits it to
+        one-token decode steps (`attnlab.probe.ablations`)."""
         from attnlab.probe.ablations import ablate
 
-        return ablate(self, heads, mode)
+        return ablate(self, heads, mode, decode_only)
 
     def sliding_window(self, layer: int) -> int | None:
         cfg = self.model.config.get_text_config()

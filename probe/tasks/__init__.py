@@ -3,9 +3,12 @@
 - `domains`: named text sets shipped with attnlab (prose, Python code, lists/tables).
 - `bigram_backcopy`: the Bigram-Backcopy task of Guo et al. (active-dormant heads): a character
   corpus generated reproducibly, the sampler, and the oracle next-token distribution.
+- `classification`: the sae-probes classification and multiple-choice sets (SST-2, AG News, MNLI,
+  PIQA, OpenBookQA, SocialIQA, ...) with fixed disjoint splits, prompts and label words.
 """
 
 from attnlab.probe.tasks.bigram_backcopy import BigramBackcopy, generate_corpus
+from attnlab.probe.tasks.classification import TASKS, ClassificationTask, Example, load_task
 from attnlab.probe.tasks.domains import DOMAINS, load_domain, load_domains
 
-__all__ = ["DOMAINS", "BigramBackcopy", "generate_corpus", "load_domain", "load_domains"]
+__all__ = ["DOMAINS", "TASKS", "BigramBackcopy", "ClassificationTask", "Example", "load_task", "generate_corpus", "load_domain", "load_domains"]

@@ -85,3 +85,14 @@ def test_retrieval_result_saves_and_loads(tmp_path, smollm2, retrieval_result):
 def test_lengths_beyond_the_context_are_refused(smollm2):
     with pytest.raises(AttnlabError, match="exceed"):
         retrieval.retrieval_heads(smollm2, lengths=(10000,))
+
+
+def test_masking_top_retrieval_heads_hurts_more_than_random_heads(smollm2, retrieval_result):
+    res = retrieval.masking(smollm2, retrieval_result, k=10, n_random=1, needles=niah.NEEDLES[:1])
+    acc = res.tables["tests"].groupby("condition")["success"].mean()
+    assert acc["none"] >= 0.99
+    assert acc["top retrieval"] < acc["random non-retrieval"], acc.to_dict()
+    masked = res.tables["masked"]
+    top = set(map(tuple, masked[masked.condition == "top retrieval"][["layer", "head"]].values))
+    rand = set(map(tuple, masked[masked.condition == "random non-retrieval"][["layer", "head"]].values))
+    assert len(top) == len(rand) == 10 and not top & rand
