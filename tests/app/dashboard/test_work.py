@@ -1,0 +1,118 @@
+"""The dashboard's server-side work (run paths, uploads, layers, jobs, models) and its CLI command,
+without a browser."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from attnlab.app.dashboard import work
+from attnlab.probe import AttnlabError
+
+
+def test_run_names_cannot_leave_the_runs_directory(tmp_path):
+    root = tmp_path / "runs"
+    (root / "good").mkdir(parents=True)
+    (root / "good" / "manifest.json").write_text("{}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "manifest.json").write_text("{}")
+    assert work.run_path(root, "good") == (root / "good").resolve()
+    for bad in ["../outside", str(tmp_path / "outside"), "/etc", "..", ".", "", "good/../../outside",
+                "..\\outside", ".hidden", "missing"]:
+        with pytest.raises(AttnlabError):
+            work.run_path(root, bad)
+    # a symlink inside the runs directory that points outside is refused too
+    (root / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(AttnlabError):
+        work.run_path(root, "link")
+
+
+def _upload(raw: bytes) -> str:
+    return "data:text/plain;base64," + base64.b64encode(raw).decode()
+
+
+def test_uploads_must_be_small_utf8_text():
+    assert work.decode_upload(_upload("héllo".encode()), "a.txt") == "héllo"
+    with pytest.raises(AttnlabError, match="not UTF-8"):
+        work.decode_upload(_upload(b"\xff\xfe\x00\x81"), "b.bin")
+    with pytest.raises(AttnlabError, match="not a valid file"):
+        work.decode_upload("data:text/plain;base64,@@@", "c.txt")
+    with pytest.raises(AttnlabError, match="limit"):
+        work.decode_upload(_upload(b"a" * (work.MAX_UPLOAD_BYTES + 1)), "d.txt")
+
+
+def test_layer_lists_parse_ranges_and_name_the_bad_index():
+    assert work.parse_layers("", 30) is None
+    assert work.parse_layers("0-2, 10", 30) == [0, 1, 2, 10]
+    with pytest.raises(AttnlabError, match="out of range"):
+        work.parse_layers("31", 30)
+    with pytest.raises(AttnlabError, match="layers"):
+        work.parse_layers("a", 30)
+
+
+def test_jobs_report_progress_and_cancel_cooperatively():
+    import threading
+    import time
+
+    jobs = work.Jobs()
+    gate = threading.Event()
+
+    def fn(job):
+        for i in range(1, 1000):
+            job.progress(i, 1000)
+            gate.wait(0.01)
+        return "never"
+
+    job = jobs.start("loop", fn)
+    with pytest.raises(AttnlabError, match="already running"):
+        jobs.start("second", fn)
+    time.sleep(0.1)
+    assert job.done > 0
+    jobs.cancel(job.id)
+    for _ in range(100):
+        if job.state != "running":
+            break
+        time.sleep(0.02)
+    assert job.state == "cancelled" and job.result is None
+    assert jobs.start("third", lambda job: "ok") is not None
+
+
+def test_the_index_page_loads_nothing_from_the_network(tmp_path):
+    from attnlab.app.dashboard import create_app
+
+    html = create_app(tmp_path / "runs").server.test_client().get("/").data.decode()
+    import re
+
+    srcs = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert srcs and all(s.startswith("/") for s in srcs), srcs
+    assert '"serve_locally":true' in html and '"disable_version_check":true' in html
+
+
+def test_a_missing_or_unknown_model_is_a_readable_error():
+    installed, missing = work.models()
+    assert "smollm2-135m" in installed and installed[0] == "smollm2-135m"
+    for name, why in missing.items():
+        with pytest.raises(AttnlabError) as err:
+            work.get_probe(name)
+        assert str(err.value) == why and "install" in why
+    with pytest.raises(AttnlabError, match="unknown model 'no-such-model'"):
+        work.get_probe("no-such-model")
+
+
+def test_the_dashboard_command_binds_localhost_by_default():
+    from typer.testing import CliRunner
+
+    from attnlab.app.cli import app
+
+    result = CliRunner().invoke(app, ["dashboard", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    assert "127.0.0.1" in result.output and "8050" in result.output and "--runs" in result.output
+
+
+def test_too_long_text_is_refused_before_any_capture(tmp_path):
+    runs = work.RunCache(tmp_path / "runs")
+    job = work.Job("x", "capture")
+    with pytest.raises(AttnlabError, match="context is 8192 tokens"):
+        work.capture_job(runs, "smollm2-135m", "word " * 9000, True, None)(job)
+    assert runs.store.list().empty
