@@ -10,7 +10,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import full_request, make_inputs  # noqa: E402  (bench/kernels.py)
+from kernel_stats import full_request, make_inputs  # noqa: E402  (bench/kernel_stats.py)
 
 from attnlab.kernels import StatRequest  # noqa: E402
 from attnlab.kernels import triton_stats as ts  # noqa: E402
