@@ -13,7 +13,7 @@ d 128, bf16, causal, batch 1):
 - chunked torch capture of per-key received attention (the torch twin), at 8k and 32k.
 
 Prints a table last; writes JSON to $OUT (when set) or bench/results/.
-Usage: python bench/kernels.py [--sizes 8192 32768 131072] [--skip-check]
+Usage: python bench/kernel_stats.py [--sizes 8192 32768 131072] [--skip-check]
 """
 
 from __future__ import annotations

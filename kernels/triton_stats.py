@@ -16,7 +16,7 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
 - edits (`edits.py`) enter as a per-row logit bias on two key classes (source, target); the
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
 
-Measured on one H100 (bench/kernels.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
+Measured on one H100 (bench/kernel_stats.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
 multiples of SDPA's default (cuDNN) forward at 32k / 128k: forward with per-query statistics
 1.69x / 1.53x (369 / 375 TFLOP/s), pass 2 alone 1.04x / 0.92x, every statistic but `pattern`
 3.15x / 2.76x: the targets (1.45x, 1.75x) are not reached yet. Where the time goes: pass 2 costs
