@@ -1,2 +1,20 @@
 """attnlab.interventions: the published attention interventions (ZeroTuning, ACT, PASTA/VAR
-redistribution) as builders of `attnlab.probe` edits, with calibration and honest evaluation."""
+redistribution) as builders of `attnlab.probe` edits, with calibration and honest evaluation.
+
+- `evaluate`: baseline vs edited accuracy on one task split (label words, parsed token, 95%
+  bootstrap intervals, the baseline from the same run).
+- `zerotuning`: first-token logit bias ln(gamma), head profiling, gamma search on dev.
+- `act`: hidden-sink mass transfer (beta = 0.4), head filtering on a calibration split.
+- `redistribution`: PASTA (logit bias alpha on tokens outside a highlighted span) and VAR
+  (sink-to-span mass transfer, gated per head and query).
+"""
+
+from attnlab.interventions.act import ACT, act_edits, hidden_sink_positions
+from attnlab.interventions.evaluate import bootstrap_interval, evaluate, paired_interval, score_examples
+from attnlab.interventions.redistribution import pasta_edits, profile_pasta
+from attnlab.interventions.zerotuning import GAMMA_GRID, ZeroTuning, profile_heads, search_gamma, zerotuning_edits
+
+__all__ = [
+    "ACT", "GAMMA_GRID", "ZeroTuning", "act_edits", "bootstrap_interval", "evaluate", "hidden_sink_positions",
+    "paired_interval", "pasta_edits", "profile_heads", "profile_pasta", "score_examples", "search_gamma", "zerotuning_edits",
+]

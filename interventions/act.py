@@ -1,0 +1,178 @@
+"""ACT: attention calibration of hidden sinks (Yu et al., "Unveiling and Harnessing Hidden Attention
+Sinks: Enhancing LLMs without Training through Attention Calibration", GATECH-EIC/ACT).
+
+Per selected head and input, on the prefill pattern: the sinks are the keys with
+alpha_k > 0.1 (alpha_k: mean attention key k receives from the queries that see it, the
+`received` statistic); the first detected sink (normally BOS) is dropped, the rest S' are hidden
+sinks. Then, for every query row i,
+
+    A'[i, k] = beta A[i, k]   (k in S', beta = 0.4),
+    the freed (1 - beta) sum_{k in S'} A[i, k] goes to every other key in proportion to A[i, .]
+
+(a `MassTransfer(keep=beta)`; much of the mass returns to BOS). Layers 2..L-2 (inclusive).
+
+Head filtering, offline, on the calibration split (`ACT.fit`): each candidate head alone; keep
+heads whose solo accuracy gain is > 0; then the combined set is evaluated and, while removing one
+head raises calibration accuracy, the head whose removal helps most is dropped (the released code
+lacks this final step; this is attnlab's definition, METHODS.md section 6).
+
+attnlab's choices:
+- Sinks are detected from the *unedited* prefill capture of each input (`received` over all
+  visible queries), per batch row (the official code calibrates only batch element 0 and picks
+  sinks from a single row at decode steps); decode steps reuse the prefill's sink set, since the
+  edit selects positions counted from each row's first real token (`RowPositions`).
+- A key counts only if at least `min_queries` (default 4) queries see it, so the last keys'
+  self-attention is not mistaken for a sink.
+- Heads with no hidden sink on any calibration input are skipped in the solo pass (their edit is a
+  no-op: gain exactly 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from attnlab.analyses.sinks import detect_sinks
+from attnlab.interventions.evaluate import evaluate, ids_hash, score_examples
+from attnlab.probe.edits import AttentionEdit, MassTransfer, RowPositions
+from attnlab.probe.errors import AttnlabError
+from attnlab.probe.tokens import Tokens
+
+
+def hidden_sink_positions(alpha: torch.Tensor, threshold: float = 0.1, min_queries: int = 4) -> list[list[list[int]]]:
+    """alpha [L, H, N] of one row (key 0 = its first real token) -> [L][H] hidden-sink positions:
+    keys with alpha > threshold seen by >= min_queries queries, minus the first such key."""
+    return [[keys[1:] for keys in heads] for heads in detect_sinks(alpha, threshold, min_queries)]
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Layers 2..L-2 inclusive (ACT's calibrated range)."""
+    return list(range(2, n_layers - 1))
+
+
+class SinkFinder:
+    """Callable tokens -> {(layer, head): [positions per row]}, cached per batch of token ids."""
+
+    def __init__(self, probe, layers: Sequence[int], threshold: float = 0.1, min_queries: int = 4):
+        self.probe, self.layers = probe, list(layers)
+        self.threshold, self.min_queries = threshold, min_queries
+        self._cache: dict[bytes, dict] = {}
+
+    def __call__(self, tokens: Tokens) -> dict[tuple[int, int], list[list[int]]]:
+        key = tokens.input_ids.numpy().tobytes() + bytes(tokens.input_ids.shape)
+        if key not in self._cache:
+            received = self.probe.capture(tokens, stats=["received"], layers=self.layers, backend="chunked")["received"]
+            first = tokens.first_real()
+            out: dict[tuple[int, int], list[list[int]]] = {}
+            for b in range(tokens.batch_size):
+                alpha = received[b, ..., int(first[b]):]
+                found = hidden_sink_positions(alpha, self.threshold, self.min_queries)
+                for li, layer in enumerate(self.layers):
+                    for h, keys in enumerate(found[li]):
+                        if keys:
+                            out.setdefault((layer, h), [[] for _ in range(tokens.batch_size)])[b] = keys
+            self._cache[key] = out
+        return self._cache[key]
+
+
+def act_edits(sinks: dict[tuple[int, int], list[list[int]]], heads: Sequence[tuple[int, int]] | None = None,
+              beta: float = 0.4) -> list[AttentionEdit]:
+    """MassTransfer(keep=beta) on each head's hidden sinks (one edit per layer and shared key set)."""
+    wanted = None if heads is None else {tuple(h) for h in heads}
+    groups: dict[tuple[int, tuple], list[int]] = {}
+    for (layer, head), rows in sorted(sinks.items()):
+        if wanted is not None and (layer, head) not in wanted:
+            continue
+        groups.setdefault((layer, tuple(map(tuple, rows))), []).append(head)
+    return [AttentionEdit(RowPositions(rows), MassTransfer(beta), layers=[layer], heads=hs)
+            for (layer, rows), hs in groups.items()]
+
+
+@dataclass
+class ACT:
+    """Hidden-sink calibration with offline head filtering on `split` (never the evaluation split).
+
+    Learned: solo_ (per-head gains), heads_ (kept (layer, head) pairs), prune_ (the greedy steps),
+    tuned_ids_."""
+
+    beta: float = 0.4
+    threshold: float = 0.1
+    min_queries: int = 4
+    layers: Sequence[int] | None = None
+    candidates: Sequence[tuple[int, int]] | None = None
+    split: str = "calibration"
+    n: int | None = None
+    shots: int = 0
+    batch_size: int = 16
+    solo_: pd.DataFrame | None = field(default=None, repr=False)
+    heads_: list | None = None
+    prune_: list = field(default_factory=list, repr=False)
+    tuned_ids_: list[int] = field(default_factory=list, repr=False)
+    _finder: SinkFinder | None = field(default=None, repr=False)
+
+    def finder(self, probe) -> SinkFinder:
+        if self._finder is None or self._finder.probe is not probe:
+            layers = list(self.layers) if self.layers is not None else default_layers(probe.info.n_layers)
+            self._finder = SinkFinder(probe, layers, self.threshold, self.min_queries)
+        return self._finder
+
+    def edit_fn(self, probe, heads=None):
+        if heads is not None and not list(heads):
+            return lambda tokens: []
+        finder = self.finder(probe)
+        return lambda tokens: act_edits(finder(tokens), heads, self.beta)
+
+    def _acc(self, probe, task, examples, heads) -> float:
+        df = score_examples(probe, task, examples, self.edit_fn(probe, heads), shots=self.shots,
+                            batch_size=self.batch_size)
+        return float((df["pred"] == df["label"]).mean())
+
+    def fit(self, probe, task) -> ACT:
+        if self.split == "test":
+            raise AttnlabError("ACT never filters heads on the evaluation split: use 'calibration' or 'dev'")
+        examples = task.split(self.split, self.n)
+        self.tuned_ids_ = [e.id for e in examples]
+        finder = self.finder(probe)
+        base = self._acc(probe, task, examples, [])
+        # Which heads have a hidden sink on some calibration input (others are no-ops).
+        seen: set[tuple[int, int]] = set()
+        prompts = [task.prompt(e, shots=self.shots) for e in examples]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for s in range(0, len(order), self.batch_size):
+            seen |= set(finder(probe.tokenize([prompts[i] for i in order[s:s + self.batch_size]])))
+        layers = set(finder.layers)
+        cands = [tuple(c) for c in self.candidates] if self.candidates is not None else \
+            [(l, h) for l in sorted(layers) for h in range(probe.info.n_heads)]
+        rows = []
+        for head in cands:
+            acc = self._acc(probe, task, examples, [head]) if head in seen else base
+            rows.append({"layer": head[0], "head": head[1], "has_sinks": head in seen, "accuracy": acc,
+                         "score": acc - base})
+        self.solo_ = pd.DataFrame(rows)
+        self.solo_.attrs.update(baseline_accuracy=base, split=self.split, ids_sha256=ids_hash(self.tuned_ids_))
+        kept = [(r.layer, r.head) for r in self.solo_.itertuples() if r.score > 0]
+        current = self._acc(probe, task, examples, kept) if kept else base
+        self.prune_ = [{"removed": None, "accuracy": current, "size": len(kept)}]
+        while len(kept) > 1:
+            trials = [(self._acc(probe, task, examples, [k for k in kept if k != h]), h) for h in kept]
+            best_acc, drop = max(trials, key=lambda t: t[0])
+            if best_acc <= current:
+                break
+            kept.remove(drop)
+            current = best_acc
+            self.prune_.append({"removed": list(drop), "accuracy": current, "size": len(kept)})
+        self.heads_ = kept
+        return self
+
+    def evaluate(self, probe, task, split: str = "test", n: int | None = None, **kw):
+        if self.heads_ is None:
+            raise AttnlabError("call fit(probe, task) first")
+        if {e.id for e in task.split(split, n)} & set(self.tuned_ids_):
+            raise AttnlabError(f"split '{split}' overlaps the calibration split '{self.split}'")
+        return evaluate(probe, task, self.edit_fn(probe, self.heads_), split=split, n=n, shots=self.shots,
+                        batch_size=self.batch_size, method="act",
+                        params={"heads": [list(h) for h in self.heads_], "beta": self.beta,
+                                "threshold": self.threshold, "tuned_on": self.split}, **kw)

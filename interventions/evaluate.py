@@ -1,0 +1,170 @@
+"""Honest evaluation of an attention intervention against the same-run baseline (METHODS.md section 6).
+
+For every example of one split of a `ClassificationTask`, one forward pass gives the next-token
+distribution at the last prompt position, p(. | prompt), with and without the edits. Two scores:
+
+- label words: prediction = argmax_k log p(w_k | prompt) over the first tokens w_k of the label
+  words (option letters for multiple choice). No parsing; never invalid.
+- parsed: the greedy generated token argmax_v p(v | prompt) (exactly `probe.generate(...,
+  max_new_tokens=1)`: one greedy step from the same prefix), parsed with `task.parse`; an output
+  that names no label is *invalid*, counted separately and scored wrong.
+
+Accuracy gets a 95% percentile bootstrap interval (resampling examples, 2000 draws, fixed seed);
+the method-minus-baseline difference gets a paired bootstrap interval over the same draws. The
+baseline always comes from the same call, on the same examples, tokens and batches.
+
+    res = evaluate(probe, load_task("sst2"), edits, split="test", n=500)
+    res.tables["summary"]      # condition, scoring, accuracy, lo, hi, n, invalid, invalid_rate
+    res.tables["examples"]     # id, label, condition, pred, parsed, generated, correct, ...
+
+`edits` is None (baseline only), an AttentionEdit, a list of them, or a callable
+`edits(tokens) -> list[AttentionEdit]` for input-dependent edits (ACT's per-input sinks); it is
+called once per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from attnlab.analyses.result import Result
+from attnlab.probe.edits import AttentionEdit
+from attnlab.probe.errors import AttnlabError
+from attnlab.probe.tasks.classification import ClassificationTask, Example, label_token_ids
+
+EditsLike = AttentionEdit | Sequence[AttentionEdit] | Callable | None
+
+
+def bootstrap_interval(correct, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `correct` ([n] 0/1 or floats)."""
+    x = np.asarray(correct, dtype=float)
+    if x.size == 0:
+        raise AttnlabError("no examples to bootstrap")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def paired_interval(base, method, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of mean(method - base), resampling examples jointly."""
+    return bootstrap_interval(np.asarray(method, float) - np.asarray(base, float), n_boot, seed, level)
+
+
+def as_edit_fn(edits: EditsLike) -> Callable | None:
+    if edits is None:
+        return None
+    if isinstance(edits, AttentionEdit):
+        return lambda tokens: [edits]
+    if callable(edits):
+        return edits
+    edits = list(edits)  # an empty list is a method that edits nothing (exactly the baseline)
+    return lambda tokens: edits
+
+
+def next_token_logprobs(probe, prompts: Sequence[str], edit_fn: Callable | None = None,
+                        batch_size: int = 16) -> torch.Tensor:
+    """[n, V] float32 log p(. | prompt) at each prompt's last position (edits applied when given)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
+    out = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        tokens = probe.tokenize([prompts[i] for i in chunk])
+        edits = edit_fn(tokens) if edit_fn is not None else []
+        if edits:
+            with probe.intervene(*edits):
+                logits = probe.forward(tokens, logits_to_keep=1).logits[:, -1]
+        else:
+            logits = probe.forward(tokens, logits_to_keep=1).logits[:, -1]
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for j, i in enumerate(chunk):
+            out[i] = lp[j]
+    return torch.stack(out)
+
+
+def score_examples(probe, task: ClassificationTask, examples: Sequence[Example], edits: EditsLike = None, *,
+                   shots: int = 0, batch_size: int = 16) -> pd.DataFrame:
+    """One row per example: label, label-word log-probs, prediction, greedy token, parse, entropies."""
+    prompts = [task.prompt(e, shots=shots) for e in examples]
+    lp = next_token_logprobs(probe, prompts, as_edit_fn(edits), batch_size)
+    ids = label_token_ids(probe.tokenizer, task.labels)
+    label_lp = lp[:, ids]  # [n, K]
+    greedy = lp.argmax(dim=-1)
+    generated = [probe.tokenizer.decode([int(t)]) for t in greedy]
+    parsed = [task.parse(g) for g in generated]
+    p_labels = torch.softmax(label_lp, dim=-1)
+    p = lp.exp()
+    return pd.DataFrame({
+        "id": [e.id for e in examples],
+        "label": [e.label for e in examples],
+        "pred": label_lp.argmax(dim=-1).numpy(),
+        "gold_logprob": label_lp[torch.arange(len(examples)), [e.label for e in examples]].numpy(),
+        "label_mass": p[:, ids].sum(dim=-1).numpy(),
+        "entropy_labels": -(p_labels * p_labels.clamp_min(1e-30).log()).sum(-1).numpy(),
+        "entropy_vocab": -(p * lp).nan_to_num().sum(-1).numpy(),
+        "generated": generated,
+        "parsed": [-1 if x is None else x for x in parsed],
+        "invalid": [x is None for x in parsed],
+    })
+
+
+def summarise(df: pd.DataFrame, condition: str, n_boot: int, seed: int) -> list[dict]:
+    rows = []
+    for scoring, correct in (("label_words", df["pred"] == df["label"]),
+                             ("parsed", df["parsed"] == df["label"])):
+        lo, hi = bootstrap_interval(correct.to_numpy(), n_boot, seed)
+        rows.append({"condition": condition, "scoring": scoring, "accuracy": float(correct.mean()), "lo": lo,
+                     "hi": hi, "n": len(df), "invalid": int(df["invalid"].sum()) if scoring == "parsed" else 0,
+                     "invalid_rate": float(df["invalid"].mean()) if scoring == "parsed" else 0.0})
+    return rows
+
+
+def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: str = "test", *, n: int | None = None,
+             shots: int = 0, batch_size: int = 16, n_boot: int = 2000, seed: int = 0, method: str = "method",
+             params: dict | None = None) -> Result:
+    """Baseline and (when edits are given) edited accuracy on one split, with 95% bootstrap intervals.
+
+    Tables: "summary" (condition, scoring, accuracy, lo, hi, n, invalid, invalid_rate; with edits
+    also condition "difference": method minus baseline, paired interval) and "examples" (one row
+    per example and condition)."""
+    examples = task.split(split, n)
+    base = score_examples(probe, task, examples, None, shots=shots, batch_size=batch_size)
+    frames = [base.assign(condition="baseline")]
+    rows = summarise(base, "baseline", n_boot, seed)
+    if as_edit_fn(edits) is not None:
+        edited = score_examples(probe, task, examples, edits, shots=shots, batch_size=batch_size)
+        frames.append(edited.assign(condition=method))
+        rows += summarise(edited, method, n_boot, seed)
+        for scoring, col in (("label_words", "pred"), ("parsed", "parsed")):
+            b = (base[col] == base["label"]).to_numpy()
+            m = (edited[col] == edited["label"]).to_numpy()
+            lo, hi = paired_interval(b, m, n_boot, seed)
+            rows.append({"condition": "difference", "scoring": scoring, "accuracy": float(m.mean() - b.mean()),
+                         "lo": lo, "hi": hi, "n": len(b),
+                         "invalid": int(edited["invalid"].sum() - base["invalid"].sum()) if scoring == "parsed" else 0,
+                         "invalid_rate": 0.0})
+    summary = pd.DataFrame(rows)
+    ids = [e.id for e in examples]
+    table = summary.set_index(["condition", "scoring"])["accuracy"]
+    text = ", ".join(f"{c} {s} {a:.3f}" for (c, s), a in table.items())
+    return Result(
+        analysis="evaluate",
+        tables={"summary": summary, "examples": pd.concat(frames, ignore_index=True)},
+        params={"model": probe.name, "task": task.name, "split": split, "n": len(examples), "shots": shots,
+                "seed": task.seed, "ids_sha256": ids_hash(ids), "method": method, **(params or {})},
+        summary=f"{task.name} {split} (n={len(examples)}): {text}",
+        prepend_bos=True,
+    )
+
+
+def ids_hash(ids: Sequence[int]) -> str:
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def accuracy(res: Result, condition: str = "baseline", scoring: str = "label_words") -> float:
+    s = res.tables["summary"]
+    return float(s[(s.condition == condition) & (s.scoring == scoring)]["accuracy"].iloc[0])

@@ -1,0 +1,181 @@
+"""ZeroTuning (Han et al., "ZeroTuning: Unlocking the Initial Token's Power to Enhance LLMs Without
+Training", FeijiangHan/ZeroTuning).
+
+In chosen heads, for every query (prefill and decoding), the first token's attention is scaled by
+gamma and the row renormalised: a logit bias ln(gamma) on the first key,
+
+    A'[i, 0] = gamma A[i, 0] / (gamma A[i, 0] + 1 - A[i, 0]),   A'[i, j] = A[i, j] / (gamma A[i, 0] + 1 - A[i, 0]).
+
+gamma > 1 flattens the rest of the row, gamma < 1 sharpens it.
+
+- Head profiling (`profile_heads`): scale one unit at a time with gamma_profile > 1 on the dev
+  split; a unit is a head index across every layer (`unit="head_index"`, the default, 9 units on
+  SmolLM2) or one (layer, head) (`unit="head"`). Units that raise the dev metric are "up" heads,
+  units that lower it "down" heads.
+- gamma search (`search_gamma`): the grid 1, 1.5, ..., 4 applied to the up heads (or, with
+  `direction="down"`, gamma' = 1/gamma to the down heads), chosen by dev accuracy (supervised) or by
+  the lowest mean output entropy over the label words on unlabeled dev inputs (unsupervised: labels
+  are never read). Ties go to the smaller change (gamma nearest 1).
+- `ZeroTuning(...).fit(probe, task)` runs both on the dev split; `evaluate` then runs on test. The
+  official demo tunes on the evaluation split; attnlab never does: `fit` refuses split="test".
+
+attnlab's choices: the profiling metric is dev accuracy by label words with ties broken by the mean
+log-prob of the gold label word (`metric="accuracy"`), so that small dev sets still rank units;
+`metric="gold_logprob"` uses the log-prob alone. If no unit is "up", every head is used (the
+paper's all-heads variant).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from attnlab.interventions.evaluate import evaluate, ids_hash, score_examples
+from attnlab.probe.edits import AttentionEdit, FirstToken, LogitBias
+from attnlab.probe.errors import AttnlabError
+
+GAMMA_GRID = tuple(np.arange(1.0, 4.01, 0.5).round(2).tolist())
+
+
+def zerotuning_edits(gamma: float, heads: Sequence[tuple[int, int]] | None = None) -> list[AttentionEdit]:
+    """LogitBias(gamma) on the first token in the given (layer, head) pairs (None: every head)."""
+    if gamma <= 0:
+        raise AttnlabError(f"gamma must be > 0, got {gamma}")
+    if gamma == 1.0:
+        return []  # ln 1 = 0: no edit at all, so the result is bit-identical to the baseline
+    if heads is None:
+        return [AttentionEdit(FirstToken(), LogitBias(gamma))]
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(int(layer), []).append(int(head))
+    return [AttentionEdit(FirstToken(), LogitBias(gamma), layers=[layer], heads=sorted(hs))
+            for layer, hs in sorted(by_layer.items())]
+
+
+def _units(probe, unit: str) -> list[list[tuple[int, int]]]:
+    L, H = probe.info.n_layers, probe.info.n_heads
+    if unit == "head_index":
+        return [[(layer, h) for layer in range(L)] for h in range(H)]
+    if unit == "head":
+        return [[(layer, h)] for layer in range(L) for h in range(H)]
+    raise AttnlabError(f"unknown unit '{unit}': use 'head_index' or 'head'")
+
+
+def _check_split(split: str) -> None:
+    if split == "test":
+        raise AttnlabError("ZeroTuning never tunes on the evaluation split: profile and search on 'dev' "
+                           "(or 'calibration') and evaluate on 'test'")
+
+
+def _metric(df: pd.DataFrame) -> tuple[float, float]:
+    return float((df["pred"] == df["label"]).mean()), float(df["gold_logprob"].mean())
+
+
+def profile_heads(probe, task, *, gamma: float = 2.0, unit: str = "head_index", split: str = "dev",
+                  n: int | None = None, shots: int = 0, batch_size: int = 16, metric: str = "accuracy",
+                  units: Sequence[Sequence[tuple[int, int]]] | None = None) -> pd.DataFrame:
+    """One row per unit: layer (-1 for a head index across layers), head, accuracy, gold_logprob,
+    their changes from the baseline, score (the ranking metric's change) and direction up/down/flat."""
+    _check_split(split)
+    if gamma <= 1:
+        raise AttnlabError(f"head profiling scales with gamma > 1, got {gamma}")
+    examples = task.split(split, n)
+    base = _metric(score_examples(probe, task, examples, None, shots=shots, batch_size=batch_size))
+    rows = []
+    for members in (units if units is not None else _units(probe, unit)):
+        acc, lp = _metric(score_examples(probe, task, examples, zerotuning_edits(gamma, members), shots=shots,
+                                         batch_size=batch_size))
+        d_acc, d_lp = acc - base[0], lp - base[1]
+        score = d_lp if metric == "gold_logprob" else d_acc + 1e-3 * math.tanh(d_lp)
+        layers = sorted({layer for layer, _ in members})
+        rows.append({"layer": layers[0] if len(layers) == 1 else -1, "head": members[0][1],
+                     "members": list(map(list, members)), "accuracy": acc, "gold_logprob": lp,
+                     "d_accuracy": d_acc, "d_gold_logprob": d_lp, "score": score,
+                     "direction": "up" if score > 0 else ("down" if score < 0 else "flat")})
+    table = pd.DataFrame(rows)
+    table.attrs.update(baseline_accuracy=base[0], baseline_gold_logprob=base[1], split=split,
+                       ids_sha256=ids_hash([e.id for e in examples]))
+    return table
+
+
+def heads_of(profile: pd.DataFrame, direction: str = "up") -> list[tuple[int, int]]:
+    return [tuple(m) for members in profile[profile.direction == direction]["members"] for m in members]
+
+
+def search_gamma(probe, task, heads: Sequence[tuple[int, int]] | None, *, grid: Sequence[float] = GAMMA_GRID,
+                 supervised: bool = True, invert: bool = False, split: str = "dev", n: int | None = None,
+                 shots: int = 0, batch_size: int = 16) -> pd.DataFrame:
+    """One row per gamma: dev accuracy (supervised) or mean label-word entropy (unsupervised), and
+    `chosen` on the best. invert=True applies 1/gamma (down heads)."""
+    _check_split(split)
+    examples = task.split(split, n)
+    rows = []
+    for g in grid:
+        applied = 1.0 / g if invert else g
+        df = score_examples(probe, task, examples, zerotuning_edits(applied, heads), shots=shots, batch_size=batch_size)
+        rows.append({"gamma": applied, "accuracy": float((df["pred"] == df["label"]).mean()) if supervised else np.nan,
+                     "entropy": float(df["entropy_labels"].mean())})
+    table = pd.DataFrame(rows)
+    key = (-table["accuracy"] if supervised else table["entropy"]).to_numpy()
+    dist = np.abs(np.log(table["gamma"].to_numpy()))
+    best = min(range(len(table)), key=lambda i: (round(float(key[i]), 9), dist[i]))
+    table["chosen"] = [i == best for i in range(len(table))]
+    table.attrs.update(split=split, ids_sha256=ids_hash([e.id for e in examples]), supervised=supervised)
+    return table
+
+
+@dataclass
+class ZeroTuning:
+    """Profile heads and pick gamma on `split` (never "test"); then `evaluate` on the test split.
+
+    Learned: profile_ (head table), heads_ ((layer, head) pairs), gamma_ (applied factor),
+    search_ (gamma table), tuned_ids_ (the example ids used for tuning)."""
+
+    unit: str = "head_index"
+    gamma_profile: float = 2.0
+    grid: Sequence[float] = GAMMA_GRID
+    supervised: bool = True
+    direction: str = "up"  # "up": gamma > 1 on up heads; "down": 1/gamma on down heads; "all": every head
+    split: str = "dev"
+    n: int | None = None
+    shots: int = 0
+    batch_size: int = 16
+    profile_: pd.DataFrame | None = field(default=None, repr=False)
+    heads_: list | None = None
+    gamma_: float | None = None
+    search_: pd.DataFrame | None = field(default=None, repr=False)
+    tuned_ids_: list[int] = field(default_factory=list, repr=False)
+
+    def fit(self, probe, task) -> ZeroTuning:
+        _check_split(self.split)
+        self.tuned_ids_ = [e.id for e in task.split(self.split, self.n)]
+        kw = dict(split=self.split, n=self.n, shots=self.shots, batch_size=self.batch_size)
+        if self.direction == "all":
+            self.heads_ = None
+        else:
+            self.profile_ = profile_heads(probe, task, gamma=self.gamma_profile, unit=self.unit, **kw)
+            chosen = heads_of(self.profile_, self.direction)
+            self.heads_ = chosen or None
+        self.search_ = search_gamma(probe, task, self.heads_, grid=self.grid, supervised=self.supervised,
+                                    invert=self.direction == "down", **kw)
+        self.gamma_ = float(self.search_.loc[self.search_.chosen, "gamma"].iloc[0])
+        return self
+
+    def edits(self) -> list[AttentionEdit]:
+        if self.gamma_ is None:
+            raise AttnlabError("call fit(probe, task) first")
+        return zerotuning_edits(self.gamma_, self.heads_)
+
+    def evaluate(self, probe, task, split: str = "test", n: int | None = None, **kw):
+        test_ids = {e.id for e in task.split(split, n)}
+        if test_ids & set(self.tuned_ids_):
+            raise AttnlabError(f"split '{split}' overlaps the tuning split '{self.split}': evaluate on another split")
+        return evaluate(probe, task, self.edits(), split=split, n=n, shots=self.shots, batch_size=self.batch_size,
+                        method="zerotuning", params={"gamma": self.gamma_, "heads": self.heads_ and
+                                                     [list(h) for h in self.heads_], "unit": self.unit,
+                                                     "tuned_on": self.split, "supervised": self.supervised,
+                                                     "direction": self.direction}, **kw)
