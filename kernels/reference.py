@@ -200,6 +200,15 @@ class StatAccumulator:
         return out
 
 
+def check_shapes(q: torch.Tensor, k: torch.Tensor) -> None:
+    """The shape contract every attention_stats implementation shares (GQA, queries = last keys)."""
+    Hq, Nq, Hkv, Nk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if Nk < Nq:
+        raise ValueError(f"fewer keys ({Nk}) than queries ({Nq})")
+
+
 def attention_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -219,12 +228,9 @@ def attention_stats(
     taken: the statistics describe the edited attention. Returns (out [B, Hq, Nq, Dv] in q's dtype, {name: [B, Hq, ...] statistics}). Pad queries
     get a zero output (never NaN: their hidden states flow on as masked keys).
     """
+    check_shapes(q, k)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    if Nk < Nq:
-        raise ValueError(f"fewer keys ({Nk}) than queries ({Nq})")
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
     q_offset = Nk - Nq

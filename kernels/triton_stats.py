@@ -112,12 +112,7 @@ def attention_stats(
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> (out [B, Hq, Nq, D] in q's dtype, {name: tensor}).
     """
     edits = tuple(edits)
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    if Nk < Nq:
-        raise ValueError(f"fewer keys ({Nk}) than queries ({Nq})")
+    reference.check_shapes(q, k)
     if _unsupported(q, k, v, request, key_mask, edits) is not None:
         return reference.attention_stats(q, k, v, scale=scale, request=request, key_mask=key_mask,
                                          sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
