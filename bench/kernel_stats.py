@@ -111,6 +111,12 @@ def check(n, log):
     o1, s1 = ts.attention_stats(q, k, v, request=req)
     o2, s2 = reference.attention_stats(q, k, v, request=req)
     out["vs_twin"] = {"out": rel(o1.float(), o2.float()), **compare(s1, s2, req.outputs())}
+    col_req = StatRequest(received=True, pooled_block=req.pooled_block, row_positions=req.row_positions)
+    call = ts._Call(q, k, v, None, None, None, None)
+    o3, s3 = call.forward(col_req)
+    out["cudnn_route_vs_twin"] = {"output_from": call.output_from, "out": rel(o3.float(), o2.float()),
+                                  **compare(s3, s2, col_req.outputs())}
+    del o3, s3
     # rows sum to 1; per-key sums add up to the number of query rows
     out["rows_sum_max_dev"] = (s1["rows"].double().sum(-1) - 1).abs().max().item()
     seen = torch.arange(n, 0, -1, device=DEV, dtype=torch.float64)
@@ -196,10 +202,14 @@ def time_size(n, log, hkv=8, with_chunked=True):
     ts.EXACT_SUMS = True
     add("ours_full_capture_exact_sums", lambda: ts.attention_stats(q, k, v, request=req))
     ts.EXACT_SUMS = False
+    col_req = StatRequest(received=True, pooled_block=req.pooled_block)
+    add("ours_received_pooled_cudnn_output", lambda: ts.attention_stats(q, k, v, request=col_req))
+    ts.CUDNN = False
+    add("ours_received_pooled_our_output", lambda: ts.attention_stats(q, k, v, request=col_req))
+    ts.CUDNN = True
     call = ts._Call(q, k, v, None, None, None, None)
     lse2 = torch.empty(q.shape[:3], device=DEV)
     call._launch_fwd(StatRequest(), torch.empty_like(q), lse2, {}, None)
-    col_req = StatRequest(received=True, pooled_block=req.pooled_block)
     add("ours_pass2_only", lambda: call._columns(col_req, lse2))
     if with_chunked and n <= 32768:
         add("chunked_torch_received", lambda: reference.attention_stats(q, k, v, request=StatRequest(received=True),
@@ -211,33 +221,39 @@ def time_size(n, log, hkv=8, with_chunked=True):
     return rows
 
 
-def tune_forward(log, n=32768):
-    """Pick the tile configs for d 128 on this device (best median wins)."""
-    q, k, v = make_inputs(n)
+def tune_forward(log, n=32768, d=128):
+    """Pick the tile configs for head dim d on this device (best median wins)."""
+    q, k, v = make_inputs(n, d=d)
     best_fwd = best_col = None
-    for cfg in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]:
-        ts.FWD_CONFIG[128] = cfg
+    fwd_cfgs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
+    if d == 64:
+        fwd_cfgs = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
+    for cfg in fwd_cfgs:
+        ts.FWD_CONFIG[d] = cfg
         try:
             ms = bench_ms(lambda: ts.attention_stats(q, k, v, request=PER_QUERY), n)
         except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
             log(f"fwd cfg {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
             continue
-        log(f"fwd cfg {cfg} (forward + per-query stats): {ms:.3f} ms")
+        log(f"d{d} fwd cfg {cfg} (forward + per-query stats): {ms:.3f} ms")
         if best_fwd is None or ms < best_fwd[1]:
             best_fwd = (cfg, ms)
-    ts.FWD_CONFIG[128] = best_fwd[0]
+    ts.FWD_CONFIG[d] = best_fwd[0]
     req = StatRequest(received=True, pooled_block=64)
-    for cfg in [(64, 4, 3, 64), (128, 8, 3, 64), (64, 4, 3, 32), (64, 4, 4, 64), (32, 4, 3, 64)]:
-        ts.COL_CONFIG[128], ts.COL_ROWS = cfg[:3], cfg[3]
+    col_cfgs = [(64, 4, 3, 64), (128, 8, 3, 64), (64, 4, 3, 32), (64, 4, 4, 64), (32, 4, 3, 64)]
+    if d == 64:
+        col_cfgs += [(128, 4, 3, 64), (64, 4, 3, 128), (128, 8, 3, 128)]
+    for cfg in col_cfgs:
+        ts.COL_CONFIG[d], ts.COL_ROWS = cfg[:3], cfg[3]
         try:
             ms = bench_ms(lambda: ts.attention_stats(q, k, v, request=req), n)
         except Exception as e:  # noqa: BLE001
             log(f"col cfg {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
             continue
-        log(f"col cfg {cfg} (plain forward + received + pooled): {ms:.3f} ms")
+        log(f"d{d} col cfg {cfg} (plain forward + received + pooled): {ms:.3f} ms")
         if best_col is None or ms < best_col[1]:
             best_col = (cfg, ms)
-    ts.COL_CONFIG[128], ts.COL_ROWS = best_col[0][:3], best_col[0][3]
+    ts.COL_CONFIG[d], ts.COL_ROWS = best_col[0][:3], best_col[0][3]
     return {"fwd": best_fwd, "col": best_col}
 
 
@@ -297,6 +313,8 @@ def main():
         result["check"] = check(8192, log)
         log(f"check done in {time.time() - t0:.0f} s")
     if not args.no_tune:
+        result["tuned_d64"] = tune_forward(log, d=64)
+        log(f"tuned d64: {result['tuned_d64']}")
         result["tuned"] = tune_forward(log)
         log(f"tuned: {result['tuned']}")
     result["timings"] = {}
@@ -307,7 +325,8 @@ def main():
     (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
     # the table, last
     names = ["sdpa_default", "sdpa_flash", "ours_forward_plain", "ours_forward_stats", "ours_full_capture",
-             "ours_full_capture_exact_sums", "ours_pass2_only", "chunked_torch_received"]
+             "ours_full_capture_exact_sums", "ours_received_pooled_cudnn_output", "ours_received_pooled_our_output",
+             "ours_pass2_only", "chunked_torch_received"]
     print(f"\n{dev}: 32 q heads / 8 kv heads, d 128, bf16, causal, batch 1 (median ms, TFLOP/s, x SDPA default)")
     print(f"{'':28s}" + "".join(f"{n // 1024:>26d}k" for n in args.sizes))
     for name in names:

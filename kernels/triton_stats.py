@@ -17,12 +17,14 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
 
 Measured on one H100 (bench/kernel_stats.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
-multiples of SDPA's default (cuDNN) forward at 32k / 128k: forward with per-query statistics
-1.69x / 1.53x (369 / 375 TFLOP/s), pass 2 alone 1.04x / 0.92x, every statistic but `pattern`
-3.15x / 2.76x: the targets (1.45x, 1.75x) are not reached yet. Where the time goes: pass 2 costs
-as much as a forward (it recomputes Q K^T and one exp per entry, at half the forward's matmul work
-per exp); segments add ~2.5 ms at 32k. Next: cuDNN's output and log-sum-exp when no edit is
-active, and one fused key-outer pass writing per-query partials.
+multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.13x / 1.03x (547 /
+556 TFLOP/s), forward with per-query statistics 1.66x / 1.52x (373 / 379 TFLOP/s), pass 2 alone
+1.01x / 0.92x, every statistic but `pattern` 3.03x / 2.71x: the targets (1.45x, 1.75x) are not
+reached. When a call asks only for pass 2's statistics, cuDNN gives the output and the log-sum-exp
+(`_cudnn_output`; 2.19x / 2.00x for received + pooled, against 2.40x / 2.17x with our forward).
+Tried and dropped (branch experiment/fused-stats-pass): one query-outer pass after cuDNN for every
+statistic, column sums read-added-written per program group: correct, but 107 ms at 32k against
+these two passes' 44 ms, as the per-tile column sums need a reduction across warps.
 
 All scores live in log2 units (s * log2 e) so the kernels use exp2. Not supported here, and so
 computed by the torch twin instead (never a wrong number): fp32 inputs, head dims other than
@@ -48,13 +50,16 @@ LOG2E = 1.4426950408889634
 MAX_SEGMENTS = 64
 
 # head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of pass 1; pass 2 picks its own blocks.
-FWD_CONFIG = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+FWD_CONFIG = {64: (64, 64, 4, 3), 128: (128, 64, 8, 4), 256: (64, 32, 4, 2)}
 COL_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}  # (BLOCK_N, num_warps, num_stages)
 COL_ROWS = 64  # packed rows (heads x queries) per pass-2 tile
 # Sums of p through tensor-core products with a one-hot (received, pooled, segments): p * 2^14 in
 # fp16, as hi + lo halves (~22 significant bits; True) or hi alone (False: each term within 2^-11 =
 # 4.9e-4 relative, so every sum of positive terms too). False is ~20% faster per pass on an H100.
 EXACT_SUMS = False
+# Use cuDNN's output and log-sum-exp when a call asks only for pass 2's statistics (set False to time
+# our forward instead).
+CUDNN = True
 
 
 def _interpret() -> bool:
@@ -141,6 +146,8 @@ class _Call:
         self.key_mask = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.bool)
         self.first = reference.first_real_position(self.key_mask, B, q.device).to(torch.int32)
         self.min_first, self.max_first = int(self.first.min()), int(self.first.max())
+        if self.max_first == 0:  # an all-true mask (left padding was checked): the same as none
+            self.key_mask = None
         self.edit = None
         self.src = self.tgt = torch.zeros(1, dtype=torch.int8, device=q.device)
         self.bias_s = self.bias_t = torch.zeros(1, dtype=torch.float32, device=q.device)
@@ -227,7 +234,11 @@ class _Call:
             BM = 16 if _interpret() else FWD_CONFIG[self.D][0]
             sp = max(16, triton.next_power_of_2(request.n_segments))
             seg_part = torch.empty(B, Hq, triton.cdiv(Nq, BM), sp, sp, **f32)
-        self._launch_fwd(request, out, lse2, stats, seg_part)
+        if not stats and seg_part is None and self._cudnn_output(out, lse2):
+            self.output_from = "cudnn"  # only pass 2's statistics: cuDNN's output and log-sum-exp
+        else:  # per-query statistics ride along with our forward at ~15% extra: cheaper than a cuDNN call + more
+            self._launch_fwd(request, out, lse2, stats, seg_part)
+            self.output_from = "triton"
         if request.received or request.pooled_block is not None:
             stats.update(self._columns(request, lse2))
         if seg_part is not None:
@@ -235,6 +246,28 @@ class _Call:
         if request.row_positions is not None:
             stats["rows"] = self._rows(request.row_positions, lse2)
         return out, {name: stats[name] for name in request.outputs()}
+
+    def _cudnn_output(self, out, lse2) -> bool:
+        """cuDNN's fused attention (SDPA's default on Hopper) for the output and the log-sum-exp, when
+        the call is plain causal attention on CUDA: no edit, padding, window or softcap, queries aligned
+        with the keys. False (nothing written) where it does not apply or this build lacks it."""
+        global CUDNN
+        if not CUDNN or _interpret() or not self.q.is_cuda or self.q_off != 0:
+            return False
+        if self.edit is not None or self.key_mask is not None or self.window is not None or self.softcap is not None:
+            return False
+        k, v = self.k, self.v
+        if self.G > 1:  # the op wants as many KV heads as query heads
+            k, v = (t.repeat_interleave(self.G, dim=1) for t in (k, v))
+        try:
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(self.q, k, v, None, True, 0.0, True, False,
+                                                                     scale=self.scale)
+        except (RuntimeError, NotImplementedError):
+            CUDNN = False  # not on this build or GPU: stop asking
+            return False
+        out.copy_(res[0])
+        lse2.copy_(res[1].reshape(lse2.shape) * LOG2E)  # natural log -> log2 units
+        return True
 
     # -- pass 2 and its normalisation
     def _columns(self, request, lse2):
