@@ -7,14 +7,15 @@ redistribution) as builders of `attnlab.probe` edits, with calibration and hones
 - `act`: hidden-sink mass transfer (beta = 0.4), head filtering on a calibration split.
 - `redistribution`: PASTA (logit bias alpha on tokens outside a highlighted span) and VAR
   (sink-to-span mass transfer, gated per head and query).
+- `run`: one method tuned and evaluated end to end (what `attnlab intervene` runs).
 """
 
 from attnlab.interventions.act import ACT, act_edits, hidden_sink_positions
 from attnlab.interventions.evaluate import bootstrap_interval, evaluate, paired_interval, score_examples
-from attnlab.interventions.redistribution import pasta_edits, profile_pasta
+from attnlab.interventions.redistribution import PASTA, VAR, VarSinks, pasta_edits, profile_pasta, var_edits
 from attnlab.interventions.zerotuning import GAMMA_GRID, ZeroTuning, profile_heads, search_gamma, zerotuning_edits
 
 __all__ = [
-    "ACT", "GAMMA_GRID", "ZeroTuning", "act_edits", "bootstrap_interval", "evaluate", "hidden_sink_positions",
+    "ACT", "GAMMA_GRID", "PASTA", "VAR", "VarSinks", "var_edits", "ZeroTuning", "act_edits", "bootstrap_interval", "evaluate", "hidden_sink_positions",
     "paired_interval", "pasta_edits", "profile_heads", "profile_pasta", "score_examples", "search_gamma", "zerotuning_edits",
 ]

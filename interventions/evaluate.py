@@ -20,6 +20,13 @@ baseline always comes from the same call, on the same examples, tokens and batch
 `edits` is None (baseline only), an AttentionEdit, a list of them, or a callable
 `edits(tokens) -> list[AttentionEdit]` for input-dependent edits (ACT's per-input sinks); it is
 called once per batch.
+
+Batches: prompts are sorted by length (stable) and cut into batches of `batch_size`, left-padded;
+the same examples and batch size always give the same batches, so per-batch caches (ACT's sink
+finder) hit. `baseline=` takes an already scored baseline frame of the same examples (one
+baseline shared by several methods, as `bench/interventions_eval.py` does); `forward=` replaces
+the plain forward of unedited batches (ACT's finder records the sinks in that same pass).
+`progress=` shows a tqdm bar over the batches (a string is its label).
 """
 
 from __future__ import annotations
@@ -66,31 +73,56 @@ def as_edit_fn(edits: EditsLike) -> Callable | None:
     return lambda tokens: edits
 
 
+def batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts, sorted by length (stable: less padding per batch), in batches."""
+    if batch_size < 1:
+        raise AttnlabError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _bar(total: int, progress: bool | str):
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else "batches"
+    return tqdm(total=total, desc=label, unit="batch", disable=not progress, leave=False)
+
+
 def next_token_logprobs(probe, prompts: Sequence[str], edit_fn: Callable | None = None,
-                        batch_size: int = 16) -> torch.Tensor:
-    """[n, V] float32 log p(. | prompt) at each prompt's last position (edits applied when given)."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
+                        batch_size: int = 16, *, forward: Callable | None = None,
+                        progress: bool | str = False) -> torch.Tensor:
+    """[n, V] float32 log p(. | prompt) at each prompt's last position (edits applied when given).
+
+    forward(tokens) -> [B, V] last-position logits, used for batches without edits (default: the
+    probe's plain forward)."""
     out = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        tokens = probe.tokenize([prompts[i] for i in chunk])
-        edits = edit_fn(tokens) if edit_fn is not None else []
-        if edits:
-            with probe.intervene(*edits):
+    groups = batches(prompts, batch_size)
+    with _bar(len(groups), progress) as bar:
+        for chunk in groups:
+            tokens = probe.tokenize([prompts[i] for i in chunk])
+            edits = edit_fn(tokens) if edit_fn is not None else []
+            if edits:
+                with probe.intervene(*edits):
+                    logits = probe.forward(tokens, logits_to_keep=1).logits[:, -1]
+            elif forward is not None:
+                logits = forward(tokens)
+            else:
                 logits = probe.forward(tokens, logits_to_keep=1).logits[:, -1]
-        else:
-            logits = probe.forward(tokens, logits_to_keep=1).logits[:, -1]
-        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for j, i in enumerate(chunk):
-            out[i] = lp[j]
+            bar.update(1)
+            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for j, i in enumerate(chunk):
+                out[i] = lp[j]
     return torch.stack(out)
 
 
 def score_examples(probe, task: ClassificationTask, examples: Sequence[Example], edits: EditsLike = None, *,
-                   shots: int = 0, batch_size: int = 16) -> pd.DataFrame:
+                   shots: int = 0, batch_size: int = 16, forward: Callable | None = None,
+                   progress: bool | str = False) -> pd.DataFrame:
     """One row per example: label, label-word log-probs, prediction, greedy token, parse, entropies."""
+    if not examples:
+        raise AttnlabError("no examples to score: pass at least one")
     prompts = [task.prompt(e, shots=shots) for e in examples]
-    lp = next_token_logprobs(probe, prompts, as_edit_fn(edits), batch_size)
+    lp = next_token_logprobs(probe, prompts, as_edit_fn(edits), batch_size, forward=forward, progress=progress)
     ids = label_token_ids(probe.tokenizer, task.labels)
     label_lp = lp[:, ids]  # [n, K]
     greedy = lp.argmax(dim=-1)
@@ -123,30 +155,52 @@ def summarise(df: pd.DataFrame, condition: str, n_boot: int, seed: int) -> list[
     return rows
 
 
+def differences(base: pd.DataFrame, edited: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Rows of condition "difference": method minus baseline accuracy with a paired bootstrap
+    interval, per scoring (the frames must hold the same examples in the same order)."""
+    if list(base["id"]) != list(edited["id"]):
+        raise AttnlabError("baseline and method frames hold different examples: score the same split, n and order")
+    rows = []
+    for scoring, col in (("label_words", "pred"), ("parsed", "parsed")):
+        b = (base[col] == base["label"]).to_numpy()
+        m = (edited[col] == edited["label"]).to_numpy()
+        lo, hi = paired_interval(b, m, n_boot, seed)
+        rows.append({"condition": "difference", "scoring": scoring, "accuracy": float(m.mean() - b.mean()),
+                     "lo": lo, "hi": hi, "n": len(b),
+                     "invalid": int(edited["invalid"].sum() - base["invalid"].sum()) if scoring == "parsed" else 0,
+                     "invalid_rate": float(edited["invalid"].mean() - base["invalid"].mean())
+                     if scoring == "parsed" else 0.0})
+    return rows
+
+
 def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: str = "test", *, n: int | None = None,
              shots: int = 0, batch_size: int = 16, n_boot: int = 2000, seed: int = 0, method: str = "method",
-             params: dict | None = None) -> Result:
+             params: dict | None = None, baseline: pd.DataFrame | None = None,
+             forward: Callable | None = None, progress: bool | str = False) -> Result:
     """Baseline and (when edits are given) edited accuracy on one split, with 95% bootstrap intervals.
 
     Tables: "summary" (condition, scoring, accuracy, lo, hi, n, invalid, invalid_rate; with edits
     also condition "difference": method minus baseline, paired interval) and "examples" (one row
-    per example and condition)."""
+    per example and condition). `baseline`: a `score_examples` frame of exactly these examples
+    (same split, n, shots), reused instead of scoring the baseline again."""
     examples = task.split(split, n)
-    base = score_examples(probe, task, examples, None, shots=shots, batch_size=batch_size)
+    label = f"{task.name} {split}" if progress is True else progress
+    if baseline is not None:
+        if list(baseline["id"]) != [e.id for e in examples]:
+            raise AttnlabError(f"the baseline frame does not hold {task.name}'s '{split}' examples (n={len(examples)}) "
+                               "in order: score it with score_examples on the same split and n")
+        base = baseline
+    else:
+        base = score_examples(probe, task, examples, None, shots=shots, batch_size=batch_size, forward=forward,
+                              progress=label and f"{label}: baseline")
     frames = [base.assign(condition="baseline")]
     rows = summarise(base, "baseline", n_boot, seed)
     if as_edit_fn(edits) is not None:
-        edited = score_examples(probe, task, examples, edits, shots=shots, batch_size=batch_size)
+        edited = score_examples(probe, task, examples, edits, shots=shots, batch_size=batch_size,
+                                progress=label and f"{label}: {method}")
         frames.append(edited.assign(condition=method))
         rows += summarise(edited, method, n_boot, seed)
-        for scoring, col in (("label_words", "pred"), ("parsed", "parsed")):
-            b = (base[col] == base["label"]).to_numpy()
-            m = (edited[col] == edited["label"]).to_numpy()
-            lo, hi = paired_interval(b, m, n_boot, seed)
-            rows.append({"condition": "difference", "scoring": scoring, "accuracy": float(m.mean() - b.mean()),
-                         "lo": lo, "hi": hi, "n": len(b),
-                         "invalid": int(edited["invalid"].sum() - base["invalid"].sum()) if scoring == "parsed" else 0,
-                         "invalid_rate": 0.0})
+        rows += differences(base, edited, n_boot, seed)
     summary = pd.DataFrame(rows)
     ids = [e.id for e in examples]
     table = summary.set_index(["condition", "scoring"])["accuracy"]

@@ -16,6 +16,11 @@ gamma > 1 flattens the rest of the row, gamma < 1 sharpens it.
   `direction="down"`, gamma' = 1/gamma to the down heads), chosen by dev accuracy (supervised) or by
   the lowest mean output entropy over the label words on unlabeled dev inputs (unsupervised: labels
   are never read). Ties go to the smaller change (gamma nearest 1).
+- The unsupervised variant (`ZeroTuning(supervised=False)`) is label-free end to end: head
+  profiling ranks units by how much scaling them *lowers* the mean label-word entropy
+  (`profile_heads(metric="entropy")`: score = H_baseline - H_unit; up heads have score > 0), and
+  gamma is the grid value of lowest entropy. The paper gives the entropy criterion for gamma; using
+  it for the profiling too is attnlab's completion of the label-free variant.
 - `ZeroTuning(...).fit(probe, task)` runs both on the dev split; `evaluate` then runs on test. The
   official demo tunes on the evaluation split; attnlab never does: `fit` refuses split="test".
 
@@ -71,34 +76,64 @@ def _check_split(split: str) -> None:
                            "(or 'calibration') and evaluate on 'test'")
 
 
-def _metric(df: pd.DataFrame) -> tuple[float, float]:
-    return float((df["pred"] == df["label"]).mean()), float(df["gold_logprob"].mean())
+def _metric(df: pd.DataFrame, metric: str = "accuracy") -> tuple[float, float, float]:
+    """(accuracy, mean gold log-prob, mean label-word entropy); the first two NaN when label-free."""
+    ent = float(df["entropy_labels"].mean())
+    if metric == "entropy":
+        return float("nan"), float("nan"), ent
+    return float((df["pred"] == df["label"]).mean()), float(df["gold_logprob"].mean()), ent
+
+
+METRICS = ("accuracy", "gold_logprob", "entropy")
+
+
+def _progress(iterable, label, total=None):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=label, total=total, disable=not label, leave=False)
 
 
 def profile_heads(probe, task, *, gamma: float = 2.0, unit: str = "head_index", split: str = "dev",
                   n: int | None = None, shots: int = 0, batch_size: int = 16, metric: str = "accuracy",
-                  units: Sequence[Sequence[tuple[int, int]]] | None = None) -> pd.DataFrame:
+                  units: Sequence[Sequence[tuple[int, int]]] | None = None, baseline: pd.DataFrame | None = None,
+                  progress: bool | str = False) -> pd.DataFrame:
     """One row per unit: layer (-1 for a head index across layers), head, accuracy, gold_logprob,
-    their changes from the baseline, score (the ranking metric's change) and direction up/down/flat."""
+    entropy, their changes from the baseline, score (the ranking metric's change) and direction
+    up/down/flat.
+
+    metric: "accuracy" (dev accuracy, ties broken by the gold log-prob), "gold_logprob", or
+    "entropy" (label-free: score = baseline entropy - unit entropy over the label words; the
+    accuracy columns are then NaN, labels are never read). baseline: the unedited
+    `score_examples` frame of the same examples, if already computed."""
     _check_split(split)
     if gamma <= 1:
         raise AttnlabError(f"head profiling scales with gamma > 1, got {gamma}")
+    if metric not in METRICS:
+        raise AttnlabError(f"unknown metric '{metric}': choose from {', '.join(METRICS)}")
     examples = task.split(split, n)
-    base = _metric(score_examples(probe, task, examples, None, shots=shots, batch_size=batch_size))
+    kw = dict(shots=shots, batch_size=batch_size)
+    base_df = baseline if baseline is not None else score_examples(probe, task, examples, None, **kw)
+    base = _metric(base_df, metric)
     rows = []
-    for members in (units if units is not None else _units(probe, unit)):
-        acc, lp = _metric(score_examples(probe, task, examples, zerotuning_edits(gamma, members), shots=shots,
-                                         batch_size=batch_size))
-        d_acc, d_lp = acc - base[0], lp - base[1]
-        score = d_lp if metric == "gold_logprob" else d_acc + 1e-3 * math.tanh(d_lp)
+    members_list = list(units if units is not None else _units(probe, unit))
+    label = (progress if isinstance(progress, str) else f"profiling {task.name}") if progress else False
+    for members in _progress(members_list, label):
+        acc, lp, ent = _metric(score_examples(probe, task, examples, zerotuning_edits(gamma, members), **kw), metric)
+        d_acc, d_lp, d_ent = acc - base[0], lp - base[1], ent - base[2]
+        if metric == "entropy":
+            score = -d_ent
+        elif metric == "gold_logprob":
+            score = d_lp
+        else:
+            score = d_acc + 1e-3 * math.tanh(d_lp)
         layers = sorted({layer for layer, _ in members})
         rows.append({"layer": layers[0] if len(layers) == 1 else -1, "head": members[0][1],
-                     "members": list(map(list, members)), "accuracy": acc, "gold_logprob": lp,
-                     "d_accuracy": d_acc, "d_gold_logprob": d_lp, "score": score,
+                     "members": list(map(list, members)), "accuracy": acc, "gold_logprob": lp, "entropy": ent,
+                     "d_accuracy": d_acc, "d_gold_logprob": d_lp, "d_entropy": d_ent, "score": score,
                      "direction": "up" if score > 0 else ("down" if score < 0 else "flat")})
     table = pd.DataFrame(rows)
-    table.attrs.update(baseline_accuracy=base[0], baseline_gold_logprob=base[1], split=split,
-                       ids_sha256=ids_hash([e.id for e in examples]))
+    table.attrs.update(baseline_accuracy=base[0], baseline_gold_logprob=base[1], baseline_entropy=base[2],
+                       split=split, metric=metric, ids_sha256=ids_hash([e.id for e in examples]))
     return table
 
 
@@ -108,15 +143,22 @@ def heads_of(profile: pd.DataFrame, direction: str = "up") -> list[tuple[int, in
 
 def search_gamma(probe, task, heads: Sequence[tuple[int, int]] | None, *, grid: Sequence[float] = GAMMA_GRID,
                  supervised: bool = True, invert: bool = False, split: str = "dev", n: int | None = None,
-                 shots: int = 0, batch_size: int = 16) -> pd.DataFrame:
+                 shots: int = 0, batch_size: int = 16, baseline: pd.DataFrame | None = None,
+                 progress: bool | str = False) -> pd.DataFrame:
     """One row per gamma: dev accuracy (supervised) or mean label-word entropy (unsupervised), and
-    `chosen` on the best. invert=True applies 1/gamma (down heads)."""
+    `chosen` on the best. invert=True applies 1/gamma (down heads). baseline: the unedited frame
+    of the same examples, reused for gamma = 1."""
     _check_split(split)
     examples = task.split(split, n)
     rows = []
-    for g in grid:
+    label = (progress if isinstance(progress, str) else f"gamma search {task.name}") if progress else False
+    for g in _progress(list(grid), label):
         applied = 1.0 / g if invert else g
-        df = score_examples(probe, task, examples, zerotuning_edits(applied, heads), shots=shots, batch_size=batch_size)
+        if applied == 1.0 and baseline is not None:
+            df = baseline
+        else:
+            df = score_examples(probe, task, examples, zerotuning_edits(applied, heads), shots=shots,
+                                batch_size=batch_size)
         rows.append({"gamma": applied, "accuracy": float((df["pred"] == df["label"]).mean()) if supervised else np.nan,
                      "entropy": float(df["entropy_labels"].mean())})
     table = pd.DataFrame(rows)
@@ -144,6 +186,7 @@ class ZeroTuning:
     n: int | None = None
     shots: int = 0
     batch_size: int = 16
+    progress: bool = False
     profile_: pd.DataFrame | None = field(default=None, repr=False)
     heads_: list | None = None
     gamma_: float | None = None
@@ -151,17 +194,27 @@ class ZeroTuning:
     tuned_ids_: list[int] = field(default_factory=list, repr=False)
 
     def fit(self, probe, task) -> ZeroTuning:
+        """Profile (supervised: dev accuracy; unsupervised: label-word entropy, labels unread) and
+        search gamma, on `split` only."""
         _check_split(self.split)
-        self.tuned_ids_ = [e.id for e in task.split(self.split, self.n)]
+        if self.direction not in ("up", "down", "all"):
+            raise AttnlabError(f"direction must be 'up', 'down' or 'all', got '{self.direction}'")
+        examples = task.split(self.split, self.n)
+        self.tuned_ids_ = [e.id for e in examples]
         kw = dict(split=self.split, n=self.n, shots=self.shots, batch_size=self.batch_size)
+        base = score_examples(probe, task, examples, None, shots=self.shots, batch_size=self.batch_size)
+        tag = f"{task.name} zerotuning" if self.progress else False
         if self.direction == "all":
             self.heads_ = None
         else:
-            self.profile_ = profile_heads(probe, task, gamma=self.gamma_profile, unit=self.unit, **kw)
+            self.profile_ = profile_heads(probe, task, gamma=self.gamma_profile, unit=self.unit,
+                                          metric="accuracy" if self.supervised else "entropy", baseline=base,
+                                          progress=tag and f"{tag}: profile", **kw)
             chosen = heads_of(self.profile_, self.direction)
             self.heads_ = chosen or None
         self.search_ = search_gamma(probe, task, self.heads_, grid=self.grid, supervised=self.supervised,
-                                    invert=self.direction == "down", **kw)
+                                    invert=self.direction == "down", baseline=base,
+                                    progress=tag and f"{tag}: gamma", **kw)
         self.gamma_ = float(self.search_.loc[self.search_.chosen, "gamma"].iloc[0])
         return self
 

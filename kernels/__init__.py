@@ -5,12 +5,13 @@ folder, if ever imported under its bare directory name, still resolves to attnla
 """
 
 from attnlab.kernels.dispatch import triton_available, triton_kernel
-from attnlab.kernels.edits import KernelEdit, apply_edits
+from attnlab.kernels.edits import KernelEdit, MassGate, apply_edits
 from attnlab.kernels.reference import StatAccumulator, attention_stats, stats_from_pattern, visibility
 from attnlab.kernels.request import OUTPUT_DIMS, StatRequest
 
 __all__ = [
     "KernelEdit",
+    "MassGate",
     "OUTPUT_DIMS",
     "StatAccumulator",
     "StatRequest",

@@ -14,8 +14,17 @@ Both are a per-row logit bias on two key classes (ln keep on S, ln of the factor
 how the Triton kernels apply them: the mass transfer first measures A[i, S] and A[i, T].
 
 A `KernelEdit` holds tensors already resolved for one attention call (one layer): which query
-heads, which keys (per batch row), and optionally which (batch, head, query) rows. The probe's
-`AttentionEdit` (layers, heads, selectors by position or span) compiles down to these.
+heads, which keys (per batch row), and optionally which (batch, head, query) rows: a static
+`gate` [B, Hq, Nq], and/or a dynamic `span_gate` (`MassGate`, VAR's rule), decided on the row the
+edit sees,
+
+    edit row i  iff  A[i, R] >= min_mass  and  A[i, R & S] <= max_share * A[i, R]
+                     (and i >= first_query, the key-axis position where the row's queries start)
+
+with R the region (VAR: the span; "image tokens" in the paper) and S the edit's source keys (the
+sinks), so the second test is "at most max_share of the region's attention is on sinks". The
+Triton kernels do not implement the dynamic gate: a call with one goes to this torch twin. The
+probe's `AttentionEdit` (layers, heads, selectors by position or span) compiles down to these.
 """
 
 from __future__ import annotations
@@ -30,13 +39,46 @@ MIN_LOG = -1.0e4
 
 
 @dataclass(frozen=True)
+class MassGate:
+    """VAR's per-(batch, head, query) gate, decided on each row as the edit sees it.
+
+    region: [B, Nk] bool (the span R). A row is edited where its mass on R is >= min_mass and its
+    mass on R & source is <= max_share of that. first_query: optional [B] long, the key-axis index
+    of the first query row that may be edited (VAR edits only queries after the region)."""
+
+    region: torch.Tensor
+    min_mass: float = 0.2
+    max_share: float = 0.5
+    first_query: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.region.dtype != torch.bool or self.region.dim() != 2:
+            raise ValueError("region must be a [B, Nk] bool tensor")
+        if not 0.0 <= self.min_mass <= 1.0 or not 0.0 <= self.max_share <= 1.0:
+            raise ValueError(f"min_mass and max_share must lie in [0, 1], got {self.min_mass}, {self.max_share}")
+
+    def rows(self, p: torch.Tensor, source: torch.Tensor, q_start: int, n_queries: int) -> torch.Tensor:
+        """p [B, H, C, Nk] (queries q_start.. of n_queries), source [B, Nk] -> [B, H, C, 1] bool."""
+        region = self.region.to(p.device)[:, None, None, :]
+        mass = (p * region).sum(dim=-1, keepdim=True)
+        sinks = (p * (region & source.to(p.device)[:, None, None, :])).sum(dim=-1, keepdim=True)
+        ok = (mass >= self.min_mass) & (mass > 0) & (sinks <= self.max_share * mass)
+        if self.first_query is not None:
+            C, Nk = p.shape[2], p.shape[3]
+            at = Nk - n_queries + q_start + torch.arange(C, device=p.device)  # key-axis position of each query
+            ok = ok & (at[None, None, :, None] >= self.first_query.to(p.device)[:, None, None, None])
+        return ok
+
+
+@dataclass(frozen=True)
 class KernelEdit:
     """One edit of one attention call.
 
     heads: [Hq] bool, the query heads edited. source: [B, Nk] bool, the source keys.
     kind: "logit_bias" (uses log_scale = ln c) or "mass_transfer" (uses keep in [0, 1] and
     target [B, Nk] bool, None = every key outside source). gate: optional [B, Hq, Nq] bool, the
-    (batch, head, query) rows edited (None = all rows of the selected heads).
+    (batch, head, query) rows edited (None = all rows of the selected heads). span_gate: optional
+    `MassGate`, decided per row from the attention itself (torch twin only).
     """
 
     heads: torch.Tensor
@@ -46,6 +88,7 @@ class KernelEdit:
     keep: float = 1.0
     target: torch.Tensor | None = None
     gate: torch.Tensor | None = None
+    span_gate: MassGate | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("logit_bias", "mass_transfer"):
@@ -58,15 +101,17 @@ class KernelEdit:
             raise ValueError("source must be a [B, Nk] bool tensor")
 
     @classmethod
-    def logit_bias(cls, heads, source, scale: float, gate=None) -> "KernelEdit":
+    def logit_bias(cls, heads, source, scale: float, gate=None, span_gate=None) -> "KernelEdit":
         """Multiply the weight of `source` keys by `scale` (> 0) and renormalise."""
         if scale <= 0:
             raise ValueError(f"scale must be > 0 (it is c in ln c), got {scale}")
-        return cls(heads=heads, source=source, kind="logit_bias", log_scale=math.log(scale), gate=gate)
+        return cls(heads=heads, source=source, kind="logit_bias", log_scale=math.log(scale), gate=gate,
+                   span_gate=span_gate)
 
     @classmethod
-    def mass_transfer(cls, heads, source, keep: float, target=None, gate=None) -> "KernelEdit":
-        return cls(heads=heads, source=source, kind="mass_transfer", keep=keep, target=target, gate=gate)
+    def mass_transfer(cls, heads, source, keep: float, target=None, gate=None, span_gate=None) -> "KernelEdit":
+        return cls(heads=heads, source=source, kind="mass_transfer", keep=keep, target=target, gate=gate,
+                   span_gate=span_gate)
 
     def rows(self, batch: int, n_queries: int, device) -> torch.Tensor:
         """[B, Hq, Nq] bool: the rows this edit touches."""
@@ -86,7 +131,8 @@ class KernelEdit:
 def apply_edits(p: torch.Tensor, edits, q_start: int, n_queries: int) -> torch.Tensor:
     """Torch twin: edit post-softmax rows p [B, H, C, Nk] (queries q_start.., zero where invisible).
 
-    Applied in order; each edit sees the rows the previous ones left.
+    Applied in order; each edit sees the rows the previous ones left (a span gate is decided on
+    those rows). Rows an edit does not touch are returned bit-identical.
     """
     if not edits:
         return p
@@ -94,6 +140,8 @@ def apply_edits(p: torch.Tensor, edits, q_start: int, n_queries: int) -> torch.T
     for e in edits:
         rows = e.rows(B, n_queries, p.device)[:, :, q_start : q_start + C, None]  # [B, H, C, 1]
         src, tgt = e.key_classes(p.device)
+        if e.span_gate is not None:
+            rows = rows & e.span_gate.rows(p, src, q_start, n_queries)
         src, tgt = src[:, None, None, :], tgt[:, None, None, :]
         if e.kind == "logit_bias":
             w = torch.where(src, math.exp(e.log_scale), 1.0)

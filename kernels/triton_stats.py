@@ -91,6 +91,8 @@ def _unsupported(q, k, v, request, key_mask, edits) -> str | None:
         return f"more than {MAX_SEGMENTS} segments"
     if len(edits) > 1:
         return "more than one edit"
+    if any(e.span_gate is not None for e in edits):
+        return "a dynamic span gate (VAR)"
     if key_mask is not None:
         km = key_mask.to(torch.bool)
         first = (~km).sum(dim=1, keepdim=True)

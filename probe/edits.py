@@ -11,6 +11,14 @@
     with probe.intervene(edit):
         logits = probe.forward(tokens).logits      # also probe.capture(...), probe.generate(...)
 
+An optional per-(head, query) gate limits an edit to some rows: `SpanGate(region, min_mass=0.2,
+max_share=0.5)` is VAR's rule, decided on each row of each head as the edit sees it: edit only
+where >= min_mass of the row's attention is on the region and at most max_share of that is on the
+edit's keys (the sinks), and (after_region=True) only for queries after the region:
+
+    sinks, span = FirstToken(), Positions.substring(tokens, 0, "the highlighted sentence.")
+    var = AttentionEdit(sinks, MassTransfer(0.6, to=span), layers=range(2, 29), gate=SpanGate(span))
+
 Key selectors are resolved per batch row from the padding mask, so they hold in prefill and in
 one-token decode steps (keys generated later are never selected): `FirstToken()` (the first
 non-pad token of each row), `Positions([...])` (indices counted from each row's first real
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.kernels import KernelEdit, apply_edits
+from attnlab.kernels import KernelEdit, MassGate, apply_edits
 from attnlab.kernels.edits import MIN_LOG
 from attnlab.probe import fast_path
 from attnlab.probe.errors import AttnlabError
@@ -131,17 +139,53 @@ class MassTransfer:
 
 
 @dataclass(frozen=True)
+class SpanGate:
+    """VAR's per-(head, query) gate: edit a row only where >= `min_mass` of its attention is on
+    `region` and <= `max_share` of that region mass is on the edit's keys (the sinks inside the
+    region); with `after_region`, only queries after the region's last token (VAR edits the text
+    that follows the image). Decided on every call, so it holds at one-token decode steps."""
+
+    region: FirstToken | Positions | RowPositions
+    min_mass: float = 0.2
+    max_share: float = 0.5
+    after_region: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.min_mass <= 1:
+            raise AttnlabError(f"SpanGate(min_mass) needs 0 <= min_mass <= 1, got {self.min_mass}")
+        if not 0 <= self.max_share <= 1:
+            raise AttnlabError(f"SpanGate(max_share) needs 0 <= max_share <= 1, got {self.max_share}")
+
+    def kernel_gate(self, key_mask: torch.Tensor) -> MassGate:
+        region = self.region.mask(key_mask)
+        first_query = None
+        if self.after_region:
+            n = key_mask.shape[1]
+            idx = torch.arange(n, device=key_mask.device)[None].expand_as(region)
+            last = torch.where(region, idx, torch.full_like(idx, -1)).amax(dim=1)
+            # a row without a region never qualifies (its region mass is 0 anyway)
+            first_query = torch.where(last >= 0, last + 1, torch.full_like(last, n))
+        return MassGate(region, self.min_mass, self.max_share, first_query)
+
+
+@dataclass(frozen=True)
 class AttentionEdit:
     keys: FirstToken | Positions | RowPositions
     op: LogitBias | MassTransfer
     layers: tuple[int, ...] | None = None  # None: every layer
     heads: tuple[int, ...] | None = None  # query heads; None: every head
+    gate: SpanGate | None = None  # per-(head, query) rows edited; None: every row of the heads
 
-    def __init__(self, keys, op, layers=None, heads=None):
+    def __init__(self, keys, op, layers=None, heads=None, gate=None):
+        if not isinstance(op, (LogitBias, MassTransfer)):
+            raise AttnlabError(f"op must be LogitBias(c) or MassTransfer(keep, to), got {type(op).__name__}")
+        if gate is not None and not isinstance(gate, SpanGate):
+            raise AttnlabError(f"gate must be a SpanGate (VAR's rule) or None, got {type(gate).__name__}")
         object.__setattr__(self, "keys", keys)
         object.__setattr__(self, "op", op)
         object.__setattr__(self, "layers", None if layers is None else tuple(int(x) for x in layers))
         object.__setattr__(self, "heads", None if heads is None else tuple(int(x) for x in heads))
+        object.__setattr__(self, "gate", gate)
 
     def kernel_edit(self, layer: int, n_heads: int, key_mask: torch.Tensor) -> KernelEdit | None:
         """This edit as the kernels' KernelEdit for one layer's call (None if the layer is not edited)."""
@@ -150,13 +194,14 @@ class AttentionEdit:
         heads = torch.zeros(n_heads, dtype=torch.bool, device=key_mask.device)
         heads[list(self.heads) if self.heads is not None else slice(None)] = True
         source = self.keys.mask(key_mask)
+        span_gate = self.gate.kernel_gate(key_mask) if self.gate is not None else None
         if isinstance(self.op, LogitBias):
             if self.op.c > 0:
-                return KernelEdit.logit_bias(heads, source, self.op.c)
+                return KernelEdit.logit_bias(heads, source, self.op.c, span_gate=span_gate)
             # c = 0 removes the keys: a bias so negative that exp() is exactly 0 in fp32.
-            return KernelEdit(heads=heads, source=source, kind="logit_bias", log_scale=MIN_LOG)
+            return KernelEdit(heads=heads, source=source, kind="logit_bias", log_scale=MIN_LOG, span_gate=span_gate)
         target = self.op.to.mask(key_mask) if self.op.to is not None else None
-        return KernelEdit.mass_transfer(heads, source, self.op.keep, target)
+        return KernelEdit.mass_transfer(heads, source, self.op.keep, target, span_gate=span_gate)
 
 
 def validate(probe, edits: Sequence[AttentionEdit]) -> list[AttentionEdit]:

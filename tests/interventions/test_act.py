@@ -90,6 +90,8 @@ def test_fit_filters_heads_on_calibration_only(monkeypatch):
             return {(2, 0): [[1]], (2, 1): [[1]], (3, 0): [[2]]}
 
     monkeypatch.setattr(ACT, "_acc", fake_acc)
+    monkeypatch.setattr(ACT, "_baseline", lambda self, probe, task_, examples: fake_acc(self, probe, task_, examples,
+                                                                                       []))
     monkeypatch.setattr(ACT, "finder", lambda self, probe: Finder())
     probe = SimpleNamespace(info=SimpleNamespace(n_layers=6, n_heads=2), tokenize=lambda texts: None)
     model = ACT().fit(probe, task)

@@ -96,3 +96,30 @@ def test_unsupervised_search_picks_the_lowest_entropy(task, monkeypatch):
     table = zt.search_gamma(None, task, None, supervised=False)
     assert float(table.loc[table.chosen, "gamma"].iloc[0]) == 3.0
     assert list(table.gamma) == [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+
+
+def test_unsupervised_fit_is_label_free_profiling_and_entropy_search(task, monkeypatch):
+    """Scaling head 3 lowers the label-word entropy (most at gamma 3); labels and predictions are
+    garbage that would rank other heads first: the unsupervised fit must not read them."""
+
+    def score(probe, task_, examples, edits, **kw):
+        edits = edits or []
+        heads = {h for e in edits for h in (e.heads or ())}
+        gamma = edits[0].op.c if edits else 1.0
+        n = len(examples)
+        entropy = 0.6 - (0.2 - 0.05 * (gamma - 3.0) ** 2 if 3 in heads else 0.0) + (0.05 if 1 in heads else 0.0)
+        pred = np.where(np.full(n, 1 in heads), [e.label for e in examples], -1)  # head 1 "wins" on labels
+        return pd.DataFrame({"id": [e.id for e in examples], "label": [e.label for e in examples], "pred": pred,
+                             "gold_logprob": np.full(n, -1.0), "entropy_labels": np.full(n, entropy)})
+
+    monkeypatch.setattr(zt, "score_examples", score)
+    probe = SimpleNamespace(info=SimpleNamespace(n_layers=2, n_heads=4))
+    model = zt.ZeroTuning(supervised=False).fit(probe, task)
+    prof = model.profile_.set_index("head")
+    assert prof.loc[3, "direction"] == "up" and prof.loc[1, "direction"] == "down"
+    assert prof["accuracy"].isna().all(), "label-free profiling reports no accuracy"
+    assert sorted({h for _, h in model.heads_}) == [3] and model.gamma_ == 3.0
+    supervised = zt.ZeroTuning().fit(probe, task)
+    assert sorted({h for _, h in supervised.heads_}) == [1], "with labels, the accuracy ranking differs"
+    with pytest.raises(AttnlabError, match="unknown metric"):
+        zt.profile_heads(probe, task, metric="f1")
