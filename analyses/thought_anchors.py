@@ -9,11 +9,14 @@ Bogdan, Macar et al., "Thought Anchors: Which LLM Reasoning Steps Matter?"
     Supp[t, s] = mean over tokens k of S_t of log(KL(p_k || q_k^{-s}) + 1e-9),  t > s
 where p_k / q_k^{-s} are the next-token distributions at token k without / with the pre-softmax
 logits of every key in S_s set to the dtype minimum (every head of every layer, or a head set),
-both at temperature 0.6 over the union of their top-p (0.9999, at most 100) tokens.
+both at temperature 0.6 over the union of their top-p (0.9999, at most 100) tokens. Counterfactual
+resampling importance (KL and accuracy, from the model's own rollouts before and after each
+sentence) is computed in `attnlab.analyses.resampling` and joins the sentence table here.
 
     traces = load_traces()                                   # the shipped example traces
     res = run(probe, traces)                                 # receivers + suppression
     res.tables["sentences"]; res.tables["heads"]; res.tables["suppression"]
+    res = run(probe, traces, resample=["apples"], n_rollouts=4)  # + resampling importance
 
 Sentence splitting and token spans live in `attnlab.analyses.traces` (re-exported here).
 
@@ -51,6 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from attnlab.analyses import resampling
 from attnlab.analyses import thought_anchors_plots as taplots
 from attnlab.analyses.result import Result
 from attnlab.analyses.traces import (  # noqa: F401  (re-exported: one import for the whole analysis)
@@ -265,18 +269,32 @@ def run(
     prepend_bos: bool = True,
     backend: str = "auto",
     batch_size: int = 1,
+    resample: bool | Sequence[str] = False,
+    n_rollouts: int | None = None,
+    rollout_temperature: float = 0.6,
+    rollout_top_p: float = 0.95,
+    rollout_max_new_tokens: int | None = None,
+    similarity_threshold: float = 0.8,
+    answers: dict[str, str] | None = None,
+    seed: int = 0,
+    rollout_batch_size: int = 64,
     progress: Callable[[int, int], None] | bool = True,
 ) -> Result:
-    """Receiver heads and sentence receiver scores over the traces, and the suppression matrix.
+    """Receiver heads and sentence receiver scores over the traces, the suppression matrix, and
+    (opt-in: rollouts are the costly part) counterfactual resampling importance.
 
     traces: a text, a list of texts, {name: text} (e.g. `load_traces()`), or prepared `Trace`s.
     suppress: True (every trace), False, or the names of the traces to suppress in.
     suppress_heads: "all" (every head of every layer), "receivers", or a list of (layer, head).
-    Tables: `sentences` (trace, sentence, text, char/token spans, n_tokens, receiver_score),
-    `heads` (layer, head, kv_head, score = mean kurtosis, n_traces, rank, is_receiver),
-    `vertical` (trace, layer, head, sentence, score = v_j), `suppression` (trace, source, target,
-    value). Tensors: `attention_<trace>` [layer, head, query_sentence, key_sentence],
-    `suppression_<trace>` [target, source]."""
+    resample: False, True (every trace) or trace names; n_rollouts per prefix (None: 100 on a
+    GPU as in the paper, 4 on the CPU); answers: {trace: ground truth} (default: each trace's own
+    final answer); the other rollout_* parameters go to `resampling.resampling_importance`.
+    Tables: `sentences` (trace, sentence, text, char/token spans, n_tokens, receiver_score, and
+    with resampling the importance columns of `resampling.importance_table`), `heads` (layer,
+    head, kv_head, score = mean kurtosis, n_traces, rank, is_receiver), `vertical` (trace, layer,
+    head, sentence, score = v_j), `suppression` (trace, source, target, value), with resampling
+    `rollouts` (one row per rollout). Tensors: `attention_<trace>` [layer, head, query_sentence,
+    key_sentence], `suppression_<trace>` [target, source]."""
     prepared = _as_traces(probe, traces, sentences, min_chars, prepend_bos)
     L, H = probe.info.n_layers, probe.info.n_heads
     mats, verts, kurts = {}, {}, []
@@ -318,6 +336,13 @@ def run(
     unknown = set(names) - set(mats)
     if unknown:
         raise AttnlabError(f"suppress: unknown trace(s) {sorted(unknown)}: choose from {', '.join(mats)}")
+    to_resample = [t.name for t in prepared] if resample is True else ([] if not resample else list(resample))
+    unknown = set(to_resample) - set(mats) | set(answers or {}) - set(mats)
+    if unknown:
+        raise AttnlabError(f"resample/answers: unknown trace(s) {sorted(unknown)}: choose from {', '.join(mats)}")
+    R = resampling.default_rollouts(probe.device) if n_rollouts is None else n_rollouts
+    if to_resample and not (isinstance(R, int) and R >= 1):
+        raise AttnlabError(f"n_rollouts={n_rollouts!r}: use a positive integer (the paper uses 100), or None")
     supp_heads = None if suppress_heads == "all" else receivers if suppress_heads == "receivers" else suppress_heads
     if isinstance(supp_heads, str):
         raise AttnlabError(f"suppress_heads={supp_heads!r}: use 'all', 'receivers' or a list of (layer, head)")
@@ -337,10 +362,24 @@ def run(
                 supp_rows.append({"trace": tr.name, "source": s, "target": t, "value": float(out["supp"][t, s])})
     supp_table = pd.DataFrame(supp_rows, columns=["trace", "source", "target", "value"])
 
+    importance, rollouts = [], []
+    for tr in prepared:
+        if tr.name in to_resample:
+            imp, rolls = resampling.resampling_importance(
+                probe, tr, R, answer=(answers or {}).get(tr.name), temperature=rollout_temperature,
+                top_p=rollout_top_p, max_new_tokens=rollout_max_new_tokens, similarity_threshold=similarity_threshold,
+                seed=seed, batch_size=rollout_batch_size, min_chars=min_chars, progress=progress)
+            importance.append(imp)
+            rollouts.append(rolls)
+    extra_tables = {}
+    if importance:
+        sent_table = sent_table.merge(pd.concat(importance, ignore_index=True), on=["trace", "sentence"], how="left")
+        extra_tables["rollouts"] = pd.concat(rollouts, ignore_index=True)
+
     res = Result(
         analysis="thought_anchors",
         tables={"sentences": sent_table, "heads": heads, "vertical": pd.concat(vert_rows, ignore_index=True),
-                "suppression": supp_table},
+                "suppression": supp_table, **extra_tables},
         tensors=tensors, tensor_dims=dims,
         params={"model": probe.name, "proximity": proximity, "top_k": top_k,
                 "exclude_layers": list(exclude_layers),
@@ -348,7 +387,15 @@ def run(
                                    else [list(x) for x in suppress_heads]),
                 "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "min_chars": min_chars,
                 "traces": [t.name for t in prepared], "receiver_heads": [list(x) for x in receivers],
-                "suppression_forward_passes": passes},
+                "suppression_forward_passes": passes, "resampled_traces": to_resample,
+                **({"n_rollouts": R, "rollout_device": str(probe.device), "rollout_temperature": rollout_temperature,
+                    "rollout_top_p": rollout_top_p,
+                    "rollout_max_new_tokens": (rollout_max_new_tokens if rollout_max_new_tokens is not None
+                                               else "trace length from S_0 + 32"),
+                    "similarity_threshold": similarity_threshold, "embedder": "all-minilm-l6-v2", "seed": seed,
+                    "answers": {t.name: (answers or {}).get(t.name) or resampling.trace_answer(t)
+                                for t in prepared if t.name in to_resample}}
+                   if to_resample else {})},
         prepend_bos=prepend_bos,
     )
     first = prepared[0]
@@ -363,6 +410,8 @@ def run(
         shown = supp_table.trace.iloc[0]
         res.figures["suppression"] = taplots.suppression_heatmap(supp_table, sent_table, trace=shown)
         res.figures["sentence_graph"] = taplots.sentence_graph(sent_table, supp_table, trace=shown)
+    if to_resample:
+        res.figures["importance"] = taplots.importance_bars(sent_table, trace=to_resample[0])
     best = sent_table.dropna(subset=["receiver_score"]).sort_values("receiver_score", ascending=False).head(3)
     res.summary = (
         f"{len(prepared)} trace(s), {len(sent_table)} sentences; receiver heads (top {top_k}, layers "
@@ -370,6 +419,13 @@ def run(
         + "; top sentences: " + "; ".join(f"{r.trace}#{r.sentence} {r.text[:40]!r} ({r.receiver_score:.3g})"
                                           for r in best.itertuples())
     )
+    if to_resample:
+        imp = sent_table[sent_table.trace.isin(to_resample)].dropna(subset=["counterfactual_kl"])
+        top = imp.sort_values("counterfactual_kl", ascending=False).head(3)
+        res.summary += (f"; resampling importance from {R} rollouts per prefix ({probe.device}; the paper: 100) in "
+                        f"{', '.join(to_resample)}: top counterfactual KL "
+                        + ("; ".join(f"{r.trace}#{r.sentence} {r.text[:40]!r} ({r.counterfactual_kl:.3g})"
+                                     for r in top.itertuples()) or "undefined (no dissimilar resample)"))
     return res
 
 

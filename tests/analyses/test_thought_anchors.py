@@ -4,6 +4,7 @@ attention suppression on the real default model."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +15,7 @@ from attnlab.analyses.result import Result
 from attnlab.probe import AttnlabError, RunStore
 
 # Six sentences, about 90 tokens with BOS: cheap enough for S + 1 hooked forwards on 2 cores.
-SHORT = (
-    "Question: Sam has 4 boxes of 5 eggs and breaks 3. How many eggs are left?\n<think>\n"
-    "First I will count all the eggs. 4 times 5 is 20.\n\n"
-    "Then I take away the broken eggs. 20 minus 3 is 17.\n\n"
-    "Wait, let me check the product. 4 times 5 is 20, so 17 is right.\n"
-    "</think>\nThe answer is \\boxed{17}."
-)
+SHORT = (Path(__file__).parent / "short_trace.txt").read_text()  # shared with the other thought-anchor tests
 
 
 def spans_of(text, pieces):
@@ -236,9 +231,11 @@ def test_suppression_matrix_on_the_real_model(short_suppression):
     assert torch.isnan(supp[torch.triu(torch.ones(S, S, dtype=torch.bool))]).all()  # only t > s is kept
     assert lower.max() > math.log(1e-2)  # some sentence clearly depends on an earlier one
     for s, (a, b) in enumerate(tr.token_spans):
+        assert a > 0 and b < tr.tokens.length  # every sentence has tokens before and after it (the answer)
         assert (tok[s, :a] == math.log(1e-9)).all()  # tokens before the suppressed sentence: unchanged
-        if s < S - 1:
-            assert tok[s, b:].mean() > math.log(1e-9) + 1  # the following tokens change
+        # the following tokens change, and clearly: mean KL above 1e-3 (measured: mean log KL -3.6 to
+        # -5.5 for the six sentences, i.e. KL 0.004-0.03) where the preceding ones sit at the floor
+        assert tok[s, b:].mean() > math.log(1e-3) > tok[s, :a].max()
 
 
 def test_run_gives_tables_figures_and_saves(smollm2, short_suppression, tmp_path):
