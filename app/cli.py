@@ -131,9 +131,10 @@ def capture(
 @app.command()
 def report(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or a local HF folder."),
-    suite: str = typer.Option("default", help="default (the analyses that run on the CPU in a few minutes) or all."),
-    analyses: Optional[str] = typer.Option(None, help="Comma-separated analyses instead of a suite: "
-                                           "sinks, extreme_tokens, retrieval, induction, thought_anchors, active_dormant."),
+    suite: str = typer.Option("default", help="default (the analyses that run on the CPU in about a minute) or all."),
+    analyses: Optional[str] = typer.Option(None, help="Comma-separated analyses instead of a suite, e.g. "
+                                           "sinks,retrieval,thought_anchors,active_dormant (--list shows them all)."),
+    list_sections: bool = typer.Option(False, "--list", help="List the analyses a report can hold, and exit."),
     text_file: Optional[Path] = typer.Option(None, "--text-file", "-f", help="Text for the text-based analyses "
                                              "(default: the built-in example)."),
     compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Two or more run directories to put side "
@@ -148,6 +149,15 @@ def report(
     from attnlab.app import report as reports
     from attnlab.probe import AttnlabError, RunStore, load
 
+    if list_sections:
+        table = Table(title="report analyses (--analyses a,b,c; --suite default runs the starred ones)")
+        for col in ("analysis", "section", "CPU minutes"):
+            table.add_column(col, overflow="fold")
+        for name, sec in reports.SECTIONS.items():
+            star = "*" if name in reports.SUITES["default"] else ""
+            table.add_row(f"{name}{star}", sec.title, f"{sec.cpu_minutes:g}")
+        out.print(table)
+        return
     store = RunStore(out_dir)
     try:
         if compare:
@@ -187,9 +197,10 @@ def report(
     table = Table(title=f"attnlab report: {probe.name}")
     table.add_column("analysis")
     table.add_column("seconds", justify="right")
+    table.add_column("top heads (layer.head)", overflow="fold")
     table.add_column("summary", overflow="fold")
     for name, res in zip(names, results):
-        table.add_row(name, f"{res.timings.get('seconds', 0):.1f}", res.summary)
+        table.add_row(name, f"{res.timings.get('seconds', 0):.1f}", reports.top_line(res), res.summary)
     out.print(table)
     out.print(f"report written to [bold]{path / 'report.html'}[/]")
 
@@ -201,13 +212,69 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", help="Interface to bind; the default serves this machine only."),
     debug: bool = typer.Option(False, help="Dash debug mode (reloader, dev tools): never on a shared host."),
 ) -> None:
-    """Serve the dashboard: capture a text, explore heads (heatmaps, sink/entropy maps), ablate heads."""
+    """Serve the dashboard: capture a text, explore heads (heatmaps, sink/entropy maps), run analyses in the
+    background (retrieval heads, receiver heads), and compare interventions before/after."""
     try:
         from attnlab.app.dashboard import create_app
     except ImportError as e:
         _fail(f"the dashboard needs dash: run `pip install 'dash>=4'` ({e})")
     err.print(f"attnlab dashboard on http://{host}:{port} (runs in {runs}); Ctrl+C stops it")
     create_app(runs).run(host=host, port=port, debug=debug, dev_tools_disable_version_check=True)
+
+
+@app.command()
+def intervene(
+    method: str = typer.Option(..., "--method", help="zerotuning, act, pasta or var."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or a local HF folder."),
+    task: str = typer.Option(..., "--task", "-t", help="sst2, agnews, piqa, openbookqa, mnli, socialiqa, "
+                             "rotten_tomatoes, or span_qa (generated; pasta and var need it)."),
+    n: int = typer.Option(200, "--n", help="Test examples evaluated (baseline and method on the same ones)."),
+    n_tune: int = typer.Option(64, "--n-tune", help="Examples of the tuning split (dev or calibration; never test)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the task's splits (and of span_qa's generator)."),
+    unsupervised: bool = typer.Option(False, "--unsupervised", help="ZeroTuning without labels: heads and gamma "
+                                      "by output entropy."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward (left-padded)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs directory; the result is a new run in it."),
+) -> None:
+    """Tune an attention intervention on one split and compare it with the baseline on the test split.
+
+    Prints a before/after table (accuracy by label words and by the parsed greedy token, 95%
+    bootstrap intervals, invalid outputs) and saves tables and parameters as a run."""
+    from attnlab.interventions.run import METHODS, get_task, run_method
+    from attnlab.probe import AttnlabError, RunStore, load
+
+    if method not in METHODS:
+        _fail(f"unknown method '{method}': choose from {', '.join(METHODS)}")
+    try:
+        task_obj = get_task(task, seed, n, n_tune)
+        if method in ("pasta", "var") and not hasattr(task_obj, "spans"):
+            _fail(f"{method} steers attention toward a highlighted span: use --task span_qa (not '{task}')")
+        with err.status(f"loading {model}"):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            probe = load(model, device=device, log=lambda msg: err.print(msg))
+        res = run_method(probe, method, task_obj, n=n, n_tune=n_tune, seed=seed, batch_size=batch_size,
+                         supervised=not unsupervised)
+        path = res.save(RunStore(out_dir), probe)
+    except AttnlabError as e:
+        _fail(str(e))
+    s = res.tables["summary"]
+    table = Table(title=f"{method} on {task} ({probe.name}): test n={res.params['n']}, tuned on "
+                        f"{res.params['chosen'].get('tuned_on') or 'nothing'} (n={res.params['n_tune']})")
+    for col in ("condition", "scoring", "accuracy", "95% interval", "invalid"):
+        table.add_column(col, justify="left" if col in ("condition", "scoring") else "right")
+    for r in s.itertuples():
+        sign = "+" if r.condition == "difference" else ""
+        invalid = "" if r.scoring != "parsed" else (f"{r.invalid:+d}" if r.condition == "difference"
+                                                      else f"{r.invalid} ({r.invalid_rate:.1%})")
+        table.add_row(r.condition, r.scoring, f"{r.accuracy:{sign}.3f}", f"[{r.lo:{sign}.3f}, {r.hi:{sign}.3f}]",
+                      invalid)
+    out.print(table)
+    chosen = ", ".join(f"{k}={v}" for k, v in res.params["chosen"].items() if k != "tuned_on")
+    out.print(f"chosen: {chosen}", soft_wrap=True)
+    out.print(f"{res.timings['seconds']:.0f} s; run written to [bold]{path}[/]")
 
 
 def _print_summary(cap, probe, top: int) -> None:

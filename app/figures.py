@@ -21,10 +21,31 @@ import plotly.graph_objects as go
 FONT = {"family": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", "size": 12}
 
 
+def _wrap(title: str, width: int) -> str:
+    """A long title broken before its last parenthesis (or last space), so it stays clear of the
+    plotly toolbar at the figure's top right."""
+    if len(title) <= width or "<br>" in title:
+        return title
+    cut = title.rfind(" (")
+    if cut <= 0:
+        cut = title.rfind(" ", 0, width)
+    return title if cut <= 0 else title[:cut] + "<br>" + title[cut + 1:]
+
+
+def fit_title(fig: go.Figure, width: int = 48) -> go.Figure:
+    """Wrap a figure's long title onto two lines and make room for it (any figure, e.g. an analysis')."""
+    text = fig.layout.title.text or ""
+    wrapped = _wrap(text, width)
+    if wrapped != text:
+        fig.update_layout(title={"text": wrapped, "x": 0.01, "y": 0.98, "yanchor": "top", "font": {"size": 13}},
+                          margin={"t": 64})
+    return fig
+
+
 def _layout(fig: go.Figure, title: str, **kw) -> go.Figure:
     fig.update_layout(title={"text": title, "x": 0.01, "font": {"size": 14}}, font=FONT,
                       margin={"l": 60, "r": 20, "t": 40, "b": 50}, **kw)
-    return fig
+    return fit_title(fig)
 
 
 def layer_head_map(values: np.ndarray, layers: Sequence[int], heads: Sequence[int], title: str,
@@ -49,10 +70,30 @@ def layer_head_map(values: np.ndarray, layers: Sequence[int], heads: Sequence[in
     return fig
 
 
-def head_table_map(heads: pd.DataFrame, value: str, title: str, **kw) -> go.Figure:
-    """heads: tidy table with columns layer, head, <value> (e.g. a saved run's `heads` table)."""
-    grid = heads.pivot_table(index="layer", columns="head", values=value, aggfunc="mean").sort_index()
-    return layer_head_map(grid.to_numpy(), list(grid.index), list(grid.columns), title, label=value, **kw)
+def head_table_map(heads: pd.DataFrame, value: str, title: str, marked: str | None = None, **kw) -> go.Figure:
+    """heads: any tidy table with columns layer, head, <value> (a saved run's `heads` table: retrieval
+    score, receiver kurtosis, SAE node score, ...), one cell per (layer, head), the mean where a
+    head has several rows. `marked`: a boolean column whose true heads get a ring (retrieval heads,
+    receiver heads, ...). Other keywords go to `layer_head_map` (selected, colorscale, zmin, ...)."""
+    missing = {"layer", "head", value} - set(heads.columns)
+    if missing:
+        raise ValueError(f"the table has no column(s) {sorted(missing)}: a head table needs layer, head, {value}")
+    grid = heads.pivot_table(index="layer", columns="head", values=value, aggfunc="mean", dropna=False).sort_index()
+    fig = layer_head_map(grid.to_numpy(), [int(x) for x in grid.index], [int(x) for x in grid.columns], title,
+                         label=value, **kw)
+    if marked is not None and marked in heads.columns:
+        ring = heads[heads[marked].astype(bool)].drop_duplicates(["layer", "head"])
+        if len(ring):
+            fig.add_trace(go.Scatter(x=ring["head"], y=ring["layer"], mode="markers", name=marked,
+                                     marker={"symbol": "circle-open", "size": 10, "color": "red", "line": {"width": 2}},
+                                     hovertemplate=f"layer %{{y}}, head %{{x}}: {marked}<extra></extra>"))
+            fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.12, "x": 0})
+    return fig
+
+
+def marker_column(heads: pd.DataFrame) -> str | None:
+    """The first boolean column of a head table (is_retrieval, is_receiver, selected, ...), if any."""
+    return next((c for c in heads.columns if heads[c].dtype == bool), None)
 
 
 def block_size(n_tokens: int, exact_up_to: int = 256, max_blocks: int = 128) -> int:
@@ -64,11 +105,12 @@ def block_size(n_tokens: int, exact_up_to: int = 256, max_blocks: int = 128) -> 
 
 
 def attention_heatmap(matrix: np.ndarray, tokens: Sequence[str] | None = None, block: int = 1,
-                      title: str = "", n_tokens: int | None = None) -> go.Figure:
+                      title: str = "", n_tokens: int | None = None, zmax: float | None = None) -> go.Figure:
     """matrix: [query_block, key_block] mean attention of one head (block 1 = the exact pattern).
 
     With block 1 and `tokens`, axes are labelled by token; otherwise by the first position of each
-    tile. Masked cells (keys a query cannot see, NaN) stay blank. Zoom with the plotly toolbar."""
+    tile. Masked cells (keys a query cannot see, NaN) stay blank. Zoom with the plotly toolbar.
+    zmax: the top of the colour scale (give two heatmaps the same one to compare them)."""
     m = np.asarray(matrix, dtype=float)
     nq, nk = m.shape
     axes: dict = {}
@@ -86,7 +128,7 @@ def attention_heatmap(matrix: np.ndarray, tokens: Sequence[str] | None = None, b
         text = None
         hover = (f"queries %{{y}}-%{{y}}+{block - 1}<br>keys %{{x}}-%{{x}}+{block - 1}<br>"
                  "mean A %{z:.4g}<extra></extra>")
-    fig = go.Figure(go.Heatmap(z=m, x=x, y=y, text=text, colorscale="Blues", zmin=0, hovertemplate=hover,
+    fig = go.Figure(go.Heatmap(z=m, x=x, y=y, text=text, colorscale="Blues", zmin=0, zmax=zmax, hovertemplate=hover,
                                colorbar={"title": {"text": "A" if block == 1 else "mean A"}, "thickness": 12}))
     what = "exact pattern" if block == 1 else f"pooled {block} x {block} tiles"
     if n_tokens is not None:
@@ -146,5 +188,5 @@ def next_token_bars(table: pd.DataFrame, title: str = "next token before / after
     return fig
 
 
-__all__ = ["FONT", "attention_heatmap", "block_size", "head_table_map", "layer_head_map", "next_token_bars",
-           "next_token_frame", "token_colours"]
+__all__ = ["FONT", "attention_heatmap", "block_size", "fit_title", "head_table_map", "layer_head_map", "marker_column",
+           "next_token_bars", "next_token_frame", "token_colours"]

@@ -34,13 +34,49 @@ class Section:
     title: str
     about: str  # two sentences and the citation
     run: Callable[..., Result]  # (probe, text, progress) -> Result
-    cpu_minutes: float  # rough cost of the CPU-sized default on the default model
+    cpu_minutes: float  # rough cost of the CPU-sized default on the default model (2 idle cores)
+    top_table: str = "heads"  # the tidy (layer, head, score) table whose top rows the report lists
+    ascending: bool = False  # True: the smallest scores are the strongest (e.g. value drains)
+
+
+SECTIONS: dict[str, Section] = {}
+SUITES: dict[str, list[str]] = {"default": [], "all": []}
+
+
+def section(name: str, title: str, about: str, cpu_minutes: float, *, default: bool = False,
+            top_table: str = "heads", ascending: bool = False) -> Callable:
+    """Register a report section: decorate its run function `(probe, text, progress) -> Result`.
+
+    Adding an analysis to the report is this one decorated function (`--analyses NAME` selects it;
+    `default=True` puts it in the default suite, which must stay around a minute on the CPU):
+
+        @section("sae_circuits", "SAE circuits", "What it measures ... Author et al., <i>Title</i> (year).", 2.0)
+        def _run_sae_circuits(probe, text, progress):
+            from attnlab.analyses import sae_circuits
+            return sae_circuits.run(probe, ...)
+    """
+    def register(fn: Callable[..., Result]) -> Callable[..., Result]:
+        if name in SECTIONS:
+            raise ValueError(f"report section {name!r} is registered twice")
+        SECTIONS[name] = Section(title, about, fn, cpu_minutes, top_table, ascending)
+        SUITES["all"].append(name)
+        if default:
+            SUITES["default"].append(name)
+        return fn
+
+    return register
 
 
 def _example_text() -> str:
     return resources.files("attnlab.probe").joinpath("data/example.txt").read_text()
 
 
+@section("sinks", "Attention sinks",
+         "How much attention each head sends to each of the first tokens (alpha_k, the mean over the queries that "
+         "can see key k), and Sink_k^eps, the share of heads with alpha_k > eps; hidden sinks are later tokens that "
+         "still draw more than 0.1. Gu et al., <i>When Attention Sink Emerges in Language Models: An Empirical "
+         "View</i> (ICLR 2025); hidden sinks as in Yu et al., <i>ACT</i> (ICML 2024).",
+         0.1, default=True)
 def _run_sinks(probe, text, progress):
     from attnlab.analyses import sinks
     from attnlab.probe.tasks import load_domain
@@ -49,18 +85,38 @@ def _run_sinks(probe, text, progress):
     return sinks.sink_metric(probe, texts)
 
 
+@section("extreme_tokens", "Extreme tokens: residual peaks and value drains",
+         "The sink token's residual-stream norm towers over other tokens' from early layers on while its value "
+         "vectors shrink, and a few hidden dimensions carry the peak. Guo et al., <i>Active-Dormant Attention "
+         "Heads</i> (2024), section 4; the phi detector from Kang et al., <i>See What You Are Told</i> (VAR, ICLR "
+         "2025).",
+         0.15, default=True, top_table="value_drain", ascending=True)
 def _run_extreme(probe, text, progress):
     from attnlab.analyses import sinks
 
     return sinks.extreme_tokens(probe, [text])
 
 
+@section("retrieval", "Retrieval heads",
+         "In needle-in-a-haystack tests, a retrieval head's top key at each decode step is the needle token it is "
+         "copying; its score is the share of the answer it copies, over successful tests. Wu et al., <i>Retrieval "
+         "Head Mechanistically Explains Long-Context Factuality</i> (ICLR 2025).",
+         0.5, default=True)
 def _run_retrieval(probe, text, progress):
     from attnlab.analyses import retrieval
+    from attnlab.probe.tasks import niah
 
-    return retrieval.retrieval_heads(probe, lengths=(256,), depths=(0, 50, 100), progress=progress)
+    # CPU-sized: one needle at three depths of a 256-token haystack (one batched generation); the
+    # paper's grid is retrieval.PAPER_LENGTHS x PAPER_DEPTHS.
+    return retrieval.retrieval_heads(probe, lengths=(256,), depths=(0, 50, 100), needles=niah.NEEDLES[:1],
+                                     progress=progress)
 
 
+@section("induction", "Echo and induction heads",
+         "On repeated random tokens, induction heads attend to the token after an earlier copy of the current "
+         "token, echo heads to the earlier copy itself. Tang et al., <i>RazorAttention</i> (ICLR 2025); Olsson et "
+         "al., <i>In-context Learning and Induction Heads</i> (2022).",
+         0.2, default=True)
 def _run_induction(probe, text, progress):
     from attnlab.analyses import retrieval
 
@@ -68,67 +124,55 @@ def _run_induction(probe, text, progress):
 
 
 def _run_thought_anchors(probe, text, progress):
+    import os
+
     from attnlab.analyses import thought_anchors
 
-    # Receiver heads over every shipped trace; suppression (one forward per sentence) on one.
-    return thought_anchors.run(probe, thought_anchors.load_traces(), suppress=["pencils"], progress=False)
+    # Receiver heads over every shipped trace; suppression (one forward per sentence) and
+    # resampling importance on one. Rollouts are the costly part: the report draws
+    # ATTNLAB_REPORT_ROLLOUTS per prefix (default 2; 0 skips resampling), each at most
+    # ATTNLAB_REPORT_ROLLOUT_TOKENS tokens (default 48; 0 = the trace's length, as the paper) —
+    # a demonstration on the CPU (the paper: 100 full rollouts). Both appear in the parameters.
+    rollouts = int(os.environ.get("ATTNLAB_REPORT_ROLLOUTS", "2"))
+    tokens = int(os.environ.get("ATTNLAB_REPORT_ROLLOUT_TOKENS", "48"))
+    return thought_anchors.run(probe, thought_anchors.load_traces(), suppress=["pencils"],
+                               resample=["pencils"] if rollouts > 0 else False, n_rollouts=rollouts or None,
+                               rollout_max_new_tokens=tokens or None, progress=False)
 
 
+@section("active_dormant", "Active-dormant heads",
+         "A head is dormant on a domain when it parks its attention on the first token and removing it barely "
+         "changes the loss, and active-dormant when it is dormant on one domain and active on another. Guo et al., "
+         "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024).",
+         0.5)
 def _run_active_dormant(probe, text, progress):
     from attnlab.analyses import active_dormant
 
     return active_dormant.head_domains(probe, progress=progress)
 
 
-SECTIONS: dict[str, Section] = {
-    "sinks": Section(
-        "Attention sinks",
-        "How much attention each head sends to each of the first tokens (alpha_k, the mean over the queries that "
-        "can see key k), and Sink_k^eps, the share of heads with alpha_k > eps; hidden sinks are later tokens that "
-        "still draw more than 0.1. Gu et al., <i>When Attention Sink Emerges in Language Models: An Empirical View</i> "
-        "(ICLR 2025); hidden sinks as in Yu et al., <i>ACT</i> (ICML 2024).",
-        _run_sinks, 0.3,
-    ),
-    "extreme_tokens": Section(
-        "Extreme tokens: residual peaks and value drains",
-        "The sink token's residual-stream norm towers over other tokens' from early layers on while its value "
-        "vectors shrink, and a few hidden dimensions carry the peak. Guo et al., <i>Active-Dormant Attention Heads</i> "
-        "(2024), section 4; the phi detector from Kang et al., <i>See What You Are Told</i> (VAR, ICLR 2025).",
-        _run_extreme, 0.2,
-    ),
-    "retrieval": Section(
-        "Retrieval heads",
-        "In needle-in-a-haystack tests, a retrieval head's top key at each decode step is the needle token it is "
-        "copying; its score is the share of the answer it copies, over successful tests. Wu et al., <i>Retrieval "
-        "Head Mechanistically Explains Long-Context Factuality</i> (ICLR 2025).",
-        _run_retrieval, 1.5,
-    ),
-    "induction": Section(
-        "Echo and induction heads",
-        "On repeated random tokens, induction heads attend to the token after an earlier copy of the current "
-        "token, echo heads to the earlier copy itself. Tang et al., <i>RazorAttention</i> (ICLR 2025); Olsson et "
-        "al., <i>In-context Learning and Induction Heads</i> (2022).",
-        _run_induction, 0.2,
-    ),
-    "thought_anchors": Section(
-        "Thought anchors: receiver heads",
+@section("bigram_backcopy", "Bigram-Backcopy toy models: how a sink forms",
+         "One-layer transformers trained on the Bigram-Backcopy task park attention on BOS for tokens that need "
+         "no context (dormant) and copy the previous token after triggers (active), while the BOS attention logit "
+         "grows and its value norm shrinks; ReLU attention or SGD largely remove the sink. Guo et al., "
+         "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024), "
+         "sections 2-3.",
+         4.5, top_table="dormancy")
+def _run_bigram_backcopy(probe, text, progress):
+    from attnlab.analyses import bigram_backcopy
+
+    # Trains its own toy models (softmax/ReLU attention x AdamW/SGD, CPU-sized): the probe is not used.
+    return bigram_backcopy.train_variants()
+
+
+# The thought-anchors section's function (above) is maintained with the analysis, so it is
+# registered here. Not in the default suite: its suppression pass (one hooked-path forward per
+# sentence) costs more than the suite's minute on the CPU; `--analyses thought_anchors` runs it.
+section("thought_anchors", "Thought anchors: receiver heads",
         "Receiver heads concentrate attention on a few 'broadcasting' sentences of a reasoning trace (high "
         "kurtosis of their sentence-level vertical scores); suppressing a sentence's keys measures its influence on "
         "later sentences. Bogdan, Macar et al., <i>Thought Anchors: Which LLM Reasoning Steps Matter?</i> (2025).",
-        _run_thought_anchors, 1.5,
-    ),
-    "active_dormant": Section(
-        "Active-dormant heads",
-        "A head is dormant on a domain when it parks its attention on the first token and removing it barely "
-        "changes the loss, and active-dormant when it is dormant on one domain and active on another. Guo et al., "
-        "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024).",
-        _run_active_dormant, 2.0,
-    ),
-}
-SUITES = {
-    "default": ["sinks", "extreme_tokens", "induction", "retrieval", "thought_anchors"],
-    "all": list(SECTIONS),
-}
+        0.7)(_run_thought_anchors)
 
 
 def run_suite(probe, analyses: Sequence[str], text: str | None = None,
@@ -166,12 +210,27 @@ def figures_of(result: Result) -> dict[str, go.Figure]:
 
 
 def top_heads(result: Result, n: int = 10) -> pd.DataFrame | None:
-    heads = result.tables.get("heads")
-    if heads is None or "score" not in heads.columns:
+    """The strongest heads: the top rows of the section's head table (`Section.top_table`, by its
+    `score`), with a few of its other columns; None when the result has no such table."""
+    sec = SECTIONS.get(result.params.get("section", result.analysis))
+    table = result.tables.get(sec.top_table if sec else "heads")
+    if table is None or not {"layer", "head", "score"} <= set(table.columns):
         return None
-    cols = [c for c in heads.columns if c in ("layer", "head", "kv_head", "score")] + [
-        c for c in heads.columns if c not in ("layer", "head", "kv_head", "score", "batch")][:3]
-    return heads.sort_values("score", ascending=False).head(n)[cols]
+    keys = [c for c in ("variant", "domain", "trace") if c in table.columns]
+    main = keys + [c for c in ("layer", "head", "kv_head", "score") if c in table.columns]
+    rest = [c for c in table.columns if c not in main and c != "batch"][:3]
+    ordered = table.sort_values("score", ascending=sec.ascending if sec else False, na_position="last")
+    return ordered.head(n)[main + rest].reset_index(drop=True)
+
+
+def top_line(result: Result, n: int = 3) -> str:
+    """'18.6 (0.93), 17.3 (0.86), ...': the top heads as layer.head (score), for the terminal."""
+    top = top_heads(result, n)
+    if top is None or not len(top):
+        return ""
+    key = next((c for c in ("variant", "domain", "trace") if c in top.columns), None)
+    return ", ".join(f"{str(r[key]) + ' ' if key else ''}{int(r['layer'])}.{int(r['head'])} ({r['score']:.3g})"
+                     for _, r in top.iterrows())
 
 
 # ----- HTML -----

@@ -5,7 +5,7 @@ per-head attention statistics; `RunStore` writes and reads run directories.
 """
 
 from attnlab.probe.capture import Capture
-from attnlab.probe.edits import AttentionEdit, FirstToken, LogitBias, MassTransfer, Positions
+from attnlab.probe.edits import AttentionEdit, FirstToken, LogitBias, MassTransfer, Positions, RowPositions, SpanGate
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.probe import BACKENDS, ModelInfo, Probe, load
 from attnlab.probe.registry import DEFAULT_MODEL, REGISTRY
@@ -14,6 +14,6 @@ from attnlab.probe.stats import CATALOGUE, Stat
 from attnlab.probe.tokens import Tokens
 
 __all__ = [
-    "BACKENDS", "CATALOGUE", "AttentionEdit", "FirstToken", "LogitBias", "MassTransfer", "Positions", "DEFAULT_MODEL", "REGISTRY", "AttnlabError", "Capture", "ModelInfo", "Probe",
+    "BACKENDS", "CATALOGUE", "AttentionEdit", "FirstToken", "LogitBias", "MassTransfer", "Positions", "RowPositions", "SpanGate", "DEFAULT_MODEL", "REGISTRY", "AttnlabError", "Capture", "ModelInfo", "Probe",
     "Run", "RunStore", "Stat", "Tokens", "load",
 ]

@@ -253,14 +253,20 @@ class Probe:
         )
 
     def generate(self, inputs, *, max_new_tokens: int = 50, stop_at_newline: bool = True, step_stats=(),
-                 layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None):
-        """Greedy decoding; `step_stats` (e.g. ["top_key"]) are captured at every decode step for the
-        one new query row. Returns a `Generation` (see `attnlab.probe.generate`)."""
-        from attnlab.probe.generate import greedy_generate
+                 layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
+                 stop=None, share_prefix: bool = False):
+        """Greedy decoding by default; temperature > 0 samples from the top-p nucleus (seeded by
+        `seed`), num_samples continuations per prompt. `step_stats` (e.g. ["top_key"]) are captured
+        at every decode step for the one new query row; stop(text) -> True ends a row; share_prefix
+        prefills once when every prompt is a prefix of the longest. Returns a `Generation` (see
+        `attnlab.probe.generate`)."""
+        from attnlab.probe.generate import generate
 
-        return greedy_generate(self, self.to_tokens(inputs, prepend_bos=prepend_bos), max_new_tokens=max_new_tokens,
-                               stop_at_newline=stop_at_newline, step_stats=step_stats, layers=layers, heads=heads,
-                               backend=backend, on_step=on_step)
+        return generate(self, self.to_tokens(inputs, prepend_bos=prepend_bos), max_new_tokens=max_new_tokens,
+                        stop_at_newline=stop_at_newline, step_stats=step_stats, layers=layers, heads=heads,
+                        backend=backend, on_step=on_step, temperature=temperature, top_p=top_p, seed=seed,
+                        num_samples=num_samples, stop=stop, share_prefix=share_prefix)
 
     def intervene(self, *edits):
         """Context manager: apply `AttentionEdit`s (attnlab.probe.edits) on the fast path inside the

@@ -4,13 +4,19 @@
     from attnlab.app.dashboard import create_app; create_app("runs").run()
 
 Panels: inputs (model picker listing only installed models, with why the others are missing;
-text or upload; BOS; layers; run / cancel with a progress bar), saved runs (every capture is
-saved as a run in the runs directory and can be reopened), layer x head maps (sink score
-alpha_0 from `received`, mean normalised entropy) whose cells select a head, the head's attention
-heatmap (the exact pattern, `pooled(1)`, up to 256 tokens; `pooled(block)` tiles beyond, at most
-128 per side), the token view, and a head-ablation intervention with the next-token table
-before/after. Captures run in a background thread (see `work`). Offline: Dash serves its own
-bundles (`serve_locally=True`), no external stylesheets or fonts.
+text or upload; BOS; layers; capture; an analysis launcher with its form; cancel and a progress
+bar shared by every background job), saved runs (every capture and analysis is saved as a run in
+the runs directory and can be reopened), layer x head maps (sink score alpha_0 from `received`,
+mean normalised entropy) whose cells select a head, the head's attention heatmap (the exact
+pattern, `pooled(1)`, up to 256 tokens; `pooled(block)` tiles beyond, at most 128 per side), the
+analysis panel (any per-head score table of an analysis run as a layer x head map: retrieval score,
+receiver-head kurtosis, later SAE node scores; a click selects the head and draws its own view; for
+thought anchors the receiver score per sentence and the suppression matrix), the token view, and
+the intervention view (ZeroTuning, sink mass transfer, ACT, PASTA or a head ablation at a chosen
+strength and scope: the next-token table and the head's attention before/after). Captures and
+analyses run in a background thread (see `work`; analyses are described in `launchers`, edits in
+`intervene`). Offline: Dash serves its own bundles (`serve_locally=True`), no external stylesheets
+or fonts.
 """
 
 from __future__ import annotations

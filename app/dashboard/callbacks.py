@@ -14,6 +14,7 @@ from dash.exceptions import PreventUpdate
 
 from attnlab.app import figures
 from attnlab.app.dashboard import ids, work
+from attnlab.app.dashboard.layout import GRAPHS, HIDDEN, NO_ANALYSIS
 from attnlab.app.dashboard.layout import blank as empty_figure
 from attnlab.probe import AttnlabError
 
@@ -21,6 +22,11 @@ TOKEN_VIEW_LIMIT = 3000  # spans drawn in the token view; longer texts show the 
 
 
 def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
+    from attnlab.app.dashboard import analysis_callbacks, intervention_callbacks
+
+    analysis_callbacks.register(app, runs, jobs)
+    intervention_callbacks.register(app, runs)
+
     # ----- inputs and the background job -----
     @app.callback(Output(ids.TEXT, "value"), Output(ids.MESSAGE, "children", allow_duplicate=True),
                   Input(ids.UPLOAD, "contents"), State(ids.UPLOAD, "filename"), prevent_initial_call=True)
@@ -32,19 +38,20 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
 
     @app.callback(Output(ids.JOB, "data"), Output(ids.POLL, "disabled", allow_duplicate=True),
                   Output(ids.CANCEL, "disabled", allow_duplicate=True), Output(ids.RUN, "disabled", allow_duplicate=True),
+                  Output(ids.RUN_ANALYSIS, "disabled", allow_duplicate=True),
                   Output(ids.MESSAGE, "children", allow_duplicate=True),
                   Input(ids.RUN, "n_clicks"), State(ids.MODEL, "value"), State(ids.TEXT, "value"),
                   State(ids.BOS, "value"), State(ids.LAYERS, "value"), prevent_initial_call=True)
     def start(_n, model, text, bos, layers):
         if not model:
-            return no_update, no_update, no_update, no_update, "choose a model first (none is installed: see the list)"
+            return *[no_update] * 5, "choose a model first (none is installed: see the list)"
         if not text or not text.strip():
-            return no_update, no_update, no_update, no_update, "the text is empty: type or upload a text first"
+            return *[no_update] * 5, "the text is empty: type or upload a text first"
         try:
             job = jobs.start(f"capture {model}", work.capture_job(runs, model, text, "bos" in (bos or []), layers))
         except AttnlabError as e:
-            return no_update, no_update, no_update, no_update, str(e)
-        return job.id, False, False, True, ""
+            return *[no_update] * 5, str(e)
+        return job.id, False, False, True, True, ""
 
     @app.callback(Output(ids.CANCEL, "n_clicks"), Input(ids.CANCEL, "n_clicks"), State(ids.JOB, "data"),
                   prevent_initial_call=True)
@@ -54,21 +61,24 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
 
     @app.callback(Output(ids.PROGRESS, "value"), Output(ids.PROGRESS, "max"), Output(ids.PROGRESS_TEXT, "children"),
                   Output(ids.POLL, "disabled"), Output(ids.CANCEL, "disabled"), Output(ids.RUN, "disabled"),
+                  Output(ids.RUN_ANALYSIS, "disabled"),
                   Output(ids.MESSAGE, "children"), Output(ids.RUNS, "options"), Output(ids.RUNS, "value"),
                   Input(ids.POLL, "n_intervals"), State(ids.JOB, "data"), prevent_initial_call=True)
     def poll(_n, job_id):
+        """The job's progress; when it is done, its run is listed and opened (captures and analyses alike)."""
         job = jobs.get(job_id)
         if job is None:
-            return "0", "1", "", True, True, False, no_update, no_update, no_update
+            return "0", "1", "", True, True, False, False, no_update, no_update, no_update
         elapsed = f"{time.time() - job.started:.0f} s"
         total = max(job.total, 1)
         if job.state == "running":
-            text = f"{job.message}: layer {job.done}/{job.total}, {elapsed}" if job.total else f"{job.message}, {elapsed}"
-            return str(job.done), str(total), text, False, False, True, no_update, no_update, no_update
+            text = (f"{job.message}: {job.unit} {job.done}/{job.total}, {elapsed}" if job.total
+                    else f"{job.message}, {elapsed}")
+            return str(job.done), str(total), text, False, False, True, True, no_update, no_update, no_update
         if job.state == "done":
-            return (str(total), str(total), f"done in {elapsed}: run {job.result}", True, True, False, "",
+            return (str(total), str(total), f"done in {elapsed}: run {job.result}", True, True, False, False, "",
                     runs.options(), job.result)
-        return "0", "1", job.state, True, True, False, job.message, no_update, no_update
+        return "0", "1", job.state, True, True, False, False, job.message, no_update, no_update
 
     # ----- runs -----
     @app.callback(Output(ids.RUNS, "options", allow_duplicate=True), Input(ids.REFRESH_RUNS, "n_clicks"),
@@ -80,8 +90,9 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Output(ids.LAYER, "options"), Output(ids.LAYER, "value"),
                   Output(ids.HEAD, "options"), Output(ids.HEAD, "value"),
                   Output(ids.ANALYSIS, "data"), Output(ids.SCORE, "options"), Output(ids.SCORE, "value"),
-                  Input(ids.RUNS, "value"), prevent_initial_call=True)
-    def open_run(name):
+                  Input(ids.RUNS, "value"), State(ids.CURRENT, "data"), State(ids.LAYER, "value"),
+                  State(ids.HEAD, "value"), prevent_initial_call=True)
+    def open_run(name, current, layer, head):
         if not name:
             raise PreventUpdate
         try:
@@ -94,8 +105,17 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                     f"{run.manifest.get('summary') or ', '.join(run.tables) or 'no tables'}")
             if not options:
                 info += " (no per-head table to draw)"
-            return (no_update, info, no_update, no_update, no_update, no_update, name, options,
-                    options[0]["value"] if options else None)
+                return no_update, info, *[no_update] * 4, name, options, None
+            table, column = options[0]["value"].split("\t", 1)
+            heads = run.tables[table]
+            choices = (no_update,) * 4
+            if not current:  # no capture open: the head choices come from this run, starting on its top head
+                top = heads.sort_values(column, ascending=False, na_position="last").iloc[0]
+                choices = (sorted(int(x) for x in heads["layer"].unique()),
+                           int(top["layer"]) if layer is None else no_update,
+                           sorted(int(x) for x in heads["head"].unique()),
+                           int(top["head"]) if head is None else no_update)
+            return (no_update, info, *choices, name, options, options[0]["value"])
         cap = run.cached_capture
         scores = work.sink_scores(cap)
         # start on the head that sinks least (its pattern shows the most structure)
@@ -107,24 +127,34 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                 no_update, no_update, no_update)
 
     @app.callback(Output(ids.SCORE_MAP, "figure"), Input(ids.ANALYSIS, "data"), Input(ids.SCORE, "value"),
-                  prevent_initial_call=True)
-    def score_map(name, choice):
-        if not name or not choice:
+                  Input(ids.LAYER, "value"), Input(ids.HEAD, "value"), prevent_initial_call=True)
+    def score_map(name, choice, layer, head):
+        """Any per-head table of the run (layer, head, numeric columns) as a layer x head map."""
+        if not name:
+            return empty_figure(NO_ANALYSIS)
+        if not choice:
             return empty_figure("no per-head table in this run")
         try:
             run = runs.run(name)
             table, column = choice.split("\t", 1)
-            return figures.head_table_map(run.tables[table], column, f"{run.kind}: {column} ({table})")
+            heads = run.tables[table]
+            sel = (int(layer), int(head)) if layer is not None and head is not None else None
+            return figures.head_table_map(heads, column, f"{run.kind}: {column} ({table})",
+                                          marked=figures.marker_column(heads), selected=sel)
         except (AttnlabError, KeyError, OSError, ValueError) as e:
             return empty_figure(f"cannot draw {choice!r}: {e}")
 
     @app.callback(Output(ids.TA_RECEIVERS, "figure"), Output(ids.TA_SUPPRESSION, "figure"),
-                  Input(ids.ANALYSIS, "data"), prevent_initial_call=True)
+                  Output(ids.TA_GRAPHS, "style"), Input(ids.ANALYSIS, "data"), prevent_initial_call=True)
     def thought_anchors(name):
-        run = runs.run(name) if name else None
+        """Thought-anchor runs: receiver score per sentence and the suppression matrix (hidden otherwise)."""
+        try:
+            run = runs.run(name) if name else None
+        except (AttnlabError, OSError, ValueError):
+            return empty_figure(""), empty_figure(""), HIDDEN
         sentences = run.tables.get("sentences") if run is not None else None
         if sentences is None or "receiver_score" not in sentences:
-            return empty_figure(""), empty_figure("")
+            return empty_figure(""), empty_figure(""), HIDDEN
         try:  # the analysis' own figure builders (attnlab.analyses.thought_anchors_plots)
             from attnlab.analyses import thought_anchors_plots as taplots
 
@@ -133,9 +163,9 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             supp = run.tables.get("suppression")
             suppression = (taplots.suppression_heatmap(supp, sentences, trace) if supp is not None and len(supp)
                            else empty_figure("no suppression matrix in this run"))
-            return receivers, suppression
+            return figures.fit_title(receivers), figures.fit_title(suppression), GRAPHS
         except Exception as e:  # noqa: BLE001 - the analysis is young: show, do not crash
-            return empty_figure(f"cannot draw the thought-anchor views: {e}"), empty_figure("")
+            return empty_figure(f"cannot draw the thought-anchor views: {e}"), empty_figure(""), GRAPHS
 
     @app.callback(Output(ids.PONG, "children"), Input(ids.PING, "n_clicks"), prevent_initial_call=True)
     def ping(n):
@@ -143,11 +173,13 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
 
     # ----- head selection and views -----
     @app.callback(Output(ids.LAYER, "value", allow_duplicate=True), Output(ids.HEAD, "value", allow_duplicate=True),
-                  Input(ids.SINK_MAP, "clickData"), Input(ids.ENTROPY_MAP, "clickData"), prevent_initial_call=True)
-    def click_head(sink_click, entropy_click):
+                  Input(ids.SINK_MAP, "clickData"), Input(ids.ENTROPY_MAP, "clickData"),
+                  Input(ids.SCORE_MAP, "clickData"), prevent_initial_call=True)
+    def click_head(*_clicks):
+        """A click on a cell of any layer x head map selects that head (x = head, y = layer)."""
         from dash import ctx
 
-        click = entropy_click if ctx.triggered_id == ids.ENTROPY_MAP else sink_click
+        click = ctx.inputs.get(f"{ctx.triggered_id}.clickData") if ctx.triggered_id else None
         if not click or not click.get("points"):
             raise PreventUpdate
         p = click["points"][0]
@@ -206,29 +238,3 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         if len(recs) > TOKEN_VIEW_LIMIT:
             spans.append(html.Span(f" ... ({len(recs) - TOKEN_VIEW_LIMIT} more tokens not drawn)"))
         return spans
-
-    # ----- intervention -----
-    @app.callback(Output(ids.NEXT_TOKENS, "children"), Output(ids.NEXT_BARS, "figure"),
-                  Input(ids.ABLATE, "n_clicks"), State(ids.CURRENT, "data"), State(ids.LAYER, "value"),
-                  State(ids.HEAD, "value"), State(ids.ABLATE_MODE, "value"), prevent_initial_call=True)
-    def intervene(_n, name, layer, head, mode):
-        if not name or layer is None or head is None:
-            return "open a run and choose a head first", no_update
-        try:
-            cap = runs.capture(name)
-            probe = work.get_probe(cap.model)
-            before = work.next_token_probs(probe, cap.tokens)
-            after = work.next_token_probs(probe, cap.tokens, [(layer, head)], mode=mode)
-        except (AttnlabError, OSError) as e:
-            return f"cannot apply the ablation: {e}", no_update
-        table = figures.next_token_frame(lambda i: probe.tokenizer.decode([i]), before, after)
-        title = f"next token after {cap.tokens.strings[0][-1]!r}: L{layer} H{head} ablated ({mode})"
-        shown = table.assign(token=[repr(t) for t in table.token], p_before=table.p_before.round(4),
-                             p_after=table.p_after.round(4), change=table.change.round(4))
-        cols = ("token", "p_before", "p_after", "change")
-        cell = {"padding": "2px 8px", "borderBottom": "1px solid #eee", "textAlign": "right"}
-        grid = html.Table(id="next-token-table", style={"borderCollapse": "collapse", "fontSize": "12px"}, children=[
-            html.Thead(html.Tr([html.Th(c, style=cell) for c in cols])),
-            html.Tbody([html.Tr([html.Td(str(r[c]), style=cell) for c in cols]) for r in shown.to_dict("records")]),
-        ])
-        return [html.Div(title), grid], figures.next_token_bars(table, title)

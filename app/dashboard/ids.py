@@ -32,19 +32,35 @@ HEATMAP = "heatmap"
 SINK_MAP = "sink-map"
 ENTROPY_MAP = "entropy-map"
 
-# intervention
-ABLATE_MODE = "ablate-mode"
-ABLATE = "ablate"
+# intervention (method, scope and strength; next-token table and the head's attention before/after)
+METHOD = "method"
+SCOPE = "scope"
+STRENGTH = "strength"
+STRENGTH_LABEL = "strength-label"
+SPAN = "span"  # PASTA: the highlighted substring
+APPLY = "apply"
+EDIT_INFO = "edit-info"
+EDIT_RESULTS = "edit-results"  # the table and graphs below (hidden until an intervention is applied)
 NEXT_TOKENS = "next-tokens"
+NEXT_TABLE = "next-token-table"
 NEXT_BARS = "next-bars"
+ATTN_BEFORE = "attn-before"
+ATTN_AFTER = "attn-after"
 
 # a cheap round trip (server clock), used to show the server stays responsive during long jobs
 PING = "ping"
 PONG = "pong"
 
-# analysis runs (retrieval, induction, thought anchors, ...): their per-head score tables
+# analysis runs (retrieval, induction, thought anchors, ...): launched as background jobs or opened
+# as saved runs; their per-head score tables
+LAUNCH_ANALYSIS = "launch-analysis"  # dropdown: which analysis to launch
+ANALYSIS_PARAMS = "analysis-params"  # the launcher's form (pattern-matching ids below)
+PARAM = "analysis-param"  # {"type": PARAM, "name": <parameter>}
+RUN_ANALYSIS = "run-analysis"
 SCORE = "score"
 SCORE_MAP = "score-map"
 ANALYSIS = "analysis"  # dcc.Store: name of the analysis run shown
+TA_GRAPHS = "ta-graphs"  # the row holding the two thought-anchor graphs (hidden for other analyses)
 TA_RECEIVERS = "ta-receivers"  # thought anchors: receiver score per sentence
 TA_SUPPRESSION = "ta-suppression"  # thought anchors: sentence x sentence suppression matrix
+HEAD_VIEW = "analysis-head-view"  # the clicked head's own view for the open analysis

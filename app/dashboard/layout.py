@@ -9,15 +9,20 @@ import plotly.graph_objects as go
 from dash import dcc, html
 
 from attnlab.app.dashboard import ids
+from attnlab.app.dashboard.intervene import METHODS, SCOPES
+from attnlab.app.dashboard.launchers import LAUNCHERS
 from attnlab.app.figures import FONT
 
 PAGE = {"fontFamily": FONT["family"], "fontSize": "14px", "margin": "0 auto", "maxWidth": "1400px",
         "padding": "8px 16px", "color": "#222"}
 PANEL = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "8px 12px", "margin": "8px 0"}
 ROW = {"display": "flex", "gap": "12px", "alignItems": "center", "flexWrap": "wrap"}
-GRAPH_CONFIG = {"displaylogo": False, "scrollZoom": False}
+GRAPH_CONFIG = {"displaylogo": False, "scrollZoom": False, "displayModeBar": "hover"}  # the bar hides no title
 EMPTY_MESSAGE = {"color": "#666"}
 ERROR = {"color": "#b00020", "fontWeight": "bold", "whiteSpace": "pre-wrap"}
+GRAPHS = {"display": "flex", "gap": "8px", "flexWrap": "wrap"}
+HIDDEN = {"display": "none"}
+NO_ANALYSIS = "no analysis open: run one (analysis, above) or open a saved analysis run"
 
 DEFAULT_TEXT = ("The old library stood at the end of a narrow street. Inside, a woman sorted letters that had "
                 "arrived from distant towns. Outside, the rain began to fall softly.")
@@ -33,13 +38,15 @@ def blank(title: str) -> go.Figure:
 
 def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
     missing_items = [html.Li([html.B(name), f": {why}"]) for name, why in missing.items()]
+    first = next(iter(LAUNCHERS))
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.Label("model"),
             dcc.Dropdown(id=ids.MODEL, options=[{"label": m, "value": m} for m in installed],
                          value=installed[0] if installed else None, clearable=False, style={"width": "220px"}),
             html.Details(id=ids.MODEL_MISSING, children=[
-                html.Summary(f"{len(missing)} models not installed"), html.Ul(missing_items)]) if missing else html.Span(),
+                html.Summary(f"{len(missing)} model{'s' if len(missing) > 1 else ''} not installed (why)"),
+                html.Ul(missing_items)]) if missing else html.Span(),
         ]),
         dcc.Textarea(id=ids.TEXT, value=DEFAULT_TEXT, style={"width": "100%", "height": "90px", "marginTop": "6px"},
                      placeholder="text to capture"),
@@ -51,15 +58,41 @@ def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
             html.Label("layers"),
             dcc.Input(id=ids.LAYERS, type="text", placeholder="all (or 0-3,10)", debounce=True,
                       style={"width": "130px"}),
-            html.Button("run", id=ids.RUN, n_clicks=0, style={"fontWeight": "bold"}),
+            html.Button("capture", id=ids.RUN, n_clicks=0, style={"fontWeight": "bold"}),
+        ]),
+        html.Div(style={**ROW, "marginTop": "6px"}, children=[
+            html.Label("analysis"),
+            dcc.Dropdown(id=ids.LAUNCH_ANALYSIS, clearable=False, value=first, style={"width": "340px"},
+                         options=[{"label": l.label, "value": k} for k, l in LAUNCHERS.items()]),
+            html.Div(id=ids.ANALYSIS_PARAMS, style=ROW, children=param_fields(first)),
+            html.Button("run analysis", id=ids.RUN_ANALYSIS, n_clicks=0, style={"fontWeight": "bold"}),
+        ]),
+        html.Div(style={**ROW, "marginTop": "6px"}, children=[
             html.Button("cancel", id=ids.CANCEL, n_clicks=0, disabled=True),
-            html.Progress(id=ids.PROGRESS, value="0", max="1", style={"width": "220px"}),
+            html.Progress(id=ids.PROGRESS, value="0", max="1", style={"width": "260px"}),
             html.Span(id=ids.PROGRESS_TEXT, style=EMPTY_MESSAGE),
         ]),
         html.Div(id=ids.MESSAGE, style=ERROR),
         dcc.Store(id=ids.JOB),
         dcc.Interval(id=ids.POLL, interval=400, disabled=True),
     ])
+
+
+def param_fields(name: str) -> list:
+    """The form of launcher `name`: one labelled field per parameter, ids {"type": PARAM, "name": ...}."""
+    launcher = LAUNCHERS[name]
+    out: list = []
+    for p in launcher.params:
+        pid = {"type": ids.PARAM, "name": p.name}
+        if p.options:
+            field = dcc.Dropdown(id=pid, options=list(p.options), value=p.default, clearable=False,
+                                 style={"width": "150px"})
+        else:
+            field = dcc.Input(id=pid, type="text", value=p.default, style={"width": "90px"})
+        out.append(html.Label([p.label, " ", field], title=p.help or launcher.about,
+                              style={"display": "flex", "gap": "4px", "alignItems": "center"}))
+    out.append(html.Span(launcher.about, style={**EMPTY_MESSAGE, "fontSize": "12px", "flexBasis": "100%"}))
+    return out
 
 
 def runs_panel(options: list[dict]) -> html.Div:
@@ -94,18 +127,23 @@ def head_panel() -> html.Div:
 def analysis_panel() -> html.Div:
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
-            html.B("analysis run: per-head scores"),
-            dcc.Dropdown(id=ids.SCORE, options=[], placeholder="open a saved analysis run (retrieval, ...)",
+            html.B("analysis: per-head scores"),
+            dcc.Dropdown(id=ids.SCORE, options=[], placeholder="run an analysis, or open a saved analysis run",
                          style={"width": "420px"}),
+            html.Span("(click a head: its own view here, its heatmap above)", style=EMPTY_MESSAGE),
         ]),
         html.Div(style={"display": "flex", "gap": "8px", "flexWrap": "wrap"}, children=[
-            dcc.Graph(id=ids.SCORE_MAP, config=GRAPH_CONFIG, figure=blank("no analysis run open"),
+            dcc.Graph(id=ids.SCORE_MAP, config=GRAPH_CONFIG, figure=blank(NO_ANALYSIS),
                       style={"width": "520px", "height": "520px"}),
-            # thought-anchor runs: sentences with receiver scores, and the suppression matrix
+            dcc.Graph(id=ids.HEAD_VIEW, config=GRAPH_CONFIG, figure=blank(""),
+                      style={"width": "560px", "height": "520px"}),
+        ]),
+        # thought-anchor runs: sentences with receiver scores, and the suppression matrix (shown for those)
+        html.Div(id=ids.TA_GRAPHS, style=HIDDEN, children=[
             dcc.Graph(id=ids.TA_RECEIVERS, config=GRAPH_CONFIG, figure=blank(""),
-                      style={"width": "420px", "height": "520px"}),
+                      style={"width": "520px", "height": "460px"}),
             dcc.Graph(id=ids.TA_SUPPRESSION, config=GRAPH_CONFIG, figure=blank(""),
-                      style={"width": "420px", "height": "520px"}),
+                      style={"width": "560px", "height": "460px"}),
         ]),
         dcc.Store(id=ids.ANALYSIS),
     ])
@@ -126,18 +164,40 @@ def token_panel() -> html.Div:
 
 
 def intervention_panel() -> html.Div:
+    first = "zerotuning"
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
-            html.B("intervention: ablate the selected head"),
-            dcc.RadioItems(id=ids.ABLATE_MODE, inline=True, value="zero", options=[
-                {"label": " zero its output", "value": "zero"},
-                {"label": " send its attention to the first token", "value": "bos"},
-            ]),
-            html.Button("apply", id=ids.ABLATE, n_clicks=0),
+            html.B("intervention"),
+            dcc.Dropdown(id=ids.METHOD, clearable=False, value=first, style={"width": "470px"},
+                         options=[{"label": m.label, "value": k} for k, m in METHODS.items()]),
+            html.Label("on"),
+            dcc.RadioItems(id=ids.SCOPE, inline=True, value="all",
+                           options=[{"label": f" {v}", "value": k} for k, v in SCOPES.items()]),
         ]),
-        html.Div(style={"display": "flex", "gap": "12px", "flexWrap": "wrap"}, children=[
-            html.Div(id=ids.NEXT_TOKENS, style={"minWidth": "420px"}),
-            dcc.Graph(id=ids.NEXT_BARS, config=GRAPH_CONFIG, figure=blank("apply an ablation to compare"), style={"width": "560px", "height": "360px"}),
+        html.Div(style={**ROW, "marginTop": "6px"}, children=[
+            html.Label(METHODS[first].strength, id=ids.STRENGTH_LABEL),
+            dcc.Input(id=ids.STRENGTH, type="number", value=METHODS[first].default, step="any",
+                      style={"width": "90px"}),
+            html.Label("span"),
+            dcc.Input(id=ids.SPAN, type="text", disabled=True, style={"width": "320px"},
+                      placeholder="PASTA: a part of the text to attend to"),
+            html.Button("apply", id=ids.APPLY, n_clicks=0, style={"fontWeight": "bold"}),
+        ]),
+        html.Div(id=ids.EDIT_INFO, style={"margin": "6px 0"},
+                 children=html.Span("pick a method, a strength and a scope, then apply: the open capture's text is "
+                                    "run with and without the edit", style=EMPTY_MESSAGE)),
+        html.Div(id=ids.EDIT_RESULTS, style=HIDDEN, children=[  # shown once an intervention is applied
+            html.Div(style={"display": "flex", "gap": "12px", "flexWrap": "wrap"}, children=[
+                html.Div(id=ids.NEXT_TOKENS, style={"minWidth": "420px"}),
+                dcc.Graph(id=ids.NEXT_BARS, config=GRAPH_CONFIG, figure=blank(""),
+                          style={"width": "640px", "height": "360px"}),
+            ]),
+            html.Div(style=GRAPHS, children=[
+                dcc.Graph(id=ids.ATTN_BEFORE, config=GRAPH_CONFIG, figure=blank(""),
+                          style={"width": "540px", "height": "500px"}),
+                dcc.Graph(id=ids.ATTN_AFTER, config=GRAPH_CONFIG, figure=blank(""),
+                          style={"width": "540px", "height": "500px"}),
+            ]),
         ]),
     ])
 
@@ -148,7 +208,7 @@ def make_layout(installed: list[str], missing: dict[str, str], run_options: list
         inputs_panel(installed, missing),
         runs_panel(run_options),
         head_panel(),
+        analysis_panel(),
         token_panel(),
         intervention_panel(),
-        analysis_panel(),
     ])

@@ -3,8 +3,9 @@
 Long work runs in a background *thread* of the server process, not a Dash background callback
 (DiskcacheManager): a thread shares the loaded model with the other callbacks (a background
 process would reload it for every job), torch releases the GIL in its kernels so the server
-stays responsive, and cancelling is cooperative: the capture's progress callback, called after
-every layer, raises `Cancelled` once the user asked. The page polls `Jobs.status` with a
+stays responsive, and cancelling is cooperative: the job's progress callback (after every layer of
+a capture, every NIAH group of the retrieval analysis, every suppressed sentence of thought
+anchors) raises `Cancelled` once the user asked. The page polls `Jobs.status` with a
 dcc.Interval. One job runs at a time.
 
 Everything the browser sends is untrusted: run names are resolved inside the runs directory
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from attnlab.app.figures import block_size
@@ -170,7 +172,8 @@ def head_score_columns(run) -> list[dict]:
     for tname, df in run.tables.items():
         if {"layer", "head"} <= set(df.columns):
             for col in df.columns:
-                if col not in ("layer", "head", "kv_head", "batch") and np.issubdtype(df[col].dtype, np.number):
+                numeric = pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col])
+                if col not in ("layer", "head", "kv_head", "batch") and numeric:
                     out.append({"label": f"{tname}: {col}", "value": f"{tname}\t{col}"})
     return out
 
@@ -185,6 +188,7 @@ class Job:
     total: int = 0
     message: str = ""
     result: str | None = None
+    unit: str = "layer"  # what done/total count
     started: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -261,6 +265,23 @@ def capture_job(runs: RunCache, model: str, text: str, prepend_bos: bool, layers
     return fn
 
 
+def analysis_job(runs: RunCache, launcher, model: str, text: str | None, values: dict[str, str]):
+    """The job function of an analysis launcher (`launchers.LAUNCHERS`): checks the form now (a bad
+    value is an AttnlabError before any thread starts), then load, run, save as a run -> its name."""
+    params = launcher.parse(values, text)
+
+    def fn(job: Job) -> str:
+        job.message = f"loading {model}"
+        probe = get_probe(model)
+        job.message, job.unit = f"running {launcher.label}", launcher.unit
+        job.progress(0, 0)  # a cancel pressed while the model loaded stops here
+        res = launcher.run(probe, text, params, job.progress)
+        job.message = "saving"
+        return res.save(runs.store, probe).name
+
+    return fn
+
+
 # ----- views' data -----
 def first_real(cap) -> int:
     return int(cap.tokens.first_real()[0])
@@ -284,13 +305,3 @@ def pooled_block(cap) -> int:
 def head_matrix(cap, layer: int, head: int) -> np.ndarray:
     li, hi = cap.head_index(layer, head)
     return cap["pooled"][0, li, hi].float().numpy()
-
-
-def next_token_probs(probe, tokens, ablations=None, mode: str = "zero") -> np.ndarray:
-    """[vocab] next-token probabilities after the last token, optionally with heads ablated."""
-    if ablations:
-        with probe.ablate(ablations, mode=mode):
-            logits = probe.forward(tokens, logits_to_keep=1).logits
-    else:
-        logits = probe.forward(tokens, logits_to_keep=1).logits
-    return torch.softmax(logits[0, -1].float(), dim=-1).numpy()

@@ -70,3 +70,28 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, args, messag
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_intervene_prints_a_before_after_table_and_saves_a_run(tmp_path, smollm2):
+    out = tmp_path / "runs"
+    done = run_cli("intervene", "--method", "zerotuning", "--model", "smollm2-135m", "--task", "sst2",
+                   "--n", "8", "--n-tune", "4", "--batch-size", "8", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    for word in ("zerotuning on sst2", "baseline", "difference", "label_words", "parsed", "chosen: gamma="):
+        assert word in done.stdout
+    runs = RunStore(out).list()
+    assert len(runs) == 1 and runs.kind[0] == "evaluate"
+    run = RunStore(out).load(runs.path[0])
+    summary = run.tables["summary"]
+    assert set(summary.condition) == {"baseline", "zerotuning", "difference"}
+    assert run.manifest["parameters"]["n"] == 8 and run.manifest["parameters"]["chosen"]["tuned_on"] == "dev"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "pasta", "--task", "sst2"], "use --task span_qa"),
+    (["--method", "magic", "--task", "sst2"], "unknown method 'magic'"),
+    (["--method", "act", "--task", "nope"], "unknown task 'nope'"),
+])
+def test_intervene_refuses_bad_arguments_before_loading_a_model(args, message):
+    done = run_cli("intervene", *args, "--n", "4")
+    assert done.returncode == 2 and message in done.stderr

@@ -27,6 +27,8 @@ def _why_not() -> str | None:
 pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
 
 from attnlab.app.dashboard import create_app, ids, work  # noqa: E402
+from attnlab.app.dashboard.intervene import METHODS  # noqa: E402
+from attnlab.probe import RunStore  # noqa: E402
 
 SHORT = ("When Mary and John went to the store, John gave a drink to Mary. "
          "Later that evening the two friends walked home along the river.")
@@ -85,8 +87,25 @@ def _click_cell(dash_duo, graph_id: str, layer: int, head: int) -> None:
 def _table(dash_duo) -> list[list[str]]:
     """The next-token table's body rows (read in one JS call: no stale elements while it re-renders)."""
     return dash_duo.driver.execute_script(
-        "return Array.from(document.querySelectorAll('#next-token-table tbody tr'))"
-        ".map(r => Array.from(r.querySelectorAll('td')).map(c => c.textContent));")
+        "return Array.from(document.querySelectorAll('#' + arguments[0] + ' tbody tr'))"
+        ".map(r => Array.from(r.querySelectorAll('td')).map(c => c.textContent));", ids.NEXT_TABLE)
+
+
+def _zmax(dash_duo, graph_id: str):
+    return dash_duo.driver.execute_script(
+        "const gd = document.querySelector('#' + arguments[0] + ' .js-plotly-plot');"
+        "return gd && gd.data && gd.data[0] ? gd.data[0].zmax : null;", graph_id)
+
+
+def _scroll_to(dash_duo, element_id: str) -> None:
+    dash_duo.driver.execute_script("document.getElementById(arguments[0]).scrollIntoView({block: 'start'})",
+                                   element_id)
+
+
+def _set_input(dash_duo, element_id: str, text: str) -> None:
+    """Replace an input's value the way a user does (React sees every key)."""
+    dash_duo.clear_input(f"#{element_id}")
+    dash_duo.find_element(f"#{element_id}").send_keys(text)
 
 
 def _shot(dash_duo, artifacts, name: str) -> None:
@@ -124,19 +143,48 @@ def test_capture_views_click_through_and_intervention(dash_duo, tmp_path, artifa
         "the token view in 'gives' mode")
     _shot(dash_duo, artifacts, "02-click-through-L12H7.png")
 
-    # intervention: ablate the selected head, then send its attention to BOS: the table changes
-    _click_cell(dash_duo, ids.SINK_MAP, layer=0, head=2)
-    _wait(lambda: _title(dash_duo, ids.HEATMAP).startswith("L0 H2"), 15, "the heatmap of L0 H2")
-    dash_duo.find_element(f"#{ids.ABLATE}").click()
+    # intervention on the selected head's text: ZeroTuning on every head, then a stronger gamma, then
+    # PASTA on a span: each time the next-token table changes, and the head's attention is drawn
+    # before/after side by side
+    _click_cell(dash_duo, ids.SINK_MAP, layer=5, head=3)
+    _wait(lambda: _title(dash_duo, ids.HEATMAP).startswith("L5 H3"), 15, "the heatmap of L5 H3")
+    _scroll_to(dash_duo, ids.APPLY)
+    dash_duo.find_element(f"#{ids.APPLY}").click()
     first = _wait(lambda: _table(dash_duo), 60, "the next-token table")
-    assert "L0 H2 ablated (zero)" in dash_duo.find_element(f"#{ids.NEXT_TOKENS}").text
+    assert "zerotuning gamma = 2 on every head" in dash_duo.find_element(f"#{ids.EDIT_INFO}").text
     assert any(r[1] != r[2] for r in first), first  # p_before != p_after somewhere
-    dash_duo.find_element(f"#{ids.ABLATE_MODE} input[value='bos']").click()
-    dash_duo.find_element(f"#{ids.ABLATE}").click()
-    dash_duo.wait_for_contains_text(f"#{ids.NEXT_TOKENS}", "(bos)", timeout=60)
-    second = _table(dash_duo)
+    _wait_grid(dash_duo, ids.ATTN_BEFORE, (n, n), 20)
+    _wait_grid(dash_duo, ids.ATTN_AFTER, (n, n), 20)
+    assert _title(dash_duo, ids.ATTN_BEFORE).startswith("L5 H3 before")
+    assert _title(dash_duo, ids.ATTN_AFTER).startswith("L5 H3 after")
+    assert _zmax(dash_duo, ids.ATTN_BEFORE) == _zmax(dash_duo, ids.ATTN_AFTER)  # one colour scale for both
+    _set_input(dash_duo, ids.STRENGTH, "4")
+    dash_duo.find_element(f"#{ids.APPLY}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.EDIT_INFO}", "gamma = 4", timeout=60)
+    second = _wait(lambda: (t := _table(dash_duo)) != first and t, 30, "a new next-token table")
     assert second != first
-    _shot(dash_duo, artifacts, "03-intervention-L0H2.png")
+    # a span that is not in the text is a readable message, then a real span works
+    dash_duo.select_dcc_dropdown(f"#{ids.METHOD}", value=METHODS["pasta"].label)  # matched by label
+    _wait(lambda: dash_duo.find_element(f"#{ids.STRENGTH_LABEL}").text == "alpha", 10, "the alpha field")
+    _set_input(dash_duo, ids.SPAN, "not in this text")
+    dash_duo.find_element(f"#{ids.APPLY}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.EDIT_INFO}", "is not in the text", timeout=30)
+    assert _table(dash_duo) == []
+    _set_input(dash_duo, ids.SPAN, "John gave a drink to Mary")
+    dash_duo.find_element(f"#{ids.SCOPE} input[value='layer']").click()
+    dash_duo.find_element(f"#{ids.APPLY}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.EDIT_INFO}", "pasta alpha = 0.01 on every head of layer 5", timeout=60)
+    third = _wait(lambda: _table(dash_duo), 30, "the PASTA next-token table")
+    assert third != second
+    _wait_grid(dash_duo, ids.ATTN_AFTER, (n, n), 20)
+    _scroll_to(dash_duo, ids.EDIT_INFO)
+    _shot(dash_duo, artifacts, "03-intervention-pasta-L5H3.png")
+    # an ablation: the head panel's selected head keeps its pattern (the output is what changes)
+    dash_duo.select_dcc_dropdown(f"#{ids.METHOD}", value=METHODS["ablate_zero"].label)
+    dash_duo.find_element(f"#{ids.SCOPE} input[value='head']").click()
+    dash_duo.find_element(f"#{ids.APPLY}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.EDIT_INFO}", "L5 H3 ablated (zero)", timeout=60)
+    assert _table(dash_duo) != third
     assert dash_duo.get_logs() == [], dash_duo.get_logs()
 
 
@@ -208,10 +256,128 @@ def test_open_a_saved_run_and_bad_input_shows_messages(dash_duo, tmp_path, artif
     layers.send_keys("40\n")
     dash_duo.find_element(f"#{ids.RUN}").click()
     dash_duo.wait_for_contains_text(f"#{ids.MESSAGE}", "layer 40 is out of range", timeout=30)
+    # a text longer than the model's context, uploaded: the job fails with a message, nothing is saved
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 9000)
+    n_runs = len(RunStore(runs).list())
+    dash_duo.find_element(f"#{ids.UPLOAD} input[type=file]").send_keys(str(long))
+    _wait(lambda: len(dash_duo.find_element(f"#{ids.TEXT}").get_attribute("value")) == 45000, 15, "the long text")
+    dash_duo.clear_input(f"#{ids.LAYERS}")
+    dash_duo.find_element(f"#{ids.LAYERS}").send_keys("\n")  # debounced: Enter commits the empty value
+    time.sleep(0.5)
+    dash_duo.find_element(f"#{ids.RUN}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.MESSAGE}", "context is 8192 tokens", timeout=30)
+    assert len(RunStore(runs).list()) == n_runs
+    # models that are not installed are not offered: they are listed with the reason and the fix
+    _, missing = work.models()
+    if missing:
+        dash_duo.find_element(f"#{ids.MODEL_MISSING} summary").click()
+        text = dash_duo.find_element(f"#{ids.MODEL_MISSING}").text
+        assert all(name in text for name in missing) and "install" in text
     _shot(dash_duo, artifacts, "05-bad-input-message.png")
     # the server is still answering
     dash_duo.find_element(f"#{ids.PING}").click()
     dash_duo.wait_for_contains_text(f"#{ids.PONG}", "pong 1", timeout=5)
+
+
+TRACE = ("Question: pens come in packs of 6. How many packs give at least 40 pens? <think> I need 40 pens and "
+         "each pack holds 6 of them. Six packs give 36 pens, which is not enough. Seven packs give 42 pens. That "
+         "covers the 40 pens with 2 to spare. Wait, let me check the first step again. Six times six is 36, and 36 "
+         "is less than 40. So six packs fall short by 4 pens. Seven packs is the smallest number that works. "
+         "</think> The answer is 7 packs.")
+
+
+def _param(dash_duo, name: str):
+    """The launcher form's field `name` (pattern-matching id {"name": ..., "type": PARAM})."""
+    key = '{"name":"%s","type":"%s"}' % (name, ids.PARAM)
+    return _wait(lambda: dash_duo.driver.execute_script("return document.getElementById(arguments[0])", key), 10,
+                 f"the {name} field")
+
+
+def _set_param(dash_duo, name: str, text: str) -> None:
+    elem = _param(dash_duo, name)
+    dash_duo.clear_input(elem)
+    elem.send_keys(text)
+
+
+def _select(dash_duo, elem_or_selector, label: str) -> None:
+    """Pick a dropdown option by its label (dash_duo only logs when none matches: fail instead)."""
+    dash_duo.select_dcc_dropdown(elem_or_selector, value=label)
+    elem = dash_duo._get_element(elem_or_selector)
+    _wait(lambda: label in elem.text, 5, f"{label!r} chosen")
+
+
+def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, tmp_path, artifacts):
+    from attnlab.analyses.thought_anchors import split_sentences
+    from attnlab.app.dashboard.launchers import LAUNCHERS, TEXT_BOX
+
+    work.get_probe("smollm2-135m")
+    dash_duo.start_server(create_app(tmp_path / "runs"))
+    dash_duo.wait_for_element(f"#{ids.LAUNCH_ANALYSIS}")
+
+    # retrieval heads on a one-test NIAH grid; a bad field first
+    _set_param(dash_duo, "lengths", "12x")
+    dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.MESSAGE}", "lengths (tokens): write numbers", timeout=10)
+    for name, value in [("lengths", "128"), ("depths", "50"), ("needles", "1"), ("max_new_tokens", "16")]:
+        _set_param(dash_duo, name, value)
+    dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.PROGRESS_TEXT}", "running retrieval heads", timeout=30)
+    dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=180)
+    assert dash_duo.find_element(f"#{ids.MESSAGE}").text == ""
+    _wait_grid(dash_duo, ids.SCORE_MAP, (30, 9), 20)  # SmolLM2: 30 layers x 9 heads
+    assert "retrieval: score (heads)" in _title(dash_duo, ids.SCORE_MAP)
+    # no capture is open: the run's top head is selected and its view drawn; a click picks another
+    _wait(lambda: "on a NIAH prompt" in _title(dash_duo, ids.HEAD_VIEW), 60, "the top head's NIAH view")
+    _click_cell(dash_duo, ids.SCORE_MAP, layer=18, head=6)
+    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L18 H6 on a NIAH prompt"), 60, "the view of L18 H6")
+    _wait_grid(dash_duo, ids.HEAD_VIEW, (128, 128), 20)
+    assert not dash_duo.find_element(f"#{ids.TA_GRAPHS}").is_displayed()
+    _scroll_to(dash_duo, ids.SCORE)
+    _shot(dash_duo, artifacts, "08-retrieval-launched-L18H6.png")
+
+    # receiver heads on a trace typed in the text box: too short first, then cancelled, then run
+    dash_duo.driver.execute_script("window.scrollTo(0, 0)")
+    _select(dash_duo, f"#{ids.LAUNCH_ANALYSIS}", LAUNCHERS["thought_anchors"].label)
+    _select(dash_duo, _param(dash_duo, "trace"), TEXT_BOX)
+    _set_input(dash_duo, ids.TEXT, "One short sentence here. And a second one.")
+    dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.MESSAGE}", "needs at least proximity + 2", timeout=10)
+    _set_input(dash_duo, ids.TEXT, TRACE)
+    dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.PROGRESS_TEXT}", "sentence suppressed", timeout=90)
+    started = time.time()
+    dash_duo.find_element(f"#{ids.PING}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.PONG}", "pong 1", timeout=5)
+    assert time.time() - started < 2.0  # the server answers while the analysis runs
+    dash_duo.find_element(f"#{ids.CANCEL}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.PROGRESS_TEXT}", "cancelled", timeout=60)
+    assert len(RunStore(tmp_path / "runs").list()) == 1  # the cancelled job saved nothing
+    dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "thought_anchors run", timeout=180)
+    n = len(split_sentences(TRACE))
+    _wait_grid(dash_duo, ids.SCORE_MAP, (30, 9), 20)
+    assert "thought_anchors: score (heads)" in _title(dash_duo, ids.SCORE_MAP)
+    n_bars = _wait(lambda: dash_duo.driver.execute_script(
+        f"const gd = document.querySelector('#{ids.TA_RECEIVERS} .js-plotly-plot');"
+        "return gd && gd.querySelectorAll('g.point path').length;"), 20, "the receiver-score bars")
+    assert n_bars == n
+    _wait_grid(dash_duo, ids.TA_SUPPRESSION, (n, n), 20)
+    _click_cell(dash_duo, ids.SCORE_MAP, layer=4, head=6)
+    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L4 H6: sentence attention"), 20, "the view of L4 H6")
+    _wait_grid(dash_duo, ids.HEAD_VIEW, (n, n), 20)
+    _scroll_to(dash_duo, ids.SCORE)
+    _shot(dash_duo, artifacts, "09-thought-anchors-launched-L4H6.png")
+
+    # both runs were saved and reopen from the list (newest first)
+    dash_duo.driver.execute_script("window.scrollTo(0, 0)")
+    assert len(RunStore(tmp_path / "runs").list()) == 2
+    dash_duo.select_dcc_dropdown(f"#{ids.RUNS}", index=1)
+    dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=30)
+    _wait(lambda: "retrieval" in _title(dash_duo, ids.SCORE_MAP), 20, "the retrieval map again")
+    _wait(lambda: not dash_duo.find_element(f"#{ids.TA_GRAPHS}").is_displayed(), 10, "the thought-anchor row hidden")
+    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L4 H6 on a NIAH prompt"), 60, "the NIAH view of L4 H6")
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
 
 
 def _long_text(n_tokens: int) -> str:

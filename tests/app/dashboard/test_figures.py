@@ -67,3 +67,30 @@ def test_next_token_frame_unions_both_top_lists():
     t2 = figures.next_token_frame(lambda i: "abcd"[i], before, after, top=1)
     assert t2.token.tolist() == ["a", "d"]
     assert len(figures.next_token_bars(t).data) == 2
+
+
+def test_head_table_map_draws_any_head_table_and_rings_the_flagged_heads():
+    # e.g. an SAE node-score table: any layer, head, score columns plot; a flag column rings heads
+    df = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "node_score": [0.5, 0.1, 0.2, 0.9],
+                       "is_node": [True, False, False, True]})
+    assert figures.marker_column(df) == "is_node"
+    fig = figures.head_table_map(df, "node_score", "SAE nodes", marked="is_node", selected=(1, 0))
+    assert np.asarray(fig.data[0].z).tolist() == [[0.5, 0.1], [0.2, 0.9]]
+    ring = fig.data[1]
+    assert list(ring.x) == [0, 1] and list(ring.y) == [0, 1]
+    assert len(fig.layout.shapes) == 1
+    with pytest.raises(ValueError, match="no column"):
+        figures.head_table_map(df, "kurtosis", "x")
+
+
+def test_two_heatmaps_can_share_one_colour_scale():
+    fig = figures.attention_heatmap(np.eye(3) / 2, ["a", "b", "c"], 1, zmax=0.9)
+    assert fig.data[0].zmax == 0.9 and fig.data[0].zmin == 0
+
+
+def test_long_titles_wrap_clear_of_the_toolbar():
+    fig = figures.attention_heatmap(np.eye(2), None, 1, title="L18 H6 on a NIAH prompt, depth 50%", n_tokens=2)
+    assert fig.layout.title.text == "L18 H6 on a NIAH prompt, depth 50%<br>(exact pattern, 2 tokens)"
+    assert fig.layout.margin.t == 64
+    short = figures.attention_heatmap(np.eye(2), None, 1, title="L0 H0")
+    assert "<br>" not in short.layout.title.text

@@ -116,3 +116,41 @@ def test_too_long_text_is_refused_before_any_capture(tmp_path):
     with pytest.raises(AttnlabError, match="context is 8192 tokens"):
         work.capture_job(runs, "smollm2-135m", "word " * 9000, True, None)(job)
     assert runs.store.list().empty
+
+
+def test_the_run_cache_reads_only_inside_the_runs_directory(tmp_path):
+    from attnlab.analyses.result import Result
+
+    inside = Result("retrieval", summary="x").save(work.RunStore(tmp_path / "elsewhere"))  # a real run, outside
+    runs = work.RunCache(tmp_path / "runs")
+    for bad in [f"../elsewhere/{inside.name}", str(inside), "../elsewhere", "/etc/passwd"]:
+        with pytest.raises(AttnlabError):
+            runs.run(bad)
+
+
+def test_the_dashboard_command_serves_on_localhost_unless_told(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import attnlab.app.dashboard as dashboard
+    from attnlab.app.cli import app
+
+    served = []
+
+    class FakeApp:
+        def run(self, **kw):
+            served.append(kw)
+
+    monkeypatch.setattr(dashboard, "create_app", lambda runs: FakeApp())
+    assert CliRunner().invoke(app, ["dashboard", "--runs", str(tmp_path)]).exit_code == 0
+    assert CliRunner().invoke(app, ["dashboard", "--runs", str(tmp_path), "--host", "0.0.0.0", "--port", "9000"]
+                              ).exit_code == 0
+    assert [(s["host"], s["port"], s["debug"]) for s in served] == [("127.0.0.1", 8050, False),
+                                                                    ("0.0.0.0", 9000, False)]
+
+
+def test_the_server_refuses_oversized_requests(tmp_path):
+    from attnlab.app.dashboard import create_app
+
+    client = create_app(tmp_path / "runs").server.test_client()
+    big = b"x" * (4 * work.MAX_UPLOAD_BYTES + 1)
+    assert client.post("/_dash-update-component", data=big, content_type="application/json").status_code == 413

@@ -1,0 +1,156 @@
+"""The dashboard's intervention view: build an attention edit from a method, a scope and a strength,
+and compare the next-token distribution and one head's attention before/after. No Dash here.
+
+Methods (each an `attnlab.probe.edits.AttentionEdit`, or a head ablation):
+- `zerotuning`: LogitBias(gamma) on the first token (Han et al., ZeroTuning): gamma > 1 gives the
+  first token more of each row, gamma < 1 less; the rest of the row is renormalised.
+- `sink_transfer`: MassTransfer(keep=beta) on the first token: the BOS sink keeps beta of its mass,
+  the rest goes to the other keys in proportion (ACT's operation, Yu et al. 2024, applied to the
+  visible sink).
+- `act`: ACT proper: the hidden sinks of this text (keys after the first with alpha_k > 0.1, seen by
+  >= 4 queries, detected on the unedited capture) keep beta of their mass.
+- `pasta`: LogitBias(alpha) on every token outside a highlighted span (Zhang et al., PASTA): the
+  selected heads attend to the span.
+- `ablate_zero` / `ablate_bos`: the head's output set to 0, or its attention all on the first token
+  (Guo et al.'s dormancy test; this edits the head's output, not its pattern).
+
+Scope: the selected head, every head of the selected layer, or every head (ACT: its layers
+2..L-2). The heatmaps show the selected head's attention, captured with and without the edit on
+the fast path (`pooled` tiles, as in the head panel).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attnlab.probe import AttnlabError
+from attnlab.probe.edits import AttentionEdit, FirstToken, MassTransfer
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    strength: str | None  # the strength's name as in the paper (None: no strength)
+    default: float | None = None
+    lo: float = 0.0
+    hi: float = 100.0
+
+
+METHODS: dict[str, Method] = {
+    "zerotuning": Method("ZeroTuning: scale the first token's attention by gamma", "gamma", 2.0, 0.0, 100.0),
+    "sink_transfer": Method("sink mass transfer: the first token keeps beta of its mass", "beta", 0.4, 0.0, 1.0),
+    "act": Method("ACT: hidden sinks keep beta of their mass", "beta", 0.4, 0.0, 1.0),
+    "pasta": Method("PASTA: scale the tokens outside a span by alpha", "alpha", 0.01, 0.0, 100.0),
+    "ablate_zero": Method("ablate: zero the head's output", None),
+    "ablate_bos": Method("ablate: all of the head's attention to the first token", None),
+}
+SCOPES = {"head": "the selected head", "layer": "every head of its layer", "all": "every head"}
+
+
+@dataclass
+class Plan:
+    """What `apply` runs: edits (attention edits) or ablations (heads + mode), and a description."""
+
+    description: str
+    edits: list[AttentionEdit]
+    ablations: list[tuple[int, int]]
+    mode: str = "zero"
+
+    def context(self, probe) -> AbstractContextManager:
+        if self.ablations:
+            return probe.ablate(self.ablations, mode=self.mode)
+        return probe.intervene(*self.edits) if self.edits else nullcontext()  # e.g. gamma = 1: the identity
+
+
+def scope_heads(probe, scope: str, layer: int, head: int) -> list[tuple[int, int]] | None:
+    """(layer, head) pairs of the scope; None = every head of every layer."""
+    if scope == "head":
+        return [(layer, head)]
+    if scope == "layer":
+        return [(layer, h) for h in range(probe.info.n_heads)]
+    if scope == "all":
+        return None
+    raise AttnlabError(f"unknown scope {scope!r}: choose from {', '.join(SCOPES)}")
+
+
+def _strength(method: Method, value) -> float:
+    if value is None or value == "":
+        raise AttnlabError(f"give a strength: {method.strength} (e.g. {method.default})")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise AttnlabError(f"{method.strength} must be a number (got {value!r})") from None
+    if not method.lo <= x <= method.hi or not np.isfinite(x):
+        raise AttnlabError(f"{method.strength} = {x:g} is out of range: use {method.lo:g} to {method.hi:g}")
+    return x
+
+
+def plan(probe, tokens, method: str, scope: str, layer: int, head: int, strength=None, span: str | None = None) -> Plan:
+    """The edit for `method` at `strength` in `scope`, on `tokens` (one row: the capture's text)."""
+    from attnlab.interventions import act_edits, pasta_edits, zerotuning_edits
+    from attnlab.interventions.act import SinkFinder, default_layers
+
+    if method not in METHODS:
+        raise AttnlabError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    m = METHODS[method]
+    heads = scope_heads(probe, scope, layer, head)
+    where = {"head": f"L{layer} H{head}", "layer": f"every head of layer {layer}", "all": "every head"}[scope]
+    if method.startswith("ablate"):
+        mode = method.removeprefix("ablate_")
+        all_heads = heads or [(l, h) for l in range(probe.info.n_layers) for h in range(probe.info.n_heads)]
+        return Plan(f"{where} ablated ({mode})", [], all_heads, mode)
+    x = _strength(m, strength)
+    label = f"{method} {m.strength} = {x:g} on {where}"
+    if method == "zerotuning":
+        if x == 0:
+            raise AttnlabError("gamma must be > 0 (gamma = 1 changes nothing)")
+        return Plan(label, zerotuning_edits(x, heads), [])
+    if method == "sink_transfer":
+        layers = None if heads is None else sorted({l for l, _ in heads})
+        hs = None if heads is None else sorted({h for _, h in heads})
+        return Plan(label, [AttentionEdit(FirstToken(), MassTransfer(x), layers=layers, heads=hs)], [])
+    if method == "act":
+        layers = default_layers(probe.info.n_layers) if heads is None else sorted({l for l, _ in heads})
+        sinks = SinkFinder(probe, layers)(tokens)
+        edits = act_edits(sinks, heads, x)
+        if not edits:
+            raise AttnlabError(f"no hidden sink (a key after the first with alpha_k > 0.1) in {where} on this "
+                               "text: ACT changes nothing here; widen the scope or pick another head")
+        found = len({(e.layers[0], h) for e in edits for h in e.heads})
+        return Plan(f"{label} ({found} heads with hidden sinks)", edits, [])
+    # pasta
+    text = tokens.texts[0] if tokens.texts else ""
+    if not span or not span.strip():
+        raise AttnlabError("PASTA needs a highlighted span: type a part of the text in the span box")
+    at = text.find(span)
+    if at < 0:
+        raise AttnlabError(f"the span {span[:40]!r} is not in the text: copy a part of it exactly")
+    return Plan(f"{label}, span {span[:40]!r}", pasta_edits(tokens, [(at, at + len(span))], heads, x), [])
+
+
+def next_token_probs(probe, tokens) -> np.ndarray:
+    """[vocab] next-token probabilities after the last token (edits/ablations active apply)."""
+    logits = probe.forward(tokens, logits_to_keep=1).logits
+    return torch.softmax(logits[0, -1].float(), dim=-1).numpy()
+
+
+def head_pattern(probe, tokens, layer: int, head: int, block: int) -> np.ndarray:
+    """[query tile, key tile] attention of one head (edits active apply: the edited pattern)."""
+    cap = probe.capture(tokens, stats=[f"pooled({block})"], layers=[layer], heads=[head], backend="chunked")
+    return cap["pooled"][0, 0, 0].float().numpy()
+
+
+def compare(probe, tokens, p: Plan, layer: int, head: int, block: int) -> dict[str, np.ndarray]:
+    """Next-token probabilities and the head's pattern, before and after the plan's edit."""
+    out = {"p_before": next_token_probs(probe, tokens), "a_before": head_pattern(probe, tokens, layer, head, block)}
+    with p.context(probe):
+        out["p_after"] = next_token_probs(probe, tokens)
+        out["a_after"] = head_pattern(probe, tokens, layer, head, block)
+    return out
+
+
+__all__ = ["METHODS", "Method", "Plan", "SCOPES", "compare", "plan", "scope_heads"]

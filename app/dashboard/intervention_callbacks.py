@@ -1,0 +1,78 @@
+"""Callbacks of the intervention panel: the method's strength field, and `apply`, which compares the
+next-token distribution (top-k table and bars) and the selected head's attention before/after on the
+open capture's text. The edits are built in `intervene` (no Dash there)."""
+
+from __future__ import annotations
+
+import numpy as np
+from dash import Input, Output, State, html
+
+from attnlab.app import figures
+from attnlab.app.dashboard import ids, intervene, work
+from attnlab.app.dashboard.layout import ERROR, HIDDEN, blank
+from attnlab.probe import AttnlabError
+
+TOP_K = 10
+
+
+def next_token_table(table) -> html.Table:
+    shown = table.assign(token=[repr(t) for t in table.token], p_before=table.p_before.round(4),
+                         p_after=table.p_after.round(4), change=table.change.round(4))
+    cols = ("token", "p_before", "p_after", "change")
+    cell = {"padding": "2px 8px", "borderBottom": "1px solid #eee", "textAlign": "right"}
+    return html.Table(id=ids.NEXT_TABLE, style={"borderCollapse": "collapse", "fontSize": "12px"}, children=[
+        html.Thead(html.Tr([html.Th(c, style=cell) for c in cols])),
+        html.Tbody([html.Tr([html.Td(str(r[c]), style=cell) for c in cols]) for r in shown.to_dict("records")]),
+    ])
+
+
+def register(app, runs: work.RunCache) -> None:
+    @app.callback(Output(ids.STRENGTH_LABEL, "children"), Output(ids.STRENGTH, "value"),
+                  Output(ids.STRENGTH, "disabled"), Output(ids.SPAN, "disabled"),
+                  Input(ids.METHOD, "value"), prevent_initial_call=True)
+    def method_fields(method):
+        m = intervene.METHODS.get(method)
+        if m is None or m.strength is None:
+            return "(no strength)", None, True, True
+        return m.strength, m.default, False, method != "pasta"
+
+    @app.callback(Output(ids.EDIT_INFO, "children"), Output(ids.NEXT_TOKENS, "children"),
+                  Output(ids.NEXT_BARS, "figure"), Output(ids.ATTN_BEFORE, "figure"), Output(ids.ATTN_AFTER, "figure"),
+                  Output(ids.EDIT_RESULTS, "style"),
+                  Input(ids.APPLY, "n_clicks"), State(ids.CURRENT, "data"), State(ids.LAYER, "value"),
+                  State(ids.HEAD, "value"), State(ids.METHOD, "value"), State(ids.SCOPE, "value"),
+                  State(ids.STRENGTH, "value"), State(ids.SPAN, "value"), prevent_initial_call=True)
+    def apply(_n, name, layer, head, method, scope, strength, span):
+        def fail(message: str):
+            return html.Span(message, style=ERROR), "", blank(""), blank(""), blank(""), HIDDEN
+
+        if not name:
+            return fail("open a capture run (or capture a text) first: the intervention applies to its text")
+        if layer is None or head is None:
+            return fail("choose a layer and head first (or click a cell of a layer x head map)")
+        try:
+            cap = runs.capture(name)
+            if int(layer) not in cap.layers or int(head) not in cap.heads:
+                return fail(f"L{layer} H{head} is not in this capture: choose one of its layers and heads")
+            probe = work.get_probe(cap.model)
+            plan = intervene.plan(probe, cap.tokens, method, scope, int(layer), int(head), strength, span)
+            block = work.pooled_block(cap)
+            out = intervene.compare(probe, cap.tokens, plan, int(layer), int(head), block)
+        except (AttnlabError, OSError) as e:
+            return fail(f"cannot apply the intervention: {e}")
+        table = figures.next_token_frame(lambda i: probe.tokenizer.decode([i]), out["p_before"], out["p_after"], TOP_K)
+        title = f"next token after {cap.tokens.strings[0][-1]!r}: {plan.description}"
+        info = [html.B(plan.description)]
+        if plan.ablations:
+            info.append(html.Span(" (an ablation edits the head's output, not its pattern: the selected head's map "
+                                  "only changes if an ablated head sits in an earlier layer)", style={"color": "#666"}))
+        real = cap.tokens.attention_mask[0].tolist()
+        strings = [s for s, r in zip(cap.tokens.strings[0], real) if r] if block == 1 else None
+        top = float(np.nanmax([np.nanmax(out["a_before"]), np.nanmax(out["a_after"])]))
+        n = cap.tokens.length
+        before = figures.attention_heatmap(out["a_before"], strings, block, title=f"L{layer} H{head} before",
+                                           n_tokens=n, zmax=top)
+        after = figures.attention_heatmap(out["a_after"], strings, block, title=f"L{layer} H{head} after",
+                                          n_tokens=n, zmax=top)
+        bars = figures.next_token_bars(table, f"next token after {cap.tokens.strings[0][-1]!r}: before / after")
+        return info, [html.Div(title), next_token_table(table)], bars, before, after, {"display": "block"}

@@ -1,0 +1,149 @@
+"""The dashboard's analysis launchers and intervention builder (no browser): form checks, the edits
+each method builds, and what they change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from attnlab.app.dashboard import intervene, launchers, work
+from attnlab.probe import AttnlabError
+from attnlab.probe.edits import FirstToken, LogitBias, MassTransfer, RowPositions
+
+TEXT = "When Mary and John went to the store, John gave a drink to"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return work.get_probe("smollm2-135m")  # the dashboard's own cached instance
+
+
+@pytest.fixture(scope="module")
+def tokens(probe):
+    return probe.tokenize(TEXT)
+
+
+def test_launcher_forms_parse_defaults_and_name_the_bad_field():
+    retrieval = launchers.LAUNCHERS["retrieval"]
+    assert retrieval.parse({}, None) == {"lengths": [256], "depths": [0.0, 50.0, 100.0], "needles": 3,
+                                         "max_new_tokens": 24}
+    with pytest.raises(AttnlabError, match=r"depths \(%\): 120 is out of range"):
+        retrieval.parse({"depths": "0,120"}, None)
+    with pytest.raises(AttnlabError, match=r"needles \(1-3\): write a whole number"):
+        retrieval.parse({"needles": "two"}, None)
+    ta = launchers.LAUNCHERS["thought_anchors"]
+    assert ta.parse({}, None)["trace"] == "apples"
+    with pytest.raises(AttnlabError, match="the text box is empty"):
+        ta.parse({"trace": launchers.TEXT_BOX}, "  ")
+    with pytest.raises(AttnlabError, match=r"2 sentence\(s\).*proximity \+ 2 = 6"):
+        ta.parse({"trace": launchers.TEXT_BOX}, "One short sentence here. And a second one.")
+    with pytest.raises(AttnlabError, match="choose one of"):
+        ta.parse({"trace": "../etc/passwd"}, None)
+
+
+def test_every_launcher_default_form_is_valid():
+    for launcher in launchers.LAUNCHERS.values():
+        params = launcher.parse({}, None)
+        assert set(params) == {p.name for p in launcher.params}
+
+
+def test_zerotuning_on_one_head_is_a_first_token_logit_bias(probe, tokens):
+    plan = intervene.plan(probe, tokens, "zerotuning", "head", 5, 3, 2.5)
+    (edit,) = plan.edits
+    assert isinstance(edit.keys, FirstToken) and edit.op == LogitBias(2.5)
+    assert edit.layers == (5,) and edit.heads == (3,)
+    assert "gamma = 2.5 on L5 H3" in plan.description
+
+
+def test_sink_transfer_and_scopes(probe, tokens):
+    (edit,) = intervene.plan(probe, tokens, "sink_transfer", "layer", 7, 0, 0.3).edits
+    assert edit.op == MassTransfer(0.3) and edit.layers == (7,) and edit.heads == tuple(range(9))
+    (edit,) = intervene.plan(probe, tokens, "sink_transfer", "all", 7, 0, 0.3).edits
+    assert edit.layers is None and edit.heads is None
+
+
+def test_pasta_scales_the_tokens_outside_the_span(probe, tokens):
+    plan = intervene.plan(probe, tokens, "pasta", "head", 5, 3, 0.01, span="Mary and John")
+    (edit,) = plan.edits
+    assert isinstance(edit.keys, RowPositions) and edit.op == LogitBias(0.01)
+    outside = set(edit.keys.rows[0])
+    inside = {i - 1 for i, (a, b) in enumerate(tokens.offsets[0]) if a >= 5 and b <= 18}  # BOS is position 0
+    assert inside and not inside & outside and 0 in outside
+
+
+def test_bad_strengths_and_spans_are_readable_errors(probe, tokens):
+    with pytest.raises(AttnlabError, match="beta = 1.5 is out of range"):
+        intervene.plan(probe, tokens, "sink_transfer", "head", 0, 0, 1.5)
+    with pytest.raises(AttnlabError, match="give a strength"):
+        intervene.plan(probe, tokens, "zerotuning", "head", 0, 0, None)
+    with pytest.raises(AttnlabError, match="gamma must be a number"):
+        intervene.plan(probe, tokens, "zerotuning", "head", 0, 0, "lots")
+    with pytest.raises(AttnlabError, match="needs a highlighted span"):
+        intervene.plan(probe, tokens, "pasta", "head", 0, 0, 0.01, span="")
+    with pytest.raises(AttnlabError, match="is not in the text"):
+        intervene.plan(probe, tokens, "pasta", "head", 0, 0, 0.01, span="Paris")
+    with pytest.raises(AttnlabError, match="unknown method"):
+        intervene.plan(probe, tokens, "telekinesis", "head", 0, 0, 1.0)
+
+
+def test_compare_changes_the_distribution_and_the_edited_heads_pattern(probe, tokens):
+    plan = intervene.plan(probe, tokens, "zerotuning", "head", 5, 3, 4.0)
+    out = intervene.compare(probe, tokens, plan, 5, 3, block=1)
+    n = tokens.length
+    assert out["a_before"].shape == out["a_after"].shape == (n, n)
+    assert out["p_before"].sum() == pytest.approx(1, abs=1e-4) and out["p_after"].sum() == pytest.approx(1, abs=1e-4)
+    # gamma > 1 gives the first token more of every row of the edited head; rows still sum to 1
+    assert (out["a_after"][1:, 0] >= out["a_before"][1:, 0] - 1e-6).all()
+    assert np.nansum(out["a_after"], axis=1) == pytest.approx(np.ones(n), abs=1e-4)
+    assert not np.allclose(out["p_before"], out["p_after"])
+    # gamma = 1 is the identity: no edit, the same numbers
+    same = intervene.compare(probe, tokens, intervene.plan(probe, tokens, "zerotuning", "all", 5, 3, 1.0), 5, 3, 1)
+    np.testing.assert_array_equal(same["p_before"], same["p_after"])
+
+
+def test_an_ablation_leaves_the_ablated_heads_pattern_and_changes_the_output(probe, tokens):
+    plan = intervene.plan(probe, tokens, "ablate_zero", "layer", 2, 0)
+    assert plan.ablations == [(2, h) for h in range(9)] and not plan.edits
+    out = intervene.compare(probe, tokens, plan, 2, 0, block=1)
+    np.testing.assert_allclose(out["a_before"], out["a_after"])
+    assert not np.allclose(out["p_before"], out["p_after"])
+
+
+def test_head_score_columns_skip_text_and_flags():
+    from types import SimpleNamespace
+
+    heads = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "kv_head": [0, 0], "score": [0.1, 0.2],
+                          "status": pd.array(["active", "dormant"], dtype="string"), "is_retrieval": [True, False]})
+    run = SimpleNamespace(tables={"heads": heads, "texts": pd.DataFrame({"text": ["a"]})})
+    assert [o["value"] for o in work.head_score_columns(run)] == ["heads\tscore"]
+
+
+def test_an_analysis_job_checks_its_form_before_it_starts_and_saves_a_run(tmp_path):
+    from attnlab.analyses.result import Result
+
+    runs = work.RunCache(tmp_path / "runs")
+    with pytest.raises(AttnlabError, match=r"needles \(1-3\): 9 is out of range"):
+        work.analysis_job(runs, launchers.LAUNCHERS["retrieval"], "smollm2-135m", None, {"needles": "9"})
+    # a launcher's run gets the parsed form and the job's progress; its Result becomes a run
+    seen = {}
+
+    def run(probe, text, params, progress):
+        progress(1, 2)
+        seen.update(params, text=text)
+        heads = pd.DataFrame({"layer": [0, 1], "head": [0, 0], "score": [0.3, 0.7]})
+        return Result("toy", tables={"heads": heads}, params=params)
+
+    toy = launchers.Launcher("toy", "toy", "a toy", (launchers.Param("k", "k", "3", lambda lab, t: int(t)),),
+                             run=run, unit="toy step")
+    job = work.Job("j", "toy")
+    name = work.analysis_job(runs, toy, "smollm2-135m", "some text", {"k": "5"})(job)
+    assert seen == {"k": 5, "text": "some text"} and (job.done, job.total, job.unit) == (1, 2, "toy step")
+    run_ = runs.run(name)
+    assert run_.kind == "toy" and [o["value"] for o in work.head_score_columns(run_)] == ["heads\tscore"]
+    # cancelled before the analysis ran: nothing is saved
+    job = work.Job("c", "toy")
+    job.cancel.set()
+    with pytest.raises(work.Cancelled):
+        work.analysis_job(runs, toy, "smollm2-135m", None, {})(job)
+    assert len(runs.store.list()) == 1
