@@ -222,14 +222,15 @@ def time_size(n, log, hkv=8, with_chunked=True):
 
 
 def tune_forward(log, n=32768, d=128):
-    """Pick the tile configs for head dim d on this device (best median wins)."""
+    """Pick the tile configs of the forward with per-query statistics and of pass 2 for head dim d on
+    this device (best median wins); the plain forward keeps FWD_CONFIG (bench/fwd_stats_sweep.py)."""
     q, k, v = make_inputs(n, d=d)
     best_fwd = best_col = None
-    fwd_cfgs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
+    fwd_cfgs = [(128, 128, 8, 3, True), (128, 64, 8, 3, False), (128, 64, 8, 4, False)]
     if d == 64:
-        fwd_cfgs = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
+        fwd_cfgs = [(128, 64, 4, 3, True), (64, 64, 4, 3, False), (128, 128, 8, 3, False)]
     for cfg in fwd_cfgs:
-        ts.FWD_CONFIG[d] = cfg
+        ts.FWD_STATS_CONFIG[d] = cfg
         try:
             ms = bench_ms(lambda: ts.attention_stats(q, k, v, request=PER_QUERY), n)
         except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
@@ -238,7 +239,7 @@ def tune_forward(log, n=32768, d=128):
         log(f"d{d} fwd cfg {cfg} (forward + per-query stats): {ms:.3f} ms")
         if best_fwd is None or ms < best_fwd[1]:
             best_fwd = (cfg, ms)
-    ts.FWD_CONFIG[d] = best_fwd[0]
+    ts.FWD_STATS_CONFIG[d] = best_fwd[0]
     req = StatRequest(received=True, pooled_block=64)
     col_cfgs = [(64, 4, 3, 64), (128, 8, 3, 64), (64, 4, 3, 32), (64, 4, 4, 64), (32, 4, 3, 64)]
     if d == 64:

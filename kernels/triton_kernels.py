@@ -41,7 +41,7 @@ def _attend(acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base
             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr,
             HAS_WINDOW: tl.constexpr, MASK: tl.constexpr, ENT: tl.constexpr, TOP: tl.constexpr,
             DIST: tl.constexpr, SP: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr,
-            SPLIT: tl.constexpr, LO: tl.constexpr):
+            SPLIT: tl.constexpr, LO: tl.constexpr, TOP_FUSED: tl.constexpr):
     """The online-softmax loop over key blocks [lo, hi), carrying the per-query accumulators."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -51,8 +51,12 @@ def _attend(acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base
         k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=kmask[None, :], other=0.0)
         s = _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
                     SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
-        m_blk = tl.max(s, 1)
-        if TOP:  # the argmax only when some row's maximum moved (rare once a sink is seen)
+        if TOP and TOP_FUSED:  # value and index in one reduction
+            m_blk, i_blk = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+            top_i = tl.where(m_blk > m_i, start_n + i_blk, top_i)
+        else:
+            m_blk = tl.max(s, 1)
+        if TOP and not TOP_FUSED:  # the argmax only when some row's maximum moved (rare once a sink is seen)
             upd = m_blk > m_i
             if tl.max(upd.to(tl.int32), 0) > 0:
                 top_i = tl.where(upd, start_n + tl.argmax(s, 1, tie_break_left=True), top_i)
@@ -122,7 +126,7 @@ def _fwd_kernel(Q, K, V, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHo
                 SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 ENT: tl.constexpr, TOP: tl.constexpr, DIST: tl.constexpr, SINK: tl.constexpr,
                 LOCAL: tl.constexpr, SP: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr,
-                SPLIT: tl.constexpr, LO: tl.constexpr):
+                SPLIT: tl.constexpr, LO: tl.constexpr, TOP_FUSED: tl.constexpr):
     bh = tl.program_id(0)
     pid_m = n_mblocks - 1 - tl.program_id(1)  # the heaviest causal blocks first
     b = bh // Hq
@@ -176,15 +180,15 @@ def _fwd_kernel(Q, K, V, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHo
     acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
         acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
         seg_base, bs, bt, pos, first, window, qk_scale, softcap, lo, a, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO)
+        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED)
     acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
         acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
         seg_base, bs, bt, pos, first, window, qk_scale, softcap, a, f, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, False, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO)
+        HAS_WINDOW, False, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED)
     acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
         acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
         seg_base, bs, bt, pos, first, window, qk_scale, softcap, f, hi, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO)
+        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED)
 
     l_safe = tl.where(real, l_i, 1.0)
     inv_l = 1.0 / l_safe

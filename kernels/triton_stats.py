@@ -17,11 +17,12 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
 
 Measured on one H100 (bench/kernel_stats.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
-multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.13x / 1.03x (547 /
-556 TFLOP/s), forward with per-query statistics 1.66x / 1.52x (373 / 379 TFLOP/s), pass 2 alone
-1.01x / 0.92x, every statistic but `pattern` 3.03x / 2.71x: the targets (1.45x, 1.75x) are not
-reached. When a call asks only for pass 2's statistics, cuDNN gives the output and the log-sum-exp
-(`_cudnn_output`; 2.19x / 2.00x for received + pooled, against 2.40x / 2.17x with our forward).
+multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.05x / 1.04x, forward
+with per-query statistics 1.59x / 1.45x (387 / 389 TFLOP/s), pass 2 alone 1.05x / 0.92x, every
+statistic but `pattern` 3.19x / 2.68x: the targets (1.45x at both lengths, 1.75x) are not all
+reached (bench/RESULTS.md). When a call asks only for pass 2's statistics, cuDNN gives the output
+and the log-sum-exp (`_cudnn_output`; 2.10x / 1.98x for received + pooled, against 2.34x / 2.10x
+with our forward).
 Tried and dropped (branch experiment/fused-stats-pass): one query-outer pass after cuDNN for every
 statistic, column sums read-added-written per program group: correct, but 107 ms at 32k against
 these two passes' 44 ms, as the per-tile column sums need a reduction across warps.
@@ -49,8 +50,14 @@ from attnlab.kernels.request import StatRequest
 LOG2E = 1.4426950408889634
 MAX_SEGMENTS = 64
 
-# head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of pass 1; pass 2 picks its own blocks.
-FWD_CONFIG = {64: (64, 64, 4, 3), 128: (128, 64, 8, 4), 256: (64, 32, 4, 2)}
+# Pass 1 tiles by head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, TOP_FUSED), H100 medians of
+# bench/fwd_stats_sweep.py. TOP_FUSED takes the top key's value and index in one reduction per tile;
+# otherwise an argmax runs only on tiles where some row's maximum moved. Which is faster depends on
+# the tiles (compiler scheduling): 22.3 vs 25.3 ms at 128 x 128, 25.5 vs 23.4 ms at 128 x 64 (d 128, 32k).
+FWD_CONFIG = {64: (64, 64, 4, 3, False), 128: (128, 128, 8, 3, False), 256: (64, 32, 4, 2, False)}  # output only
+FWD_STATS_CONFIG = {64: (128, 64, 4, 3, True), 128: (128, 128, 8, 3, True), 256: (64, 32, 4, 2, False)}  # + per-query
+FWD_SEGMENTS_CONFIG = {64: (64, 64, 4, 3, False), 128: (128, 64, 8, 4, False), 256: (64, 32, 4, 2, False)}  # + segments
+_FWD_STEPPED: dict[tuple, tuple[int, int]] = {}  # (head dim, tiles, segments, GPU) -> (BLOCK_N, stages) that fit
 COL_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}  # (BLOCK_N, num_warps, num_stages)
 COL_ROWS = 64  # packed rows (heads x queries) per pass-2 tile
 # Sums of p through tensor-core products with a one-hot (received, pooled, segments): p * 2^14 in
@@ -147,9 +154,11 @@ class _Call:
         self.device = q.device
         self.key_mask = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.bool)
         self.first = reference.first_real_position(self.key_mask, B, q.device).to(torch.int32)
-        self.min_first, self.max_first = int(self.first.min()), int(self.first.max())
-        if self.max_first == 0:  # an all-true mask (left padding was checked): the same as none
-            self.key_mask = None
+        self.min_first = self.max_first = 0
+        if self.key_mask is not None:  # two host syncs, only where there is a mask
+            self.min_first, self.max_first = int(self.first.min()), int(self.first.max())
+            if self.max_first == 0:  # an all-true mask (left padding was checked): the same as none
+                self.key_mask = None
         self.edit = None
         self.src = self.tgt = torch.zeros(1, dtype=torch.int8, device=q.device)
         self.bias_s = self.bias_t = torch.zeros(1, dtype=torch.float32, device=q.device)
@@ -182,8 +191,15 @@ class _Call:
         return ms, mt
 
     # -- pass 1
+    def _fwd_tiles(self, with_stats: bool, segments: bool) -> tuple[int, int, int, int, bool]:
+        if _interpret():
+            return 16, 16, 4, 1, segments  # both top-key reductions are tested
+        table = FWD_SEGMENTS_CONFIG if segments else FWD_STATS_CONFIG if with_stats else FWD_CONFIG
+        return table[self.D]
+
     def _launch_fwd(self, request, out, lse2, stats, seg_part, masses=None, has_edit=None):
-        BM, BN, warps, stages = (16, 16, 4, 1) if _interpret() else FWD_CONFIG[self.D]
+        with_stats = bool(stats) or masses is not None
+        BM, BN, warps, stages, top_fused = self._fwd_tiles(with_stats, seg_part is not None)
         n_m = triton.cdiv(self.Nq, BM)
         dummy = lse2
         sp = 0
@@ -197,22 +213,42 @@ class _Call:
         has_edit = self.edit is not None if has_edit is None else has_edit
         o = out if out is not None else self.q
         q, k, v = self.q, self.k, self.v
-        self.fwd_compiled = _fwd_kernel[(self.B * self.Hq, n_m)](
-            q, k, v, o, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, seg, seg_hot,
-            stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
-            stats.get("distance", dummy), stats.get("sink_mass", dummy), stats.get("local_mass", dummy),
-            seg_part if seg_part is not None else dummy,
-            masses[0] if masses else dummy, masses[1] if masses else dummy,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            self.Hq, self.G, self.Nq, self.Nk, self.q_off, self.scale, float(self.softcap or 1.0),
-            int(self.window or 0), int(request.sink_k or 0), int(request.distance_window or 0), n_m,
-            self.min_first, self.max_first,
-            HEAD_DIM=self.D, BLOCK_M=BM, BLOCK_N=BN, SOFTCAP=self.softcap is not None, HAS_EDIT=has_edit,
-            HAS_WINDOW=self.window is not None, ENT="entropy" in stats, TOP="top_key" in stats,
-            DIST="distance" in stats, SINK="sink_mass" in stats, LOCAL="local_mass" in stats, SP=sp,
-            CLASS_MASS=masses is not None, WRITE_OUT=out is not None, SPLIT=_split(), LO=EXACT_SUMS, num_warps=warps, num_stages=stages,
-        )
+
+        def launch(bn, st):
+            return _fwd_kernel[(self.B * self.Hq, n_m)](
+                q, k, v, o, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, seg, seg_hot,
+                stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
+                stats.get("distance", dummy), stats.get("sink_mass", dummy), stats.get("local_mass", dummy),
+                seg_part if seg_part is not None else dummy,
+                masses[0] if masses else dummy, masses[1] if masses else dummy,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                self.Hq, self.G, self.Nq, self.Nk, self.q_off, self.scale, float(self.softcap or 1.0),
+                int(self.window or 0), int(request.sink_k or 0), int(request.distance_window or 0), n_m,
+                self.min_first, self.max_first,
+                HEAD_DIM=self.D, BLOCK_M=BM, BLOCK_N=bn, SOFTCAP=self.softcap is not None, HAS_EDIT=has_edit,
+                HAS_WINDOW=self.window is not None, ENT="entropy" in stats, TOP="top_key" in stats,
+                DIST="distance" in stats, SINK="sink_mass" in stats, LOCAL="local_mass" in stats, SP=sp,
+                CLASS_MASS=masses is not None, WRITE_OUT=out is not None, SPLIT=_split(), LO=EXACT_SUMS, TOP_FUSED=top_fused,
+                num_warps=warps, num_stages=st,
+            )
+
+        # Tiles that do not fit this GPU's shared memory (e.g. the segments' one-hot next to K and V)
+        # step down: fewer stages, then narrower key blocks; the working choice is remembered.
+        key = (self.D, BM, BN, warps, stages, top_fused, sp, torch.cuda.get_device_name(self.device) if self.q.is_cuda else "")
+        BN, stages = _FWD_STEPPED.get(key, (BN, stages))
+        while True:
+            try:
+                self.fwd_compiled = launch(BN, stages)
+                break
+            except triton.runtime.errors.OutOfResources:
+                if stages > 2:
+                    stages -= 1
+                elif BN > 16:
+                    BN //= 2
+                else:
+                    raise
+                _FWD_STEPPED[key] = (BN, stages)
         return n_m, sp
 
     def forward(self, request: StatRequest):
@@ -233,7 +269,7 @@ class _Call:
             stats["local_mass"] = torch.empty(B, Hq, Nq, **f32)
         seg_part = None
         if request.segment_ids is not None:
-            BM = 16 if _interpret() else FWD_CONFIG[self.D][0]
+            BM = self._fwd_tiles(with_stats=True, segments=True)[0]
             sp = max(16, triton.next_power_of_2(request.n_segments))
             seg_part = torch.empty(B, Hq, triton.cdiv(Nq, BM), sp, sp, **f32)
         if not stats and seg_part is None and self._cudnn_output(out, lse2):

@@ -36,6 +36,10 @@ class CaptureSession:
     make_request: Callable[[int, int], StatRequest]  # (n_queries, n_keys) -> request
     kernel: Callable  # attention_stats-compatible
     on_layer: Callable[[int], None] | None = None  # progress callback
+    # Copy each layer's statistics to pinned host memory as soon as the layer is done, without
+    # waiting (the copies overlap the next layers and free GPU memory early); the caller synchronises
+    # before reading them (`synchronize`). Off: the records stay where the kernel wrote them.
+    offload: bool = False
     records: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -45,6 +49,17 @@ class CaptureSession:
 
     def __exit__(self, *exc) -> None:
         _SESSION.reset(self._token)
+
+    def synchronize(self) -> None:
+        """Wait for the offloaded copies (a no-op without offload or CUDA)."""
+        if self.offload and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_cuda:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def attnlab_attention(
@@ -80,6 +95,8 @@ def attnlab_attention(
             query, key, value, scale=scaling, request=request, key_mask=key_mask,
             sliding_window=sliding_window, softcap=softcap, edits=edits,
         )
+        if session.offload:
+            stats = {name: _to_host(t) for name, t in stats.items()}
         session.records.setdefault(layer, []).append(stats)
         session.seconds += time.perf_counter() - started
         if session.on_layer is not None:

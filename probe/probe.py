@@ -231,10 +231,12 @@ class Probe:
             )
         else:
             kernel = kernels.attention_stats if backend == "chunked" else kernels.triton_kernel()
-            session = fast_path.CaptureSession(set(layer_list), make_request, kernel, on_layer)
+            session = fast_path.CaptureSession(set(layer_list), make_request, kernel, on_layer,
+                                               offload=torch.device(self.device).type == "cuda")
             with session:
                 # Only the final hidden state is needed: skip the vocabulary projection (N x V).
                 self.forward(tokens, logits_to_keep=1)
+            session.synchronize()
             records = {layer: self._select_heads(recs[0], head_list) for layer, recs in session.records.items()}
         elapsed = time.perf_counter() - started
 
@@ -308,6 +310,8 @@ class Probe:
 
     @staticmethod
     def _select_heads(stats: dict[str, torch.Tensor], heads: list[int]) -> dict[str, torch.Tensor]:
+        if heads == list(range(len(heads))) and all(v.shape[1] == len(heads) for v in stats.values()):
+            return stats  # every head, in order: no copy
         idx = torch.tensor(heads, device=next(iter(stats.values())).device) if stats else None
         return {k: v.index_select(1, idx) for k, v in stats.items()}
 
