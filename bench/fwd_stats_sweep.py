@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_stats import PER_QUERY, make_inputs  # noqa: E402  (bench/kernel_stats.py)
+from kernel_stats import PER_QUERY, full_request, make_inputs  # noqa: E402  (bench/kernel_stats.py)
 
 from attnlab.kernels import StatRequest  # noqa: E402
 from attnlab.kernels import triton_stats as ts  # noqa: E402
@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--configs", default=None, help="space-separated BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--tma", action="store_true", help="also time (and check) K/V loads through tensor descriptors")
     args = ap.parse_args()
     d = args.d
     configs = ([tuple(int(x) for x in c.split(",")) for c in args.configs.split()] if args.configs
@@ -55,15 +56,31 @@ def main():
                           ("sink", StatRequest(sink_k=4)), ("ent+dist", StatRequest(entropy=True, distance_window=128))]:
             ts.CUDNN = False  # our kernel even where no statistic is asked for
             t(f"fwd {name} {default_stats if req.outputs() else default}", lambda: ts.attention_stats(q, k, v, request=req))
-        for cfg in configs:
-            ts.FWD_CONFIG[d] = (*cfg, False)
-            ts.CUDNN = False
-            t(f"plain {cfg}", lambda: ts.attention_stats(q, k, v, request=StatRequest()))
-            ts.CUDNN = True
-            for fused in (False, True):
-                ts.FWD_STATS_CONFIG[d] = (*cfg, fused)
-                ms = t(f"per-query {cfg} top_fused={fused}", lambda: ts.attention_stats(q, k, v, request=PER_QUERY))
-                print(f"{'':7s} {'':55s} {ms / base:9.2f}x", flush=True)
+        for tma in (False, True) if args.tma else (False,):
+            ts.TMA = tma
+            if tma:  # the same numbers with either load
+                full = full_request(n)
+                ts.TMA = False
+                o0, s0 = ts.attention_stats(q, k, v, request=full)
+                ts.TMA = True
+                o1, s1 = ts.attention_stats(q, k, v, request=full)
+                diffs = {"out": (o0.float() - o1.float()).abs().max().item(),
+                         **{name: (s0[name].double() - s1[name].double()).abs().nan_to_num().max().item() for name in s0}}
+                print("TMA vs pointer loads, max abs diff:", diffs, flush=True)
+                res[f"d{d} {n} tma_diffs"] = diffs
+            for cfg in configs:
+                ts.FWD_CONFIG[d] = (*cfg, False)
+                ts.CUDNN = False
+                t(f"plain {cfg} tma={tma}", lambda: ts.attention_stats(q, k, v, request=StatRequest()))
+                ts.CUDNN = True
+                t(f"pass 2 received+pooled, cuDNN output tma={tma}",
+                  lambda: ts.attention_stats(q, k, v, request=StatRequest(received=True, pooled_block=64)))
+                for fused in (False, True):
+                    ts.FWD_STATS_CONFIG[d] = (*cfg, fused)
+                    ms = t(f"per-query {cfg} top_fused={fused} tma={tma}",
+                           lambda: ts.attention_stats(q, k, v, request=PER_QUERY))
+                    print(f"{'':7s} {'':55s} {ms / base:9.2f}x", flush=True)
+        ts.TMA = False
         ts.FWD_CONFIG[d], ts.FWD_STATS_CONFIG[d] = default, default_stats
         ts.CUDNN = True
         del q, k, v, kr, vr

@@ -195,7 +195,9 @@ def time_size(n, log, hkv=8, with_chunked=True):
     add("sdpa_default", lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
         add("sdpa_flash", lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True))
+    ts.CUDNN = False  # our kernel: a request without statistics would otherwise go to cuDNN
     add("ours_forward_plain", lambda: ts.attention_stats(q, k, v, request=StatRequest()))
+    ts.CUDNN = True
     add("ours_forward_stats", lambda: ts.attention_stats(q, k, v, request=PER_QUERY))
     req = full_request(n)
     add("ours_full_capture", lambda: ts.attention_stats(q, k, v, request=req))

@@ -36,19 +36,22 @@ def _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale,
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn,
+def _attend(acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, desc_k, desc_v, b, hk,
             src_base, tgt_base, seg_base, bs, bt, pos, first, window, qk_scale, softcap, lo, hi, Nk,
             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr,
             HAS_WINDOW: tl.constexpr, MASK: tl.constexpr, ENT: tl.constexpr, TOP: tl.constexpr,
             DIST: tl.constexpr, SP: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr,
-            SPLIT: tl.constexpr, LO: tl.constexpr, TOP_FUSED: tl.constexpr):
+            SPLIT: tl.constexpr, LO: tl.constexpr, TOP_FUSED: tl.constexpr, TMA: tl.constexpr):
     """The online-softmax loop over key blocks [lo, hi), carrying the per-query accumulators."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kmask = cols < Nk
-        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        if TMA:  # Hopper's tensor memory accelerator; zero-filled past Nk like the masked load
+            k = tl.trans(desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+        else:
+            k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=kmask[None, :], other=0.0)
         s = _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
                     SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
         if TOP and TOP_FUSED:  # value and index in one reduction
@@ -75,7 +78,10 @@ def _attend(acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base
             mt_i = alpha * mt_i + tl.sum(tl.where(tgtv[None, :], p, 0.0), 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         if WRITE_OUT:
-            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            if TMA:
+                v = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            else:
+                v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc)
         if SP > 0:  # per-row sums over key segments (one-hot product, see _col_loop)
@@ -118,7 +124,7 @@ def _mass(q, k_base, skn, src_base, tgt_base, bs, bt, pos, first, window, qk_sca
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHot,
+def _fwd_kernel(Q, K, V, DescK, DescV, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHot,
                 Ent, Top, TopP, Dist, Sink, Local, SegPart, MassS, MassT,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 Hq, G, Nq, Nk, q_off, qk_scale, softcap, window, sink_k, dist_window, n_mblocks, min_first, max_first,
@@ -126,7 +132,7 @@ def _fwd_kernel(Q, K, V, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHo
                 SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 ENT: tl.constexpr, TOP: tl.constexpr, DIST: tl.constexpr, SINK: tl.constexpr,
                 LOCAL: tl.constexpr, SP: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr,
-                SPLIT: tl.constexpr, LO: tl.constexpr, TOP_FUSED: tl.constexpr):
+                SPLIT: tl.constexpr, LO: tl.constexpr, TOP_FUSED: tl.constexpr, TMA: tl.constexpr):
     bh = tl.program_id(0)
     pid_m = n_mblocks - 1 - tl.program_id(1)  # the heaviest causal blocks first
     b = bh // Hq
@@ -178,17 +184,17 @@ def _fwd_kernel(Q, K, V, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHo
     top_i = tl.zeros([BLOCK_M], dtype=tl.int32) - 1
     r_acc = tl.zeros([BLOCK_M, SP if SP > 0 else 16], dtype=tl.float32)
     acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
-        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
+        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
         seg_base, bs, bt, pos, first, window, qk_scale, softcap, lo, a, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED)
+        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED, TMA)
     acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
-        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
+        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
         seg_base, bs, bt, pos, first, window, qk_scale, softcap, a, f, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, False, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED)
+        HAS_WINDOW, False, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED, TMA)
     acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
-        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, src_base, tgt_base,
+        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
         seg_base, bs, bt, pos, first, window, qk_scale, softcap, f, hi, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED)
+        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED, TMA)
 
     l_safe = tl.where(real, l_i, 1.0)
     inv_l = 1.0 / l_safe
@@ -234,11 +240,11 @@ def _fwd_kernel(Q, K, V, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHo
 
 
 @triton.jit
-def _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base, hot,
+def _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base, hot,
               sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks, pool, lo, hi,
               HEAD_DIM: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              POOL: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr):
+              POOL: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr, TMA: tl.constexpr):
     """Query blocks [lo, hi) against one key block, transposed: scores are [keys, packed rows]."""
     offs_d = tl.arange(0, HEAD_DIM)
     r = tl.arange(0, GP * BLOCK_M)
@@ -251,7 +257,11 @@ def _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, Bias
         qi = m0 + mm
         ok = (qi < Nq) & gok
         row = (b * Hq + h) * Nq + qi
-        qt = tl.load(Q + b * sqb + h[None, :] * sqh + qi[None, :] * sqn + offs_d[:, None], mask=ok[None, :], other=0.0)
+        if TMA:  # the G heads' rows as one [GP, BLOCK_M, D] box (zero past Nq / Hq; other rows are masked by ok)
+            qt = tl.trans(DescQ.load([b, hk * G, m0, 0]).reshape(GP * BLOCK_M, HEAD_DIM))
+        else:
+            qt = tl.load(Q + b * sqb + h[None, :] * sqh + qi[None, :] * sqn + offs_d[:, None], mask=ok[None, :],
+                         other=0.0)
         lse2 = tl.load(Lse2 + row, mask=ok, other=float("inf"))
         s = tl.dot(k, qt)  # [BLOCK_N, rows]
         if SOFTCAP:
@@ -290,12 +300,12 @@ def _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, Bias
 
 
 @triton.jit
-def _col_kernel(Q, K, Lse2, First, Src, Tgt, BiasS, BiasT, Recv, PoolPart,
+def _col_kernel(Q, DescQ, K, Lse2, First, Src, Tgt, BiasS, BiasT, Recv, PoolPart,
                 sqb, sqh, sqn, skb, skh, skn,
                 Hq, Hkv, G, Nq, Nk, q_off, qk_scale, softcap, window, n_qcells, n_kblocks, pool, min_first,
                 max_first, HEAD_DIM: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                RECV: tl.constexpr, POOL: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr):
+                RECV: tl.constexpr, POOL: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr, TMA: tl.constexpr):
     bk = tl.program_id(0)
     kb = tl.program_id(1)  # key block 0 (seen by the most queries) first
     b = bk // Hkv
@@ -328,15 +338,15 @@ def _col_kernel(Q, K, Lse2, First, Src, Tgt, BiasS, BiasT, Recv, PoolPart,
     f = tl.maximum(tl.minimum(f, qhi), a)
     recv = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
     cell = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
-    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
+    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
                            hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
-                           pool, qlo, a, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, True, SPLIT, LO)
-    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
+                           pool, qlo, a, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, True, SPLIT, LO, TMA)
+    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
                            hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
-                           pool, a, f, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, False, SPLIT, LO)
-    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
+                           pool, a, f, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, False, SPLIT, LO, TMA)
+    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
                            hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
-                           pool, f, qhi, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, True, SPLIT, LO)
+                           pool, f, qhi, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, True, SPLIT, LO, TMA)
     if RECV:
         hh = hk * G + hv
         tl.store(Recv + (b * Hq + hh[None, :]) * Nk + cols[:, None], recv * (1.0 / 16384.0), mask=(hv < G)[None, :] & kmask[:, None])

@@ -17,12 +17,11 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
 
 Measured on one H100 (bench/kernel_stats.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
-multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.05x / 1.04x, forward
-with per-query statistics 1.59x / 1.45x (387 / 389 TFLOP/s), pass 2 alone 1.05x / 0.92x, every
-statistic but `pattern` 3.19x / 2.68x: the targets (1.45x at both lengths, 1.75x) are not all
-reached (bench/RESULTS.md). When a call asks only for pass 2's statistics, cuDNN gives the output
-and the log-sum-exp (`_cudnn_output`; 2.10x / 1.98x for received + pooled, against 2.34x / 2.10x
-with our forward).
+multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.27x / 1.16x, forward
+with per-query statistics 1.45x / 1.32x (433 / 437 TFLOP/s), pass 2 alone 1.01x / 0.89x, every
+statistic but `pattern` 2.96x / 2.59x (target 1.75x: not reached; bench/RESULTS.md). When a call
+asks only for pass 2's statistics, cuDNN gives the output and the log-sum-exp (`_cudnn_output`;
+2.04x / 1.95x for received + pooled, against 2.25x / 2.07x with our forward).
 Tried and dropped (branch experiment/fused-stats-pass): one query-outer pass after cuDNN for every
 statistic, column sums read-added-written per program group: correct, but 107 ms at 32k against
 these two passes' 44 ms, as the per-tile column sums need a reduction across warps.
@@ -41,6 +40,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from attnlab.kernels import reference
 from attnlab.kernels.triton_kernels import _col_kernel, _fwd_kernel
@@ -55,8 +55,12 @@ MAX_SEGMENTS = 64
 # otherwise an argmax runs only on tiles where some row's maximum moved. Which is faster depends on
 # the tiles (compiler scheduling): 22.3 vs 25.3 ms at 128 x 128, 25.5 vs 23.4 ms at 128 x 64 (d 128, 32k).
 FWD_CONFIG = {64: (64, 64, 4, 3, False), 128: (128, 128, 8, 3, False), 256: (64, 32, 4, 2, False)}  # output only
-FWD_STATS_CONFIG = {64: (128, 64, 4, 3, True), 128: (128, 128, 8, 3, True), 256: (64, 32, 4, 2, False)}  # + per-query
+FWD_STATS_CONFIG = {64: (64, 64, 4, 3, True), 128: (128, 128, 8, 3, True), 256: (64, 32, 4, 2, False)}  # + per-query
 FWD_SEGMENTS_CONFIG = {64: (64, 64, 4, 3, False), 128: (128, 64, 8, 4, False), 256: (64, 32, 4, 2, False)}  # + segments
+# Streamed tiles (K/V in pass 1, Q in pass 2) through tensor descriptors on Hopper and later: the
+# same numbers bit for bit; forward with per-query statistics 21.7 -> 20.3 ms at 32k, 358 -> 324 ms at
+# 128k on an H100 (d 128); pass 2 gains ~3%.
+TMA = True
 _FWD_STEPPED: dict[tuple, tuple[int, int]] = {}  # (head dim, tiles, segments, GPU) -> (BLOCK_N, stages) that fit
 COL_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}  # (BLOCK_N, num_warps, num_stages)
 COL_ROWS = 64  # packed rows (heads x queries) per pass-2 tile
@@ -190,6 +194,15 @@ class _Call:
                          masses=(ms, mt), has_edit=False)
         return ms, mt
 
+    def _descriptor(self, t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
+        """A tensor descriptor for TMA loads (Hopper and later), or None: pointer loads instead."""
+        if not (TMA and t.is_cuda and not _interpret() and torch.cuda.get_device_capability(t.device)[0] >= 9):
+            return None
+        try:
+            return TensorDescriptor.from_tensor(t, block)
+        except AssertionError:  # a base or stride not 16-byte aligned (e.g. a view into a fused projection)
+            return None
+
     # -- pass 1
     def _fwd_tiles(self, with_stats: bool, segments: bool) -> tuple[int, int, int, int, bool]:
         if _interpret():
@@ -215,8 +228,12 @@ class _Call:
         q, k, v = self.q, self.k, self.v
 
         def launch(bn, st):
+            dk, dv = (self._descriptor(t, [1, 1, bn, self.D]) for t in (k, v))
+            tma = dk is not None and dv is not None
+            if not tma:
+                dk, dv = k, v
             return _fwd_kernel[(self.B * self.Hq, n_m)](
-                q, k, v, o, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, seg, seg_hot,
+                q, k, v, dk, dv, o, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, seg, seg_hot,
                 stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
                 stats.get("distance", dummy), stats.get("sink_mass", dummy), stats.get("local_mass", dummy),
                 seg_part if seg_part is not None else dummy,
@@ -229,7 +246,7 @@ class _Call:
                 HEAD_DIM=self.D, BLOCK_M=BM, BLOCK_N=bn, SOFTCAP=self.softcap is not None, HAS_EDIT=has_edit,
                 HAS_WINDOW=self.window is not None, ENT="entropy" in stats, TOP="top_key" in stats,
                 DIST="distance" in stats, SINK="sink_mass" in stats, LOCAL="local_mass" in stats, SP=sp,
-                CLASS_MASS=masses is not None, WRITE_OUT=out is not None, SPLIT=_split(), LO=EXACT_SUMS, TOP_FUSED=top_fused,
+                CLASS_MASS=masses is not None, WRITE_OUT=out is not None, SPLIT=_split(), LO=EXACT_SUMS, TOP_FUSED=top_fused, TMA=tma,
                 num_warps=warps, num_stages=st,
             )
 
@@ -329,14 +346,16 @@ class _Call:
         recv = torch.empty(B, Hq, Nk, **f32) if request.received else lse2
         part = torch.zeros(B, Hq, n_qc, n_kb, **f32) if pool else lse2
         q, k = self.q, self.k
+        desc_q = self._descriptor(q, [1, GP, BM, self.D])
+        tma = desc_q is not None
         self.col_compiled = _col_kernel[(B * self.Hkv, n_kb)](
-            q, k, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, recv, part,
+            q, desc_q if tma else q, k, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, recv, part,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             Hq, self.Hkv, G, Nq, Nk, self.q_off, self.scale, float(self.softcap or 1.0), int(self.window or 0),
             n_qc, n_kb, max(pool, 1), self.min_first, self.max_first,
             HEAD_DIM=self.D, GP=GP, HP=max(16, GP), BLOCK_M=BM, BLOCK_N=BN, SOFTCAP=self.softcap is not None,
             HAS_EDIT=self.edit is not None, HAS_WINDOW=self.window is not None, RECV=request.received,
-            POOL=bool(pool), SPLIT=_split(), LO=EXACT_SUMS, num_warps=warps, num_stages=stages,
+            POOL=bool(pool), SPLIT=_split(), LO=EXACT_SUMS, TMA=tma, num_warps=warps, num_stages=stages,
         )
         res = {}
         if request.received:
