@@ -28,12 +28,12 @@ random tie-breaking: node scores are small integers and tie often), and wall tim
 
 Pooling: `mean` (the paper), `last` (the last prompt position, where the answer is produced), or `both`
 (attnlab's option: one SAE per pooling, each head keeping the larger of its two node scores, and of its
-two edge scores). On the planted induction model (`toy_circuits`) mean pooling finds the previous-token
-head and misses the induction head, whose output when nothing matches dominates its mean over
-positions; last-position pooling does the opposite; `both` ranks the two planted heads first.
+two edge scores). On the planted induction model (`toy_circuits`), whose induction head is a no-op where
+nothing matches (as real ones are), mean pooling ranks both planted heads first; last-position pooling
+misses the previous-token head, which acts alike on positives and negatives.
 
-Head outputs and patching come from `attnlab.analyses.head_outputs` (hooks on each layer's attention
-output projection: exact, on the fast path).
+Head outputs come from the probe (`attnlab.probe.head_outputs`: hooks on each layer's attention output
+projection, exact on the fast path; re-exported here), patching from `attnlab.analyses.head_outputs`.
 
     res = evaluate(probe, make_task(probe, "ioi", n=64))        # SAE (5 seeds) vs patching
     res.tables["scores"]; res.figures["heatmaps"]
@@ -56,10 +56,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attnlab.analyses import sae_circuits_plots as plots
-from attnlab.analyses.head_outputs import (POOLINGS, activation_patching, head_frame, head_outputs,
-                                           out_projections, resolve_task, torch_threads, w_o)
+from attnlab.analyses.head_outputs import activation_patching, head_frame, resolve_task
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.head_outputs import POOLINGS, head_outputs, out_projections, torch_threads, w_o
 from attnlab.probe.tasks.circuits import CircuitTask, make_task
 
 LAMBDA = {"docstring": 0.05}  # the paper's lambda per task; 0.02 otherwise

@@ -1,7 +1,8 @@
 """attnlab.probe: models in, attention out.
 
 `load(name)` gives a `Probe` (fast path + hooked path); `Probe.capture(...)` gives a `Capture` of
-per-head attention statistics; `RunStore` writes and reads run directories.
+per-head attention statistics; `Probe.head_outputs(...)` every head's output after W_O (recorded and
+patched by `attnlab.probe.head_outputs`); `RunStore` writes and reads run directories.
 """
 
 from attnlab.probe.capture import Capture

@@ -161,6 +161,16 @@ class Probe:
 
         return ablate(self, heads, mode, decode_only)
 
+    def head_outputs(self, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
+                     prepend_bos: bool = True, progress: bool = False) -> torch.Tensor:
+        """[E, layers * heads, d_model]: every head's output after W_O (z_k W_O^k, read at each layer's
+        attention output projection), averaged over each prompt's real positions (`mean`) or taken at its
+        last token (`last`); `both` gives [2, E, layers * heads, d_model]. Head k = layer * n_heads + head
+        (`attnlab.probe.head_outputs`, which also records and patches z)."""
+        from attnlab.probe.head_outputs import head_outputs
+
+        return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
+
     def sliding_window(self, layer: int) -> int | None:
         cfg = self.model.config.get_text_config()
         window = getattr(cfg, "sliding_window", None)
