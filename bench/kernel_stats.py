@@ -243,11 +243,10 @@ def tune_forward(log, n=32768, d=128):
             best_fwd = (cfg, ms)
     ts.FWD_STATS_CONFIG[d] = best_fwd[0]
     req = StatRequest(received=True, pooled_block=64)
-    col_cfgs = [(64, 4, 3, 64), (128, 8, 3, 64), (64, 4, 3, 32), (64, 4, 4, 64), (32, 4, 3, 64)]
-    if d == 64:
-        col_cfgs += [(128, 4, 3, 64), (64, 4, 3, 128), (128, 8, 3, 128)]
+    col_cfgs = [(64, 4, 3, 64), (128, 8, 3, 64), (64, 4, 3, 32), (64, 4, 4, 64), (32, 4, 3, 64), (128, 4, 3, 64),
+                (64, 4, 3, 128), (128, 8, 3, 128), (64, 8, 3, 128), (128, 8, 2, 128)]
     for cfg in col_cfgs:
-        ts.COL_CONFIG[d], ts.COL_ROWS = cfg[:3], cfg[3]
+        ts.COL_CONFIG[d] = cfg
         try:
             ms = bench_ms(lambda: ts.attention_stats(q, k, v, request=req), n)
         except Exception as e:  # noqa: BLE001
@@ -256,7 +255,7 @@ def tune_forward(log, n=32768, d=128):
         log(f"d{d} col cfg {cfg} (plain forward + received + pooled): {ms:.3f} ms")
         if best_col is None or ms < best_col[1]:
             best_col = (cfg, ms)
-    ts.COL_CONFIG[d], ts.COL_ROWS = best_col[0][:3], best_col[0][3]
+    ts.COL_CONFIG[d] = best_col[0]
     return {"fwd": best_fwd, "col": best_col}
 
 

@@ -33,10 +33,10 @@ def main():
     for exact in (True, False):
         ts.EXACT_SUMS = exact
         for rows in (64, 128):
-            ts.COL_ROWS = rows
+            ts.COL_CONFIG[128] = (*ts.COL_CONFIG[128][:3], rows)
             t(f"pass2 recv+pool exact={exact} rows={rows}",
               lambda: call._columns(StatRequest(received=True, pooled_block=full.pooled_block), lse2))
-        ts.COL_ROWS = 64
+        ts.COL_CONFIG[128] = (*ts.COL_CONFIG[128][:3], 64)
         t(f"pass2 recv only exact={exact}", lambda: call._columns(StatRequest(received=True), lse2))
         t(f"fwd + segments exact={exact}", lambda: ts.attention_stats(
             q, k, v, request=StatRequest(segment_ids=full.segment_ids, n_segments=full.n_segments)))

@@ -17,11 +17,11 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
 
 Measured on one H100 (bench/kernel_stats.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
-multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.27x / 1.16x, forward
-with per-query statistics 1.45x / 1.32x (433 / 437 TFLOP/s), pass 2 alone 1.01x / 0.89x, every
-statistic but `pattern` 2.96x / 2.59x (target 1.75x: not reached; bench/RESULTS.md). When a call
+multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.32x / 1.17x, forward
+with per-query statistics 1.45x / 1.33x (430 / 427 TFLOP/s), pass 2 alone 1.02x / 0.90x, every
+statistic but `pattern` 2.97x / 2.61x (target 1.75x: not reached; bench/RESULTS.md). When a call
 asks only for pass 2's statistics, cuDNN gives the output and the log-sum-exp (`_cudnn_output`;
-2.04x / 1.95x for received + pooled, against 2.25x / 2.07x with our forward).
+2.08x / 1.97x for received + pooled, against 2.26x / 2.08x with our forward).
 Tried and dropped (branch experiment/fused-stats-pass): one query-outer pass after cuDNN for every
 statistic, column sums read-added-written per program group: correct, but 107 ms at 32k against
 these two passes' 44 ms, as the per-tile column sums need a reduction across warps.
@@ -62,8 +62,9 @@ FWD_SEGMENTS_CONFIG = {64: (64, 64, 4, 3, False), 128: (128, 64, 8, 4, False), 2
 # 128k on an H100 (d 128); pass 2 gains ~3%.
 TMA = True
 _FWD_STEPPED: dict[tuple, tuple[int, int]] = {}  # (head dim, tiles, segments, GPU) -> (BLOCK_N, stages) that fit
-COL_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}  # (BLOCK_N, num_warps, num_stages)
-COL_ROWS = 64  # packed rows (heads x queries) per pass-2 tile
+# Pass 2 tiles by head dim: (BLOCK_N, num_warps, num_stages, packed rows (heads x queries) per tile);
+# H100 medians of bench/kernel_stats.py's tuning (d 64: 128 rows 18.0 vs 64 rows 19.4 ms at 32k).
+COL_CONFIG = {64: (64, 4, 3, 128), 128: (64, 4, 3, 64), 256: (32, 4, 2, 64)}
 # Sums of p through tensor-core products with a one-hot (received, pooled, segments): p * 2^14 in
 # fp16, as hi + lo halves (~22 significant bits; True) or hi alone (False: each term within 2^-11 =
 # 4.9e-4 relative, so every sum of positive terms too). False is ~20% faster per pass on an H100.
@@ -334,8 +335,8 @@ class _Call:
             BN, warps, stages = 16, 4, 1
             BM = 16
         else:
-            BN, warps, stages = COL_CONFIG[self.D]
-            BM = max(16, COL_ROWS // GP)
+            BN, warps, stages, rows = COL_CONFIG[self.D]
+            BM = max(16, rows // GP)
         if pool:
             while pool % BN:
                 BN //= 2
