@@ -137,8 +137,9 @@ def report(
     list_sections: bool = typer.Option(False, "--list", help="List the analyses a report can hold, and exit."),
     text_file: Optional[Path] = typer.Option(None, "--text-file", "-f", help="Text for the text-based analyses "
                                              "(default: the built-in example)."),
-    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Two or more run directories to put side "
-                                                 "by side (no model is loaded)."),
+    compare: bool = typer.Option(False, "--compare", help="Put the figures of two or more saved runs side by side: "
+                                 "attnlab report --compare RUN_A RUN_B (no model is loaded)."),
+    runs: Optional[list[Path]] = typer.Argument(None, help="With --compare: the run directories.", show_default=False),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     out_dir: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs directory."),
 ) -> None:
@@ -160,8 +161,10 @@ def report(
         return
     store = RunStore(out_dir)
     try:
+        if runs and not compare:
+            _fail("run directories are read only with --compare: attnlab report --compare RUN_A RUN_B")
         if compare:
-            path = reports.compare(store, compare)
+            path = reports.compare(store, runs or [])
             out.print(f"comparison written to [bold]{path / 'report.html'}[/]")
             return
         names = [a.strip() for a in analyses.split(",") if a.strip()] if analyses else reports.SUITES.get(suite)

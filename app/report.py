@@ -8,11 +8,17 @@ A report is one HTML file with the plotly.js bundle of the installed plotly pack
 measures in two sentences with the paper cited, its figures, its top-heads table and the
 parameters used. Each analysis is also saved as its own run; the report is a run of kind
 'report' whose manifest lists them. `--compare` puts the figures of two runs side by side.
+
+Sections are CPU-sized demonstrations of the published procedures; the costly ones read their size
+from the environment (ATTNLAB_REPORT_ROLLOUTS for thought anchors, ATTNLAB_REPORT_SAE_PAIRS/_SEEDS/_EPOCHS
+for SAE circuits, ATTNLAB_REPORT_INTERVENTION_N/_N_TUNE for interventions) and record it in their
+parameters.
 """
 
 from __future__ import annotations
 
 import html
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ class Section:
     cpu_minutes: float  # rough cost of the CPU-sized default on the default model (2 idle cores)
     top_table: str = "heads"  # the tidy (layer, head, score) table whose top rows the report lists
     ascending: bool = False  # True: the smallest scores are the strongest (e.g. value drains)
+    figures: Callable[[Result], dict] | None = None  # rebuilds the figures of a result read back from disk
 
 
 SECTIONS: dict[str, Section] = {}
@@ -44,11 +51,15 @@ SUITES: dict[str, list[str]] = {"default": [], "all": []}
 
 
 def section(name: str, title: str, about: str, cpu_minutes: float, *, default: bool = False,
-            top_table: str = "heads", ascending: bool = False) -> Callable:
+            top_table: str = "heads", ascending: bool = False,
+            figures: Callable[[Result], dict] | None = None) -> Callable:
     """Register a report section: decorate its run function `(probe, text, progress) -> Result`.
 
     Adding an analysis to the report is this one decorated function (`--analyses NAME` selects it;
-    `default=True` puts it in the default suite, which must stay around a minute on the CPU):
+    `default=True` puts it in the default suite, which must stay around a minute on the CPU).
+    `figures(result) -> {name: Figure}` rebuilds its figures from the tables (and tensors) of a run
+    read back from disk, for `--compare`; without it a `heads` (layer, head, score) table gives one
+    heatmap:
 
         @section("sae_circuits", "SAE circuits", "What it measures ... Author et al., <i>Title</i> (year).", 2.0)
         def _run_sae_circuits(probe, text, progress):
@@ -58,7 +69,7 @@ def section(name: str, title: str, about: str, cpu_minutes: float, *, default: b
     def register(fn: Callable[..., Result]) -> Callable[..., Result]:
         if name in SECTIONS:
             raise ValueError(f"report section {name!r} is registered twice")
-        SECTIONS[name] = Section(title, about, fn, cpu_minutes, top_table, ascending)
+        SECTIONS[name] = Section(title, about, fn, cpu_minutes, top_table, ascending, figures)
         SUITES["all"].append(name)
         if default:
             SUITES["default"].append(name)
@@ -69,6 +80,18 @@ def section(name: str, title: str, about: str, cpu_minutes: float, *, default: b
 
 def _example_text() -> str:
     return resources.files("attnlab.probe").joinpath("data/example.txt").read_text()
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    """A section's size from the environment (e.g. ATTNLAB_REPORT_SAE_PAIRS=4), checked."""
+    value = os.environ.get(name, "").strip() or str(default)
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise AttnlabError(f"{name}={value!r}: set it to a whole number >= {minimum} (default {default}), or unset it")
+    return number
 
 
 @section("sinks", "Attention sinks",
@@ -175,6 +198,87 @@ section("thought_anchors", "Thought anchors: receiver heads",
         0.7)(_run_thought_anchors)
 
 
+def _sae_figures(result: Result) -> dict:
+    """Heatmaps (SAE vs patching), ROC and circuit graph from a saved `sae_circuits.evaluate` run's tables."""
+    from attnlab.analyses import sae_circuits_plots as plots
+
+    heads, figs = result.tables.get("heads"), {}
+    if heads is None or not {"layer", "head", "sae_node"} <= set(heads.columns):
+        return figs
+    figs["heatmaps"] = plots.side_by_side(heads, str(result.params.get("task", "")))
+    if "roc" in result.tables:
+        figs["roc"] = plots.roc_figure(result.tables["roc"])
+    if "edges" in result.tables:
+        figs["circuit"] = plots.circuit_graph(result.tables["edges"], heads)
+    return figs
+
+
+def _sae_nodes(heads: pd.DataFrame) -> pd.DataFrame:
+    """The SAE node score per head, best first (ties: the larger SAE edge score first), next to the
+    patching effect and whether the head is in the patching reference circuit."""
+    renamed = heads.rename(columns={"sae_node_std": "node_std", "sae_edge": "edge"})
+    cols = [c for c in ("layer", "head", "kv_head", "score", "node_std", "patching_effect", "reference", "edge")
+            if c in renamed.columns]
+    keys = [c for c in ("score", "edge") if c in renamed.columns]
+    return renamed[cols].sort_values(keys, ascending=False, kind="stable", ignore_index=True)
+
+
+@section("sae_circuits", "SAE circuits: IOI heads, SAE vs activation patching",
+         "One sparse autoencoder trained on every head's output turns each output into a discrete code; a head's "
+         "node score counts its codes seen on IOI prompts the model solves and never on their minimally corrupted "
+         "twins. The scores are set against activation patching on the same pairs (ROC AUC against its top 10% of "
+         "heads). O'Neill &amp; Bui, <i>Sparse Autoencoders Enable Scalable and Reliable Circuit Identification in "
+         "Language Models</i> (2024).",
+         5.0, top_table="nodes", figures=_sae_figures)
+def _run_sae_circuits(probe, text, progress):
+    from attnlab.analyses import sae_circuits
+    from attnlab.probe.tasks.circuits import make_task
+
+    # CPU-sized: patching (the reference) costs one forward per head (270 on SmolLM2) per batch of
+    # pairs, ~1000 s for the 64 pairs of docs/sae_circuits.md, 160 s (450 s on a busy machine) for the
+    # report's 8; the SAE costs 30-47 s per seed whatever the pairs. ATTNLAB_REPORT_SAE_PAIRS (default 8, at least 2),
+    # ATTNLAB_REPORT_SAE_SEEDS (default 3) and ATTNLAB_REPORT_SAE_EPOCHS (default 500, the paper's)
+    # resize it; all three appear in the parameters.
+    n = _env_int("ATTNLAB_REPORT_SAE_PAIRS", 8, 2)
+    seeds = _env_int("ATTNLAB_REPORT_SAE_SEEDS", 3, 1)
+    epochs = _env_int("ATTNLAB_REPORT_SAE_EPOCHS", 500, 1)
+    task = make_task(probe, "ioi", n=n)
+    if len(task.pairs) < 2:
+        raise AttnlabError(f"{probe.name} solved {len(task.pairs)} of {task.candidates} IOI candidates: the SAE "
+                           "section needs at least 2 solved pairs (use a model that can do IOI)")
+    res = sae_circuits.evaluate(probe, task, seeds=seeds, epochs=epochs, n_train=min(10, 2 * len(task.pairs)),
+                                progress=False)
+    res.tables["nodes"] = _sae_nodes(res.tables["heads"])
+    res.params.update(n=n, candidates_checked=task.candidates, candidates_solved=task.solved)
+    return res
+
+
+def _intervention_figures(result: Result) -> dict:
+    from attnlab.interventions.compare import comparison_figures
+
+    return comparison_figures(result.tables, result.tensors)
+
+
+@section("interventions", "Interventions: ZeroTuning and ACT on SST-2",
+         "ZeroTuning scales the attention every query gives the first token by a tuned gamma in chosen heads; ACT "
+         "moves mass off hidden attention sinks (later tokens with alpha_k > 0.1) in heads filtered on a "
+         "calibration split. Each is tuned on its own split and scored on the same SST-2 test prompts as the "
+         "unedited model, with paired 95% bootstrap intervals. Han et al., <i>ZeroTuning: Unlocking the Initial "
+         "Token's Power to Enhance Large Language Models Without Training</i> (2025); Yu et al., <i>Unveiling and "
+         "Harnessing Hidden Attention Sinks</i> (ICML 2024).",
+         2.0, top_table="heads", figures=_intervention_figures)
+def _run_interventions(probe, text, progress):
+    from attnlab.interventions.compare import compare_methods
+
+    # CPU-sized: the tuning passes dominate (~16 passes over the tuning examples for ZeroTuning, ~20
+    # for ACT's head-index filtering); docs/interventions.md uses 500 test and 200 tuning examples on
+    # a GPU. ATTNLAB_REPORT_INTERVENTION_N (test examples, default 128) and
+    # ATTNLAB_REPORT_INTERVENTION_N_TUNE (default 32) resize it; both appear in the parameters.
+    n = _env_int("ATTNLAB_REPORT_INTERVENTION_N", 128, 1)
+    n_tune = _env_int("ATTNLAB_REPORT_INTERVENTION_N_TUNE", 32, 1)
+    return compare_methods(probe, "sst2", ("zerotuning", "act"), n=n, n_tune=n_tune)
+
+
 def run_suite(probe, analyses: Sequence[str], text: str | None = None,
               on_start: Callable[[str], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> list[Result]:
@@ -199,6 +303,11 @@ def figures_of(result: Result) -> dict[str, go.Figure]:
     if result.figures:
         return result.figures
     figs = {}
+    sec = SECTIONS.get(result.params.get("section", result.analysis))
+    if sec is not None and sec.figures is not None:
+        figs = sec.figures(result)
+        if figs:
+            return figs
     if result.analysis == "retrieval" and {"heads", "tests"} <= set(result.tables):
         from attnlab.analyses.retrieval import retrieval_figures
 
@@ -209,6 +318,9 @@ def figures_of(result: Result) -> dict[str, go.Figure]:
     return figs
 
 
+KEY_COLUMNS = ("variant", "domain", "trace", "method")  # a head table's grouping column, listed first
+
+
 def top_heads(result: Result, n: int = 10) -> pd.DataFrame | None:
     """The strongest heads: the top rows of the section's head table (`Section.top_table`, by its
     `score`), with a few of its other columns; None when the result has no such table."""
@@ -216,10 +328,10 @@ def top_heads(result: Result, n: int = 10) -> pd.DataFrame | None:
     table = result.tables.get(sec.top_table if sec else "heads")
     if table is None or not {"layer", "head", "score"} <= set(table.columns):
         return None
-    keys = [c for c in ("variant", "domain", "trace") if c in table.columns]
+    keys = [c for c in KEY_COLUMNS if c in table.columns]
     main = keys + [c for c in ("layer", "head", "kv_head", "score") if c in table.columns]
     rest = [c for c in table.columns if c not in main and c != "batch"][:3]
-    ordered = table.sort_values("score", ascending=sec.ascending if sec else False, na_position="last")
+    ordered = table.sort_values("score", ascending=sec.ascending if sec else False, na_position="last", kind="stable")
     return ordered.head(n)[main + rest].reset_index(drop=True)
 
 
@@ -228,7 +340,7 @@ def top_line(result: Result, n: int = 3) -> str:
     top = top_heads(result, n)
     if top is None or not len(top):
         return ""
-    key = next((c for c in ("variant", "domain", "trace") if c in top.columns), None)
+    key = next((c for c in KEY_COLUMNS if c in top.columns), None)
     return ", ".join(f"{str(r[key]) + ' ' if key else ''}{int(r['layer'])}.{int(r['head'])} ({r['score']:.3g})"
                      for _, r in top.iterrows())
 

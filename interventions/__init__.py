@@ -8,6 +8,8 @@ redistribution) as builders of `attnlab.probe` edits, with calibration and hones
 - `redistribution`: PASTA (logit bias alpha on tokens outside a highlighted span) and VAR
   (sink-to-span mass transfer, gated per head and query).
 - `run`: one method tuned and evaluated end to end (what `attnlab intervene` runs).
+- `compare`: several methods on one task against the shared baseline, and what each does to the
+  attention of one prompt (the report's `interventions` section).
 """
 
 from attnlab.interventions.act import ACT, act_edits, hidden_sink_positions

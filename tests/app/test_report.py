@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -18,6 +20,15 @@ from attnlab.probe import AttnlabError, RunStore
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def assert_offline(page: str) -> None:
+    """Nothing is loaded from outside the file: no <script src>, no <link>, and outside the inlined
+    plotly.js bundle (whose string literals mention map-tile servers) no URL in src/href/url()."""
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page) and "<link" not in page
+    outside = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.S)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", outside)
+    assert not re.search(r"url\(\s*['\"]?https?://", outside)
 
 
 def chromium(*args, profile):
@@ -89,7 +100,8 @@ def test_unknown_analysis_is_refused(smollm2):
 
 def test_every_section_says_what_it_measures_with_the_paper_and_the_default_suite_is_cheap():
     assert {"sinks", "extreme_tokens", "retrieval", "induction", "thought_anchors", "active_dormant",
-            "bigram_backcopy"} <= set(reports.SECTIONS)
+            "bigram_backcopy", "sae_circuits", "interventions"} <= set(reports.SECTIONS)
+    assert not {"sae_circuits", "interventions"} & set(reports.SUITES["default"])  # minutes, not seconds
     assert reports.SUITES["all"] == list(reports.SECTIONS)
     assert set(reports.SUITES["default"]) <= set(reports.SECTIONS)
     # the default suite (`make report`) stays around a minute on 2 idle CPU cores
@@ -139,6 +151,9 @@ def test_report_command_selects_analyses_and_prints_the_summary(tmp_path):
 
     done = run_cli("report", "--list")
     assert done.returncode == 0 and "bigram_backcopy" in done.stdout and "active_dormant" in done.stdout
+    for name in ("sae_circuits", "interventions"):  # listed with their CPU cost
+        cost = f"{reports.SECTIONS[name].cpu_minutes:g}"
+        assert re.search(rf"{name}\s.*\s{re.escape(cost)}\s", done.stdout), (name, done.stdout)
     done = run_cli("report", "--analyses", "sinks,telepathy", "--out", str(tmp_path))
     assert done.returncode == 2 and "unknown analyses ['telepathy']" in done.stderr
     # a random-init model keeps this cheap: the command's plumbing is what is tested here
@@ -148,3 +163,170 @@ def test_report_command_selects_analyses_and_prints_the_summary(tmp_path):
     (report,) = [r for r in RunStore(tmp_path).list().itertuples() if r.kind == "report"]
     page = (Path(report.path) / "report.html").read_text()
     assert "Attention sinks" in page and "Gu et al." in page and "Top heads" in page and "Parameters" in page
+    # --compare takes the run directories after it (as the README writes it)
+    (sinks,) = [r.path for r in RunStore(tmp_path).list().itertuples() if r.kind == "sinks"]
+    done = run_cli("report", "--compare", str(sinks), str(sinks), "--out", str(tmp_path))
+    assert done.returncode == 0 and "comparison written to" in done.stdout, done.stderr
+    done = run_cli("report", str(sinks), "--out", str(tmp_path))
+    assert done.returncode == 2 and "only with --compare" in done.stderr
+
+
+# ----- the SAE-circuits and interventions sections, end to end at a tiny size -----
+def roc_auc(scores, truth) -> float:
+    """Mann-Whitney AUC, ties counting half (written out here so the test does not trust the code it checks)."""
+    truth = np.asarray(truth, bool)
+    ranks = pd.Series(np.asarray(scores, float)).rank().to_numpy()
+    pos, neg = truth.sum(), (~truth).sum()
+    return float((ranks[truth].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+@contextmanager
+def one_thread():
+    """Tiny batches: on the shared 2-core machine a second torch thread only contends (several times
+    slower under load), as `probe.head_outputs` also finds for small work."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def sae_result(smollm2):
+    # 2 IOI pairs, 2 seeds, 40 epochs: the patching reference (one forward per head, 270) is the cost
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setenv("ATTNLAB_REPORT_SAE_PAIRS", "2")
+        mp.setenv("ATTNLAB_REPORT_SAE_SEEDS", "2")
+        mp.setenv("ATTNLAB_REPORT_SAE_EPOCHS", "40")
+        (res,) = reports.run_suite(smollm2, ["sae_circuits"])
+    return res
+
+
+def test_sae_section_scores_sae_node_scores_against_the_patching_circuit(sae_result):
+    res = sae_result
+    p = res.params
+    assert p["section"] == "sae_circuits" and p["task"] == "ioi"
+    assert p["n"] == 2 and p["pairs"] == 2 and p["seeds"] == [0, 1] and p["epochs"] == 40 and p["n_train"] == 4
+    heads = res.tables["heads"]
+    assert len(heads) == 30 * 9
+    # the reference circuit is the 10% of heads with the largest patching |effect|
+    ref = heads["reference"].to_numpy()
+    assert ref.sum() == p["circuit_size"] == 27
+    assert heads.loc[ref, "patching_score"].min() >= heads.loc[~ref, "patching_score"].max()
+    # the reported ROC AUC per seed is the AUC of that seed's node scores against that circuit
+    node = res.tensors["node"].flatten(1).numpy()
+    seeds = res.tables["seeds"]
+    for s in range(len(p["seeds"])):
+        assert 0.0 <= seeds.node_auc[s] <= 1.0
+        assert seeds.node_auc[s] == pytest.approx(roc_auc(node[s], ref), abs=1e-9)
+    scores = res.tables["scores"].set_index(["method", "metric"])["mean"]
+    assert np.isfinite(scores[("sae", "node_auc")]) and 0 <= scores[("sae", "node_auc")] <= 1
+    assert scores[("sae", "node_auc")] == pytest.approx(seeds.node_auc.mean())
+    assert f"{scores[('sae', 'node_auc')]:.3f}" in res.summary
+    # the top table is the SAE node score (mean over seeds), best first, next to the patching effect
+    top = reports.top_heads(res)
+    assert list(top.columns[:4]) == ["layer", "head", "kv_head", "score"] and "reference" in top.columns
+    assert top["score"].iloc[0] == pytest.approx(node.mean(0).max())
+    assert top["score"].is_monotonic_decreasing
+    assert set(res.figures) == {"heatmaps", "roc", "circuit"}
+
+
+def test_sae_section_renders_offline_and_two_saved_runs_compare(tmp_path, smollm2, sae_result):
+    store = RunStore(tmp_path)
+    path = reports.write_report(store, smollm2, [sae_result])
+    page = (path / "report.html").read_text()
+    assert_offline(page)
+    assert "O'Neill &amp; Bui" in page and "Top heads" in page and "Parameters" in page
+    dom = chromium("--dump-dom", (path / "report.html").as_uri(), profile=tmp_path / "p1").stdout
+    assert dom.count('class="main-svg"') >= len(sae_result.figures) == 3
+    assert dom.count("heatmaplayer") >= 1
+    # read back from disk, the figures are rebuilt from the tables: the same heatmaps, ROC and graph
+    a = sae_result.save(store, smollm2)
+    b = sae_result.save(store, smollm2)
+    loaded = Result.load(store.load(a))
+    assert loaded.params["section"] == "sae_circuits" and loaded.params["n"] == 2
+    rebuilt = reports.figures_of(loaded)
+    assert set(rebuilt) == set(sae_result.figures)
+    for i, trace in enumerate(sae_result.figures["heatmaps"].data):
+        if trace.type == "heatmap":
+            np.testing.assert_allclose(np.asarray(rebuilt["heatmaps"].data[i].z, float), np.asarray(trace.z, float))
+    compared = reports.compare(store, [a, b])
+    cpage = (compared / "report.html").read_text()
+    assert all(f"id='fig-{n}'" in cpage for n in ("heatmaps", "roc", "circuit"))
+    dom = chromium("--dump-dom", (compared / "report.html").as_uri(), profile=tmp_path / "p2").stdout
+    assert dom.count('class="main-svg"') >= 6
+
+
+def test_interventions_section_compares_zerotuning_and_act_with_the_shared_baseline(tmp_path, smollm2, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_REPORT_INTERVENTION_N", "8")
+    monkeypatch.setenv("ATTNLAB_REPORT_INTERVENTION_N_TUNE", "4")
+    with one_thread():
+        (res,) = reports.run_suite(smollm2, ["interventions"])
+    p = res.params
+    assert p["section"] == "interventions" and p["task"] == "sst2" and p["methods"] == ["zerotuning", "act"]
+    assert p["n"] == p["n_test"] == 8 and p["n_tune"] == 4
+    acc, ex = res.tables["accuracy"], res.tables["examples"]
+    assert len(acc) == 4 and (acc["n"] == 8).all()
+    assert acc.baseline.nunique() <= 2  # one baseline (per scoring) shared by both methods
+    for r in acc.itertuples():
+        mine = ex[ex.method == r.method]
+        col = "pred" if r.scoring == "label_words" else "parsed"
+        base, edited = mine[mine.condition == "baseline"], mine[mine.condition == r.method]
+        assert len(base) == len(edited) == 8 and list(base.id) == list(edited.id)
+        assert r.baseline == pytest.approx((base[col] == base.label).mean())
+        assert r.edited == pytest.approx((edited[col] == edited.label).mean())
+        assert r.difference == pytest.approx(r.edited - r.baseline)
+        assert r.baseline_lo <= r.baseline <= r.baseline_hi and r.edited_lo <= r.edited <= r.edited_hi
+        assert r.difference_lo <= r.difference <= r.difference_hi
+        assert r.outside_ci == (r.difference_lo > 0 or r.difference_hi < 0)
+    base = ex[(ex.method == "zerotuning") & (ex.condition == "baseline")]
+    other = ex[(ex.method == "act") & (ex.condition == "baseline")]
+    assert list(base.pred) == list(other.pred)  # the same examples scored the same way
+    # attention on one prompt: edited heads move mass, heads before the first edited layer do not
+    heads = res.tables["heads"]
+    for method, chosen in p["chosen"].items():
+        h = heads[heads.method == method]
+        assert len(h) == 30 * 9 and h.score.between(0, 1).all()
+        no_edit = (method == "zerotuning" and chosen["gamma"] == 1.0) or chosen["heads"] == 0
+        if no_edit:
+            assert h.score.max() == 0 and not h.edited.any()
+            row = acc[(acc.method == method) & (acc.scoring == "label_words")].iloc[0]
+            assert row.difference == 0
+        if h.edited.any():
+            first = h[h.edited].layer.min()
+            assert (h[(h.layer <= first) & ~h.edited].score < 1e-5).all()  # same input, no edit
+            assert h[h.edited].score.max() > 1e-3
+            if method == "zerotuning":  # a logit bias ln(gamma > 1) on the first key raises its share
+                e = h[h.edited & (h.layer == first)]
+                assert chosen["gamma"] > 1 and (e.first_token_after >= e.first_token_before - 1e-6).all()
+                assert (e.first_token_after > e.first_token_before).any()
+    top = reports.top_heads(res)
+    assert list(top.columns[:5]) == ["method", "layer", "head", "kv_head", "score"]
+    assert top.score.is_monotonic_decreasing and top.score.iloc[0] == pytest.approx(heads.score.max())
+    assert set(res.figures) == {"accuracy", "attention", "patterns"}
+    # the accuracy figure shows the table's numbers
+    bars = [t for t in res.figures["accuracy"].data if t.type == "bar"]
+    lw = acc[acc.scoring == "label_words"]
+    assert list(bars[1].y) == pytest.approx(list(lw.edited)) and list(bars[0].y) == pytest.approx(list(lw.baseline))
+    # the report: offline, every figure drawn, and the figures rebuilt from the saved run
+    store = RunStore(tmp_path)
+    path = reports.write_report(store, smollm2, [res])
+    page = (path / "report.html").read_text()
+    assert_offline(page)
+    assert "ZeroTuning" in page and "Hidden Attention Sinks" in page and "n_tune" in page
+    dom = chromium("--dump-dom", (path / "report.html").as_uri(), profile=tmp_path / "p").stdout
+    assert dom.count('class="main-svg"') >= 3 and dom.count("heatmaplayer") >= 2
+    (saved,) = store.load(path).manifest["runs"]  # the section's own run, written with the report
+    loaded = Result.load(store.load(saved))
+    assert loaded.params["n"] == 8 and set(reports.figures_of(loaded)) == set(res.figures)
+    np.testing.assert_allclose(reports.figures_of(loaded)["patterns"].data[1].z, res.figures["patterns"].data[1].z)
+
+
+def test_section_sizes_from_the_environment_are_checked(smollm2, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_REPORT_SAE_PAIRS", "a few")
+    with pytest.raises(AttnlabError, match="ATTNLAB_REPORT_SAE_PAIRS='a few'"):
+        reports.run_suite(smollm2, ["sae_circuits"])
+    monkeypatch.setenv("ATTNLAB_REPORT_INTERVENTION_N", "0")
+    with pytest.raises(AttnlabError, match="ATTNLAB_REPORT_INTERVENTION_N='0'.*>= 1"):
+        reports.run_suite(smollm2, ["interventions"])
