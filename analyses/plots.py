@@ -16,7 +16,8 @@ def head_heatmap(heads: pd.DataFrame, value: str = "score", title: str = "", zmi
     grid = heads.pivot_table(index="layer", columns="head", values=value, aggfunc="mean").sort_index()
     fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[str(h) for h in grid.columns], y=list(grid.index),
                                colorscale="Viridis", zmin=zmin, zmax=zmax, colorbar={"title": value}))
-    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer")
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer",
+                      yaxis_autorange="reversed")  # layer 0 on top, as in the dashboard
     return fig
 
 

@@ -40,7 +40,7 @@ def side_by_side(heads: pd.DataFrame, task: str = "") -> go.Figure:
                                      marker=dict(symbol="circle-open", size=12, color="red", line=dict(width=2)),
                                      showlegend=i == 1), row=1, col=i)
         fig.update_xaxes(title_text="head", row=1, col=i)
-        fig.update_yaxes(title_text="layer", row=1, col=i)
+        fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=i)  # layer 0 on top
     fig.update_layout(title=f"Head scores, SAE vs activation patching {('(' + task + ')') if task else ''}".strip())
     return fig
 

@@ -32,7 +32,8 @@ def kurtosis_heatmap(heads: pd.DataFrame, title: str = "vertical-score kurtosis 
         fig.add_trace(go.Scatter(x=[str(h) for h in rec["head"]], y=rec["layer"], mode="markers", name="receiver head",
                                  marker={"symbol": "circle-open", "size": 12, "color": "red", "line": {"width": 2}},
                                  hovertemplate="receiver %{y}.%{x}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", showlegend=bool(len(rec)))
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", showlegend=bool(len(rec)),
+                      yaxis_autorange="reversed")  # layer 0 on top, as in the dashboard
     return fig
 
 

@@ -69,6 +69,9 @@ def models() -> None:
         else:
             status = "[green]cached[/]" if cached else "[green]installed[/] (first load caches it)"
         table.add_row(spec.name, status, spec.description, "" if spec.config is not None else spec.install)
+    for spec in registry.EMBEDDERS.values():  # sentence embeddings (thought anchors' resampling similarity)
+        status = "[red]missing[/]" if spec.missing_reason() else "[green]installed[/]"
+        table.add_row(spec.name, status, f"sentence embeddings: {spec.description}", spec.install)
     out.print(table)
     out.print("Any local Hugging Face model folder also works: --model /path/to/folder")
 

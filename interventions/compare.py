@@ -213,7 +213,7 @@ def attention_figure(heads: pd.DataFrame) -> go.Figure:
                                  marker=dict(symbol="square-open", size=7, color="red"), showlegend=i == 1),
                       row=1, col=i)
         fig.update_xaxes(title_text="head", row=1, col=i)
-        fig.update_yaxes(title_text="layer", row=1, col=i)
+        fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=i)  # layer 0 on top
     fig.update_layout(title="Attention moved by each edit on one prompt (mean total variation per query row)")
     return fig
 

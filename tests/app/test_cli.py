@@ -33,6 +33,7 @@ def test_models_lists_installed_and_missing():
     done = run_cli("models")
     assert done.returncode == 0
     assert "smollm2-135m" in done.stdout and "tiny-llama" in done.stdout
+    assert "all-minilm-l6-v2" in done.stdout, "the sentence-embedding model is listed too"
     assert "pip install" in done.stdout
 
 
