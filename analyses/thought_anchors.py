@@ -398,20 +398,7 @@ def run(
                    if to_resample else {})},
         prepend_bos=prepend_bos,
     )
-    first = prepared[0]
-    res.figures = {
-        "kurtosis_heatmap": taplots.kurtosis_heatmap(heads, title=f"vertical-score kurtosis ({probe.name})"),
-        "receiver_scores": taplots.receiver_bars(sent_table, trace=first.name),
-        "sentence_attention": taplots.sentence_attention_heatmap(
-            mats[first.name][receivers[0][0], receivers[0][1]].numpy(), first.sentences,
-            title=f"sentence attention, receiver head {receivers[0][0]}.{receivers[0][1]} ({first.name})"),
-    }
-    if len(supp_table):
-        shown = supp_table.trace.iloc[0]
-        res.figures["suppression"] = taplots.suppression_heatmap(supp_table, sent_table, trace=shown)
-        res.figures["sentence_graph"] = taplots.sentence_graph(sent_table, supp_table, trace=shown)
-    if to_resample:
-        res.figures["importance"] = taplots.importance_bars(sent_table, trace=to_resample[0])
+    res.figures = figures(res.tables, res.tensors, res.params)
     best = sent_table.dropna(subset=["receiver_score"]).sort_values("receiver_score", ascending=False).head(3)
     res.summary = (
         f"{len(prepared)} trace(s), {len(sent_table)} sentences; receiver heads (top {top_k}, layers "
@@ -429,6 +416,30 @@ def run(
     return res
 
 
-__all__ = ["TRACE_FOLDER", "Trace", "excess_kurtosis", "kl_top_p", "load_traces", "locate_sentences",
+def figures(tables: dict[str, pd.DataFrame], tensors: dict[str, torch.Tensor], params: dict) -> dict:
+    """The run's figures from its tables, tensors and parameters (so a run read back from disk gets
+    them too): kurtosis map, receiver scores and the first receiver head's sentence attention for the
+    first trace, suppression heatmap and sentence graph, resampling importance."""
+    heads, sent_table, supp_table = tables["heads"], tables["sentences"], tables.get("suppression")
+    first = params["traces"][0]
+    figs = {"kurtosis_heatmap": taplots.kurtosis_heatmap(heads, title=f"vertical-score kurtosis ({params['model']})"),
+            "receiver_scores": taplots.receiver_bars(sent_table, trace=first)}
+    attention = tensors.get(f"attention_{first}")
+    if attention is not None and params.get("receiver_heads"):
+        layer, head = params["receiver_heads"][0]
+        texts = sent_table[sent_table.trace == first].sort_values("sentence")["text"].tolist()
+        figs["sentence_attention"] = taplots.sentence_attention_heatmap(
+            attention[layer, head].numpy(), texts,
+            title=f"sentence attention, receiver head {layer}.{head} ({first})")
+    if supp_table is not None and len(supp_table):
+        shown = supp_table.trace.iloc[0]
+        figs["suppression"] = taplots.suppression_heatmap(supp_table, sent_table, trace=shown)
+        figs["sentence_graph"] = taplots.sentence_graph(sent_table, supp_table, trace=shown)
+    if params.get("resampled_traces"):
+        figs["importance"] = taplots.importance_bars(sent_table, trace=params["resampled_traces"][0])
+    return figs
+
+
+__all__ = ["TRACE_FOLDER", "Trace", "excess_kurtosis", "figures", "kl_top_p", "load_traces", "locate_sentences",
            "prepare_trace", "run", "sentence_attention", "split_sentences", "suppression_hooks", "suppression_mask",
            "suppression_matrix", "think_region", "token_segments", "top_heads", "vertical_scores"]

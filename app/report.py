@@ -188,6 +188,12 @@ def _run_bigram_backcopy(probe, text, progress):
     return bigram_backcopy.train_variants()
 
 
+def _thought_anchor_figures(result: Result) -> dict:
+    from attnlab.analyses import thought_anchors
+
+    return thought_anchors.figures(result.tables, result.tensors, result.params)
+
+
 # The thought-anchors section's function (above) is maintained with the analysis, so it is
 # registered here. Not in the default suite: its suppression pass (one hooked-path forward per
 # sentence) costs more than the suite's minute on the CPU; `--analyses thought_anchors` runs it.
@@ -195,7 +201,7 @@ section("thought_anchors", "Thought anchors: receiver heads",
         "Receiver heads concentrate attention on a few 'broadcasting' sentences of a reasoning trace (high "
         "kurtosis of their sentence-level vertical scores); suppressing a sentence's keys measures its influence on "
         "later sentences. Bogdan, Macar et al., <i>Thought Anchors: Which LLM Reasoning Steps Matter?</i> (2025).",
-        0.7)(_run_thought_anchors)
+        0.7, figures=_thought_anchor_figures)(_run_thought_anchors)
 
 
 def _sae_figures(result: Result) -> dict:

@@ -262,6 +262,12 @@ def test_run_gives_tables_figures_and_saves(smollm2, short_suppression, tmp_path
     back = Result.load(RunStore(tmp_path).load(res.save(RunStore(tmp_path), smollm2)))
     assert back.tensors["attention_apples"].shape[-1] == (sents.trace == "apples").sum()
     assert back.params["receiver_heads"] == res.params["receiver_heads"]
+    # a run read back from disk gets every figure again, with the same data
+    rebuilt = ta.figures(back.tables, back.tensors, back.params)
+    assert set(rebuilt) == set(res.figures)
+    for name in ("kurtosis_heatmap", "sentence_attention", "suppression"):
+        np.testing.assert_allclose(np.array(rebuilt[name].data[0].z, dtype=float),
+                                   np.array(res.figures[name].data[0].z, dtype=float), rtol=1e-6, equal_nan=True)
 
 
 def test_figure_builders_place_values_where_the_tables_say():
