@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from attnlab.analyses import plots
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
-from attnlab.probe.head_outputs import patch_z, record_z, small_model_threads, torch_threads
+from attnlab.probe.head_outputs import patch_z, record_z
+from attnlab.probe.threads import small_model_threads, torch_threads
 from attnlab.probe.tasks.circuits import CircuitPair, CircuitTask, make_task, metric
 
 

@@ -59,7 +59,8 @@ from attnlab.analyses import sae_circuits_plots as plots
 from attnlab.analyses.head_outputs import activation_patching, head_frame, resolve_task
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
-from attnlab.probe.head_outputs import POOLINGS, head_outputs, out_projections, torch_threads, w_o
+from attnlab.probe.head_outputs import POOLINGS, head_outputs, out_projections, w_o
+from attnlab.probe.threads import torch_threads
 from attnlab.probe.tasks.circuits import CircuitTask, make_task
 
 LAMBDA = {"docstring": 0.05}  # the paper's lambda per task; 0.02 otherwise

@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.threads import torch_threads
 
 ALPHANUMERIC = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -238,9 +239,6 @@ def train_planted(cfg: PlantedConfig = PlantedConfig(), train: TrainConfig = Tra
     vocab = torch.tensor(cfg.vocab(tokenizer))
     g = torch.Generator().manual_seed(train.seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=train.lr)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     layer, head = cfg.induction_head
     dh = cfg.d_model // cfg.n_heads
     o_proj = model.model.layers[layer].self_attn.o_proj
@@ -249,27 +247,27 @@ def train_planted(cfg: PlantedConfig = PlantedConfig(), train: TrainConfig = Tra
     history, started = [], time.perf_counter()
     model.train()
     try:
-        for step in tqdm(range(train.steps), desc="training planted model", disable=not progress, leave=False):
-            x, predictable = training_batch(cfg, vocab, train.batch, tokenizer.bos_token_id, g)
-            logits = model(input_ids=x[:, :-1]).logits  # position i predicts x[i + 1]
-            ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(x.shape[0], -1)
-            induction = ce[predictable].mean()
-            # the induction head's output (after W_O) where the next token is not predictable: a no-op there
-            out = z["z"][..., head * dh:(head + 1) * dh] @ o_proj.weight[:, head * dh:(head + 1) * dh].T
-            no_op = out.pow(2).sum(-1)[~predictable].mean()
-            if step < train.induction_steps:
-                loss = induction
-            else:
-                loss = ce.mean() + induction + train.no_op_cost * no_op
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % 100 == 0 or step == train.steps - 1:
-                history.append({"step": step, "loss": ce.mean().item(), "induction_loss": induction.item(),
-                                "no_op": no_op.item()})
+        with torch_threads(threads):
+            for step in tqdm(range(train.steps), desc="training planted model", disable=not progress, leave=False):
+                x, predictable = training_batch(cfg, vocab, train.batch, tokenizer.bos_token_id, g)
+                logits = model(input_ids=x[:, :-1]).logits  # position i predicts x[i + 1]
+                ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(x.shape[0], -1)
+                induction = ce[predictable].mean()
+                # the induction head's output (after W_O) where the next token is not predictable: a no-op there
+                out = z["z"][..., head * dh:(head + 1) * dh] @ o_proj.weight[:, head * dh:(head + 1) * dh].T
+                no_op = out.pow(2).sum(-1)[~predictable].mean()
+                if step < train.induction_steps:
+                    loss = induction
+                else:
+                    loss = ce.mean() + induction + train.no_op_cost * no_op
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if step % 100 == 0 or step == train.steps - 1:
+                    history.append({"step": step, "loss": ce.mean().item(), "induction_loss": induction.item(),
+                                    "no_op": no_op.item()})
     finally:
         handle.remove()
-        torch.set_num_threads(old_threads)
     model.eval()
     seconds = time.perf_counter() - started
     probe = Probe(f"planted-induction-{cfg.n_layers}x{cfg.n_heads}", None,

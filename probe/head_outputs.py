@@ -31,6 +31,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.threads import small_model_threads, torch_threads
 
 POOLINGS = ("mean", "last", "both")
 
@@ -106,23 +107,6 @@ def patch_z(probe, layer: int, head: int, z: torch.Tensor) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with n torch threads (None: unchanged)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def small_model_threads(probe) -> int | None:
-    """One torch thread for toy-sized models (a second only contends on a busy machine), else None."""
-    return 1 if probe.info.d_model * probe.info.n_layers <= 1024 else None
-
-
 def head_outputs(probe, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
                  prepend_bos: bool = True, progress: bool = False) -> torch.Tensor:
     """[E, layers * heads, d_model]: every head's output after W_O, pooled over the real positions of each
@@ -154,5 +138,4 @@ def head_outputs(probe, ids: Sequence[Sequence[int]], pooling: str = "mean", bat
     return torch.cat(out, dim=1 if pooling == "both" else 0)
 
 
-__all__ = ["POOLINGS", "head_outputs", "out_projections", "patch_z", "record_z", "small_model_threads",
-           "torch_threads", "w_o", "z_hooks"]
+__all__ = ["POOLINGS", "head_outputs", "out_projections", "patch_z", "record_z", "w_o", "z_hooks"]

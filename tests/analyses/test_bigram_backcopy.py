@@ -11,6 +11,7 @@ from attnlab.analyses import bigram_backcopy as bb
 from attnlab.analyses.result import Result
 from attnlab.probe import RunStore
 from attnlab.probe.tasks import BigramBackcopy
+from attnlab.probe.threads import torch_threads
 
 
 def test_toy_model_is_causal_and_has_no_biases():
@@ -35,14 +36,10 @@ def test_relu_attention_rows_need_not_sum_to_one():
 def trained():
     # CPU-sized: width 64, 32 tokens, batch 64, lr 3e-3
     # one thread: a width-64 model gains nothing from two, and loses much on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return bb.train_variants(bb.ToyConfig(d_model=64, seq_len=32),
                                  bb.TrainConfig(steps=TEST_STEPS, batch=64, lr=3e-3),
                                  variants=("softmax-adamw", "relu-adamw"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 TEST_STEPS = 500
@@ -82,12 +79,8 @@ def test_dynamics_are_tracked_plotted_and_saved(trained, tmp_path):
 @pytest.mark.slow
 def test_long_training_makes_most_non_triggers_dormant():
     """The acceptance run at the CPU defaults (6000 steps, ~90 s on one idle core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         model, history = bb.train(bb.ToyConfig(), bb.TrainConfig())
-    finally:
-        torch.set_num_threads(threads)
     task = BigramBackcopy(seq_len=bb.ToyConfig().seq_len)
     d = bb.dormancy(model, task).iloc[0]
     assert d.dormant_nontrigger > 0.8, f"measured 0.95, got {d.dormant_nontrigger:.2f}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from attnlab.analyses import Result, retrieval
 from attnlab.app import report as reports
 from attnlab.probe import AttnlabError, RunStore
+from attnlab.probe.threads import torch_threads
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -180,16 +180,10 @@ def roc_auc(scores, truth) -> float:
     return float((ranks[truth].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-@contextmanager
 def one_thread():
     """Tiny batches: on the shared 2-core machine a second torch thread only contends (several times
-    slower under load), as `probe.head_outputs` also finds for small work."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    slower under load), as `attnlab.probe.threads` says for small work."""
+    return torch_threads(1)
 
 
 @pytest.fixture(scope="module")
