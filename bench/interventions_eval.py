@@ -266,6 +266,12 @@ def _ci(d) -> str:
     return f"{d['accuracy']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
 
 
+def _difference(d) -> str:
+    """A paired difference with its interval, marked where the interval excludes 0."""
+    mark = " **(outside CI)**" if d["lo"] > 0 or d["hi"] < 0 else ""
+    return f"{d['accuracy']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]{mark}"
+
+
 def render(results: dict) -> str:
     """The results as a Markdown table (one row per task and method)."""
     where = results.get("gpu") or f"{results['device']} ({results['threads']} threads)"
@@ -285,7 +291,6 @@ def render(results: dict) -> str:
                 continue
             m = e[method]
             d = m["difference"]["label_words"]
-            mark = " **(outside CI)**" if d["lo"] > 0 or d["hi"] < 0 else ""
             c = m["chosen"]
             if method == "zerotuning":
                 chosen = f"gamma {c['gamma']:g}, heads {c['heads'] if c['heads'] is not None else 'all'}"
@@ -293,7 +298,7 @@ def render(results: dict) -> str:
                 chosen = f"{c['n_heads']} heads (head indices {c['units']})" if c["n_heads"] else "no head kept"
             lines.append(
                 f"| {name} | {method} | {_ci(b['label_words'])} | {_ci(m['label_words'])} | "
-                f"{d['accuracy']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]{mark} | "
+                f"{_difference(d)} | "
                 f"{b['parsed']['accuracy']:.3f} / {b['parsed']['invalid_rate']:.1%} | "
                 f"{m['parsed']['accuracy']:.3f} / {m['parsed']['invalid_rate']:.1%} | {chosen} |")
     span = results.get("span_qa")
@@ -307,13 +312,12 @@ def render(results: dict) -> str:
                 continue
             m = span[method]
             d = m["difference"]["label_words"]
-            mark = " **(outside CI)**" if d["lo"] > 0 or d["hi"] < 0 else ""
             c = m["chosen"]
             chosen = (f"top {c['k']} {c['unit']} unit(s): {c['heads']}, alpha {c['alpha']}" if method == "pasta" else
                       f"p {c['p']}, gate {c['min_mass']}/{c['max_share']}, sinks {c['sinks']} "
                       f"(D_sink {c['sink_dims']})")
             lines.append(f"| {method} | {_ci(span['baseline']['label_words'])} | {_ci(m['label_words'])} | "
-                         f"{d['accuracy']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]{mark} | "
+                         f"{_difference(d)} | "
                          f"{span['baseline_conflict_rate']:.3f} -> {m['conflict_rate']:.3f} | {chosen} |")
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -67,10 +68,8 @@ def patterns(probe, tokens, edits: Sequence[AttentionEdit] = ()) -> torch.Tensor
     """[L, H, N, N] full attention of one prompt (the chunked backend's pooled(1): exact), edited if given."""
     if tokens.batch_size != 1:
         raise AttnlabError("patterns() reads one prompt: pass a batch of one")
-    if edits:
-        with probe.intervene(*edits):
-            return probe.capture(tokens, stats=["pooled(1)"], backend="chunked")["pooled"][0]
-    return probe.capture(tokens, stats=["pooled(1)"], backend="chunked")["pooled"][0]
+    with probe.intervene(*edits) if edits else nullcontext():
+        return probe.capture(tokens, stats=["pooled(1)"], backend="chunked")["pooled"][0]
 
 
 def moved(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
