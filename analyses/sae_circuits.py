@@ -357,8 +357,7 @@ def evaluate(probe, task: CircuitTask | str, *, reference: Sequence[tuple[int, i
                  timings={"sae_seconds_per_seed": sae_seconds, "sae_seconds_total": sae.timings["seconds"],
                           "head_outputs_seconds": sae.timings["head_outputs_seconds"],
                           "patching_seconds": patch.timings["seconds"] if patch else None, "speedup": speedup})
-    res.figures = {"heatmaps": plots.side_by_side(heads, task.name), "roc": plots.roc_figure(res.tables["roc"]),
-                   "circuit": plots.circuit_graph(sae.tables["edges"], heads)}
+    res.figures = plots.evaluation_figures(res.tables, task.name)
     return res
 
 

@@ -83,4 +83,18 @@ def circuit_graph(edges: pd.DataFrame, heads: pd.DataFrame, top: int = 30) -> go
     return fig
 
 
-__all__ = ["circuit_graph", "head_heatmap", "roc_figure", "side_by_side"]
+def evaluation_figures(tables: dict[str, pd.DataFrame], task: str = "") -> dict[str, go.Figure]:
+    """The figures of an `evaluate` run from its tables (a run read back from disk too): SAE vs patching
+    heatmaps, ROC curves, circuit graph; each only where its tables are there."""
+    heads, figs = tables.get("heads"), {}
+    if heads is None or not {"layer", "head", "sae_node"} <= set(heads.columns):
+        return figs
+    figs["heatmaps"] = side_by_side(heads, task)
+    if "roc" in tables:
+        figs["roc"] = roc_figure(tables["roc"])
+    if "edges" in tables:
+        figs["circuit"] = circuit_graph(tables["edges"], heads)
+    return figs
+
+
+__all__ = ["circuit_graph", "evaluation_figures", "head_heatmap", "roc_figure", "side_by_side"]

@@ -156,8 +156,8 @@ def _run_thought_anchors(probe, text, progress):
     # ATTNLAB_REPORT_ROLLOUTS per prefix (default 2; 0 skips resampling), each at most
     # ATTNLAB_REPORT_ROLLOUT_TOKENS tokens (default 48; 0 = the trace's length, as the paper) —
     # a demonstration on the CPU (the paper: 100 full rollouts). Both appear in the parameters.
-    rollouts = int(os.environ.get("ATTNLAB_REPORT_ROLLOUTS", "2"))
-    tokens = int(os.environ.get("ATTNLAB_REPORT_ROLLOUT_TOKENS", "48"))
+    rollouts = _env_int("ATTNLAB_REPORT_ROLLOUTS", 2, 0)
+    tokens = _env_int("ATTNLAB_REPORT_ROLLOUT_TOKENS", 48, 0)
     return thought_anchors.run(probe, thought_anchors.load_traces(), suppress=["pencils"],
                                resample=["pencils"] if rollouts > 0 else False, n_rollouts=rollouts or None,
                                rollout_max_new_tokens=tokens or None, progress=False)
@@ -205,18 +205,9 @@ section("thought_anchors", "Thought anchors: receiver heads",
 
 
 def _sae_figures(result: Result) -> dict:
-    """Heatmaps (SAE vs patching), ROC and circuit graph from a saved `sae_circuits.evaluate` run's tables."""
-    from attnlab.analyses import sae_circuits_plots as plots
+    from attnlab.analyses.sae_circuits_plots import evaluation_figures
 
-    heads, figs = result.tables.get("heads"), {}
-    if heads is None or not {"layer", "head", "sae_node"} <= set(heads.columns):
-        return figs
-    figs["heatmaps"] = plots.side_by_side(heads, str(result.params.get("task", "")))
-    if "roc" in result.tables:
-        figs["roc"] = plots.roc_figure(result.tables["roc"])
-    if "edges" in result.tables:
-        figs["circuit"] = plots.circuit_graph(result.tables["edges"], heads)
-    return figs
+    return evaluation_figures(result.tables, str(result.params.get("task", "")))
 
 
 def _sae_nodes(heads: pd.DataFrame) -> pd.DataFrame:
