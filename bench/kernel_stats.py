@@ -211,7 +211,7 @@ def time_size(n, log, hkv=8, with_chunked=True):
     ts.CUDNN = True
     call = ts._Call(q, k, v, None, None, None, None)
     lse2 = torch.empty(q.shape[:3], device=DEV)
-    call._launch_fwd(StatRequest(), torch.empty_like(q), lse2, {}, None)
+    call._launch_fwd(StatRequest(), torch.empty_like(q), lse2, {})
     add("ours_pass2_only", lambda: call._columns(col_req, lse2))
     if with_chunked and n <= 32768:
         add("chunked_torch_received", lambda: reference.attention_stats(q, k, v, request=StatRequest(received=True),

@@ -17,7 +17,14 @@ import triton.language as tl
 def _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
             SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK: tl.constexpr):
     """Scores in log2 units [rows, BLOCK_N], edited, -1e30 where invisible (when MASK)."""
-    s = tl.dot(q, k)
+    return _edit_mask(tl.dot(q, k), cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
+                      SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
+
+
+@triton.jit
+def _edit_mask(s, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
+               SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK: tl.constexpr):
+    """q k^T -> scores in log2 units, edited, -1e30 where invisible (when MASK)."""
     if SOFTCAP:
         x = s * (qk_scale / softcap)  # natural-unit score / softcap
         s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
@@ -36,24 +43,33 @@ def _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale,
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, desc_k, desc_v, b, hk,
-            src_base, tgt_base, seg_base, bs, bt, pos, first, window, qk_scale, softcap, lo, hi, Nk,
+def _k_tile(k_base, skn, desc_k, b, hk, start_n, offs_n, offs_d, Nk, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+            TMA: tl.constexpr):
+    """Keys [start_n, start_n + BLOCK_N) transposed, [HEAD_DIM, BLOCK_N], zero past Nk."""
+    if TMA:  # Hopper's tensor memory accelerator; zero-filled past Nk like the masked load
+        k = tl.trans(desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+    else:
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=(cols < Nk)[None, :], other=0.0)
+    return k
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i, q, k_base, v_base, skn, svn, desc_k, desc_v, b, hk,
+            src_base, tgt_base, bs, bt, pos, first, window, qk_scale, softcap, lo, hi, Nk,
             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr,
             HAS_WINDOW: tl.constexpr, MASK: tl.constexpr, ENT: tl.constexpr, TOP: tl.constexpr,
-            DIST: tl.constexpr, SP: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr,
-            SPLIT: tl.constexpr, LO: tl.constexpr, TOP_FUSED: tl.constexpr, TMA: tl.constexpr):
+            DIST: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr, TOP_FUSED: tl.constexpr,
+            TMA: tl.constexpr):
     """The online-softmax loop over key blocks [lo, hi), carrying the per-query accumulators."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kmask = cols < Nk
-        if TMA:  # Hopper's tensor memory accelerator; zero-filled past Nk like the masked load
-            k = tl.trans(desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
-        else:
-            k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=kmask[None, :], other=0.0)
-        s = _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
-                    SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
+        s_raw = tl.dot(q, _k_tile(k_base, skn, desc_k, b, hk, start_n, offs_n, offs_d, Nk, BLOCK_N, HEAD_DIM, TMA))
+        s = _edit_mask(s_raw, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
+                       SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
         if TOP and TOP_FUSED:  # value and index in one reduction
             m_blk, i_blk = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
             top_i = tl.where(m_blk > m_i, start_n + i_blk, top_i)
@@ -84,17 +100,8 @@ def _attend(acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base
                 v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc)
-        if SP > 0:  # per-row sums over key segments (one-hot product, see _col_loop)
-            # the key-segment one-hot comes from memory like V (pipelined), not built in registers
-            onehot = tl.load(seg_base + cols[:, None] * SP + tl.arange(0, SP)[None, :], mask=kmask[:, None], other=0.0)
-            ps = p * 16384.0  # scaled fp16, as in _col_loop
-            p_hi = ps.to(SPLIT)
-            r_acc = r_acc * alpha[:, None]
-            r_acc = tl.dot(p_hi, onehot, r_acc)
-            if LO:
-                r_acc = tl.dot((ps - p_hi.to(tl.float32)).to(SPLIT), onehot, r_acc)
         m_i = m_new
-    return acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i
+    return acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i
 
 
 @triton.jit
@@ -124,15 +131,15 @@ def _mass(q, k_base, skn, src_base, tgt_base, bs, bt, pos, first, window, qk_sca
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, DescK, DescV, Out, Lse2, First, Src, Tgt, BiasS, BiasT, KeySeg, SegHot,
-                Ent, Top, TopP, Dist, Sink, Local, SegPart, MassS, MassT,
+def _fwd_kernel(Q, K, V, DescK, DescV, Out, Lse2, First, Src, Tgt, BiasS, BiasT,
+                Ent, Top, TopP, Dist, Sink, Local, MassS, MassT,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 Hq, G, Nq, Nk, q_off, qk_scale, softcap, window, sink_k, dist_window, n_mblocks, min_first, max_first,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 ENT: tl.constexpr, TOP: tl.constexpr, DIST: tl.constexpr, SINK: tl.constexpr,
-                LOCAL: tl.constexpr, SP: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr,
-                SPLIT: tl.constexpr, LO: tl.constexpr, TOP_FUSED: tl.constexpr, TMA: tl.constexpr):
+                LOCAL: tl.constexpr, CLASS_MASS: tl.constexpr, WRITE_OUT: tl.constexpr, TOP_FUSED: tl.constexpr,
+                TMA: tl.constexpr):
     bh = tl.program_id(0)
     pid_m = n_mblocks - 1 - tl.program_id(1)  # the heaviest causal blocks first
     b = bh // Hq
@@ -149,7 +156,6 @@ def _fwd_kernel(Q, K, V, DescK, DescV, Out, Lse2, First, Src, Tgt, BiasS, BiasT,
     v_base = V + b * svb + hk * svh
     src_base = Src + b * Nk
     tgt_base = Tgt + b * Nk
-    seg_base = SegHot + b * Nk * SP  # [B, Nk, SP] one-hot of each key's segment
     row_base = bh * Nq + offs_m
     if HAS_EDIT:
         bs = tl.load(BiasS + row_base, mask=row_ok, other=0.0)
@@ -182,19 +188,18 @@ def _fwd_kernel(Q, K, V, DescK, DescV, Out, Lse2, First, Src, Tgt, BiasS, BiasT,
     ms_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     mt_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     top_i = tl.zeros([BLOCK_M], dtype=tl.int32) - 1
-    r_acc = tl.zeros([BLOCK_M, SP if SP > 0 else 16], dtype=tl.float32)
-    acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
-        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
-        seg_base, bs, bt, pos, first, window, qk_scale, softcap, lo, a, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED, TMA)
-    acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
-        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
-        seg_base, bs, bt, pos, first, window, qk_scale, softcap, a, f, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, False, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED, TMA)
-    acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i = _attend(
-        acc, l_i, m_i, t_i, d_i, top_i, r_acc, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
-        seg_base, bs, bt, pos, first, window, qk_scale, softcap, f, hi, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
-        HAS_WINDOW, True, ENT, TOP, DIST, SP, CLASS_MASS, WRITE_OUT, SPLIT, LO, TOP_FUSED, TMA)
+    acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i = _attend(
+        acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
+        bs, bt, pos, first, window, qk_scale, softcap, lo, a, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
+        HAS_WINDOW, True, ENT, TOP, DIST, CLASS_MASS, WRITE_OUT, TOP_FUSED, TMA)
+    acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i = _attend(
+        acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
+        bs, bt, pos, first, window, qk_scale, softcap, a, f, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
+        HAS_WINDOW, False, ENT, TOP, DIST, CLASS_MASS, WRITE_OUT, TOP_FUSED, TMA)
+    acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i = _attend(
+        acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i, q, k_base, v_base, skn, svn, DescK, DescV, b, hk, src_base, tgt_base,
+        bs, bt, pos, first, window, qk_scale, softcap, f, hi, Nk, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT,
+        HAS_WINDOW, True, ENT, TOP, DIST, CLASS_MASS, WRITE_OUT, TOP_FUSED, TMA)
 
     l_safe = tl.where(real, l_i, 1.0)
     inv_l = 1.0 / l_safe
@@ -227,43 +232,46 @@ def _fwd_kernel(Q, K, V, DescK, DescV, Out, Lse2, First, Src, Tgt, BiasS, BiasT,
         loc = _mass(q, k_base, skn, src_base, tgt_base, bs, bt, pos, first, window, qk_scale, softcap, lse2,
                     l_lo, hi, Nk, dist_window, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, True)
         tl.store(Local + row_base, tl.where(real, loc, nan), mask=row_ok)
-    if SP > 0:
-        rows = tl.where(real[:, None], r_acc * (inv_l / 16384.0)[:, None], 0.0)  # [BLOCK_M, SP]: A summed per key segment
-        qseg = tl.load(KeySeg + b * Nk + pos, mask=real, other=-1)
-        qhot = (qseg[:, None] == tl.arange(0, SP)[None, :]).to(tl.float32)
-        part = tl.dot(tl.trans(qhot), rows, input_precision="ieee")  # [SP, SP]
-        sp = tl.arange(0, SP)
-        tl.store(SegPart + ((bh * n_mblocks + pid_m) * SP + sp[:, None]) * SP + sp[None, :], part)
 
 
 # ----------------------------------------------------------------------------- pass 2
 
 
 @triton.jit
-def _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base, hot,
-              sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks, pool, lo, hi,
+def _q_tile(Q, DescQ, b, h0, h, qi, gok, Nq, sqb, sqh, sqn, offs_d, m0, GP: tl.constexpr, BLOCK_M: tl.constexpr,
+            HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Query rows [m0, m0 + BLOCK_M) of heads h0.. transposed: [HEAD_DIM, GP * BLOCK_M], zero past Nq."""
+    if TMA:  # one [GP, BLOCK_M, D] box (zero past Nq / Hq; rows of other heads are masked by the caller)
+        qt = tl.trans(DescQ.load([b, h0, m0, 0]).reshape(GP * BLOCK_M, HEAD_DIM))
+    else:
+        qt = tl.load(Q + b * sqb + h[None, :] * sqh + qi[None, :] * sqn + offs_d[:, None],
+                     mask=((qi < Nq) & gok)[None, :], other=0.0)
+    return qt
+
+
+@triton.jit
+def _col_loop(recv, cell, seg_acc, k, cols, kmask, kb, b, h0, NG, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart,
+              src_base, tgt_base, seg_base, hot, sqb, sqh, sqn, Hq, Nq, q_off, qk_scale, softcap, window, qhi,
+              n_qcells, n_kblocks, pool, lo, hi,
               HEAD_DIM: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              POOL: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr, TMA: tl.constexpr):
+              POOL: tl.constexpr, SP: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr,
+              TMA: tl.constexpr):
     """Query blocks [lo, hi) against one key block, transposed: scores are [keys, packed rows]."""
     offs_d = tl.arange(0, HEAD_DIM)
     r = tl.arange(0, GP * BLOCK_M)
     g = r // BLOCK_M
     mm = r % BLOCK_M
-    h = hk * G + g
-    gok = g < G
+    h = h0 + g
+    gok = g < NG
     hv = tl.arange(0, HP)
     for m0 in range(lo, hi, BLOCK_M):
         qi = m0 + mm
         ok = (qi < Nq) & gok
         row = (b * Hq + h) * Nq + qi
-        if TMA:  # the G heads' rows as one [GP, BLOCK_M, D] box (zero past Nq / Hq; other rows are masked by ok)
-            qt = tl.trans(DescQ.load([b, hk * G, m0, 0]).reshape(GP * BLOCK_M, HEAD_DIM))
-        else:
-            qt = tl.load(Q + b * sqb + h[None, :] * sqh + qi[None, :] * sqn + offs_d[:, None], mask=ok[None, :],
-                         other=0.0)
         lse2 = tl.load(Lse2 + row, mask=ok, other=float("inf"))
-        s = tl.dot(k, qt)  # [BLOCK_N, rows]
+        s = tl.dot(k, _q_tile(Q, DescQ, b, h0, h, qi, gok, Nq, sqb, sqh, sqn, offs_d, m0, GP, BLOCK_M, HEAD_DIM,
+                              TMA))  # [BLOCK_N, rows]
         if SOFTCAP:
             x = s * (qk_scale / softcap)
             s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
@@ -281,35 +289,48 @@ def _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, Bias
             if HAS_WINDOW:
                 vis = vis & (pos[None, :] - cols[:, None] < window)
             s = tl.where(vis, s, -1.0e30)
-        p = tl.math.exp2(s - lse2[None, :])
+        # p * 2^14 (the 2^14 folded into the exponent) in fp16: 11 significant bits, normal down to p ~ 4e-9
+        ps = tl.math.exp2(s - (lse2 - 14.0)[None, :])
         # per-head column sums [BLOCK_N, HP] as a tensor-core product with a one-hot (the path P V
         # uses; an fp32/tf32 operand here was 2-3x slower)
-        ps = p * 16384.0  # p * 2^14 in fp16: 11 significant bits, normal down to p ~ 4e-9
         p_hi = ps.to(SPLIT)
+        if LO:
+            p_lo = (ps - p_hi.to(tl.float32)).to(SPLIT)
         colsum = tl.dot(p_hi, hot)
         if LO:
-            colsum = tl.dot((ps - p_hi.to(tl.float32)).to(SPLIT), hot, colsum)
+            colsum = tl.dot(p_lo, hot, colsum)
         recv += colsum
+        if SP > 0:  # per key, sums over the query segments [BLOCK_N, SP] (one head per program)
+            qhot = tl.load(seg_base + (qi + q_off)[:, None] * SP + tl.arange(0, SP)[None, :], mask=ok[:, None],
+                           other=0.0)
+            seg_acc = tl.dot(p_hi, qhot, seg_acc)
+            if LO:
+                seg_acc = tl.dot(p_lo, qhot, seg_acc)
         if POOL:  # the tile sum is reduced once per pooled cell, not once per query block
             cell += colsum
             if ((m0 + BLOCK_M) % pool == 0) | (m0 + BLOCK_M >= qhi):
-                dst = PoolPart + ((b * Hq + hk * G + hv) * n_qcells + m0 // pool) * n_kblocks + kb
-                tl.store(dst, tl.sum(cell, 0) * (1.0 / 16384.0), mask=hv < G)
+                dst = PoolPart + ((b * Hq + h0 + hv) * n_qcells + m0 // pool) * n_kblocks + kb
+                tl.store(dst, tl.sum(cell, 0) * (1.0 / 16384.0), mask=hv < NG)
                 cell = tl.zeros_like(cell)
-    return recv, cell
+    return recv, cell, seg_acc
 
 
 @triton.jit
-def _col_kernel(Q, DescQ, K, Lse2, First, Src, Tgt, BiasS, BiasT, Recv, PoolPart,
+def _col_kernel(Q, DescQ, K, Lse2, First, Src, Tgt, BiasS, BiasT, SegHot, Recv, PoolPart, SegPart,
                 sqb, sqh, sqn, skb, skh, skn,
-                Hq, Hkv, G, Nq, Nk, q_off, qk_scale, softcap, window, n_qcells, n_kblocks, pool, min_first,
+                Hq, NG, G, Nq, Nk, q_off, qk_scale, softcap, window, n_qcells, n_kblocks, pool, min_first,
                 max_first, HEAD_DIM: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                RECV: tl.constexpr, POOL: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr, TMA: tl.constexpr):
+                RECV: tl.constexpr, POOL: tl.constexpr, SP: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr,
+                TMA: tl.constexpr):
+    """One key block against every query row that sees it, for NG query heads h0.. (all G heads of one KV
+    head packed as rows, or one head when segments are asked for)."""
     bk = tl.program_id(0)
     kb = tl.program_id(1)  # key block 0 (seen by the most queries) first
-    b = bk // Hkv
-    hk = bk % Hkv
+    n_groups = Hq // NG
+    b = bk // n_groups
+    h0 = (bk % n_groups) * NG
+    hk = h0 // G
     offs_d = tl.arange(0, HEAD_DIM)
     n0 = kb * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -318,6 +339,7 @@ def _col_kernel(Q, DescQ, K, Lse2, First, Src, Tgt, BiasS, BiasT, Recv, PoolPart
     first = tl.load(First + b)
     src_base = Src + b * Nk
     tgt_base = Tgt + b * Nk
+    seg_base = SegHot + b * Nk * SP  # [B, Nk, SP] one-hot of each position's segment
     # one-hot [packed row, head] turns the per-head column sums into one small product
     r = tl.arange(0, GP * BLOCK_M)
     hv = tl.arange(0, HP)
@@ -338,15 +360,24 @@ def _col_kernel(Q, DescQ, K, Lse2, First, Src, Tgt, BiasS, BiasT, Recv, PoolPart
     f = tl.maximum(tl.minimum(f, qhi), a)
     recv = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
     cell = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
-    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
-                           hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
-                           pool, qlo, a, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, True, SPLIT, LO, TMA)
-    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
-                           hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
-                           pool, a, f, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, False, SPLIT, LO, TMA)
-    recv, cell = _col_loop(recv, cell, k, cols, kmask, kb, b, hk, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base, tgt_base,
-                           hot, sqb, sqh, sqn, Hq, G, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
-                           pool, f, qhi, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, True, SPLIT, LO, TMA)
+    seg_acc = tl.zeros([BLOCK_N, SP if SP > 0 else 16], dtype=tl.float32)
+    recv, cell, seg_acc = _col_loop(
+        recv, cell, seg_acc, k, cols, kmask, kb, b, h0, NG, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base,
+        tgt_base, seg_base, hot, sqb, sqh, sqn, Hq, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
+        pool, qlo, a, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, SP, True, SPLIT, LO, TMA)
+    recv, cell, seg_acc = _col_loop(
+        recv, cell, seg_acc, k, cols, kmask, kb, b, h0, NG, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base,
+        tgt_base, seg_base, hot, sqb, sqh, sqn, Hq, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
+        pool, a, f, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, SP, False, SPLIT, LO, TMA)
+    recv, cell, seg_acc = _col_loop(
+        recv, cell, seg_acc, k, cols, kmask, kb, b, h0, NG, first, Q, DescQ, Lse2, BiasS, BiasT, PoolPart, src_base,
+        tgt_base, seg_base, hot, sqb, sqh, sqn, Hq, Nq, q_off, qk_scale, softcap, window, qhi, n_qcells, n_kblocks,
+        pool, f, qhi, HEAD_DIM, GP, HP, BLOCK_M, BLOCK_N, SOFTCAP, HAS_EDIT, HAS_WINDOW, POOL, SP, True, SPLIT, LO, TMA)
     if RECV:
-        hh = hk * G + hv
-        tl.store(Recv + (b * Hq + hh[None, :]) * Nk + cols[:, None], recv * (1.0 / 16384.0), mask=(hv < G)[None, :] & kmask[:, None])
+        tl.store(Recv + (b * Hq + h0 + hv[None, :]) * Nk + cols[:, None], recv * (1.0 / 16384.0),
+                 mask=(hv < NG)[None, :] & kmask[:, None])
+    if SP > 0:  # [key segment, query segment] sums of this key block: keys grouped by their segment
+        sv = tl.arange(0, SP)
+        khot = tl.load(seg_base + cols[:, None] * SP + sv[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        part = tl.dot(tl.trans(khot), seg_acc * (1.0 / 16384.0), input_precision="ieee")  # [SP keys, SP queries]
+        tl.store(SegPart + ((b * Hq + h0) * n_kblocks + kb) * SP * SP + sv[None, :] * SP + sv[:, None], part)

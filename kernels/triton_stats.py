@@ -7,11 +7,12 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
 - pass 1 (`_fwd_kernel`, query-block outer): the output, the row log-sum-exp and the per-query
   statistics on the fly: entropy = ln l - sum p (s - m) / l, top key (running max and its index),
   distance = pos_i - sum p j / l; sink and local mass by re-streaming only their few key blocks
-  with the final log-sum-exp; segments as per-row sums over key segments (one-hot product, like
-  P V) reduced over the block's query segments into one S x S partial per query block.
+  with the final log-sum-exp.
 - pass 2 (`_col_kernel`, key-block outer): with the known log-sum-exp, per-key column sums
-  (`received`) and per-tile sums (`pooled`); one program owns one key block, so every output
-  element has one writer (no atomics); the G query heads of one KV head are packed as rows.
+  (`received`), per-tile sums (`pooled`) and `segments` (per key, sums over query segments as a
+  one-hot product, then grouped by the keys' segments into one S x S partial per key block); one
+  program owns one key block, so every output element has one writer (no atomics); the G query
+  heads of one KV head are packed as rows (one head per program when segments are asked for).
 - `rows(positions)` are a few rows: recomputed in torch from the log-sum-exp.
 - edits (`edits.py`) enter as a per-row logit bias on two key classes (source, target); the
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
@@ -56,15 +57,15 @@ MAX_SEGMENTS = 64
 # the tiles (compiler scheduling): 22.3 vs 25.3 ms at 128 x 128, 25.5 vs 23.4 ms at 128 x 64 (d 128, 32k).
 FWD_CONFIG = {64: (64, 64, 4, 3, False), 128: (128, 128, 8, 3, False), 256: (64, 32, 4, 2, False)}  # output only
 FWD_STATS_CONFIG = {64: (64, 64, 4, 3, True), 128: (128, 128, 8, 3, True), 256: (64, 32, 4, 2, False)}  # + per-query
-FWD_SEGMENTS_CONFIG = {64: (64, 64, 4, 3, False), 128: (128, 64, 8, 4, False), 256: (64, 32, 4, 2, False)}  # + segments
 # Streamed tiles (K/V in pass 1, Q in pass 2) through tensor descriptors on Hopper and later: the
 # same numbers bit for bit; forward with per-query statistics 21.7 -> 20.3 ms at 32k, 358 -> 324 ms at
 # 128k on an H100 (d 128); pass 2 gains ~3%.
 TMA = True
-_FWD_STEPPED: dict[tuple, tuple[int, int]] = {}  # (head dim, tiles, segments, GPU) -> (BLOCK_N, stages) that fit
+INTERPRET_TOP_FUSED = True  # the top-key reduction under TRITON_INTERPRET (the tests run both)
+_FWD_STEPPED: dict[tuple, tuple[int, int]] = {}  # (head dim, tiles, GPU) -> (BLOCK_N, stages) that fit
 # Pass 2 tiles by head dim: (BLOCK_N, num_warps, num_stages, packed rows (heads x queries) per tile);
 # H100 medians of bench/kernel_stats.py's tuning (d 64: 128 rows 18.0 vs 64 rows 19.4 ms at 32k).
-COL_CONFIG = {64: (64, 4, 3, 128), 128: (64, 4, 3, 64), 256: (32, 4, 2, 64)}
+COL_CONFIG = {64: (64, 4, 3, 128), 128: (128, 4, 3, 64), 256: (32, 4, 2, 64)}
 # Sums of p through tensor-core products with a one-hot (received, pooled, segments): p * 2^14 in
 # fp16, as hi + lo halves (~22 significant bits; True) or hi alone (False: each term within 2^-11 =
 # 4.9e-4 relative, so every sum of positive terms too). False is ~20% faster per pass on an H100.
@@ -191,8 +192,8 @@ class _Call:
         f32 = dict(dtype=torch.float32, device=self.device)
         ms = torch.empty(self.B, self.Hq, self.Nq, **f32)
         mt = torch.empty_like(ms)
-        self._launch_fwd(StatRequest(), out=None, lse2=torch.empty_like(ms), stats={}, seg_part=None,
-                         masses=(ms, mt), has_edit=False)
+        self._launch_fwd(StatRequest(), out=None, lse2=torch.empty_like(ms), stats={}, masses=(ms, mt),
+                         has_edit=False)
         return ms, mt
 
     def _descriptor(self, t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
@@ -205,25 +206,16 @@ class _Call:
             return None
 
     # -- pass 1
-    def _fwd_tiles(self, with_stats: bool, segments: bool) -> tuple[int, int, int, int, bool]:
+    def _fwd_tiles(self, with_stats: bool) -> tuple[int, int, int, int, bool]:
         if _interpret():
-            return 16, 16, 4, 1, segments  # both top-key reductions are tested
-        table = FWD_SEGMENTS_CONFIG if segments else FWD_STATS_CONFIG if with_stats else FWD_CONFIG
-        return table[self.D]
+            return 16, 16, 4, 1, INTERPRET_TOP_FUSED
+        return (FWD_STATS_CONFIG if with_stats else FWD_CONFIG)[self.D]
 
-    def _launch_fwd(self, request, out, lse2, stats, seg_part, masses=None, has_edit=None):
+    def _launch_fwd(self, request, out, lse2, stats, masses=None, has_edit=None):
         with_stats = bool(stats) or masses is not None
-        BM, BN, warps, stages, top_fused = self._fwd_tiles(with_stats, seg_part is not None)
+        BM, BN, warps, stages, top_fused = self._fwd_tiles(with_stats)
         n_m = triton.cdiv(self.Nq, BM)
         dummy = lse2
-        sp = 0
-        seg = seg_hot = self.first  # dummies
-        if request.segment_ids is not None:
-            sp = max(16, triton.next_power_of_2(request.n_segments))
-            ids = request.segment_ids.to(device=self.device, dtype=torch.long)
-            seg = ids.to(torch.int32).contiguous()
-            hot_dtype = torch.float16
-            seg_hot = torch.nn.functional.one_hot((ids + 1).clamp_min(0), sp + 1)[..., 1:].to(hot_dtype).contiguous()
         has_edit = self.edit is not None if has_edit is None else has_edit
         o = out if out is not None else self.q
         q, k, v = self.q, self.k, self.v
@@ -234,10 +226,9 @@ class _Call:
             if not tma:
                 dk, dv = k, v
             return _fwd_kernel[(self.B * self.Hq, n_m)](
-                q, k, v, dk, dv, o, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, seg, seg_hot,
+                q, k, v, dk, dv, o, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t,
                 stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
                 stats.get("distance", dummy), stats.get("sink_mass", dummy), stats.get("local_mass", dummy),
-                seg_part if seg_part is not None else dummy,
                 masses[0] if masses else dummy, masses[1] if masses else dummy,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -246,14 +237,14 @@ class _Call:
                 self.min_first, self.max_first,
                 HEAD_DIM=self.D, BLOCK_M=BM, BLOCK_N=bn, SOFTCAP=self.softcap is not None, HAS_EDIT=has_edit,
                 HAS_WINDOW=self.window is not None, ENT="entropy" in stats, TOP="top_key" in stats,
-                DIST="distance" in stats, SINK="sink_mass" in stats, LOCAL="local_mass" in stats, SP=sp,
-                CLASS_MASS=masses is not None, WRITE_OUT=out is not None, SPLIT=_split(), LO=EXACT_SUMS, TOP_FUSED=top_fused, TMA=tma,
+                DIST="distance" in stats, SINK="sink_mass" in stats, LOCAL="local_mass" in stats,
+                CLASS_MASS=masses is not None, WRITE_OUT=out is not None, TOP_FUSED=top_fused, TMA=tma,
                 num_warps=warps, num_stages=st,
             )
 
-        # Tiles that do not fit this GPU's shared memory (e.g. the segments' one-hot next to K and V)
-        # step down: fewer stages, then narrower key blocks; the working choice is remembered.
-        key = (self.D, BM, BN, warps, stages, top_fused, sp, torch.cuda.get_device_name(self.device) if self.q.is_cuda else "")
+        # Tiles that do not fit this GPU's shared memory (H100 tiles on a GPU with less) step down:
+        # fewer stages, then narrower key blocks; the working choice is remembered.
+        key = (self.D, BM, BN, warps, stages, top_fused, torch.cuda.get_device_name(self.device) if self.q.is_cuda else "")
         BN, stages = _FWD_STEPPED.get(key, (BN, stages))
         while True:
             try:
@@ -267,7 +258,7 @@ class _Call:
                 else:
                     raise
                 _FWD_STEPPED[key] = (BN, stages)
-        return n_m, sp
+        return n_m
 
     def forward(self, request: StatRequest):
         B, Hq, Nq, Nk = self.B, self.Hq, self.Nq, self.Nk
@@ -285,20 +276,13 @@ class _Call:
         if request.distance_window is not None:
             stats["distance"] = torch.empty(B, Hq, Nq, **f32)
             stats["local_mass"] = torch.empty(B, Hq, Nq, **f32)
-        seg_part = None
-        if request.segment_ids is not None:
-            BM = self._fwd_tiles(with_stats=True, segments=True)[0]
-            sp = max(16, triton.next_power_of_2(request.n_segments))
-            seg_part = torch.empty(B, Hq, triton.cdiv(Nq, BM), sp, sp, **f32)
-        if not stats and seg_part is None and self._cudnn_output(out, lse2):
+        if not stats and self._cudnn_output(out, lse2):
             self.output_from = "cudnn"  # only pass 2's statistics: cuDNN's output and log-sum-exp
         else:  # per-query statistics ride along with our forward at ~15% extra: cheaper than a cuDNN call + more
-            self._launch_fwd(request, out, lse2, stats, seg_part)
+            self._launch_fwd(request, out, lse2, stats)
             self.output_from = "triton"
-        if request.received or request.pooled_block is not None:
+        if request.received or request.pooled_block is not None or request.segment_ids is not None:
             stats.update(self._columns(request, lse2))
-        if seg_part is not None:
-            stats["segments"] = self._segments(request, seg_part)
         if request.row_positions is not None:
             stats["rows"] = self._rows(request.row_positions, lse2)
         return out, {name: stats[name] for name in request.outputs()}
@@ -327,9 +311,14 @@ class _Call:
 
     # -- pass 2 and its normalisation
     def _columns(self, request, lse2):
+        """Pass 2: received, pooled and segments from the known log-sum-exp. The G query heads of a KV
+        head are packed into one program's rows; with segments each program takes one head (the
+        query-segment one-hot is per query row, the same for every head)."""
         B, Hq, Nq, Nk, G = self.B, self.Hq, self.Nq, self.Nk, self.G
         f32 = dict(dtype=torch.float32, device=self.device)
-        GP = triton.next_power_of_2(G)
+        segments = request.segment_ids is not None
+        NG = 1 if segments else G  # query heads per program
+        GP = triton.next_power_of_2(NG)
         pool = request.pooled_block or 0
         if _interpret():
             BN, warps, stages = 16, 4, 1
@@ -346,17 +335,19 @@ class _Call:
         n_qc = triton.cdiv(Nq, pool) if pool else 1
         recv = torch.empty(B, Hq, Nk, **f32) if request.received else lse2
         part = torch.zeros(B, Hq, n_qc, n_kb, **f32) if pool else lse2
+        sp, seg_hot = self._segment_onehot(request)
+        seg_part = torch.empty(B, Hq, n_kb, sp, sp, **f32) if segments else lse2
         q, k = self.q, self.k
         desc_q = self._descriptor(q, [1, GP, BM, self.D])
         tma = desc_q is not None
-        self.col_compiled = _col_kernel[(B * self.Hkv, n_kb)](
-            q, desc_q if tma else q, k, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, recv, part,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            Hq, self.Hkv, G, Nq, Nk, self.q_off, self.scale, float(self.softcap or 1.0), int(self.window or 0),
+        self.col_compiled = _col_kernel[(B * (Hq // NG), n_kb)](
+            q, desc_q if tma else q, k, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, seg_hot, recv,
+            part, seg_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            Hq, NG, G, Nq, Nk, self.q_off, self.scale, float(self.softcap or 1.0), int(self.window or 0),
             n_qc, n_kb, max(pool, 1), self.min_first, self.max_first,
             HEAD_DIM=self.D, GP=GP, HP=max(16, GP), BLOCK_M=BM, BLOCK_N=BN, SOFTCAP=self.softcap is not None,
             HAS_EDIT=self.edit is not None, HAS_WINDOW=self.window is not None, RECV=request.received,
-            POOL=bool(pool), SPLIT=_split(), LO=EXACT_SUMS, TMA=tma, num_warps=warps, num_stages=stages,
+            POOL=bool(pool), SP=sp, SPLIT=_split(), LO=EXACT_SUMS, TMA=tma, num_warps=warps, num_stages=stages,
         )
         res = {}
         if request.received:
@@ -369,7 +360,18 @@ class _Call:
             qsize = torch.clamp(Nq - torch.arange(n_qc, device=self.device) * pool, max=pool).float()
             ksize = torch.clamp(Nk - torch.arange(n_kc, device=self.device) * pool, max=pool).float()
             res["pooled"] = part / (qsize[:, None] * ksize[None, :])
+        if segments:
+            res["segments"] = self._segments(request, seg_part)
         return res
+
+    def _segment_onehot(self, request) -> tuple[int, torch.Tensor]:
+        """(SP, [B, Nk, SP] fp16 one-hot of each position's segment, zero rows for -1); SP = 0 and a
+        dummy without segments. SP >= 16 and a power of two for the tensor-core products."""
+        if request.segment_ids is None:
+            return 0, self.first
+        sp = max(16, triton.next_power_of_2(request.n_segments))
+        ids = request.segment_ids.to(device=self.device, dtype=torch.long)
+        return sp, torch.nn.functional.one_hot((ids + 1).clamp_min(0), sp + 1)[..., 1:].to(torch.float16).contiguous()
 
     def _seen_by(self) -> torch.Tensor:
         """[B, 1, Nk] number of real queries that can see each key."""

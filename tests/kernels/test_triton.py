@@ -169,8 +169,11 @@ def test_every_statistic_matches_fp64_reference(B, Hq, Hkv, N, D, window, pad, s
     assert sink_heads.nanmean() > 0.3, "the inputs really have a sink"
 
 
-def test_per_query_statistics_alone_come_from_the_forward():
-    """Without per-key statistics the forward carries entropy, sink, top key and distance (one pass)."""
+@pytest.mark.parametrize("top_fused", [True, False])
+def test_per_query_statistics_alone_come_from_the_forward(top_fused, monkeypatch):
+    """Without per-key statistics the forward carries entropy, sink, top key and distance (one pass),
+    with either top-key reduction (value and index in one, or an argmax where the maximum moved)."""
+    monkeypatch.setattr(ts, "INTERPRET_TOP_FUSED", top_fused)
     B, Hq, Hkv, N, D = 2, 4, 1, 37, 64
     q, k, v = sinky(B, Hq, Hkv, N, D, seed=N)
     mask = torch.ones(B, N, dtype=torch.bool)
