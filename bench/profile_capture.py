@@ -1,9 +1,12 @@
 """Where the time of one whole-model capture goes (torch.profiler), against the plain forward:
 python bench/profile_capture.py [N] [--model random-llama-1b]. Prints the top operators by GPU
-and by CPU time; the gap between the GPU kernels' sum and the wall time is host overhead."""
+and by CPU time; the gap between the GPU kernels' sum and the wall time is host overhead. Lists
+the host synchronisations one capture makes (torch's sync debug mode), with where they come from."""
 
 import argparse
+import collections
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,6 +26,19 @@ def main():
     tokens = probe.to_tokens(ids, prepend_bos=False)
     runs = {"forward": lambda: probe.forward(tokens, logits_to_keep=1),
             "capture": lambda: probe.capture(tokens, stats=STATS, backend="triton")}
+    runs["capture"]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        runs["capture"]()
+        torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter()
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{w.filename}:{w.lineno}"] += 1
+    print(f"host synchronisations in one capture: {sum(where.values())}")
+    for place, count in where.most_common(10):
+        print(f"  x{count} {place}")
     for name, fn in runs.items():
         fn()
         torch.cuda.synchronize()

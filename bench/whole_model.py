@@ -66,6 +66,21 @@ def check_backends(probe, n: int) -> dict:
     return out
 
 
+def check_offload(probe, n: int) -> bool:
+    """The capture's shared pinned buffers (every head; layers given in any order) against the
+    per-layer records stacked on the host (a head subset takes that path): the same numbers."""
+    ids = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(2))
+    tokens = probe.to_tokens(ids, prepend_bos=False)
+    layers = list(range(probe.info.n_layers))[::-1][:4]
+    every = probe.capture(tokens, stats=STATS, layers=layers, backend="triton")
+    subset = probe.capture(tokens, stats=STATS, layers=layers, heads=list(range(0, probe.info.n_heads, 2)),
+                           backend="triton")
+    same = all(torch.equal(every[name][:, :, ::2], subset[name]) for name in subset.stats)
+    print(f"offloaded buffers vs host-stacked records (every other head), layers {every.layers}: "
+          f"{'identical' if same else 'DIFFERENT'}")
+    return same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random-llama-1b")
@@ -83,6 +98,7 @@ def main() -> None:
     probe = load(args.model, device="cuda", dtype=torch.bfloat16, cache=False)
     info = probe.info
     check = check_backends(probe, args.check_len)
+    check["offload_identical"] = check_offload(probe, args.check_len)
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
         ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(n))

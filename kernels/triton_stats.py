@@ -397,7 +397,9 @@ class _Call:
 
     def _rows(self, positions, lse2):
         """Exact rows [B, H, R, Nk] from the known log-sum-exp (a few rows: torch is enough)."""
-        idx = torch.tensor(positions, device=self.device, dtype=torch.long)
+        idx = torch.tensor(positions, dtype=torch.long)
+        if self.q.is_cuda:  # through pinned memory: a pageable copy would make the host wait for the GPU
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
         qr = self.q[:, :, idx].float().view(self.B, self.Hkv, self.G * len(positions), self.D)
         s = torch.matmul(qr, self.k.float().transpose(-1, -2)).view(self.B, self.Hq, len(positions), self.Nk)
         s = s * self.scale

@@ -229,6 +229,7 @@ class Probe:
                 progress(done[0], len(layer_list))
 
         started = time.perf_counter()
+        stacked = None
         if backend == "eager":
             active = fast_path._EDITS.get()
             edit_hooks = None
@@ -242,16 +243,21 @@ class Probe:
         else:
             kernel = kernels.attention_stats if backend == "chunked" else kernels.triton_kernel()
             session = fast_path.CaptureSession(set(layer_list), make_request, kernel, on_layer,
-                                               offload=torch.device(self.device).type == "cuda")
+                                               offload=torch.device(self.device).type == "cuda",
+                                               layer_order=layer_list)
             with session:
                 # Only the final hidden state is needed: skip the vocabulary projection (N x V).
                 self.forward(tokens, logits_to_keep=1)
             session.synchronize()
+            stacked = session.stacked_records()
             records = {layer: self._select_heads(recs[0], head_list) for layer, recs in session.records.items()}
         elapsed = time.perf_counter() - started
 
-        out = {name: torch.stack([records[layer][name].cpu() for layer in layer_list], dim=1)
-               for name in records[layer_list[0]]}
+        if stacked is not None and all(rec is session.records[layer][0] for layer, rec in records.items()):
+            out = dict(stacked)  # every head: the offloaded buffers are the result, already [B, L, ...]
+        else:
+            out = {name: torch.stack([records[layer][name].cpu() for layer in layer_list], dim=1)
+                   for name in records[layer_list[0]]}
         if "entropy" in out:
             out["entropy_norm"] = self._normalised_entropy(out["entropy"], tokens, layer_list)
         params = {s.name: (list(s.arg) if isinstance(s.arg, tuple) else s.arg)
