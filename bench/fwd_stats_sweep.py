@@ -32,13 +32,14 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--configs", default=None, help="space-separated BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--no-breakdown", action="store_true")
-    ap.add_argument("--tma", action="store_true", help="also time (and check) K/V loads through tensor descriptors")
+    ap.add_argument("--tma", action="store_true", help="time (and check) both pointer and tensor-descriptor (TMA) loads; default: TMA as configured")
     args = ap.parse_args()
     d = args.d
     configs = ([tuple(int(x) for x in c.split(",")) for c in args.configs.split()] if args.configs
                else CONFIGS[d])
     res = {}
     default, default_stats = ts.FWD_CONFIG[d], ts.FWD_STATS_CONFIG[d]
+    tma_default = ts.TMA
     for n in args.sizes:
         q, k, v = make_inputs(n, d=d)
         kr, vr = (x.repeat_interleave(4, 1) for x in (k, v))
@@ -56,7 +57,7 @@ def main():
                           ("sink", StatRequest(sink_k=4)), ("ent+dist", StatRequest(entropy=True, distance_window=128))]:
             ts.CUDNN = False  # our kernel even where no statistic is asked for
             t(f"fwd {name} {default_stats if req.outputs() else default}", lambda: ts.attention_stats(q, k, v, request=req))
-        for tma in (False, True) if args.tma else (False,):
+        for tma in (False, True) if args.tma else (tma_default,):
             ts.TMA = tma
             if tma:  # the same numbers with either load
                 full = full_request(n)
@@ -80,7 +81,7 @@ def main():
                     ms = t(f"per-query {cfg} top_fused={fused} tma={tma}",
                            lambda: ts.attention_stats(q, k, v, request=PER_QUERY))
                     print(f"{'':7s} {'':55s} {ms / base:9.2f}x", flush=True)
-        ts.TMA = False
+        ts.TMA = tma_default
         ts.FWD_CONFIG[d], ts.FWD_STATS_CONFIG[d] = default, default_stats
         ts.CUDNN = True
         del q, k, v, kr, vr

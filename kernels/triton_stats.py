@@ -18,14 +18,17 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
 
 Measured on one H100 (bench/kernel_stats.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
-multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.32x / 1.17x, forward
-with per-query statistics 1.45x / 1.33x (430 / 427 TFLOP/s), pass 2 alone 1.02x / 0.90x, every
-statistic but `pattern` 2.97x / 2.61x (target 1.75x: not reached; bench/RESULTS.md). When a call
+multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.29x / 1.16x, forward
+with per-query statistics 1.45x / 1.32x (434 / 433 TFLOP/s), pass 2 alone 0.99x / 0.77x, every
+statistic but `pattern` 2.97x / 2.34x (target 1.75x: not reached; bench/RESULTS.md). When a call
 asks only for pass 2's statistics, cuDNN gives the output and the log-sum-exp (`_cudnn_output`;
-2.08x / 1.97x for received + pooled, against 2.26x / 2.08x with our forward).
-Tried and dropped (branch experiment/fused-stats-pass): one query-outer pass after cuDNN for every
-statistic, column sums read-added-written per program group: correct, but 107 ms at 32k against
-these two passes' 44 ms, as the per-tile column sums need a reduction across warps.
+2.08x / 1.83x for received + pooled, against 2.24x / 1.94x with our forward).
+Tried and dropped: one query-outer pass after cuDNN for every statistic, column sums read-added-
+written per program group (branch experiment/fused-stats-pass: correct, but 107 ms at 32k against
+these two passes' 44 ms: the per-tile column sums need a reduction across warps); Triton's
+`warp_specialize` (a no-op on Hopper in triton 3.6: same code, same time), q k^T issued one tile
+ahead of the softmax by hand, and pass 2's sums chained inside the one-hot products (all slower;
+branch experiment/pipelined-qk, bench/RESULTS.md).
 
 All scores live in log2 units (s * log2 e) so the kernels use exp2. Not supported here, and so
 computed by the torch twin instead (never a wrong number): fp32 inputs, head dims other than
@@ -55,8 +58,10 @@ MAX_SEGMENTS = 64
 # bench/fwd_stats_sweep.py. TOP_FUSED takes the top key's value and index in one reduction per tile;
 # otherwise an argmax runs only on tiles where some row's maximum moved. Which is faster depends on
 # the tiles (compiler scheduling): 22.3 vs 25.3 ms at 128 x 128, 25.5 vs 23.4 ms at 128 x 64 (d 128, 32k).
-FWD_CONFIG = {64: (64, 64, 4, 3, False), 128: (128, 128, 8, 3, False), 256: (64, 32, 4, 2, False)}  # output only
-FWD_STATS_CONFIG = {64: (64, 64, 4, 3, True), 128: (128, 128, 8, 3, True), 256: (64, 32, 4, 2, False)}  # + per-query
+# d 64: 64 x 128 tiles with the argmax against 64 x 64 fused: 14.5 vs 15.3 ms at 32k, 272 vs 251 ms at 128k
+# (one layer); the whole 1B-shaped model capture 1.60x / 1.83x / 2.22x vs 1.83x / 1.93x / 2.22x at 8k / 32k / 128k.
+FWD_CONFIG = {64: (64, 128, 4, 3, False), 128: (128, 128, 8, 3, False), 256: (64, 32, 4, 2, False)}  # output only
+FWD_STATS_CONFIG = {64: (64, 128, 4, 3, False), 128: (128, 128, 8, 3, True), 256: (64, 32, 4, 2, False)}  # + per-query
 # Streamed tiles (K/V in pass 1, Q in pass 2) through tensor descriptors on Hopper and later: the
 # same numbers bit for bit; forward with per-query statistics 21.7 -> 20.3 ms at 32k, 358 -> 324 ms at
 # 128k on an H100 (d 128); pass 2 gains ~3%.
@@ -64,8 +69,9 @@ TMA = True
 INTERPRET_TOP_FUSED = True  # the top-key reduction under TRITON_INTERPRET (the tests run both)
 _FWD_STEPPED: dict[tuple, tuple[int, int]] = {}  # (head dim, tiles, GPU) -> (BLOCK_N, stages) that fit
 # Pass 2 tiles by head dim: (BLOCK_N, num_warps, num_stages, packed rows (heads x queries) per tile);
-# H100 medians of bench/kernel_stats.py's tuning (d 64: 128 rows 18.0 vs 64 rows 19.4 ms at 32k).
-COL_CONFIG = {64: (64, 4, 3, 128), 128: (128, 4, 3, 64), 256: (32, 4, 2, 64)}
+# H100 medians of bench/full_breakdown.py: 128-key blocks at 128k, d 128: received + pooled 182 vs 212 ms,
+# + segments 240 vs 365 ms; d 64: received + pooled 128 vs 136 ms (the same at 32k for both).
+COL_CONFIG = {64: (128, 4, 3, 128), 128: (128, 4, 3, 64), 256: (32, 4, 2, 64)}
 # Sums of p through tensor-core products with a one-hot (received, pooled, segments): p * 2^14 in
 # fp16, as hi + lo halves (~22 significant bits; True) or hi alone (False: each term within 2^-11 =
 # 4.9e-4 relative, so every sum of positive terms too). False is ~20% faster per pass on an H100.
