@@ -68,12 +68,11 @@ class CaptureSession:
         self.records.setdefault(layer, []).append(stats)
 
     def _slot(self, layer: int, name: str, t: torch.Tensor) -> torch.Tensor:
-        """t copied (non-blocking) into this layer's slot of the pinned [B, n_layers, ...] buffer."""
-        if not t.is_cuda:
-            return t
+        """t copied (non-blocking from a GPU) into this layer's slot of the [B, n_layers, ...] host
+        buffer (pinned when t is on a GPU)."""
         buf = self.stacked.get(name)
         if buf is None:
-            buf = torch.empty((t.shape[0], len(self.layer_order), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+            buf = torch.empty((t.shape[0], len(self.layer_order), *t.shape[1:]), dtype=t.dtype, pin_memory=t.is_cuda)
             self.stacked[name] = buf
         if buf.shape[2:] != t.shape[1:] or buf.dtype != t.dtype:  # layers disagree: no shared buffer
             self.stacked[name] = buf = buf.new_empty(0)

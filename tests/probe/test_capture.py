@@ -154,3 +154,35 @@ def test_triton_backend_without_a_gpu_says_what_to_do(smollm2):
         pytest.skip("this machine has a GPU: the refusal applies only without one")
     with pytest.raises(AttnlabError, match="needs a CUDA GPU.*chunked"):
         smollm2.capture("x", backend="triton")
+
+
+def test_offloaded_records_fill_one_buffer_per_statistic_in_layer_order():
+    """With offload, each layer's first record lands in its slot of one [B, layers, ...] host buffer
+    per statistic (what capture returns, no stacking afterwards); later calls of a layer (decode
+    steps) stay separate records; layers that disagree in shape fall back to per-layer records."""
+    from attnlab.probe import fast_path
+
+    g = torch.Generator().manual_seed(0)
+
+    def rec(n):
+        return {"received": torch.rand(2, 4, n, generator=g), "top_key": torch.randint(0, n, (2, 4, n), generator=g)}
+
+    session = fast_path.CaptureSession({1, 3}, make_request=None, kernel=None, offload=True, layer_order=[3, 1])
+    first = {1: rec(9), 3: rec(9)}
+    session.record(1, first[1])
+    session.record(3, first[3])
+    step = rec(9)
+    session.record(3, step)
+    stacked = session.stacked_records()
+    for name in ("received", "top_key"):
+        assert torch.equal(stacked[name], torch.stack([first[3][name], first[1][name]], dim=1))
+        assert torch.equal(session.records[1][0][name], first[1][name])
+        assert torch.equal(session.records[3][1][name], step[name])
+    assert len(session.records[3]) == 2
+
+    ragged = fast_path.CaptureSession({0, 1}, make_request=None, kernel=None, offload=True, layer_order=[0, 1])
+    ragged.record(0, rec(9))
+    second = rec(5)
+    ragged.record(1, second)
+    assert ragged.stacked_records() is None
+    assert torch.equal(ragged.records[1][0]["received"], second["received"])
