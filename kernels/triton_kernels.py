@@ -17,14 +17,7 @@ import triton.language as tl
 def _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
             SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK: tl.constexpr):
     """Scores in log2 units [rows, BLOCK_N], edited, -1e30 where invisible (when MASK)."""
-    return _edit_mask(tl.dot(q, k), cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
-                      SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
-
-
-@triton.jit
-def _edit_mask(s, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
-               SOFTCAP: tl.constexpr, HAS_EDIT: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK: tl.constexpr):
-    """q k^T -> scores in log2 units, edited, -1e30 where invisible (when MASK)."""
+    s = tl.dot(q, k)
     if SOFTCAP:
         x = s * (qk_scale / softcap)  # natural-unit score / softcap
         s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
@@ -67,9 +60,9 @@ def _attend(acc, l_i, m_i, t_i, d_i, top_i, ms_i, mt_i, q, k_base, v_base, skn, 
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kmask = cols < Nk
-        s_raw = tl.dot(q, _k_tile(k_base, skn, desc_k, b, hk, start_n, offs_n, offs_d, Nk, BLOCK_N, HEAD_DIM, TMA))
-        s = _edit_mask(s_raw, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
-                       SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
+        k = _k_tile(k_base, skn, desc_k, b, hk, start_n, offs_n, offs_d, Nk, BLOCK_N, HEAD_DIM, TMA)
+        s = _scores(q, k, cols, pos, first, kmask, bs, bt, src_base, tgt_base, qk_scale, softcap, window,
+                    SOFTCAP, HAS_EDIT, HAS_WINDOW, MASK)
         if TOP and TOP_FUSED:  # value and index in one reduction
             m_blk, i_blk = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
             top_i = tl.where(m_blk > m_i, start_n + i_blk, top_i)
