@@ -4,6 +4,11 @@ Analyses read captures and ask the probe; they never reach into model internals 
 `attnlab.interventions`.
 """
 
-from attnlab.analyses.result import Result
+if __name__ == "analyses":  # the bare name, from the repository root: hand over (README, "Layout")
+    import _bare_names
 
-__all__ = ["Result"]
+    _bare_names.hand_over(__name__, __file__)
+else:
+    from attnlab.analyses.result import Result
+
+    __all__ = ["Result"]

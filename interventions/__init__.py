@@ -12,12 +12,17 @@ redistribution) as builders of `attnlab.probe` edits, with calibration and hones
   attention of one prompt (the report's `interventions` section).
 """
 
-from attnlab.interventions.act import ACT, act_edits, hidden_sink_positions
-from attnlab.interventions.evaluate import bootstrap_interval, evaluate, paired_interval, score_examples
-from attnlab.interventions.redistribution import PASTA, VAR, VarSinks, pasta_edits, profile_pasta, var_edits
-from attnlab.interventions.zerotuning import GAMMA_GRID, ZeroTuning, profile_heads, search_gamma, zerotuning_edits
+if __name__ == "interventions":  # the bare name, from the repository root: hand over (README, "Layout")
+    import _bare_names
 
-__all__ = [
-    "ACT", "GAMMA_GRID", "PASTA", "VAR", "VarSinks", "var_edits", "ZeroTuning", "act_edits", "bootstrap_interval", "evaluate", "hidden_sink_positions",
-    "paired_interval", "pasta_edits", "profile_heads", "profile_pasta", "score_examples", "search_gamma", "zerotuning_edits",
-]
+    _bare_names.hand_over(__name__, __file__)
+else:
+    from attnlab.interventions.act import ACT, act_edits, hidden_sink_positions
+    from attnlab.interventions.evaluate import bootstrap_interval, evaluate, paired_interval, score_examples
+    from attnlab.interventions.redistribution import PASTA, VAR, VarSinks, pasta_edits, profile_pasta, var_edits
+    from attnlab.interventions.zerotuning import GAMMA_GRID, ZeroTuning, profile_heads, search_gamma, zerotuning_edits
+
+    __all__ = [
+        "ACT", "GAMMA_GRID", "PASTA", "VAR", "VarSinks", "var_edits", "ZeroTuning", "act_edits", "bootstrap_interval", "evaluate", "hidden_sink_positions",
+        "paired_interval", "pasta_edits", "profile_heads", "profile_pasta", "score_examples", "search_gamma", "zerotuning_edits",
+    ]

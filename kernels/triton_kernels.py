@@ -9,6 +9,10 @@ a masked score is -1e30 (exp2 gives 0 and 0 * -1e30 stays finite, unlike -inf).
 import triton
 import triton.language as tl
 
+from attnlab.kernels import triton_interpreter
+
+triton_interpreter.patch()  # the kernels also run on the CPU under TRITON_INTERPRET=1
+
 
 # ----------------------------------------------------------------------------- shared pieces
 

@@ -284,3 +284,29 @@ def test_exact_sums_mode_matches_too(monkeypatch):
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[1, :5] = False
     check_all(q, k, v, 0.125, mask, None, None, request_for(2, 37, seed=4))
+
+
+def test_kernels_run_under_the_interpreter_outside_the_test_suite(tmp_path):
+    """A user's script (no conftest) with TRITON_INTERPRET=1 runs the Triton kernels on the CPU: the
+    interpreter fix for NumPy >= 2.4 ships in attnlab.kernels, not in the tests."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from attnlab.kernels import StatRequest, attention_stats
+from attnlab.kernels import triton_stats as ts
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 4, 37, 64, generator=g).half() for _ in range(3))
+k, v = k[:, :2], v[:, :2]
+req = StatRequest(received=True, entropy=True, top_key=True, pooled_block=16)
+assert ts._unsupported(q, k, v, req, None, ()) is None  # the Triton path, not the twin
+_, got = ts.attention_stats(q, k, v, request=req)
+_, ref = attention_stats(q.float(), k.float(), v.float(), request=req)
+print(max(float((got[n].double() - ref[n].double()).abs().nan_to_num().max()) for n in ("received", "entropy", "pooled")))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 1e-2

@@ -70,15 +70,6 @@ def test_byte_tokenizer_round_trips_any_text():
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (256, 257, 258)
 
 
-def test_repository_root_does_not_shadow_pypi_packages(tmp_path):
-    """From the repository root, transformers must not mistake ./kernels for the hub `kernels` package."""
-    root = __import__("pathlib").Path(__file__).resolve().parents[2]
-    code = ("import transformers.utils.import_utils as u, attnlab.kernels, attnlab.probe; "
-            "assert not u.is_kernels_available(); print('ok')")
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
-
-
 def test_plain_install_puts_every_room_under_attnlab(tmp_path):
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     done = subprocess.run(
