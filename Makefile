@@ -52,7 +52,6 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	@$(call pip,$(PY),-c $(VENV)/lock.txt --no-deps $(NODEPS))
 	@# Triton kernels are tested on the CPU through its interpreter; a CUDA torch keeps its own triton.
 	@$(PY) -c "import triton" 2>/dev/null || $(call pip,$(PY),-c $(VENV)/lock.txt triton)
-	@$(PY) -m pip check >>$(LOG) 2>&1 || echo "attnlab:   note: pip check reports conflicts (see $(LOG))"
 	@touch $(STAMP)
 	@echo "attnlab: installed"
 

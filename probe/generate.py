@@ -31,6 +31,7 @@ prefill, which gives the same result.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +76,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def cache_argument(model) -> str:
+    """The name the model's forward takes the KV cache under: transformers 5.25 renamed
+    `past_key_values` to `cache` (the old name is deprecated, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache of a forward's output, under either name (see `cache_argument`)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def _prefill(probe, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, share_prefix: bool):
     """KV cache of every row's prompt minus its last token ([B, N] left-padded inputs)."""
     # Edits resolve their keys per padded row and a "mean" ablation averages over a call's queries:
@@ -91,7 +103,7 @@ def _prefill(probe, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, sh
 
         pre = probe.model(input_ids=full[None, :-1], position_ids=pos[longest:longest + 1, -len(full):-1],
                           use_cache=True, logits_to_keep=1)
-        past = pre.past_key_values
+        past = returned_cache(pre)
         if all(type(layer) is DynamicLayer for layer in getattr(past, "layers", [None])):
             width = ids.shape[1] - 1
             for layer in past.layers:
@@ -105,7 +117,7 @@ def _prefill(probe, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, sh
             return past
     pre = probe.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
                       use_cache=True, logits_to_keep=1)
-    return pre.past_key_values
+    return returned_cache(pre)
 
 
 def check_sampling(temperature: float, top_p: float, num_samples: int) -> None:
@@ -173,6 +185,7 @@ def generate(
             ids, mask, pos = (t.repeat_interleave(R, dim=0) for t in (ids, mask, pos))
         step_input, step_pos = ids[:, -1:], pos[:, -1:]
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        cache_name = cache_argument(probe.model)
         for step in range(max_new_tokens):
             session = None
             if stat_list:
@@ -181,11 +194,11 @@ def generate(
                 )
                 with session:
                     res = probe.model(input_ids=step_input, attention_mask=mask, position_ids=step_pos,
-                                      past_key_values=past, use_cache=True)
+                                      use_cache=True, **{cache_name: past})
             else:
                 res = probe.model(input_ids=step_input, attention_mask=mask, position_ids=step_pos,
-                                  past_key_values=past, use_cache=True)
-            past = res.past_key_values
+                                  use_cache=True, **{cache_name: past})
+            past = returned_cache(res)
             nxt = sample_next(res.logits[:, -1], temperature, top_p, generator)
             if session is not None:
                 out.steps.append({

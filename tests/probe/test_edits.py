@@ -92,6 +92,7 @@ def test_bad_edits_are_clear_errors(smollm2):
 # ----- VAR's per-(head, query) gate, both paths, prefill and decode -----
 from attnlab.probe import RowPositions, SpanGate  # noqa: E402
 from attnlab.probe.edits import bridge_hooks  # noqa: E402
+from attnlab.probe.generate import cache_argument, returned_cache  # noqa: E402
 
 SPAN = "Two boats came in with fish"
 
@@ -154,14 +155,15 @@ def test_decode_steps_with_edits_match_the_edited_prefill(smollm2):
     ids, mask, pos = tokens.input_ids, tokens.attention_mask.long(), tokens.position_ids()
     with smollm2.intervene(*edits), torch.no_grad():
         full = smollm2.forward(tokens).logits[:, -2:]
-        past = smollm2.model(input_ids=ids[:, :-2], attention_mask=mask[:, :-2], position_ids=pos[:, :-2],
-                             use_cache=True).past_key_values
+        cache_name = cache_argument(smollm2.model)
+        past = returned_cache(smollm2.model(input_ids=ids[:, :-2], attention_mask=mask[:, :-2],
+                                            position_ids=pos[:, :-2], use_cache=True))
         steps = []
         for t in (-2, -1):  # two one-token decode steps, the edits resolved at each
             end = mask.shape[1] + t + 1
             res = smollm2.model(input_ids=ids[:, end - 1:end], attention_mask=mask[:, :end],
-                                position_ids=pos[:, end - 1:end], past_key_values=past, use_cache=True)
-            past = res.past_key_values
+                                position_ids=pos[:, end - 1:end], use_cache=True, **{cache_name: past})
+            past = returned_cache(res)
             steps.append(res.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
