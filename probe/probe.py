@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from attnlab import kernels
-from attnlab.probe import fast_path, hooked_path, registry
+from attnlab.probe import fast_path, hooked_path, integrity, registry
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
@@ -62,7 +62,10 @@ def load(
     cache=False builds a random-init registry model in memory (GPU benchmarks); no hooked path.
 
     The first load of a registry model dequantises its GGUF once and caches safetensors under
-    $ATTNLAB_CACHE (see `attnlab.probe.registry`)."""
+    $ATTNLAB_CACHE (see `attnlab.probe.registry`). Every load verifies the folder first
+    (`attnlab.probe.integrity`: a stat per file, a full hash of a file whose size or mtime changed; a
+    damaged cache is rebuilt or named in an AttnlabError), and info.weights_sha256 is the hash of
+    the bytes loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -73,12 +76,31 @@ def load(
         model, tokenizer, meta = registry.random_in_memory(name_or_path, dtype, device)
         return Probe(name_or_path, None, meta, model, tokenizer, device, dtype)
     folder, meta = registry.ensure_folder(name_or_path, log=log)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
+        )
+    except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
+        raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): check its "
+                           "config.json and weight files") from err
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
+        raise AttnlabError(f"transformers cannot load the tokenizer in {folder} ({_first_line(err)}): check its "
+                           "tokenizer.json and tokenizer_config.json") from err
+    # weights_sha256 (and so every run manifest) names the bytes verified before the read: make sure
+    # no file changed while transformers read them.
+    before = {n: (f["size"], f["mtime_ns"]) for n, f in meta.get("files", {}).items()}
+    changed = integrity.changed_since(folder, before) if before else []
+    if changed:
+        raise AttnlabError(f"{', '.join(changed)} in {folder} changed while the model loaded: load it again")
     return Probe(meta.get("name", name_or_path), folder, meta, model, tokenizer, device, dtype)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Probe:
