@@ -189,7 +189,8 @@ def test_rebuild_on_a_full_disk_keeps_the_damaged_folder_whole(cache, monkeypatc
     _flip(folder / "model.safetensors")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     STORAGE_FAILURES["disk_full_mid_build"](cache, monkeypatch)
-    with pytest.raises(AttnlabError, match="No space left on device.*ATTNLAB_CACHE"):
+    with pytest.raises(AttnlabError, match=rf"'{NAME}' in {folder} is damaged \(model.safetensors changed.* and "
+                                           r"cannot write the model cache .*No space left on device.*ATTNLAB_CACHE"):
         load(NAME, device="cpu")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # not half-replaced
     assert _leftovers(cache) == []
