@@ -89,13 +89,11 @@ def load(
     except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
         raise AttnlabError(f"transformers cannot load the tokenizer in {folder} ({_first_line(err)}): check its "
                            "tokenizer.json and tokenizer_config.json") from err
+    probe = Probe(meta.get("name", name_or_path), folder, meta, model, tokenizer, device, dtype)
     # weights_sha256 (and so every run manifest) names the bytes verified before the read: make sure
     # no file changed while transformers read them.
-    before = {n: (f["size"], f["mtime_ns"]) for n, f in meta.get("files", {}).items()}
-    changed = integrity.changed_since(folder, before) if before else []
-    if changed:
-        raise AttnlabError(f"{', '.join(changed)} in {folder} changed while the model loaded: load it again")
-    return Probe(meta.get("name", name_or_path), folder, meta, model, tokenizer, device, dtype)
+    probe._check_unchanged("while the model loaded: load it again")
+    return probe
 
 
 def _first_line(err: BaseException) -> str:
@@ -129,6 +127,13 @@ class Probe:
             folder=str(folder) if folder is not None else "",
         )
 
+    def _check_unchanged(self, when: str) -> None:
+        """AttnlabError if a file of the folder differs in size or mtime from when it was verified."""
+        before = {n: (f["size"], f["mtime_ns"]) for n, f in self.meta.get("files", {}).items()}
+        changed = integrity.changed_since(self.folder, before) if before and self.folder else []
+        if changed:
+            raise AttnlabError(f"{', '.join(changed)} in {self.folder} changed {when}")
+
     def __repr__(self) -> str:
         i = self.info
         return (f"Probe({self.name!r}: {i.n_layers} layers x {i.n_heads} heads ({i.n_kv_heads} KV), "
@@ -161,7 +166,10 @@ class Probe:
             if self.folder is None:
                 raise AttnlabError(f"{self.name} was built in memory (cache=False): the hooked path needs a model "
                                    "folder; load it with cache=True")
-            self._bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
+            self._check_unchanged("since the model loaded: load it again before using the hooked path")
+            bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
+            self._check_unchanged("while the hooked path loaded: load it again")
+            self._bridge = bridge
         return self._bridge
 
     def forward(self, tokens: Tokens, **kwargs):

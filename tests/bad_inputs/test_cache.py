@@ -326,3 +326,12 @@ def test_tokenizer_transformers_rejects_is_one_error(local):
     (local / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
     with pytest.raises(AttnlabError, match=rf"cannot load the tokenizer in {local} .*check its tokenizer.json"):
         load(str(local), device="cpu")
+
+
+def test_hooked_path_refuses_weights_changed_after_load(cache):
+    # The hooked path reads the folder again, later: it must read the bytes the manifest names.
+    probe = load(NAME, device="cpu")
+    _flip(probe.folder / "model.safetensors")
+    with pytest.raises(AttnlabError, match=rf"model.safetensors in {probe.folder} changed since the model loaded: "
+                                           "load it again before using the hooked path"):
+        probe.bridge
