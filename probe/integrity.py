@@ -57,7 +57,7 @@ def _combine(pairs) -> str:
 
 def weights_fingerprint(folder: Path) -> str:
     """sha256 over the weight files of a folder (names, sizes and full contents)."""
-    names = [f.name for f in folder.iterdir() if f.is_file()]
+    names = [f.name for f in _files(folder)]
     return _combine((n, _sha256(folder / n)) for n in _weight_names(names))
 
 
