@@ -217,15 +217,29 @@ def dashboard(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Runs directory: captures are saved here and reopened from here."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind; the default serves this machine only."),
     debug: bool = typer.Option(False, help="Dash debug mode (reloader, dev tools): never on a shared host."),
+    allowed_host: Optional[list[str]] = typer.Option(
+        None, "--allowed-host",
+        help="Another name the dashboard answers to (repeatable; 'name' or 'name:port'). Only localhost, "
+             "127.0.0.1, [::1] and the bound address are served otherwise (a guard against DNS rebinding)."),
 ) -> None:
     """Serve the dashboard: capture a text, explore heads (heatmaps, sink/entropy maps), run analyses in the
     background (retrieval heads, receiver heads), and compare interventions before/after."""
     try:
         from attnlab.app.dashboard import create_app
+        from attnlab.probe import AttnlabError
     except ImportError as e:
         _fail(f"the dashboard needs dash: run `pip install 'dash>=4'` ({e})")
+    extra = list(allowed_host or [])
+    if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""):
+        extra.append(host)  # a name to bind is a name the browser will use
+    try:
+        app = create_app(runs, **({"allowed_hosts": extra} if extra else {}))
+    except AttnlabError as e:
+        _fail(str(e))
     err.print(f"attnlab dashboard on http://{host}:{port} (runs in {runs}); Ctrl+C stops it")
-    create_app(runs).run(host=host, port=port, debug=debug, dev_tools_disable_version_check=True)
+    if host in ("0.0.0.0", "::") and not extra:
+        err.print("note: other machines must reach it by a name or address given with --allowed-host")
+    app.run(host=host, port=port, debug=debug, dev_tools_disable_version_check=True)
 
 
 @app.command()

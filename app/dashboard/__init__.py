@@ -22,17 +22,26 @@ or fonts.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from dash import Dash
-from flask import Flask
+from dash import Dash, no_update, set_props
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
 
-from attnlab.app.dashboard import callbacks, layout, work
+from attnlab.app.dashboard import callbacks, checks, ids, layout, work
+
+CALLBACK_ROUTE = "/_dash-update-component"
 
 
-def create_app(runs_dir: str | Path = "runs") -> Dash:
-    """A Dash app over the runs directory `runs_dir` (created if missing)."""
+def create_app(runs_dir: str | Path = "runs", allowed_hosts: Iterable[str] = ()) -> Dash:
+    """A Dash app over the runs directory `runs_dir` (created if missing).
+
+    It answers only requests whose `Host` is localhost, 127.0.0.1, [::1] or the address it is bound
+    to, on its own port, or one of `allowed_hosts` ('name' for any port, 'name:port'); any other
+    gets 400 before Dash sees it (DNS rebinding). See `checks` for the input checks."""
     runs_dir = Path(runs_dir)
+    host_check = checks.HostCheck(allowed_hosts)
     runs_dir.mkdir(parents=True, exist_ok=True)
     runs = work.RunCache(runs_dir)
     jobs = work.Jobs()
@@ -42,13 +51,46 @@ def create_app(runs_dir: str | Path = "runs") -> Dash:
     # An explicit Flask: Flask cannot find the root of a module of the `attnlab` namespace package.
     server = Flask("attnlab_dashboard", root_path=here, instance_path=here)
     app = Dash("attnlab_dashboard", server=server, assets_folder=str(Path(here) / "assets"), title="attnlab",
-               serve_locally=True, external_stylesheets=[], external_scripts=[], update_title=None)
+               serve_locally=True, external_stylesheets=[], external_scripts=[], update_title=None,
+               on_error=_callback_failed)
+    _guard(server, host_check)
     installed, missing = work.models()
     # a function, so a page reload lists the runs written since the server started
     app.layout = lambda: layout.make_layout(installed, missing, runs.options())
     callbacks.register(app, runs, jobs)
     app.server.config["MAX_CONTENT_LENGTH"] = 4 * work.MAX_UPLOAD_BYTES  # uploads arrive base64 in JSON
     return app
+
+
+def _guard(server: Flask, host_check: checks.HostCheck) -> None:
+    """The server's own checks, before and around Dash: the Host header, and plain short answers
+    (never a traceback) for requests that make Dash itself fail."""
+
+    @server.before_request
+    def check_host():
+        env = request.environ
+        if not host_check.allows(env.get("HTTP_HOST"), env.get("SERVER_NAME"), env.get("SERVER_PORT")):
+            return Response(checks.HostCheck.MESSAGE, status=400, mimetype="text/plain")
+        return None
+
+    @server.errorhandler(Exception)
+    def failed(err):
+        if isinstance(err, HTTPException):
+            return err
+        checks.log.error("request %s %s failed", request.method, request.path, exc_info=err)
+        if request.path == CALLBACK_ROUTE:  # a body that names no callback of this page, or malformed
+            return Response("bad request: not a callback of this dashboard\n", status=400, mimetype="text/plain")
+        return Response("the server could not answer this request (the details are in its log)\n", status=500,
+                        mimetype="text/plain")
+
+
+def _callback_failed(err: Exception):
+    """Dash's on_error: a callback raised despite its checks. The page gets a plain sentence in the
+    message line and every output is left as it was; the traceback goes to the server's log."""
+    checks.log.error("dashboard callback failed", exc_info=err)
+    set_props(ids.MESSAGE, {"children": "something went wrong on the server (the details are in its log): "
+                                        "check the inputs and try again"})
+    return no_update
 
 
 __all__ = ["create_app"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dash import ALL, Input, Output, State, no_update
 
 from attnlab.app import figures
-from attnlab.app.dashboard import ids, launchers, work
+from attnlab.app.dashboard import checks, ids, launchers, work
 from attnlab.app.dashboard.layout import blank, param_fields
 from attnlab.probe import AttnlabError
 
@@ -17,7 +17,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     @app.callback(Output(ids.ANALYSIS_PARAMS, "children"), Input(ids.LAUNCH_ANALYSIS, "value"),
                   prevent_initial_call=True)
     def form(name):
-        return param_fields(name) if name in launchers.LAUNCHERS else []
+        return param_fields(name) if isinstance(name, str) and name in launchers.LAUNCHERS else []
 
     @app.callback(Output(ids.JOB, "data", allow_duplicate=True), Output(ids.POLL, "disabled", allow_duplicate=True),
                   Output(ids.CANCEL, "disabled", allow_duplicate=True),
@@ -29,29 +29,63 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   State({"type": ids.PARAM, "name": ALL}, "id"), prevent_initial_call=True)
     def launch(_n, model, text, name, values, field_ids):
         skip = [no_update] * 5
-        if not model:
-            return *skip, "choose a model first (none is installed: see the list)"
-        launcher = launchers.LAUNCHERS.get(name)
-        if launcher is None:
-            return *skip, f"unknown analysis {name!r}: choose one from the list"
-        typed = {i["name"]: "" if v is None else str(v) for i, v in zip(field_ids, values)}
         try:
+            if not model:
+                return *skip, "choose a model first (none is installed: see the list)"
+            model = checks.one_of(model, work.models()[0], "model")
+            text = checks.text(text, "the text")
+            name = checks.one_of(name, launchers.LAUNCHERS, "analysis")
+            launcher = launchers.LAUNCHERS[name]
+            typed = _form_values(launcher, values, field_ids)
             job = jobs.start(f"{name} {model}", work.analysis_job(runs, launcher, model, text, typed))
         except AttnlabError as e:
-            return *skip, str(e)
+            return *skip, checks.user_message(e)
         return job.id, False, False, True, True, ""
 
     @app.callback(Output(ids.HEAD_VIEW, "figure"), Input(ids.ANALYSIS, "data"), Input(ids.LAYER, "value"),
                   Input(ids.HEAD, "value"), prevent_initial_call=True)
     def head_view(name, layer, head):
-        if not name:
-            return blank("")
-        if layer is None or head is None:
-            return blank("click a head of the map")
         try:
-            fig = launchers.head_view(runs.run(name), int(layer), int(head), work.get_probe)
+            name = checks.run_name(name)
+            if not name:
+                return blank("")
+            if layer is None or head is None:
+                return blank("click a head of the map")
+            layer, head = checks.integer(layer, "layer"), checks.integer(head, "head")
+        except AttnlabError as e:
+            return blank(checks.user_message(e))
+        try:
+            run = runs.run(name)
+            heads = _run_heads(run)
+            if heads is not None and (layer, head) not in heads:
+                return blank(f"L{layer} H{head} is not in this run: click a head of the map")
+            fig = launchers.head_view(run, layer, head, work.get_probe)
         except (AttnlabError, KeyError, OSError, ValueError, IndexError) as e:
-            return blank(f"cannot draw L{layer} H{head}: {e}")
+            return blank(f"cannot draw L{layer} H{head}: {checks.user_message(e, runs.root)}")
         if fig is None:
             return blank(f"L{layer} H{head} selected: its heatmap on the open capture is in the head panel")
         return figures.fit_title(fig)
+
+
+def _form_values(launcher: launchers.Launcher, values, field_ids) -> dict[str, str]:
+    """The launcher form's values by field name, as typed (strings); the launcher parses them."""
+    if not isinstance(values, list) or not isinstance(field_ids, list) or len(values) != len(field_ids):
+        raise checks.Invalid("the analysis form is incomplete: reload the page")
+    known = {p.name for p in launcher.params}
+    typed = {}
+    for fid, value in zip(field_ids, values):
+        field = fid.get("name") if isinstance(fid, dict) else None
+        if field not in known:  # a field of another analysis' form, or a crafted one: not ours to read
+            continue
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise checks.Invalid(f"{field}: expected text or a number, got {checks.short(value)}")
+        typed[field] = "" if value is None else checks.text(str(value), field, max_len=checks.MAX_SPEC)
+    return typed
+
+
+def _run_heads(run) -> set[tuple[int, int]] | None:
+    """The (layer, head) pairs of an analysis run's per-head table, when it has one."""
+    for df in run.tables.values():
+        if {"layer", "head"} <= set(df.columns):
+            return {(int(a), int(b)) for a, b in zip(df["layer"], df["head"])}
+    return None

@@ -1,7 +1,9 @@
 """The dashboard's callbacks, grouped by panel. Thin: data work is in `work`, figures in `attnlab.app.figures`.
 
-Every callback turns a user error (`AttnlabError`, bad input) into a readable message in the page;
-none lets an exception reach Dash, so the server keeps running.
+Every callback checks what the browser sent (`checks`: type, range, known option) before using it,
+and turns a user error (`AttnlabError`, bad input) into a readable message in the page, with no
+exception class names and no server paths; an unforeseen exception is caught by the app's
+`on_error` (a plain sentence in the message line, the traceback in the server's log).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dash import Input, Output, State, html, no_update
 from dash.exceptions import PreventUpdate
 
 from attnlab.app import figures
-from attnlab.app.dashboard import ids, work
+from attnlab.app.dashboard import checks, ids, work
 from attnlab.app.dashboard.layout import GRAPHS, HIDDEN, NO_ANALYSIS
 from attnlab.app.dashboard.layout import blank as empty_figure
 from attnlab.probe import AttnlabError
@@ -32,9 +34,12 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Input(ids.UPLOAD, "contents"), State(ids.UPLOAD, "filename"), prevent_initial_call=True)
     def upload(contents, filename):
         try:
+            contents = checks.text(contents, "the upload")
+            filename = checks.text(filename, "the file name", max_len=checks.MAX_NAME)
+            filename = filename.replace("\\", "/").rsplit("/", 1)[-1] if filename else filename  # never a path
             return work.decode_upload(contents, filename), ""
         except AttnlabError as e:
-            return no_update, str(e)
+            return no_update, checks.user_message(e)
 
     @app.callback(Output(ids.JOB, "data"), Output(ids.POLL, "disabled", allow_duplicate=True),
                   Output(ids.CANCEL, "disabled", allow_duplicate=True), Output(ids.RUN, "disabled", allow_duplicate=True),
@@ -43,20 +48,26 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Input(ids.RUN, "n_clicks"), State(ids.MODEL, "value"), State(ids.TEXT, "value"),
                   State(ids.BOS, "value"), State(ids.LAYERS, "value"), prevent_initial_call=True)
     def start(_n, model, text, bos, layers):
-        if not model:
-            return *[no_update] * 5, "choose a model first (none is installed: see the list)"
-        if not text or not text.strip():
-            return *[no_update] * 5, "the text is empty: type or upload a text first"
+        skip = [no_update] * 5
         try:
-            job = jobs.start(f"capture {model}", work.capture_job(runs, model, text, "bos" in (bos or []), layers))
+            if not model:
+                return *skip, "choose a model first (none is installed: see the list)"
+            model = checks.one_of(model, work.models()[0], "model")
+            text = checks.text(text, "the text")
+            if not text or not text.strip():
+                return *skip, "the text is empty: type or upload a text first"
+            bos = checks.subset(bos, ["bos"], "prepend BOS")
+            layers = checks.text(layers, "layers", max_len=checks.MAX_SPEC)
+            checks.index_spec(layers, work.known_layers(model))  # the job checks the exact count
+            job = jobs.start(f"capture {model}", work.capture_job(runs, model, text, "bos" in bos, layers))
         except AttnlabError as e:
-            return *[no_update] * 5, str(e)
+            return *skip, checks.user_message(e)
         return job.id, False, False, True, True, ""
 
     @app.callback(Output(ids.CANCEL, "n_clicks"), Input(ids.CANCEL, "n_clicks"), State(ids.JOB, "data"),
                   prevent_initial_call=True)
     def cancel(_n, job_id):
-        jobs.cancel(job_id)
+        jobs.cancel(checks.job_id(job_id))
         return no_update
 
     @app.callback(Output(ids.PROGRESS, "value"), Output(ids.PROGRESS, "max"), Output(ids.PROGRESS_TEXT, "children"),
@@ -66,7 +77,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Input(ids.POLL, "n_intervals"), State(ids.JOB, "data"), prevent_initial_call=True)
     def poll(_n, job_id):
         """The job's progress; when it is done, its run is listed and opened (captures and analyses alike)."""
-        job = jobs.get(job_id)
+        job = jobs.get(checks.job_id(job_id))
         if job is None:
             return "0", "1", "", True, True, False, False, no_update, no_update, no_update
         elapsed = f"{time.time() - job.started:.0f} s"
@@ -93,12 +104,19 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Input(ids.RUNS, "value"), State(ids.CURRENT, "data"), State(ids.LAYER, "value"),
                   State(ids.HEAD, "value"), prevent_initial_call=True)
     def open_run(name, current, layer, head):
+        try:
+            name = checks.run_name(name)
+        except AttnlabError as e:
+            return None, checks.user_message(e), [], None, [], None, None, [], None
         if not name:
             raise PreventUpdate
+        current = current if isinstance(current, str) else None
+        layer = layer if _index_or_none(layer) else None
+        head = head if _index_or_none(head) else None
         try:
             run = runs.run(name)
         except (AttnlabError, KeyError, OSError, ValueError) as e:
-            return None, f"cannot open {name!r}: {e}", [], None, [], None, None, [], None
+            return None, f"cannot open {name!r}: {checks.user_message(e, runs.root)}", [], None, [], None, None, [], None
         if run.kind != "capture":
             options = work.head_score_columns(run)
             info = (f"{run.kind} run of {run.manifest['model'].get('name')}: "
@@ -130,25 +148,34 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Input(ids.LAYER, "value"), Input(ids.HEAD, "value"), prevent_initial_call=True)
     def score_map(name, choice, layer, head):
         """Any per-head table of the run (layer, head, numeric columns) as a layer x head map."""
-        if not name:
-            return empty_figure(NO_ANALYSIS)
-        if not choice:
-            return empty_figure("no per-head table in this run")
+        try:
+            name = checks.run_name(name)
+            if not name:
+                return empty_figure(NO_ANALYSIS)
+            if not choice:
+                return empty_figure("no per-head table in this run")
+            choice = checks.text(choice, "score", max_len=2 * checks.MAX_NAME)
+            layer = checks.optional_integer(layer, "layer")
+            head = checks.optional_integer(head, "head")
+        except AttnlabError as e:
+            return empty_figure(checks.user_message(e))
         try:
             run = runs.run(name)
+            choice = checks.one_of(choice, [o["value"] for o in work.head_score_columns(run)], "score")
             table, column = choice.split("\t", 1)
             heads = run.tables[table]
-            sel = (int(layer), int(head)) if layer is not None and head is not None else None
+            sel = (layer, head) if layer is not None and head is not None else None
             return figures.head_table_map(heads, column, f"{run.kind}: {column} ({table})",
                                           marked=figures.marker_column(heads), selected=sel)
         except (AttnlabError, KeyError, OSError, ValueError) as e:
-            return empty_figure(f"cannot draw {choice!r}: {e}")
+            return empty_figure(f"cannot draw this score: {checks.user_message(e, runs.root)}")
 
     @app.callback(Output(ids.TA_RECEIVERS, "figure"), Output(ids.TA_SUPPRESSION, "figure"),
                   Output(ids.TA_GRAPHS, "style"), Input(ids.ANALYSIS, "data"), prevent_initial_call=True)
     def thought_anchors(name):
         """Thought-anchor runs: receiver score per sentence and the suppression matrix (hidden otherwise)."""
         try:
+            name = checks.run_name(name)
             run = runs.run(name) if name else None
         except (AttnlabError, OSError, ValueError):
             return empty_figure(""), empty_figure(""), HIDDEN
@@ -165,10 +192,16 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                            else empty_figure("no suppression matrix in this run"))
             return figures.fit_title(receivers), figures.fit_title(suppression), GRAPHS
         except Exception as e:  # noqa: BLE001 - the analysis is young: show, do not crash
-            return empty_figure(f"cannot draw the thought-anchor views: {e}"), empty_figure(""), GRAPHS
+            checks.log.warning("thought-anchor views failed", exc_info=e)
+            return (empty_figure(f"cannot draw the thought-anchor views: {checks.user_message(e, runs.root)}"),
+                    empty_figure(""), GRAPHS)
 
     @app.callback(Output(ids.PONG, "children"), Input(ids.PING, "n_clicks"), prevent_initial_call=True)
     def ping(n):
+        try:
+            n = checks.integer(n, "clicks", 0, 10**12)
+        except AttnlabError:
+            raise PreventUpdate from None
         return f"pong {n} at {time.strftime('%H:%M:%S')}"
 
     # ----- head selection and views -----
@@ -179,22 +212,31 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         """A click on a cell of any layer x head map selects that head (x = head, y = layer)."""
         from dash import ctx
 
-        click = ctx.inputs.get(f"{ctx.triggered_id}.clickData") if ctx.triggered_id else None
-        if not click or not click.get("points"):
+        trigger = ctx.triggered_id if isinstance(ctx.triggered_id, str) else None
+        point = checks.click_point(ctx.inputs.get(f"{trigger}.clickData")) if trigger else None
+        if point is None:
             raise PreventUpdate
-        p = click["points"][0]
-        return int(p["y"]), int(p["x"])
+        return point
 
     @app.callback(Output(ids.SINK_MAP, "figure"), Output(ids.ENTROPY_MAP, "figure"), Output(ids.HEATMAP, "figure"),
                   Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"), Input(ids.HEAD, "value"))
     def views(name, layer, head):
-        if not name:
-            msg = "run a capture or open a saved run"
-            return empty_figure(msg), empty_figure(""), empty_figure("")
         try:
+            name = checks.run_name(name)
+            if not name:
+                msg = "run a capture or open a saved run"
+                return empty_figure(msg), empty_figure(""), empty_figure("")
             cap = runs.capture(name)
         except (AttnlabError, OSError) as e:
-            return empty_figure(str(e)), empty_figure(""), empty_figure("")
+            return empty_figure(checks.user_message(e, runs.root)), empty_figure(""), empty_figure("")
+        try:
+            layer = checks.optional_integer(layer, "layer")
+            head = checks.optional_integer(head, "head")
+        except AttnlabError as e:
+            layer = head = None
+            bad = checks.user_message(e)
+        else:
+            bad = "choose a layer and head"
         sel = (layer, head) if layer is not None and head is not None else None
         sink = figures.layer_head_map(work.sink_scores(cap), cap.layers, cap.heads,
                                       "sink score alpha_0 (attention to the first token)", label="alpha_0",
@@ -203,7 +245,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                                      "mean row entropy (normalised)", label="entropy", colorscale="Magma",
                                      zmin=0, zmax=1, selected=sel)
         if sel is None or layer not in cap.layers or head not in cap.heads:
-            return sink, ent, empty_figure("choose a layer and head")
+            return sink, ent, empty_figure(bad)
         block = work.pooled_block(cap)
         real = cap.tokens.attention_mask[0].tolist()
         strings = [s for s, r in zip(cap.tokens.strings[0], real) if r]
@@ -214,13 +256,18 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     @app.callback(Output(ids.TOKENS, "children"), Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"),
                   Input(ids.HEAD, "value"), Input(ids.TOKEN_MODE, "value"))
     def token_view(name, layer, head, mode):
-        if not name or layer is None or head is None:
-            return ""
         try:
+            name = checks.run_name(name)
+            if not name or layer is None or head is None:
+                return ""
+            layer, head = checks.integer(layer, "layer"), checks.integer(head, "head")
+            mode = checks.one_of(mode, ["received", "gives"], "token view")
             cap = runs.capture(name)
+            if layer not in cap.layers or head not in cap.heads:
+                return f"L{layer} H{head} is not in this capture: choose one of its layers and heads"
             li, hi = cap.head_index(layer, head)
         except (AttnlabError, OSError, ValueError) as e:
-            return str(e)
+            return checks.user_message(e, runs.root)
         strings = cap.tokens.strings[0]
         if mode == "gives":
             row = work.head_matrix(cap, layer, head)[-1]
@@ -238,3 +285,12 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         if len(recs) > TOKEN_VIEW_LIMIT:
             spans.append(html.Span(f" ... ({len(recs) - TOKEN_VIEW_LIMIT} more tokens not drawn)"))
         return spans
+
+
+def _index_or_none(value) -> bool:
+    """True for None or a whole number in checks' index range (a layer, a head, a click count)."""
+    try:
+        checks.optional_integer(value, "index")
+    except AttnlabError:
+        return False
+    return True

@@ -8,7 +8,7 @@ import numpy as np
 from dash import Input, Output, State, html
 
 from attnlab.app import figures
-from attnlab.app.dashboard import ids, intervene, work
+from attnlab.app.dashboard import checks, ids, intervene, work
 from attnlab.app.dashboard.layout import ERROR, HIDDEN, blank
 from attnlab.probe import AttnlabError
 
@@ -31,8 +31,10 @@ def register(app, runs: work.RunCache) -> None:
                   Output(ids.STRENGTH, "disabled"), Output(ids.SPAN, "disabled"),
                   Input(ids.METHOD, "value"), prevent_initial_call=True)
     def method_fields(method):
-        m = intervene.METHODS.get(method)
-        if m is None or m.strength is None:
+        m = intervene.METHODS.get(method) if isinstance(method, str) else None
+        if m is None:
+            return "(unknown method: choose one from the list)", None, True, True
+        if m.strength is None:
             return "(no strength)", None, True, True
         return m.strength, m.default, False, method != "pasta"
 
@@ -46,10 +48,21 @@ def register(app, runs: work.RunCache) -> None:
         def fail(message: str):
             return html.Span(message, style=ERROR), "", blank(""), blank(""), blank(""), HIDDEN
 
-        if not name:
-            return fail("open a capture run (or capture a text) first: the intervention applies to its text")
-        if layer is None or head is None:
-            return fail("choose a layer and head first (or click a cell of a layer x head map)")
+        try:
+            name = checks.run_name(name)
+            if not name:
+                return fail("open a capture run (or capture a text) first: the intervention applies to its text")
+            if layer is None or head is None:
+                return fail("choose a layer and head first (or click a cell of a layer x head map)")
+            layer, head = checks.integer(layer, "layer"), checks.integer(head, "head")
+            method = checks.one_of(method, intervene.METHODS, "method")
+            scope = checks.one_of(scope, intervene.SCOPES, "scope")
+            m = intervene.METHODS[method]
+            if m.strength is not None and strength is not None and strength != "":
+                strength = checks.number(strength, m.strength, m.lo, m.hi)
+            span = checks.text(span, "span", max_len=checks.MAX_TEXT)
+        except AttnlabError as e:
+            return fail(checks.user_message(e))
         try:
             cap = runs.capture(name)
             if int(layer) not in cap.layers or int(head) not in cap.heads:
@@ -59,7 +72,7 @@ def register(app, runs: work.RunCache) -> None:
             block = work.pooled_block(cap)
             out = intervene.compare(probe, cap.tokens, plan, int(layer), int(head), block)
         except (AttnlabError, OSError) as e:
-            return fail(f"cannot apply the intervention: {e}")
+            return fail(f"cannot apply the intervention: {checks.user_message(e, runs.root)}")
         table = figures.next_token_frame(lambda i: probe.tokenizer.decode([i]), out["p_before"], out["p_after"], TOP_K)
         title = f"next token after {cap.tokens.strings[0][-1]!r}: {plan.description}"
         info = [html.B(plan.description)]

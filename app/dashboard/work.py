@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from attnlab.app.dashboard import checks
 from attnlab.app.figures import block_size
 from attnlab.probe import AttnlabError, RunStore, load
 from attnlab.probe import registry
@@ -94,26 +95,15 @@ def decode_upload(contents: str | None, filename: str | None) -> str:
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
-    """'' -> None (all); '0,3,5' or '0-3' or '0-3,10' -> sorted layer indices."""
-    if not text or not text.strip():
-        return None
-    out: set[int] = set()
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                out.update(range(a, b + 1))
-            else:
-                out.add(int(part))
-    except ValueError:
-        raise AttnlabError(f"layers: write indices like '0,3,5' or '0-3' (got {text!r})") from None
-    bad = [x for x in out if not 0 <= x < n_layers]
-    if bad:
-        raise AttnlabError(f"layer {bad[0]} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
-    return sorted(out)
+    """'' -> None (all); '0,3,5' or '0-3' or '0-3,10' -> sorted layer indices, each range's bounds
+    checked against n_layers before it is expanded (`checks.index_spec`)."""
+    return checks.index_spec(text, n_layers, "layer")
+
+
+def known_layers(name: str) -> int | None:
+    """The layer count of model `name` if it is loaded already (None otherwise: nothing is loaded here)."""
+    probe = _PROBES.get(name) if isinstance(name, str) else None
+    return int(probe.info.n_layers) if probe is not None else None
 
 
 # ----- runs -----
@@ -125,7 +115,7 @@ def run_path(root: str | Path, name: str) -> Path:
     base = Path(root).resolve()
     path = (base / name).resolve()
     if path.parent != base or not (path / "manifest.json").is_file():
-        raise AttnlabError(f"no run named {name!r} in {root}")
+        raise AttnlabError(f"no run named {name!r} in the runs directory")  # never the server's path
     return path
 
 
@@ -226,9 +216,11 @@ class Jobs:
         except Cancelled:
             job.state, job.message = "cancelled", "cancelled: nothing was saved"
         except AttnlabError as e:
-            job.state, job.message = "failed", str(e)
-        except Exception as e:  # noqa: BLE001 - shown in the page; the server keeps running
-            job.state, job.message = "failed", f"{type(e).__name__}: {e}"
+            job.state, job.message = "failed", checks.user_message(e)
+        except Exception as e:  # noqa: BLE001 - the page says it failed; the server keeps running
+            checks.log.error("job %s (%s) failed", job.id, job.label, exc_info=e)
+            job.state = "failed"
+            job.message = f"{job.label} failed on an unexpected problem (the details are in the server's log)"
 
     def get(self, job_id: str | None) -> Job | None:
         with self._lock:
