@@ -148,7 +148,8 @@ class RunCache:
         out = []
         for _, r in df.iterrows():
             if r["error"]:
-                out.append({"label": f"{r['name']}  (cannot be opened: {r['error']})", "value": r["name"],
+                why = r["error"].removeprefix(f"run {r['name']!r}: ")  # the label names the run already
+                out.append({"label": f"{r['name']}  (cannot be opened: {why})", "value": r["name"],
                             "disabled": True, "title": r["error"]})
             else:
                 out.append({"label": f"{r['name']}  ({r['kind']}, {r['model']})", "value": r["name"]})
