@@ -10,7 +10,9 @@ dcc.Interval. One job runs at a time.
 
 Everything the browser sends is untrusted: run names are resolved inside the runs directory
 only (`run_path`), uploads are size-limited and must be UTF-8 text, and runs are read by
-`RunStore.load` (JSON, Parquet, safetensors: nothing is ever unpickled).
+`RunStore.load` (JSON, Parquet, safetensors: nothing is ever unpickled; every path a manifest names
+stays inside its run, and the files must match the manifest). A bad run is listed disabled with its
+error (`RunCache.options`) and never stops the page from loading.
 """
 
 from __future__ import annotations
@@ -130,8 +132,18 @@ class RunCache:
         self._lock = threading.Lock()
 
     def options(self) -> list[dict]:
+        """Dropdown options, one per run; a run that fails validation is listed disabled (greyed, not
+        selectable) with its error, and the good runs stay usable."""
         df = self.store.list()
-        return [{"label": f"{r['name']}  ({r['kind']}, {r['model']})", "value": r["name"]} for _, r in df.iterrows()]
+        out = []
+        for _, r in df.iterrows():
+            if r["error"]:
+                why = r["error"].removeprefix(f"run {r['name']!r}: ")  # the label names the run already
+                out.append({"label": f"{r['name']}  (cannot be opened: {why})", "value": r["name"],
+                            "disabled": True, "title": r["error"]})
+            else:
+                out.append({"label": f"{r['name']}  ({r['kind']}, {r['model']})", "value": r["name"]})
+        return out
 
     def run(self, name: str):
         """The Run `name` (any kind), read once and kept."""

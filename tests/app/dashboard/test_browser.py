@@ -429,3 +429,55 @@ def test_long_text_runs_in_the_background_with_progress_cancel_and_a_pooled_heat
     assert "pooled 32 x 32 tiles" in _title(dash_duo, ids.HEATMAP)
     assert _grid(dash_duo, ids.SINK_MAP) == (4, 9)
     _shot(dash_duo, artifacts, "07-long-pooled-heatmap.png")
+
+
+def test_a_bad_run_is_greyed_with_its_error_and_a_good_run_opens(dash_duo, tmp_path, artifacts):
+    import json
+
+    import pandas as pd
+
+    from attnlab.analyses.result import Result
+
+    runs = tmp_path / "runs"
+    store = RunStore(runs)
+    heads = pd.DataFrame([(l, h, (l * 3 + h) / 12) for l in range(4) for h in range(3)],
+                         columns=["layer", "head", "score"])
+    good = Result("retrieval", tables={"heads": heads}, summary="good scores").save(store, name="good-run").name
+    bad = Result("retrieval", tables={"heads": heads}, summary="bad").save(store, name="bad-run")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["tables"]["heads"] = "../../outside.parquet"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    dash_duo.start_server(create_app(runs))
+    dash_duo.wait_for_element(f"#{ids.RUNS}")
+    dash_duo.find_element(f"#{ids.RUNS}").click()
+
+    def option(name):
+        return dash_duo.driver.execute_script(
+            """
+            const hit = Array.from(document.querySelectorAll('[role=option]'))
+                .find(o => o.textContent.startsWith(arguments[0] + ' '));
+            if (!hit) return null;
+            const text = hit.querySelector('.dash-options-list-option-text') || hit;
+            return {text: hit.textContent, color: getComputedStyle(text).color,
+                    disabled: hit.querySelector('input[disabled]') !== null
+                              || hit.getAttribute('aria-disabled') === 'true'};
+            """, name)
+
+    bad_option = _wait(lambda: option("bad-run"), 10, "the bad run in the list")
+    good_option = option(good)
+    assert "tables.heads" in bad_option["text"] and "leaving it" in bad_option["text"], bad_option
+    assert bad_option["disabled"] and not good_option["disabled"]
+    assert bad_option["color"] != good_option["color"], "the bad run is not greyed"
+    _shot(dash_duo, artifacts, "06-bad-run-greyed.png")
+    click = ("Array.from(document.querySelectorAll('[role=option]'))"
+             ".find(o => o.textContent.startsWith(arguments[0] + ' ')).click()")
+    dash_duo.driver.execute_script(click, "bad-run")  # opens nothing
+    time.sleep(1)
+    assert dash_duo.find_element(f"#{ids.RUN_INFO}").text == ""
+    if option(good) is None:
+        dash_duo.find_element(f"#{ids.RUNS}").click()
+        _wait(lambda: option(good), 10, "the good run in the list")
+    dash_duo.driver.execute_script(click, good)
+    dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=30)
+    _wait_grid(dash_duo, ids.SCORE_MAP, (4, 3), 20)
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()

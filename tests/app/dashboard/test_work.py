@@ -154,3 +154,74 @@ def test_the_server_refuses_oversized_requests(tmp_path):
     client = create_app(tmp_path / "runs").server.test_client()
     big = b"x" * (4 * work.MAX_UPLOAD_BYTES + 1)
     assert client.post("/_dash-update-component", data=big, content_type="application/json").status_code == 413
+
+
+def _runs_with_bad_ones(root) -> tuple[list[str], dict[str, str]]:
+    """Two good analysis runs and four bad ones: ([good names], {bad name: what its error names})."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from attnlab.analyses.result import Result
+
+    store = work.RunStore(root)
+    heads = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "score": [0.1, 0.9, 0.3, 0.2]})
+    good = [Result("retrieval", tables={"heads": heads}, summary=f"good {i}").save(store, name=f"good-{i}").name
+            for i in range(2)]
+    bad = {}
+    for name in ("malformed", "escaping", "bogus", "missing"):
+        path = Result("retrieval", tables={"heads": heads}, tensors={"m": torch.zeros(2, 2)},
+                      summary="bad").save(store, name=name)
+        m = json.loads((path / "manifest.json").read_text())
+        if name == "malformed":
+            (path / "manifest.json").write_text("{not json")
+            bad[name] = "manifest.json"
+        elif name == "escaping":
+            heads.rename(columns={"score": "OUTSIDE"}).to_parquet(root.parent / "outside.parquet")
+            m["tables"]["heads"] = "../../outside.parquet"
+            (path / "manifest.json").write_text(json.dumps(m))
+            bad[name] = "tables.heads"
+        elif name == "bogus":
+            (path / "tensors.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+            bad[name] = "tensors.safetensors"
+        else:
+            (path / "heads.parquet").unlink()
+            bad[name] = "heads.parquet"
+    return good, bad
+
+
+def test_a_bad_run_is_listed_disabled_with_its_error_and_the_app_serves_the_good_ones(tmp_path):
+    from attnlab.app.dashboard import create_app, ids
+
+    root = tmp_path / "runs"
+    good, bad = _runs_with_bad_ones(root)
+    app = create_app(root)
+    client = app.server.test_client()
+    response = client.get("/_dash-layout")  # what a visitor's page asks for first
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert "OUTSIDE" not in page
+
+    def find(component, wanted):
+        if getattr(component, "id", None) == wanted:
+            return component
+        children = getattr(component, "children", None)
+        for child in children if isinstance(children, list) else [children] if children is not None else []:
+            if hasattr(child, "children") or hasattr(child, "id"):
+                hit = find(child, wanted)
+                if hit is not None:
+                    return hit
+        return None
+
+    options = {o["value"]: o for o in find(app.layout(), ids.RUNS).options}
+    assert sorted(options) == sorted(good + list(bad))
+    for name in good:
+        assert not options[name].get("disabled") and "retrieval" in options[name]["label"]
+    runs = work.RunCache(root)
+    for name, where in bad.items():
+        option = options[name]
+        assert option["disabled"] is True and where in option["label"] and f"run {name!r}" in option["title"]
+        with pytest.raises(AttnlabError, match=where):
+            runs.run(name)
+    assert runs.run(good[0]).tables["heads"]["score"].tolist() == [0.1, 0.9, 0.3, 0.2]
