@@ -333,14 +333,18 @@ class Probe:
 
     @staticmethod
     def _align_segments(stat: catalogue.Stat, tokens: Tokens) -> catalogue.Stat:
-        """Segment ids given per row token (list of rows, or one row for all) -> [B, N], left-padded."""
+        """Segment ids per text -> [B, N] on the padded grid (-1 at pads). ids: one list for every text,
+        or one list per text, each as long as that text (its own tokens, BOS included); a row as long
+        as the padded batch is taken as already on the padded grid (its pad entries are ignored)."""
         ids = stat.arg
-        rows = [ids] * tokens.batch_size if ids.ndim == 1 else list(ids)
+        rows = [ids] * tokens.batch_size if isinstance(ids, torch.Tensor) and ids.ndim == 1 else list(ids)
         if len(rows) != tokens.batch_size:
             raise AttnlabError(f"segments: {len(rows)} rows of ids for a batch of {tokens.batch_size}")
         out = torch.full((tokens.batch_size, tokens.length), -1, dtype=torch.long)
         lengths = tokens.attention_mask.sum(dim=1)
         for b, row in enumerate(rows):
+            if row.shape[0] == tokens.length and int(lengths[b]) != tokens.length:
+                row = row[tokens.length - int(lengths[b]):]  # given on the padded grid
             if row.shape[0] != int(lengths[b]):
                 raise AttnlabError(
                     f"segments: row {b} has {row.shape[0]} ids for {int(lengths[b])} tokens: give one id per "
