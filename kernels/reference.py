@@ -98,6 +98,14 @@ def row_visibility(key_mask: torch.Tensor | None, idx: torch.Tensor, n_queries: 
     return vis
 
 
+def segment_ids(request: StatRequest, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[B, Nk] segment id of every key position; pads are in no segment (-1) whatever ids they were given."""
+    ids = request.segment_ids.to(device=device, dtype=torch.long)
+    if key_mask is not None:
+        ids = torch.where(key_mask.to(device=device, dtype=torch.bool), ids, -1)
+    return ids
+
+
 class StatAccumulator:
     """Reduces chunks of post-softmax attention rows into the statistics of a request.
 
@@ -148,7 +156,7 @@ class StatAccumulator:
             self.out["pooled"] = torch.zeros(batch, heads, math.ceil(n_queries / b), math.ceil(n_keys / b), **f32)
         if r.segment_ids is not None:
             s = r.n_segments
-            ids = r.segment_ids.to(device=device, dtype=torch.long)
+            ids = segment_ids(r, key_mask, device)
             self._key_seg = ids
             # One-hot of key -> segment ([B, Nk, S]); keys in no segment are a zero row.
             onehot = torch.zeros(batch, n_keys, s + 1, **f32)

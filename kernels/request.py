@@ -63,8 +63,9 @@ OUTPUT_DIMS: dict[str, tuple[str, ...]] = {
 class StatRequest:
     """The statistics one attention call should produce.
 
-    segment_ids: [B, Nk] int64 segment index of every key position (-1: in no segment);
-        query i uses the id of its key position. n_segments: number of segments S.
+    segment_ids: [B, Nk] int64 segment index of every key position (-1: in no segment; pad
+        positions are in no segment whatever id they carry); query i uses the id of its key
+        position. n_segments: number of segments S.
     row_positions: the rows wanted, in each text's own coordinates (-Nq <= p < Nq): p >= 0 is the
         p-th real query of a row, p < 0 counts from the last query (`reference.resolve_rows`).
     pooled_block: tile size of `pooled`, cut on each text's own grid (module docstring).

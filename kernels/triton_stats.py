@@ -433,7 +433,7 @@ class _Call:
         if request.segment_ids is None:
             return 0, self.first
         sp = max(16, triton.next_power_of_2(request.n_segments))
-        ids = request.segment_ids.to(device=self.device, dtype=torch.long)
+        ids = reference.segment_ids(request, self.key_mask, self.device)
         return sp, torch.nn.functional.one_hot((ids + 1).clamp_min(0), sp + 1)[..., 1:].to(torch.float16).contiguous()
 
     def _seen_by(self) -> torch.Tensor:
@@ -451,7 +451,7 @@ class _Call:
     def _segments(self, request, seg_part):
         s = request.n_segments
         total = seg_part.sum(dim=2)[..., :s, :s]  # [B, H, S, S]
-        ids = request.segment_ids.to(device=self.device, dtype=torch.long)
+        ids = reference.segment_ids(request, self.key_mask, self.device)
         onehot = torch.nn.functional.one_hot((ids + 1).clamp_min(0), s + 1)[..., 1:].float()  # [B, Nk, S]
         k_count = onehot.sum(dim=1)
         q_count = onehot[:, self.q_off :].sum(dim=1)
