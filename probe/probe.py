@@ -354,7 +354,7 @@ class Probe:
         return catalogue.Stat("segments", out)
 
     def _normalised_entropy(self, entropy: torch.Tensor, tokens: Tokens, layers: list[int]) -> torch.Tensor:
-        """entropy / ln(number of visible keys); 0 where a query sees a single key."""
+        """entropy / ln(number of visible keys); 0 where a query sees a single key; NaN at pads."""
         first = tokens.first_real()
         pos = torch.arange(tokens.length)
         base = (pos[None] - first[:, None] + 1).clamp_min(1).float()  # [B, N]
@@ -364,5 +364,5 @@ class Probe:
             n_vis = base.clamp(max=w) if w is not None else base
             norms.append(torch.log(n_vis))
         log_n = torch.stack(norms, dim=1)[:, :, None]  # [B, L, 1, N]
-        return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), torch.zeros_like(entropy))
+        return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), entropy * 0)  # entropy * 0: NaN stays
 
