@@ -13,7 +13,13 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   one-hot product, then grouped by the keys' segments into one S x S partial per key block); one
   program owns one key block, so every output element has one writer (no atomics); the G query
   heads of one KV head are packed as rows (one head per program when segments are asked for).
-- `rows(positions)` are a few rows: recomputed in torch from the log-sum-exp.
+- `rows(positions)` are a few rows: recomputed in torch from the log-sum-exp (positions in each
+  text's own coordinates, request.py).
+- padded batches: `top_key` is stored in each text's own positions (pass 1); with `pooled`, pass 2
+  runs once per text on its real tokens (`_columns_per_text`), so tiles start at the text's first
+  token, as the twin cuts them.
+- a row whose visible keys an edit removed all has no mass: its output, log-sum-exp (+inf) and
+  per-query statistics are set to the zero row's after pass 1 (`_zero_dead_rows`), as on the twin.
 - edits (`edits.py`) enter as a per-row logit bias on two key classes (source, target); the
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
 
