@@ -123,7 +123,8 @@ def retrieval_heads(
 def copy_paste_scores(prompt: niah.NiahPrompt, new_ids: list[int], top_keys: list[torch.Tensor]) -> torch.Tensor:
     """[L, H] retrieval score of one test: sum over steps of 1/|span| per copy-paste hit.
 
-    top_keys[t]: [L, H] argmax key at the step that generated new_ids[t]."""
+    top_keys[t]: [L, H] argmax key at the step that generated new_ids[t], a position in the prompt's own
+    tokens (`Generation.steps` report text positions, so a left-padded batch of prompts scores right)."""
     s0, s1 = prompt.span
     ids = torch.tensor(prompt.input_ids)
     L, H = top_keys[0].shape if top_keys else (0, 0)

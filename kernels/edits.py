@@ -13,6 +13,13 @@
 Both are a per-row logit bias on two key classes (ln keep on S, ln of the factor on T), which is
 how the Triton kernels apply them: the mass transfer first measures A[i, S] and A[i, T].
 
+A logit bias whose factor is 0 in fp32 (c = 0, or ln c below about -103) removes its keys. A row
+whose visible keys are all removed (`LogitBias(0)` on the first token's own row: it sees only
+itself) has no mass left: it is all zeros, its output is zero, and its statistics are those of a
+zero row (entropy, sink mass, distance and local mass 0, top_prob 0, top_key -1). Every backend
+gives this row: the torch twin, the hooked path (the twin on `hook_pattern`) and the Triton kernels
+(`removes_every_key`).
+
 A `KernelEdit` holds tensors already resolved for one attention call (one layer): which query
 heads, which keys (per batch row), and optionally which (batch, head, query) rows: a static
 `gate` [B, Hq, Nq], and/or a dynamic `span_gate` (`MassGate`, VAR's rule), decided on the row the
@@ -121,6 +128,31 @@ class KernelEdit:
             rows = rows & self.gate.to(device=device, dtype=torch.bool)
         return rows
 
+    @property
+    def removes(self) -> bool:
+        """A logit bias whose factor is 0 in fp32: its source keys are removed, not down-weighted."""
+        if self.kind != "logit_bias":
+            return False
+        return float(torch.tensor(math.exp(max(self.log_scale, MIN_LOG)), dtype=torch.float32)) == 0.0
+
+    def removes_every_key(self, key_mask: torch.Tensor | None, batch: int, n_queries: int, n_keys: int,
+                          sliding_window: int | None, device) -> torch.Tensor | None:
+        """[B, Hq, Nq] bool: the real rows this edit leaves with no visible key (None when there are none
+        or the edit removes nothing). Such rows are all zeros (module docstring)."""
+        if not self.removes:
+            return None
+        src, _ = self.key_classes(device)
+        keep = ~src
+        if key_mask is not None:
+            keep = keep & key_mask.to(device=device, dtype=torch.bool)
+        cnt = torch.nn.functional.pad(keep.long().cumsum(dim=1), (1, 0))  # cnt[:, j] = kept keys before j
+        pos = torch.arange(n_queries, device=device) + n_keys - n_queries
+        lo = torch.zeros_like(pos) if sliding_window is None else (pos - sliding_window + 1).clamp_min(0)
+        alive = (cnt[:, pos + 1] - cnt[:, lo]) > 0  # [B, Nq]: a kept key is visible
+        real = torch.ones_like(alive) if key_mask is None else key_mask.to(device=device, dtype=torch.bool)[:, pos]
+        dead = self.rows(batch, n_queries, device) & (real & ~alive)[:, None, :]
+        return dead if bool(dead.any()) else None
+
     def key_classes(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, Nk] source, [B, Nk] target) bool; target excludes source."""
         src = self.source.to(device=device, dtype=torch.bool)
@@ -146,7 +178,9 @@ def apply_edits(p: torch.Tensor, edits, q_start: int, n_queries: int) -> torch.T
         if e.kind == "logit_bias":
             w = torch.where(src, math.exp(e.log_scale), 1.0)
             q = p * w
-            edited = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+            # A row with no mass left (every visible key removed) is all zeros: its output is zero.
+            total = q.sum(dim=-1, keepdim=True)
+            edited = q / torch.where(total > 0, total, 1.0)
         else:
             ms = (p * src).sum(dim=-1, keepdim=True)
             mt = (p * tgt).sum(dim=-1, keepdim=True)

@@ -59,7 +59,51 @@ def first_real_position(key_mask: torch.Tensor | None, batch: int, device: torch
     """[B] index of the first non-pad key of each row (0 without padding)."""
     if key_mask is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
-    return (~key_mask.to(torch.bool)).sum(dim=1).to(torch.long)
+    return (~key_mask.to(torch.bool)).sum(dim=1).to(device=device, dtype=torch.long)
+
+
+def first_real_query(key_mask: torch.Tensor | None, batch: int, n_queries: int, n_keys: int,
+                     device: torch.device) -> torch.Tensor:
+    """[B] index (on the query axis) of the first real query of each row: the query whose key
+    position is the row's first real token, or 0 when the call's queries start after it."""
+    return (first_real_position(key_mask, batch, device) - (n_keys - n_queries)).clamp_min(0)
+
+
+def resolve_rows(row_positions, key_mask: torch.Tensor | None, batch: int, n_queries: int, n_keys: int,
+                 device: torch.device) -> torch.Tensor:
+    """[B, R] query index of each requested row in each batch row, -1 where the row has no such query.
+
+    Row positions are in each text's own coordinates (request.py): p >= 0 is the p-th real query
+    of the row (0 = its first real query), p < 0 counts from the end (-1 = the last query)."""
+    qf = first_real_query(key_mask, batch, n_queries, n_keys, device)[:, None]  # [B, 1]
+    pos = torch.tensor(list(row_positions), dtype=torch.long, device=device)[None]  # [1, R]
+    idx = torch.where(pos >= 0, qf + pos, n_queries + pos)
+    ok = (idx >= qf) & (idx < n_queries)
+    return torch.where(ok, idx, -1)
+
+
+def row_visibility(key_mask: torch.Tensor | None, idx: torch.Tensor, n_queries: int, n_keys: int,
+                   sliding_window: int | None) -> torch.Tensor:
+    """[B, 1, R, Nk] bool: may the query at index idx[b, r] see key j (False everywhere for idx -1)."""
+    device = idx.device
+    B = idx.shape[0]
+    pos = (idx + n_keys - n_queries)[:, None, :, None]  # key position of each row's query
+    j = torch.arange(n_keys, device=device)[None, None, None, :]
+    first = first_real_position(key_mask, B, device)[:, None, None, None]
+    vis = (j <= pos) & (j >= first) & (idx >= 0)[:, None, :, None]
+    if sliding_window is not None:
+        vis = vis & (pos - j < sliding_window)
+    if key_mask is not None:
+        vis = vis & key_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return vis
+
+
+def segment_ids(request: StatRequest, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[B, Nk] segment id of every key position; pads are in no segment (-1) whatever ids they were given."""
+    ids = request.segment_ids.to(device=device, dtype=torch.long)
+    if key_mask is not None:
+        ids = torch.where(key_mask.to(device=device, dtype=torch.bool), ids, -1)
+    return ids
 
 
 class StatAccumulator:
@@ -90,6 +134,10 @@ class StatAccumulator:
         nan = float("nan")
         r = request
         self.out: dict[str, torch.Tensor] = {}
+        # Each text's own coordinates: its first real key and first real query (request.py).
+        self._first = first_real_position(key_mask, batch, device)
+        self._qfirst = first_real_query(key_mask, batch, n_queries, n_keys, device)
+        self._first_list, self._qfirst_list = self._first.tolist(), self._qfirst.tolist()
         if r.received:
             self.out["received"] = torch.zeros(batch, heads, n_keys, **f32)
             self._seen_by = torch.zeros(batch, 1, n_keys, **f32)
@@ -108,7 +156,7 @@ class StatAccumulator:
             self.out["pooled"] = torch.zeros(batch, heads, math.ceil(n_queries / b), math.ceil(n_keys / b), **f32)
         if r.segment_ids is not None:
             s = r.n_segments
-            ids = r.segment_ids.to(device=device, dtype=torch.long)
+            ids = segment_ids(r, key_mask, device)
             self._key_seg = ids
             # One-hot of key -> segment ([B, Nk, S]); keys in no segment are a zero row.
             onehot = torch.zeros(batch, n_keys, s + 1, **f32)
@@ -120,7 +168,7 @@ class StatAccumulator:
             self.out["local_mass"] = torch.full((batch, heads, n_queries), nan, **f32)
         if r.row_positions is not None:
             self.out["rows"] = torch.full((batch, heads, len(r.row_positions), n_keys), nan, **f32)
-            self._row_index = {pos: n for n, pos in enumerate(r.row_positions)}
+            self._row_idx = resolve_rows(r.row_positions, key_mask, batch, n_queries, n_keys, device).tolist()
         if r.pattern:
             self.out["pattern"] = torch.zeros(batch, heads, n_queries, n_keys, **f32)
 
@@ -145,16 +193,33 @@ class StatAccumulator:
             out["entropy"][:, :, rows] = ent.masked_fill(nan_rows, float("nan"))
         if r.top_key:
             prob, idx = p.max(dim=-1)
-            out["top_key"][:, :, rows] = (idx + k_start).masked_fill(nan_rows, -1)
+            # in the text's own positions; -1 for pad queries and rows with no mass left (an edit
+            # removed every visible key: the argmax is undefined)
+            top = idx + k_start - self._first[:, None, None]
+            out["top_key"][:, :, rows] = top.masked_fill(nan_rows | (prob <= 0), -1)
             out["top_prob"][:, :, rows] = prob.masked_fill(nan_rows, float("nan"))
         if r.pooled_block is not None:
+            # Tiles on each text's own grid: they start at the text's first real token (query and
+            # key), so a text's map is the same in any batch.
             b = r.pooled_block
-            nb = math.ceil(width / b)
-            pk = torch.nn.functional.pad(p, (0, nb * b - width)).view(self.B, self.H, c, nb, b).sum(dim=-1)
-            qblock = torch.arange(q_start, q_end, device=self.device) // b
-            kb0 = k_start // b
-            nb = min(nb, out["pooled"].shape[-1] - kb0)
-            out["pooled"][..., kb0 : kb0 + nb].index_add_(2, qblock, pk[..., :nb])
+            nkb = out["pooled"].shape[-1]
+            for bi in range(self.B):
+                f, qf = self._first_list[bi], self._qfirst_list[bi]
+                q0 = max(q_start, qf)
+                t0 = k_start - f  # text position of this chunk's first key
+                pb = p[bi, :, q0 - q_start :]
+                if t0 < 0:
+                    pb, t0 = pb[..., -t0:], 0
+                w = pb.shape[-1]
+                if q0 >= q_end or w == 0:
+                    continue
+                lead = t0 % b
+                nb = math.ceil((lead + w) / b)
+                pk = torch.nn.functional.pad(pb, (lead, nb * b - lead - w)).view(self.H, q_end - q0, nb, b).sum(-1)
+                kb0 = t0 // b
+                nb = min(nb, nkb - kb0)
+                qblock = (torch.arange(q0, q_end, device=self.device) - qf) // b
+                out["pooled"][bi, :, :, kb0 : kb0 + nb].index_add_(1, qblock, pk[..., :nb])
         if r.segment_ids is not None:
             per_key_seg = torch.matmul(p, self._seg_onehot[:, None, keys])  # [B, H, C, S]
             qseg = self._key_seg[:, self.q_offset + q_start : self.q_offset + q_end] + 1  # 0 = none
@@ -168,12 +233,12 @@ class StatAccumulator:
             out["distance"][:, :, rows] = dist.masked_fill(nan_rows, float("nan"))
             out["local_mass"][:, :, rows] = local.masked_fill(nan_rows, float("nan"))
         if r.row_positions is not None:
-            for pos, n in self._row_index.items():
-                if q_start <= pos < q_end:
-                    full = torch.zeros(self.B, self.H, self.Nk, dtype=torch.float32, device=self.device)
-                    full[..., keys] = p[:, :, pos - q_start]
-                    ok = row_ok[:, :, pos - q_start, None]
-                    out["rows"][:, :, n] = full.masked_fill(~ok, float("nan"))
+            for bi, idx_row in enumerate(self._row_idx):
+                for n, i in enumerate(idx_row):
+                    if q_start <= i < q_end and bool(row_ok[bi, 0, i - q_start]):
+                        full = torch.zeros(self.H, self.Nk, dtype=torch.float32, device=self.device)
+                        full[:, keys] = p[bi, :, i - q_start]
+                        out["rows"][bi, :, n] = full
         if r.pattern:
             out["pattern"][:, :, rows, keys] = p
 
@@ -183,11 +248,7 @@ class StatAccumulator:
             seen = self._seen_by
             out["received"] = torch.where(seen > 0, out["received"] / seen.clamp_min(1), float("nan"))
         if r.pooled_block is not None:
-            b = r.pooled_block
-            nqb, nkb = out["pooled"].shape[-2:]
-            qsize = (torch.clamp(self.Nq - torch.arange(nqb, device=self.device) * b, max=b)).float()
-            ksize = (torch.clamp(self.Nk - torch.arange(nkb, device=self.device) * b, max=b)).float()
-            out["pooled"] = out["pooled"] / (qsize[:, None] * ksize[None, :])
+            out["pooled"] = pooled_means(out["pooled"], r.pooled_block, self.Nq - self._qfirst, self.Nk - self._first)
         if r.segment_ids is not None:
             s = r.n_segments
             # Segment sizes: queries are counted among this call's queries only.
@@ -198,6 +259,17 @@ class StatAccumulator:
             seg = self._seg_sum[:, :, 1:] / denom[:, None].clamp_min(1)
             out["segments"] = torch.where(denom[:, None] > 0, seg, float("nan"))
         return out
+
+
+def pooled_means(sums: torch.Tensor, block: int, n_queries: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
+    """Tile sums [B, H, QB, KB] on each text's own grid -> tile means; NaN for tiles past the text's
+    end. n_queries, n_keys: [B] real queries and keys of each text."""
+    nqb, nkb = sums.shape[-2:]
+    dev = sums.device
+    qsize = (n_queries.to(dev)[:, None] - torch.arange(nqb, device=dev)[None] * block).clamp(max=block).float()
+    ksize = (n_keys.to(dev)[:, None] - torch.arange(nkb, device=dev)[None] * block).clamp(max=block).float()
+    denom = (qsize.clamp_min(0)[:, :, None] * ksize.clamp_min(0)[:, None, :])[:, None]  # [B, 1, QB, KB]
+    return torch.where(denom > 0, sums / denom.clamp_min(1), float("nan"))
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor) -> None:

@@ -211,7 +211,8 @@ def _fwd_kernel(Q, K, V, DescK, DescV, Out, Lse2, First, Src, Tgt, BiasS, BiasT,
         ent = tl.log(l_safe) - 0.6931471805599453 * t_i * inv_l
         tl.store(Ent + row_base, tl.where(real, ent, nan), mask=row_ok)
     if TOP:
-        tl.store(Top + row_base, tl.where(real, top_i, -1).to(tl.int64), mask=row_ok)
+        # in the text's own positions (request.py): counted from the row's first real key
+        tl.store(Top + row_base, tl.where(real, top_i - first, -1).to(tl.int64), mask=row_ok)
         tl.store(TopP + row_base, tl.where(real, inv_l, nan), mask=row_ok)
     if DIST:
         dist = pos.to(tl.float32) - d_i * inv_l

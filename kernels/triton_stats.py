@@ -13,7 +13,13 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   one-hot product, then grouped by the keys' segments into one S x S partial per key block); one
   program owns one key block, so every output element has one writer (no atomics); the G query
   heads of one KV head are packed as rows (one head per program when segments are asked for).
-- `rows(positions)` are a few rows: recomputed in torch from the log-sum-exp.
+- `rows(positions)` are a few rows: recomputed in torch from the log-sum-exp (positions in each
+  text's own coordinates, request.py).
+- padded batches: `top_key` is stored in each text's own positions (pass 1); with `pooled`, pass 2
+  runs once per text on its real tokens (`_columns_per_text`), so tiles start at the text's first
+  token, as the twin cuts them.
+- a row whose visible keys an edit removed all has no mass: its output, log-sum-exp (+inf) and
+  per-query statistics are set to the zero row's after pass 1 (`_zero_dead_rows`), as on the twin.
 - edits (`edits.py`) enter as a per-row logit bias on two key classes (source, target); the
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
 
@@ -38,6 +44,7 @@ key mask that is not left padding, more than one edit, CPU tensors without TRITO
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -287,8 +294,13 @@ class _Call:
         else:  # per-query statistics ride along with our forward at ~15% extra: cheaper than a cuDNN call + more
             self._launch_fwd(request, out, lse2, stats)
             self.output_from = "triton"
+        if self.edit is not None:
+            self._zero_dead_rows(request, out, lse2, stats)
         if request.received or request.pooled_block is not None or request.segment_ids is not None:
-            stats.update(self._columns(request, lse2))
+            if request.pooled_block is not None and self.key_mask is not None:
+                stats.update(self._columns_per_text(request, lse2))
+            else:
+                stats.update(self._columns(request, lse2))
         if request.row_positions is not None:
             stats["rows"] = self._rows(request.row_positions, lse2)
         return out, {name: stats[name] for name in request.outputs()}
@@ -370,13 +382,64 @@ class _Call:
             res["segments"] = self._segments(request, seg_part)
         return res
 
+    def _zero_dead_rows(self, request, out, lse2, stats) -> None:
+        """Rows whose visible keys the edit removed all (`LogitBias(0)` on the first token's own row)
+        have no mass left: all zeros, output zero, as on the twin (edits.py). The kernel's softmax
+        would renormalise the removed keys' tiny weights to 1; here such rows get output 0 and a
+        log-sum-exp of +inf (p = 2^(s - lse) = 0 in pass 2 and in `rows`) and a zero row's statistics."""
+        dead = self.edit.removes_every_key(self.key_mask, self.B, self.Nq, self.Nk, self.window, self.device)
+        if dead is None:
+            return
+        out.masked_fill_(dead[..., None], 0.0)
+        lse2.masked_fill_(dead, float("inf"))
+        for name in ("entropy", "top_prob", "sink_mass", "distance", "local_mass"):
+            if name in stats:
+                stats[name].masked_fill_(dead, 0.0)
+        if "top_key" in stats:
+            stats["top_key"].masked_fill_(dead, -1)
+
+    def _columns_per_text(self, request, lse2):
+        """Pass 2 for a left-padded batch with `pooled`: one launch per text on its real tokens only,
+        so its tiles start at its first real token (its own grid, request.py) and its map is the map it
+        has alone. received and segments come from the same launches. Outputs on the padded axes."""
+        B, Hq, Nq, Nk = self.B, self.Hq, self.Nq, self.Nk
+        pool = request.pooled_block
+        res: dict[str, torch.Tensor] = {}
+        nan = float("nan")
+        f32 = dict(dtype=torch.float32, device=self.device)
+        if request.received:
+            res["received"] = torch.full((B, Hq, Nk), nan, **f32)
+        res["pooled"] = torch.full((B, Hq, triton.cdiv(Nq, pool), triton.cdiv(Nk, pool)), nan, **f32)
+        if request.segment_ids is not None:
+            res["segments"] = torch.full((B, Hq, request.n_segments, request.n_segments), nan, **f32)
+        for b, f in enumerate(self.first.tolist()):
+            qf = max(f - self.q_off, 0)
+            if qf >= Nq or f >= Nk:
+                continue
+            sub = _Call(self.q[b:b + 1, :, qf:], self.k[b:b + 1, :, f:], self.v[b:b + 1, :, f:], self.scale, None,
+                        self.window, self.softcap)
+            if self.edit is not None:
+                sub.edit = self.edit
+                sub.src, sub.tgt = (t[b:b + 1, f:].contiguous() for t in (self.src, self.tgt))
+                sub.bias_s, sub.bias_t = (t[b:b + 1, :, qf:].contiguous() for t in (self.bias_s, self.bias_t))
+            seg = request.segment_ids
+            sub_req = dataclasses.replace(request, segment_ids=None if seg is None else seg[b:b + 1, f:].contiguous())
+            part = sub._columns(sub_req, lse2[b:b + 1, :, qf:].contiguous())
+            if request.received:
+                res["received"][b, :, f:] = part["received"][0]
+            qb, kb = part["pooled"].shape[-2:]
+            res["pooled"][b, :, :qb, :kb] = part["pooled"][0]
+            if seg is not None:
+                res["segments"][b] = part["segments"][0]
+        return res
+
     def _segment_onehot(self, request) -> tuple[int, torch.Tensor]:
         """(SP, [B, Nk, SP] fp16 one-hot of each position's segment, zero rows for -1); SP = 0 and a
         dummy without segments. SP >= 16 and a power of two for the tensor-core products."""
         if request.segment_ids is None:
             return 0, self.first
         sp = max(16, triton.next_power_of_2(request.n_segments))
-        ids = request.segment_ids.to(device=self.device, dtype=torch.long)
+        ids = reference.segment_ids(request, self.key_mask, self.device)
         return sp, torch.nn.functional.one_hot((ids + 1).clamp_min(0), sp + 1)[..., 1:].to(torch.float16).contiguous()
 
     def _seen_by(self) -> torch.Tensor:
@@ -394,7 +457,7 @@ class _Call:
     def _segments(self, request, seg_part):
         s = request.n_segments
         total = seg_part.sum(dim=2)[..., :s, :s]  # [B, H, S, S]
-        ids = request.segment_ids.to(device=self.device, dtype=torch.long)
+        ids = reference.segment_ids(request, self.key_mask, self.device)
         onehot = torch.nn.functional.one_hot((ids + 1).clamp_min(0), s + 1)[..., 1:].float()  # [B, Nk, S]
         k_count = onehot.sum(dim=1)
         q_count = onehot[:, self.q_off :].sum(dim=1)
@@ -402,20 +465,21 @@ class _Call:
         return torch.where(denom > 0, total / denom.clamp_min(1), float("nan"))
 
     def _rows(self, positions, lse2):
-        """Exact rows [B, H, R, Nk] from the known log-sum-exp (a few rows: torch is enough)."""
-        idx = torch.tensor(positions, dtype=torch.long)
-        if self.q.is_cuda:  # through pinned memory: a pageable copy would make the host wait for the GPU
-            idx = idx.pin_memory().to(self.device, non_blocking=True)
-        qr = self.q[:, :, idx].float().view(self.B, self.Hkv, self.G * len(positions), self.D)
-        s = torch.matmul(qr, self.k.float().transpose(-1, -2)).view(self.B, self.Hq, len(positions), self.Nk)
+        """Exact rows [B, H, R, Nk] from the known log-sum-exp (a few rows: torch is enough). Positions
+        are in each text's own coordinates (`reference.resolve_rows`); a row a text lacks is NaN."""
+        B, R = self.B, len(positions)
+        idx = reference.resolve_rows(positions, self.key_mask, B, self.Nq, self.Nk, self.device)  # [B, R]
+        ii = idx.clamp_min(0)
+        bi = torch.arange(B, device=self.device)[:, None]
+        qr = self.q[bi, :, ii].permute(0, 2, 1, 3).float().reshape(B, self.Hkv, self.G * R, self.D)
+        s = torch.matmul(qr, self.k.float().transpose(-1, -2)).view(B, self.Hq, R, self.Nk)
         s = s * self.scale
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
         s = s * LOG2E
         if self.edit is not None:
-            s = s + self.bias_s[:, :, idx, None] * self.src[:, None, None].bool()
-            s = s + self.bias_t[:, :, idx, None] * self.tgt[:, None, None].bool()
-        vis = torch.cat([reference.visibility(self.key_mask, self.B, int(i), int(i) + 1, self.Nk, self.q_off,
-                                              self.window, self.device) for i in positions], dim=2)
-        p = torch.exp2(s - lse2[:, :, idx, None]).masked_fill(~vis, 0.0)
+            s = s + self.bias_s[bi, :, ii].permute(0, 2, 1)[..., None] * self.src[:, None, None].bool()
+            s = s + self.bias_t[bi, :, ii].permute(0, 2, 1)[..., None] * self.tgt[:, None, None].bool()
+        vis = reference.row_visibility(self.key_mask, idx, self.Nq, self.Nk, self.window)
+        p = torch.exp2(s - lse2[bi, :, ii].permute(0, 2, 1)[..., None]).masked_fill(~vis, 0.0)
         return p.masked_fill(~vis.any(-1, keepdim=True), float("nan"))

@@ -4,6 +4,12 @@ Dimension order is fixed: (batch, layer, head, then the statistic's own dims fro
 `attnlab.kernels.OUTPUT_DIMS`: query, key, ...). `layers` and `heads` list which model layers and
 query heads the layer/head axes hold; `kv_heads[i]` is the KV head that query head `heads[i]`
 reads (GQA). Values at pad positions are NaN.
+
+Padded batches (left padding): each text's statistics equal its statistics alone
+(`attnlab.kernels.request` has the rule). Per-token axes (query, key) are the padded axis: row b's
+real part is [first_real[b]:]. `top_key` values and `rows` positions are the text's own positions
+(0 = its first real token). `pooled` is on each text's own grid, aligned to its first token, NaN
+past its end. `segments` are per text.
 """
 
 from __future__ import annotations

@@ -47,7 +47,9 @@ from attnlab.probe.tokens import Tokens
 class Generation:
     """prompt: the Tokens given; new_ids[r]: generated ids of output row r (stop token excluded;
     row b * num_samples + s is sample s of prompt b); steps[t][name]: the statistic at decode step
-    t, [rows, layer, head, ...] (one query row); active[t]: [rows] bool, rows still generating at
+    t, [rows, layer, head, ...] (one query row; `top_key` is a position in the row's own tokens,
+    prompt then generated, 0 = its first real token, so it indexes the prompt's ids and spans
+    directly; the key axis of `rows` is the padded axis); active[t]: [rows] bool, rows still generating at
     step t (finished rows keep decoding padding); finished[r]: the row stopped (EOS, newline or
     `stop`) before max_new_tokens."""
 

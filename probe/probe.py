@@ -363,14 +363,18 @@ class Probe:
 
     @staticmethod
     def _align_segments(stat: catalogue.Stat, tokens: Tokens) -> catalogue.Stat:
-        """Segment ids given per row token (list of rows, or one row for all) -> [B, N], left-padded."""
+        """Segment ids per text -> [B, N] on the padded grid (-1 at pads). ids: one list for every text,
+        or one list per text, each as long as that text (its own tokens, BOS included); a row as long
+        as the padded batch is taken as already on the padded grid (its pad entries are ignored)."""
         ids = stat.arg
-        rows = [ids] * tokens.batch_size if ids.ndim == 1 else list(ids)
+        rows = [ids] * tokens.batch_size if isinstance(ids, torch.Tensor) and ids.ndim == 1 else list(ids)
         if len(rows) != tokens.batch_size:
             raise AttnlabError(f"segments: {len(rows)} rows of ids for a batch of {tokens.batch_size}")
         out = torch.full((tokens.batch_size, tokens.length), -1, dtype=torch.long)
         lengths = tokens.attention_mask.sum(dim=1)
         for b, row in enumerate(rows):
+            if row.shape[0] == tokens.length and int(lengths[b]) != tokens.length:
+                row = row[tokens.length - int(lengths[b]):]  # given on the padded grid
             if row.shape[0] != int(lengths[b]):
                 raise AttnlabError(
                     f"segments: row {b} has {row.shape[0]} ids for {int(lengths[b])} tokens: give one id per "
@@ -380,7 +384,7 @@ class Probe:
         return catalogue.Stat("segments", out)
 
     def _normalised_entropy(self, entropy: torch.Tensor, tokens: Tokens, layers: list[int]) -> torch.Tensor:
-        """entropy / ln(number of visible keys); 0 where a query sees a single key."""
+        """entropy / ln(number of visible keys); 0 where a query sees a single key; NaN at pads."""
         first = tokens.first_real()
         pos = torch.arange(tokens.length)
         base = (pos[None] - first[:, None] + 1).clamp_min(1).float()  # [B, N]
@@ -390,5 +394,5 @@ class Probe:
             n_vis = base.clamp(max=w) if w is not None else base
             norms.append(torch.log(n_vis))
         log_n = torch.stack(norms, dim=1)[:, :, None]  # [B, L, 1, N]
-        return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), torch.zeros_like(entropy))
+        return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), entropy * 0)  # entropy * 0: NaN stays
 

@@ -5,7 +5,7 @@
 | received            | -                       | [key]: alpha_k, mean attention key k receives   |
 | sink_mass(k)        | k first tokens (1)      | [query]: attention on the first k real tokens   |
 | entropy             | -                       | [query]: row entropy (nats) + entropy_norm      |
-| top_key             | -                       | [query]: argmax key + top_prob                  |
+| top_key             | -                       | [query]: argmax key (text position) + top_prob  |
 | pooled(block)       | block size (64)         | [query_block, key_block]: block-mean of A       |
 | segments(ids)       | ids per token (needed)  | [segment, segment]: mean of A over S_s x S_t    |
 | distance(window)    | window (128)            | [query]: mean distance + local_mass in window   |
@@ -13,7 +13,13 @@
 | pattern             | -                       | [query, key]: full pattern, eager only, limited |
 
 Each entry is written `name` or `name(args)` in the CLI and accepted as a string or a `Stat` in
-Python (`Stat("segments", ids)` takes the per-token segment ids as a list or tensor).
+Python (`Stat("segments", ids)` takes the per-token segment ids as a list or tensor, one list for
+every text, or one list per text — each as long as that text, BOS included — for a batch).
+
+Padded batches: a text's statistics equal its statistics alone (`attnlab.kernels.request`). Row
+positions and `top_key` are in each text's own positions (0 = its first real token); `pooled` is
+cut on each text's own grid, aligned to its first token (NaN past its end); per-token statistics
+keep the padded axis (NaN at pads), so compare a batch row's real part [first_real:] with alone.
 """
 
 from __future__ import annotations
@@ -109,18 +115,34 @@ def _validate(stat: Stat) -> Stat:
     if name == "segments":
         if arg is None:
             raise AttnlabError("segments needs per-token segment ids: Stat('segments', ids)")
-        ids = torch.as_tensor(arg, dtype=torch.long)
+        if isinstance(arg, torch.Tensor):
+            ids = arg.to(torch.long)
+        elif isinstance(arg, (list, tuple)) and arg and all(_is_sequence(r) for r in arg):
+            # one list per text (texts of different lengths: a ragged list)
+            ids = tuple(torch.as_tensor(r, dtype=torch.long) for r in arg)
+            if any(r.ndim != 1 for r in ids):
+                raise AttnlabError("segments: give one list of ids per text (or one list for every text)")
+        else:
+            ids = torch.as_tensor(arg, dtype=torch.long)
+        if isinstance(ids, torch.Tensor) and ids.ndim not in (1, 2):
+            raise AttnlabError(f"segments: ids must be one list per text, got a {ids.ndim}-d tensor")
         return Stat(name, ids)
     if name in ("received", "entropy", "top_key", "pattern") and arg is not None:
         raise AttnlabError(f"{name} takes no parameter")
     return stat
 
 
+def _is_sequence(x) -> bool:
+    return isinstance(x, (list, tuple)) or (hasattr(x, "ndim") and getattr(x, "ndim") == 1)
+
+
 def build_request(stats: list[Stat], n_queries: int, n_keys: int, batch: int, pad_left: torch.Tensor) -> StatRequest:
     """Resolve the catalogue entries into a kernel request for one call of Nq queries, Nk keys.
 
-    pad_left: [B] number of left-pad tokens per row; segment ids are given per real token of the
-    longest row ([N] for every row, or [B, N_row] padded on the left by the probe)."""
+    pad_left: [B] number of left-pad tokens per row (unused: the kernels read each row's padding
+    from the key mask); segment ids are one per position of the padded grid ([Nk] for every row,
+    or [B, Nk], mapped from per-text ids and left-padded with -1 by the probe). Row positions are
+    passed as given (each text's own coordinates, negative from the end; `kernels.request`)."""
     kw: dict[str, Any] = {}
     for s in stats:
         if s.name == "received":
@@ -138,13 +160,10 @@ def build_request(stats: list[Stat], n_queries: int, n_keys: int, batch: int, pa
         elif s.name == "pattern":
             kw["pattern"] = True
         elif s.name == "rows":
-            pos = []
             for p in s.arg:
-                q = p + n_queries if p < 0 else p
-                if not 0 <= q < n_queries:
+                if not -n_queries <= p < n_queries:
                     raise AttnlabError(f"rows({p}) is outside the {n_queries} query positions")
-                pos.append(q)
-            kw["row_positions"] = tuple(dict.fromkeys(pos))
+            kw["row_positions"] = tuple(dict.fromkeys(s.arg))
         elif s.name == "segments":
             ids = s.arg
             if ids.ndim == 1:

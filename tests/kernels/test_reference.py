@@ -89,13 +89,18 @@ def test_chunked_matches_fp64_reference_with_gqa_padding_and_window(chunk, windo
                                    ref[real_q[..., 0].expand_as(ent)], atol=1e-5, rtol=1e-5, msg=name)
     assert (st["top_key"][1, :, :3] == -1).all()
     assert torch.equal(st["top_key"][0], A[0].argmax(-1))
+    # top key and row positions in each text's own positions (row 1's text starts at index 3)
+    assert torch.equal(st["top_key"][1, :, 3:], A[1, :, 3:].argmax(-1) - 3)
     torch.testing.assert_close(st["rows"][0].double(), A[0][:, [0, 5]], atol=1e-6, rtol=1e-5)
-    # pooled(3): mean of the zero-filled pattern over each 3 x 3 tile (edge tiles smaller)
-    pooled = torch.zeros(2, 4, 4, 4, dtype=torch.float64)
-    for I in range(4):
-        for J in range(4):
-            pooled[:, :, I, J] = A[:, :, 3 * I:3 * I + 3, 3 * J:3 * J + 3].mean(dim=(-1, -2))
-    torch.testing.assert_close(st["pooled"].double(), pooled, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(st["rows"][1].double(), A[1][:, [3, 8]], atol=1e-6, rtol=1e-5)
+    # pooled(3): mean of the zero-filled pattern over each 3 x 3 tile of each text's own grid (its tiles
+    # start at its first real token; edge tiles smaller; cells past its end NaN)
+    pooled = torch.full((2, 4, 4, 4), float("nan"), dtype=torch.float64)
+    for b, f in enumerate(first):
+        for I in range(math.ceil((11 - f) / 3)):
+            for J in range(math.ceil((11 - f) / 3)):
+                pooled[b, :, I, J] = A[b, :, f + 3 * I:f + 3 * I + 3, f + 3 * J:f + 3 * J + 3].mean(dim=(-1, -2))
+    torch.testing.assert_close(st["pooled"].double(), pooled, atol=1e-6, rtol=1e-5, equal_nan=True)
 
 
 def test_rows_sum_to_one_and_received_adds_up_to_query_count():

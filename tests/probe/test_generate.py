@@ -23,7 +23,8 @@ def test_step_top_keys_equal_a_full_capture_of_the_same_sequence(smollm2):
         n = int(real.sum())
         for t in range(len(gen.new_ids[b])):
             # step t processed position n - 1 + t and produced new_ids[b][t]
-            assert torch.equal(gen.steps[t]["top_key"][b, ..., 0] - pad, full["top_key"][0, ..., n - 1 + t])
+            # top_key is a position in the row's own tokens (prompt ids + generated ids), not the padded axis
+            assert torch.equal(gen.steps[t]["top_key"][b, ..., 0], full["top_key"][0, ..., n - 1 + t])
         last = len(gen.new_ids[b]) - 1
         row = gen.steps[last]["rows"][b, :, :, 0, pad:pad + n + last]
         # pooled(1) is the pattern: its row n - 1 + last is the row the last step saw
