@@ -82,9 +82,9 @@ def ablate(
     "mean" averages the head's output over the call's queries, so it needs the whole sequence."""
     decode_only = validate.flag(decode_only, "decode_only")
     if mode == "mean" and decode_only:
-        raise AttnlabError("mode 'mean' averages over the sequence's positions: use decode_only=False")
+        raise AttnlabError("decode_only: mode 'mean' averages over the sequence's positions; use decode_only=False")
     if getattr(probe.model.config, "_attn_implementation", None) != fast_path.ATTN_IMPLEMENTATION:
-        raise AttnlabError("head ablations need the fast path (attn_implementation='attnlab'): load the model "
+        raise AttnlabError("probe: head ablations need the fast path (attn_implementation='attnlab'); load the model "
                            "with attnlab.probe.load")
     items = _normalise(probe, heads, mode)
     current = dict(fast_path._ABLATIONS.get() or {})

@@ -90,7 +90,8 @@ class Positions:
         first = int(tokens.first_real()[row])
         hits = [i - first for i, (a, b) in enumerate(tokens.offsets[row]) if a >= 0 and a < end_char and b > start_char]
         if not hits:
-            raise AttnlabError(f"no token overlaps characters [{start_char}, {end_char})")
+            raise AttnlabError(f"start_char, end_char: no token overlaps characters [{start_char}, {end_char}); "
+                               "widen the span to cover a token")
         return cls(hits)
 
     @classmethod
@@ -140,7 +141,8 @@ class RowPositions:
 
     def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
         if key_mask.shape[0] != len(self.rows):
-            raise AttnlabError(f"RowPositions has {len(self.rows)} rows but the batch has {key_mask.shape[0]}")
+            raise AttnlabError(f"RowPositions(rows): {len(self.rows)} rows but the batch has {key_mask.shape[0]}; "
+                               "pass one list of positions per batch row")
         first = (~key_mask).sum(dim=1)
         out = torch.zeros_like(key_mask, dtype=torch.bool)
         for b, positions in enumerate(self.rows):
@@ -215,10 +217,10 @@ class AttentionEdit:
         _check_selector(keys, "AttentionEdit(keys)")
         if not isinstance(op, (LogitBias, MassTransfer)):
             raise AttnlabError(f"AttentionEdit(op): op must be LogitBias(c) or MassTransfer(keep, to), got "
-                               f"{type(op).__name__}")
+                               f"{type(op).__name__}; pass e.g. LogitBias(2.0) or MassTransfer(0.5)")
         if gate is not None and not isinstance(gate, SpanGate):
             raise AttnlabError(f"AttentionEdit(gate): gate must be a SpanGate (VAR's rule) or None, got "
-                               f"{type(gate).__name__}")
+                               f"{type(gate).__name__}; pass SpanGate(region) or None")
         # An empty list would edit nothing, silently: refuse it (None means every layer / head).
         fix = "pass at least one, or None for all"
         object.__setattr__(self, "keys", keys)
@@ -271,7 +273,7 @@ def validate(probe, edits: Sequence[AttentionEdit]) -> list[AttentionEdit]:
                                    f"{probe.info.n_heads} heads; pass 0-{probe.info.n_heads - 1}")
         out.append(e)
     if not out:
-        raise AttnlabError("edits: intervene needs at least one AttentionEdit")
+        raise AttnlabError("edits: intervene needs at least one AttentionEdit; pass probe.intervene(edit, ...)")
     return out
 
 

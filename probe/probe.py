@@ -294,7 +294,7 @@ class Probe:
             size = tokens.batch_size * len(layer_list) * len(head_list) * tokens.length**2
             if size > PATTERN_LIMIT:
                 raise AttnlabError(
-                    f"the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}): capture statistics "
+                    f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
                     "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
                 )
         segments = next((s for s in stat_list if s.name == "segments"), None)
@@ -379,7 +379,7 @@ class Probe:
         validate.callable_or_none(on_step, "on_step")
         validate.callable_or_none(stop, "stop")
         if step_stats:
-            self._resolve_backend(backend, catalogue.parse(step_stats))
+            self._resolve_backend(backend, catalogue.parse(step_stats, "step_stats"))
         else:
             validate.choice(backend, "backend", BACKENDS)
         self._check_indices(layers, self.info.n_layers, "layer", "layers")
@@ -407,10 +407,10 @@ class Probe:
                 return "eager"
             return "triton" if kernels.triton_available(self.device) else "chunked"
         if wants_pattern and backend != "eager":
-            raise AttnlabError("the full pattern is captured by the eager backend only: use backend='eager'")
+            raise AttnlabError("backend: the full pattern is captured by the eager backend only; use backend='eager'")
         if backend == "triton" and not kernels.triton_available(self.device):
             raise AttnlabError(
-                "backend 'triton' needs a CUDA GPU and the triton package: use backend='chunked' (any device) "
+                "backend: 'triton' needs a CUDA GPU and the triton package; use backend='chunked' (any device) "
                 "or 'auto'"
             )
         return backend
@@ -438,7 +438,7 @@ class Probe:
         for b, row in enumerate(rows):
             if row.shape[0] != int(lengths[b]):
                 raise AttnlabError(
-                    f"segments: row {b} has {row.shape[0]} ids for {int(lengths[b])} tokens: give one id per "
+                    f"segments: row {b} has {row.shape[0]} ids for {int(lengths[b])} tokens; give one id per "
                     "token (BOS included when prepended; -1 for tokens in no segment)"
                 )
             out[b, tokens.length - row.shape[0]:] = row

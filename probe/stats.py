@@ -116,7 +116,7 @@ def _segment_ids(arg: Any) -> torch.Tensor:
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
 
 
-def parse(entries) -> list[Stat]:
+def parse(entries, arg: str = "stats") -> list[Stat]:
     """Catalogue entries (strings like 'sink_mass(4)', or Stat objects) -> validated Stats.
 
     A statistic asked twice with the same parameter counts once; with two parameters it is refused,
@@ -124,20 +124,20 @@ def parse(entries) -> list[Stat]:
     if isinstance(entries, (str, Stat)):
         entries = [entries]
     if not isinstance(entries, (list, tuple)):
-        raise AttnlabError(f"stats: {entries!r} is of type {type(entries).__name__}; pass a list of catalogue entries, "
+        raise AttnlabError(f"{arg}: {entries!r:.60} is of type {type(entries).__name__}; pass a list of catalogue entries, "
                            "e.g. ['received', 'sink_mass(4)']")
     out: dict[str, Stat] = {}
     for n, entry in enumerate(entries):
         if not isinstance(entry, (str, Stat)):
-            raise AttnlabError(f"stats[{n}]: {entry!r} is of type {type(entry).__name__}; pass a name like 'entropy', "
+            raise AttnlabError(f"{arg}[{n}]: {entry!r:.60} is of type {type(entry).__name__}; pass a name like 'entropy', "
                                "'sink_mass(4)', or a Stat")
         stat = _validate(entry if isinstance(entry, Stat) else _parse_one(entry))
         if stat.name in out and not out[stat.name].same_as(stat):
-            raise AttnlabError(f"stats: {out[stat.name].label()} and {stat.label()} both asked; one capture holds one "
+            raise AttnlabError(f"{arg}: {out[stat.name].label()} and {stat.label()} both asked; one capture holds one "
                                f"{stat.name} per statistic, so keep one (or capture twice)")
         out[stat.name] = stat
     if not out:
-        raise AttnlabError(f"no statistics requested: choose from {', '.join(CATALOGUE)}")
+        raise AttnlabError(f"{arg}: no statistics requested; choose from {', '.join(CATALOGUE)}")
     return list(out.values())
 
 
@@ -158,20 +158,20 @@ def parse_list(text: str) -> list[Stat]:
 def _parse_one(text: str) -> Stat:
     m = _SPEC.match(str(text))
     if not m:
-        raise AttnlabError(f"cannot read statistic '{text}': write e.g. received, sink_mass(4), pooled(64)")
+        raise AttnlabError(f"stats: cannot read statistic '{text}'; write e.g. received, sink_mass(4), pooled(64)")
     name, arg = m.group(1), m.group(2)
     if name not in CATALOGUE:
-        raise AttnlabError(f"unknown statistic '{name}': choose from {', '.join(CATALOGUE)}")
+        raise AttnlabError(f"stats: unknown statistic '{name}'; choose from {', '.join(CATALOGUE)}")
     if arg is None or not arg.strip():
         return Stat(name)
     if name == "segments":
-        raise AttnlabError("segments needs per-token segment ids: pass Stat('segments', ids) from Python")
+        raise AttnlabError("segments: needs per-token segment ids; pass Stat('segments', ids) from Python")
     try:
         values = tuple(int(x) for x in arg.split(","))
     except ValueError:
-        raise AttnlabError(f"statistic '{text}' takes integers, e.g. {name}(4)") from None
+        raise AttnlabError(f"stats: statistic '{text}' takes integers; write e.g. {name}(4)") from None
     if name != "rows" and len(values) != 1:
-        raise AttnlabError(f"statistic '{text}': {name} takes one integer; write e.g. {name}({DEFAULTS.get(name, 4)})")
+        raise AttnlabError(f"stats: statistic '{text}': {name} takes one integer; write e.g. {name}({DEFAULTS.get(name, 4)})")
     return Stat(name, values if name == "rows" else values[0])
 
 
@@ -210,7 +210,8 @@ def build_request(stats: list[Stat], n_queries: int, n_keys: int, batch: int, pa
             for p in s.arg:
                 q = p + n_queries if p < 0 else p
                 if not 0 <= q < n_queries:
-                    raise AttnlabError(f"rows({p}) is outside the {n_queries} query positions")
+                    raise AttnlabError(f"rows: rows({p}) is outside the {n_queries} query positions; pass "
+                                       f"{-n_queries}..{n_queries - 1} (negative counts from the end)")
                 pos.append(q)
             kw["row_positions"] = tuple(dict.fromkeys(pos))
         elif s.name == "segments":
@@ -219,7 +220,7 @@ def build_request(stats: list[Stat], n_queries: int, n_keys: int, batch: int, pa
                 ids = ids[None].expand(batch, -1)
             if ids.shape[1] != n_keys:
                 raise AttnlabError(
-                    f"segments: {ids.shape[1]} segment ids for {n_keys} tokens: give one id per token "
+                    f"segments: {ids.shape[1]} segment ids for {n_keys} tokens; give one id per token "
                     "(BOS included when prepended; -1 for tokens in no segment)"
                 )
             kw["segment_ids"] = ids.contiguous()

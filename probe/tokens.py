@@ -89,7 +89,7 @@ def tokenize(
             ids, off = [bos] + ids, [(-1, -1)] + off
         rows.append(ids)
         offs.append(off)
-    return _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name)
+    return _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name, arg)
 
 
 def from_ids(
@@ -119,7 +119,7 @@ def from_ids(
             raise AttnlabError(f"prepend_bos: {model_name}'s tokenizer has no BOS token; use prepend_bos=False")
         rows = [[tokenizer.bos_token_id] + r for r in rows]
     offs = [[(-1, -1)] * len(r) for r in rows]
-    return _pad(tokenizer, rows, offs, None, prepend_bos, context_length, model_name)
+    return _pad(tokenizer, rows, offs, None, prepend_bos, context_length, model_name, arg)
 
 
 def id_rows(ids, arg: str = "ids") -> list[list[int]]:
@@ -161,11 +161,11 @@ def id_rows(ids, arg: str = "ids") -> list[list[int]]:
     return rows
 
 
-def _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name) -> Tokens:
+def _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name, arg: str = "inputs") -> Tokens:
     longest = max(len(r) for r in rows)
     if context_length is not None and longest > context_length:
         raise AttnlabError(
-            f"input is {longest} tokens but {model_name}'s context is {context_length} tokens: "
+            f"{arg}: the input is {longest} tokens but {model_name}'s context is {context_length} tokens; "
             "shorten the text (or split it into several inputs)"
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -22,6 +22,8 @@ from attnlab.probe.errors import AttnlabError
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, np.generic):
+        value = value.item()  # 0.0, not np.float64(0.0)
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
