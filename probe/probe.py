@@ -26,7 +26,7 @@ from attnlab.probe import fast_path, hooked_path, registry, validate
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
-from attnlab.probe.tokens import Tokens, from_ids, id_rows, tokenize
+from attnlab.probe.tokens import Tokens, from_ids, tokenize
 
 # Largest full-pattern capture (elements over batch x layers x heads x N x N): 1 GiB in fp32.
 PATTERN_LIMIT = 2**28
@@ -192,7 +192,9 @@ class Probe:
                 or mask.shape != ids.shape or ids.shape[1] == 0:
             raise AttnlabError(f"{arg}: Tokens need [batch, N] input_ids and an attention_mask of the same shape; "
                                "build them with probe.tokenize or probe.to_tokens")
-        id_rows(ids, f"{arg}.input_ids")  # integer dtype
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise AttnlabError(f"{arg}: Tokens.input_ids are {str(ids.dtype).removeprefix('torch.')}; pass integer ids "
+                               "(build them with probe.tokenize or probe.to_tokens)")
         real = ids[mask.bool()]
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.vocab_size):
             bad = int(real.min()) if int(real.min()) < 0 else int(real.max())

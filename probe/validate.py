@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from attnlab.probe.errors import AttnlabError
 
@@ -34,13 +35,22 @@ def _kind(value: Any) -> str:
     return ("an " if name[0] in "aeiou" else "a ") + name
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-d torch tensor (an element of an index tensor) -> its Python number; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        return value.item()
+    return value
+
+
 def is_integer(value: Any) -> bool:
+    value = _scalar(value)
     return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def integer(value: Any, arg: str, *, minimum: int | None = None, maximum: int | None = None,
             hint: str = "") -> int:
     """An int (Python or numpy), not a bool or a float, in [minimum, maximum] -> int."""
+    value = _scalar(value)
     if not is_integer(value):
         raise AttnlabError(f"{arg}: {_shown(value)} is {_kind(value)}, not an integer; pass a whole number"
                            + (f" ({hint})" if hint else ""))
@@ -61,6 +71,7 @@ def number(value: Any, arg: str, *, minimum: float | None = None, maximum: float
     """A finite real number (int, float, numpy scalar; not a bool or a string) in range -> float.
 
     minimum/maximum are inclusive bounds, above an exclusive lower bound."""
+    value = _scalar(value)
     if not isinstance(value, (numbers.Real, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
         raise AttnlabError(f"{arg}: {_shown(value)} is {_kind(value)}, not a number; pass a real number"
                            + (f" ({hint})" if hint else ""))

@@ -249,6 +249,8 @@ def test_identical_duplicate_stats_count_once(probe):
 def test_edge_strengths_are_accepted(probe, tokens):
     """LogitBias(0) removes the keys; MassTransfer(0) and (1) and integer strengths are numbers too."""
     assert LogitBias(2).c == 2.0 and isinstance(LogitBias(np.float32(0.5)).c, float)
+    assert LogitBias(torch.tensor(2.0)).c == 2.0  # a 0-d tensor is a number
+    assert AttentionEdit(FirstToken(), LogitBias(2), heads=torch.tensor([2, 0])).heads == (2, 0)
     base = probe.forward(tokens).logits
     with probe.intervene(AttentionEdit(FirstToken(), LogitBias(1))):
         same = probe.forward(tokens).logits
