@@ -19,11 +19,13 @@ pattern: statistics captured inside an ablation describe the unablated pattern.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from attnlab.probe import fast_path
+import numpy as np
+
+from attnlab.probe import fast_path, validate
 from attnlab.probe.errors import AttnlabError
 
 MODES = ("zero", "bos", "uniform", "mean")
@@ -37,20 +39,35 @@ class HeadAblation:
 
 
 def _normalise(probe, heads, mode: str) -> list[HeadAblation]:
-    if mode not in MODES:
-        raise AttnlabError(f"unknown ablation mode '{mode}': choose from {', '.join(MODES)}")
-    if isinstance(heads, HeadAblation) or (isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], int)):
+    """(layer, head) pairs or HeadAblations -> checked HeadAblations (numpy ints are ints; bools,
+    floats and empty lists are refused: an empty ablation would silently ablate nothing)."""
+    validate.choice(mode, "mode", MODES, what="ablation mode")
+    if isinstance(heads, HeadAblation) or (isinstance(heads, tuple) and len(heads) == 2
+                                           and all(validate.is_integer(x) for x in heads)):
         heads = [heads]
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+        raise AttnlabError(f"heads: {heads!r:.60} is of type {type(heads).__name__}; pass (layer, head) pairs, "
+                           "e.g. [(3, 5), (7, 0)]")
     out = []
-    for h in heads:
-        a = h if isinstance(h, HeadAblation) else HeadAblation(int(h[0]), int(h[1]), mode)
-        if a.mode not in MODES:
-            raise AttnlabError(f"unknown ablation mode '{a.mode}': choose from {', '.join(MODES)}")
-        if not 0 <= a.layer < probe.info.n_layers:
-            raise AttnlabError(f"layer {a.layer} is out of range: {probe.name} has {probe.info.n_layers} layers")
-        if not 0 <= a.head < probe.info.n_heads:
-            raise AttnlabError(f"head {a.head} is out of range: {probe.name} has {probe.info.n_heads} heads")
-        out.append(a)
+    for n, h in enumerate(heads):
+        if isinstance(h, HeadAblation):
+            validate.choice(h.mode, f"heads[{n}].mode", MODES, what="ablation mode")
+            layer, head, item_mode = h.layer, h.head, h.mode
+        else:
+            if isinstance(h, (str, bytes)) or not isinstance(h, (Sequence, np.ndarray)) or len(h) != 2:
+                raise AttnlabError(f"heads[{n}]: {h!r:.60} is not a (layer, head) pair; pass e.g. [(3, 5), (7, 0)]")
+            layer, head, item_mode = h[0], h[1], mode
+        layer = validate.integer(layer, f"heads[{n}] layer")
+        head = validate.integer(head, f"heads[{n}] head")
+        if not 0 <= layer < probe.info.n_layers:
+            raise AttnlabError(f"heads[{n}]: layer {layer} is out of range: {probe.name} has {probe.info.n_layers} "
+                               f"layers; pass 0-{probe.info.n_layers - 1}")
+        if not 0 <= head < probe.info.n_heads:
+            raise AttnlabError(f"heads[{n}]: head {head} is out of range: {probe.name} has {probe.info.n_heads} "
+                               f"heads; pass 0-{probe.info.n_heads - 1}")
+        out.append(HeadAblation(layer, head, item_mode))
+    if not out:
+        raise AttnlabError("heads: no (layer, head) pairs; pass at least one, e.g. [(3, 5)]")
     return out
 
 
@@ -63,10 +80,11 @@ def ablate(
 
     decode_only: only in one-token decode steps (retrieval-head masking masks decoding only).
     "mean" averages the head's output over the call's queries, so it needs the whole sequence."""
+    decode_only = validate.flag(decode_only, "decode_only")
     if mode == "mean" and decode_only:
-        raise AttnlabError("mode 'mean' averages over the sequence's positions: use decode_only=False")
+        raise AttnlabError("decode_only: mode 'mean' averages over the sequence's positions; use decode_only=False")
     if getattr(probe.model.config, "_attn_implementation", None) != fast_path.ATTN_IMPLEMENTATION:
-        raise AttnlabError("head ablations need the fast path (attn_implementation='attnlab'): load the model "
+        raise AttnlabError("probe: head ablations need the fast path (attn_implementation='attnlab'); load the model "
                            "with attnlab.probe.load")
     items = _normalise(probe, heads, mode)
     current = dict(fast_path._ABLATIONS.get() or {})

@@ -35,11 +35,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attnlab.kernels import KernelEdit, MassGate, apply_edits
 from attnlab.kernels.edits import MIN_LOG
 from attnlab.probe import fast_path
+from attnlab.probe import validate as checks  # the module; `validate` below checks edits
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
 
@@ -60,9 +62,12 @@ class Positions:
     positions: tuple[int, ...]
 
     def __init__(self, positions: Sequence[int]):
-        object.__setattr__(self, "positions", tuple(int(p) for p in positions))
-        if not self.positions or min(self.positions) < 0:
-            raise AttnlabError("Positions needs at least one non-negative token position")
+        chosen = checks.integers(positions, "Positions(positions)", noun="token positions",
+                                   empty_fix="pass at least one non-negative token position")
+        if min(chosen) < 0:
+            raise AttnlabError(f"Positions(positions): {min(chosen)} is negative; pass non-negative token positions "
+                               "counted from each row's first real token (0 = BOS when prepended)")
+        object.__setattr__(self, "positions", tuple(chosen))
 
     def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
         first = (~key_mask).sum(dim=1)
@@ -73,25 +78,42 @@ class Positions:
     @classmethod
     def span(cls, tokens: Tokens, row: int, start_char: int, end_char: int) -> Positions:
         """The tokens of row `row` that overlap the characters [start_char, end_char) of its text."""
+        row = _row(tokens, row)
         text = tokens.texts[row] if tokens.texts else None
         if text is None:
-            raise AttnlabError("a character span needs tokens made from text (probe.tokenize)")
+            raise AttnlabError("tokens: a character span needs tokens made from text; use probe.tokenize(text)")
+        start_char = checks.integer(start_char, "start_char")
+        end_char = checks.integer(end_char, "end_char")
         if not 0 <= start_char < end_char <= len(text):
-            raise AttnlabError(f"span [{start_char}, {end_char}) is not inside the text of {len(text)} characters")
+            raise AttnlabError(f"start_char, end_char: span [{start_char}, {end_char}) is not inside the text of "
+                               f"{len(text)} characters; pass 0 <= start_char < end_char <= {len(text)}")
         first = int(tokens.first_real()[row])
         hits = [i - first for i, (a, b) in enumerate(tokens.offsets[row]) if a >= 0 and a < end_char and b > start_char]
         if not hits:
-            raise AttnlabError(f"no token overlaps characters [{start_char}, {end_char})")
+            raise AttnlabError(f"start_char, end_char: no token overlaps characters [{start_char}, {end_char}); "
+                               "widen the span to cover a token")
         return cls(hits)
 
     @classmethod
     def substring(cls, tokens: Tokens, row: int, needle: str) -> Positions:
         """The tokens of the first occurrence of `needle` in row `row`'s text."""
-        text = tokens.texts[row] if tokens.texts else ""
+        row = _row(tokens, row)
+        if not isinstance(needle, str) or not needle:
+            raise AttnlabError(f"needle: {needle!r:.60} is not a non-empty string; pass a substring of row {row}'s text")
+        if not tokens.texts:
+            raise AttnlabError("tokens: a substring needs tokens made from text; use probe.tokenize(text)")
+        text = tokens.texts[row]
         at = text.find(needle)
-        if not needle or at < 0:
-            raise AttnlabError(f"'{needle[:40]}' is not in the text: pass a substring of it")
+        if at < 0:
+            raise AttnlabError(f"needle: '{needle[:40]}' is not in the text of row {row}; pass a substring of it")
         return cls.span(tokens, row, at, at + len(needle))
+
+
+def _row(tokens: Tokens, row) -> int:
+    if not isinstance(tokens, Tokens):
+        raise AttnlabError(f"tokens: {tokens!r:.60} is of type {type(tokens).__name__}; pass Tokens from probe.tokenize")
+    return checks.integer(row, "row", minimum=0, maximum=tokens.batch_size - 1,
+                            hint=f"a row of the batch of {tokens.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -102,13 +124,25 @@ class RowPositions:
     rows: tuple[tuple[int, ...], ...]
 
     def __init__(self, rows: Sequence[Sequence[int]]):
-        object.__setattr__(self, "rows", tuple(tuple(int(p) for p in r) for r in rows))
-        if not self.rows or any(p < 0 for r in self.rows for p in r):
-            raise AttnlabError("RowPositions needs one list of non-negative positions per batch row")
+        sequence = (Sequence, np.ndarray, torch.Tensor)
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, sequence) or len(rows) == 0:
+            raise AttnlabError(f"RowPositions(rows): {rows!r:.60} is not a list of rows; pass one list of non-negative "
+                               "positions per batch row")
+        checked = []
+        for b, r in enumerate(rows):
+            if isinstance(r, (str, bytes)) or not isinstance(r, sequence):
+                raise AttnlabError(f"RowPositions(rows)[{b}]: {r!r:.60} is not a list; pass one list of positions "
+                                   "per batch row (an empty list selects nothing in that row)")
+            r = r.tolist() if isinstance(r, (np.ndarray, torch.Tensor)) else r
+            positions = tuple(checks.integer(p, f"RowPositions(rows)[{b}]", minimum=0,
+                                               hint="positions count from the row's first real token") for p in r)
+            checked.append(positions)
+        object.__setattr__(self, "rows", tuple(checked))
 
     def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
         if key_mask.shape[0] != len(self.rows):
-            raise AttnlabError(f"RowPositions has {len(self.rows)} rows but the batch has {key_mask.shape[0]}")
+            raise AttnlabError(f"RowPositions(rows): {len(self.rows)} rows but the batch has {key_mask.shape[0]}; "
+                               "pass one list of positions per batch row")
         first = (~key_mask).sum(dim=1)
         out = torch.zeros_like(key_mask, dtype=torch.bool)
         for b, positions in enumerate(self.rows):
@@ -124,8 +158,9 @@ class LogitBias:
     c: float  # multiply the selected keys' weight by c (add ln c to their logits)
 
     def __post_init__(self):
-        if not self.c >= 0:
-            raise AttnlabError(f"LogitBias(c) needs c >= 0 (0 removes the keys), got {self.c}")
+        # inf would give NaN rows (inf - inf in the softmax): a finite c is the only meaningful one.
+        object.__setattr__(self, "c", checks.number(
+            self.c, "LogitBias(c)", minimum=0, hint="c >= 0 multiplies the keys' weight; 0 removes the keys"))
 
 
 @dataclass(frozen=True)
@@ -134,8 +169,9 @@ class MassTransfer:
     to: FirstToken | Positions | RowPositions | None = None  # receivers (default: every other key)
 
     def __post_init__(self):
-        if not 0 <= self.keep <= 1:
-            raise AttnlabError(f"MassTransfer(keep) needs 0 <= keep <= 1, got {self.keep}")
+        object.__setattr__(self, "keep", checks.number(
+            self.keep, "MassTransfer(keep)", minimum=0, maximum=1, hint="0 <= keep <= 1: the share the keys keep"))
+        _check_selector(self.to, "MassTransfer(to)", allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -151,10 +187,11 @@ class SpanGate:
     after_region: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.min_mass <= 1:
-            raise AttnlabError(f"SpanGate(min_mass) needs 0 <= min_mass <= 1, got {self.min_mass}")
-        if not 0 <= self.max_share <= 1:
-            raise AttnlabError(f"SpanGate(max_share) needs 0 <= max_share <= 1, got {self.max_share}")
+        _check_selector(self.region, "SpanGate(region)")
+        for name in ("min_mass", "max_share"):
+            object.__setattr__(self, name, checks.number(getattr(self, name), f"SpanGate({name})", minimum=0,
+                                                           maximum=1, hint=f"0 <= {name} <= 1"))
+        object.__setattr__(self, "after_region", checks.flag(self.after_region, "SpanGate(after_region)"))
 
     def kernel_gate(self, key_mask: torch.Tensor) -> MassGate:
         region = self.region.mask(key_mask)
@@ -177,14 +214,21 @@ class AttentionEdit:
     gate: SpanGate | None = None  # per-(head, query) rows edited; None: every row of the heads
 
     def __init__(self, keys, op, layers=None, heads=None, gate=None):
+        _check_selector(keys, "AttentionEdit(keys)")
         if not isinstance(op, (LogitBias, MassTransfer)):
-            raise AttnlabError(f"op must be LogitBias(c) or MassTransfer(keep, to), got {type(op).__name__}")
+            raise AttnlabError(f"AttentionEdit(op): op must be LogitBias(c) or MassTransfer(keep, to), got "
+                               f"{type(op).__name__}; pass e.g. LogitBias(2.0) or MassTransfer(0.5)")
         if gate is not None and not isinstance(gate, SpanGate):
-            raise AttnlabError(f"gate must be a SpanGate (VAR's rule) or None, got {type(gate).__name__}")
+            raise AttnlabError(f"AttentionEdit(gate): gate must be a SpanGate (VAR's rule) or None, got "
+                               f"{type(gate).__name__}; pass SpanGate(region) or None")
+        # An empty list would edit nothing, silently: refuse it (None means every layer / head).
+        fix = "pass at least one, or None for all"
         object.__setattr__(self, "keys", keys)
         object.__setattr__(self, "op", op)
-        object.__setattr__(self, "layers", None if layers is None else tuple(int(x) for x in layers))
-        object.__setattr__(self, "heads", None if heads is None else tuple(int(x) for x in heads))
+        object.__setattr__(self, "layers", None if layers is None else tuple(
+            checks.integers(layers, "AttentionEdit(layers)", empty_fix=fix)))
+        object.__setattr__(self, "heads", None if heads is None else tuple(
+            checks.integers(heads, "AttentionEdit(heads)", empty_fix=fix)))
         object.__setattr__(self, "gate", gate)
 
     def kernel_edit(self, layer: int, n_heads: int, key_mask: torch.Tensor) -> KernelEdit | None:
@@ -204,21 +248,64 @@ class AttentionEdit:
         return KernelEdit.mass_transfer(heads, source, self.op.keep, target, span_gate=span_gate)
 
 
+def _check_selector(keys, arg: str, allow_none: bool = False) -> None:
+    if keys is None and allow_none:
+        return
+    if not isinstance(keys, (FirstToken, Positions, RowPositions)):
+        raise AttnlabError(f"{arg}: {keys!r:.60} is of type {type(keys).__name__}; pass FirstToken(), Positions([...]) "
+                           "or RowPositions([[...], ...])" + (" or None" if allow_none else ""))
+
+
 def validate(probe, edits: Sequence[AttentionEdit]) -> list[AttentionEdit]:
+    """Edits for this probe: AttentionEdit objects whose layers and heads the model has."""
     out = []
-    for e in edits:
+    for n, e in enumerate(edits):
         if not isinstance(e, AttentionEdit):
-            raise AttnlabError(f"intervene takes AttentionEdit objects, got {type(e).__name__}")
+            raise AttnlabError(f"edits[{n}]: intervene takes AttentionEdit objects, got {type(e).__name__}; wrap it "
+                               "as AttentionEdit(keys, op, layers=..., heads=...)")
         for layer in e.layers or ():
             if not 0 <= layer < probe.info.n_layers:
-                raise AttnlabError(f"edit layer {layer} is out of range: {probe.name} has {probe.info.n_layers} layers")
+                raise AttnlabError(f"AttentionEdit(layers): edit layer {layer} is out of range: {probe.name} has "
+                                   f"{probe.info.n_layers} layers; pass 0-{probe.info.n_layers - 1}")
         for head in e.heads or ():
             if not 0 <= head < probe.info.n_heads:
-                raise AttnlabError(f"edit head {head} is out of range: {probe.name} has {probe.info.n_heads} heads")
+                raise AttnlabError(f"AttentionEdit(heads): edit head {head} is out of range: {probe.name} has "
+                                   f"{probe.info.n_heads} heads; pass 0-{probe.info.n_heads - 1}")
         out.append(e)
     if not out:
-        raise AttnlabError("intervene needs at least one AttentionEdit")
+        raise AttnlabError("edits: intervene needs at least one AttentionEdit; pass probe.intervene(edit, ...)")
     return out
+
+
+def check_positions(edits: Sequence[AttentionEdit], tokens: Tokens) -> None:
+    """Token positions of the edits' selectors, resolved against the tokens they will edit: a
+    position past a row's real tokens selects nothing there, so the edit would silently do nothing.
+
+    `Positions` hold for every row, so each must be inside the shortest row; `RowPositions` must
+    have one list per row, each inside its own row. Checked against the prompt: keys generated
+    later are never selected."""
+    lengths = tokens.attention_mask.sum(dim=1).tolist()
+    for e in edits:
+        named = [("AttentionEdit(keys)", e.keys)]
+        if isinstance(e.op, MassTransfer) and e.op.to is not None:
+            named.append(("MassTransfer(to)", e.op.to))
+        if e.gate is not None:
+            named.append(("SpanGate(region)", e.gate.region))
+        for arg, sel in named:
+            if isinstance(sel, Positions):
+                shortest = min(lengths)
+                if max(sel.positions) >= shortest:
+                    raise AttnlabError(
+                        f"{arg}: Positions({max(sel.positions)}) is outside the text, whose shortest row has "
+                        f"{shortest} tokens; pass positions 0-{shortest - 1} (RowPositions for per-row positions)")
+            elif isinstance(sel, RowPositions):
+                if len(sel.rows) != len(lengths):
+                    raise AttnlabError(f"{arg}: RowPositions has {len(sel.rows)} rows but the batch has {len(lengths)}; "
+                                       "pass one list of positions per batch row")
+                for b, (positions, n) in enumerate(zip(sel.rows, lengths)):
+                    if positions and max(positions) >= n:
+                        raise AttnlabError(f"{arg}: RowPositions row {b} has position {max(positions)}, outside its "
+                                           f"{n} tokens; pass positions 0-{n - 1} for that row")
 
 
 def kernel_edits(edits: Sequence[AttentionEdit], layer: int, n_heads: int, key_mask: torch.Tensor) -> tuple:
@@ -240,6 +327,7 @@ def intervene(probe, *edits: AttentionEdit) -> Iterator[list[AttentionEdit]]:
 def bridge_hooks(probe, edits: Sequence[AttentionEdit], tokens: Tokens) -> list:
     """fwd_hooks for the hooked path: the same edits applied to each layer's `hook_pattern`."""
     checked = validate(probe, edits)
+    check_positions(checked, tokens)
     key_mask = tokens.attention_mask
 
     def hook_for(layer: int):

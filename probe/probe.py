@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attnlab import kernels
-from attnlab.probe import fast_path, hooked_path, integrity, registry
+from attnlab.probe import fast_path, hooked_path, integrity, registry, validate
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
@@ -30,6 +31,9 @@ from attnlab.probe.tokens import Tokens, from_ids, tokenize
 # Largest full-pattern capture (elements over batch x layers x heads x N x N): 1 GiB in fp32.
 PATTERN_LIMIT = 2**28
 BACKENDS = ("auto", "eager", "chunked", "triton")
+# dtypes a model loads in (by name or torch.dtype): the kernels and statistics are floating point.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,14 @@ def load(
     the bytes loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+        raise AttnlabError(f"name_or_path: {name_or_path!r:.60} is not a model name or folder; pass a registry name "
+                           "(`attnlab models` lists them) or a local Hugging Face folder")
+    name_or_path = str(name_or_path)
+    dtype = _check_dtype(dtype)
+    device = _check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = validate.flag(cache, "cache")
+    validate.callable_or_none(log, "log")
     fast_path.register()
     if not cache:
         model, tokenizer, meta = registry.random_in_memory(name_or_path, dtype, device)
@@ -99,6 +108,42 @@ def load(
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise AttnlabError(f"dtype: {dtype!r:.60} is not a supported model dtype; pass one of {', '.join(DTYPES)} "
+                       "(a string or torch.float32, ...)")
+
+
+def _check_device(device):
+    """None (the best available), or a device that exists here: 'cpu', 'cuda', 'cuda:1', 'mps'."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise AttnlabError(f"device: {device!r:.60} is of type {type(device).__name__}; pass 'cpu', 'cuda', 'cuda:N', "
+                           "'mps' or None (the best available)")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise AttnlabError(f"device: unknown device {str(device)!r}; pass 'cpu', 'cuda', 'cuda:N', 'mps' or None "
+                           "(the best available)")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AttnlabError(f"device: {str(device)!r} but no CUDA GPU is available here; use device='cpu' "
+                               "(or None for the best available)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise AttnlabError(f"device: {str(device)!r} but this machine has {torch.cuda.device_count()} CUDA "
+                               f"GPU(s); pass cuda:0-cuda:{torch.cuda.device_count() - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise AttnlabError(f"device: {str(device)!r} but MPS is not available here; use device='cpu' "
+                           "(or None for the best available)")
+    return device
 
 
 class Probe:
@@ -141,22 +186,47 @@ class Probe:
 
     # ----- inputs -----
     def tokenize(self, texts: str | Sequence[str], prepend_bos: bool = True) -> Tokens:
-        return tokenize(self.tokenizer, list(texts) if not isinstance(texts, str) else texts,
-                        prepend_bos=prepend_bos, context_length=self.info.context_length, model_name=self.name)
+        return tokenize(self.tokenizer, texts, prepend_bos=prepend_bos, context_length=self.info.context_length,
+                        model_name=self.name, arg="texts")
 
-    def to_tokens(self, inputs, prepend_bos: bool = True) -> Tokens:
-        """Texts, token ids ([B, N] tensor or lists) or Tokens -> Tokens."""
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: every token id must be below it."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    def to_tokens(self, inputs, prepend_bos: bool = True, arg: str = "inputs") -> Tokens:
+        """Texts, token ids ([N] or [B, N] integer tensor or array, a list of ids, lists of ids) or
+        Tokens -> Tokens. Everything is checked here, before any model work."""
+        prepend_bos = validate.flag(prepend_bos, "prepend_bos")
         if isinstance(inputs, Tokens):
+            self._check_tokens(inputs, arg)
             return inputs
-        if isinstance(inputs, torch.Tensor) or (
-            isinstance(inputs, list) and inputs and isinstance(inputs[0], (list, int))
-        ):
-            ids = [inputs] if isinstance(inputs, list) and isinstance(inputs[0], int) else inputs
-            return from_ids(self.tokenizer, ids, prepend_bos=prepend_bos,
-                            context_length=self.info.context_length, model_name=self.name)
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and any(isinstance(x, str) for x in inputs)):
+            return tokenize(self.tokenizer, inputs, prepend_bos=prepend_bos, context_length=self.info.context_length,
+                            model_name=self.name, arg=arg)
         if isinstance(inputs, (list, tuple)) and not inputs:
-            raise AttnlabError("no input: pass at least one text")
-        return self.tokenize(inputs, prepend_bos=prepend_bos)
+            raise AttnlabError(f"{arg}: no input; pass at least one text (or token ids)")
+        if isinstance(inputs, (torch.Tensor, np.ndarray, list, tuple)):
+            return from_ids(self.tokenizer, inputs, prepend_bos=prepend_bos, context_length=self.info.context_length,
+                            model_name=self.name, vocab_size=self.vocab_size, arg=arg)
+        raise AttnlabError(f"{arg}: {inputs!r:.60} is of type {type(inputs).__name__}; pass a text, a list of texts, "
+                           "token ids or Tokens (probe.tokenize)")
+
+    def _check_tokens(self, tokens: Tokens, arg: str) -> None:
+        """Tokens built by hand (or for another model): ids in this model's vocabulary, a matching mask."""
+        ids, mask = tokens.input_ids, tokens.attention_mask
+        if not isinstance(ids, torch.Tensor) or not isinstance(mask, torch.Tensor) or ids.ndim != 2 \
+                or mask.shape != ids.shape or ids.shape[1] == 0:
+            raise AttnlabError(f"{arg}: Tokens need [batch, N] input_ids and an attention_mask of the same shape; "
+                               "build them with probe.tokenize or probe.to_tokens")
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise AttnlabError(f"{arg}: Tokens.input_ids are {str(ids.dtype).removeprefix('torch.')}; pass integer ids "
+                               "(build them with probe.tokenize or probe.to_tokens)")
+        real = ids[mask.bool()]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.vocab_size):
+            bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
+            raise AttnlabError(f"{arg}: token id {bad} is outside the vocabulary; {self.name} takes ids "
+                               f"0-{self.vocab_size - 1} (were these Tokens made for another model?)")
 
     # ----- paths -----
     @property
@@ -174,6 +244,10 @@ class Probe:
 
     def forward(self, tokens: Tokens, **kwargs):
         """The fast path's forward (HF model; positions count from each row's first real token)."""
+        if not isinstance(tokens, Tokens):
+            raise AttnlabError(f"tokens: {tokens!r:.60} is of type {type(tokens).__name__}; pass Tokens from "
+                               "probe.tokenize(text) or probe.to_tokens(ids)")
+        self._check_edits(tokens)
         with torch.no_grad():
             return self.model(
                 input_ids=tokens.input_ids.to(self.device),
@@ -191,14 +265,26 @@ class Probe:
 
         return ablate(self, heads, mode, decode_only)
 
+    def _check_edits(self, tokens: Tokens) -> None:
+        """The active edits' token positions, resolved against these tokens (`edits.check_positions`)."""
+        active = fast_path._EDITS.get()
+        if active:
+            from attnlab.probe.edits import check_positions
+
+            check_positions(active, tokens)
+
     def head_outputs(self, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
                      prepend_bos: bool = True, progress: bool = False) -> torch.Tensor:
         """[E, layers * heads, d_model]: every head's output after W_O (z_k W_O^k, read at each layer's
         attention output projection), averaged over each prompt's real positions (`mean`) or taken at its
         last token (`last`); `both` gives [2, E, layers * heads, d_model]. Head k = layer * n_heads + head
         (`attnlab.probe.head_outputs`, which also records and patches z)."""
-        from attnlab.probe.head_outputs import head_outputs
+        from attnlab.probe.head_outputs import POOLINGS, head_outputs
 
+        validate.choice(pooling, "pooling", POOLINGS)
+        batch_size = validate.integer(batch_size, "batch_size", minimum=1)
+        prepend_bos = validate.flag(prepend_bos, "prepend_bos")
+        progress = validate.flag(progress, "progress")
         return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
 
     def sliding_window(self, layer: int) -> int | None:
@@ -232,13 +318,15 @@ class Probe:
         layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
         head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
         backend = self._resolve_backend(backend, stat_list)
+        validate.callable_or_none(progress, "progress")
         tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
+        self._check_edits(tokens)
         names = [s.name for s in stat_list]
         if "pattern" in names:
             size = tokens.batch_size * len(layer_list) * len(head_list) * tokens.length**2
             if size > PATTERN_LIMIT:
                 raise AttnlabError(
-                    f"the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}): capture statistics "
+                    f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
                     "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
                 )
         segments = next((s for s in stat_list if s.name == "segments"), None)
@@ -311,7 +399,26 @@ class Probe:
         `attnlab.probe.generate`)."""
         from attnlab.probe.generate import generate
 
-        return generate(self, self.to_tokens(inputs, prepend_bos=prepend_bos), max_new_tokens=max_new_tokens,
+        max_new_tokens = validate.integer(max_new_tokens, "max_new_tokens", minimum=1)
+        stop_at_newline = validate.flag(stop_at_newline, "stop_at_newline")
+        temperature = validate.number(temperature, "temperature", minimum=0,
+                                      hint="0 for greedy decoding, e.g. 0.6 to sample")
+        top_p = validate.number(top_p, "top_p", above=0, maximum=1, hint="1 keeps every token")
+        if seed is not None:
+            seed = validate.integer(seed, "seed", minimum=0)
+        num_samples = validate.integer(num_samples, "num_samples", minimum=1)
+        share_prefix = validate.flag(share_prefix, "share_prefix")
+        validate.callable_or_none(on_step, "on_step")
+        validate.callable_or_none(stop, "stop")
+        if step_stats:
+            self._resolve_backend(backend, catalogue.parse(step_stats, "step_stats"))
+        else:
+            validate.choice(backend, "backend", BACKENDS)
+        self._check_indices(layers, self.info.n_layers, "layer", "layers")
+        self._check_indices(heads, self.info.n_heads, "head", "heads")
+        tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
+        self._check_edits(tokens)
+        return generate(self, tokens, max_new_tokens=max_new_tokens,
                         stop_at_newline=stop_at_newline, step_stats=step_stats, layers=layers, heads=heads,
                         backend=backend, on_step=on_step, temperature=temperature, top_p=top_p, seed=seed,
                         num_samples=num_samples, stop=stop, share_prefix=share_prefix)
@@ -325,34 +432,24 @@ class Probe:
 
     # ----- helpers -----
     def _resolve_backend(self, backend: str, stat_list) -> str:
-        if backend not in BACKENDS:
-            raise AttnlabError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
+        validate.choice(backend, "backend", BACKENDS)
         wants_pattern = any(s.name == "pattern" for s in stat_list)
         if backend == "auto":
             if wants_pattern:
                 return "eager"
             return "triton" if kernels.triton_available(self.device) else "chunked"
         if wants_pattern and backend != "eager":
-            raise AttnlabError("the full pattern is captured by the eager backend only: use backend='eager'")
+            raise AttnlabError("backend: the full pattern is captured by the eager backend only; use backend='eager'")
         if backend == "triton" and not kernels.triton_available(self.device):
             raise AttnlabError(
-                "backend 'triton' needs a CUDA GPU and the triton package: use backend='chunked' (any device) "
+                "backend: 'triton' needs a CUDA GPU and the triton package; use backend='chunked' (any device) "
                 "or 'auto'"
             )
         return backend
 
     def _check_indices(self, values, size: int, what: str, plural: str) -> list[int]:
-        if values is None:
-            return list(range(size))
-        values = [values] if isinstance(values, int) else list(values)
-        if not values:
-            raise AttnlabError(f"no {plural} selected: pass at least one, or None for all")
-        for v in values:
-            if not isinstance(v, int) or not 0 <= v < size:
-                raise AttnlabError(
-                    f"{what} {v} is out of range: {self.name} has {size} {plural} (0-{size - 1})"
-                )
-        return sorted(dict.fromkeys(values))
+        """None -> every index; ints (numpy ints too, never bools) in [0, size) -> sorted, unique."""
+        return validate.indices(values, plural, size, what, self.name)
 
     @staticmethod
     def _select_heads(stats: dict[str, torch.Tensor], heads: list[int]) -> dict[str, torch.Tensor]:
@@ -377,7 +474,7 @@ class Probe:
                 row = row[tokens.length - int(lengths[b]):]  # given on the padded grid
             if row.shape[0] != int(lengths[b]):
                 raise AttnlabError(
-                    f"segments: row {b} has {row.shape[0]} ids for {int(lengths[b])} tokens: give one id per "
+                    f"segments: row {b} has {row.shape[0]} ids for {int(lengths[b])} tokens; give one id per "
                     "token (BOS included when prepended; -1 for tokens in no segment)"
                 )
             out[b, tokens.length - row.shape[0]:] = row

@@ -31,16 +31,34 @@ from typing import Any
 import torch
 
 from attnlab.kernels import StatRequest
+from attnlab.probe import validate
 from attnlab.probe.errors import AttnlabError
 
 CATALOGUE = ["received", "sink_mass", "entropy", "top_key", "pooled", "segments", "distance", "rows", "pattern"]
 DEFAULTS: dict[str, Any] = {"sink_mass": 1, "pooled": 64, "distance": 128, "rows": (-1,)}
 
 
+# Most segments one `segments` statistic may have: its output is [batch, layer, head, S, S] and the
+# torch twin holds a [batch, key, S] one-hot, so S must stay small (a sentence map of a long text
+# has hundreds); S is also at most the number of ids given (one token per segment at least).
+SEGMENT_LIMIT = 1024
+_INT_PARAMS = ("sink_mass", "pooled", "distance")
+
+
 @dataclass(frozen=True)
 class Stat:
+    """One catalogue entry: `Stat("sink_mass", 4)`, `Stat("rows", [-1, 10])`, `Stat("segments", ids)`.
+
+    The constructor checks the name and the parameter (an AttnlabError naming both); a missing
+    parameter takes its default when the capture resolves it."""
+
     name: str
     arg: Any = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or self.name not in CATALOGUE:
+            raise AttnlabError(f"stats: unknown statistic {self.name!r}; choose from {', '.join(CATALOGUE)}")
+        object.__setattr__(self, "arg", _checked_arg(self.name, self.arg))
 
     def label(self) -> str:
         if self.arg is None or self.name == "segments":
@@ -48,25 +66,94 @@ class Stat:
         arg = ",".join(map(str, self.arg)) if isinstance(self.arg, tuple) else self.arg
         return f"{self.name}({arg})"
 
+    def same_as(self, other: Stat) -> bool:
+        if self.name != other.name:
+            return False
+        if self.name == "segments":
+            mine, theirs = _as_rows(self.arg), _as_rows(other.arg)
+            return len(mine) == len(theirs) and all(a.shape == b.shape and bool(torch.equal(a, b))
+                                                    for a, b in zip(mine, theirs))
+        return self.arg == other.arg
+
+
+def _checked_arg(name: str, arg: Any) -> Any:
+    """The parameter of statistic `name`, checked and normalised (numpy ints -> int, rows -> tuple,
+    segment ids -> a long tensor)."""
+    if arg is None:
+        return None
+    if name in _INT_PARAMS:
+        if not validate.is_integer(arg) or int(arg) < 1:
+            raise AttnlabError(f"{name}: {arg!r} is not a positive integer; pass e.g. {name}({DEFAULTS[name]})")
+        return int(arg)
+    if name == "rows":
+        if isinstance(arg, torch.Tensor):
+            arg = arg.tolist()
+        positions = validate.integers(arg, "rows", noun="query positions (e.g. [-1] for the last)",
+                                      empty_fix="pass at least one query position, e.g. [-1]")
+        return tuple(positions)
+    if name == "segments":
+        return _segment_ids(arg)
+    raise AttnlabError(f"{name}: takes no parameter (got {arg!r}); write {name!r} alone")
+
+
+def _segment_ids(arg: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Segment ids as one long tensor ([N] for every text, or [B, N]), or, for texts of different
+    lengths, one 1-d tensor per text (each as long as its text; the probe maps them onto the
+    padded grid)."""
+    if isinstance(arg, (list, tuple)) and len(arg) > 1 and all(_is_sequence(r) for r in arg) \
+            and len({len(r) for r in arg}) > 1:
+        rows = tuple(_segment_ids(r) for r in arg)
+        if any(r.ndim != 1 for r in rows):
+            raise AttnlabError("segments: give one list of ids per text (or one list for every text)")
+        return rows
+    try:
+        ids = torch.as_tensor(arg)
+    except (TypeError, ValueError, RuntimeError):
+        raise AttnlabError("segments: ids must be a list (or [batch, N] rows of equal length) of integers; "
+                           "pass one segment id per token, -1 for tokens in no segment") from None
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise AttnlabError(f"segments: ids are {str(ids.dtype).removeprefix('torch.')}; pass integer segment ids "
+                           "(0, 1, ... per token, -1 for tokens in no segment)")
+    if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
+        raise AttnlabError(f"segments: ids have shape {tuple(ids.shape)}; pass one id per token, as a list "
+                           "(every row) or [batch, N] rows")
+    ids = ids.to(torch.long)
+    if int(ids.min()) < -1:
+        raise AttnlabError(f"segments: id {int(ids.min())} is negative; use 0, 1, ... and -1 for tokens in no segment")
+    n_segments = int(ids.max()) + 1
+    limit = min(ids.shape[-1], SEGMENT_LIMIT)
+    if n_segments > limit:
+        raise AttnlabError(f"segments: id {n_segments - 1} makes {n_segments} segments, above the limit of {limit} "
+                           f"(at most one per token, {ids.shape[-1]} ids here, and at most {SEGMENT_LIMIT}); "
+                           "number the segments 0, 1, ... without gaps")
+    return ids
+
 
 _SPEC = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
 
 
-def parse(entries) -> list[Stat]:
-    """Catalogue entries (strings like 'sink_mass(4)', or Stat objects) -> validated Stats."""
+def parse(entries, arg: str = "stats") -> list[Stat]:
+    """Catalogue entries (strings like 'sink_mass(4)', or Stat objects) -> validated Stats.
+
+    A statistic asked twice with the same parameter counts once; with two parameters it is refused,
+    since one capture holds one parameterisation per statistic."""
     if isinstance(entries, (str, Stat)):
         entries = [entries]
-    if isinstance(entries, str):
-        entries = [entries]
+    if not isinstance(entries, (list, tuple)):
+        raise AttnlabError(f"{arg}: {entries!r:.60} is of type {type(entries).__name__}; pass a list of catalogue entries, "
+                           "e.g. ['received', 'sink_mass(4)']")
     out: dict[str, Stat] = {}
-    for entry in entries:
-        stat = entry if isinstance(entry, Stat) else _parse_one(entry)
-        if stat.name not in CATALOGUE:
-            raise AttnlabError(f"unknown statistic '{stat.name}': choose from {', '.join(CATALOGUE)}")
-        stat = _validate(stat)
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, (str, Stat)):
+            raise AttnlabError(f"{arg}[{n}]: {entry!r:.60} is of type {type(entry).__name__}; pass a name like 'entropy', "
+                               "'sink_mass(4)', or a Stat")
+        stat = _validate(entry if isinstance(entry, Stat) else _parse_one(entry))
+        if stat.name in out and not out[stat.name].same_as(stat):
+            raise AttnlabError(f"{arg}: {out[stat.name].label()} and {stat.label()} both asked; one capture holds one "
+                               f"{stat.name} per statistic, so keep one (or capture twice)")
         out[stat.name] = stat
     if not out:
-        raise AttnlabError(f"no statistics requested: choose from {', '.join(CATALOGUE)}")
+        raise AttnlabError(f"{arg}: no statistics requested; choose from {', '.join(CATALOGUE)}")
     return list(out.values())
 
 
@@ -87,49 +174,34 @@ def parse_list(text: str) -> list[Stat]:
 def _parse_one(text: str) -> Stat:
     m = _SPEC.match(str(text))
     if not m:
-        raise AttnlabError(f"cannot read statistic '{text}': write e.g. received, sink_mass(4), pooled(64)")
+        raise AttnlabError(f"stats: cannot read statistic '{text}'; write e.g. received, sink_mass(4), pooled(64)")
     name, arg = m.group(1), m.group(2)
     if name not in CATALOGUE:
-        raise AttnlabError(f"unknown statistic '{name}': choose from {', '.join(CATALOGUE)}")
+        raise AttnlabError(f"stats: unknown statistic '{name}'; choose from {', '.join(CATALOGUE)}")
     if arg is None or not arg.strip():
         return Stat(name)
     if name == "segments":
-        raise AttnlabError("segments needs per-token segment ids: pass Stat('segments', ids) from Python")
+        raise AttnlabError("segments: needs per-token segment ids; pass Stat('segments', ids) from Python")
     try:
         values = tuple(int(x) for x in arg.split(","))
     except ValueError:
-        raise AttnlabError(f"statistic '{text}' takes integers, e.g. {name}(4)") from None
+        raise AttnlabError(f"stats: statistic '{text}' takes integers; write e.g. {name}(4)") from None
+    if name != "rows" and len(values) != 1:
+        raise AttnlabError(f"stats: statistic '{text}': {name} takes one integer; write e.g. {name}({DEFAULTS.get(name, 4)})")
     return Stat(name, values if name == "rows" else values[0])
 
 
 def _validate(stat: Stat) -> Stat:
-    name, arg = stat.name, stat.arg
-    if arg is None and name in DEFAULTS:
-        return Stat(name, DEFAULTS[name])
-    if name in ("sink_mass", "pooled", "distance"):
-        if not isinstance(arg, int) or arg < 1:
-            raise AttnlabError(f"{name} takes a positive integer, got {arg!r}")
-    if name == "rows":
-        arg = (arg,) if isinstance(arg, int) else tuple(int(a) for a in arg)
-        return Stat(name, arg)
-    if name == "segments":
-        if arg is None:
-            raise AttnlabError("segments needs per-token segment ids: Stat('segments', ids)")
-        if isinstance(arg, torch.Tensor):
-            ids = arg.to(torch.long)
-        elif isinstance(arg, (list, tuple)) and arg and all(_is_sequence(r) for r in arg):
-            # one list per text (texts of different lengths: a ragged list)
-            ids = tuple(torch.as_tensor(r, dtype=torch.long) for r in arg)
-            if any(r.ndim != 1 for r in ids):
-                raise AttnlabError("segments: give one list of ids per text (or one list for every text)")
-        else:
-            ids = torch.as_tensor(arg, dtype=torch.long)
-        if isinstance(ids, torch.Tensor) and ids.ndim not in (1, 2):
-            raise AttnlabError(f"segments: ids must be one list per text, got a {ids.ndim}-d tensor")
-        return Stat(name, ids)
-    if name in ("received", "entropy", "top_key", "pattern") and arg is not None:
-        raise AttnlabError(f"{name} takes no parameter")
+    """A constructed Stat is already checked: fill in the default parameter, require segment ids."""
+    if stat.arg is None and stat.name in DEFAULTS:
+        return Stat(stat.name, DEFAULTS[stat.name])
+    if stat.name == "segments" and stat.arg is None:
+        raise AttnlabError("segments: needs per-token segment ids; pass Stat('segments', ids)")
     return stat
+
+
+def _as_rows(ids) -> tuple:
+    return ids if isinstance(ids, tuple) else (ids,)
 
 
 def _is_sequence(x) -> bool:
@@ -162,7 +234,8 @@ def build_request(stats: list[Stat], n_queries: int, n_keys: int, batch: int, pa
         elif s.name == "rows":
             for p in s.arg:
                 if not -n_queries <= p < n_queries:
-                    raise AttnlabError(f"rows({p}) is outside the {n_queries} query positions")
+                    raise AttnlabError(f"rows: rows({p}) is outside the {n_queries} query positions; pass "
+                                       f"{-n_queries}..{n_queries - 1} (negative counts from the end)")
             kw["row_positions"] = tuple(dict.fromkeys(s.arg))
         elif s.name == "segments":
             ids = s.arg
@@ -170,7 +243,7 @@ def build_request(stats: list[Stat], n_queries: int, n_keys: int, batch: int, pa
                 ids = ids[None].expand(batch, -1)
             if ids.shape[1] != n_keys:
                 raise AttnlabError(
-                    f"segments: {ids.shape[1]} segment ids for {n_keys} tokens: give one id per token "
+                    f"segments: {ids.shape[1]} segment ids for {n_keys} tokens; give one id per token "
                     "(BOS included when prepended; -1 for tokens in no segment)"
                 )
             kw["segment_ids"] = ids.contiguous()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from attnlab.probe import validate
 from attnlab.probe.errors import AttnlabError
 
 
@@ -59,19 +61,26 @@ def tokenize(
     prepend_bos: bool = True,
     context_length: int | None = None,
     model_name: str = "the model",
+    arg: str = "texts",
 ) -> Tokens:
+    """Texts -> Tokens. `arg` names the caller's argument in error messages."""
+    prepend_bos = validate.flag(prepend_bos, "prepend_bos")
     if isinstance(texts, str):
         texts = [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise AttnlabError(f"{arg}: {texts!r:.60} is of type {type(texts).__name__}; pass a text, a list of texts, "
+                           "token ids or Tokens")
     if not texts:
-        raise AttnlabError("no input: pass at least one text")
+        raise AttnlabError(f"{arg}: no input; pass at least one text")
+    texts = list(texts)
     for n, text in enumerate(texts):
         if not isinstance(text, str):
-            raise AttnlabError(f"input {n} is a {type(text).__name__}, not a string: pass texts or token ids")
+            raise AttnlabError(f"{arg}[{n}]: is of type {type(text).__name__}, not a string; pass texts or token ids")
         if not text.strip():
-            raise AttnlabError(f"input {n} is empty: pass a text with at least one non-space character")
+            raise AttnlabError(f"{arg}[{n}]: the text is empty; pass a text with at least one non-space character")
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
-        raise AttnlabError(f"{model_name}'s tokenizer has no BOS token: use prepend_bos=False")
+        raise AttnlabError(f"prepend_bos: {model_name}'s tokenizer has no BOS token; use prepend_bos=False")
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     rows, offs = [], []
     for ids, off in zip(enc["input_ids"], enc["offset_mapping"]):
@@ -80,7 +89,7 @@ def tokenize(
             ids, off = [bos] + ids, [(-1, -1)] + off
         rows.append(ids)
         offs.append(off)
-    return _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name)
+    return _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name, arg)
 
 
 def from_ids(
@@ -90,26 +99,73 @@ def from_ids(
     prepend_bos: bool = False,
     context_length: int | None = None,
     model_name: str = "the model",
+    vocab_size: int | None = None,
+    arg: str = "ids",
 ) -> Tokens:
-    """Tokens from given ids (kept as they are; `prepend_bos` adds the BOS id in front)."""
-    if isinstance(ids, torch.Tensor):
-        ids = ids.tolist() if ids.ndim == 2 else [ids.tolist()]
-    rows = [list(r) for r in ids]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise AttnlabError("empty token ids: pass at least one token per row")
+    """Tokens from given ids (kept as they are; `prepend_bos` adds the BOS id in front).
+
+    ids: a [N] or [B, N] integer tensor or numpy array, a list of ints, or a list of lists of ints
+    (rows may differ in length: they are left-padded). With vocab_size, every id must be below it."""
+    prepend_bos = validate.flag(prepend_bos, "prepend_bos")
+    rows = id_rows(ids, arg)
+    if vocab_size is not None:
+        for b, r in enumerate(rows):
+            bad = next((t for t in r if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise AttnlabError(f"{arg}: token id {bad} (row {b}) is outside the vocabulary; {model_name} takes ids "
+                                   f"0-{vocab_size - 1}")
     if prepend_bos:
         if tokenizer.bos_token_id is None:
-            raise AttnlabError(f"{model_name}'s tokenizer has no BOS token: use prepend_bos=False")
+            raise AttnlabError(f"prepend_bos: {model_name}'s tokenizer has no BOS token; use prepend_bos=False")
         rows = [[tokenizer.bos_token_id] + r for r in rows]
     offs = [[(-1, -1)] * len(r) for r in rows]
-    return _pad(tokenizer, rows, offs, None, prepend_bos, context_length, model_name)
+    return _pad(tokenizer, rows, offs, None, prepend_bos, context_length, model_name, arg)
 
 
-def _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name) -> Tokens:
+def id_rows(ids, arg: str = "ids") -> list[list[int]]:
+    """Token ids as a tensor, numpy array, list or list of lists -> rows of Python ints, checked:
+    integers only (a float id is a bug upstream, not a token), rank 1 or 2, no empty row."""
+    if isinstance(ids, np.ndarray):
+        if ids.dtype == object:
+            ids = ids.tolist()
+        else:
+            ids = torch.from_numpy(ids)
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise AttnlabError(f"{arg}: token ids are {str(ids.dtype).removeprefix('torch.')}; pass integer ids "
+                               "(e.g. tensor.long())")
+        if ids.ndim not in (1, 2):
+            raise AttnlabError(f"{arg}: token ids have shape {tuple(ids.shape)}; pass [N] ids or [batch, N] rows")
+        rows = ids.tolist() if ids.ndim == 2 else [ids.tolist()]
+    elif isinstance(ids, (list, tuple)):
+        sequence = (list, tuple, np.ndarray, torch.Tensor)
+        if not any(isinstance(r, sequence) for r in ids):  # one row of (supposed) ids
+            return id_rows([list(ids)], arg) if ids else id_rows([[]], arg)
+        rows = []
+        for b, r in enumerate(ids):
+            if not isinstance(r, sequence):
+                raise AttnlabError(f"{arg}[{b}]: {r!r:.60} is of type {type(r).__name__}; pass one list of token "
+                                   "ids, or a list of such lists (one per row)")
+            if isinstance(r, (np.ndarray, torch.Tensor)):
+                inner = id_rows(r, f"{arg}[{b}]")
+                if len(inner) != 1:
+                    raise AttnlabError(f"{arg}[{b}]: a row has shape {tuple(r.shape)}; pass each row as [N] ids")
+                rows.append(inner[0])
+            else:
+                rows.append([validate.integer(t, f"{arg}[{b}][{n}]", hint="token ids are integers")
+                             for n, t in enumerate(r)])
+    else:
+        raise AttnlabError(f"{arg}: {ids!r:.60} is of type {type(ids).__name__}; pass token ids as a tensor or lists")
+    if not rows or any(len(r) == 0 for r in rows):
+        raise AttnlabError(f"{arg}: empty token ids; pass at least one token per row")
+    return rows
+
+
+def _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name, arg: str = "inputs") -> Tokens:
     longest = max(len(r) for r in rows)
     if context_length is not None and longest > context_length:
         raise AttnlabError(
-            f"input is {longest} tokens but {model_name}'s context is {context_length} tokens: "
+            f"{arg}: the input is {longest} tokens but {model_name}'s context is {context_length} tokens; "
             "shorten the text (or split it into several inputs)"
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
