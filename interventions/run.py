@@ -32,6 +32,8 @@ from attnlab.probe.tasks.span_qa import span_qa
 
 METHODS = ("zerotuning", "act", "pasta", "var")
 SPAN_TASKS = ("span_qa",)
+# The split each method tunes on (VAR tunes nothing); the test split is the one evaluated.
+TUNING_SPLITS = {"zerotuning": "dev", "act": "calibration", "pasta": "dev", "var": None}
 
 
 def get_task(name: str, seed: int = 0, n_test: int | None = None, n_tune: int | None = None):
@@ -44,6 +46,21 @@ def get_task(name: str, seed: int = 0, n_test: int | None = None, n_tune: int | 
     if name not in TASKS:
         raise AttnlabError(f"unknown task '{name}': choose from {', '.join((*TASKS, *SPAN_TASKS))}")
     return load_task(name, seed=seed)
+
+
+def check_sizes(task, method: str, n: int, n_tune: int) -> None:
+    """Raise AttnlabError, before any tuning, when the task's test split holds fewer than n examples
+    or the method's tuning split fewer than n_tune."""
+    if n < 1 or n_tune < 1:
+        raise AttnlabError(f"--n and --n-tune must be at least 1 (got {n}, {n_tune})")
+    checks = [("test", n, "--n")]
+    if TUNING_SPLITS[method] is not None:
+        checks.append((TUNING_SPLITS[method], n_tune, "--n-tune"))
+    for split, wanted, option in checks:
+        size = len(task.split(split))
+        if wanted > size:
+            raise AttnlabError(f"{option} {wanted}: the {split} split of {task.name} has {size} examples: "
+                               f"pass {option} {size} or fewer")
 
 
 def run_method(probe, method: str, task, *, n: int = 200, n_tune: int = 64, seed: int = 0, batch_size: int = 16,
@@ -61,6 +78,7 @@ def run_method(probe, method: str, task, *, n: int = 200, n_tune: int = 64, seed
     if method in ("pasta", "var") and not hasattr(task, "spans"):
         raise AttnlabError(f"{method} steers attention toward a highlighted span: use a task with spans "
                            f"({', '.join(SPAN_TASKS)}), not '{task.name}'")
+    check_sizes(task, method, n, n_tune)
     label = f"{task.name} test" if progress else False
     started = time.perf_counter()
     if method == "zerotuning":

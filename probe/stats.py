@@ -93,6 +93,8 @@ def _parse_one(text: str) -> Stat:
         values = tuple(int(x) for x in arg.split(","))
     except ValueError:
         raise AttnlabError(f"statistic '{text}' takes integers, e.g. {name}(4)") from None
+    if name != "rows" and len(values) > 1:
+        raise AttnlabError(f"statistic '{text.strip()}' takes one integer, got {len(values)}: write e.g. {name}(4)")
     return Stat(name, values if name == "rows" else values[0])
 
 
