@@ -20,12 +20,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+# Typer 0.29 vendors Click: its usage errors are these classes, not the click package's.
+from typer._click import exceptions as click_errors
 
 app = typer.Typer(
     name="attnlab",
@@ -137,7 +138,7 @@ def _check_out_dir(path: Path, option: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         _write_probe_file(path)
     except OSError as e:
-        _fail(f"{option} {path} is not writable ({_os_reason(e)}): pass a folder you can write to")
+        _fail(f"{option} {path} cannot be written ({_os_reason(e)}): pass a folder you can write to, with free space")
     finally:
         for folder in reversed(created):
             try:
@@ -412,10 +413,10 @@ def dashboard(
 ) -> None:
     """Serve the dashboard: capture a text, explore heads (heatmaps, sink/entropy maps), run analyses in the
     background (retrieval heads, receiver heads), and compare interventions before/after."""
+    _check_out_dir(runs, "--runs")
     if not 1 <= port <= 65535:
         _fail(f"--port {port} is out of range: choose a port from 1 to 65535")
     _check_port_free(host, port)
-    _check_out_dir(runs, "--runs")
     try:
         from attnlab.app.dashboard import create_app
     except ImportError as e:
@@ -464,7 +465,7 @@ def intervene(
 
     Prints a before/after table (accuracy by label words and by the parsed greedy token, 95%
     bootstrap intervals, invalid outputs) and saves tables and parameters as a run."""
-    from attnlab.interventions.run import METHODS, check_sizes, get_task, run_method
+    from attnlab.interventions.run import METHODS, SPAN_TASKS, TASKS, check_sizes, get_task, run_method
     from attnlab.probe import AttnlabError, RunStore
 
     if method not in METHODS:
@@ -473,10 +474,12 @@ def intervene(
     _at_least(n_tune, "--n-tune")
     _at_least(batch_size, "--batch-size")
     _at_least(seed, "--seed", 0)
+    if task not in (*TASKS, *SPAN_TASKS):
+        _fail(f"--task: unknown task '{task}': choose from {', '.join((*TASKS, *SPAN_TASKS))}")
     try:
         task_obj = get_task(task, seed, n, n_tune)
     except AttnlabError as e:
-        _fail(f"--task: {e}")
+        _fail(str(e))
     if method in ("pasta", "var") and not hasattr(task_obj, "spans"):
         _fail(f"--method {method} steers attention toward a highlighted span: use --task span_qa (not '{task}')")
     try:
@@ -553,13 +556,13 @@ def main() -> None:
     # KeyboardInterrupt, so 130 is where the interruption is reported.
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:  # `attnlab` alone: the help is already printed
+    except click_errors.NoArgsIsHelpError as e:  # `attnlab` alone: the help is already printed
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except click_errors.ClickException as e:
         err.print(f"[bold red]error:[/] {escape(' '.join(e.format_message().split()))}", highlight=False,
                   soft_wrap=True)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click_errors.Abort, KeyboardInterrupt):
         code = 130
     if code == 130:
         err.print(INTERRUPTED, highlight=False)

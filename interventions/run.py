@@ -32,6 +32,7 @@ from attnlab.probe.tasks.span_qa import span_qa
 
 METHODS = ("zerotuning", "act", "pasta", "var")
 SPAN_TASKS = ("span_qa",)
+SPAN_QA_MAX = 100_000  # examples per split: generation is linear (~40 µs each), so a typo can't stall it
 # The split each method tunes on (VAR tunes nothing); the test split is the one evaluated.
 TUNING_SPLITS = {"zerotuning": "dev", "act": "calibration", "pasta": "dev", "var": None}
 
@@ -40,6 +41,9 @@ def get_task(name: str, seed: int = 0, n_test: int | None = None, n_tune: int | 
     """A task by name: a sae-probes set or a generated span task (sized to hold n_test test and
     n_tune tuning examples)."""
     if name == "span_qa":
+        if max(n_test or 0, n_tune or 0) > SPAN_QA_MAX:
+            raise AttnlabError(f"span_qa generates at most {SPAN_QA_MAX} examples per split (asked for "
+                               f"{max(n_test or 0, n_tune or 0)}): pass a smaller --n / --n-tune")
         tune = max(100, n_tune or 0)
         sizes = {"calibration": tune, "dev": tune, "test": max(400, n_test or 0)}
         return span_qa(n=sum(sizes.values()) + 100, seed=seed, sizes=sizes)
