@@ -4,8 +4,11 @@
     attnlab capture --example                        capture the built-in text on the default model
     attnlab capture --model smollm2-135m --text-file notes.txt --stats received,entropy,pooled(64)
 
-Every user error is one line on stderr ("error: ...", naming the fix) and exit code 2; nothing is
-written to the runs directory unless the whole capture succeeded.
+Every user error is one line on stderr ("error: ...", naming the option and the fix) and exit code
+2, found before any model loads wherever the model is not needed to judge it (the output folder is
+probed with a test file before the work starts); nothing is written to the runs directory unless the
+whole command succeeded, and a write that fails anyway keeps nothing. Ctrl-C prints one line and
+exits with 130.
 """
 
 from __future__ import annotations
@@ -368,7 +371,7 @@ def report(
             _fail(f"--suite: unknown suite '{suite}': choose from {', '.join(reports.SUITES)}")
     unknown = [a for a in names if a not in reports.SECTIONS]
     if unknown:
-        _fail(f"--analyses: unknown analyses {', '.join(unknown)}: choose from {', '.join(reports.SECTIONS)}")
+        _fail(f"--analyses: unknown analyses {unknown}: choose from {', '.join(reports.SECTIONS)}")
     names = list(dict.fromkeys(names))  # a section named twice runs once
     try:
         reports.check_environment(names)

@@ -123,7 +123,7 @@ PRE_LOAD = [
     # report
     (["report", "--analyses", ","], "--analyses", "is empty"),
     (["report", "--analyses", ""], "--analyses", "is empty"),
-    (["report", "--analyses", "sinks,bogus"], "--analyses", "unknown analyses bogus"),
+    (["report", "--analyses", "sinks,bogus"], "--analyses", "unknown analyses ['bogus']"),
     (["report", "--suite", "fastest"], "--suite", "unknown suite 'fastest'"),
     (["report", "--analyses", "sinks", "--text-file", "{tmp}/latin1.txt"], "--text-file", "not UTF-8"),
     (["report", "--analyses", "sinks", "--text-file", "{tmp}/empty.txt"], "--text-file", "is empty"),
