@@ -192,6 +192,8 @@ def _check_model(model: str) -> None:
             _fail(f"--model {model}: {reason}")
         return
     path = Path(model).expanduser()
+    if path.is_file():
+        _fail(f"--model {path} is a file: pass a registry name (`attnlab models`) or a Hugging Face model folder")
     if path.is_dir():
         if not (path / "config.json").is_file():
             _fail(f"--model {path} is not a Hugging Face model folder (no config.json)")

@@ -86,6 +86,7 @@ PRE_LOAD = [
     # capture: the model, device and backend
     (["capture", "--example", "--model", "no-such-model"], "--model", "unknown model 'no-such-model'"),
     (["capture", "--example", "--model", "{tmp}/a_folder"], "--model", "no config.json"),
+    (["capture", "--example", "--model", "{tmp}/good.txt"], "--model", "is a file"),
     (["capture", "--example", "--device", "tpu"], "--device", "not a device"),
     (["capture", "--example", "--device", "gpu0"], "--device", "not a device"),
     pytest.param(["capture", "--example", "--device", "cuda"], "--device", "no CUDA GPU", marks=no_cuda),
@@ -134,6 +135,7 @@ PRE_LOAD = [
     (["report", "--compare", "{tmp}/not_runs/one"], "--compare", "at least two run directories"),
     (["report", "--compare", "{tmp}/not_runs/one", "{tmp}/not_runs/two"], "--compare", "not a run directory"),
     (["report", "{tmp}/not_runs/one", "{tmp}/not_runs/two"], "--compare", "read only with --compare"),
+    (["report", "--compare", "{tmp}/good.txt", "{tmp}/a_file"], "--compare", "not a run directory"),
     # intervene
     (["intervene", "--task", "sst2"], "--method", "Missing option"),
     (["intervene", "--method", "magic", "--task", "sst2"], "--method", "unknown method 'magic'"),
