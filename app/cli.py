@@ -287,7 +287,8 @@ def capture(
         from attnlab import kernels
 
         if not kernels.triton_available(device or ("cuda" if torch.cuda.is_available() else "cpu")):
-            _fail("--backend triton needs a CUDA GPU and the triton package: use --backend chunked (any device) or auto")
+            _fail("--backend triton needs a CUDA GPU and the triton package: use --backend chunked (any device) "
+                  "or auto")
     _check_model(model)
     _check_out_dir(out_dir, "--out")
     if text_file is not None:

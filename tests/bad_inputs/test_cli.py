@@ -120,7 +120,8 @@ PRE_LOAD = [
     (["capture", "--example", "--no-such-option"], "--no-such-option", "No such option"),
     # capture: the output folder
     (["capture", "--example", "--out", "{tmp}/a_file"], "--out", "is a file, not a folder"),
-    (["capture", "--example", "--out", "{tmp}/a_file/runs"], "--out", "cannot be written (a part of the path is a file)"),
+    (["capture", "--example", "--out", "{tmp}/a_file/runs"], "--out",
+     "cannot be written (a part of the path is a file)"),
     # report
     (["report", "--analyses", ","], "--analyses", "is empty"),
     (["report", "--analyses", ""], "--analyses", "is empty"),
