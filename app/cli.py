@@ -4,22 +4,32 @@
     attnlab capture --example                        capture the built-in text on the default model
     attnlab capture --model smollm2-135m --text-file notes.txt --stats received,entropy,pooled(64)
 
-Every user error is one line on stderr ("error: ...", naming the fix) and exit code 2; nothing is
-written to the runs directory unless the whole capture succeeded.
+Every user error is one line on stderr ("error: ...", naming the option and the fix) and exit code
+2, found before any model loads wherever the model is not needed to judge it (the output folder is
+probed with a test file before the work starts); nothing is written to the runs directory unless the
+whole command succeeded, and a write that fails anyway keeps nothing. Ctrl-C prints one line and
+exits with 130.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
+import tempfile
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+# Typer 0.29 vendors Click: its usage errors are these classes, not the click package's.
+from typer._click import exceptions as click_errors
 
 app = typer.Typer(
     name="attnlab",
@@ -37,18 +47,172 @@ def example_text() -> str:
     return resources.files("attnlab.probe").joinpath("data/example.txt").read_text()
 
 
+INTERRUPTED = "interrupted: nothing was written"
+
+
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """The one way a user error ends a command: one line on stderr, exit code 2."""
+    err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
-def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+# ----- argument checks: one function per kind of check, each run before any model loads -----
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    """Comma-separated indices (>= 0); None when the option is not given. The upper bound needs
+    the model: see `_check_indices`."""
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        _fail(f"--{what} takes comma-separated integers, e.g. --{what} 0,1,2 (got '{text}')")
+        _fail(f"{option} takes comma-separated integers, e.g. {option} 0,1,2 (got '{text}')")
+    if not values:
+        _fail(f"{option} is empty: give at least one index, e.g. {option} 0,1 (or leave it out for all)")
+    negative = [v for v in values if v < 0]
+    if negative:
+        _fail(f"{option} takes indices from 0 up (got {negative[0]})")
+    return values
+
+
+def _check_indices(values: Optional[list[int]], size: int, option: str, what: str, model: str) -> None:
+    """The indices of `_int_list` against the loaded model's count of layers or heads."""
+    for v in values or []:
+        if v >= size:
+            _fail(f"{option}: {what} {v} is out of range: {model} has {size} {what}s (0-{size - 1})")
+
+
+def _at_least(value: int, option: str, minimum: int = 1) -> None:
+    if value < minimum:
+        _fail(f"{option} must be at least {minimum} (got {value})")
+
+
+def _read_text_file(path: Path, option: str) -> str:
+    """The text of a UTF-8 file, or one clear error (missing, a folder, unreadable, not UTF-8, binary, empty)."""
+    if not path.exists():
+        _fail(f"{option} {path} does not exist: pass the path of a UTF-8 text file")
+    if path.is_dir():
+        _fail(f"{option} {path} is a directory: pass the path of a UTF-8 text file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        _fail(f"{option} {path} cannot be read ({_os_reason(e)}): pass a readable UTF-8 text file")
+    try:
+        body = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(f"{option} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+              "save it as UTF-8, e.g. iconv -f latin1 -t utf-8")
+    if "\x00" in body:
+        _fail(f"{option} {path} looks like a binary file (it holds NUL bytes): pass a UTF-8 text file")
+    if not body.strip():
+        _fail(f"{option} {path} is empty: pass a file with some text")
+    return body
+
+
+def _os_reason(e: OSError) -> str:
+    reasons = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the disk",
+               errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a part of the path is a file",
+               errno.EEXIST: "a file is in the way"}
+    return reasons.get(e.errno, e.strerror or str(e))
+
+
+def _write_probe_file(folder: Path) -> None:
+    """Create, write and remove one hidden file in `folder` (raises OSError when that fails)."""
+    fd, name = tempfile.mkstemp(prefix=".attnlab-write-check-", dir=folder)
+    try:
+        os.write(fd, b"attnlab")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def _check_out_dir(path: Path, option: str) -> None:
+    """Fail now, before any work, when runs cannot be written under `path`: it must be a folder (or
+    creatable as one) in which a file can be written. Folders created for the check are removed
+    again, so a failed command leaves the file system as it was."""
+    if path.exists() and not path.is_dir():
+        _fail(f"{option} {path} is a file, not a folder: pass a folder (it is created when missing)")
+    created = []
+    for folder in reversed([path, *path.parents]):
+        if not folder.exists():
+            created.append(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _write_probe_file(path)
+    except OSError as e:
+        _fail(f"{option} {path} cannot be written ({_os_reason(e)}): pass a folder you can write to, with free space")
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+@contextmanager
+def _writing(path: Path, option: str):
+    """A write that fails anyway (disk full, folder removed): one line; the run store already
+    removed its half-written temporary folder."""
+    try:
+        yield
+    except OSError as e:
+        _fail(f"could not write the run under {option} {path} ({_os_reason(e)}): nothing was kept")
+
+
+def _check_device(device: Optional[str]) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        _fail(f"--device '{device}' is not a device: use cpu or cuda (or leave it out)")
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        _fail(f"--device {device}: attnlab runs on cpu or cuda, not {dev.type}")
+    if not torch.cuda.is_available():
+        _fail(f"--device {device}: no CUDA GPU is available here: use --device cpu (or leave it out)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0-"
+              f"cuda:{torch.cuda.device_count() - 1})")
+
+
+def _check_model(model: str) -> None:
+    """A registry name whose package is installed (or cached), or a local Hugging Face folder."""
+    from attnlab.probe import registry
+
+    spec = registry.REGISTRY.get(model)
+    if spec is not None:
+        cached = (registry.cache_root() / "models" / spec.name / "attnlab.json").exists()
+        reason = None if cached else spec.missing_reason()
+        if reason:
+            _fail(f"--model {model}: {reason}")
+        return
+    path = Path(model).expanduser()
+    if path.is_file():
+        _fail(f"--model {path} is a file: pass a registry name (`attnlab models`) or a Hugging Face model folder")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            _fail(f"--model {path} is not a Hugging Face model folder (no config.json)")
+        return
+    _fail(f"--model: unknown model '{model}': use one of {', '.join(registry.REGISTRY)} (`attnlab models` "
+          "shows which are installed), or the path of a local Hugging Face model folder")
+
+
+def _load(model: str, device: Optional[str]):
+    from attnlab.probe import AttnlabError, load
+
+    with err.status(f"loading {model}"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            return load(model, device=device, log=lambda msg: err.print(msg))
+        except AttnlabError as e:
+            _fail(f"--model {model}: {e}")
 
 
 @app.command()
@@ -97,34 +261,57 @@ def capture(
 
     Prints, per layer, the heads whose first token receives the most attention (alpha_0, the
     attention-sink score of Gu et al.), and the path of the run directory."""
-    from attnlab.probe import AttnlabError, RunStore, load
+    from attnlab.probe import AttnlabError, RunStore
     from attnlab.probe import stats as catalogue
+    from attnlab.probe.probe import BACKENDS
 
     given = [x is not None and x is not False for x in (text_file, text, example)]
     if sum(given) != 1:
         _fail("give exactly one input: --text-file FILE, --text 'some text', or --example")
+    if text is not None and not text.strip():
+        _fail("--text is empty: give some text to capture")
     try:
-        if text_file is not None:
-            if not text_file.is_file():
-                _fail(f"text file {text_file} does not exist: pass the path of a UTF-8 text file")
-            body = text_file.read_text(encoding="utf-8")
-        else:
-            body = example_text() if example else text
         stat_list = catalogue.parse_list(stats)
-        layer_list, head_list = _int_list(layers, "layers"), _int_list(heads, "heads")
-        with err.status(f"loading {model}"):
-            from transformers.utils import logging as hf_logging
+    except AttnlabError as e:
+        _fail(f"--stats: {e}")
+    layer_list, head_list = _int_list(layers, "--layers"), _int_list(heads, "--heads")
+    if backend not in BACKENDS:
+        _fail(f"--backend: unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
+    if any(s.name == "pattern" for s in stat_list) and backend not in ("auto", "eager"):
+        _fail(f"--backend {backend}: the full pattern (--stats pattern) is captured by --backend eager only")
+    _at_least(top, "--top")
+    _check_device(device)
+    if backend == "triton":
+        import torch
 
-            hf_logging.disable_progress_bar()
-            probe = load(model, device=device, log=lambda msg: err.print(msg))
+        from attnlab import kernels
+
+        if not kernels.triton_available(device or ("cuda" if torch.cuda.is_available() else "cpu")):
+            _fail("--backend triton needs a CUDA GPU and the triton package: use --backend chunked (any device) "
+                  "or auto")
+    _check_model(model)
+    _check_out_dir(out_dir, "--out")
+    if text_file is not None:
+        body = _read_text_file(text_file, "--text-file")
+    else:
+        body = example_text() if example else text
+    probe = _load(model, device)
+    _check_indices(layer_list, probe.info.n_layers, "--layers", "layer", probe.name)
+    _check_indices(head_list, probe.info.n_heads, "--heads", "head", probe.name)
+    input_option = "--text-file" if text_file is not None else "--example" if example else "--text"
+    try:
         tokens = probe.tokenize(body, prepend_bos=bos)
-        n_layers = len(layer_list) if layer_list else probe.info.n_layers
+    except AttnlabError as e:
+        _fail(f"{input_option}: {str(e).replace('prepend_bos=False', '--no-bos')}")
+    try:
+        n_layers = len(set(layer_list)) if layer_list else probe.info.n_layers
         with Progress(TextColumn("capturing {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=True) as bar:
             task = bar.add_task(f"{tokens.length} tokens", total=n_layers)
             cap = probe.capture(tokens, stats=stat_list, layers=layer_list, heads=head_list, backend=backend,
                                 progress=lambda done, total: bar.update(task, completed=done))
-        path = RunStore(out_dir).save_capture(cap, probe)
+        with _writing(out_dir, "--out"):
+            path = RunStore(out_dir).save_capture(cap, probe)
     except AttnlabError as e:
         _fail(str(e))
     _print_summary(cap, probe, top)
@@ -151,7 +338,7 @@ def report(
     Each analysis is saved as its own run; the report is a run holding report.html. With
     --compare, the figures of two saved runs are paired side by side."""
     from attnlab.app import report as reports
-    from attnlab.probe import AttnlabError, RunStore, load
+    from attnlab.probe import AttnlabError, RunStore
 
     if list_sections:
         table = Table(title="report analyses (--analyses a,b,c; --suite default runs the starred ones)")
@@ -163,31 +350,42 @@ def report(
         out.print(table)
         return
     store = RunStore(out_dir)
-    try:
-        if runs and not compare:
-            _fail("run directories are read only with --compare: attnlab report --compare RUN_A RUN_B")
-        if compare:
-            path = reports.compare(store, runs or [])
-            out.print(f"comparison written to [bold]{path / 'report.html'}[/]")
-            return
-        names = [a.strip() for a in analyses.split(",") if a.strip()] if analyses else reports.SUITES.get(suite)
+    if runs and not compare:
+        _fail("run directories are read only with --compare: attnlab report --compare RUN_A RUN_B")
+    if compare:
+        if len(runs or []) < 2:
+            _fail(f"--compare needs at least two run directories (got {len(runs or [])}): "
+                  "attnlab report --compare RUN_A RUN_B")
+        _check_out_dir(out_dir, "--out")
+        try:
+            with _writing(out_dir, "--out"):
+                path = reports.compare(store, runs or [])
+        except AttnlabError as e:
+            _fail(f"--compare: {e}")
+        out.print(f"comparison written to [bold]{path / 'report.html'}[/]")
+        return
+    if analyses is not None:
+        names = [a.strip() for a in analyses.split(",") if a.strip()]
+        if not names:
+            _fail(f"--analyses is empty: name at least one of {', '.join(reports.SECTIONS)}")
+    else:
+        names = reports.SUITES.get(suite)
         if names is None:
-            _fail(f"unknown suite '{suite}': choose from {', '.join(reports.SUITES)}")
-        unknown = [a for a in names if a not in reports.SECTIONS]
-        if unknown:
-            _fail(f"unknown analyses {unknown}: choose from {', '.join(reports.SECTIONS)}")
-        text = None
-        if text_file is not None:
-            if not text_file.is_file():
-                _fail(f"text file {text_file} does not exist: pass the path of a UTF-8 text file")
-            text = text_file.read_text(encoding="utf-8")
-            if not text.strip():
-                _fail(f"text file {text_file} is empty: pass a file with some text")
-        with err.status(f"loading {model}"):
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            probe = load(model, device=device, log=lambda msg: err.print(msg))
+            _fail(f"--suite: unknown suite '{suite}': choose from {', '.join(reports.SUITES)}")
+    unknown = [a for a in names if a not in reports.SECTIONS]
+    if unknown:
+        _fail(f"--analyses: unknown analyses {unknown}: choose from {', '.join(reports.SECTIONS)}")
+    names = list(dict.fromkeys(names))  # a section named twice runs once
+    try:
+        reports.check_environment(names)
+    except AttnlabError as e:
+        _fail(str(e))
+    _check_device(device)
+    _check_model(model)
+    _check_out_dir(out_dir, "--out")
+    text = _read_text_file(text_file, "--text-file") if text_file is not None else None
+    probe = _load(model, device)
+    try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as bar:
             task = bar.add_task("analyses", total=len(names))
@@ -197,7 +395,8 @@ def report(
 
             results = reports.run_suite(probe, names, text, on_start=on_start)
             bar.update(task, completed=len(names))
-        path = reports.write_report(store, probe, results)
+        with _writing(out_dir, "--out"):
+            path = reports.write_report(store, probe, results)
     except AttnlabError as e:
         _fail(str(e))
     table = Table(title=f"attnlab report: {probe.name}")
@@ -224,6 +423,10 @@ def dashboard(
 ) -> None:
     """Serve the dashboard: capture a text, explore heads (heatmaps, sink/entropy maps), run analyses in the
     background (retrieval heads, receiver heads), and compare interventions before/after."""
+    _check_out_dir(runs, "--runs")
+    if not 1 <= port <= 65535:
+        _fail(f"--port {port} is out of range: choose a port from 1 to 65535")
+    _check_port_free(host, port)
     try:
         from attnlab.app.dashboard import create_app
         from attnlab.probe import AttnlabError
@@ -240,6 +443,27 @@ def dashboard(
     if host in ("0.0.0.0", "::") and not extra:
         err.print("note: other machines must reach it by a name or address given with --allowed-host")
     app.run(host=host, port=port, debug=debug, dev_tools_disable_version_check=True)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind and release the address the server will bind: a bad --host or a taken --port fails here
+    in one line, without starting anything."""
+    if not host.strip():
+        _fail("--host is empty: pass an interface address, e.g. --host 127.0.0.1")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        _fail(f"--host {host} is not an address of this machine ({e}): use e.g. --host 127.0.0.1")
+    with socket.socket(family, kind, proto) as probe_socket:
+        # As the server does (SO_REUSEADDR): only a port another server listens on counts as taken.
+        probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe_socket.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                _fail(f"--port {port} is already in use on {host}: choose another port")
+            _fail(f"--host {host} cannot serve on port {port} ({_os_reason(e)}): use e.g. --host 127.0.0.1")
 
 
 @app.command()
@@ -261,23 +485,36 @@ def intervene(
 
     Prints a before/after table (accuracy by label words and by the parsed greedy token, 95%
     bootstrap intervals, invalid outputs) and saves tables and parameters as a run."""
-    from attnlab.interventions.run import METHODS, get_task, run_method
-    from attnlab.probe import AttnlabError, RunStore, load
+    from attnlab.interventions.run import METHODS, SPAN_TASKS, TASKS, check_sizes, get_task, run_method
+    from attnlab.probe import AttnlabError, RunStore
 
     if method not in METHODS:
-        _fail(f"unknown method '{method}': choose from {', '.join(METHODS)}")
+        _fail(f"--method: unknown method '{method}': choose from {', '.join(METHODS)}")
+    _at_least(n, "--n")
+    _at_least(n_tune, "--n-tune")
+    _at_least(batch_size, "--batch-size")
+    _at_least(seed, "--seed", 0)
+    if task not in (*TASKS, *SPAN_TASKS):
+        _fail(f"--task: unknown task '{task}': choose from {', '.join((*TASKS, *SPAN_TASKS))}")
     try:
         task_obj = get_task(task, seed, n, n_tune)
-        if method in ("pasta", "var") and not hasattr(task_obj, "spans"):
-            _fail(f"{method} steers attention toward a highlighted span: use --task span_qa (not '{task}')")
-        with err.status(f"loading {model}"):
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            probe = load(model, device=device, log=lambda msg: err.print(msg))
+    except AttnlabError as e:
+        _fail(str(e))
+    if method in ("pasta", "var") and not hasattr(task_obj, "spans"):
+        _fail(f"--method {method} steers attention toward a highlighted span: use --task span_qa (not '{task}')")
+    try:
+        check_sizes(task_obj, method, n, n_tune)
+    except AttnlabError as e:
+        _fail(str(e))
+    _check_device(device)
+    _check_model(model)
+    _check_out_dir(out_dir, "--out")
+    probe = _load(model, device)
+    try:
         res = run_method(probe, method, task_obj, n=n, n_tune=n_tune, seed=seed, batch_size=batch_size,
                          supervised=not unsupervised)
-        path = res.save(RunStore(out_dir), probe)
+        with _writing(out_dir, "--out"):
+            path = res.save(RunStore(out_dir), probe)
     except AttnlabError as e:
         _fail(str(e))
     s = res.tables["summary"]
@@ -334,11 +571,22 @@ def main() -> None:
     # transformers' own per-load progress bars would interleave with ours.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # standalone_mode=False: Click's usage errors come here (printed as one line, not Typer's panel).
+    # Typer turns Ctrl-C inside a command into exit code 130 before any handler here sees the
+    # KeyboardInterrupt, so 130 is where the interruption is reported.
     try:
-        app()
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing was written")
-        sys.exit(130)
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:  # `attnlab` alone: the help is already printed
+        sys.exit(e.exit_code)
+    except click_errors.ClickException as e:
+        err.print(f"[bold red]error:[/] {escape(' '.join(e.format_message().split()))}", highlight=False,
+                  soft_wrap=True)
+        sys.exit(2)
+    except (click_errors.Abort, KeyboardInterrupt):
+        code = 130
+    if code == 130:
+        err.print(INTERRUPTED, highlight=False)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,17 @@ def _example_text() -> str:
     return resources.files("attnlab.probe").joinpath("data/example.txt").read_text()
 
 
+# The sizes the costly sections read from the environment: variable -> (default, minimum), by
+# section. `check_environment` reads them before any model loads, so a bad value fails at once,
+# not after the sections before it ran.
+ENV_SIZES: dict[str, dict[str, tuple[int, int]]] = {
+    "thought_anchors": {"ATTNLAB_REPORT_ROLLOUTS": (2, 0), "ATTNLAB_REPORT_ROLLOUT_TOKENS": (48, 0)},
+    "sae_circuits": {"ATTNLAB_REPORT_SAE_PAIRS": (8, 2), "ATTNLAB_REPORT_SAE_SEEDS": (3, 1),
+                     "ATTNLAB_REPORT_SAE_EPOCHS": (500, 1)},
+    "interventions": {"ATTNLAB_REPORT_INTERVENTION_N": (128, 1), "ATTNLAB_REPORT_INTERVENTION_N_TUNE": (32, 1)},
+}
+
+
 def _env_int(name: str, default: int, minimum: int = 0) -> int:
     """A section's size from the environment (e.g. ATTNLAB_REPORT_SAE_PAIRS=4), checked."""
     value = os.environ.get(name, "").strip() or str(default)
@@ -92,6 +104,17 @@ def _env_int(name: str, default: int, minimum: int = 0) -> int:
     if number is None or number < minimum:
         raise AttnlabError(f"{name}={value!r}: set it to a whole number >= {minimum} (default {default}), or unset it")
     return number
+
+
+def _size(section_name: str, variable: str) -> int:
+    return _env_int(variable, *ENV_SIZES[section_name][variable])
+
+
+def check_environment(analyses: Sequence[str]) -> None:
+    """Raise AttnlabError for a bad ATTNLAB_REPORT_* size of any of these sections."""
+    for name in analyses:
+        for variable in ENV_SIZES.get(name, {}):
+            _size(name, variable)
 
 
 @section("sinks", "Attention sinks",
@@ -156,8 +179,8 @@ def _run_thought_anchors(probe, text, progress):
     # ATTNLAB_REPORT_ROLLOUTS per prefix (default 2; 0 skips resampling), each at most
     # ATTNLAB_REPORT_ROLLOUT_TOKENS tokens (default 48; 0 = the trace's length, as the paper) —
     # a demonstration on the CPU (the paper: 100 full rollouts). Both appear in the parameters.
-    rollouts = _env_int("ATTNLAB_REPORT_ROLLOUTS", 2, 0)
-    tokens = _env_int("ATTNLAB_REPORT_ROLLOUT_TOKENS", 48, 0)
+    rollouts = _size("thought_anchors", "ATTNLAB_REPORT_ROLLOUTS")
+    tokens = _size("thought_anchors", "ATTNLAB_REPORT_ROLLOUT_TOKENS")
     return thought_anchors.run(probe, thought_anchors.load_traces(), suppress=["pencils"],
                                resample=["pencils"] if rollouts > 0 else False, n_rollouts=rollouts or None,
                                rollout_max_new_tokens=tokens or None, progress=False)
@@ -236,9 +259,9 @@ def _run_sae_circuits(probe, text, progress):
     # report's 8; the SAE costs 30-47 s per seed whatever the pairs. ATTNLAB_REPORT_SAE_PAIRS (default 8, at least 2),
     # ATTNLAB_REPORT_SAE_SEEDS (default 3) and ATTNLAB_REPORT_SAE_EPOCHS (default 500, the paper's)
     # resize it; all three appear in the parameters.
-    n = _env_int("ATTNLAB_REPORT_SAE_PAIRS", 8, 2)
-    seeds = _env_int("ATTNLAB_REPORT_SAE_SEEDS", 3, 1)
-    epochs = _env_int("ATTNLAB_REPORT_SAE_EPOCHS", 500, 1)
+    n = _size("sae_circuits", "ATTNLAB_REPORT_SAE_PAIRS")
+    seeds = _size("sae_circuits", "ATTNLAB_REPORT_SAE_SEEDS")
+    epochs = _size("sae_circuits", "ATTNLAB_REPORT_SAE_EPOCHS")
     task = make_task(probe, "ioi", n=n)
     if len(task.pairs) < 2:
         raise AttnlabError(f"{probe.name} solved {len(task.pairs)} of {task.candidates} IOI candidates: the SAE "
@@ -271,8 +294,8 @@ def _run_interventions(probe, text, progress):
     # for ACT's head-index filtering); docs/interventions.md uses 500 test and 200 tuning examples on
     # a GPU. ATTNLAB_REPORT_INTERVENTION_N (test examples, default 128) and
     # ATTNLAB_REPORT_INTERVENTION_N_TUNE (default 32) resize it; both appear in the parameters.
-    n = _env_int("ATTNLAB_REPORT_INTERVENTION_N", 128, 1)
-    n_tune = _env_int("ATTNLAB_REPORT_INTERVENTION_N_TUNE", 32, 1)
+    n = _size("interventions", "ATTNLAB_REPORT_INTERVENTION_N")
+    n_tune = _size("interventions", "ATTNLAB_REPORT_INTERVENTION_N_TUNE")
     return compare_methods(probe, "sst2", ("zerotuning", "act"), n=n, n_tune=n_tune)
 
 
@@ -403,11 +426,22 @@ def render(results: Sequence[Result], model: dict, title: str | None = None) -> 
 
 
 def write_report(store: RunStore, probe, results: Sequence[Result]) -> Path:
-    """Save each result as a run, then the report (a run of kind 'report' holding report.html)."""
-    run_names = [res.save(store, probe).name for res in results]
-    page = render(results, model_record(probe))
-    return store.write("report", model_record(probe), files={"report.html": page},
-                       manifest={"runs": run_names, "analyses": [r.params.get("section", r.analysis) for r in results]})
+    """Save each result as a run, then the report (a run of kind 'report' holding report.html).
+
+    All or nothing: when a write fails (disk full, interrupted), the runs this call already wrote
+    are removed again, so no report's worth of analysis runs is left without its report."""
+    written: list[Path] = []
+    try:
+        for res in results:
+            written.append(res.save(store, probe))
+        page = render(results, model_record(probe))
+        return store.write("report", model_record(probe), files={"report.html": page},
+                           manifest={"runs": [p.name for p in written],
+                                     "analyses": [r.params.get("section", r.analysis) for r in results]})
+    except BaseException:
+        for path in written:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def compare(store: RunStore, runs: Sequence[str | Path]) -> Path:

@@ -32,18 +32,39 @@ from attnlab.probe.tasks.span_qa import span_qa
 
 METHODS = ("zerotuning", "act", "pasta", "var")
 SPAN_TASKS = ("span_qa",)
+SPAN_QA_MAX = 100_000  # examples per split: generation is linear (~40 µs each), so a typo can't stall it
+# The split each method tunes on (VAR tunes nothing); the test split is the one evaluated.
+TUNING_SPLITS = {"zerotuning": "dev", "act": "calibration", "pasta": "dev", "var": None}
 
 
 def get_task(name: str, seed: int = 0, n_test: int | None = None, n_tune: int | None = None):
     """A task by name: a sae-probes set or a generated span task (sized to hold n_test test and
     n_tune tuning examples)."""
     if name == "span_qa":
+        if max(n_test or 0, n_tune or 0) > SPAN_QA_MAX:
+            raise AttnlabError(f"span_qa generates at most {SPAN_QA_MAX} examples per split (asked for "
+                               f"{max(n_test or 0, n_tune or 0)}): pass a smaller --n / --n-tune")
         tune = max(100, n_tune or 0)
         sizes = {"calibration": tune, "dev": tune, "test": max(400, n_test or 0)}
         return span_qa(n=sum(sizes.values()) + 100, seed=seed, sizes=sizes)
     if name not in TASKS:
         raise AttnlabError(f"unknown task '{name}': choose from {', '.join((*TASKS, *SPAN_TASKS))}")
     return load_task(name, seed=seed)
+
+
+def check_sizes(task, method: str, n: int, n_tune: int) -> None:
+    """Raise AttnlabError, before any tuning, when the task's test split holds fewer than n examples
+    or the method's tuning split fewer than n_tune."""
+    if n < 1 or n_tune < 1:
+        raise AttnlabError(f"--n and --n-tune must be at least 1 (got {n}, {n_tune})")
+    checks = [("test", n, "--n")]
+    if TUNING_SPLITS[method] is not None:
+        checks.append((TUNING_SPLITS[method], n_tune, "--n-tune"))
+    for split, wanted, option in checks:
+        size = len(task.split(split))
+        if wanted > size:
+            raise AttnlabError(f"{option} {wanted}: the {split} split of {task.name} has {size} examples: "
+                               f"pass {option} {size} or fewer")
 
 
 def run_method(probe, method: str, task, *, n: int = 200, n_tune: int = 64, seed: int = 0, batch_size: int = 16,
@@ -61,6 +82,7 @@ def run_method(probe, method: str, task, *, n: int = 200, n_tune: int = 64, seed
     if method in ("pasta", "var") and not hasattr(task, "spans"):
         raise AttnlabError(f"{method} steers attention toward a highlighted span: use a task with spans "
                            f"({', '.join(SPAN_TASKS)}), not '{task.name}'")
+    check_sizes(task, method, n, n_tune)
     label = f"{task.name} test" if progress else False
     started = time.perf_counter()
     if method == "zerotuning":

@@ -187,7 +187,8 @@ def _parse_one(text: str) -> Stat:
     except ValueError:
         raise AttnlabError(f"stats: statistic '{text}' takes integers; write e.g. {name}(4)") from None
     if name != "rows" and len(values) != 1:
-        raise AttnlabError(f"stats: statistic '{text}': {name} takes one integer; write e.g. {name}({DEFAULTS.get(name, 4)})")
+        raise AttnlabError(f"stats: statistic '{text.strip()}' takes one integer, got {len(values)}; "
+                          f"write e.g. {name}({DEFAULTS.get(name, 4)})")
     return Stat(name, values if name == "rows" else values[0])
 
 

@@ -69,7 +69,7 @@ CASES = [
     ("stats-two-sink-mass", lambda p, t: p.capture("x", stats=["sink_mass(1)", "sink_mass(3)"]),
      r"^stats: sink_mass\(1\) and sink_mass\(3\) both asked; one capture holds one sink_mass"),
     ("stats-two-rows", lambda p, t: p.capture("x", stats=[Stat("rows", [0]), "rows(-1)"]), r"^stats: rows\(0\) and rows\(-1\) both asked"),
-    ("stats-two-params", lambda p, t: p.capture("x", stats=["pooled(4,8)"]), r"^stats: statistic 'pooled\(4,8\)': pooled takes one integer; write e.g. pooled\(64\)"),
+    ("stats-two-params", lambda p, t: p.capture("x", stats=["pooled(4,8)"]), r"^stats: statistic 'pooled\(4,8\)' takes one integer, got 2; write e.g. pooled\(64\)"),
     ("stats-not-integer", lambda p, t: p.capture("x", stats=["pooled(abc)"]), r"^stats: statistic 'pooled\(abc\)' takes integers; write e.g. pooled\(4\)"),
     ("stats-zero", lambda p, t: p.capture("x", stats=["pooled(0)"]), r"^pooled: 0 is not a positive integer"),
     ("stat-rows-string", lambda p, t: Stat("rows", "abc"), r"^rows: 'abc' is a str; pass a list of query positions"),
