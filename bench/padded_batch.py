@@ -60,7 +60,7 @@ def kernel_level(n: int, dtype: torch.dtype) -> dict:
             out[f"triton exact_sums={exact} window={window}"] = checked(
                 kpb.batch_vs_alone, ts.attention_stats, q, k, v, mask, req, sliding_window=window)
     ts.EXACT_SUMS = False
-    edit = kpb.first_token_removal(mask, q.shape[1])
+    edit = kpb.first_token_removal(mask.cpu(), q.shape[1])
     edit = type(edit)(**{**edit.__dict__, "heads": edit.heads.cuda(), "source": edit.source.cuda()})
     o_tr, s_tr = ts.attention_stats(q, k, v, request=req, key_mask=mask, edits=(edit,))
     o_tw, s_tw = attention_stats(q, k, v, request=req, key_mask=mask, edits=(edit,))

@@ -76,7 +76,11 @@ def resolve_rows(row_positions, key_mask: torch.Tensor | None, batch: int, n_que
     Row positions are in each text's own coordinates (request.py): p >= 0 is the p-th real query
     of the row (0 = its first real query), p < 0 counts from the end (-1 = the last query)."""
     qf = first_real_query(key_mask, batch, n_queries, n_keys, device)[:, None]  # [B, 1]
-    pos = torch.tensor(list(row_positions), dtype=torch.long, device=device)[None]  # [1, R]
+    pos = torch.tensor(list(row_positions), dtype=torch.long)[None]  # [1, R]
+    if torch.device(device).type == "cuda":  # through pinned memory: a pageable copy makes the host wait for the GPU
+        pos = pos.pin_memory().to(device, non_blocking=True)
+    else:
+        pos = pos.to(device)
     idx = torch.where(pos >= 0, qf + pos, n_queries + pos)
     ok = (idx >= qf) & (idx < n_queries)
     return torch.where(ok, idx, -1)
