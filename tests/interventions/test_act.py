@@ -64,7 +64,8 @@ def test_mass_transfer_on_detected_sinks_and_decode_reuses_the_prefill_set(smoll
     torch.testing.assert_close(edited[0, 0, head, q, key], 0.4 * base[0, 0, head, q, key], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(edited[0, 0, head, first:].sum(-1), torch.ones(tokens.length - first), atol=1e-5, rtol=0)
     others = [h for h in range(smollm2.info.n_heads) if h != head]
-    assert torch.equal(edited[:, 0, others], base[:, 0, others])
+    # pooled(1) cells past a shorter text's end are NaN (maps aligned to each text's start)
+    torch.testing.assert_close(edited[:, 0, others], base[:, 0, others], rtol=0, atol=0, equal_nan=True)
     # generation prefills all but the last token, then decodes it with the same sinks
     assert [g[0] if g else None for g in gen.new_ids] == fwd.tolist()
 
