@@ -27,6 +27,7 @@ tau_a on some domain are ablated (the others are active by definition): on SmolL
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.analyses import plots
+from attnlab.analyses.base import Analysis, register
 from attnlab.analyses.result import Result
 from attnlab.analyses.sinks import prepare
 from attnlab.probe.ablations import MODES
@@ -166,13 +168,7 @@ def head_domains(
                 "n_ablated_heads": len(measured)},
         prepend_bos=prepend_bos,
     )
-    res.figures = {
-        "dormancy_scatter": plots.dormancy_scatter(table, x="sink_mass", y="max_abs_delta"),
-        "status_counts": plots.class_counts(table.assign(status=table.dormant.map({True: "dormant", False: "active"}))),
-        "status_map": plots.head_heatmap(head_table.assign(code=head_table.status.map(
-            {"active": 0.0, "active-dormant": 0.5, "dormant": 1.0})), value="code",
-            title="0 active, 0.5 active-dormant, 1 dormant", zmin=0, zmax=1),
-    }
+    res.figures = figures(res)
     per_domain = table.groupby("domain").dormant.sum().to_dict()
     res.summary = (f"{len(head_table)} heads: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                    + "; dormant per domain: " + ", ".join(f"{k} {int(v)}" for k, v in per_domain.items())
@@ -180,4 +176,41 @@ def head_domains(
     return res
 
 
-__all__ = ["classify", "head_domains", "mean_sink_mass", "token_losses"]
+def figures(res: Result) -> dict:
+    """The figures from the result's tables (a run read back from disk gets them too)."""
+    table, head_table = res.tables["heads_domains"], res.tables["heads"]
+    return {
+        "dormancy_scatter": plots.dormancy_scatter(table, x="sink_mass", y="max_abs_delta"),
+        "status_counts": plots.class_counts(table.assign(status=table.dormant.map({True: "dormant", False: "active"}))),
+        "status_map": plots.head_heatmap(head_table.assign(code=head_table.status.map(
+            {"active": 0.0, "active-dormant": 0.5, "dormant": 1.0})), value="code",
+            title="0 active, 0.5 active-dormant, 1 dormant", zmin=0, zmax=1),
+    }
+
+
+# ----- the analysis contract (`attnlab.analyses.ANALYSES`) -----
+@dataclass(frozen=True)
+class ActiveDormantParams:
+    """Guo et al.'s tau_a; tau_l is attnlab's (module docstring)."""
+    domains: tuple[str, ...] = field(default=("prose", "code", "lists"), metadata={
+        "help": "shipped domains, comma-separated"})
+    T: int | None = field(default=64, metadata={"range": (2, 4096), "help": "tokens per text (BOS counted)"})
+    n_texts: int | None = field(default=None, metadata={"range": (1, 10_000), "help": "texts per domain (none: all)"})
+    tau_a: float = field(default=0.89, metadata={"range": (0.0, 1.0)})
+    tau_l: float = field(default=0.005, metadata={"range": (0.0, 100.0)})
+    ablate: str = field(default="candidates", metadata={"choices": ("candidates", "all")})
+
+
+register(Analysis(
+    "active_dormant", "Active-dormant heads",
+    "A head is dormant on a domain when it parks its attention on the first token and removing it barely "
+    "changes the loss, and active-dormant when it is dormant on one domain and active on another. Guo et al., "
+    "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024).",
+    ActiveDormantParams,
+    lambda probe, inputs, p, progress: head_domains(probe, p.domains, T=p.T, n_texts=p.n_texts, tau_a=p.tau_a,
+                                                    tau_l=p.tau_l, ablate=p.ablate, progress=progress),
+    cpu_minutes=0.5, needs=("statistics: sink_mass", "causal LM (loss)", "head ablations"), figures_of=figures,
+    unit="head ablation",
+))
+
+__all__ = ["ActiveDormantParams", "classify", "figures", "head_domains", "mean_sink_mass", "token_losses"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnlab.analyses import plots
+from attnlab.analyses.base import Analysis, Progress, register
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tasks.bigram_backcopy import BigramBackcopy
@@ -253,7 +254,8 @@ VARIANTS = {
 
 
 def train_variants(cfg: ToyConfig = ToyConfig(), train_cfg: TrainConfig = TrainConfig(),
-                   variants=tuple(VARIANTS), task: BigramBackcopy | None = None) -> Result:
+                   variants=tuple(VARIANTS), task: BigramBackcopy | None = None,
+                   progress: Progress | None = None) -> Result:
     """Train each variant (softmax/ReLU attention x AdamW/SGD) and probe it.
 
     Tables: `history` (variant, step, bos_logit_gap, bos_attention, bos_value_norm, ...),
@@ -271,6 +273,8 @@ def train_variants(cfg: ToyConfig = ToyConfig(), train_cfg: TrainConfig = TrainC
         models[name] = model
         hist.append(h.assign(variant=name))
         dorm.append(dormancy(model, task).assign(variant=name))
+        if progress is not None:
+            progress(len(dorm), len(variants))
     history, dormant = pd.concat(hist, ignore_index=True), pd.concat(dorm, ignore_index=True)
     dormant = dormant[["variant"] + [c for c in dormant.columns if c != "variant"]]
     res = Result(
@@ -281,12 +285,48 @@ def train_variants(cfg: ToyConfig = ToyConfig(), train_cfg: TrainConfig = TrainC
         timings={"train_seconds": seconds},
     )
     res.models = models  # the trained modules (not saved with the run)
-    res.figures = {
-        "dynamics": plots.training_curves(history, ["bos_logit_gap", "bos_value_norm", "resid_norm_ratio"]),
-        "excess": plots.training_curves(history, ["excess"]),
-    }
+    res.figures = figures(res)
     d0 = dormant[(dormant.layer == dormant.layer.max()) & (dormant["head"] == 0)]
     res.summary = "; ".join(
         f"{r.variant}: dormant on {100 * r.dormant_nontrigger:.0f}% of non-triggers, prev-token attention "
         f"{r.prev_attn_trigger:.2f} on triggers, excess loss {r.excess:.3f}" for r in d0.itertuples())
     return res
+
+
+def figures(res: Result) -> dict:
+    """The training-dynamics figures from the `history` table (a run read back from disk gets them too)."""
+    history = res.tables["history"]
+    return {
+        "dynamics": plots.training_curves(history, ["bos_logit_gap", "bos_value_norm", "resid_norm_ratio"]),
+        "excess": plots.training_curves(history, ["excess"]),
+    }
+
+
+# ----- the analysis contract (`attnlab.analyses.ANALYSES`) -----
+@dataclass(frozen=True)
+class BigramBackcopyParams:
+    """The CPU defaults of `ToyConfig()` and `TrainConfig()` (the paper's: `ToyConfig.paper()`, `TrainConfig.paper()`)."""
+    d_model: int = field(default=ToyConfig.d_model, metadata={"range": (4, 4096)})
+    seq_len: int = field(default=ToyConfig.seq_len, metadata={"range": (4, 4096), "help": "tokens after BOS"})
+    steps: int = field(default=TrainConfig.steps, metadata={"range": (1, 10**7)})
+    batch: int = field(default=TrainConfig.batch, metadata={"range": (1, 1 << 16)})
+    seed: int = field(default=TrainConfig.seed, metadata={"range": (0, 2**31 - 1)})
+    variants: tuple[str, ...] = field(default=tuple(VARIANTS), metadata={"help": ", ".join(VARIANTS)})
+
+
+def _run(probe, inputs, p: BigramBackcopyParams, progress) -> Result:
+    # Trains its own toy models (softmax/ReLU attention x AdamW/SGD): the probe is not used.
+    return train_variants(ToyConfig(d_model=p.d_model, seq_len=p.seq_len),
+                          TrainConfig(steps=p.steps, batch=p.batch, seed=p.seed), tuple(p.variants), progress=progress)
+
+
+register(Analysis(
+    "bigram_backcopy", "Bigram-Backcopy toy models: how a sink forms",
+    "One-layer transformers trained on the Bigram-Backcopy task park attention on BOS for tokens that need "
+    "no context (dormant) and copy the previous token after triggers (active), while the BOS attention logit "
+    "grows and its value norm shrinks; ReLU attention or SGD largely remove the sink. Guo et al., "
+    "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024), "
+    "sections 2-3.",
+    BigramBackcopyParams, _run, cpu_minutes=4.5, needs=("nothing: trains its own toy models (the model is unused)",),
+    figures_of=figures, top_table="dormancy", unit="variant trained",
+))

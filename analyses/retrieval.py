@@ -21,6 +21,7 @@ import math
 import time
 from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
+from attnlab.analyses.base import Analysis, register
 from attnlab.analyses.plots import head_heatmap
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
@@ -210,9 +212,14 @@ def induction_heads(
                  params={"model": probe.name, "seq_len": seq_len, "repeats": repeats, "induction_share": induction_share,
                          "echo_share": echo_share, "queries": len(queries), "seed": seed},
                  summary=summary, prepend_bos=True)
-    res.figures = {"induction_heatmap": head_heatmap(heads, "induction", "Induction mass (layer x head)", zmin=0),
-                   "echo_heatmap": head_heatmap(heads, "echo", "Echo mass (layer x head)", zmin=0)}
+    res.figures = induction_figures(res)
     return res
+
+
+def induction_figures(res: Result) -> dict[str, go.Figure]:
+    heads = res.tables["heads"]
+    return {"induction_heatmap": head_heatmap(heads, "induction", "Induction mass (layer x head)", zmin=0),
+            "echo_heatmap": head_heatmap(heads, "echo", "Echo mass (layer x head)", zmin=0)}
 
 
 def masking(
@@ -279,3 +286,56 @@ def masking(
         params={"model": probe.name, "k": k, "n_random": n_random, "mode": mode, "decode_only": decode_only,
                 "lengths": list(lengths), "depths": list(depths), "seed": seed},
         summary=summary, figures={"masking": fig}, prepend_bos=True)
+
+
+# ----- the analysis contract (`attnlab.analyses.ANALYSES`) -----
+@dataclass(frozen=True)
+class RetrievalParams:
+    """Wu et al.'s names and thresholds; a CPU-sized NIAH grid (the paper's: PAPER_LENGTHS x PAPER_DEPTHS)."""
+    lengths: tuple[int, ...] = field(default=(256,), metadata={"range": (64, 8192), "label": "lengths (tokens)"})
+    depths: tuple[float, ...] = field(default=(0.0, 50.0, 100.0), metadata={"range": (0, 100), "label": "depths (%)"})
+    needles: int = field(default=1, metadata={"range": (1, len(niah.NEEDLES)),
+                                              "label": f"needles (1-{len(niah.NEEDLES)})"})
+    max_new_tokens: int = field(default=24, metadata={"range": (1, 64), "label": "max new tokens"})
+    threshold: float = field(default=0.1, metadata={"range": (0.0, 1.0), "help": "retrieval head: score above it"})
+    success_recall: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
+
+
+@dataclass(frozen=True)
+class InductionParams:
+    """RazorAttention's probe (2,500 random tokens x 4 in the paper; CPU-sized here)."""
+    seq_len: int = field(default=128, metadata={"range": (2, 8192)})
+    repeats: int = field(default=4, metadata={"range": (2, 64)})
+    induction_share: float = field(default=0.14, metadata={"range": (0.0, 1.0)})
+    echo_share: float = field(default=0.01, metadata={"range": (0.0, 1.0)})
+    max_queries: int | None = field(default=384, metadata={"range": (1, 1 << 20)})
+    seed: int = field(default=0, metadata={"range": (0, 2**31 - 1)})
+
+
+def _run_retrieval(probe, inputs, p: RetrievalParams, progress) -> Result:
+    return retrieval_heads(probe, lengths=p.lengths, depths=p.depths, needles=niah.NEEDLES[:p.needles],
+                           threshold=p.threshold, success_recall=p.success_recall, max_new_tokens=p.max_new_tokens,
+                           progress=progress)
+
+
+register(Analysis(
+    "retrieval", "Retrieval heads",
+    "In needle-in-a-haystack tests, a retrieval head's top key at each decode step is the needle token it is "
+    "copying; its score is the share of the answer it copies, over successful tests. Wu et al., <i>Retrieval "
+    "Head Mechanistically Explains Long-Context Factuality</i> (ICLR 2025).",
+    RetrievalParams, _run_retrieval, cpu_minutes=0.5, needs=("causal LM (generation)", "statistics: top_key"),
+    figures_of=lambda res: retrieval_figures(res.tables["heads"], res.tables["tests"]),
+    unit="NIAH group (length x needle)", default_suite=True,
+))
+
+register(Analysis(
+    "induction", "Echo and induction heads",
+    "On repeated random tokens, induction heads attend to the token after an earlier copy of the current "
+    "token, echo heads to the earlier copy itself. Tang et al., <i>RazorAttention</i> (ICLR 2025); Olsson et "
+    "al., <i>In-context Learning and Induction Heads</i> (2022).",
+    InductionParams,
+    lambda probe, inputs, p, progress: induction_heads(
+        probe, p.seq_len, p.repeats, induction_share=p.induction_share, echo_share=p.echo_share,
+        max_queries=p.max_queries, seed=p.seed),
+    cpu_minutes=0.2, needs=("statistics: rows",), figures_of=induction_figures, default_suite=True,
+))

@@ -45,6 +45,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -56,12 +57,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attnlab.analyses import sae_circuits_plots as plots
+from attnlab.analyses.base import Analysis, register
 from attnlab.analyses.head_outputs import activation_patching, head_frame, resolve_task
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.head_outputs import POOLINGS, head_outputs, out_projections, w_o
 from attnlab.probe.threads import torch_threads
-from attnlab.probe.tasks.circuits import CircuitTask, make_task
+from attnlab.probe.tasks.circuits import GENERATORS, CircuitTask, make_task
 
 LAMBDA = {"docstring": 0.05}  # the paper's lambda per task; 0.02 otherwise
 
@@ -421,6 +423,61 @@ def evaluate_gpt2(model: str | Path, task: str = "ioi", *, n: int = 100, seeds: 
                     progress=progress, **kwargs)
 
 
-__all__ = ["POOLINGS", "DiscreteSAE", "activation_patching", "edge_scores", "evaluate", "evaluate_gpt2", "head_outputs",
+# ----- the analysis contract (`attnlab.analyses.ANALYSES`) -----
+@dataclass(frozen=True)
+class SAECircuitParams:
+    """The paper's SAE (200 codes, lambda per task, 500 epochs, 10 training examples) on a CPU-sized number of
+    pairs (docs/sae_circuits.md: 64 pairs, 5 seeds); the patching reference costs one forward per head per batch."""
+    task: str = field(default="ioi", metadata={"choices": lambda: tuple(GENERATORS)})
+    n: int = field(default=8, metadata={"range": (2, 10_000), "help": "pairs the model solves"})
+    seeds: int = field(default=3, metadata={"range": (1, 1000)})
+    epochs: int = field(default=500, metadata={"range": (1, 100_000)})
+    n_codes: int = field(default=200, metadata={"range": (2, 100_000)})
+    pooling: str = field(default="mean", metadata={"choices": POOLINGS})
+    solved_only: bool = field(default=True, metadata={
+        "help": "keep only pairs the model solves (no: the first n candidates, for random-init models)"})
+
+
+def nodes_table(heads: pd.DataFrame) -> pd.DataFrame:
+    """The SAE node score per head, best first (ties: the larger SAE edge score first), next to the
+    patching effect and whether the head is in the patching reference circuit."""
+    renamed = heads.rename(columns={"sae_node_std": "node_std", "sae_edge": "edge"})
+    cols = [c for c in ("layer", "head", "kv_head", "score", "node_std", "patching_effect", "reference", "edge")
+            if c in renamed.columns]
+    keys = [c for c in ("score", "edge") if c in renamed.columns]
+    return renamed[cols].sort_values(keys, ascending=False, kind="stable", ignore_index=True)
+
+
+def _run(probe, inputs, p: SAECircuitParams, progress) -> Result:
+    task = make_task(probe, p.task, n=p.n, solved_only=p.solved_only)
+    if len(task.pairs) < 2:
+        raise AttnlabError(f"{probe.name} solved {len(task.pairs)} of {task.candidates} {p.task} candidates: the SAE "
+                           f"analysis needs at least 2 solved pairs (use a model that can do {p.task})")
+    if progress is not None:
+        progress(1, 2)
+    res = evaluate(probe, task, seeds=p.seeds, epochs=p.epochs, n_codes=p.n_codes, pooling=p.pooling,
+                   n_train=min(10, 2 * len(task.pairs)), progress=False)
+    res.tables["nodes"] = nodes_table(res.tables["heads"])
+    res.params.update(n=p.n, candidates_checked=task.candidates, candidates_solved=task.solved)
+    if progress is not None:
+        progress(2, 2)
+    return res
+
+
+register(Analysis(
+    "sae_circuits", "SAE circuits: IOI heads, SAE vs activation patching",
+    "One sparse autoencoder trained on every head's output turns each output into a discrete code; a head's "
+    "node score counts its codes seen on IOI prompts the model solves and never on their minimally corrupted "
+    "twins. The scores are set against activation patching on the same pairs (ROC AUC against its top 10% of "
+    "heads). O'Neill &amp; Bui, <i>Sparse Autoencoders Enable Scalable and Reliable Circuit Identification in "
+    "Language Models</i> (2024).",
+    SAECircuitParams, _run, cpu_minutes=5.0,
+    needs=("causal LM that solves the task (IOI)", "head outputs", "head ablations (patching)"),
+    figures_of=lambda res: plots.evaluation_figures(res.tables, str(res.params.get("task", ""))),
+    top_table="nodes", unit="phase (task, SAE + patching)",
+))
+
+
+__all__ = ["POOLINGS", "DiscreteSAE", "SAECircuitParams", "activation_patching", "edge_scores", "evaluate", "evaluate_gpt2", "head_outputs",
            "node_scores", "out_projections", "precision_recall_at_k", "published_circuit", "published_circuits",
            "roc_auc", "roc_curve", "sae_scores", "w_o"]

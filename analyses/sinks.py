@@ -29,12 +29,14 @@ attnlab's choices (where the papers are silent):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
 from attnlab.analyses import plots
+from attnlab.analyses.base import Analysis, Progress, register
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
@@ -140,6 +142,7 @@ def sink_metric(
     min_queries: int = 16,
     backend: str = "auto",
     batch_size: int = 8,
+    progress: Progress | None = None,
 ) -> Result:
     """Gu et al.'s Sink_k^eps for k < k_max, the alpha_0 map (layer x head) and ACT's hidden sinks.
 
@@ -166,6 +169,8 @@ def sink_metric(
                     "kv_head": cap.kv_heads[head], "position": key, "token": chunk.strings[b][f + key],
                     "score": float(row[layer, head, key]),
                 })
+        if progress is not None:
+            progress(min(start + batch_size, tokens.batch_size), tokens.batch_size)
     alpha = torch.cat(alphas)  # [S, L, H, K]
     rates = sink_rates(alpha, eps)
     S, L, H, K = alpha.shape
@@ -198,11 +203,7 @@ def sink_metric(
                 "min_queries": min_queries, "n_samples": S},
         prepend_bos=tokens.prepend_bos, timings={"capture_seconds": round(seconds, 3)},
     )
-    res.figures = {
-        "sink_heatmap": plots.head_heatmap(heads, value="score", title=f"alpha_0 per head ({probe.name})"),
-        "sink_k": plots.sink_k_bars(sink_k),
-        "hidden_tokens": plots.token_bars(tok_table),
-    }
+    res.figures = sink_figures(res)
     top = sink_k.sort_values("sink", ascending=False).iloc[0]
     res.summary = (
         f"Sink_0^{eps} = {rates[0]:.1f}% (BOS {'prepended' if tokens.prepend_bos else 'not prepended'}); "
@@ -223,6 +224,7 @@ def extreme_tokens(
     min_layer: int = 2,
     dim_threshold: float = 5.0,
     max_dims: int = 8,
+    progress: Progress | None = None,
 ) -> Result:
     """Residual peaks, value drains, D_sink and VAR's phi detector (hooked path, one text at a time).
 
@@ -249,6 +251,8 @@ def extreme_tokens(
         vnorm = torch.stack([value_output_norms(cache[f"blocks.{l}.attn.hook_v"].cpu(), W_O[l])[0]
                              for l in range(L)])  # [L, H, N]
         del cache
+        if progress is not None:
+            progress(b + 1, tokens.batch_size)
         resids.append(resid)
         firsts.append(resid[:, 0])
         norms = resid.norm(dim=-1)  # [L, N]
@@ -289,11 +293,7 @@ def extreme_tokens(
                 "max_dims": max_dims, "n_samples": tokens.batch_size, "sink_dims": dims},
         prepend_bos=tokens.prepend_bos,
     )
-    res.figures = {
-        "residual_norms": plots.residual_curves(peak),
-        "value_drain": plots.head_heatmap(drain.assign(score=np.log10(drain.score)), value="score",
-                                          title="log10 value-norm ratio (first token / median)"),
-    }
+    res.figures = extreme_figures(res)
     flagged = var[var.is_sink]
     res.summary = (
         f"first-token residual >= 5x median in {int((peak.ratio >= 5).sum())}/{len(peak)} layers; "
@@ -302,6 +302,83 @@ def extreme_tokens(
         f"{flagged[flagged.position == 0]['sample'].nunique()} of them first tokens"
     )
     return res
+
+
+# ----- figures (from a result's tables: a run read back from disk gets them too) -----
+def sink_figures(res: Result) -> dict:
+    t = res.tables
+    return {
+        "sink_heatmap": plots.head_heatmap(t["heads"], value="score",
+                                           title=f"alpha_0 per head ({res.params.get('model', '')})"),
+        "sink_k": plots.sink_k_bars(t["sink_k"]),
+        "hidden_tokens": plots.token_bars(t["hidden_tokens"]),
+    }
+
+
+def extreme_figures(res: Result) -> dict:
+    drain = res.tables["value_drain"]
+    return {
+        "residual_norms": plots.residual_curves(res.tables["residual_peak"]),
+        "value_drain": plots.head_heatmap(drain.assign(score=np.log10(drain.score)), value="score",
+                                          title="log10 value-norm ratio (first token / median)"),
+    }
+
+
+# ----- the analysis contract (`attnlab.analyses.ANALYSES`) -----
+@dataclass(frozen=True)
+class SinkParams:
+    """Gu et al.'s names and defaults; ACT's hidden-sink threshold."""
+    eps: float = field(default=0.3, metadata={"range": (0.0, 1.0), "help": "alpha_k above eps counts as a sink"})
+    T: int | None = field(default=64, metadata={"range": (2, 1 << 20), "help": "tokens per text (BOS counted)"})
+    k_max: int = field(default=10, metadata={"range": (1, 4096), "help": "first keys measured"})
+    hidden_threshold: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
+    min_queries: int = field(default=16, metadata={"range": (1, 1 << 20)})
+
+
+@dataclass(frozen=True)
+class ExtremeParams:
+    """VAR's tau and attnlab's D_sink detector (module docstring)."""
+    T: int | None = field(default=64, metadata={"range": (2, 4096), "help": "tokens per text (BOS counted)"})
+    tau: float = field(default=20.0, metadata={"range": (0.0, 1e6), "help": "VAR's phi threshold"})
+    min_layer: int = field(default=2, metadata={"range": (0, 1024)})
+    dim_threshold: float = field(default=5.0, metadata={"range": (0.0, 1e6)})
+    max_dims: int = field(default=8, metadata={"range": (1, 1 << 16)})
+
+
+def _sink_texts(text: str) -> list[str]:
+    from attnlab.probe.tasks import load_domain
+
+    return [text] + list(load_domain("prose"))
+
+
+def _texts(inputs) -> list[str] | Tokens:
+    if isinstance(inputs, (str, Tokens)):
+        return inputs
+    return list(inputs)
+
+
+register(Analysis(
+    "sinks", "Attention sinks",
+    "How much attention each head sends to each of the first tokens (alpha_k, the mean over the queries that "
+    "can see key k), and Sink_k^eps, the share of heads with alpha_k > eps; hidden sinks are later tokens that "
+    "still draw more than 0.1. Gu et al., <i>When Attention Sink Emerges in Language Models: An Empirical "
+    "View</i> (ICLR 2025); hidden sinks as in Yu et al., <i>ACT</i> (ICML 2024).",
+    SinkParams, lambda probe, inputs, p, progress: sink_metric(probe, _texts(inputs), **asdict(p), progress=progress),
+    cpu_minutes=0.1, needs=("statistics: received",), inputs="texts", default_inputs=_sink_texts,
+    figures_of=sink_figures, unit="batch of texts", default_suite=True,
+))
+
+register(Analysis(
+    "extreme_tokens", "Extreme tokens: residual peaks and value drains",
+    "The sink token's residual-stream norm towers over other tokens' from early layers on while its value "
+    "vectors shrink, and a few hidden dimensions carry the peak. Guo et al., <i>Active-Dormant Attention "
+    "Heads</i> (2024), section 4; the phi detector from Kang et al., <i>See What You Are Told</i> (VAR, ICLR "
+    "2025).",
+    ExtremeParams,
+    lambda probe, inputs, p, progress: extreme_tokens(probe, _texts(inputs), **asdict(p), progress=progress),
+    cpu_minutes=0.15, needs=("hooked path: residuals and values",), inputs="texts", default_inputs=lambda t: [t],
+    figures_of=extreme_figures, top_table="value_drain", ascending=True, unit="text", default_suite=True,
+))
 
 
 # ----- helpers -----

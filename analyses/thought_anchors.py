@@ -49,6 +49,7 @@ attnlab's choices (where the paper or its code is silent or buggy):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,7 @@ import torch
 
 from attnlab.analyses import resampling
 from attnlab.analyses import thought_anchors_plots as taplots
+from attnlab.analyses.base import Analysis, register
 from attnlab.analyses.result import Result
 from attnlab.analyses.traces import (  # noqa: F401  (re-exported: one import for the whole analysis)
     TRACE_FOLDER, Trace, load_traces, locate_sentences, prepare_trace, split_sentences, think_region,
@@ -438,6 +440,79 @@ def figures(tables: dict[str, pd.DataFrame], tensors: dict[str, torch.Tensor], p
     if params.get("resampled_traces"):
         figs["importance"] = taplots.importance_bars(sent_table, trace=params["resampled_traces"][0])
     return figs
+
+
+# ----- the analysis contract (`attnlab.analyses.ANALYSES`) -----
+@dataclass(frozen=True)
+class ThoughtAnchorParams:
+    """The paper's proximity and top-k; which traces get the costly passes, CPU-sized (the paper draws 100
+    full rollouts per prefix: set n_rollouts=100, rollout_max_new_tokens=0 on a GPU)."""
+    proximity: int = field(default=4, metadata={"range": (0, 64)})
+    top_k: int = field(default=20, metadata={"range": (1, 10_000), "label": "receiver heads (top k)"})
+    suppress: str = field(default="pencils", metadata={
+        "help": "traces whose suppression matrix is computed (one forward per sentence): names, all or none"})
+    resample: str = field(default="pencils", metadata={
+        "help": "traces whose resampling importance is computed (rollouts): names, all or none"})
+    n_rollouts: int = field(default=2, metadata={"range": (0, 10_000), "help": "rollouts per prefix (0: none)"})
+    rollout_max_new_tokens: int = field(default=48, metadata={
+        "range": (0, 1 << 16), "help": "tokens per rollout (0: the trace's length, as the paper)"})
+
+
+def _trace_inputs(inputs) -> dict:
+    if isinstance(inputs, (str, Trace)):
+        return {"text": inputs} if isinstance(inputs, str) else {inputs.name: inputs}
+    return dict(inputs) if isinstance(inputs, dict) else {f"trace{n}": t for n, t in enumerate(inputs)}
+
+
+def _trace_names(value: str, traces: dict, what: str) -> bool | list[str]:
+    value = value.strip()
+    if value == "all":
+        return True
+    if value in ("none", ""):
+        return False
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in traces]
+    if unknown:
+        raise AttnlabError(f"{what}: {', '.join(unknown)} is not among the traces ({', '.join(traces)}): write all, "
+                           f"none or some of {', '.join(traces)}")
+    return names
+
+
+def _check_traces(inputs, p: ThoughtAnchorParams) -> None:
+    traces = _trace_inputs(inputs)
+    need = p.proximity + 2
+    for name, body in traces.items():
+        if isinstance(body, str):
+            n = len(split_sentences(body))
+            if n < need:
+                raise AttnlabError(f"the trace {name!r} has {n} sentence(s): receiver-head kurtosis needs at least "
+                                   f"proximity + 2 = {need} (write a longer trace, or pick a shipped one)")
+    _trace_names(p.suppress, traces, "suppress")
+    _trace_names(p.resample, traces, "resample")
+
+
+def _run(probe, inputs, p: ThoughtAnchorParams, progress) -> Result:
+    traces = _trace_inputs(inputs)
+    resample = _trace_names(p.resample, traces, "resample") if p.n_rollouts > 0 else False
+    return run(probe, traces, proximity=p.proximity, top_k=p.top_k,
+               suppress=_trace_names(p.suppress, traces, "suppress"), resample=resample,
+               n_rollouts=p.n_rollouts or None, rollout_max_new_tokens=p.rollout_max_new_tokens or None,
+               progress=progress)
+
+
+# Not in the default suite: its suppression pass (one hooked-path forward per sentence) costs more
+# than the suite's minute on the CPU.
+register(Analysis(
+    "thought_anchors", "Thought anchors: receiver heads",
+    "Receiver heads concentrate attention on a few 'broadcasting' sentences of a reasoning trace (high "
+    "kurtosis of their sentence-level vertical scores); suppressing a sentence's keys measures its influence on "
+    "later sentences. Bogdan, Macar et al., <i>Thought Anchors: Which LLM Reasoning Steps Matter?</i> (2025).",
+    ThoughtAnchorParams, _run, cpu_minutes=0.7,
+    needs=("statistics: segments", "hooked path (suppression)", "causal LM (rollouts)"),
+    inputs="traces", default_inputs=lambda text: load_traces(),
+    figures_of=lambda res: figures(res.tables, res.tensors, res.params), unit="sentence suppressed",
+    check=_check_traces,
+))
 
 
 __all__ = ["TRACE_FOLDER", "Trace", "excess_kurtosis", "figures", "kl_top_p", "load_traces", "locate_sentences",
