@@ -109,8 +109,12 @@ def _number(name: str, text: str, kind, rng) -> int | float:
         what = "a whole number" if kind is int else "a number"
         raise AttnlabError(f"{name}: write {what} (got {text!r})") from None
     if rng is not None and not rng[0] <= value <= rng[1]:
-        raise AttnlabError(f"{name}: {value:g} is out of range ({rng[0]:g}-{rng[1]:g})")
+        raise AttnlabError(f"{name}: {_num(value)} is out of range ({_num(rng[0])}-{_num(rng[1])})")
     return value
+
+
+def _num(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def parse_value(params_type, name: str, text) -> object:
@@ -150,7 +154,7 @@ def parse_value(params_type, name: str, text) -> object:
             raise AttnlabError(f"{label}: write numbers separated by commas (got {text!r})") from None
         bad = [v for v in values if rng is not None and not rng[0] <= v <= rng[1]]
         if bad:
-            raise AttnlabError(f"{label}: {bad[0]:g} is out of range ({rng[0]:g}-{rng[1]:g})")
+            raise AttnlabError(f"{label}: {_num(bad[0])} is out of range ({_num(rng[0])}-{_num(rng[1])})")
         return values
     if tp is str:
         if not text:

@@ -488,7 +488,8 @@ def _check_traces(inputs, p: ThoughtAnchorParams) -> None:
                 raise AttnlabError(f"the trace {name!r} has {n} sentence(s): receiver-head kurtosis needs at least "
                                    f"proximity + 2 = {need} (write a longer trace, or pick a shipped one)")
     _trace_names(p.suppress, traces, "suppress")
-    _trace_names(p.resample, traces, "resample")
+    if p.n_rollouts > 0:
+        _trace_names(p.resample, traces, "resample")
 
 
 def _run(probe, inputs, p: ThoughtAnchorParams, progress) -> Result:

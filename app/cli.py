@@ -318,6 +318,97 @@ def capture(
     out.print(f"run written to [bold]{path}[/]")
 
 
+def _rich_progress(bar: Progress, task):
+    """The analyses' progress protocol, `progress(done, total)`, drawn on a Rich bar."""
+    return lambda done, total: bar.update(task, completed=done, total=total or None)
+
+
+def _analysis_params(analysis, pairs: Optional[list[str]]):
+    """--param key=value (repeatable) -> the analysis' Params; one error line naming the key."""
+    from attnlab.probe import AttnlabError
+
+    values: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--param {pair!r}: write key=value, e.g. --param {analysis.fields()[0].name}="
+                  f"{analysis.fields()[0].default} (`attnlab analyze --list` shows the parameters)")
+        values[key.strip()] = value
+    try:
+        return analysis.make_params(values)
+    except AttnlabError as e:
+        _fail(f"--param: {e}")
+
+
+@app.command()
+def analyze(
+    name: Optional[str] = typer.Argument(None, help="The analysis to run (`attnlab analyze --list` shows them).",
+                                         show_default=False),
+    list_analyses: bool = typer.Option(False, "--list", help="List the analyses with their CPU cost, what each "
+                                       "needs and its parameters, and exit."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or a local HF folder."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", "-f", help="Input text for the analyses that read "
+                                             "text (default: their built-in inputs)."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="A parameter, key=value (repeatable), "
+                                              "e.g. --param eps=0.5 --param lengths=256,512."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs directory; the result is a new run in it."),
+) -> None:
+    """Run one analysis (its parameters named as in its paper) and save the result as a run.
+
+    Prints its summary, its strongest heads and the path of the run; `attnlab report` renders runs as HTML."""
+    from attnlab.analyses import ANALYSES
+    from attnlab.app import report as reports
+    from attnlab.probe import AttnlabError, RunStore
+
+    if list_analyses:
+        table = Table(title="analyses (attnlab analyze NAME --param key=value)")
+        for col in ("analysis", "CPU minutes", "needs", "input", "parameters (defaults)"):
+            table.add_column(col, overflow="fold")
+        for key, a in ANALYSES.items():
+            params = ", ".join(f"{f.name}={f.default}" for f in a.fields())
+            table.add_row(key, f"{a.cpu_minutes:g}", "; ".join(a.needs), a.inputs, params)
+        out.print(table)
+        return
+    if name is None:
+        _fail(f"NAME is missing: attnlab analyze NAME, one of {', '.join(ANALYSES)} (`attnlab analyze --list`)")
+    if name not in ANALYSES:
+        _fail(f"NAME: unknown analysis '{name}': choose from {', '.join(ANALYSES)} (`attnlab analyze --list`)")
+    analysis = ANALYSES[name]
+    params = _analysis_params(analysis, param)
+    inputs = None
+    if text_file is not None:
+        if analysis.inputs == "none":
+            _fail(f"--text-file: {name} builds its own inputs and reads no text: leave out --text-file")
+        body = _read_text_file(text_file, "--text-file")
+        inputs = {text_file.stem: body} if analysis.inputs == "traces" else analysis.default_inputs(body)
+    elif analysis.default_inputs is not None:
+        inputs = analysis.default_inputs(example_text())
+    if analysis.check is not None:
+        try:
+            analysis.check(inputs, params)
+        except AttnlabError as e:
+            _fail(f"--text-file: {e}" if text_file is not None else str(e))
+    _check_device(device)
+    _check_model(model)
+    _check_out_dir(out_dir, "--out")
+    probe = _load(model, device)
+    try:
+        with Progress(TextColumn(f"{name}: {{task.description}}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(analysis.unit, total=None)
+            res = analysis.run(probe, inputs, params, progress=_rich_progress(bar, task))
+        with _writing(out_dir, "--out"):
+            path = res.save(RunStore(out_dir), probe)
+    except AttnlabError as e:
+        _fail(str(e))
+    out.print(f"[bold]{analysis.title}[/] on {probe.name}: {escape(res.summary)}", soft_wrap=True)
+    top = reports.top_line(res, 5)
+    if top:
+        out.print(f"top heads (layer.head): {top}", soft_wrap=True)
+    out.print(f"run written to [bold]{path}[/]")
+
+
 @app.command()
 def report(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or a local HF folder."),
@@ -344,8 +435,9 @@ def report(
         table = Table(title="report analyses (--analyses a,b,c; --suite default runs the starred ones)")
         for col in ("analysis", "section", "CPU minutes"):
             table.add_column(col, overflow="fold")
-        for name, sec in reports.SECTIONS.items():
-            star = "*" if name in reports.SUITES["default"] else ""
+        suites = reports.suites()
+        for name, sec in reports.sections().items():
+            star = "*" if name in suites["default"] else ""
             table.add_row(f"{name}{star}", sec.title, f"{sec.cpu_minutes:g}")
         out.print(table)
         return
@@ -364,17 +456,18 @@ def report(
             _fail(f"--compare: {e}")
         out.print(f"comparison written to [bold]{path / 'report.html'}[/]")
         return
+    sections, suites = reports.sections(), reports.suites()
     if analyses is not None:
         names = [a.strip() for a in analyses.split(",") if a.strip()]
         if not names:
-            _fail(f"--analyses is empty: name at least one of {', '.join(reports.SECTIONS)}")
+            _fail(f"--analyses is empty: name at least one of {', '.join(sections)}")
     else:
-        names = reports.SUITES.get(suite)
+        names = suites.get(suite)
         if names is None:
-            _fail(f"--suite: unknown suite '{suite}': choose from {', '.join(reports.SUITES)}")
-    unknown = [a for a in names if a not in reports.SECTIONS]
+            _fail(f"--suite: unknown suite '{suite}': choose from {', '.join(suites)}")
+    unknown = [a for a in names if a not in sections]
     if unknown:
-        _fail(f"--analyses: unknown analyses {unknown}: choose from {', '.join(reports.SECTIONS)}")
+        _fail(f"--analyses: unknown analyses {unknown}: choose from {', '.join(sections)}")
     names = list(dict.fromkeys(names))  # a section named twice runs once
     try:
         reports.check_environment(names)
@@ -422,7 +515,7 @@ def dashboard(
              "127.0.0.1, [::1] and the bound address are served otherwise (a guard against DNS rebinding)."),
 ) -> None:
     """Serve the dashboard: capture a text, explore heads (heatmaps, sink/entropy maps), run analyses in the
-    background (retrieval heads, receiver heads), and compare interventions before/after."""
+    background (every registered analysis, `attnlab analyze --list`), and compare interventions before/after."""
     _check_out_dir(runs, "--runs")
     if not 1 <= port <= 65535:
         _fail(f"--port {port} is out of range: choose a port from 1 to 65535")

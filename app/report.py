@@ -9,7 +9,9 @@ measures in two sentences with the paper cited, its figures, its top-heads table
 parameters used. Each analysis is also saved as its own run; the report is a run of kind
 'report' whose manifest lists them. `--compare` puts the figures of two runs side by side.
 
-Sections are CPU-sized demonstrations of the published procedures; the costly ones read their size
+The sections are the registered analyses (`attnlab.analyses.ANALYSES`: title, about, parameters,
+figure builders, top table all come from there) and the interventions comparison (interventions
+are not analyses: `INTERVENTIONS` here). Sections are CPU-sized demonstrations of the published procedures; the costly ones read their size
 from the environment (ATTNLAB_REPORT_ROLLOUTS for thought anchors, ATTNLAB_REPORT_SAE_PAIRS/_SEEDS/_EPOCHS
 for SAE circuits, ATTNLAB_REPORT_INTERVENTION_N/_N_TUNE for interventions) and record it in their
 parameters.
@@ -17,80 +19,80 @@ parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from importlib import resources
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
-from attnlab.analyses import Result
+from attnlab.analyses import ANALYSES, Analysis, Result
+from attnlab.analyses.base import example_text
 from attnlab.analyses.plots import head_heatmap
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.runs import Run, RunStore, model_record
 
 
+# ----- the interventions section: a comparison of intervention methods, not an analysis -----
 @dataclass(frozen=True)
-class Section:
-    title: str
-    about: str  # two sentences and the citation
-    run: Callable[..., Result]  # (probe, text, progress) -> Result
-    cpu_minutes: float  # rough cost of the CPU-sized default on the default model (2 idle cores)
-    top_table: str = "heads"  # the tidy (layer, head, score) table whose top rows the report lists
-    ascending: bool = False  # True: the smallest scores are the strongest (e.g. value drains)
-    figures: Callable[[Result], dict] | None = None  # rebuilds the figures of a result read back from disk
+class InterventionComparison:
+    """CPU-sized: the tuning passes dominate (~16 passes over the tuning examples for ZeroTuning, ~20 for
+    ACT's head-index filtering); docs/interventions.md uses 500 test and 200 tuning examples on a GPU."""
+    n: int = field(default=128, metadata={"range": (1, 100_000), "help": "test examples"})
+    n_tune: int = field(default=32, metadata={"range": (1, 100_000), "help": "tuning examples"})
 
 
-SECTIONS: dict[str, Section] = {}
-SUITES: dict[str, list[str]] = {"default": [], "all": []}
+def _run_interventions(probe, inputs, p: InterventionComparison, progress) -> Result:
+    from attnlab.interventions.compare import compare_methods
+
+    return compare_methods(probe, "sst2", ("zerotuning", "act"), n=p.n, n_tune=p.n_tune)
 
 
-def section(name: str, title: str, about: str, cpu_minutes: float, *, default: bool = False,
-            top_table: str = "heads", ascending: bool = False,
-            figures: Callable[[Result], dict] | None = None) -> Callable:
-    """Register a report section: decorate its run function `(probe, text, progress) -> Result`.
+def _intervention_figures(result: Result) -> dict:
+    from attnlab.interventions.compare import comparison_figures
 
-    Adding an analysis to the report is this one decorated function (`--analyses NAME` selects it;
-    `default=True` puts it in the default suite, which must stay around a minute on the CPU).
-    `figures(result) -> {name: Figure}` rebuilds its figures from the tables (and tensors) of a run
-    read back from disk, for `--compare`; without it a `heads` (layer, head, score) table gives one
-    heatmap:
-
-        @section("sae_circuits", "SAE circuits", "What it measures ... Author et al., <i>Title</i> (year).", 2.0)
-        def _run_sae_circuits(probe, text, progress):
-            from attnlab.analyses import sae_circuits
-            return sae_circuits.run(probe, ...)
-    """
-    def register(fn: Callable[..., Result]) -> Callable[..., Result]:
-        if name in SECTIONS:
-            raise ValueError(f"report section {name!r} is registered twice")
-        SECTIONS[name] = Section(title, about, fn, cpu_minutes, top_table, ascending, figures)
-        SUITES["all"].append(name)
-        if default:
-            SUITES["default"].append(name)
-        return fn
-
-    return register
+    return comparison_figures(result.tables, result.tensors)
 
 
-def _example_text() -> str:
-    return resources.files("attnlab.probe").joinpath("data/example.txt").read_text()
+INTERVENTIONS = Analysis(
+    "interventions", "Interventions: ZeroTuning and ACT on SST-2",
+    "ZeroTuning scales the attention every query gives the first token by a tuned gamma in chosen heads; ACT "
+    "moves mass off hidden attention sinks (later tokens with alpha_k > 0.1) in heads filtered on a "
+    "calibration split. Each is tuned on its own split and scored on the same SST-2 test prompts as the "
+    "unedited model, with paired 95% bootstrap intervals. Han et al., <i>ZeroTuning: Unlocking the Initial "
+    "Token's Power to Enhance Large Language Models Without Training</i> (2025); Yu et al., <i>Unveiling and "
+    "Harnessing Hidden Attention Sinks</i> (ICML 2024).",
+    InterventionComparison, _run_interventions, cpu_minutes=2.0, needs=("causal LM", "task: SST-2"),
+    figures_of=_intervention_figures, top_table="heads",
+)
 
 
-# The sizes the costly sections read from the environment: variable -> (default, minimum), by
-# section. `check_environment` reads them before any model loads, so a bad value fails at once,
-# not after the sections before it ran.
-ENV_SIZES: dict[str, dict[str, tuple[int, int]]] = {
-    "thought_anchors": {"ATTNLAB_REPORT_ROLLOUTS": (2, 0), "ATTNLAB_REPORT_ROLLOUT_TOKENS": (48, 0)},
-    "sae_circuits": {"ATTNLAB_REPORT_SAE_PAIRS": (8, 2), "ATTNLAB_REPORT_SAE_SEEDS": (3, 1),
-                     "ATTNLAB_REPORT_SAE_EPOCHS": (500, 1)},
-    "interventions": {"ATTNLAB_REPORT_INTERVENTION_N": (128, 1), "ATTNLAB_REPORT_INTERVENTION_N_TUNE": (32, 1)},
+def sections() -> dict[str, Analysis]:
+    """What a report can hold: every registered analysis (`attnlab.analyses.ANALYSES`), then the
+    interventions comparison."""
+    return {**ANALYSES, "interventions": INTERVENTIONS}
+
+
+def suites() -> dict[str, list[str]]:
+    """default: the analyses marked `default_suite` (about a minute on the CPU); all: every section."""
+    secs = sections()
+    return {"default": [n for n, a in secs.items() if a.default_suite], "all": list(secs)}
+
+
+# The sizes the costly sections read from the environment: section -> {variable: parameter}; the
+# default is the parameter's and the minimum the low end of its range. `check_environment` reads
+# them before any model loads, so a bad value fails at once, not after the sections before it ran.
+ENV_SIZES: dict[str, dict[str, str]] = {
+    "thought_anchors": {"ATTNLAB_REPORT_ROLLOUTS": "n_rollouts", "ATTNLAB_REPORT_ROLLOUT_TOKENS": "rollout_max_new_tokens"},
+    "sae_circuits": {"ATTNLAB_REPORT_SAE_PAIRS": "n", "ATTNLAB_REPORT_SAE_SEEDS": "seeds",
+                     "ATTNLAB_REPORT_SAE_EPOCHS": "epochs"},
+    "interventions": {"ATTNLAB_REPORT_INTERVENTION_N": "n", "ATTNLAB_REPORT_INTERVENTION_N_TUNE": "n_tune"},
 }
 
 
@@ -106,232 +108,64 @@ def _env_int(name: str, default: int, minimum: int = 0) -> int:
     return number
 
 
-def _size(section_name: str, variable: str) -> int:
-    return _env_int(variable, *ENV_SIZES[section_name][variable])
+def section_params(name: str):
+    """The section's parameters: its Params defaults, resized by its ATTNLAB_REPORT_* variables."""
+    sec = sections()[name]
+    fields = {f.name: f for f in dataclasses.fields(sec.params)}
+    sizes = {}
+    for variable, param in ENV_SIZES.get(name, {}).items():
+        f = fields[param]
+        sizes[param] = _env_int(variable, f.default, f.metadata.get("range", (0, None))[0])
+    return sec.params(**sizes)
 
 
 def check_environment(analyses: Sequence[str]) -> None:
     """Raise AttnlabError for a bad ATTNLAB_REPORT_* size of any of these sections."""
     for name in analyses:
-        for variable in ENV_SIZES.get(name, {}):
-            _size(name, variable)
-
-
-@section("sinks", "Attention sinks",
-         "How much attention each head sends to each of the first tokens (alpha_k, the mean over the queries that "
-         "can see key k), and Sink_k^eps, the share of heads with alpha_k > eps; hidden sinks are later tokens that "
-         "still draw more than 0.1. Gu et al., <i>When Attention Sink Emerges in Language Models: An Empirical "
-         "View</i> (ICLR 2025); hidden sinks as in Yu et al., <i>ACT</i> (ICML 2024).",
-         0.1, default=True)
-def _run_sinks(probe, text, progress):
-    from attnlab.analyses import sinks
-    from attnlab.probe.tasks import load_domain
-
-    texts = [text] + list(load_domain("prose"))
-    return sinks.sink_metric(probe, texts)
-
-
-@section("extreme_tokens", "Extreme tokens: residual peaks and value drains",
-         "The sink token's residual-stream norm towers over other tokens' from early layers on while its value "
-         "vectors shrink, and a few hidden dimensions carry the peak. Guo et al., <i>Active-Dormant Attention "
-         "Heads</i> (2024), section 4; the phi detector from Kang et al., <i>See What You Are Told</i> (VAR, ICLR "
-         "2025).",
-         0.15, default=True, top_table="value_drain", ascending=True)
-def _run_extreme(probe, text, progress):
-    from attnlab.analyses import sinks
-
-    return sinks.extreme_tokens(probe, [text])
-
-
-@section("retrieval", "Retrieval heads",
-         "In needle-in-a-haystack tests, a retrieval head's top key at each decode step is the needle token it is "
-         "copying; its score is the share of the answer it copies, over successful tests. Wu et al., <i>Retrieval "
-         "Head Mechanistically Explains Long-Context Factuality</i> (ICLR 2025).",
-         0.5, default=True)
-def _run_retrieval(probe, text, progress):
-    from attnlab.analyses import retrieval
-    from attnlab.probe.tasks import niah
-
-    # CPU-sized: one needle at three depths of a 256-token haystack (one batched generation); the
-    # paper's grid is retrieval.PAPER_LENGTHS x PAPER_DEPTHS.
-    return retrieval.retrieval_heads(probe, lengths=(256,), depths=(0, 50, 100), needles=niah.NEEDLES[:1],
-                                     progress=progress)
-
-
-@section("induction", "Echo and induction heads",
-         "On repeated random tokens, induction heads attend to the token after an earlier copy of the current "
-         "token, echo heads to the earlier copy itself. Tang et al., <i>RazorAttention</i> (ICLR 2025); Olsson et "
-         "al., <i>In-context Learning and Induction Heads</i> (2022).",
-         0.2, default=True)
-def _run_induction(probe, text, progress):
-    from attnlab.analyses import retrieval
-
-    return retrieval.induction_heads(probe)
-
-
-def _run_thought_anchors(probe, text, progress):
-    import os
-
-    from attnlab.analyses import thought_anchors
-
-    # Receiver heads over every shipped trace; suppression (one forward per sentence) and
-    # resampling importance on one. Rollouts are the costly part: the report draws
-    # ATTNLAB_REPORT_ROLLOUTS per prefix (default 2; 0 skips resampling), each at most
-    # ATTNLAB_REPORT_ROLLOUT_TOKENS tokens (default 48; 0 = the trace's length, as the paper) —
-    # a demonstration on the CPU (the paper: 100 full rollouts). Both appear in the parameters.
-    rollouts = _size("thought_anchors", "ATTNLAB_REPORT_ROLLOUTS")
-    tokens = _size("thought_anchors", "ATTNLAB_REPORT_ROLLOUT_TOKENS")
-    return thought_anchors.run(probe, thought_anchors.load_traces(), suppress=["pencils"],
-                               resample=["pencils"] if rollouts > 0 else False, n_rollouts=rollouts or None,
-                               rollout_max_new_tokens=tokens or None, progress=False)
-
-
-@section("active_dormant", "Active-dormant heads",
-         "A head is dormant on a domain when it parks its attention on the first token and removing it barely "
-         "changes the loss, and active-dormant when it is dormant on one domain and active on another. Guo et al., "
-         "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024).",
-         0.5)
-def _run_active_dormant(probe, text, progress):
-    from attnlab.analyses import active_dormant
-
-    return active_dormant.head_domains(probe, progress=progress)
-
-
-@section("bigram_backcopy", "Bigram-Backcopy toy models: how a sink forms",
-         "One-layer transformers trained on the Bigram-Backcopy task park attention on BOS for tokens that need "
-         "no context (dormant) and copy the previous token after triggers (active), while the BOS attention logit "
-         "grows and its value norm shrinks; ReLU attention or SGD largely remove the sink. Guo et al., "
-         "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024), "
-         "sections 2-3.",
-         4.5, top_table="dormancy")
-def _run_bigram_backcopy(probe, text, progress):
-    from attnlab.analyses import bigram_backcopy
-
-    # Trains its own toy models (softmax/ReLU attention x AdamW/SGD, CPU-sized): the probe is not used.
-    return bigram_backcopy.train_variants()
-
-
-def _thought_anchor_figures(result: Result) -> dict:
-    from attnlab.analyses import thought_anchors
-
-    return thought_anchors.figures(result.tables, result.tensors, result.params)
-
-
-# The thought-anchors section's function (above) is maintained with the analysis, so it is
-# registered here. Not in the default suite: its suppression pass (one hooked-path forward per
-# sentence) costs more than the suite's minute on the CPU; `--analyses thought_anchors` runs it.
-section("thought_anchors", "Thought anchors: receiver heads",
-        "Receiver heads concentrate attention on a few 'broadcasting' sentences of a reasoning trace (high "
-        "kurtosis of their sentence-level vertical scores); suppressing a sentence's keys measures its influence on "
-        "later sentences. Bogdan, Macar et al., <i>Thought Anchors: Which LLM Reasoning Steps Matter?</i> (2025).",
-        0.7, figures=_thought_anchor_figures)(_run_thought_anchors)
-
-
-def _sae_figures(result: Result) -> dict:
-    from attnlab.analyses.sae_circuits_plots import evaluation_figures
-
-    return evaluation_figures(result.tables, str(result.params.get("task", "")))
-
-
-def _sae_nodes(heads: pd.DataFrame) -> pd.DataFrame:
-    """The SAE node score per head, best first (ties: the larger SAE edge score first), next to the
-    patching effect and whether the head is in the patching reference circuit."""
-    renamed = heads.rename(columns={"sae_node_std": "node_std", "sae_edge": "edge"})
-    cols = [c for c in ("layer", "head", "kv_head", "score", "node_std", "patching_effect", "reference", "edge")
-            if c in renamed.columns]
-    keys = [c for c in ("score", "edge") if c in renamed.columns]
-    return renamed[cols].sort_values(keys, ascending=False, kind="stable", ignore_index=True)
-
-
-@section("sae_circuits", "SAE circuits: IOI heads, SAE vs activation patching",
-         "One sparse autoencoder trained on every head's output turns each output into a discrete code; a head's "
-         "node score counts its codes seen on IOI prompts the model solves and never on their minimally corrupted "
-         "twins. The scores are set against activation patching on the same pairs (ROC AUC against its top 10% of "
-         "heads). O'Neill &amp; Bui, <i>Sparse Autoencoders Enable Scalable and Reliable Circuit Identification in "
-         "Language Models</i> (2024).",
-         5.0, top_table="nodes", figures=_sae_figures)
-def _run_sae_circuits(probe, text, progress):
-    from attnlab.analyses import sae_circuits
-    from attnlab.probe.tasks.circuits import make_task
-
-    # CPU-sized: patching (the reference) costs one forward per head (270 on SmolLM2) per batch of
-    # pairs, ~1000 s for the 64 pairs of docs/sae_circuits.md, 160 s (450 s on a busy machine) for the
-    # report's 8; the SAE costs 30-47 s per seed whatever the pairs. ATTNLAB_REPORT_SAE_PAIRS (default 8, at least 2),
-    # ATTNLAB_REPORT_SAE_SEEDS (default 3) and ATTNLAB_REPORT_SAE_EPOCHS (default 500, the paper's)
-    # resize it; all three appear in the parameters.
-    n = _size("sae_circuits", "ATTNLAB_REPORT_SAE_PAIRS")
-    seeds = _size("sae_circuits", "ATTNLAB_REPORT_SAE_SEEDS")
-    epochs = _size("sae_circuits", "ATTNLAB_REPORT_SAE_EPOCHS")
-    task = make_task(probe, "ioi", n=n)
-    if len(task.pairs) < 2:
-        raise AttnlabError(f"{probe.name} solved {len(task.pairs)} of {task.candidates} IOI candidates: the SAE "
-                           "section needs at least 2 solved pairs (use a model that can do IOI)")
-    res = sae_circuits.evaluate(probe, task, seeds=seeds, epochs=epochs, n_train=min(10, 2 * len(task.pairs)),
-                                progress=False)
-    res.tables["nodes"] = _sae_nodes(res.tables["heads"])
-    res.params.update(n=n, candidates_checked=task.candidates, candidates_solved=task.solved)
-    return res
-
-
-def _intervention_figures(result: Result) -> dict:
-    from attnlab.interventions.compare import comparison_figures
-
-    return comparison_figures(result.tables, result.tensors)
-
-
-@section("interventions", "Interventions: ZeroTuning and ACT on SST-2",
-         "ZeroTuning scales the attention every query gives the first token by a tuned gamma in chosen heads; ACT "
-         "moves mass off hidden attention sinks (later tokens with alpha_k > 0.1) in heads filtered on a "
-         "calibration split. Each is tuned on its own split and scored on the same SST-2 test prompts as the "
-         "unedited model, with paired 95% bootstrap intervals. Han et al., <i>ZeroTuning: Unlocking the Initial "
-         "Token's Power to Enhance Large Language Models Without Training</i> (2025); Yu et al., <i>Unveiling and "
-         "Harnessing Hidden Attention Sinks</i> (ICML 2024).",
-         2.0, top_table="heads", figures=_intervention_figures)
-def _run_interventions(probe, text, progress):
-    from attnlab.interventions.compare import compare_methods
-
-    # CPU-sized: the tuning passes dominate (~16 passes over the tuning examples for ZeroTuning, ~20
-    # for ACT's head-index filtering); docs/interventions.md uses 500 test and 200 tuning examples on
-    # a GPU. ATTNLAB_REPORT_INTERVENTION_N (test examples, default 128) and
-    # ATTNLAB_REPORT_INTERVENTION_N_TUNE (default 32) resize it; both appear in the parameters.
-    n = _size("interventions", "ATTNLAB_REPORT_INTERVENTION_N")
-    n_tune = _size("interventions", "ATTNLAB_REPORT_INTERVENTION_N_TUNE")
-    return compare_methods(probe, "sst2", ("zerotuning", "act"), n=n, n_tune=n_tune)
+        if name in ENV_SIZES:
+            section_params(name)
 
 
 def run_suite(probe, analyses: Sequence[str], text: str | None = None,
               on_start: Callable[[str], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> list[Result]:
-    unknown = [a for a in analyses if a not in SECTIONS]
+    """Run the sections on their default inputs (built from `text`, default the example text) with
+    their default parameters (resized by the environment)."""
+    secs = sections()
+    unknown = [a for a in analyses if a not in secs]
     if unknown:
-        raise AttnlabError(f"unknown analyses {unknown}: choose from {', '.join(SECTIONS)} (or --suite default/all)")
-    text = text or _example_text()
+        raise AttnlabError(f"unknown analyses {unknown}: choose from {', '.join(secs)} (or --suite default/all)")
+    text = text or example_text()
     results = []
     for name in analyses:
         if on_start is not None:
             on_start(name)
+        sec = secs[name]
         started = time.perf_counter()
-        res = SECTIONS[name].run(probe, text, progress)
+        inputs = sec.default_inputs(text) if sec.default_inputs is not None else None
+        res = sec.run(probe, inputs, section_params(name), progress)
         res.timings.setdefault("seconds", round(time.perf_counter() - started, 2))
         res.params.setdefault("section", name)
         results.append(res)
     return results
 
 
+def section_of(result: Result) -> Analysis | None:
+    return sections().get(result.params.get("section", result.analysis))
+
+
 def figures_of(result: Result) -> dict[str, go.Figure]:
-    """The result's figures; for a result read back from disk, rebuilt from its tables."""
+    """The result's figures; for a result read back from disk, rebuilt by its analysis' figure
+    builders (`Analysis.figures`); a result of no registered analysis with a (layer, head, score)
+    `heads` table gets one heatmap."""
     if result.figures:
         return result.figures
     figs = {}
-    sec = SECTIONS.get(result.params.get("section", result.analysis))
-    if sec is not None and sec.figures is not None:
+    sec = section_of(result)
+    if sec is not None:
         figs = sec.figures(result)
         if figs:
             return figs
-    if result.analysis == "retrieval" and {"heads", "tests"} <= set(result.tables):
-        from attnlab.analyses.retrieval import retrieval_figures
-
-        return retrieval_figures(result.tables["heads"], result.tables["tests"])
     heads = result.tables.get("heads")
     if heads is not None and {"layer", "head", "score"} <= set(heads.columns):
         figs["heads"] = head_heatmap(heads, "score", f"{result.analysis}: score (layer x head)")
@@ -344,7 +178,7 @@ KEY_COLUMNS = ("variant", "domain", "trace", "method")  # a head table's groupin
 def top_heads(result: Result, n: int = 10) -> pd.DataFrame | None:
     """The strongest heads: the top rows of the section's head table (`Section.top_table`, by its
     `score`), with a few of its other columns; None when the result has no such table."""
-    sec = SECTIONS.get(result.params.get("section", result.analysis))
+    sec = section_of(result)
     table = result.tables.get(sec.top_table if sec else "heads")
     if table is None or not {"layer", "head", "score"} <= set(table.columns):
         return None
@@ -405,7 +239,7 @@ def render(results: Sequence[Result], model: dict, title: str | None = None) -> 
     nav, parts = [], []
     for res in results:
         name = res.params.get("section", res.analysis)
-        section = SECTIONS.get(name)
+        section = sections().get(name)
         anchor = f"sec-{name}"
         heading = section.title if section else name
         nav.append((anchor, heading))

@@ -1,32 +1,38 @@
-"""Analyses the dashboard launches as background jobs: one `Launcher` per analysis. No Dash here.
+"""Analyses the dashboard launches as background jobs: one `Launcher` per registered analysis
+(`attnlab.analyses.ANALYSES`: every analysis is launchable). No Dash here.
 
-A launcher names its parameters (form fields, named as in the paper, CPU-sized defaults), runs the
-analysis inside a `work.Job` (progress and cooperative cancel go through `job.progress`), and may
-draw the clicked head's own view (`head_view`). The result is saved as a run, so it reopens from
-the saved-runs list like any other.
+A launcher's form is built from the analysis' parameters dataclass (each field's name, default,
+type, and the range or choices it declares in its metadata); the form's text is parsed by
+`attnlab.analyses.base.parse_value`, so a bad value is an AttnlabError naming the field. Inputs come
+from the page: an analysis that reads texts gets the text box (through its `default_inputs`, so it
+sees what the report would give it), one that reads reasoning traces gets a `trace` field (every
+shipped trace, one of them, or the text box), and the others build their own. The job runs
+`Analysis.run` with the job's `progress` (progress and cooperative cancel). The result is saved as a
+run, so it reopens from the saved-runs list like any other; an analysis may draw the clicked head's
+own view (`HEAD_VIEWS`).
 
 The layer x head map is generic: any run with a tidy table holding `layer`, `head` and numeric
 columns is drawn by `attnlab.app.figures.head_table_map`, whether it was launched here or opened
-from disk (an SAE node-score run from `analyses.sae_circuits` included). Adding a launcher for a
-new analysis is one more entry in `LAUNCHERS`:
-
-    LAUNCHERS["sae_circuits"] = Launcher("sae_circuits", "SAE node scores", "...",
-                                         params=(Param("layers", "layers", "0-3", _int_list),),
-                                         run=lambda probe, text, p, progress: sae_circuits.run(probe, ...))
+from disk. Adding an analysis to the dashboard is registering it in its module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import plotly.graph_objects as go
 
+from attnlab.analyses import ANALYSES, Analysis
+from attnlab.analyses.base import parse_value
 from attnlab.app import figures
 from attnlab.probe import AttnlabError
 
 TEXT_BOX = "the text box"
+ALL_TRACES = "all"
+DEFAULT = "retrieval"  # the analysis the form opens with
 
 
 # ----- parameters -----
@@ -38,30 +44,6 @@ class Param:
     parse: Callable[[str, str], object]  # (label, typed value) -> value; raises AttnlabError naming the field
     options: tuple[str, ...] | None = None  # a dropdown instead of a text box
     help: str = ""
-
-
-def _int(label: str, text: str, lo: int = 1, hi: int = 10**6) -> int:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise AttnlabError(f"{label}: write a whole number (got {text!r})") from None
-    if not lo <= value <= hi:
-        raise AttnlabError(f"{label}: {value} is out of range ({lo}-{hi})")
-    return value
-
-
-def _numbers(label: str, text: str, kind=int, lo: float = 0, hi: float = 10**6) -> list:
-    parts = [p.strip() for p in str(text or "").split(",") if p.strip()]
-    if not parts:
-        raise AttnlabError(f"{label}: give at least one value, comma-separated (e.g. 0,50,100)")
-    try:
-        values = [kind(p) for p in parts]
-    except ValueError:
-        raise AttnlabError(f"{label}: write numbers separated by commas (got {text!r})") from None
-    bad = [v for v in values if not lo <= v <= hi]
-    if bad:
-        raise AttnlabError(f"{label}: {bad[0]:g} is out of range ({lo:g}-{hi:g})")
-    return values
 
 
 def _choice(options: tuple[str, ...]):
@@ -92,16 +74,59 @@ class Launcher:
         return out
 
 
-# ----- retrieval heads (Wu et al.) -----
-def _run_retrieval(probe, text, params, progress):
-    from attnlab.analyses import retrieval
-    from attnlab.probe.tasks import niah
+def _traces() -> tuple[str, ...]:
+    from attnlab.analyses.thought_anchors import load_traces
 
-    return retrieval.retrieval_heads(probe, lengths=params["lengths"], depths=params["depths"],
-                                     needles=niah.NEEDLES[: params["needles"]],
-                                     max_new_tokens=params["max_new_tokens"], progress=progress)
+    return (ALL_TRACES, *load_traces(), TEXT_BOX)
 
 
+def _inputs(analysis: Analysis, text: str | None, values: dict):
+    """The analysis' inputs from the page: the text box, or the chosen reasoning traces."""
+    from attnlab.analyses.base import example_text
+
+    if analysis.inputs == "traces":
+        from attnlab.analyses.thought_anchors import load_traces
+
+        trace = values["trace"]
+        if trace == TEXT_BOX:
+            if not text or not text.strip():
+                raise AttnlabError("the text box is empty: type a reasoning trace, or pick a shipped trace")
+            return {"text": text}
+        return load_traces() if trace == ALL_TRACES else load_traces([trace])
+    if analysis.default_inputs is None:
+        return None
+    return analysis.default_inputs(text if text and text.strip() else example_text())
+
+
+def _split(analysis: Analysis, text: str | None, values: dict):
+    fields = {f.name for f in analysis.fields()}
+    return _inputs(analysis, text, values), analysis.params(**{k: v for k, v in values.items() if k in fields})
+
+
+def launcher_for(analysis: Analysis) -> Launcher:
+    """The launcher of a registered analysis: its form from the Params dataclass."""
+    params = tuple(Param(f.name, f.label, f.default, lambda lab, t, _n=f.name: parse_value(analysis.params, _n, t),
+                         f.choices, f.help or f.type + (f", {f.range[0]:g}-{f.range[1]:g}" if f.range else ""))
+                   for f in analysis.fields())
+    if analysis.inputs == "traces":
+        params = (Param("trace", "trace", ALL_TRACES, lambda lab, t: _choice(_traces())(lab, t), options=_traces(),
+                        help="the shipped reasoning traces, one of them, or the text box"),) + params
+
+    def run(probe, text, values, progress):
+        inputs, p = _split(analysis, text, values)
+        return analysis.run(probe, inputs, p, progress)
+
+    def check(text, values):
+        inputs, p = _split(analysis, text, values)
+        if analysis.check is not None:
+            analysis.check(inputs, p)
+
+    label = analysis.title[:1].lower() + analysis.title[1:]
+    return Launcher(analysis.name, label, analysis.about, params, run, analysis.unit,
+                    HEAD_VIEWS.get(analysis.name), check)
+
+
+# ----- the clicked head's own view, per analysis -----
 def _retrieval_view(run, layer: int, head: int, get_probe) -> go.Figure:
     """The head's attention on one of the run's NIAH prompts (the first length and needle, the middle
     depth), pooled like the capture heatmap; the needle's answer span is marked."""
@@ -124,37 +149,6 @@ def _retrieval_view(run, layer: int, head: int, get_probe) -> go.Figure:
     return fig
 
 
-# ----- receiver heads (thought anchors, Bogdan, Macar et al.) -----
-def _trace_text(text: str | None, params) -> tuple[str, str]:
-    from attnlab.analyses.thought_anchors import load_traces
-
-    if params["trace"] == TEXT_BOX:
-        if not text or not text.strip():
-            raise AttnlabError("the text box is empty: type a reasoning trace, or pick a shipped trace")
-        return "text", text
-    name = params["trace"]
-    return name, load_traces([name])[name]
-
-
-def _check_trace(text, params) -> None:
-    from attnlab.analyses.thought_anchors import split_sentences
-
-    name, body = _trace_text(text, params)
-    n = len(split_sentences(body))
-    need = params["proximity"] + 2
-    if n < need:
-        raise AttnlabError(f"the trace has {n} sentence(s): receiver-head kurtosis needs at least proximity + 2 = "
-                           f"{need} (write a longer trace, or pick a shipped one)")
-
-
-def _run_thought_anchors(probe, text, params, progress):
-    from attnlab.analyses import thought_anchors
-
-    name, body = _trace_text(text, params)
-    return thought_anchors.run(probe, {name: body}, proximity=params["proximity"], top_k=params["top_k"],
-                               suppress=params["suppression"] == "yes", progress=progress)
-
-
 def _receiver_view(run, layer: int, head: int, get_probe) -> go.Figure:
     """The head's sentence x sentence attention (the `attention_<trace>` tensor of the run)."""
     from attnlab.analyses import thought_anchors_plots as taplots
@@ -171,42 +165,16 @@ def _receiver_view(run, layer: int, head: int, get_probe) -> go.Figure:
                                                     f"kurtosis {kurt:.2f}")
 
 
-def _traces() -> tuple[str, ...]:
-    from attnlab.analyses.thought_anchors import load_traces
+HEAD_VIEWS: dict[str, Callable] = {"retrieval": _retrieval_view, "thought_anchors": _receiver_view}
 
-    return (TEXT_BOX, *load_traces())
-
-
-LAUNCHERS: dict[str, Launcher] = {
-    "retrieval": Launcher(
-        "retrieval", "retrieval heads (needle in a haystack)",
-        "Retrieval score per head: the share of the needle's answer a head copies (its top key at each "
-        "decode step), over the successful NIAH tests. Wu et al., ICLR 2025.",
-        params=(Param("lengths", "lengths (tokens)", "256", lambda lab, t: _numbers(lab, t, int, 64, 8192)),
-                Param("depths", "depths (%)", "0,50,100", lambda lab, t: _numbers(lab, t, float, 0, 100)),
-                Param("needles", "needles (1-3)", "3", lambda lab, t: _int(lab, t, 1, 3)),
-                Param("max_new_tokens", "max new tokens", "24", lambda lab, t: _int(lab, t, 1, 64))),
-        run=_run_retrieval, unit="NIAH group (length x needle)", head_view=_retrieval_view,
-    ),
-    "thought_anchors": Launcher(
-        "thought_anchors", "receiver heads (thought anchors)",
-        "Kurtosis of each head's sentence-level vertical scores (receiver heads), the receiver score of "
-        "each sentence, and the sentence x sentence suppression matrix. Bogdan, Macar et al., 2025.",
-        params=(Param("trace", "trace", "apples", lambda lab, t: _choice(_traces())(lab, t), options=_traces()),
-                Param("proximity", "proximity", "4", lambda lab, t: _int(lab, t, 0, 64)),
-                Param("top_k", "receiver heads (top k)", "20", lambda lab, t: _int(lab, t, 1, 10_000)),
-                Param("suppression", "suppression matrix", "yes", _choice(("yes", "no")), options=("yes", "no"))),
-        run=_run_thought_anchors, unit="sentence suppressed", head_view=_receiver_view, check=_check_trace,
-    ),
-}
+LAUNCHERS: dict[str, Launcher] = {name: launcher_for(a) for name, a in ANALYSES.items()}
 
 
 def head_view(run, layer: int, head: int, get_probe) -> go.Figure | None:
     """The clicked head's own view for an analysis run, or None when its analysis has none."""
-    launcher = LAUNCHERS.get(run.manifest.get("analysis", run.kind))
-    if launcher is None or launcher.head_view is None:
-        return None
-    return launcher.head_view(run, layer, head, get_probe)
+    view = HEAD_VIEWS.get(run.manifest.get("analysis", run.kind))
+    return None if view is None else view(run, layer, head, get_probe)
 
 
-__all__ = ["LAUNCHERS", "Launcher", "Param", "TEXT_BOX", "head_view"]
+__all__ = ["ALL_TRACES", "DEFAULT", "HEAD_VIEWS", "LAUNCHERS", "Launcher", "Param", "TEXT_BOX", "head_view",
+           "launcher_for"]

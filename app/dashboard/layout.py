@@ -10,7 +10,7 @@ from dash import dcc, html
 
 from attnlab.app.dashboard import ids
 from attnlab.app.dashboard.intervene import METHODS, SCOPES
-from attnlab.app.dashboard.launchers import LAUNCHERS
+from attnlab.app.dashboard.launchers import DEFAULT, LAUNCHERS
 from attnlab.app.figures import FONT
 
 PAGE = {"fontFamily": FONT["family"], "fontSize": "14px", "margin": "0 auto", "maxWidth": "1400px",
@@ -38,7 +38,7 @@ def blank(title: str) -> go.Figure:
 
 def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
     missing_items = [html.Li([html.B(name), f": {why}"]) for name, why in missing.items()]
-    first = next(iter(LAUNCHERS))
+    first = DEFAULT if DEFAULT in LAUNCHERS else next(iter(LAUNCHERS))
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.Label("model"),

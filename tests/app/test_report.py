@@ -99,37 +99,50 @@ def test_unknown_analysis_is_refused(smollm2):
 
 
 def test_every_section_says_what_it_measures_with_the_paper_and_the_default_suite_is_cheap():
+    from attnlab.analyses import ANALYSES
+
+    sections, suites = reports.sections(), reports.suites()
     assert {"sinks", "extreme_tokens", "retrieval", "induction", "thought_anchors", "active_dormant",
-            "bigram_backcopy", "sae_circuits", "interventions"} <= set(reports.SECTIONS)
-    assert not {"sae_circuits", "interventions"} & set(reports.SUITES["default"])  # minutes, not seconds
-    assert reports.SUITES["all"] == list(reports.SECTIONS)
-    assert set(reports.SUITES["default"]) <= set(reports.SECTIONS)
+            "bigram_backcopy", "sae_circuits", "interventions"} <= set(sections)
+    assert list(sections) == [*ANALYSES, "interventions"]  # the registry, then the interventions comparison
+    assert not {"sae_circuits", "interventions"} & set(suites["default"])  # minutes, not seconds
+    assert suites["all"] == list(sections)
+    assert set(suites["default"]) <= set(sections)
     # the default suite (`make report`) stays around a minute on 2 idle CPU cores
-    assert sum(reports.SECTIONS[n].cpu_minutes for n in reports.SUITES["default"]) <= 1.2
-    for name, sec in reports.SECTIONS.items():
+    assert sum(sections[n].cpu_minutes for n in suites["default"]) <= 1.2
+    for name, sec in sections.items():
         assert re.search(r"<i>.+</i>.*\(\D*\d{4}\)", sec.about), name  # a cited title and year
         assert 2 <= sec.about.count(". ") + 1 <= 5, name
 
 
-def test_a_new_section_is_one_decorated_function(monkeypatch, smollm2):
-    monkeypatch.setattr(reports, "SECTIONS", dict(reports.SECTIONS))
-    monkeypatch.setattr(reports, "SUITES", {k: list(v) for k, v in reports.SUITES.items()})
+def test_a_new_analysis_is_one_registration_and_the_report_shows_it(smollm2):
+    from dataclasses import dataclass
 
-    @reports.section("toy", "A toy section", "It scores heads. Someone et al., <i>Toy</i> (2025).", 0.01,
-                     top_table="nodes")
-    def _run_toy(probe, text, progress):
+    from attnlab.analyses import ANALYSES, Analysis, register
+
+    @dataclass(frozen=True)
+    class ToyParams:
+        width: int = 3
+
+    def run_toy(probe, inputs, params, progress):
         nodes = pd.DataFrame({"layer": [0, 1, 2], "head": [1, 2, 3], "score": [0.2, 0.9, 0.5]})
-        return Result("toy", tables={"nodes": nodes}, params={"width": 3}, summary="toy scores")
+        return Result("toy", tables={"nodes": nodes}, params={"width": params.width}, summary="toy scores")
 
-    assert "toy" in reports.SUITES["all"] and "toy" not in reports.SUITES["default"]
-    with pytest.raises(ValueError, match="registered twice"):
-        reports.section("toy", "again", "x", 0.0)(_run_toy)
-    (res,) = reports.run_suite(smollm2, ["toy"])
-    assert res.params["section"] == "toy" and "seconds" in res.timings
-    assert reports.top_heads(res)["layer"].tolist() == [1, 2, 0]  # the section's own table, best first
-    assert reports.top_line(res) == "1.2 (0.9), 2.3 (0.5), 0.1 (0.2)"
-    page = reports.render([res], {"name": "m"})
-    assert "A toy section" in page and "<i>Toy</i>" in page and "Top heads" in page and "width" in page
+    toy = Analysis("toy", "A toy section", "It scores heads. Someone et al., <i>Toy</i> (2025).", ToyParams,
+                   run_toy, cpu_minutes=0.01, top_table="nodes")
+    register(toy)
+    try:
+        assert "toy" in reports.suites()["all"] and "toy" not in reports.suites()["default"]
+        with pytest.raises(ValueError, match="registered twice"):
+            register(toy)
+        (res,) = reports.run_suite(smollm2, ["toy"])
+        assert res.params["section"] == "toy" and "seconds" in res.timings
+        assert reports.top_heads(res)["layer"].tolist() == [1, 2, 0]  # the section's own table, best first
+        assert reports.top_line(res) == "1.2 (0.9), 2.3 (0.5), 0.1 (0.2)"
+        page = reports.render([res], {"name": "m"})
+        assert "A toy section" in page and "<i>Toy</i>" in page and "Top heads" in page and "width" in page
+    finally:
+        ANALYSES.pop("toy", None)
 
 
 def test_value_drains_list_the_smallest_ratio_first():
@@ -152,7 +165,7 @@ def test_report_command_selects_analyses_and_prints_the_summary(tmp_path):
     done = run_cli("report", "--list")
     assert done.returncode == 0 and "bigram_backcopy" in done.stdout and "active_dormant" in done.stdout
     for name in ("sae_circuits", "interventions"):  # listed with their CPU cost
-        cost = f"{reports.SECTIONS[name].cpu_minutes:g}"
+        cost = f"{reports.sections()[name].cpu_minutes:g}"
         assert re.search(rf"{name}\s.*\s{re.escape(cost)}\s", done.stdout), (name, done.stdout)
     done = run_cli("report", "--analyses", "sinks,telepathy", "--out", str(tmp_path))
     assert done.returncode == 2 and "unknown analyses ['telepathy']" in done.stderr

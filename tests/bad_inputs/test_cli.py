@@ -137,6 +137,22 @@ PRE_LOAD = [
     (["report", "--compare", "{tmp}/not_runs/one", "{tmp}/not_runs/two"], "--compare", "not a run directory"),
     (["report", "{tmp}/not_runs/one", "{tmp}/not_runs/two"], "--compare", "read only with --compare"),
     (["report", "--compare", "{tmp}/good.txt", "{tmp}/a_file"], "--compare", "not a run directory"),
+    # analyze
+    (["analyze"], "NAME", "is missing"),
+    (["analyze", "telepathy"], "NAME", "unknown analysis 'telepathy'"),
+    (["analyze", "sinks", "--param", "eps"], "--param", "write key=value"),
+    (["analyze", "sinks", "--param", "=1"], "--param", "write key=value"),
+    (["analyze", "sinks", "--param", "eps=2"], "--param", "eps: 2 is out of range (0-1)"),
+    (["analyze", "sinks", "--param", "eps=lots"], "--param", "eps: write a number (got 'lots')"),
+    (["analyze", "sinks", "--param", "gamma=1"], "--param", "unknown parameter 'gamma'"),
+    (["analyze", "retrieval", "--param", "lengths=12x"], "--param", "lengths (tokens): write numbers"),
+    (["analyze", "active_dormant", "--param", "ablate=some"], "--param", "ablate: choose one of candidates, all"),
+    (["analyze", "induction", "--text-file", "{tmp}/good.txt"], "--text-file", "reads no text"),
+    (["analyze", "sinks", "--text-file", "{tmp}/latin1.txt"], "--text-file", "not UTF-8"),
+    (["analyze", "thought_anchors", "--text-file", "{tmp}/good.txt"], "--text-file", "proximity + 2"),
+    (["analyze", "sinks", "--model", "no-such-model"], "--model", "unknown model"),
+    (["analyze", "sinks", "--device", "tpu"], "--device", "not a device"),
+    (["analyze", "sinks", "--out", "{tmp}/a_file"], "--out", "is a file"),
     # intervene
     (["intervene", "--task", "sst2"], "--method", "Missing option"),
     (["intervene", "--method", "magic", "--task", "sst2"], "--method", "unknown method 'magic'"),
@@ -324,3 +340,32 @@ def test_a_good_capture_still_writes_its_run(monkeypatch, capsys, tmp_path, tiny
     assert len(listed) == 1
     cap = RunStore(runs).load(listed.path[0]).capture()
     assert cap.layers == [1] and cap.heads == [0, 3] and cap.tokens.texts == [text.read_text(encoding="utf-8")]
+
+
+def test_analyze_lists_every_analysis_with_its_cost_and_needs(monkeypatch, capsys):
+    from attnlab.analyses import ANALYSES
+
+    monkeypatch.setattr(attnlab.probe, "load", no_model_load)
+    monkeypatch.setattr(cli.out, "width", 400)  # one row per analysis
+    code, stdout, stderr = run_main(monkeypatch, capsys, ["analyze", "--list"])
+    assert code == 0, stderr
+    for name, a in ANALYSES.items():
+        line = next(l for l in stdout.splitlines() if f" {name} " in l)
+        assert f" {a.cpu_minutes:g} " in line and a.needs[0][:10] in line, line
+
+
+def test_a_good_analyze_writes_its_run_with_the_params_given(monkeypatch, capsys, tmp_path, tiny_models):
+    tiny = tiny_models("tiny-llama")
+    monkeypatch.setattr(attnlab.probe, "load", lambda *a, **k: tiny)
+    text = tmp_path / "in.txt"
+    text.write_text("The cat sat on the mat. The dog slept by the door.", encoding="utf-8")
+    runs = tmp_path / "runs"
+    code, stdout, stderr = run_main(monkeypatch, capsys, ["analyze", "sinks", "--model", "tiny-llama", "--text-file",
+                                                          str(text), "--param", "eps=0.5", "-p", "k_max=4",
+                                                          "--out", str(runs)])
+    assert code == 0, stderr
+    assert "Sink_0" in stdout and "top heads" in stdout and "run written to" in stdout
+    (path,) = RunStore(runs).list().path
+    run = RunStore(runs).load(path)
+    assert run.kind == "sinks" and run.manifest["parameters"]["eps"] == 0.5 and run.manifest["parameters"]["k_max"] == 4
+    assert run.manifest["parameters"]["section"] == "sinks"

@@ -340,6 +340,10 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     dash_duo.driver.execute_script("window.scrollTo(0, 0)")
     _select(dash_duo, f"#{ids.LAUNCH_ANALYSIS}", LAUNCHERS["thought_anchors"].label)
     _select(dash_duo, _param(dash_duo, "trace"), TEXT_BOX)
+    # the form's defaults are the report's (suppression and rollouts in the shipped 'pencils'): suppress in
+    # the typed trace instead, without rollouts
+    _set_param(dash_duo, "suppress", "all")
+    _set_param(dash_duo, "n_rollouts", "0")
     _set_input(dash_duo, ids.TEXT, "One short sentence here. And a second one.")
     dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
     dash_duo.wait_for_contains_text(f"#{ids.MESSAGE}", "needs at least proximity + 2", timeout=10)

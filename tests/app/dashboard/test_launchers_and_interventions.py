@@ -24,16 +24,32 @@ def tokens(probe):
     return probe.tokenize(TEXT)
 
 
+def test_every_registered_analysis_is_launchable_with_its_params_as_the_form():
+    from dataclasses import fields
+
+    from attnlab.analyses import ANALYSES
+
+    assert set(launchers.LAUNCHERS) == set(ANALYSES)
+    for name, analysis in ANALYSES.items():
+        form = [p.name for p in launchers.LAUNCHERS[name].params]
+        declared = [f.name for f in fields(analysis.params)]
+        assert form == (["trace"] if analysis.inputs == "traces" else []) + declared, name
+
+
 def test_launcher_forms_parse_defaults_and_name_the_bad_field():
     retrieval = launchers.LAUNCHERS["retrieval"]
-    assert retrieval.parse({}, None) == {"lengths": [256], "depths": [0.0, 50.0, 100.0], "needles": 3,
-                                         "max_new_tokens": 24}
+    assert retrieval.parse({}, None) == {"lengths": (256,), "depths": (0.0, 50.0, 100.0), "needles": 1,
+                                         "max_new_tokens": 24, "threshold": 0.1, "success_recall": 0.5}
+    assert retrieval.parse({"lengths": "128,256", "needles": "3"}, None)["lengths"] == (128, 256)
     with pytest.raises(AttnlabError, match=r"depths \(%\): 120 is out of range"):
         retrieval.parse({"depths": "0,120"}, None)
     with pytest.raises(AttnlabError, match=r"needles \(1-3\): write a whole number"):
         retrieval.parse({"needles": "two"}, None)
     ta = launchers.LAUNCHERS["thought_anchors"]
-    assert ta.parse({}, None)["trace"] == "apples"
+    assert ta.parse({}, None)["trace"] == launchers.ALL_TRACES
+    with pytest.raises(AttnlabError, match="suppress: pencils is not among the traces \\(apples\\)"):
+        ta.parse({"trace": "apples"}, None)
+    assert ta.parse({"trace": "apples", "suppress": "apples", "n_rollouts": "0"}, None)["n_rollouts"] == 0
     with pytest.raises(AttnlabError, match="the text box is empty"):
         ta.parse({"trace": launchers.TEXT_BOX}, "  ")
     with pytest.raises(AttnlabError, match=r"2 sentence\(s\).*proximity \+ 2 = 6"):
