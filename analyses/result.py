@@ -5,11 +5,12 @@ and whatever else the analysis measures) and go to Parquet as they are. Tensors 
 go to safetensors with their dimension names. Figures are plotly figures built by pure functions
 from the tables, so the dashboard, notebooks and reports show the same thing.
 
-    res = some_analysis.run(probe, ...)
+    res = ANALYSES["retrieval"].run(probe, inputs, params)   # every analysis (`analyses.base`)
     res.tables["heads"]          # pandas DataFrame
-    res.figures["heatmap"]       # plotly Figure
+    res.figures["retrieval_heatmap"]   # plotly Figure
     path = res.save(RunStore("runs"), probe)
     res2 = Result.load(RunStore("runs").load(path))   # tables/tensors/params/summary back
+    ANALYSES["retrieval"].figures(res2)                  # the figures, rebuilt from the tables
 """
 
 from __future__ import annotations

@@ -16,26 +16,20 @@ from attnlab.probe import AttnlabError, RunStore
 from attnlab.probe.runs import model_record
 from attnlab.probe.threads import torch_threads
 
-# Tiny sizes per analysis: the plumbing is what is tested here; the numbers have their own tests.
-TINY = {
-    "sinks": ({"T": 32}, None),
-    "extreme_tokens": ({"T": 16}, ["The cat sat on the mat.", "A second text."]),
-    "retrieval": ({"lengths": (96,), "depths": (50.0,), "max_new_tokens": 3}, None),
-    "induction": ({"seq_len": 12, "repeats": 2}, None),
-    "thought_anchors": ({"suppress": "apples", "n_rollouts": 0}, "apples"),
-    "active_dormant": ({"n_texts": 1, "T": 16, "domains": ("prose", "code")}, None),
-    "bigram_backcopy": ({"d_model": 16, "seq_len": 8, "steps": 12, "batch": 4}, None),
-    "sae_circuits": ({"task": "induction", "n": 3, "seeds": 1, "epochs": 3, "solved_only": False}, None),
-}
+
+def _tiny_cases():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("attnlab_tiny_cases", Path(__file__).with_name("tiny_cases.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CASES = _tiny_cases()
+TINY = CASES.TINY
 CHEAP_ON_SMOLLM2 = ("sinks", "induction")
-
-
-def _inputs(name: str, given):
-    if name == "thought_anchors" and given is not None:
-        from attnlab.analyses.thought_anchors import load_traces
-
-        return load_traces([given])
-    return given
 
 
 def test_every_registered_analysis_has_a_tiny_case_and_declares_the_contract():
@@ -104,7 +98,7 @@ def test_each_analysis_runs_saves_reads_back_redraws_reports_and_opens(name, mod
     analysis = ANALYSES[name]
     calls = []
     with torch_threads(1):
-        res = analysis.run(probe, _inputs(name, inputs), params, progress=lambda d, t: calls.append((d, t)))
+        res = analysis.run(probe, CASES.inputs_of(name, inputs), params, progress=lambda d, t: calls.append((d, t)))
     assert isinstance(res, Result) and res.params["section"] == name and res.figures
     assert all(0 <= d <= t for d, t in calls) and (not calls or calls[-1][0] == calls[-1][1]), calls
     store = RunStore(tmp_path)

@@ -485,3 +485,33 @@ def test_a_bad_run_is_greyed_with_its_error_and_a_good_run_opens(dash_duo, tmp_p
     dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=30)
     _wait_grid(dash_duo, ids.SCORE_MAP, (4, 3), 20)
     assert dash_duo.get_logs() == [], dash_duo.get_logs()
+
+
+def test_every_registered_analysis_opens_from_the_saved_runs(dash_duo, tmp_path, tiny_models):
+    """A run of each analysis in `ANALYSES` (tiny-llama, the registry test's sizes) opens from the list:
+    its per-head scores are drawn as a map."""
+    import importlib.util
+    from pathlib import Path
+
+    from attnlab.analyses import ANALYSES
+    from attnlab.probe.threads import torch_threads
+
+    path = Path(__file__).resolve().parents[2] / "analyses" / "tiny_cases.py"
+    spec = importlib.util.spec_from_file_location("attnlab_tiny_cases", path)
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    probe = tiny_models("tiny-llama")
+    store = RunStore(tmp_path / "runs")
+    with torch_threads(1):
+        for name, analysis in ANALYSES.items():
+            params, inputs = cases.TINY[name]
+            analysis.run(probe, cases.inputs_of(name, inputs), params).save(store, probe)
+    listed = store.list()
+    assert len(listed) == len(ANALYSES) and not listed["error"].any()
+    dash_duo.start_server(create_app(tmp_path / "runs"))
+    dash_duo.wait_for_element(f"#{ids.RUNS}")
+    for i, row in enumerate(listed.itertuples()):
+        dash_duo.select_dcc_dropdown(f"#{ids.RUNS}", index=i)
+        dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", f"{row.kind} run", timeout=30)
+        _wait(lambda: min(_grid(dash_duo, ids.SCORE_MAP)) > 0, 20, f"the per-head map of the {row.kind} run")
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
