@@ -170,6 +170,38 @@ def parse_params(params_type, values: Mapping[str, object] | None = None):
     return params_type(**parsed)
 
 
+def check_params(params) -> None:
+    """Check a Params instance's values against the declared types, ranges and choices (values given
+    as Python objects, not text); an AttnlabError names the field."""
+    hints = _hints(type(params))
+    for f in dataclasses.fields(params):
+        value, label = getattr(params, f.name), f.metadata.get("label", f.name)
+        tp, optional = _strip_optional(hints[f.name])
+        if value is None:
+            if not optional:
+                raise AttnlabError(f"{label}: give a value (None is not allowed)")
+            continue
+        choices, rng = _choices(f), f.metadata.get("range")
+        if typing.get_origin(tp) is tuple:
+            kind = typing.get_args(tp)[0]
+            if not isinstance(value, (tuple, list)) or not value:
+                raise AttnlabError(f"{label}: give a non-empty sequence of {kind.__name__} (got {value!r})")
+            items = list(value)
+        else:
+            kind, items = tp, [value]
+        for v in items:
+            numeric = kind in (int, float)
+            ok = (isinstance(v, bool) if kind is bool else
+                  isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+                  if numeric else isinstance(v, kind))
+            if not ok:
+                raise AttnlabError(f"{label}: expected {kind.__name__}, got {v!r}")
+            if numeric and rng is not None and not rng[0] <= v <= rng[1]:
+                raise AttnlabError(f"{label}: {_num(v)} is out of range ({_num(rng[0])}-{_num(rng[1])})")
+            if choices is not None and v not in choices:
+                raise AttnlabError(f"{label}: choose one of {', '.join(choices)} (got {v!r})")
+
+
 def format_value(value) -> str:
     """A field's value as it is typed in a form (the inverse of `parse_value`)."""
     if value is None:
@@ -240,6 +272,9 @@ class Analysis:
         """Run on `inputs` (None: the default inputs) with `params` (a Params, a dict of values or of
         typed strings, or None: the defaults)."""
         params = self.make_params(params)
+        check_params(params)
+        if self.inputs == "none" and inputs is not None:
+            raise AttnlabError(f"{self.name} builds its own inputs (its parameters size them): pass inputs=None")
         if inputs is None and self.default_inputs is not None:
             inputs = self.default_inputs(example_text())
         if self.check is not None:
@@ -254,6 +289,10 @@ class Analysis:
         if isinstance(params, self.params):
             return params
         if isinstance(params, Mapping):
+            names = [f.name for f in dataclasses.fields(self.params)]
+            unknown = [k for k in params if k not in names]
+            if unknown:
+                raise AttnlabError(f"unknown parameter {unknown[0]!r} of {self.name}: choose from {', '.join(names)}")
             typed = {k: v for k, v in params.items() if isinstance(v, str)}
             p = parse_params(self.params, typed)
             rest = {k: v for k, v in params.items() if not isinstance(v, str)}
@@ -296,5 +335,5 @@ def load_all() -> dict[str, Analysis]:
 
 MODULES = ("sinks", "retrieval", "thought_anchors", "active_dormant", "bigram_backcopy", "sae_circuits")
 
-__all__ = ["ANALYSES", "Analysis", "Field", "MODULES", "Progress", "as_progress", "example_text", "fields_of", "format_value",
+__all__ = ["ANALYSES", "Analysis", "Field", "MODULES", "Progress", "as_progress", "check_params", "example_text", "fields_of", "format_value",
            "load_all", "parse_params", "parse_value", "register", "tqdm_callback", "tqdm_progress"]

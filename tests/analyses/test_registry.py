@@ -134,6 +134,12 @@ def test_run_gives_the_numbers_of_the_module_functions(tiny, smollm2):
 def test_run_checks_its_inputs_before_the_work(tiny):
     from attnlab.analyses.thought_anchors import load_traces
 
+    with pytest.raises(AttnlabError, match="eps: 2 is out of range \\(0-1\\)"):
+        ANALYSES["sinks"].run(tiny, ["a text"], {"eps": 2.0})
+    with pytest.raises(AttnlabError, match="lengths \\(tokens\\): expected int, got 'long'"):
+        ANALYSES["retrieval"].run(tiny, params=ANALYSES["retrieval"].Params(lengths=("long",)))
+    with pytest.raises(AttnlabError, match="ablate: choose one of candidates, all"):
+        ANALYSES["active_dormant"].run(tiny, params={"ablate": "some"})
     ta = ANALYSES["thought_anchors"]
     with pytest.raises(AttnlabError, match="proximity \\+ 2 = 6"):
         ta.run(tiny, {"t": "One short sentence here. And a second one."}, {"suppress": "none", "n_rollouts": 0})
