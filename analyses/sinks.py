@@ -234,9 +234,12 @@ def extreme_tokens(
     kv_head, score = first-token value norm / median of the others, rank = the first token's rank
     among the row's tokens, 0 = smallest), `sink_dims` (dim, median_ratio), `var` (sample, layer,
     position, token, phi, is_sink for layers >= min_layer)."""
+    L = probe.info.n_layers
+    if not 0 <= min_layer < L:
+        raise AttnlabError(f"min_layer={min_layer}: {probe.name} has {L} layers; D_sink is read on layers >= "
+                           f"min_layer: use 0-{L - 1}")
     tokens = prepare(probe, texts, T, prepend_bos)
     bridge = probe.bridge
-    L = probe.info.n_layers
     W_O = torch.stack([bridge.blocks[l].attn.W_O.detach().cpu() for l in range(L)])  # [L, Hq, D, d_model]
     names = {f"blocks.{l}.hook_resid_post" for l in range(L)} | {f"blocks.{l}.attn.hook_v" for l in range(L)}
     resid_rows, value_rows, var_rows, firsts = [], [], [], []

@@ -5,8 +5,8 @@ shipped trace. Not a test module: tests load it by path (pytest runs in importli
 
 TINY = {
     "sinks": ({"T": 32}, None),
-    "extreme_tokens": ({"T": 16}, ["The cat sat on the mat.", "A second text."]),
-    "retrieval": ({"lengths": (96,), "depths": (50.0,), "max_new_tokens": 3}, None),
+    "extreme_tokens": ({"T": 16, "min_layer": 1}, ["The cat sat on the mat.", "A second text."]),
+    "retrieval": ({"lengths": (256,), "depths": (50.0,), "max_new_tokens": 3}, None),
     "induction": ({"seq_len": 12, "repeats": 2}, None),
     "thought_anchors": ({"suppress": "apples", "n_rollouts": 0}, "apples"),
     "active_dormant": ({"n_texts": 1, "T": 16, "domains": ("prose", "code")}, None),
