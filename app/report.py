@@ -163,7 +163,10 @@ def figures_of(result: Result) -> dict[str, go.Figure]:
     figs = {}
     sec = section_of(result)
     if sec is not None:
-        figs = sec.figures(result)
+        try:
+            figs = sec.figures(result)
+        except KeyError:  # not the analysis' own tables (a hand-made result): the generic heatmap below
+            figs = {}
         if figs:
             return figs
     heads = result.tables.get("heads")
