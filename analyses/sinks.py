@@ -28,6 +28,7 @@ attnlab's choices (where the papers are silent):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -426,4 +427,6 @@ def _first_strings(tokens: Tokens, b: int, k: int) -> list[str]:
 
 
 def _mode(values: list[str]) -> str:
-    return max(set(values), key=values.count) if values else ""
+    """The most common value; ties go to the one seen first (a set's order changes with the string hash
+    seed, so `max(set(values), key=values.count)` named different tokens from run to run)."""
+    return Counter(values).most_common(1)[0][0] if values else ""
