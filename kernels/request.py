@@ -96,6 +96,7 @@ class Param:
     kind: str
     field: str
     default: Any = None
+    name: str = ""  # how the catalogue writes it: sink_mass(k)
     doc: str = ""
     extra: tuple[tuple[str, Any, Any], ...] = ()  # (field, type, default) of further request fields
 
@@ -141,7 +142,7 @@ STATISTICS: dict[str, Statistic] = {s.name: s for s in (
         "received": Output(("key",), "alpha_k: mean of A[i, k] over the queries that can see k (NaN if none)",
                            start=0.0),
     }),
-    Statistic("sink_mass", "forward", param=Param("count", "sink_k", 1, "k: the first k real tokens"),
+    Statistic("sink_mass", "forward", param=Param("count", "sink_k", 1, "k", "the first k real tokens"),
               doc="attention on the first k real tokens", outputs={
         "sink_mass": Output(("query",), "sum of A[i, j] over the first `sink_k` non-pad keys"),
     }),
@@ -157,24 +158,24 @@ STATISTICS: dict[str, Statistic] = {s.name: s for s in (
                                       "pad/empty rows", dtype=torch.long, start=-1),
         "top_prob": Output(("query",), "max_j A[i, j]"),
     }),
-    Statistic("pooled", "columns", param=Param("count", "pooled_block", 64, "block: tile size"),
+    Statistic("pooled", "columns", param=Param("count", "pooled_block", 64, "block", "tile size"),
               doc="block-mean attention map", outputs={
         "pooled": Output(("query_block", "key_block"), "mean of A over each block x block tile of the text's "
                                                        "own grid", start=0.0),
     }),
     Statistic("segments", "columns",
-              param=Param("segment_ids", "segment_ids", None, "per-token segment ids",
+              param=Param("segment_ids", "segment_ids", None, "ids", "per-token segment ids",
                            extra=(("n_segments", int, 0),)),
               doc="segment-by-segment mean attention", outputs={
         "segments": Output(("query_segment", "key_segment"), "mean of A over tokens(S_s) x tokens(S_t)",
                            start=None),
     }),
-    Statistic("distance", "forward", param=Param("count", "distance_window", 128, "window"),
+    Statistic("distance", "forward", param=Param("count", "distance_window", 128, "window", "the local window"),
               doc="mean attention distance, windowed", outputs={
         "distance": Output(("query",), "sum_j A[i, j] * (pos_i - j): mean attention distance"),
         "local_mass": Output(("query",), "sum of A[i, j] over keys with pos_i - j < window"),
     }),
-    Statistic("rows", "rows", param=Param("positions", "row_positions", (-1,), "query positions"),
+    Statistic("rows", "rows", param=Param("positions", "row_positions", (-1,), "positions", "query positions"),
               doc="exact rows for chosen queries", outputs={
         "rows": Output(("row", "key"), "exact rows A[i, :] for the requested positions (text coordinates)"),
     }),

@@ -13,6 +13,9 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   one-hot product, then grouped by the keys' segments into one S x S partial per key block); one
   program owns one key block, so every output element has one writer (no atomics); the G query
   heads of one KV head are packed as rows (one head per program when segments are asked for).
+- which outputs each pass writes, their shapes and dtypes come from the statistics table
+  (`request.STATISTICS`: a statistic's pass); derived outputs (`entropy_norm`) are computed from
+  pass 1's after it, by the twin's functions (`reference.derive`).
 - `rows(positions)` are a few rows: recomputed in torch from the log-sum-exp (positions in each
   text's own coordinates, request.py).
 - padded batches: `top_key` is stored in each text's own positions (pass 1); with `pooled`, pass 2
