@@ -14,8 +14,8 @@ else is in the batch. Each text has its own coordinates: its position t = 0 is i
 token (key position first_b = number of pads of row b), and its first real query is the query at
 that key position (or query 0 when the call's queries start after it). Then, for row b:
 
-- per-key and per-query outputs (`received`, `sink_mass`, `entropy`, `top_prob`, `distance`,
-  `local_mass`, the key axis of `rows`) stay on the padded axis: row b's real part
+- per-key and per-query outputs (`received`, `sink_mass`, `entropy`, `entropy_norm`, `top_prob`,
+  `distance`, `local_mass`, the key axis of `rows`) stay on the padded axis: row b's real part
   [first_b:] equals the text's output alone; pad positions are NaN (the key axis of `rows` is 0
   at pad keys, where A is 0).
 - values that *are* positions are in the text's own positions: `top_key` = argmax key - first_b
