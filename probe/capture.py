@@ -20,13 +20,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attnlab.kernels import OUTPUT_DIMS
+from attnlab.kernels import OUTPUT_DIMS, OUTPUTS
 from attnlab.probe.tokens import Tokens
 
 LEAD_DIMS = ("batch", "layer", "head")
+# The per-token statistics `head_summary` averages per head: the float per-query outputs of the
+# statistics table (sink_mass, entropy, entropy_norm, top_prob, distance, local_mass).
+SUMMARY_OUTPUTS = tuple(name for name, o in OUTPUTS.items() if o.dims == ("query",) and o.dtype.is_floating_point)
 
 
 def dims_of(name: str) -> tuple[str, ...]:
+    """Dimension names of a capture tensor (an output of the statistics table, `kernels.OUTPUT_DIMS`)."""
     return LEAD_DIMS + OUTPUT_DIMS[name]
 
 
@@ -93,7 +97,7 @@ class Capture:
                     row = {"batch": b, "layer": layer, "head": head, "kv_head": self.kv_heads[hi]}
                     if "received" in self.stats:
                         row["first_token_received"] = float(self["received"][b, li, hi, first[b]])
-                    for name in ("sink_mass", "entropy", "entropy_norm", "top_prob", "distance", "local_mass"):
+                    for name in SUMMARY_OUTPUTS:
                         if name in self.stats:
                             row[name] = float(torch.nanmean(self[name][b, li, hi].float()))
                     rows.append(row)
