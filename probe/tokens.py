@@ -179,12 +179,24 @@ def _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name, 
         n_pad = longest - len(r)
         input_ids[b, n_pad:] = torch.tensor(r, dtype=torch.long)
         mask[b, n_pad:] = True
-        strings.append([""] * n_pad + tokenizer.convert_ids_to_tokens(r))
+        strings.append([""] * n_pad + token_strings(tokenizer, r))
         offsets.append([(-1, -1)] * n_pad + list(o))
-    strings = [[_readable(s) for s in row] for row in strings]
     return Tokens(input_ids, mask, strings, offsets, texts, prepend_bos)
 
 
-def _readable(token: str) -> str:
-    # Byte-level BPE spells a space as 'Ġ' and a newline as 'Ċ'; SentencePiece spells a space '▁'.
-    return token.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ")
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each token as the text it stands for, through the tokenizer's own decoder
+    (`convert_tokens_to_string`): byte-level BPE's 'Ġ'/'Ċ' become a space/newline and its bytes
+    become characters ('Ã©' is 'é'), SentencePiece's '▁' a space. A token holding part of a
+    character's bytes reads as U+FFFD. The leading space of a '▁' token is kept even where the
+    decoder strips a text's first space (Llama's)."""
+    out = []
+    for token in tokenizer.convert_ids_to_tokens(ids):
+        if token is None:  # an id past the tokenizer's vocabulary (an embedding row it never uses)
+            out.append("")
+            continue
+        text = tokenizer.convert_tokens_to_string([token])
+        if token.startswith("▁") and not text.startswith(" "):
+            text = " " + text
+        out.append(text)
+    return out
