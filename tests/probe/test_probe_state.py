@@ -128,3 +128,17 @@ def test_token_strings_are_the_text_they_stand_for(smollm2):
     strings = tokens.strings[0][1:]  # after BOS
     assert "".join(strings) == text
     assert not any("Ã" in s or "Ġ" in s or "Ċ" in s for s in strings)
+
+
+def test_a_copied_model_starts_without_the_probes_edits(tiny_models):
+    import copy
+
+    p = tiny_models("tiny-qwen2")
+    model = copy.deepcopy(p.model)
+    tokens = p.tokenize("hello there, general")
+    base = p.forward(tokens).logits
+    with p.intervene(AttentionEdit(FirstToken(), LogitBias(0.0))):
+        copied = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask.long(),
+                       position_ids=tokens.position_ids()).logits
+        assert not torch.equal(p.forward(tokens).logits, base)
+    assert torch.equal(copied, base)
