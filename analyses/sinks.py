@@ -235,7 +235,7 @@ def extreme_tokens(
     tokens = prepare(probe, texts, T, prepend_bos)
     bridge = probe.bridge
     L = probe.info.n_layers
-    W_O = torch.stack([bridge.blocks[l].attn.W_O.detach().cpu() for l in range(L)])  # [L, Hq, D, d_model]
+    W_O = torch.stack([probe.output_weights(l) for l in range(L)])  # [L, Hq, D, d_model]
     names = {f"blocks.{l}.hook_resid_post" for l in range(L)} | {f"blocks.{l}.attn.hook_v" for l in range(L)}
     resid_rows, value_rows, var_rows, firsts = [], [], [], []
     resids = []

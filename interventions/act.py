@@ -37,11 +37,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from attnlab import kernels
 from attnlab.analyses.sinks import detect_sinks
 from attnlab.interventions.evaluate import batches, evaluate, ids_hash, score_examples
-from attnlab.probe import fast_path
-from attnlab.probe import stats as catalogue
 from attnlab.probe.edits import AttentionEdit, MassTransfer, RowPositions
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
@@ -96,18 +93,12 @@ class SinkFinder:
     def forward(self, tokens: Tokens) -> torch.Tensor:
         """[B, V] last-position logits of the *unedited* model, recording the batch's sinks from the
         same forward (the `received` statistic of the finder's layers, chunked kernel)."""
-        if fast_path._EDITS.get():
+        if self.probe.active_edits:
             raise AttnlabError("SinkFinder.forward detects sinks on the unedited model: call it outside intervene()")
-        stat_list = catalogue.parse(["received"])
-        pad_left = tokens.first_real()
-
-        def make_request(nq: int, nk: int):
-            return catalogue.build_request(stat_list, nq, nk, tokens.batch_size, pad_left)
-
-        session = fast_path.CaptureSession(set(self.layers), make_request, kernels.attention_stats)
-        with session:
-            logits = self.probe.forward(tokens, logits_to_keep=1).logits[:, -1]
-        received = torch.stack([session.records[layer][0]["received"].cpu() for layer in self.layers], dim=1)
+        logits, cap = self.probe.run(tokens, stats=["received"], layers=self.layers, backend="chunked",
+                                     logits_to_keep=1)
+        received = cap["received"][:, [cap.layers.index(layer) for layer in self.layers]]  # in self.layers' order
+        logits = logits[:, -1]
         self._cache[self._key(tokens)] = self._sinks(tokens, received)
         return logits
 

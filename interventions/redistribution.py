@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from attnlab.probe import fast_path
 from attnlab.probe.edits import AttentionEdit, LogitBias, MassTransfer, Positions, RowPositions, SpanGate
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
@@ -191,7 +190,7 @@ class VarSinks:
     def forward(self, tokens: Tokens) -> torch.Tensor:
         """[B, V] last-position logits of the unedited model; the batch's sinks are recorded from the
         same forward (its hidden states)."""
-        if fast_path._EDITS.get():
+        if self.probe.active_edits:
             raise AttnlabError("VarSinks.forward detects sinks on the unedited model: call it outside intervene()")
         res = self.probe.forward(tokens, logits_to_keep=1, output_hidden_states=self.sinks != "first")
         hidden = res.hidden_states if self.sinks != "first" else None
