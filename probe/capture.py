@@ -27,6 +27,7 @@ LEAD_DIMS = ("batch", "layer", "head")
 
 
 def dims_of(name: str) -> tuple[str, ...]:
+    """The dimension names of statistic `name`: ("batch", "layer", "head", *its own dims)."""
     return LEAD_DIMS + OUTPUT_DIMS[name]
 
 
@@ -138,7 +139,7 @@ def head_summary(cap: Capture) -> pd.DataFrame:
         rec = cap["received"]
         first = [int(f) for f in cap.tokens.first_real()]
         alpha0 = torch.stack([rec[b, :, :, first[b]] for b in range(B)])  # [B, L, H]
-        df[SINK] = alpha0.double().numpy().ravel()  # exact: float32 values as float64, as float() gave
+        df[SINK] = alpha0.double().cpu().numpy().ravel()  # exact: float32 values as float64, as float() gave
     for name in PER_QUERY:
         if name in cap.stats:
             t = cap[name]

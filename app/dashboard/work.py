@@ -333,6 +333,7 @@ def missing(cap, view: str) -> str | None:
 
 
 def first_real(cap) -> int:
+    """The position of text 0's first real token on the padded axis (the views show text 0)."""
     return int(cap.tokens.first_real()[0])
 
 
