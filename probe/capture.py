@@ -27,7 +27,6 @@ LEAD_DIMS = ("batch", "layer", "head")
 
 
 def dims_of(name: str) -> tuple[str, ...]:
-    """The dimension names of statistic `name`: ("batch", "layer", "head", *its own dims)."""
     return LEAD_DIMS + OUTPUT_DIMS[name]
 
 
@@ -113,7 +112,8 @@ class Capture:
 
 # ----- the per-head summary: one definition for runs, the CLI, the dashboard and the analyses -----
 SINK = "first_token_received"  # alpha_0: attention the text's first real token receives (from `received`)
-PER_QUERY = ("sink_mass", "entropy", "entropy_norm", "top_prob", "distance", "local_mass")  # averaged over queries
+# the float per-query outputs of the catalogue, averaged per head
+PER_QUERY = ("sink_mass", "entropy", "entropy_norm", "top_prob", "distance", "local_mass")
 HEAD_KEYS = ["layer", "head", "kv_head"]
 
 
