@@ -143,8 +143,9 @@ def test_a_run_opens_in_every_view_and_a_missing_statistic_says_what_to_capture(
         f"{ids.HEAD}.value": head, f"{ids.METHOD}.value": "zerotuning", f"{ids.SCOPE}.value": "all",
         f"{ids.STRENGTH}.value": 2})
     assert "zerotuning" in text and out[ids.EDIT_RESULTS]["style"] == {"display": "block"}
-    n = cap.tokens.length
-    assert _is_map(out, ids.ATTN_BEFORE, (n, n)) and _is_map(out, ids.ATTN_AFTER, (n, n))  # exact: short text
+    n = -(-cap.tokens.length // work.pooled_block(cap))  # the run's tiles; without pooled, exact (short text)
+    assert work.pooled_block(cap) == (4 if stats == "pooled(4)" else 1)
+    assert _is_map(out, ids.ATTN_BEFORE, (n, n)) and _is_map(out, ids.ATTN_AFTER, (n, n))
 
 
 def test_every_view_names_catalogue_statistics_and_the_capture_button_records_them_all():
