@@ -159,7 +159,7 @@ def test_per_head_scores_are_the_one_head_summary_with_the_numbers_of_before(wit
     assert heads.score.dtype == np.float32 and heads.score.tolist() == before.numpy().ravel().tolist()
     assert heads.sink_rate.tolist() == (alpha[..., 0] > 0.3).double().mean(dim=0).numpy().ravel().tolist()
     assert heads.layer.tolist() == np.repeat(np.arange(30), 9).tolist()
-    assert heads.head.tolist() == np.tile(np.arange(9), 30).tolist()
+    assert heads["head"].tolist() == np.tile(np.arange(9), 30).tolist()
     assert heads.kv_head.tolist() == np.tile([smollm2.info.kv_head(h) for h in range(9)], 30).tolist()
 
 
