@@ -20,13 +20,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attnlab.kernels import OUTPUT_DIMS
+from attnlab.kernels import OUTPUT_DIMS, OUTPUTS
 from attnlab.probe.tokens import Tokens
 
 LEAD_DIMS = ("batch", "layer", "head")
+# The per-token statistics `head_summary` averages per head: the float per-query outputs of the
+# statistics table (sink_mass, entropy, entropy_norm, top_prob, distance, local_mass).
+SUMMARY_OUTPUTS = tuple(name for name, o in OUTPUTS.items() if o.dims == ("query",) and o.dtype.is_floating_point)
 
 
 def dims_of(name: str) -> tuple[str, ...]:
+    """Dimension names of a capture tensor (an output of the statistics table, `kernels.OUTPUT_DIMS`)."""
     return LEAD_DIMS + OUTPUT_DIMS[name]
 
 
@@ -112,8 +116,7 @@ class Capture:
 
 # ----- the per-head summary: one definition for runs, the CLI, the dashboard and the analyses -----
 SINK = "first_token_received"  # alpha_0: attention the text's first real token receives (from `received`)
-# the float per-query outputs of the catalogue, averaged per head
-PER_QUERY = ("sink_mass", "entropy", "entropy_norm", "top_prob", "distance", "local_mass")
+PER_QUERY = SUMMARY_OUTPUTS  # averaged per head: sink_mass, entropy, entropy_norm, top_prob, distance, local_mass
 HEAD_KEYS = ["layer", "head", "kv_head"]
 
 

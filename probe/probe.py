@@ -376,8 +376,6 @@ class Probe:
         else:
             out = {name: torch.stack([records[layer][name].cpu() for layer in layer_list], dim=1)
                    for name in records[layer_list[0]]}
-        if "entropy" in out:
-            out["entropy_norm"] = self._normalised_entropy(out["entropy"], tokens, layer_list)
         params = {s.name: (list(s.arg) if isinstance(s.arg, tuple) else s.arg)
                   for s in stat_list if s.name != "segments" and s.arg is not None}
         if segments is not None:
@@ -479,17 +477,4 @@ class Probe:
                 )
             out[b, tokens.length - row.shape[0]:] = row
         return catalogue.Stat("segments", out)
-
-    def _normalised_entropy(self, entropy: torch.Tensor, tokens: Tokens, layers: list[int]) -> torch.Tensor:
-        """entropy / ln(number of visible keys); 0 where a query sees a single key; NaN at pads."""
-        first = tokens.first_real()
-        pos = torch.arange(tokens.length)
-        base = (pos[None] - first[:, None] + 1).clamp_min(1).float()  # [B, N]
-        norms = []
-        for layer in layers:
-            w = self.sliding_window(layer)
-            n_vis = base.clamp(max=w) if w is not None else base
-            norms.append(torch.log(n_vis))
-        log_n = torch.stack(norms, dim=1)[:, :, None]  # [B, L, 1, N]
-        return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), entropy * 0)  # entropy * 0: NaN stays
 
