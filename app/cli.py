@@ -535,6 +535,10 @@ def intervene(
 
 
 def _print_summary(cap, probe, top: int) -> None:
+    """The capture's one-screen summary: model, length, backend, and (with `received`) per layer the
+    `top` strongest sink heads from `attnlab.probe.capture.head_summary`."""
+    from attnlab.probe.capture import head_summary, strongest_sinks
+
     info = probe.info
     out.print(
         f"[bold]{info.name}[/] ({info.n_layers} layers x {info.n_heads} heads, {info.n_kv_heads} KV heads), "
@@ -550,8 +554,8 @@ def _print_summary(cap, probe, top: int) -> None:
         table.add_column(f"head #{n + 1}", justify="right")
         table.add_column("alpha_0", justify="right")
     table.add_column("heads with alpha_0 > 0.3", justify="right")
-    sinks = cap.strongest_sinks(top=top)
-    summary = cap.head_summary()
+    summary = head_summary(cap)  # one table: the sink ranking and the counts below both read it
+    sinks = strongest_sinks(summary, top=top)
     for layer, group in sinks.groupby("layer"):
         cells = [str(layer)]
         for _, row in group.iterrows():
