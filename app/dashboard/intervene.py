@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attnlab.interventions import METHODS as REGISTRY
 from attnlab.probe import AttnlabError
 from attnlab.probe.edits import AttentionEdit, FirstToken, MassTransfer
 
@@ -47,8 +48,6 @@ class Method:
 
 def _methods() -> dict[str, Method]:
     """The registry's methods with a hand-set strength, then the dashboard's own primitives."""
-    from attnlab.interventions import METHODS as REGISTRY
-
     out = {name: Method(f"{spec.title}: {spec.strength.label}", spec.strength.name, spec.strength.default,
                         spec.strength.lo, spec.strength.hi, spec.needs_spans)
            for name, spec in REGISTRY.items() if spec.strength is not None}
@@ -108,8 +107,6 @@ def _strength(method: Method, value) -> float:
 
 def plan(probe, tokens, method: str, scope: str, layer: int, head: int, strength=None, span: str | None = None) -> Plan:
     """The edit for `method` at `strength` in `scope`, on `tokens` (one row: the capture's text)."""
-    from attnlab.interventions import METHODS as REGISTRY
-
     if method not in METHODS:
         raise AttnlabError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     m = METHODS[method]

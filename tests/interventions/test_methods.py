@@ -111,3 +111,18 @@ def test_fit_returns_self_learned_attributes_end_in_underscore_and_clone_is_unfi
         assert edits and {e.op.keep for e in edits} == {0.5}
     if name == "zerotuning":
         assert chosen["gamma"] in (1.0, 2.0) and (edits == []) == (est.gamma_ == 1.0)
+
+
+def test_sizes_are_checked_against_the_registrys_tuning_split(tasks):
+    from attnlab.interventions.run import check_sizes, check_task
+
+    plain, spans = tasks["classification"], tasks["span"]
+    check_sizes(spans, "var", 4, 10**6)  # VAR tunes nothing: --n-tune is not checked
+    with pytest.raises(AttnlabError, match="--n-tune 5: the calibration split of tiny has 4"):
+        check_sizes(plain, "act", 4, 5)
+    with pytest.raises(AttnlabError, match="--n-tune 5: the dev split"):
+        check_sizes(plain, "zerotuning", 4, 5)
+    with pytest.raises(AttnlabError, match="use a task with spans"):
+        check_task(plain, "pasta")
+    with pytest.raises(AttnlabError, match="unknown method 'magic'"):
+        check_sizes(plain, "magic", 1, 1)
