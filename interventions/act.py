@@ -170,9 +170,10 @@ class ACT(Intervention):
 
     def finder(self, probe) -> SinkFinder:
         """The per-batch sink cache of this probe (made once, kept until the probe changes)."""
+        layers = list(self.layers) if self.layers is not None else default_layers(probe.info.n_layers)
         finder = getattr(self, "_finder", None)
-        if finder is None or finder.probe is not probe:
-            layers = list(self.layers) if self.layers is not None else default_layers(probe.info.n_layers)
+        if finder is None or (finder.probe, finder.layers, finder.threshold, finder.min_queries) != \
+                (probe, layers, self.threshold, self.min_queries):  # a new probe, or set_params since
             finder = self._finder = SinkFinder(probe, layers, self.threshold, self.min_queries)
         return finder
 

@@ -57,6 +57,8 @@ def bootstrap_interval(correct, n_boot: int = 2000, seed: int = 0, level: float 
     x = np.asarray(correct, dtype=float)
     if x.size == 0:
         raise AttnlabError("no examples to bootstrap")
+    if x.size == 1:  # every resample is the one example (scipy needs two)
+        return float(x[0]), float(x[0])
     res = stats.bootstrap((x,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
                           rng=np.random.default_rng(seed), vectorized=True)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -74,6 +76,8 @@ def paired_interval(base, method, n_boot: int = 2000, seed: int = 0, level: floa
         raise AttnlabError("no examples to bootstrap")
     if b.shape != m.shape:
         raise AttnlabError(f"paired_interval needs the same examples in both: got {b.size} and {m.size}")
+    if b.size == 1:
+        return bootstrap_interval(m - b, n_boot, seed, level)
     res = stats.bootstrap((b, m), _mean_difference, n_resamples=n_boot, confidence_level=level,
                           method="percentile", paired=True, rng=np.random.default_rng(seed), vectorized=True)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)

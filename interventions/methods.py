@@ -63,8 +63,8 @@ class Method:
 
     @property
     def tuning_split(self) -> str | None:
-        """The split `fit` tunes on (None: it tunes nothing)."""
-        return self.estimator().get_params().get("split")
+        """The split `fit` tunes on with `run_method`'s choices (None: it tunes nothing)."""
+        return self.parameters().get("split")
 
     def parameters(self) -> dict:
         """The estimator's hyperparameters with `run_method`'s choices."""

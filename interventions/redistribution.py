@@ -374,7 +374,9 @@ class VAR(Intervention):
     def finder(self, probe) -> VarSinks:
         """The per-batch sink cache of this probe (made once, kept until the probe changes)."""
         finder = getattr(self, "_finder", None)
-        if finder is None or finder.probe is not probe:
+        layers = list(self.layers) if self.layers is not None else var_layers(probe.info.n_layers)
+        if finder is None or (finder.probe, finder.layers, finder.sinks, finder.tau) != \
+                (probe, layers, self.sinks, self.tau):  # a new probe, or set_params since
             finder = self._finder = VarSinks(probe, self.layers, sinks=self.sinks, tau=self.tau)
         return finder
 
