@@ -288,15 +288,18 @@ def _intervention_figures(result: Result) -> dict:
          "Harnessing Hidden Attention Sinks</i> (ICML 2024).",
          2.0, top_table="heads", figures=_intervention_figures)
 def _run_interventions(probe, text, progress):
+    from attnlab.interventions import METHODS
     from attnlab.interventions.compare import compare_methods
 
+    # Every registered method that runs on a plain classification task (PASTA and VAR need spans).
+    methods = tuple(m for m, spec in METHODS.items() if not spec.needs_spans)
     # CPU-sized: the tuning passes dominate (~16 passes over the tuning examples for ZeroTuning, ~20
     # for ACT's head-index filtering); docs/interventions.md uses 500 test and 200 tuning examples on
     # a GPU. ATTNLAB_REPORT_INTERVENTION_N (test examples, default 128) and
     # ATTNLAB_REPORT_INTERVENTION_N_TUNE (default 32) resize it; both appear in the parameters.
     n = _size("interventions", "ATTNLAB_REPORT_INTERVENTION_N")
     n_tune = _size("interventions", "ATTNLAB_REPORT_INTERVENTION_N_TUNE")
-    return compare_methods(probe, "sst2", ("zerotuning", "act"), n=n, n_tune=n_tune)
+    return compare_methods(probe, "sst2", methods, n=n, n_tune=n_tune)
 
 
 def run_suite(probe, analyses: Sequence[str], text: str | None = None,
