@@ -82,7 +82,7 @@ upgrade-check:
 	@echo "attnlab: installing the newest releases into $(LATEST) (pip's log: $(LOG))"
 	@$(call pip,$(LATEST)/bin/python,--upgrade pip setuptools wheel)
 	@$(call pip,$(LATEST)/bin/python,"$(TORCH)")
-	@$(call pip,$(LATEST)/bin/python,--upgrade --no-build-isolation -e ".[test]")
+	@$(call pip,$(LATEST)/bin/python,--upgrade --no-build-isolation -e ".[test,triton]")
 	@$(call pip,$(LATEST)/bin/python,--upgrade --no-deps $(NODEPS))
 	@$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|triton|transformers|transformer-lens|numpy|pandas|dash|plotly)=='
 	$(LATEST)/bin/python -m pytest -q -m "not slow"

@@ -39,6 +39,7 @@ import torch
 from attnlab.analyses import plots
 from attnlab.analyses.base import Analysis, Progress, register
 from attnlab.analyses.result import Result
+from attnlab.probe.capture import HEAD_KEYS, SINK, head_summary, per_head
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
 
@@ -51,6 +52,17 @@ def sink_rates(alpha: torch.Tensor, eps: float = 0.3) -> torch.Tensor:
     valid = ~torch.isnan(flat)
     hits = ((flat > eps) & valid).sum(dim=0).double()
     return 100 * hits / valid.sum(dim=0).clamp_min(1)
+
+
+def sink_heads(summary: pd.DataFrame, eps: float = 0.3) -> pd.DataFrame:
+    """`head_summary` rows of several texts (batch = sample) -> one row per head: layer, head,
+    kv_head, score = mean alpha_0 over the texts (float32), sink_rate = share of texts whose
+    alpha_0 > eps."""
+    heads = per_head(summary[["batch", *HEAD_KEYS, SINK]]).rename(columns={SINK: "score"})
+    heads["score"] = heads["score"].astype(np.float32)
+    rate = summary.assign(hit=summary[SINK] > eps).groupby(HEAD_KEYS)["hit"].mean()
+    heads["sink_rate"] = rate.to_numpy(dtype=np.float64)  # groupby order: the same sorted heads
+    return heads
 
 
 def first_keys(received: torch.Tensor, tokens: Tokens, k_max: int) -> torch.Tensor:
@@ -152,7 +164,7 @@ def sink_metric(
     `hidden_tokens` (token, count, n_heads, score = mean alpha). Tensors: `alpha_first`
     [sample, layer, head, key] (the first k_max keys), `alpha0` [layer, head]."""
     tokens = prepare(probe, texts, T, prepend_bos)
-    alphas, hidden_rows = [], []
+    alphas, hidden_rows, summaries = [], [], []
     seconds = 0.0
     for start in range(0, tokens.batch_size, batch_size):
         chunk = _slice(tokens, start, start + batch_size)
@@ -160,6 +172,7 @@ def sink_metric(
         seconds += cap.timings["capture_seconds"]
         rec = cap["received"]
         alphas.append(first_keys(rec, chunk, k_max))
+        summaries.append(head_summary(cap).assign(batch=lambda d, s=start: d["batch"] + s))
         first = chunk.first_real()
         for b in range(chunk.batch_size):
             f = int(first[b])
@@ -182,13 +195,8 @@ def sink_metric(
         "n": (~torch.isnan(alpha)).reshape(-1, K).sum(dim=0).numpy(),
         "token": [_mode([s[k] for s in first_strings if k < len(s)]) for k in range(K)],
     })
-    alpha0 = torch.nanmean(alpha[..., 0].double(), dim=0).float()  # [L, H]
-    heads = pd.DataFrame({
-        "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
-        "kv_head": np.tile([probe.info.kv_head(h) for h in range(H)], L),
-        "score": alpha0.numpy().ravel(),
-        "sink_rate": (alpha[..., 0] > eps).double().mean(dim=0).numpy().ravel(),
-    })
+    heads = sink_heads(pd.concat(summaries, ignore_index=True), eps)  # the per-head summary, over samples
+    alpha0 = torch.from_numpy(heads["score"].to_numpy().reshape(L, H).copy())  # [L, H] float32
     hidden = pd.DataFrame(hidden_rows, columns=["sample", "layer", "head", "kv_head", "position", "token", "score"])
     tok_table = (hidden.assign(lh=hidden["layer"] * 1000 + hidden["head"])
                  .groupby("token", as_index=False)
@@ -241,7 +249,7 @@ def extreme_tokens(
                            f"min_layer: use 0-{L - 1}")
     tokens = prepare(probe, texts, T, prepend_bos)
     bridge = probe.bridge
-    W_O = torch.stack([bridge.blocks[l].attn.W_O.detach().cpu() for l in range(L)])  # [L, Hq, D, d_model]
+    W_O = torch.stack([probe.output_weights(l) for l in range(L)])  # [L, Hq, D, d_model]
     names = {f"blocks.{l}.hook_resid_post" for l in range(L)} | {f"blocks.{l}.attn.hook_v" for l in range(L)}
     resid_rows, value_rows, var_rows, firsts = [], [], [], []
     resids = []

@@ -136,7 +136,7 @@ def _check(cfg: PlantedConfig) -> None:
 
 def build_model(cfg: PlantedConfig = PlantedConfig(), seed: int = 0):
     """The untrained planted model: a Llama with MLPs off, planted heads free, distractors frozen."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from attnlab.probe import fast_path
     from attnlab.probe.registry import BYTE_VOCAB
@@ -151,7 +151,7 @@ def build_model(cfg: PlantedConfig = PlantedConfig(), seed: int = 0):
         pad_token_id=258, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM._from_config(config, attn_implementation=fast_path.ATTN_IMPLEMENTATION)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=fast_path.ATTN_IMPLEMENTATION)
     with torch.no_grad():
         # Frozen embeddings: coordinate 0 is 1 for every token (a content-free direction that gives the
         # planted previous-token head position-only queries and keys), the rest a random token code.

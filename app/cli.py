@@ -561,7 +561,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 @app.command()
 def intervene(
-    method: str = typer.Option(..., "--method", help="zerotuning, act, pasta or var."),
+    method: str = typer.Option(..., "--method", help="One of attnlab.interventions.METHODS: zerotuning, act, "
+                               "pasta or var (pasta and var need --task span_qa)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or a local HF folder."),
     task: str = typer.Option(..., "--task", "-t", help="sst2, agnews, piqa, openbookqa, mnli, socialiqa, "
                              "rotten_tomatoes, or span_qa (generated; pasta and var need it)."),
@@ -578,11 +579,18 @@ def intervene(
 
     Prints a before/after table (accuracy by label words and by the parsed greedy token, 95%
     bootstrap intervals, invalid outputs) and saves tables and parameters as a run."""
-    from attnlab.interventions.run import METHODS, SPAN_TASKS, TASKS, check_sizes, get_task, run_method
+    from attnlab.interventions import METHODS
+    from attnlab.interventions.run import SPAN_TASKS, TASKS, check_sizes, get_task, run_method
     from attnlab.probe import AttnlabError, RunStore
 
     if method not in METHODS:
         _fail(f"--method: unknown method '{method}': choose from {', '.join(METHODS)}")
+    params = {}
+    if unsupervised:
+        if "supervised" not in METHODS[method].parameters():
+            _fail(f"--unsupervised: {method} has no label-free variant (only "
+                  f"{', '.join(m for m, spec in METHODS.items() if 'supervised' in spec.parameters())} has)")
+        params["supervised"] = False
     _at_least(n, "--n")
     _at_least(n_tune, "--n-tune")
     _at_least(batch_size, "--batch-size")
@@ -593,7 +601,7 @@ def intervene(
         task_obj = get_task(task, seed, n, n_tune)
     except AttnlabError as e:
         _fail(str(e))
-    if method in ("pasta", "var") and not hasattr(task_obj, "spans"):
+    if METHODS[method].needs_spans and not hasattr(task_obj, "spans"):
         _fail(f"--method {method} steers attention toward a highlighted span: use --task span_qa (not '{task}')")
     try:
         check_sizes(task_obj, method, n, n_tune)
@@ -605,7 +613,7 @@ def intervene(
     probe = _load(model, device)
     try:
         res = run_method(probe, method, task_obj, n=n, n_tune=n_tune, seed=seed, batch_size=batch_size,
-                         supervised=not unsupervised)
+                         params=params)
         with _writing(out_dir, "--out"):
             path = res.save(RunStore(out_dir), probe)
     except AttnlabError as e:
@@ -628,6 +636,10 @@ def intervene(
 
 
 def _print_summary(cap, probe, top: int) -> None:
+    """The capture's one-screen summary: model, length, backend, and (with `received`) per layer the
+    `top` strongest sink heads from `attnlab.probe.capture.head_summary`."""
+    from attnlab.probe.capture import head_summary, strongest_sinks
+
     info = probe.info
     out.print(
         f"[bold]{info.name}[/] ({info.n_layers} layers x {info.n_heads} heads, {info.n_kv_heads} KV heads), "
@@ -643,8 +655,8 @@ def _print_summary(cap, probe, top: int) -> None:
         table.add_column(f"head #{n + 1}", justify="right")
         table.add_column("alpha_0", justify="right")
     table.add_column("heads with alpha_0 > 0.3", justify="right")
-    sinks = cap.strongest_sinks(top=top)
-    summary = cap.head_summary()
+    summary = head_summary(cap)  # one table: the sink ranking and the counts below both read it
+    sinks = strongest_sinks(summary, top=top)
     for layer, group in sinks.groupby("layer"):
         cells = [str(layer)]
         for _, row in group.iterrows():

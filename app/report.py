@@ -49,9 +49,12 @@ class InterventionComparison:
 
 
 def _run_interventions(probe, inputs, p: InterventionComparison, progress) -> Result:
+    from attnlab.interventions import METHODS
     from attnlab.interventions.compare import compare_methods
 
-    return compare_methods(probe, "sst2", ("zerotuning", "act"), n=p.n, n_tune=p.n_tune)
+    # Every registered method that runs on a plain classification task (PASTA and VAR need spans).
+    methods = tuple(m for m, spec in METHODS.items() if not spec.needs_spans)
+    return compare_methods(probe, "sst2", methods, n=p.n, n_tune=p.n_tune)
 
 
 def _intervention_figures(result: Result) -> dict:

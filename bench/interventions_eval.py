@@ -174,7 +174,7 @@ def main(argv=None) -> int:
             else:
                 model = act.fit(probe, task)
                 t_fit = time.perf_counter() - t0
-                edits = act.edit_fn(probe, model.heads_)
+                edits = model.edits  # edits(tokens): the kept heads on each batch's hidden sinks
                 chosen = {"heads": [list(h) for h in model.heads_], "n_heads": len(model.heads_),
                           "units": sorted({h for _, h in model.heads_}), "unit": args.act_unit,
                           "calibration_accuracy": model.calibration_accuracy_,
@@ -235,14 +235,14 @@ def span_part(args, probe, results: dict, save) -> None:
             model = PASTA(split="dev", n=args.n_cal, unit=args.pasta_unit, batch_size=args.batch_size,
                           progress=not args.no_progress).fit(probe, task)
             assert not set(model.tuned_ids_) & {e.id for e in test}
-            edits = model.edit_fn(task, test, model.heads_)
+            edits = model.edit_fn(task, test)
             chosen = {"heads": sorted({h for _, h in model.heads_}) if args.pasta_unit == "head_index" else
                       [list(h) for h in model.heads_], "unit": args.pasta_unit, "k": model.k_, "alpha": model.alpha,
                       "dev_baseline_accuracy": model.search_.attrs["baseline_accuracy"],
                       "search": model.search_.to_dict("records"),
                       "profile": model.profile_[["layer", "head", "score"]].to_dict("records")}
         else:
-            edits = var.edit_fn(probe, task, test)
+            edits = var.fit(probe, task).edit_fn(task, test)
             chosen = {"p": var.p, "min_mass": var.min_mass, "max_share": var.max_share, "sinks": var.sinks,
                       "sink_dims": var.finder(probe).dims, "layers": [var.finder(probe).layers[0],
                                                                         var.finder(probe).layers[-1]]}

@@ -32,16 +32,13 @@ attnlab's choices:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 
-from attnlab import kernels
 from attnlab.analyses.sinks import detect_sinks
-from attnlab.interventions.evaluate import batches, evaluate, ids_hash, score_examples
-from attnlab.probe import fast_path
-from attnlab.probe import stats as catalogue
+from attnlab.interventions.base import Intervention
+from attnlab.interventions.evaluate import batches, ids_hash, score_examples
 from attnlab.probe.edits import AttentionEdit, MassTransfer, RowPositions
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
@@ -96,18 +93,12 @@ class SinkFinder:
     def forward(self, tokens: Tokens) -> torch.Tensor:
         """[B, V] last-position logits of the *unedited* model, recording the batch's sinks from the
         same forward (the `received` statistic of the finder's layers, chunked kernel)."""
-        if fast_path._EDITS.get():
+        if self.probe.active_edits:
             raise AttnlabError("SinkFinder.forward detects sinks on the unedited model: call it outside intervene()")
-        stat_list = catalogue.parse(["received"])
-        pad_left = tokens.first_real()
-
-        def make_request(nq: int, nk: int):
-            return catalogue.build_request(stat_list, nq, nk, tokens.batch_size, pad_left)
-
-        session = fast_path.CaptureSession(set(self.layers), make_request, kernels.attention_stats)
-        with session:
-            logits = self.probe.forward(tokens, logits_to_keep=1).logits[:, -1]
-        received = torch.stack([session.records[layer][0]["received"].cpu() for layer in self.layers], dim=1)
+        logits, cap = self.probe.run(tokens, stats=["received"], layers=self.layers, backend="chunked",
+                                     logits_to_keep=1)
+        received = cap["received"][:, [cap.layers.index(layer) for layer in self.layers]]  # in self.layers' order
+        logits = logits[:, -1]
         self._cache[self._key(tokens)] = self._sinks(tokens, received)
         return logits
 
@@ -125,45 +116,66 @@ def act_edits(sinks: dict[tuple[int, int], list[list[int]]], heads: Sequence[tup
             for (layer, rows), hs in groups.items()]
 
 
-@dataclass
-class ACT:
-    """Hidden-sink calibration with offline head filtering on `split` (never the evaluation split).
+class ACT(Intervention):
+    """ACT as an estimator: hidden-sink calibration with offline head filtering on `split` (never
+    the evaluation split).
 
-    Learned: solo_ (per-head gains), heads_ (kept (layer, head) pairs), prune_ (the greedy steps),
-    tuned_ids_."""
+    Hyperparameters (the paper's names and defaults):
+        beta: 0.4, the share of its mass each hidden sink keeps.
+        threshold: 0.1, a key is a sink when alpha_k > threshold; min_queries: 4 (seen by at least
+            that many queries).
+        layers: None = 2..L-2 (`default_layers`); candidates: None = every head of those layers.
+        unit: "head" (one (layer, head) at a time, the paper's pass) or "head_index" (head h across
+            ACT's layers: 9 solo runs instead of ~240 on SmolLM2).
+        split: "calibration" (or "dev"; "test" is refused), n, shots, batch_size, progress.
 
-    beta: float = 0.4
-    threshold: float = 0.1
-    min_queries: int = 4
-    layers: Sequence[int] | None = None
-    candidates: Sequence[tuple[int, int]] | None = None
-    split: str = "calibration"
-    n: int | None = None
-    shots: int = 0
-    batch_size: int = 16
-    unit: str = "head"  # "head": one (layer, head) at a time; "head_index": head h across all ACT layers
-    progress: bool = False
-    solo_: pd.DataFrame | None = field(default=None, repr=False)
-    heads_: list | None = None
-    prune_: list = field(default_factory=list, repr=False)
-    tuned_ids_: list[int] = field(default_factory=list, repr=False)
-    calibration_accuracy_: float | None = None
-    _finder: SinkFinder | None = field(default=None, repr=False)
+    Learned (by `fit`):
+        solo_: one row per unit (layer, head, members, has_sinks, accuracy, score = gain over the
+            calibration baseline).
+        heads_: the kept (layer, head) pairs (possibly empty: no edit).
+        prune_: the greedy pruning steps (removed unit, accuracy, size).
+        calibration_accuracy_: calibration accuracy of the kept set.
+        tuned_ids_: the example ids of the calibration split that fit read.
+
+    `edits(tokens)` finds each row's hidden sinks on the unedited prefill of `tokens` (a
+    `SinkFinder` bound to the fitted probe, cached per batch) and returns the mass transfers of
+    heads_; one edit per layer and shared key set."""
+
+    name = "act"
+
+    def __init__(self, *, beta: float = 0.4, threshold: float = 0.1, min_queries: int = 4,
+                 layers: Sequence[int] | None = None, candidates: Sequence[tuple[int, int]] | None = None,
+                 unit: str = "head", split: str = "calibration", n: int | None = None, shots: int = 0,
+                 batch_size: int = 16, progress: bool = False):
+        self.beta = beta
+        self.threshold = threshold
+        self.min_queries = min_queries
+        self.layers = layers
+        self.candidates = candidates
+        self.unit = unit
+        self.split = split
+        self.n = n
+        self.shots = shots
+        self.batch_size = batch_size
+        self.progress = progress
 
     def finder(self, probe) -> SinkFinder:
-        if self._finder is None or self._finder.probe is not probe:
-            layers = list(self.layers) if self.layers is not None else default_layers(probe.info.n_layers)
-            self._finder = SinkFinder(probe, layers, self.threshold, self.min_queries)
-        return self._finder
+        """The per-batch sink cache of this probe (made once, kept until the probe changes)."""
+        layers = list(self.layers) if self.layers is not None else default_layers(probe.info.n_layers)
+        finder = getattr(self, "_finder", None)
+        if finder is None or (finder.probe, finder.layers, finder.threshold, finder.min_queries) != \
+                (probe, layers, self.threshold, self.min_queries):  # a new probe, or set_params since
+            finder = self._finder = SinkFinder(probe, layers, self.threshold, self.min_queries)
+        return finder
 
-    def edit_fn(self, probe, heads=None):
+    def _edit_fn(self, probe, heads):
         if heads is not None and not list(heads):
             return lambda tokens: []
         finder = self.finder(probe)
         return lambda tokens: act_edits(finder(tokens), heads, self.beta)
 
     def _acc(self, probe, task, examples, heads) -> float:
-        df = score_examples(probe, task, examples, self.edit_fn(probe, heads), shots=self.shots,
+        df = score_examples(probe, task, examples, self._edit_fn(probe, heads), shots=self.shots,
                             batch_size=self.batch_size)
         return float((df["pred"] == df["label"]).mean())
 
@@ -190,9 +202,12 @@ class ACT:
     def fit(self, probe, task) -> ACT:
         if self.split == "test":
             raise AttnlabError("ACT never filters heads on the evaluation split: use 'calibration' or 'dev'")
+        if not 0 <= self.beta <= 1:
+            raise AttnlabError(f"beta is the share the hidden sinks keep: 0 <= beta <= 1, got {self.beta}")
         examples = task.split(self.split, self.n)
-        self.tuned_ids_ = [e.id for e in examples]
+        tuned_ids = [e.id for e in examples]
         finder = self.finder(probe)
+        units = self._units(probe, finder.layers)
         base = self._baseline(probe, task, examples)
         # Which heads have a hidden sink on some calibration input (others are no-ops); every batch
         # was seen by the baseline pass, so these are cache hits.
@@ -200,7 +215,6 @@ class ACT:
         prompts = [task.prompt(e, shots=self.shots) for e in examples]
         for chunk in batches(prompts, self.batch_size):
             seen |= set(finder(probe.tokenize([prompts[i] for i in chunk])))
-        units = self._units(probe, finder.layers)
         label = f"{task.name} act: solo" if self.progress else False
         rows = []
         from tqdm.auto import tqdm
@@ -212,16 +226,15 @@ class ACT:
             rows.append({"layer": layers[0] if len(layers) == 1 else -1, "head": members[0][1],
                          "members": [list(m) for m in members], "has_sinks": bool(active), "accuracy": acc,
                          "score": acc - base})
-        self.solo_ = pd.DataFrame(rows)
-        self.solo_.attrs.update(baseline_accuracy=base, split=self.split, unit=self.unit,
-                                ids_sha256=ids_hash(self.tuned_ids_))
+        solo = pd.DataFrame(rows)
+        solo.attrs.update(baseline_accuracy=base, split=self.split, unit=self.unit, ids_sha256=ids_hash(tuned_ids))
         kept_units = [i for i, r in enumerate(rows) if r["score"] > 0]
 
         def heads_of(idx):
             return [tuple(m) for i in idx for m in units[i] if tuple(m) in seen]
 
         current = self._acc(probe, task, examples, heads_of(kept_units)) if kept_units else base
-        self.prune_ = [{"removed": None, "accuracy": current, "size": len(kept_units)}]
+        prune = [{"removed": None, "accuracy": current, "size": len(kept_units)}]
         while len(kept_units) > 1:
             trials = [(self._acc(probe, task, examples, heads_of([k for k in kept_units if k != u])), u)
                       for u in kept_units]
@@ -231,18 +244,27 @@ class ACT:
             kept_units.remove(drop)
             current = best_acc
             removed = units[drop][0] if self.unit == "head" else ["*", units[drop][0][1]]
-            self.prune_.append({"removed": list(removed), "accuracy": current, "size": len(kept_units)})
+            prune.append({"removed": list(removed), "accuracy": current, "size": len(kept_units)})
+        self.solo_, self.prune_, self.tuned_ids_ = solo, prune, tuned_ids
         self.heads_ = heads_of(kept_units)
         self.calibration_accuracy_ = current
         return self
 
-    def evaluate(self, probe, task, split: str = "test", n: int | None = None, **kw):
-        if self.heads_ is None:
-            raise AttnlabError("call fit(probe, task) first")
-        if {e.id for e in task.split(split, n)} & set(self.tuned_ids_):
-            raise AttnlabError(f"split '{split}' overlaps the calibration split '{self.split}'")
-        kw.setdefault("forward", self.finder(probe).forward)  # the baseline pass also finds the sinks
-        return evaluate(probe, task, self.edit_fn(probe, self.heads_), split=split, n=n, shots=self.shots,
-                        batch_size=self.batch_size, method="act",
-                        params={"heads": [list(h) for h in self.heads_], "beta": self.beta,
-                                "threshold": self.threshold, "tuned_on": self.split, "unit": self.unit}, **kw)
+    def edits(self, tokens, spans=None) -> list[AttentionEdit]:
+        """The mass transfers of heads_ on the hidden sinks of `tokens` (found on its unedited prefill)."""
+        self._check_fitted()
+        return act_edits(self._finder(tokens), self.heads_, self.beta) if self.heads_ else []
+
+    def _forward(self):
+        return self._finder.forward
+
+    def chosen(self) -> dict:
+        self._check_fitted()
+        return {"heads": [list(h) for h in self.heads_], "unit": self.unit, "tuned_on": self.split}
+
+
+def manual_edits(probe, tokens, beta: float, heads=None, spans=None) -> list[AttentionEdit]:
+    """ACT at a hand-set beta on the hidden sinks of `tokens`, in the given (layer, head) pairs (None:
+    every head of layers 2..L-2), untuned."""
+    layers = default_layers(probe.info.n_layers) if heads is None else sorted({layer for layer, _ in heads})
+    return act_edits(SinkFinder(probe, layers)(tokens), heads, beta)

@@ -6,13 +6,15 @@ each edit does to the attention of one prompt (what `attnlab report --analyses i
     res.tables["heads"]        # method, layer, head, edited, score = attention mass moved on one prompt
     res.figures["accuracy"], res.figures["attention"], res.figures["patterns"]
 
-Each method is tuned on its own split and evaluated on the test split by `run.run_method` (ZeroTuning:
-Han et al. 2025, gamma and heads on dev; ACT: Yu et al., ICML 2024, heads on calibration). Every
+The methods are the registry's (`attnlab.interventions.METHODS`; PASTA and VAR need a task with spans,
+span_qa). Each is tuned on its own split and evaluated on the test split by `run.tune_and_evaluate`
+(ZeroTuning: Han et al. 2025, gamma and heads on dev; ACT: Yu et al., ICML 2024, heads on calibration),
+and the same fitted estimator builds the edits of the prompt below, so what was tuned is what is shown. Every
 method scores the same test examples, so all of them are compared with one baseline; the intervals
 are `evaluate`'s (95% percentile bootstrap; the difference: paired bootstrap over the same examples).
 
 Attention on one prompt (the shortest of the evaluated test prompts): the full pattern A of every
-head, unedited and with the method's tuned edits (ACT's hidden sinks found on that prompt), and per
+head, unedited and with the fitted method's `edits` (ACT's hidden sinks found on that prompt), and per
 head the mass the edit moves, averaged over the queries that see more than one key:
 
     score(l, h) = mean_{i >= 1} 1/2 sum_k |A'_lh[i, k] - A_lh[i, k]|      (0: untouched, 1: all of it)
@@ -35,24 +37,13 @@ import torch
 from plotly.subplots import make_subplots
 
 from attnlab.analyses.result import Result
-from attnlab.interventions.act import ACT
-from attnlab.interventions.run import get_task, run_method
-from attnlab.interventions.zerotuning import zerotuning_edits
+from attnlab.interventions.methods import METHODS
+from attnlab.interventions.run import check_task, get_task, tune_and_evaluate
 from attnlab.probe.edits import AttentionEdit
 from attnlab.probe.errors import AttnlabError
 
-NAMES = {"zerotuning": "ZeroTuning", "act": "ACT", "pasta": "PASTA", "var": "VAR"}
-
-
-def prompt_edits(probe, method: str, chosen: dict, tokens) -> list[AttentionEdit]:
-    """The edits a tuned method applies to `tokens` (its choices as `run_method` records them)."""
-    if method == "zerotuning":
-        heads = chosen.get("heads")
-        return zerotuning_edits(float(chosen["gamma"]), None if heads is None else [tuple(h) for h in heads])
-    if method == "act":
-        return ACT().edit_fn(probe, [tuple(h) for h in chosen["heads"]])(tokens)
-    raise AttnlabError(f"no per-prompt edits for '{method}' here: compare 'zerotuning' and 'act' on a "
-                       "classification task")
+def _title(method: str) -> str:
+    return METHODS[method].title if method in METHODS else method
 
 
 def edited_heads(edits: Sequence[AttentionEdit], n_layers: int, n_heads: int) -> set[tuple[int, int]]:
@@ -84,11 +75,18 @@ def compare_methods(probe, task="sst2", methods: Sequence[str] = ("zerotuning", 
     pattern_heads, prompt; tensors: patterns [method, condition (before/after), query, key]."""
     methods = list(methods)
     if not methods:
-        raise AttnlabError("methods: name at least one of zerotuning, act")
+        raise AttnlabError(f"methods: name at least one of {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise AttnlabError(f"methods: unknown method '{unknown[0]}': choose from {', '.join(METHODS)}")
     started = time.perf_counter()
     task = get_task(task, seed, n, n_tune) if isinstance(task, str) else task
-    runs = {m: run_method(probe, m, task, n=n, n_tune=n_tune, seed=seed, batch_size=batch_size, progress=progress)
-            for m in methods}
+    for m in methods:  # before any tuning
+        check_task(task, m)
+    fitted, runs = {}, {}
+    for m in methods:
+        fitted[m], runs[m] = tune_and_evaluate(probe, m, task, n=n, n_tune=n_tune, seed=seed, batch_size=batch_size,
+                                               progress=progress)
     accuracy, summary, examples = [], [], []
     for m, res in runs.items():
         s = res.tables["summary"].set_index(["condition", "scoring"])
@@ -112,11 +110,13 @@ def compare_methods(probe, task="sst2", methods: Sequence[str] = ("zerotuning", 
     prompts = [task.prompt(e) for e in test]
     i = min(range(len(test)), key=lambda j: (len(probe.tokenize(prompts[j]).strings[0]), j))
     tokens = probe.tokenize(prompts[i])
+    # The fitted estimators' own edits (their tuned hyperparameters; a span method gets the prompt's span)
+    edits_of = {m: fitted[m].edit_fn(task, [test[i]], shots=0)(tokens) for m in methods}
     base = patterns(probe, tokens)
     L, H = probe.info.n_layers, probe.info.n_heads
     heads, picked, stacks = [], [], []
     for m, res in runs.items():
-        edits = prompt_edits(probe, m, res.params["chosen"], tokens)
+        edits = edits_of[m]
         after = patterns(probe, tokens, edits) if edits else base
         direct = edited_heads(edits, L, H)
         score = moved(base, after)
@@ -140,7 +140,7 @@ def compare_methods(probe, task="sst2", methods: Sequence[str] = ("zerotuning", 
     tensors = {"patterns": torch.stack(stacks).float()}
     lw = accuracy[accuracy.scoring == "label_words"].set_index("method")
     first = lw.iloc[0]
-    text = "; ".join(f"{NAMES.get(m, m)} {r.edited:.3f} ({r.difference:+.3f} [{r.difference_lo:+.3f}, "
+    text = "; ".join(f"{_title(m)} {r.edited:.3f} ({r.difference:+.3f} [{r.difference_lo:+.3f}, "
                      f"{r.difference_hi:+.3f}]{', outside the CI' if r.outside_ci else ''})" for m, r in lw.iterrows())
     chosen = {m: _chosen(res.params["chosen"]) for m, res in runs.items()}
     res = Result(
@@ -174,7 +174,7 @@ def accuracy_figure(accuracy: pd.DataFrame, scoring: str = "label_words") -> go.
     """accuracy: the `accuracy` table -> baseline and edited accuracy per method with 95% intervals, and
     the paired difference with its interval."""
     a = accuracy[accuracy.scoring == scoring]
-    names = [NAMES.get(m, m) for m in a.method]
+    names = [_title(m) for m in a.method]
     fig = make_subplots(rows=1, cols=2, subplot_titles=["accuracy (95% CI)", "edited - baseline (paired 95% CI)"],
                         horizontal_spacing=0.12)
     for col, label, colour in (("baseline", "baseline", "#7f7f7f"), ("edited", "edited", "#1f77b4")):
@@ -197,7 +197,7 @@ def attention_figure(heads: pd.DataFrame) -> go.Figure:
     """heads: columns method, layer, head, score, edited -> one layer x head heatmap per method of the
     attention mass moved on the prompt, directly edited heads marked."""
     methods = list(dict.fromkeys(heads.method))
-    fig = make_subplots(rows=1, cols=len(methods), subplot_titles=[NAMES.get(m, m) for m in methods],
+    fig = make_subplots(rows=1, cols=len(methods), subplot_titles=[_title(m) for m in methods],
                         horizontal_spacing=0.08)
     peak = max(float(heads.score.max()), 1e-6)
     for i, m in enumerate(methods, start=1):
@@ -220,7 +220,7 @@ def attention_figure(heads: pd.DataFrame) -> go.Figure:
 def pattern_figure(patterns: torch.Tensor, picked: pd.DataFrame, tokens: Sequence[str]) -> go.Figure:
     """patterns [method, 2, N, N] (before, after) of the head in each `picked` row -> before/after heatmaps."""
     rows = len(picked)
-    titles = [f"{NAMES.get(r.method, r.method)} {r.layer}.{r.head} {c}" for r in picked.itertuples()
+    titles = [f"{_title(r.method)} {r.layer}.{r.head} {c}" for r in picked.itertuples()
               for c in ("before", "after")]
     fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=0.12 / max(rows, 1),
                         horizontal_spacing=0.06)
@@ -252,4 +252,4 @@ def comparison_figures(tables: dict[str, pd.DataFrame], tensors: dict[str, torch
 
 
 __all__ = ["accuracy_figure", "attention_figure", "compare_methods", "comparison_figures", "edited_heads", "moved",
-           "pattern_figure", "patterns", "prompt_edits"]
+           "pattern_figure", "patterns"]

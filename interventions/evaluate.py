@@ -9,8 +9,11 @@ distribution at the last prompt position, p(. | prompt), with and without the ed
   max_new_tokens=1)`: one greedy step from the same prefix), parsed with `task.parse`; an output
   that names no label is *invalid*, counted separately and scored wrong.
 
-Accuracy gets a 95% percentile bootstrap interval (resampling examples, 2000 draws, fixed seed);
-the method-minus-baseline difference gets a paired bootstrap interval over the same draws. The
+Accuracy gets a 95% percentile bootstrap interval (`scipy.stats.bootstrap`, method="percentile":
+resampling examples, 2000 draws from `numpy.random.default_rng(0)`); the method-minus-baseline
+difference gets a paired bootstrap interval (`paired=True`) over the same draws. scipy's default
+BCa interval would move the bounds; the percentile interval with these draws gives exactly the
+numbers of attnlab's earlier numpy implementation (tests/interventions/test_evaluate.py checks it). The
 baseline always comes from the same call, on the same examples, tokens and batches.
 
     res = evaluate(probe, load_task("sst2"), edits, split="test", n=500)
@@ -37,6 +40,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from attnlab.analyses.result import Result
 from attnlab.probe.edits import AttentionEdit
@@ -47,19 +51,36 @@ EditsLike = AttentionEdit | Sequence[AttentionEdit] | Callable | None
 
 
 def bootstrap_interval(correct, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `correct` ([n] 0/1 or floats)."""
+    """Percentile bootstrap interval of the mean of `correct` ([n] 0/1 or floats): n_boot resamples
+    of the examples drawn by `numpy.random.default_rng(seed)` (`scipy.stats.bootstrap`,
+    method="percentile")."""
     x = np.asarray(correct, dtype=float)
     if x.size == 0:
         raise AttnlabError("no examples to bootstrap")
-    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
-    means = x[idx].mean(axis=1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    if x.size == 1:  # every resample is the one example (scipy needs two)
+        return float(x[0]), float(x[0])
+    res = stats.bootstrap((x,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed), vectorized=True)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _mean_difference(base, method, axis=-1):
+    return np.mean(method - base, axis=axis)
 
 
 def paired_interval(base, method, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Bootstrap interval of mean(method - base), resampling examples jointly."""
-    return bootstrap_interval(np.asarray(method, float) - np.asarray(base, float), n_boot, seed, level)
+    """Paired percentile bootstrap interval of mean(method - base): the same n_boot resamples of the
+    examples for both (`scipy.stats.bootstrap(..., paired=True)`, the draws of `bootstrap_interval`)."""
+    b, m = np.asarray(base, dtype=float), np.asarray(method, dtype=float)
+    if b.size == 0:
+        raise AttnlabError("no examples to bootstrap")
+    if b.shape != m.shape:
+        raise AttnlabError(f"paired_interval needs the same examples in both: got {b.size} and {m.size}")
+    if b.size == 1:
+        return bootstrap_interval(m - b, n_boot, seed, level)
+    res = stats.bootstrap((b, m), _mean_difference, n_resamples=n_boot, confidence_level=level,
+                          method="percentile", paired=True, rng=np.random.default_rng(seed), vectorized=True)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def as_edit_fn(edits: EditsLike) -> Callable | None:
@@ -218,7 +239,3 @@ def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: st
 def ids_hash(ids: Sequence[int]) -> str:
     return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
-
-def accuracy(res: Result, condition: str = "baseline", scoring: str = "label_words") -> float:
-    s = res.tables["summary"]
-    return float(s[(s.condition == condition) & (s.scoring == scoring)]["accuracy"].iloc[0])

@@ -42,12 +42,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 
-from attnlab.probe import fast_path
+from attnlab.interventions.base import Intervention, span_edit_fn, spans_of
 from attnlab.probe.edits import AttentionEdit, LogitBias, MassTransfer, Positions, RowPositions, SpanGate
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
@@ -191,7 +190,7 @@ class VarSinks:
     def forward(self, tokens: Tokens) -> torch.Tensor:
         """[B, V] last-position logits of the unedited model; the batch's sinks are recorded from the
         same forward (its hidden states)."""
-        if fast_path._EDITS.get():
+        if self.probe.active_edits:
             raise AttnlabError("VarSinks.forward detects sinks on the unedited model: call it outside intervene()")
         res = self.probe.forward(tokens, logits_to_keep=1, output_hidden_states=self.sinks != "first")
         hidden = res.hidden_states if self.sinks != "first" else None
@@ -230,81 +229,69 @@ def var_edits(tokens: Tokens, spans: Sequence[tuple[int, int]], sinks: dict[int,
     return edits
 
 
-def span_edit_fn(spans_by_text: dict[str, tuple[int, int]], build: Callable[[Tokens, list], list]) -> Callable:
-    """An `edits(tokens)` function for `evaluate`: looks up each row's span by its prompt text and
-    calls build(tokens, spans)."""
-
-    def edit_fn(tokens: Tokens) -> list[AttentionEdit]:
-        if not tokens.texts:
-            raise AttnlabError("span edits need tokens made from text (probe.tokenize)")
-        missing = [t[:40] for t in tokens.texts if t not in spans_by_text]
-        if missing:
-            raise AttnlabError(f"no span for the prompt '{missing[0]}...': give one (start, end) per prompt")
-        return build(tokens, [spans_by_text[t] for t in tokens.texts])
-
-    return edit_fn
-
-
 # ----- the two methods as estimators (tune on one split, evaluate on another) -----
 def _accuracy(df: pd.DataFrame) -> float:
     return float((df["pred"] == df["label"]).mean())
 
 
-def _spans_of(task, examples, shots: int = 0) -> dict[str, tuple[int, int]]:
-    if not hasattr(task, "spans"):
-        raise AttnlabError(f"task '{task.name}' has no highlighted spans: PASTA and VAR need one per prompt "
-                           "(use attnlab.probe.tasks.span_qa, or a SpanTask of your own)")
-    return task.spans(examples, shots)
+class PASTA(Intervention):
+    """PASTA as an estimator on a span task: profile units on `split` (never "test"), steer the top k.
 
+    Hyperparameters (the paper's names and defaults):
+        alpha: 0.01, the factor on the attention to the tokens outside the span (a logit bias ln(alpha)).
+        mode: "exclude" (scale everything outside the span: PASTA's default) or "include" (scale the
+            span itself; with alpha < 1 that suppresses it, and fit warns).
+        unit: "head_index" (head h in every layer), "layer" or "head".
+        k: None = pick k in 1..k_max by accuracy on `split` (ties: the smaller k); or a fixed k.
+        k_max: 3. split: "dev" ("test" is refused), n, batch_size, progress.
 
-@dataclass
-class PASTA:
-    """PASTA on a span task: profile units on `split` (never "test"), steer the top k.
+    Learned (by `fit`):
+        profile_: units ranked by accuracy gain (layer, head, members, score).
+        search_: accuracy per k tried. k_: the chosen k. heads_: the steered (layer, head) pairs.
+        tuned_ids_: the example ids of the profiling split that fit read.
 
-    k=None picks k in 1..k_max by accuracy on the same split (ties: the smaller k). Learned:
-    profile_ (units ranked by accuracy gain), heads_ ((layer, head) pairs), k_, tuned_ids_."""
+    `edits(tokens, spans)` takes one (start, end) character range per row of `tokens`."""
 
-    alpha: float = ALPHA
-    mode: str = "exclude"
-    unit: str = "head_index"
-    k: int | None = None
-    k_max: int = 3
-    split: str = "dev"
-    n: int | None = None
-    batch_size: int = 16
-    progress: bool = False
-    profile_: pd.DataFrame | None = field(default=None, repr=False)
-    heads_: list | None = None
-    k_: int | None = None
-    search_: pd.DataFrame | None = field(default=None, repr=False)
-    tuned_ids_: list[int] = field(default_factory=list, repr=False)
+    name = "pasta"
+    needs_spans = True
 
-    def __post_init__(self):
+    def __init__(self, *, alpha: float = ALPHA, mode: str = "exclude", unit: str = "head_index", k: int | None = None,
+                 k_max: int = 3, split: str = "dev", n: int | None = None, batch_size: int = 16,
+                 progress: bool = False):
+        self.alpha = alpha
+        self.mode = mode
+        self.unit = unit
+        self.k = k
+        self.k_max = k_max
+        self.split = split
+        self.n = n
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def _validate(self) -> None:
         if self.mode not in ("exclude", "include"):
             raise AttnlabError(f"mode must be 'exclude' or 'include', got '{self.mode}'")
         if self.mode == "include" and self.alpha < 1:
             warnings.warn(f"PASTA include mode with alpha={self.alpha} < 1 scales the highlighted span *down*: use "
-                          "mode='exclude' to steer toward it (or alpha > 1)", stacklevel=2)
+                          "mode='exclude' to steer toward it (or alpha > 1)", stacklevel=3)
+        if self.split == "test":
+            raise AttnlabError("PASTA never profiles heads on the evaluation split: use 'dev' or 'calibration'")
 
-    def edit_fn(self, task, examples, heads) -> Callable:
-        """edits(tokens) for `evaluate`: PASTA on `heads` toward each prompt's span."""
-        spans = _spans_of(task, examples)
-        alpha, mode = self.alpha, self.mode
+    def _build(self, tokens, spans, heads) -> list[AttentionEdit]:
+        with warnings.catch_warnings():  # warned once in fit, not once per batch
+            warnings.simplefilter("ignore")
+            return pasta_edits(tokens, spans, heads, self.alpha, self.mode)
 
-        def build(tokens, sp):
-            with warnings.catch_warnings():  # warned once at construction, not once per batch
-                warnings.simplefilter("ignore")
-                return pasta_edits(tokens, sp, heads, alpha, mode)
-
-        return span_edit_fn(spans, build)
+    def _heads_edit_fn(self, task, examples, heads) -> Callable:
+        """edits(tokens) for `score_examples`: PASTA on `heads` toward each prompt's span."""
+        return span_edit_fn(spans_of(task, examples), lambda tokens, sp: self._build(tokens, sp, heads))
 
     def fit(self, probe, task) -> PASTA:
         from attnlab.interventions.evaluate import score_examples
 
-        if self.split == "test":
-            raise AttnlabError("PASTA never profiles heads on the evaluation split: use 'dev' or 'calibration'")
+        self._validate()
         examples = task.split(self.split, self.n)
-        self.tuned_ids_ = [e.id for e in examples]
+        spans_of(task, [])  # a task without spans fails here, before any pass
         kw = dict(batch_size=self.batch_size)
         base = _accuracy(score_examples(probe, task, examples, None, **kw))
         cache: dict[tuple, float] = {}
@@ -314,72 +301,114 @@ class PASTA:
                 return base
             key = tuple(sorted(map(tuple, heads)))
             if key not in cache:
-                cache[key] = _accuracy(score_examples(probe, task, examples, self.edit_fn(task, examples, heads), **kw))
+                cache[key] = _accuracy(score_examples(probe, task, examples,
+                                                      self._heads_edit_fn(task, examples, heads), **kw))
             return cache[key]
 
-        self.profile_ = profile_pasta(probe.info.n_layers, probe.info.n_heads, score, unit=self.unit,
-                                      progress=self.progress and f"{task.name} PASTA profiling")
+        profile = profile_pasta(probe.info.n_layers, probe.info.n_heads, score, unit=self.unit,
+                                progress=self.progress and f"{task.name} PASTA profiling")
         ks = [self.k] if self.k is not None else list(range(1, self.k_max + 1))
-        rows = [{"k": k, "accuracy": score(top_heads(self.profile_, k))} for k in ks]
-        self.search_ = pd.DataFrame(rows)
-        self.search_.attrs.update(baseline_accuracy=base, split=self.split)
+        rows = [{"k": k, "accuracy": score(top_heads(profile, k))} for k in ks]
+        search = pd.DataFrame(rows)
+        search.attrs.update(baseline_accuracy=base, split=self.split)
         best = max(rows, key=lambda r: (r["accuracy"], -r["k"]))
+        self.profile_, self.search_, self.tuned_ids_ = profile, search, [e.id for e in examples]
         self.k_ = int(best["k"])
-        self.heads_ = top_heads(self.profile_, self.k_)
+        self.heads_ = top_heads(profile, self.k_)
         return self
 
-    def evaluate(self, probe, task, split: str = "test", n: int | None = None, **kw):
-        from attnlab.interventions.evaluate import evaluate
+    def edits(self, tokens, spans=None) -> list[AttentionEdit]:
+        """LogitBias(alpha) outside (or, "include", on) each row's span, in heads_."""
+        self._check_fitted()
+        return self._build(tokens, self._check_spans(tokens, spans), self.heads_)
 
-        if self.heads_ is None:
-            raise AttnlabError("call fit(probe, task) first")
-        examples = task.split(split, n)
-        if {e.id for e in examples} & set(self.tuned_ids_):
-            raise AttnlabError(f"split '{split}' overlaps the profiling split '{self.split}'")
-        return evaluate(probe, task, self.edit_fn(task, examples, self.heads_), split=split, n=n,
-                        batch_size=self.batch_size, method="pasta",
-                        params={"alpha": self.alpha, "mode": self.mode, "unit": self.unit, "k": self.k_,
-                                "heads": [list(h) for h in self.heads_], "tuned_on": self.split}, **kw)
+    def chosen(self) -> dict:
+        self._check_fitted()
+        return {"heads": [list(h) for h in self.heads_], "k": self.k_, "unit": self.unit, "tuned_on": self.split}
 
 
-@dataclass
-class VAR:
-    """VAR on a span task: fixed published hyperparameters (p = 0.6, gate 0.2 / 0.5), nothing tuned.
-    The baseline pass of `evaluate` also records the sink tokens (`VarSinks.forward`)."""
+class VAR(Intervention):
+    """VAR as an estimator on a span task: the published hyperparameters, nothing tuned.
 
-    p: float = P
-    min_mass: float = MIN_SPAN_MASS
-    max_share: float = MAX_SINK_SHARE
-    sinks: str = "phi+first"
-    tau: float = TAU
-    layers: Sequence[int] | None = None
-    after_region: bool = True
-    batch_size: int = 16
-    _finder: VarSinks | None = field(default=None, repr=False)
+    Hyperparameters (the paper's names and defaults):
+        p: 0.6, the share of their mass the sinks keep.
+        min_mass: 0.2 and max_share: 0.5, the gate: a head/query qualifies with >= min_mass of its
+            attention on the span, of which <= max_share is on sinks.
+        sinks: "phi+first" (default), "phi" (the paper's detector alone) or "first".
+        tau: 20, the phi threshold. layers: None = 2..L-2. after_region: True (only queries after
+            the span are edited). batch_size: prompts per forward.
+
+    `fit(probe, task)` tunes nothing: it checks the hyperparameters and that the task has spans,
+    and binds the sink detector (`VarSinks`) to the probe. Learned: layers_ (the edited layers),
+    sink_dims_ (D_sink, [] with sinks="first"), tuned_ids_ (empty: no example is read).
+
+    `edits(tokens, spans)` takes one (start, end) character range per row; the sink tokens are
+    detected on the unedited forward of `tokens` (cached per batch)."""
+
+    name = "var"
+    needs_spans = True
+
+    def __init__(self, *, p: float = P, min_mass: float = MIN_SPAN_MASS, max_share: float = MAX_SINK_SHARE,
+                 sinks: str = "phi+first", tau: float = TAU, layers: Sequence[int] | None = None,
+                 after_region: bool = True, batch_size: int = 16):
+        self.p = p
+        self.min_mass = min_mass
+        self.max_share = max_share
+        self.sinks = sinks
+        self.tau = tau
+        self.layers = layers
+        self.after_region = after_region
+        self.batch_size = batch_size
+
+    def fit(self, probe, task) -> VAR:
+        if not 0 <= self.p <= 1:
+            raise AttnlabError(f"VAR's p is the share the sinks keep: 0 <= p <= 1, got {self.p}")
+        spans_of(task, [])  # a task without spans fails here
+        finder = self.finder(probe)
+        self.layers_ = list(finder.layers)
+        self.sink_dims_ = finder.dims if self.sinks != "first" else []
+        self.tuned_ids_ = []
+        return self
 
     def finder(self, probe) -> VarSinks:
-        if self._finder is None or self._finder.probe is not probe:
-            self._finder = VarSinks(probe, self.layers, sinks=self.sinks, tau=self.tau)
-        return self._finder
+        """The per-batch sink cache of this probe (made once, kept until the probe changes)."""
+        finder = getattr(self, "_finder", None)
+        layers = list(self.layers) if self.layers is not None else var_layers(probe.info.n_layers)
+        if finder is None or (finder.probe, finder.layers, finder.sinks, finder.tau) != \
+                (probe, layers, self.sinks, self.tau):  # a new probe, or set_params since
+            finder = self._finder = VarSinks(probe, self.layers, sinks=self.sinks, tau=self.tau)
+        return finder
 
-    def edit_fn(self, probe, task, examples) -> Callable:
-        finder = self.finder(probe)
+    def edits(self, tokens, spans=None) -> list[AttentionEdit]:
+        """One gated MassTransfer per layer from the batch's sinks to each row's span."""
+        self._check_fitted()
+        return var_edits(tokens, self._check_spans(tokens, spans), self._finder(tokens), p=self.p,
+                         min_mass=self.min_mass, max_share=self.max_share, after_region=self.after_region)
 
-        def build(tokens, sp):
-            return var_edits(tokens, sp, finder(tokens), p=self.p, min_mass=self.min_mass, max_share=self.max_share,
-                             after_region=self.after_region)
+    def _forward(self):
+        return self._finder.forward
 
-        return span_edit_fn(_spans_of(task, examples), build)
+    def chosen(self) -> dict:
+        self._check_fitted()
+        return {"p": self.p, "min_mass": self.min_mass, "max_share": self.max_share, "sink_dims": self.sink_dims_,
+                "layers": self.layers_, "tuned_on": None}
 
-    def evaluate(self, probe, task, split: str = "test", n: int | None = None, **kw):
-        from attnlab.interventions.evaluate import evaluate
 
-        examples = task.split(split, n)
-        finder = self.finder(probe)
-        kw.setdefault("forward", finder.forward)
-        return evaluate(probe, task, self.edit_fn(probe, task, examples), split=split, n=n,
-                        batch_size=self.batch_size, method="var",
-                        params={"p": self.p, "min_mass": self.min_mass, "max_share": self.max_share,
-                                "sinks": self.sinks, "tau": self.tau, "sink_dims": finder.dims
-                                if self.sinks != "first" else [], "layers": finder.layers,
-                                "after_region": self.after_region}, **kw)
+# ----- hand-set strength (the dashboard's intervention panel) -----
+def pasta_manual_edits(probe, tokens, alpha: float, heads=None, spans=None) -> list[AttentionEdit]:
+    """PASTA at a hand-set alpha toward `spans` (one (start, end) per row), in the given (layer, head)
+    pairs (None: every head), untuned."""
+    if not spans:
+        raise AttnlabError("PASTA needs a highlighted span: type a part of the text in the span box")
+    return pasta_edits(tokens, spans, heads, alpha)
+
+
+def var_manual_edits(probe, tokens, p: float, heads=None, spans=None) -> list[AttentionEdit]:
+    """VAR at a hand-set p toward `spans`, in the given (layer, head) pairs (None: layers 2..L-2,
+    every head), untuned: the gate still decides per head and query."""
+    if not spans:
+        raise AttnlabError("VAR needs a highlighted span: type a part of the text in the span box")
+    layers = None if heads is None else sorted({layer for layer, _ in heads})
+    sinks = VarSinks(probe, layers)(tokens)
+    head_ids = None if heads is None else sorted({h for _, h in heads})
+    return var_edits(tokens, spans, sinks, p=p, heads=head_ids)

@@ -5,17 +5,15 @@
     res.params["chosen"]       # what the tuning picked (gamma and heads, ACT heads, PASTA heads and k)
     res.save(RunStore("runs"), probe)
 
-Methods and their tuning split (never the test split, which is evaluated):
-- zerotuning: head-index profiling + gamma grid on "dev" (`ZeroTuning`), unsupervised with
-  `supervised=False` (label-free profiling and gamma by output entropy).
-- act: hidden-sink calibration, heads filtered on "calibration" (`ACT`, `unit="head_index"` by
-  default here, the CPU-sized filtering; `unit="head"` is the paper's per-head pass).
-- pasta: head profiling on "dev" and top-k steering toward the highlighted span (`PASTA`).
-- var: sink-to-span mass transfer with VAR's gate, the published hyperparameters (`VAR`), nothing
-  tuned.
+The methods are the registry's (`attnlab.interventions.METHODS`): each is built with the
+registry's `run_params` (ACT filters by head index here, the CPU-sized filtering; `unit="head"`
+is the paper's per-head pass), fitted on its tuning split (n_tune examples; never the test split,
+which is evaluated; VAR tunes nothing) and evaluated by its own `evaluate`. Other hyperparameters
+go through `params` (e.g. `params={"supervised": False}`: ZeroTuning without labels).
 
 Tasks: the sae-probes sets (`attnlab.probe.tasks.classification.TASKS`) for every method, and
-`span_qa` (generated, with highlighted spans), which PASTA and VAR need.
+`span_qa` (generated, with highlighted spans), which PASTA and VAR need (task "span" in the
+registry).
 """
 
 from __future__ import annotations
@@ -23,18 +21,14 @@ from __future__ import annotations
 import time
 
 from attnlab.analyses.result import Result
-from attnlab.interventions.act import ACT
-from attnlab.interventions.redistribution import PASTA, VAR
-from attnlab.interventions.zerotuning import ZeroTuning
+from attnlab.interventions.base import Intervention
+from attnlab.interventions.methods import METHODS, Method
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tasks.classification import TASKS, load_task
 from attnlab.probe.tasks.span_qa import span_qa
 
-METHODS = ("zerotuning", "act", "pasta", "var")
 SPAN_TASKS = ("span_qa",)
 SPAN_QA_MAX = 100_000  # examples per split: generation is linear (~40 µs each), so a typo can't stall it
-# The split each method tunes on (VAR tunes nothing); the test split is the one evaluated.
-TUNING_SPLITS = {"zerotuning": "dev", "act": "calibration", "pasta": "dev", "var": None}
 
 
 def get_task(name: str, seed: int = 0, n_test: int | None = None, n_tune: int | None = None):
@@ -58,8 +52,9 @@ def check_sizes(task, method: str, n: int, n_tune: int) -> None:
     if n < 1 or n_tune < 1:
         raise AttnlabError(f"--n and --n-tune must be at least 1 (got {n}, {n_tune})")
     checks = [("test", n, "--n")]
-    if TUNING_SPLITS[method] is not None:
-        checks.append((TUNING_SPLITS[method], n_tune, "--n-tune"))
+    tuning = _method(method).tuning_split
+    if tuning is not None:
+        checks.append((tuning, n_tune, "--n-tune"))
     for split, wanted, option in checks:
         size = len(task.split(split))
         if wanted > size:
@@ -67,43 +62,61 @@ def check_sizes(task, method: str, n: int, n_tune: int) -> None:
                                f"pass {option} {size} or fewer")
 
 
+def _method(name: str) -> Method:
+    if name not in METHODS:
+        raise AttnlabError(f"unknown method '{name}': choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def check_task(task, method: str) -> None:
+    """Raise AttnlabError when the method needs a task with spans and `task` has none."""
+    if _method(method).needs_spans and not hasattr(task, "spans"):
+        raise AttnlabError(f"{method} steers attention toward a highlighted span: use a task with spans "
+                           f"({', '.join(SPAN_TASKS)}), not '{task.name}'")
+
+
+def fit_method(probe, method: str, task, *, n_tune: int = 64, batch_size: int = 16, progress: bool = True,
+               params: dict | None = None) -> Intervention:
+    """The registry's estimator for `method` (its run_params, then `params`), fitted on its tuning split
+    (the first n_tune examples)."""
+    spec = _method(method)
+    check_task(task, method)
+    run = {"batch_size": batch_size}
+    known = spec.estimator().get_params()
+    if "n" in known:
+        run["n"] = n_tune
+    if "progress" in known:
+        run["progress"] = progress
+    return spec.make(**{**run, **(params or {})}).fit(probe, task)
+
+
 def run_method(probe, method: str, task, *, n: int = 200, n_tune: int = 64, seed: int = 0, batch_size: int = 16,
-               supervised: bool = True, act_unit: str = "head_index", pasta_unit: str = "head_index",
-               progress: bool = True) -> Result:
+               params: dict | None = None, progress: bool = True) -> Result:
     """Tune `method` on its split (n_tune examples), evaluate baseline vs method on n test examples.
 
-    task: a name (see `get_task`) or a task object. Returns the `evaluate` Result, with the tuning
-    choices in params["chosen"] and the seconds spent in timings."""
-    if method not in METHODS:
-        raise AttnlabError(f"unknown method '{method}': choose from {', '.join(METHODS)}")
+    task: a name (see `get_task`) or a task object. params: hyperparameters of the method's
+    estimator over the registry's. Returns the `evaluate` Result, with the tuning choices in
+    params["chosen"] and the seconds spent in timings."""
+    return tune_and_evaluate(probe, method, task, n=n, n_tune=n_tune, seed=seed, batch_size=batch_size,
+                             params=params, progress=progress)[1]
+
+
+def tune_and_evaluate(probe, method: str, task, *, n: int = 200, n_tune: int = 64, seed: int = 0,
+                      batch_size: int = 16, params: dict | None = None,
+                      progress: bool = True) -> tuple[Intervention, Result]:
+    """`run_method`, also returning the fitted estimator (what `compare` reuses: the tuned values)."""
+    spec = _method(method)
     if n < 1 or n_tune < 1:
         raise AttnlabError(f"--n and --n-tune must be at least 1 (got {n}, {n_tune})")
     task = get_task(task, seed, n, n_tune) if isinstance(task, str) else task
-    if method in ("pasta", "var") and not hasattr(task, "spans"):
-        raise AttnlabError(f"{method} steers attention toward a highlighted span: use a task with spans "
-                           f"({', '.join(SPAN_TASKS)}), not '{task.name}'")
+    check_task(task, method)
     check_sizes(task, method, n, n_tune)
     label = f"{task.name} test" if progress else False
     started = time.perf_counter()
-    if method == "zerotuning":
-        model = ZeroTuning(split="dev", n=n_tune, supervised=supervised, batch_size=batch_size, progress=progress)
-        model.fit(probe, task)
-        chosen = {"gamma": model.gamma_, "heads": None if model.heads_ is None else [list(h) for h in model.heads_],
-                  "tuned_on": "dev", "supervised": supervised}
-    elif method == "act":
-        model = ACT(split="calibration", n=n_tune, unit=act_unit, batch_size=batch_size, progress=progress)
-        model.fit(probe, task)
-        chosen = {"heads": [list(h) for h in model.heads_], "unit": act_unit, "tuned_on": "calibration"}
-    elif method == "pasta":
-        model = PASTA(split="dev", n=n_tune, unit=pasta_unit, batch_size=batch_size, progress=progress)
-        model.fit(probe, task)
-        chosen = {"heads": [list(h) for h in model.heads_], "k": model.k_, "unit": pasta_unit, "tuned_on": "dev"}
-    else:
-        model = VAR(batch_size=batch_size)
-        chosen = {"p": model.p, "min_mass": model.min_mass, "max_share": model.max_share, "tuned_on": None}
+    model = fit_method(probe, method, task, n_tune=n_tune, batch_size=batch_size, progress=progress, params=params)
     tuned = time.perf_counter() - started
     res = model.evaluate(probe, task, split="test", n=n, progress=label)
-    res.params["chosen"] = chosen
-    res.params["n_tune"] = n_tune if method != "var" else 0
+    res.params["chosen"] = model.chosen()
+    res.params["n_tune"] = n_tune if spec.tuning_split is not None else 0
     res.timings = {"tune_seconds": round(tuned, 2), "seconds": round(time.perf_counter() - started, 2)}
-    return res
+    return model, res

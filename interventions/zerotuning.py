@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from attnlab.interventions.evaluate import evaluate, ids_hash, score_examples
+from attnlab.interventions.base import Intervention
+from attnlab.interventions.evaluate import ids_hash, score_examples
 from attnlab.probe.edits import AttentionEdit, FirstToken, LogitBias
 from attnlab.probe.errors import AttnlabError
 
@@ -170,28 +170,43 @@ def search_gamma(probe, task, heads: Sequence[tuple[int, int]] | None, *, grid: 
     return table
 
 
-@dataclass
-class ZeroTuning:
-    """Profile heads and pick gamma on `split` (never "test"); then `evaluate` on the test split.
+class ZeroTuning(Intervention):
+    """ZeroTuning as an estimator: profile heads and pick gamma on `split` (never "test"), then
+    `evaluate` on the test split.
 
-    Learned: profile_ (head table), heads_ ((layer, head) pairs), gamma_ (applied factor),
-    search_ (gamma table), tuned_ids_ (the example ids used for tuning)."""
+    Hyperparameters (the paper's names and defaults):
+        unit: "head_index" (head h across every layer, 9 units on SmolLM2) or "head" (one (layer, head)).
+        gamma_profile: 2.0, the gamma > 1 each unit is scaled by while profiling.
+        grid: `GAMMA_GRID` = 1, 1.5, ..., 4, the gamma search.
+        supervised: True (dev accuracy); False: label-free (mean label-word entropy, labels unread).
+        direction: "up" (gamma > 1 on the up heads), "down" (1/gamma on the down heads), "all" (every head).
+        split: "dev" (or "calibration"; "test" is refused), n: its first n examples (None: all),
+        shots, batch_size, progress: how the tuning passes run.
 
-    unit: str = "head_index"
-    gamma_profile: float = 2.0
-    grid: Sequence[float] = GAMMA_GRID
-    supervised: bool = True
-    direction: str = "up"  # "up": gamma > 1 on up heads; "down": 1/gamma on down heads; "all": every head
-    split: str = "dev"
-    n: int | None = None
-    shots: int = 0
-    batch_size: int = 16
-    progress: bool = False
-    profile_: pd.DataFrame | None = field(default=None, repr=False)
-    heads_: list | None = None
-    gamma_: float | None = None
-    search_: pd.DataFrame | None = field(default=None, repr=False)
-    tuned_ids_: list[int] = field(default_factory=list, repr=False)
+    Learned (by `fit`):
+        profile_: one row per unit (layer, head, members, accuracy, gold_logprob, entropy, their
+            changes, score, direction); None with direction="all".
+        heads_: the (layer, head) pairs edited, None = every head (no unit was up, or direction="all").
+        gamma_: the applied factor (1/gamma for direction="down"; 1.0 = no edit).
+        search_: one row per grid value (gamma, accuracy, entropy, chosen).
+        tuned_ids_: the example ids of the tuning split that fit read.
+    """
+
+    name = "zerotuning"
+
+    def __init__(self, *, unit: str = "head_index", gamma_profile: float = 2.0, grid: Sequence[float] = GAMMA_GRID,
+                 supervised: bool = True, direction: str = "up", split: str = "dev", n: int | None = None,
+                 shots: int = 0, batch_size: int = 16, progress: bool = False):
+        self.unit = unit
+        self.gamma_profile = gamma_profile
+        self.grid = grid
+        self.supervised = supervised
+        self.direction = direction
+        self.split = split
+        self.n = n
+        self.shots = shots
+        self.batch_size = batch_size
+        self.progress = progress
 
     def fit(self, probe, task) -> ZeroTuning:
         """Profile (supervised: dev accuracy; unsupervised: label-word entropy, labels unread) and
@@ -200,35 +215,35 @@ class ZeroTuning:
         if self.direction not in ("up", "down", "all"):
             raise AttnlabError(f"direction must be 'up', 'down' or 'all', got '{self.direction}'")
         examples = task.split(self.split, self.n)
-        self.tuned_ids_ = [e.id for e in examples]
+        tuned_ids = [e.id for e in examples]
         kw = dict(split=self.split, n=self.n, shots=self.shots, batch_size=self.batch_size)
         base = score_examples(probe, task, examples, None, shots=self.shots, batch_size=self.batch_size)
         tag = f"{task.name} zerotuning" if self.progress else False
-        if self.direction == "all":
-            self.heads_ = None
-        else:
-            self.profile_ = profile_heads(probe, task, gamma=self.gamma_profile, unit=self.unit,
-                                          metric="accuracy" if self.supervised else "entropy", baseline=base,
-                                          progress=tag and f"{tag}: profile", **kw)
-            chosen = heads_of(self.profile_, self.direction)
-            self.heads_ = chosen or None
-        self.search_ = search_gamma(probe, task, self.heads_, grid=self.grid, supervised=self.supervised,
-                                    invert=self.direction == "down", baseline=base,
-                                    progress=tag and f"{tag}: gamma", **kw)
-        self.gamma_ = float(self.search_.loc[self.search_.chosen, "gamma"].iloc[0])
+        profile, heads = None, None
+        if self.direction != "all":
+            profile = profile_heads(probe, task, gamma=self.gamma_profile, unit=self.unit,
+                                    metric="accuracy" if self.supervised else "entropy", baseline=base,
+                                    progress=tag and f"{tag}: profile", **kw)
+            heads = heads_of(profile, self.direction) or None
+        search = search_gamma(probe, task, heads, grid=self.grid, supervised=self.supervised,
+                              invert=self.direction == "down", baseline=base, progress=tag and f"{tag}: gamma", **kw)
+        self.profile_, self.heads_, self.search_, self.tuned_ids_ = profile, heads, search, tuned_ids
+        self.gamma_ = float(search.loc[search.chosen, "gamma"].iloc[0])
         return self
 
-    def edits(self) -> list[AttentionEdit]:
-        if self.gamma_ is None:
-            raise AttnlabError("call fit(probe, task) first")
+    def edits(self, tokens=None, spans=None) -> list[AttentionEdit]:
+        """The first-token logit bias ln(gamma_) in heads_ (the same for every input: tokens unused)."""
+        self._check_fitted()
         return zerotuning_edits(self.gamma_, self.heads_)
 
-    def evaluate(self, probe, task, split: str = "test", n: int | None = None, **kw):
-        test_ids = {e.id for e in task.split(split, n)}
-        if test_ids & set(self.tuned_ids_):
-            raise AttnlabError(f"split '{split}' overlaps the tuning split '{self.split}': evaluate on another split")
-        return evaluate(probe, task, self.edits(), split=split, n=n, shots=self.shots, batch_size=self.batch_size,
-                        method="zerotuning", params={"gamma": self.gamma_, "heads": self.heads_ and
-                                                     [list(h) for h in self.heads_], "unit": self.unit,
-                                                     "tuned_on": self.split, "supervised": self.supervised,
-                                                     "direction": self.direction}, **kw)
+    def chosen(self) -> dict:
+        self._check_fitted()
+        return {"gamma": self.gamma_, "heads": None if self.heads_ is None else [list(h) for h in self.heads_],
+                "tuned_on": self.split, "supervised": self.supervised}
+
+
+def manual_edits(probe, tokens, gamma: float, heads=None, spans=None) -> list[AttentionEdit]:
+    """ZeroTuning at a hand-set gamma in the given (layer, head) pairs (None: every head), untuned."""
+    if gamma <= 0:
+        raise AttnlabError("gamma must be > 0 (gamma = 1 changes nothing)")
+    return zerotuning_edits(gamma, heads)

@@ -12,14 +12,17 @@ else:
     from attnlab.kernels.dispatch import triton_available, triton_kernel
     from attnlab.kernels.edits import KernelEdit, MassGate, apply_edits
     from attnlab.kernels.reference import StatAccumulator, attention_stats, stats_from_pattern, visibility
-    from attnlab.kernels.request import OUTPUT_DIMS, StatRequest
+    from attnlab.kernels.request import OUTPUT_DIMS, OUTPUTS, STATISTICS, Statistic, StatRequest
 
     __all__ = [
         "KernelEdit",
         "MassGate",
+        "OUTPUTS",
         "OUTPUT_DIMS",
+        "STATISTICS",
         "StatAccumulator",
         "StatRequest",
+        "Statistic",
         "apply_edits",
         "attention_stats",
         "stats_from_pattern",

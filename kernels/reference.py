@@ -17,6 +17,7 @@ key_mask [B, Nk] bool, True for real tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -115,6 +116,11 @@ class StatAccumulator:
 
     `add(p, vis, q_start)` takes p [B, H, C, Nk] (fp32, zero where not visible) for queries
     q_start .. q_start + C; `finish()` returns the named tensors, each [B, H, ...].
+
+    Which outputs exist, their shapes, dtypes and starting values come from the statistics table
+    (`request.STATISTICS`); the arithmetic is per statistic: `_start_<name>` (state kept across
+    chunks, optional), `_add_<name>` (one chunk), `_finish_<name>` (normalisation, optional), and
+    for a derived statistic its function in `DERIVED`.
     """
 
     def __init__(
@@ -134,135 +140,202 @@ class StatAccumulator:
         self.key_mask = key_mask
         self.window = sliding_window
         self.device = device
-        f32 = dict(dtype=torch.float32, device=device)
-        nan = float("nan")
-        r = request
         self.out: dict[str, torch.Tensor] = {}
         # Each text's own coordinates: its first real key and first real query (request.py).
         self._first = first_real_position(key_mask, batch, device)
         self._qfirst = first_real_query(key_mask, batch, n_queries, n_keys, device)
         self._first_list, self._qfirst_list = self._first.tolist(), self._qfirst.tolist()
-        if r.received:
-            self.out["received"] = torch.zeros(batch, heads, n_keys, **f32)
-            self._seen_by = torch.zeros(batch, 1, n_keys, **f32)
-        if r.sink_k is not None:
-            self.out["sink_mass"] = torch.full((batch, heads, n_queries), nan, **f32)
-            first = first_real_position(key_mask, batch, device)
-            cols = torch.arange(n_keys, device=device)
-            self._sink_cols = (cols[None] >= first[:, None]) & (cols[None] < first[:, None] + r.sink_k)
-        if r.entropy:
-            self.out["entropy"] = torch.full((batch, heads, n_queries), nan, **f32)
-        if r.top_key:
-            self.out["top_key"] = torch.full((batch, heads, n_queries), -1, dtype=torch.long, device=device)
-            self.out["top_prob"] = torch.full((batch, heads, n_queries), nan, **f32)
-        if r.pooled_block is not None:
-            b = r.pooled_block
-            self.out["pooled"] = torch.zeros(batch, heads, math.ceil(n_queries / b), math.ceil(n_keys / b), **f32)
-        if r.segment_ids is not None:
-            s = r.n_segments
-            ids = segment_ids(r, key_mask, device)
-            self._key_seg = ids
-            # One-hot of key -> segment ([B, Nk, S]); keys in no segment are a zero row.
-            onehot = torch.zeros(batch, n_keys, s + 1, **f32)
-            onehot.scatter_(2, (ids + 1).clamp_min(0)[..., None], 1.0)
-            self._seg_onehot = onehot[..., 1:]
-            self._seg_sum = torch.zeros(batch, heads, s + 1, s, **f32)
-        if r.distance_window is not None:
-            self.out["distance"] = torch.full((batch, heads, n_queries), nan, **f32)
-            self.out["local_mass"] = torch.full((batch, heads, n_queries), nan, **f32)
-        if r.row_positions is not None:
-            self.out["rows"] = torch.full((batch, heads, len(r.row_positions), n_keys), nan, **f32)
-            self._row_idx = resolve_rows(r.row_positions, key_mask, batch, n_queries, n_keys, device).tolist()
-        if r.pattern:
-            self.out["pattern"] = torch.zeros(batch, heads, n_queries, n_keys, **f32)
+        self._stats = [s for s in request.statistics() if s.pass_ != "derived"]
+        for s in self._stats:
+            for name, o in s.outputs.items():
+                if o.start is not None:
+                    shape = request.output_shape(name, batch, heads, n_queries, n_keys)
+                    self.out[name] = torch.full(shape, o.start, dtype=o.dtype, device=device)
+            start = getattr(self, f"_start_{s.name}", None)
+            if start is not None:
+                start()
 
     def add(self, p: torch.Tensor, vis: torch.Tensor, q_start: int, k_start: int = 0) -> None:
         """p, vis: [B, H|1, C, K] for queries q_start.. and keys k_start..k_start+K (every key
         outside that range is invisible to these queries). With pooling, k_start is a multiple
         of the block."""
-        r, out = self.r, self.out
-        c, width = p.shape[2], p.shape[3]
-        q_end, k_end = q_start + c, k_start + p.shape[3]
-        rows, keys = slice(q_start, q_end), slice(k_start, k_end)
-        row_ok = vis.any(dim=-1)  # [B, 1, C]: real queries
-        nan_rows = ~row_ok
-        if r.received:
-            out["received"][..., keys] += p.sum(dim=2)
-            self._seen_by[..., keys] += vis.sum(dim=2, dtype=torch.float32)
-        if r.sink_k is not None:
-            sm = (p * self._sink_cols[:, None, None, keys]).sum(dim=-1)
-            out["sink_mass"][:, :, rows] = sm.masked_fill(nan_rows, float("nan"))
-        if r.entropy:
-            ent = -torch.special.xlogy(p, p).sum(dim=-1)
-            out["entropy"][:, :, rows] = ent.masked_fill(nan_rows, float("nan"))
-        if r.top_key:
-            prob, idx = p.max(dim=-1)
-            # in the text's own positions; -1 for pad queries and rows with no mass left (an edit
-            # removed every visible key: the argmax is undefined)
-            top = idx + k_start - self._first[:, None, None]
-            out["top_key"][:, :, rows] = top.masked_fill(nan_rows | (prob <= 0), -1)
-            out["top_prob"][:, :, rows] = prob.masked_fill(nan_rows, float("nan"))
-        if r.pooled_block is not None:
-            # Tiles on each text's own grid: they start at the text's first real token (query and
-            # key), so a text's map is the same in any batch.
-            b = r.pooled_block
-            nkb = out["pooled"].shape[-1]
-            for bi in range(self.B):
-                f, qf = self._first_list[bi], self._qfirst_list[bi]
-                q0 = max(q_start, qf)
-                t0 = k_start - f  # text position of this chunk's first key
-                pb = p[bi, :, q0 - q_start :]
-                if t0 < 0:
-                    pb, t0 = pb[..., -t0:], 0
-                w = pb.shape[-1]
-                if q0 >= q_end or w == 0:
-                    continue
-                lead = t0 % b
-                nb = math.ceil((lead + w) / b)
-                pk = torch.nn.functional.pad(pb, (lead, nb * b - lead - w)).view(self.H, q_end - q0, nb, b).sum(-1)
-                kb0 = t0 // b
-                nb = min(nb, nkb - kb0)
-                qblock = (torch.arange(q0, q_end, device=self.device) - qf) // b
-                out["pooled"][bi, :, :, kb0 : kb0 + nb].index_add_(1, qblock, pk[..., :nb])
-        if r.segment_ids is not None:
-            per_key_seg = torch.matmul(p, self._seg_onehot[:, None, keys])  # [B, H, C, S]
-            qseg = self._key_seg[:, self.q_offset + q_start : self.q_offset + q_end] + 1  # 0 = none
-            for bi in range(self.B):
-                self._seg_sum[bi].index_add_(1, qseg[bi], per_key_seg[bi])
-        if r.distance_window is not None:
-            pos_q = torch.arange(q_start, q_end, device=self.device, dtype=torch.float32) + self.q_offset
-            diff = pos_q[:, None] - torch.arange(k_start, k_end, device=self.device, dtype=torch.float32)[None]
-            dist = (p * diff).sum(dim=-1)
-            local = (p * (diff < r.distance_window)).sum(dim=-1)
-            out["distance"][:, :, rows] = dist.masked_fill(nan_rows, float("nan"))
-            out["local_mass"][:, :, rows] = local.masked_fill(nan_rows, float("nan"))
-        if r.row_positions is not None:
-            for bi, idx_row in enumerate(self._row_idx):
-                for n, i in enumerate(idx_row):
-                    if q_start <= i < q_end and bool(row_ok[bi, 0, i - q_start]):
-                        full = torch.zeros(self.H, self.Nk, dtype=torch.float32, device=self.device)
-                        full[:, keys] = p[bi, :, i - q_start]
-                        out["rows"][bi, :, n] = full
-        if r.pattern:
-            out["pattern"][:, :, rows, keys] = p
+        c = _Chunk(p, vis, q_start, k_start)
+        for s in self._stats:
+            getattr(self, f"_add_{s.name}")(c)
 
     def finish(self) -> dict[str, torch.Tensor]:
-        r, out = self.r, self.out
-        if r.received:
-            seen = self._seen_by
-            out["received"] = torch.where(seen > 0, out["received"] / seen.clamp_min(1), float("nan"))
-        if r.pooled_block is not None:
-            out["pooled"] = pooled_means(out["pooled"], r.pooled_block, self.Nq - self._qfirst, self.Nk - self._first)
-        if r.segment_ids is not None:
-            s = r.n_segments
-            # Segment sizes: queries are counted among this call's queries only.
-            qids = self._key_seg[:, self.q_offset :]
-            q_count = torch.stack([torch.bincount(q + 1, minlength=s + 1)[1:] for q in qids]).float()
-            k_count = self._seg_onehot.sum(dim=1)  # [B, S]
-            denom = q_count[:, :, None] * k_count[:, None, :]
-            seg = self._seg_sum[:, :, 1:] / denom[:, None].clamp_min(1)
-            out["segments"] = torch.where(denom[:, None] > 0, seg, float("nan"))
-        return out
+        for s in self._stats:
+            fin = getattr(self, f"_finish_{s.name}", None)
+            if fin is not None:
+                fin()
+        derive(self.r, self.out, self.key_mask, self.Nq, self.Nk, self.window)
+        return {name: self.out[name] for name in self.r.outputs()}  # table order, as every backend
+
+    # -- received: per-key column means over the queries that see the key
+    def _start_received(self) -> None:
+        self._seen_by = torch.zeros(self.B, 1, self.Nk, dtype=torch.float32, device=self.device)
+
+    def _add_received(self, c: _Chunk) -> None:
+        self.out["received"][..., c.keys] += c.p.sum(dim=2)
+        self._seen_by[..., c.keys] += c.vis.sum(dim=2, dtype=torch.float32)
+
+    def _finish_received(self) -> None:
+        seen = self._seen_by
+        self.out["received"] = torch.where(seen > 0, self.out["received"] / seen.clamp_min(1), float("nan"))
+
+    # -- sink_mass: mass on the first k real keys
+    def _start_sink_mass(self) -> None:
+        cols = torch.arange(self.Nk, device=self.device)
+        first = self._first
+        self._sink_cols = (cols[None] >= first[:, None]) & (cols[None] < first[:, None] + self.r.sink_k)
+
+    def _add_sink_mass(self, c: _Chunk) -> None:
+        sm = (c.p * self._sink_cols[:, None, None, c.keys]).sum(dim=-1)
+        self.out["sink_mass"][:, :, c.rows] = sm.masked_fill(c.nan_rows, float("nan"))
+
+    # -- entropy (nats)
+    def _add_entropy(self, c: _Chunk) -> None:
+        ent = -torch.special.xlogy(c.p, c.p).sum(dim=-1)
+        self.out["entropy"][:, :, c.rows] = ent.masked_fill(c.nan_rows, float("nan"))
+
+    # -- top_key, top_prob
+    def _add_top_key(self, c: _Chunk) -> None:
+        prob, idx = c.p.max(dim=-1)
+        # in the text's own positions; -1 for pad queries and rows with no mass left (an edit
+        # removed every visible key: the argmax is undefined)
+        top = idx + c.k_start - self._first[:, None, None]
+        self.out["top_key"][:, :, c.rows] = top.masked_fill(c.nan_rows | (prob <= 0), -1)
+        self.out["top_prob"][:, :, c.rows] = prob.masked_fill(c.nan_rows, float("nan"))
+
+    # -- pooled: tile sums on each text's own grid, then tile means
+    def _add_pooled(self, c: _Chunk) -> None:
+        # Tiles on each text's own grid: they start at the text's first real token (query and
+        # key), so a text's map is the same in any batch.
+        b = self.r.pooled_block
+        pooled = self.out["pooled"]
+        nkb = pooled.shape[-1]
+        q_start, q_end, k_start = c.q_start, c.q_end, c.k_start
+        for bi in range(self.B):
+            f, qf = self._first_list[bi], self._qfirst_list[bi]
+            q0 = max(q_start, qf)
+            t0 = k_start - f  # text position of this chunk's first key
+            pb = c.p[bi, :, q0 - q_start :]
+            if t0 < 0:
+                pb, t0 = pb[..., -t0:], 0
+            w = pb.shape[-1]
+            if q0 >= q_end or w == 0:
+                continue
+            lead = t0 % b
+            nb = math.ceil((lead + w) / b)
+            pk = torch.nn.functional.pad(pb, (lead, nb * b - lead - w)).view(self.H, q_end - q0, nb, b).sum(-1)
+            kb0 = t0 // b
+            nb = min(nb, nkb - kb0)
+            qblock = (torch.arange(q0, q_end, device=self.device) - qf) // b
+            pooled[bi, :, :, kb0 : kb0 + nb].index_add_(1, qblock, pk[..., :nb])
+
+    def _finish_pooled(self) -> None:
+        self.out["pooled"] = pooled_means(self.out["pooled"], self.r.pooled_block, self.Nq - self._qfirst,
+                                          self.Nk - self._first)
+
+    # -- segments: sums over query segment x key segment, then means
+    def _start_segments(self) -> None:
+        s = self.r.n_segments
+        ids = segment_ids(self.r, self.key_mask, self.device)
+        self._key_seg = ids
+        # One-hot of key -> segment ([B, Nk, S]); keys in no segment are a zero row.
+        onehot = torch.zeros(self.B, self.Nk, s + 1, dtype=torch.float32, device=self.device)
+        onehot.scatter_(2, (ids + 1).clamp_min(0)[..., None], 1.0)
+        self._seg_onehot = onehot[..., 1:]
+        self._seg_sum = torch.zeros(self.B, self.H, s + 1, s, dtype=torch.float32, device=self.device)
+
+    def _add_segments(self, c: _Chunk) -> None:
+        per_key_seg = torch.matmul(c.p, self._seg_onehot[:, None, c.keys])  # [B, H, C, S]
+        qseg = self._key_seg[:, self.q_offset + c.q_start : self.q_offset + c.q_end] + 1  # 0 = none
+        for bi in range(self.B):
+            self._seg_sum[bi].index_add_(1, qseg[bi], per_key_seg[bi])
+
+    def _finish_segments(self) -> None:
+        s = self.r.n_segments
+        # Segment sizes: queries are counted among this call's queries only.
+        qids = self._key_seg[:, self.q_offset :]
+        q_count = torch.stack([torch.bincount(q + 1, minlength=s + 1)[1:] for q in qids]).float()
+        k_count = self._seg_onehot.sum(dim=1)  # [B, S]
+        denom = q_count[:, :, None] * k_count[:, None, :]
+        seg = self._seg_sum[:, :, 1:] / denom[:, None].clamp_min(1)
+        self.out["segments"] = torch.where(denom[:, None] > 0, seg, float("nan"))
+
+    # -- distance, local_mass
+    def _add_distance(self, c: _Chunk) -> None:
+        pos_q = torch.arange(c.q_start, c.q_end, device=self.device, dtype=torch.float32) + self.q_offset
+        k_end = c.k_start + c.p.shape[3]
+        diff = pos_q[:, None] - torch.arange(c.k_start, k_end, device=self.device, dtype=torch.float32)[None]
+        dist = (c.p * diff).sum(dim=-1)
+        local = (c.p * (diff < self.r.distance_window)).sum(dim=-1)
+        self.out["distance"][:, :, c.rows] = dist.masked_fill(c.nan_rows, float("nan"))
+        self.out["local_mass"][:, :, c.rows] = local.masked_fill(c.nan_rows, float("nan"))
+
+    # -- rows: exact rows of the requested queries
+    def _start_rows(self) -> None:
+        self._row_idx = resolve_rows(self.r.row_positions, self.key_mask, self.B, self.Nq, self.Nk,
+                                     self.device).tolist()
+
+    def _add_rows(self, c: _Chunk) -> None:
+        for bi, idx_row in enumerate(self._row_idx):
+            for n, i in enumerate(idx_row):
+                if c.q_start <= i < c.q_end and bool(c.row_ok[bi, 0, i - c.q_start]):
+                    full = torch.zeros(self.H, self.Nk, dtype=torch.float32, device=self.device)
+                    full[:, c.keys] = c.p[bi, :, i - c.q_start]
+                    self.out["rows"][bi, :, n] = full
+
+    # -- pattern
+    def _add_pattern(self, c: _Chunk) -> None:
+        self.out["pattern"][:, :, c.rows, c.keys] = c.p
+
+
+class _Chunk:
+    """One chunk of attention rows handed to `StatAccumulator.add`, with the slices every statistic uses."""
+
+    __slots__ = ("p", "vis", "q_start", "q_end", "k_start", "rows", "keys", "row_ok", "nan_rows")
+
+    def __init__(self, p: torch.Tensor, vis: torch.Tensor, q_start: int, k_start: int) -> None:
+        self.p, self.vis, self.q_start, self.k_start = p, vis, q_start, k_start
+        self.q_end = q_start + p.shape[2]
+        self.rows = slice(q_start, self.q_end)
+        self.keys = slice(k_start, k_start + p.shape[3])
+        self.row_ok = vis.any(dim=-1)  # [B, 1, C]: real queries
+        self.nan_rows = ~self.row_ok
+
+
+# ----- derived statistics: computed from other outputs where every backend finalises its per-query
+# statistics (`StatAccumulator.finish`, the Triton wrapper's forward). One function per output:
+# (outputs so far, key_mask, Nq, Nk, sliding_window) -> the output.
+
+def entropy_norm(out: dict[str, torch.Tensor], key_mask: torch.Tensor | None, n_queries: int, n_keys: int,
+                 sliding_window: int | None) -> torch.Tensor:
+    """entropy / ln(number of keys query i may see); 0 where a query sees a single key; NaN at pads.
+
+    Visible keys: the text's tokens up to query i (i - first + 1, at least 1), at most the window."""
+    entropy = out["entropy"]
+    B, device = entropy.shape[0], entropy.device
+    first = first_real_position(key_mask, B, device)
+    pos = torch.arange(n_queries, device=device) + (n_keys - n_queries)
+    n_vis = (pos[None] - first[:, None] + 1).clamp_min(1).float()  # [B, Nq]
+    if sliding_window is not None:
+        n_vis = n_vis.clamp(max=sliding_window)
+    log_n = torch.log(n_vis)[:, None]  # [B, 1, Nq]
+    return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), entropy * 0)  # entropy * 0: NaN stays
+
+
+DERIVED: dict[str, Callable[..., torch.Tensor]] = {"entropy_norm": entropy_norm}
+
+
+def derive(request: StatRequest, out: dict[str, torch.Tensor], key_mask: torch.Tensor | None, n_queries: int,
+           n_keys: int, sliding_window: int | None) -> dict[str, torch.Tensor]:
+    """Add the derived outputs the request asks for to `out` (in place; also returned)."""
+    for s in request.statistics("derived"):
+        for name in s.outputs:
+            out[name] = DERIVED[name](out, key_mask, n_queries, n_keys, sliding_window)
+    return out
 
 
 def pooled_means(sums: torch.Tensor, block: int, n_queries: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:

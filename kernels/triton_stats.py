@@ -13,6 +13,9 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   one-hot product, then grouped by the keys' segments into one S x S partial per key block); one
   program owns one key block, so every output element has one writer (no atomics); the G query
   heads of one KV head are packed as rows (one head per program when segments are asked for).
+- which outputs each pass writes, their shapes and dtypes come from the statistics table
+  (`request.STATISTICS`: a statistic's pass); derived outputs (`entropy_norm`) are computed from
+  pass 1's after it, by the twin's functions (`reference.derive`).
 - `rows(positions)` are a few rows: recomputed in torch from the log-sum-exp (positions in each
   text's own coordinates, request.py).
 - padded batches: `top_key` is stored in each text's own positions (pass 1); with `pooled`, pass 2
@@ -56,7 +59,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from attnlab.kernels import reference
 from attnlab.kernels.triton_kernels import _col_kernel, _fwd_kernel
 from attnlab.kernels.edits import MIN_LOG, KernelEdit
-from attnlab.kernels.request import StatRequest
+from attnlab.kernels.request import OUTPUTS, StatRequest
 
 LOG2E = 1.4426950408889634
 MAX_SEGMENTS = 64
@@ -109,8 +112,8 @@ def _unsupported(q, k, v, request, key_mask, edits) -> str | None:
         return "dtype other than bf16/fp16"
     if q.shape[-1] not in FWD_CONFIG or v.shape[-1] != q.shape[-1]:
         return "head dim other than 64/128/256"
-    if request.pattern:
-        return "pattern"
+    if request.outputs("eager"):  # needs the materialised pattern
+        return ", ".join(request.outputs("eager"))
     if request.pooled_block is not None and request.pooled_block % 16:
         return "pooled block not a multiple of 16"
     if request.segment_ids is not None and request.n_segments > MAX_SEGMENTS:
@@ -278,17 +281,11 @@ class _Call:
         f32 = dict(dtype=torch.float32, device=self.device)
         out = torch.empty(B, Hq, Nq, self.D, dtype=self.q.dtype, device=self.device)
         lse2 = torch.empty(B, Hq, Nq, **f32)
-        stats: dict[str, torch.Tensor] = {}
-        if request.entropy:
-            stats["entropy"] = torch.empty(B, Hq, Nq, **f32)
-        if request.top_key:
-            stats["top_key"] = torch.empty(B, Hq, Nq, dtype=torch.long, device=self.device)
-            stats["top_prob"] = torch.empty(B, Hq, Nq, **f32)
-        if request.sink_k is not None:
-            stats["sink_mass"] = torch.empty(B, Hq, Nq, **f32)
-        if request.distance_window is not None:
-            stats["distance"] = torch.empty(B, Hq, Nq, **f32)
-            stats["local_mass"] = torch.empty(B, Hq, Nq, **f32)
+        # pass 1's outputs (the table's "forward" statistics), written whole by the kernel
+        stats: dict[str, torch.Tensor] = {
+            name: torch.empty(request.output_shape(name, B, Hq, Nq, Nk), dtype=OUTPUTS[name].dtype, device=self.device)
+            for name in request.outputs("forward")
+        }
         if not stats and self._cudnn_output(out, lse2):
             self.output_from = "cudnn"  # only pass 2's statistics: cuDNN's output and log-sum-exp
         else:  # per-query statistics ride along with our forward at ~15% extra: cheaper than a cuDNN call + more
@@ -296,13 +293,14 @@ class _Call:
             self.output_from = "triton"
         if self.edit is not None:
             self._zero_dead_rows(request, out, lse2, stats)
-        if request.received or request.pooled_block is not None or request.segment_ids is not None:
+        if request.outputs("columns"):
             if request.pooled_block is not None and self.key_mask is not None:
                 stats.update(self._columns_per_text(request, lse2))
             else:
                 stats.update(self._columns(request, lse2))
         if request.row_positions is not None:
             stats["rows"] = self._rows(request.row_positions, lse2)
+        reference.derive(request, stats, self.key_mask, Nq, Nk, self.window)
         return out, {name: stats[name] for name in request.outputs()}
 
     def _cudnn_output(self, out, lse2) -> bool:
@@ -392,11 +390,8 @@ class _Call:
             return
         out.masked_fill_(dead[..., None], 0.0)
         lse2.masked_fill_(dead, float("inf"))
-        for name in ("entropy", "top_prob", "sink_mass", "distance", "local_mass"):
-            if name in stats:
-                stats[name].masked_fill_(dead, 0.0)
-        if "top_key" in stats:
-            stats["top_key"].masked_fill_(dead, -1)
+        for name in request.outputs("forward"):  # a zero row: 0, and -1 for an index (top_key)
+            stats[name].masked_fill_(dead, 0.0 if stats[name].is_floating_point() else -1)
 
     def _columns_per_text(self, request, lse2):
         """Pass 2 for a left-padded batch with `pooled`: one launch per text on its real tokens only,

@@ -12,8 +12,9 @@ attention on a BOS token with a near-zero value, changes the loss little under e
     # or, equivalently: with probe.ablate([(3, 5), (7, 0)]): ...
 
 Ablations apply on the fast path (`probe.forward`, `probe.capture` with the chunked/triton
-backends) through a context variable read by `attnlab.probe.fast_path.attnlab_attention`; the
-hooked path (TransformerLens bridge) does not see them. They edit the head's output, not its
+backends) through the probe's own state (`attnlab.probe.fast_path.ProbeState`, read by
+`attnlab.probe.fast_path.attnlab_attention` from the probe's attention modules: other probes and other
+threads do not see them); the hooked path (TransformerLens bridge) does not see them. They edit the head's output, not its
 pattern: statistics captured inside an ablation describe the unablated pattern.
 """
 
@@ -87,11 +88,8 @@ def ablate(
         raise AttnlabError("probe: head ablations need the fast path (attn_implementation='attnlab'); load the model "
                            "with attnlab.probe.load")
     items = _normalise(probe, heads, mode)
-    current = dict(fast_path._ABLATIONS.get() or {})
+    added: dict[int, tuple] = {}
     for a in items:
-        current[a.layer] = tuple(dict.fromkeys(current.get(a.layer, ()) + ((a.head, a.mode, decode_only),)))
-    token = fast_path._ABLATIONS.set(current)
-    try:
+        added[a.layer] = added.get(a.layer, ()) + ((a.head, a.mode, decode_only),)
+    with probe.state.ablating(added):
         yield items
-    finally:
-        fast_path._ABLATIONS.reset(token)

@@ -20,18 +20,36 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attnlab.kernels import OUTPUT_DIMS
+from attnlab.kernels import OUTPUT_DIMS, OUTPUTS
 from attnlab.probe.tokens import Tokens
 
 LEAD_DIMS = ("batch", "layer", "head")
+# The per-token statistics `head_summary` averages per head: the float per-query outputs of the
+# statistics table (sink_mass, entropy, entropy_norm, top_prob, distance, local_mass).
+SUMMARY_OUTPUTS = tuple(name for name, o in OUTPUTS.items() if o.dims == ("query",) and o.dtype.is_floating_point)
 
 
 def dims_of(name: str) -> tuple[str, ...]:
+    """Dimension names of a capture tensor (an output of the statistics table, `kernels.OUTPUT_DIMS`)."""
     return LEAD_DIMS + OUTPUT_DIMS[name]
 
 
 @dataclass
 class Capture:
+    """Named statistic tensors of one capture, each [batch, layer, head, *its own dims].
+
+    stats: name -> tensor with dims `dims_of(name)`, e.g. `received` [batch, layer, head, key],
+        `entropy` [batch, layer, head, query], `pooled` [batch, layer, head, query_block, key_block]
+        (NaN at pads and past a text's end; see the module docstring for padded batches).
+    tokens: the `Tokens` captured ([batch, N] ids, strings, mask; `first_real()` [batch]).
+    layers: the model layers on the layer axis (length L); heads: the query heads on the head axis
+        (length H); kv_heads[i]: the KV head of query head heads[i] (length H, GQA).
+    params: catalogue parameters of the statistics, e.g. {"sink_mass": 1, "pooled": 64}.
+    backend: the backend that computed them; timings: seconds per phase.
+
+    `cap["received"]` is a statistic (a KeyError that names the fix when it was not captured),
+    `"pooled" in cap` says whether it was; `head_summary()` is the per-head table of scalars."""
+
     model: str
     backend: str
     tokens: Tokens
@@ -47,6 +65,7 @@ class Capture:
         return self.tokens.prepend_bos
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor of statistic `name`, [batch, layer, head, *dims_of(name)[3:]]."""
         if name not in self.stats:
             have = ", ".join(self.stats) or "nothing"
             raise KeyError(f"this capture has no '{name}' (it has {have}): capture it with stats=[..., '{name}']")
@@ -56,6 +75,7 @@ class Capture:
         return name in self.stats
 
     def dims(self, name: str) -> tuple[str, ...]:
+        """The dimension names of statistic `name`: (batch, layer, head, ...)."""
         return dims_of(name)
 
     def head_index(self, layer: int, head: int) -> tuple[int, int]:
@@ -84,29 +104,79 @@ class Capture:
         return df[cols + [c for c in df.columns if c not in cols]]
 
     def head_summary(self) -> pd.DataFrame:
-        """One row per (batch, layer, head): the per-head means of the per-token statistics."""
-        rows = []
-        first = self.tokens.first_real()
-        for b in range(self.tokens.batch_size):
-            for li, layer in enumerate(self.layers):
-                for hi, head in enumerate(self.heads):
-                    row = {"batch": b, "layer": layer, "head": head, "kv_head": self.kv_heads[hi]}
-                    if "received" in self.stats:
-                        row["first_token_received"] = float(self["received"][b, li, hi, first[b]])
-                    for name in ("sink_mass", "entropy", "entropy_norm", "top_prob", "distance", "local_mass"):
-                        if name in self.stats:
-                            row[name] = float(torch.nanmean(self[name][b, li, hi].float()))
-                    rows.append(row)
-        return pd.DataFrame(rows)
+        """`head_summary(self)`: one row per (batch, layer, head) of per-head scalars."""
+        return head_summary(self)
 
     def strongest_sinks(self, top: int = 3) -> pd.DataFrame:
-        """Per layer, the heads whose first real token receives the most attention (alpha_0)."""
+        """`strongest_sinks(head_summary(self), top)`: per layer, the `top` heads by alpha_0."""
         if "received" not in self.stats:
             raise KeyError("strongest_sinks needs the 'received' statistic")
-        summary = self.head_summary().groupby(["layer", "head", "kv_head"], as_index=False)["first_token_received"].mean()
-        return (
-            summary.sort_values(["layer", "first_token_received"], ascending=[True, False])
-            .groupby("layer", as_index=False)
-            .head(top)
-            .reset_index(drop=True)
-        )
+        return strongest_sinks(head_summary(self), top)
+
+
+# ----- the per-head summary: one definition for runs, the CLI, the dashboard and the analyses -----
+SINK = "first_token_received"  # alpha_0: attention the text's first real token receives (from `received`)
+PER_QUERY = SUMMARY_OUTPUTS  # averaged per head: sink_mass, entropy, entropy_norm, top_prob, distance, local_mass
+HEAD_KEYS = ["layer", "head", "kv_head"]
+
+
+def head_summary(cap: Capture) -> pd.DataFrame:
+    """One row per (batch, layer, head), in that order: the per-head scalars of a capture.
+
+    Columns batch, layer, head, kv_head (model indices), then those the capture's statistics give:
+    `first_token_received` = alpha_0 = received[b, l, h, first_real[b]] (the attention-sink score:
+    mean attention the text's first real token receives; needs `received`), and, for every
+    per-query statistic captured (sink_mass, entropy, entropy_norm, top_prob, distance,
+    local_mass), its mean over the text's real queries (NaN pads skipped), in float32 arithmetic.
+    `strongest_sinks`, `per_head` and `head_grid` read this table: the run's `heads` table, the CLI's
+    sink table, the dashboard's layer x head maps and the sink analysis' per-head scores all come
+    from here."""
+    B, L, H = cap.tokens.batch_size, len(cap.layers), len(cap.heads)
+    df = pd.DataFrame({
+        "batch": np.repeat(np.arange(B), L * H),
+        "layer": np.tile(np.repeat(np.asarray(cap.layers, dtype=np.int64), H), B),
+        "head": np.tile(np.asarray(cap.heads, dtype=np.int64), B * L),
+        "kv_head": np.tile(np.asarray(cap.kv_heads, dtype=np.int64), B * L),
+    })
+    if "received" in cap.stats:
+        rec = cap["received"]
+        first = [int(f) for f in cap.tokens.first_real()]
+        alpha0 = torch.stack([rec[b, :, :, first[b]] for b in range(B)])  # [B, L, H]
+        df[SINK] = alpha0.double().cpu().numpy().ravel()  # exact: float32 values as float64, as float() gave
+    for name in PER_QUERY:
+        if name in cap.stats:
+            t = cap[name]
+            # per (b, l, h) slice, as a 1-d nanmean: the same float32 sums as ever (bit for bit)
+            df[name] = [float(torch.nanmean(t[b, l, h].float())) for b in range(B) for l in range(L)
+                        for h in range(H)]
+    return df
+
+
+def per_head(summary: pd.DataFrame) -> pd.DataFrame:
+    """A `head_summary` table averaged over its texts: one row per (layer, head, kv_head), sorted."""
+    values = [c for c in summary.columns if c not in ("batch", *HEAD_KEYS)]
+    return summary.groupby(HEAD_KEYS, as_index=False)[values].mean()
+
+
+def strongest_sinks(summary: pd.DataFrame, top: int = 3) -> pd.DataFrame:
+    """Per layer, the `top` heads whose first real token receives the most attention (alpha_0,
+    averaged over the texts of a `head_summary` table): columns layer, head, kv_head,
+    first_token_received."""
+    if SINK not in summary.columns:
+        raise KeyError("strongest_sinks needs the 'received' statistic")
+    means = summary.groupby(HEAD_KEYS, as_index=False)[SINK].mean()
+    return (
+        means.sort_values(["layer", SINK], ascending=[True, False])
+        .groupby("layer", as_index=False)
+        .head(top)
+        .reset_index(drop=True)
+    )
+
+
+def head_grid(summary: pd.DataFrame, column: str, layers, heads, batch: int | None = 0) -> np.ndarray:
+    """[layer, head] array of one `head_summary` column (rows `layers`, columns `heads`), for text
+    `batch` (None: the mean over texts); NaN where a head has no row."""
+    rows = summary if batch is None else summary[summary["batch"] == batch]
+    grid = rows.groupby(["layer", "head"])[column].mean()
+    index = pd.MultiIndex.from_product([list(layers), list(heads)], names=["layer", "head"])
+    return grid.reindex(index).to_numpy(dtype=np.float64).reshape(len(layers), len(heads))

@@ -40,7 +40,6 @@ import torch
 
 from attnlab.kernels import KernelEdit, MassGate, apply_edits
 from attnlab.kernels.edits import MIN_LOG
-from attnlab.probe import fast_path
 from attnlab.probe import validate as checks  # the module; `validate` below checks edits
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
@@ -314,14 +313,11 @@ def kernel_edits(edits: Sequence[AttentionEdit], layer: int, n_heads: int, key_m
 
 @contextmanager
 def intervene(probe, *edits: AttentionEdit) -> Iterator[list[AttentionEdit]]:
-    """Apply edits on the probe's fast path inside the block (nests: inner edits add)."""
+    """Apply edits on the probe's fast path inside the block (nests: inner edits add). The edits
+    belong to this probe (its `ProbeState`): other probes, and other threads, do not see them."""
     checked = validate(probe, edits)
-    current = list(fast_path._EDITS.get() or ())
-    token = fast_path._EDITS.set(tuple(current + checked))
-    try:
+    with probe.state.editing(tuple(checked)):
         yield checked
-    finally:
-        fast_path._EDITS.reset(token)
 
 
 def bridge_hooks(probe, edits: Sequence[AttentionEdit], tokens: Tokens) -> list:

@@ -6,16 +6,25 @@ hands the attention function the 2-D padding mask ([B, Nk] bool, or None without
 of an O(N^2) 4-D mask: causality, padding and sliding windows are applied inside the kernels
 chunk by chunk. No modelling file is forked.
 
-With no capture session active, the function is plain attention (PyTorch SDPA). Inside
-`CaptureSession` (a context variable, so concurrent threads do not see each other's sessions),
-each selected layer's attention runs through a statistics kernel and its outputs are recorded.
+State belongs to a probe: the probe tags each of its model's attention modules with its
+`ProbeState` (`ProbeState.attach`), and the attention function, which transformers calls with the
+attention module as its first argument, reads the state from there. Edits, head ablations and the
+capture session of a forward are context variables *inside* that state object, so two probes (two
+models) in one thread never see each other's, and concurrent threads (dashboard jobs) never see
+each other's either. A module without a state (a model attnlab did not wrap) gets plain attention.
+
+With no capture session active, the function is plain attention (PyTorch SDPA). Inside a session
+(`ProbeState.capturing(session)`), each selected layer's attention runs through a statistics kernel
+and its outputs are recorded.
 """
 
 from __future__ import annotations
 
 import contextvars
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +33,93 @@ import torch.nn.functional as F
 from attnlab.kernels import StatRequest, visibility
 
 ATTN_IMPLEMENTATION = "attnlab"
+STATE_ATTRIBUTE = "_attnlab_state"  # the attribute of an attention module that holds its probe's state
+_ids = itertools.count()
 
-_SESSION: contextvars.ContextVar[CaptureSession | None] = contextvars.ContextVar("attnlab_session", default=None)
+
+class ProbeState:
+    """One probe's forward state: the active attention edits, head ablations and capture session.
+
+    Each is a context variable owned by this object: a `with` block sets it for the current thread
+    (or task) only, and only the attention modules tagged with this state (`attach`) read it.
+
+    edits: the active AttentionEdits (attnlab.probe.edits); each compiles to the kernels' KernelEdit
+    for one layer's call, with its key selector resolved against that call's padding mask (so it
+    holds at decode steps too).
+    ablations: layer -> ((query head, mode, decode_only), ...) (attnlab.probe.ablations).
+    session: the CaptureSession of the forward in progress, or None."""
+
+    def __init__(self):
+        n = next(_ids)
+        self._edits: contextvars.ContextVar[tuple] = contextvars.ContextVar(f"attnlab_edits_{n}", default=())
+        self._ablations: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+            f"attnlab_ablations_{n}", default=None)
+        self._session: contextvars.ContextVar[CaptureSession | None] = contextvars.ContextVar(
+            f"attnlab_session_{n}", default=None)
+
+    def __deepcopy__(self, memo) -> ProbeState:
+        return ProbeState()  # a copied model is another model: it starts with no edits of its own
+
+    def attach(self, model: torch.nn.Module) -> int:
+        """Tag every attention module of `model` (a module with a `layer_idx`) with this state;
+        returns how many were tagged."""
+        n = 0
+        for module in model.modules():
+            if getattr(module, "layer_idx", None) is not None:
+                object.__setattr__(module, STATE_ATTRIBUTE, self)  # a plain attribute, never a submodule
+                n += 1
+        return n
+
+    @staticmethod
+    def detach(model: torch.nn.Module) -> None:
+        for module in model.modules():
+            module.__dict__.pop(STATE_ATTRIBUTE, None)
+
+    @property
+    def edits(self) -> tuple:
+        return self._edits.get()
+
+    @property
+    def ablations(self) -> dict:
+        return self._ablations.get() or {}
+
+    @property
+    def session(self) -> CaptureSession | None:
+        return self._session.get()
+
+    @contextmanager
+    def editing(self, edits: tuple) -> Iterator[None]:
+        """Inside the block, `edits` are added to the active ones (nests: inner edits add)."""
+        token = self._edits.set(self._edits.get() + tuple(edits))
+        try:
+            yield
+        finally:
+            self._edits.reset(token)
+
+    @contextmanager
+    def ablating(self, ablations: dict) -> Iterator[None]:
+        """Inside the block, `ablations` (layer -> head entries) are added to the active ones."""
+        current = dict(self.ablations)
+        for layer, heads in ablations.items():
+            current[layer] = tuple(dict.fromkeys(current.get(layer, ()) + tuple(heads)))
+        token = self._ablations.set(current)
+        try:
+            yield
+        finally:
+            self._ablations.reset(token)
+
+    @contextmanager
+    def capturing(self, session: CaptureSession) -> Iterator[CaptureSession]:
+        """Inside the block, the forwards of this state's modules record into `session`."""
+        token = self._session.set(session)
+        try:
+            yield session
+        finally:
+            self._session.reset(token)
+
+
+def state_of(module: torch.nn.Module) -> ProbeState | None:
+    return getattr(module, STATE_ATTRIBUTE, None)
 
 
 @dataclass
@@ -47,13 +141,6 @@ class CaptureSession:
     records: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     stacked: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
-
-    def __enter__(self) -> CaptureSession:
-        self._token = _SESSION.set(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _SESSION.reset(self._token)
 
     def synchronize(self) -> None:
         """Wait for the offloaded copies (a no-op without offload or CUDA)."""
@@ -110,12 +197,13 @@ def attnlab_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface signature: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D];
     returns ([B, Nq, Hq, Dv], None)."""
-    session = _SESSION.get()
+    state = state_of(module)
+    session = state.session if state is not None else None
     layer = getattr(module, "layer_idx", None)
     key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     if key_mask is not None:
         key_mask = key_mask[:, -key.shape[2] :].to(torch.bool)
-    edits = _edits_for(layer, query, key, key_mask)
+    edits = _edits_for(state.edits if state is not None else (), layer, query, key, key_mask)
     if (session is None or layer not in session.layers) and not edits:
         out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap)
     elif session is None or layer not in session.layers:
@@ -133,20 +221,15 @@ def attnlab_attention(
         session.seconds += time.perf_counter() - started
         if session.on_layer is not None:
             session.on_layer(layer)
-    ablations = _ABLATIONS.get()
+    ablations = state.ablations if state is not None else None
     if ablations and layer in ablations:
         out = _ablate_heads(out, value, key_mask, ablations[layer], sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 
 # ----- attention edits (attnlab.probe.edits) -----
-# The active AttentionEdits; each compiles to the kernels' KernelEdit for one layer's call, with
-# its key selector resolved against that call's padding mask (so it holds at decode steps too).
-_EDITS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("attnlab_edits", default=None)
-
-
-def _edits_for(layer, query, key, key_mask) -> tuple:
-    edits = _EDITS.get()
+def _edits_for(edits: tuple, layer, query, key, key_mask) -> tuple:
+    """The active AttentionEdits as the kernels' KernelEdits for this layer's call."""
     if not edits:
         return ()
     mask = key_mask if key_mask is not None else torch.ones(key.shape[0], key.shape[2], dtype=torch.bool,
@@ -161,14 +244,11 @@ def _edit_kernel(query):
 
 
 # ----- head ablations (attnlab.probe.ablations) -----
-# layer -> ((query head, mode, decode_only), ...); modes: "zero" (the head's output is 0), "bos"
+# ProbeState.ablations: layer -> ((query head, mode, decode_only), ...); modes: "zero" (the head's output is 0), "bos"
 # (the head attends only to the first real key: its output is that key's value vector,
 # GQA-mapped), "uniform" (equal attention on every visible key) and "mean" (the head's mean output). The
 # ablation edits the head's output after any statistics were recorded: a capture inside an
 # ablation still reports the unablated pattern of the ablated head.
-_ABLATIONS: contextvars.ContextVar[dict[int, tuple[tuple[int, str], ...]] | None] = contextvars.ContextVar(
-    "attnlab_ablations", default=None
-)
 
 
 def _ablate_heads(out: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, heads,

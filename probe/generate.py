@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnlab import kernels
-from attnlab.probe import fast_path
 from attnlab.probe import stats as catalogue
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tokens import Tokens
@@ -93,7 +91,7 @@ def _prefill(probe, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, sh
     """KV cache of every row's prompt minus its last token ([B, N] left-padded inputs)."""
     # Edits resolve their keys per padded row and a "mean" ablation averages over a call's queries:
     # under either, each row keeps its own prefill.
-    if share_prefix and ids.shape[0] > 1 and not fast_path._EDITS.get() and not fast_path._ABLATIONS.get():
+    if share_prefix and ids.shape[0] > 1 and not probe.state.edits and not probe.state.ablations:
         lengths = [int(n) for n in mask.sum(dim=1)]
         longest = max(range(len(lengths)), key=lengths.__getitem__)
         full = ids[longest, ids.shape[1] - lengths[longest]:]
@@ -159,7 +157,6 @@ def generate(
     head_list = probe._check_indices(heads, probe.info.n_heads, "head", "heads")
     if stat_list:
         backend = probe._resolve_backend(backend, stat_list)
-    kernel = kernels.triton_kernel() if backend == "triton" else kernels.attention_stats
     device = probe.device
     R = num_samples
     B = tokens.batch_size * R
@@ -175,7 +172,7 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(int(seed))
     # Dropping finished rows changes the batch the next steps see: only where nothing per-row is
     # recorded (step statistics) or resolved (attention edits), and only when sampling.
-    compact = temperature > 0 and not stat_list and not fast_path._EDITS.get()
+    compact = temperature > 0 and not stat_list and not probe.state.edits
     rows = torch.arange(B)  # output row of each batch row
     with torch.no_grad():
         past = None
@@ -191,10 +188,9 @@ def generate(
         for step in range(max_new_tokens):
             session = None
             if stat_list:
-                session = fast_path.CaptureSession(
-                    set(layer_list), lambda nq, nk: catalogue.build_request(stat_list, nq, nk, B, None), kernel
-                )
-                with session:
+                # the same session builder as probe.run / probe.capture, one query row per step
+                session = probe._capture_session(stat_list, layer_list, backend, B, None)
+                with probe.state.capturing(session):
                     res = probe.model(input_ids=step_input, attention_mask=mask, position_ids=step_pos,
                                       use_cache=True, **{cache_name: past})
             else:
@@ -236,6 +232,3 @@ def generate(
                 rows = rows[keep.cpu()]
     out.texts = [probe.tokenizer.decode(r) for r in out.new_ids]
     return out
-
-
-greedy_generate = generate  # the name this function had before sampling existed

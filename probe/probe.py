@@ -3,6 +3,11 @@
     probe = load("smollm2-135m")
     cap = probe.capture("The cat sat on the mat.", stats=["received", "entropy", "pooled(16)"])
     cap["received"]            # [batch, layer, head, key]
+    logits, cap = probe.run(tokens, stats=["received"])   # logits and a capture from one forward
+
+State belongs to a probe: its edits (`intervene`), head ablations (`ablate`) and the capture session
+of a forward live in `probe.state` (`attnlab.probe.fast_path.ProbeState`), bound to this probe's own
+attention modules, so an edit on one probe never reaches another probe's forwards.
 
 Backends (every statistic has one definition and agrees across them):
 - "eager": full patterns from the hooked path (TransformerLens bridge); short inputs only.
@@ -17,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +58,17 @@ class ModelInfo:
 
     def kv_head(self, head: int) -> int:
         return head // (self.n_heads // self.n_kv_heads)
+
+
+class RunOutput(NamedTuple):
+    """What `Probe.run` gives: `logits, capture = probe.run(...)`.
+
+    logits: [B, N, V] from the model (on its device; the last `logits_to_keep` positions when that
+    is > 0), None with return_logits=False. capture: the statistics of the same forward, None
+    without stats."""
+
+    logits: torch.Tensor | None
+    capture: Capture | None
 
 
 def load(
@@ -156,6 +173,9 @@ class Probe:
         self.device = device
         self.dtype = dtype
         self._bridge = None
+        # Edits, ablations and capture sessions of this probe only: its attention modules carry it.
+        self.state = fast_path.ProbeState()
+        self.state.attach(model)
         cfg = model.config.get_text_config()
         n_heads = cfg.num_attention_heads
         self.info = ModelInfo(
@@ -265,9 +285,30 @@ class Probe:
 
         return ablate(self, heads, mode, decode_only)
 
+    @property
+    def active_edits(self) -> tuple:
+        """The AttentionEdits active on this probe here (inside `intervene`), outermost first."""
+        return self.state.edits
+
+    @property
+    def active_ablations(self) -> dict[int, tuple]:
+        """The head ablations active on this probe here (inside `ablate`): layer -> ((head, mode,
+        decode_only), ...)."""
+        return dict(self.state.ablations)
+
+    def output_weights(self, layer: int) -> torch.Tensor:
+        """[n_heads, head_dim, d_model] float32 on the CPU: each query head's slice W_O^h of `layer`'s
+        attention output projection (head h's output is z_h W_O^h), read from the fast path's model."""
+        from attnlab.probe.head_outputs import out_projections, w_o
+
+        layer = validate.integer(layer, "layer", minimum=0, maximum=self.info.n_layers - 1,
+                                 hint=f"{self.name} has {self.info.n_layers} layers")
+        proj = out_projections(self.model)[layer]
+        return w_o(proj, self.info.n_heads, self.info.head_dim).cpu()
+
     def _check_edits(self, tokens: Tokens) -> None:
         """The active edits' token positions, resolved against these tokens (`edits.check_positions`)."""
-        active = fast_path._EDITS.get()
+        active = self.state.edits
         if active:
             from attnlab.probe.edits import check_positions
 
@@ -297,28 +338,51 @@ class Probe:
             return None
         return window
 
-    # ----- capture -----
-    def capture(
+    # ----- one forward: logits and statistics -----
+    def run(
         self,
         inputs,
-        stats: Sequence = ("received",),
+        stats: Sequence | None = None,
         *,
+        return_logits: bool = True,
+        logits_to_keep: int = 0,
         layers: Sequence[int] | None = None,
         heads: Sequence[int] | None = None,
         backend: str = "auto",
         prepend_bos: bool = True,
         progress: Callable[[int, int], None] | None = None,
-    ) -> Capture:
-        """Run one forward and record per-head attention statistics.
+    ) -> RunOutput:
+        """One forward on the fast path giving its logits and a capture of its attention statistics:
+        `logits, cap = probe.run(tokens, stats=["received"])` (a `RunOutput`). Active edits and
+        ablations apply (the statistics then describe the edited attention, as in `capture`).
 
         inputs: a text, a list of texts, token ids, or Tokens. stats: catalogue entries
-        (`attnlab.probe.stats`). layers/heads: model layer and query-head indices (default all).
-        progress(done_layers, total_layers) is called as layers finish."""
+        (`attnlab.probe.stats`); None: no capture (plain logits). return_logits=False skips the
+        vocabulary projection (what `capture` does). logits_to_keep: the last positions whose logits
+        are computed (0: every position). layers/heads: model layer and query-head indices (default
+        all). progress(done_layers, total_layers) is called as layers finish. The eager backend
+        captures on the hooked path, which gives no logits: pass return_logits=False with it."""
+        return_logits = validate.flag(return_logits, "return_logits")
+        logits_to_keep = validate.integer(logits_to_keep, "logits_to_keep", minimum=0,
+                                          hint="0 keeps every position, k the last k")
+        if stats is None:
+            validate.choice(backend, "backend", BACKENDS)
+            self._check_indices(layers, self.info.n_layers, "layer", "layers")
+            self._check_indices(heads, self.info.n_heads, "head", "heads")
+            validate.callable_or_none(progress, "progress")
+            tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
+            if not return_logits:
+                return RunOutput(None, None)
+            return RunOutput(self.forward(tokens, logits_to_keep=logits_to_keep).logits, None)
         stat_list = catalogue.parse(stats)
         layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
         head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
         backend = self._resolve_backend(backend, stat_list)
         validate.callable_or_none(progress, "progress")
+        if backend == "eager" and return_logits:
+            raise AttnlabError("return_logits: the eager backend captures on the hooked path, which gives no logits "
+                               "here; pass return_logits=False, or backend='chunked'/'triton' (every statistic but "
+                               "the full pattern) for logits and statistics from one forward")
         tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
         self._check_edits(tokens)
         names = [s.name for s in stat_list]
@@ -340,6 +404,7 @@ class Probe:
 
         make_request(tokens.length, tokens.length)  # validate before running anything
         done = [0]
+        logits = None
 
         def on_layer(_layer: int) -> None:
             done[0] += 1
@@ -349,7 +414,7 @@ class Probe:
         started = time.perf_counter()
         stacked = None
         if backend == "eager":
-            active = fast_path._EDITS.get()
+            active = self.state.edits
             edit_hooks = None
             if active:
                 from attnlab.probe.edits import bridge_hooks
@@ -359,14 +424,14 @@ class Probe:
                 self.bridge, tokens, layer_list, head_list, make_request, self.sliding_window, on_layer, edit_hooks
             )
         else:
-            kernel = kernels.attention_stats if backend == "chunked" else kernels.triton_kernel()
-            session = fast_path.CaptureSession(set(layer_list), make_request, kernel, on_layer,
-                                               offload=torch.device(self.device).type == "cuda",
-                                               layer_order=layer_list)
-            with session:
-                # Only the final hidden state is needed: skip the vocabulary projection (N x V).
-                self.forward(tokens, logits_to_keep=1)
+            session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
+                                            on_layer, offload=torch.device(self.device).type == "cuda",
+                                            layer_order=layer_list)
+            with self.state.capturing(session):
+                # Without logits only the final hidden state is needed: skip the vocabulary projection.
+                output = self.forward(tokens, logits_to_keep=logits_to_keep if return_logits else 1)
             session.synchronize()
+            logits = output.logits if return_logits else None
             stacked = session.stacked_records()
             records = {layer: self._select_heads(recs[0], head_list) for layer, recs in session.records.items()}
         elapsed = time.perf_counter() - started
@@ -376,17 +441,50 @@ class Probe:
         else:
             out = {name: torch.stack([records[layer][name].cpu() for layer in layer_list], dim=1)
                    for name in records[layer_list[0]]}
-        if "entropy" in out:
-            out["entropy_norm"] = self._normalised_entropy(out["entropy"], tokens, layer_list)
         params = {s.name: (list(s.arg) if isinstance(s.arg, tuple) else s.arg)
                   for s in stat_list if s.name != "segments" and s.arg is not None}
         if segments is not None:
             params["segments"] = int(out["segments"].shape[-1])
-        return Capture(
+        return RunOutput(logits, Capture(
             model=self.name, backend=backend, tokens=tokens, layers=layer_list, heads=head_list,
             kv_heads=[self.info.kv_head(h) for h in head_list], stats=out, params=params,
             timings={"capture_seconds": round(elapsed, 4)},
-        )
+        ))
+
+    def capture(
+        self,
+        inputs,
+        stats: Sequence = ("received",),
+        *,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        backend: str = "auto",
+        prepend_bos: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Capture:
+        """Run one forward and record per-head attention statistics (`run` without logits).
+
+        inputs: a text, a list of texts, token ids, or Tokens. stats: catalogue entries
+        (`attnlab.probe.stats`). layers/heads: model layer and query-head indices (default all).
+        progress(done_layers, total_layers) is called as layers finish."""
+        if stats is None:
+            catalogue.parse(stats)  # the catalogue's message: capture needs statistics
+        return self.run(inputs, stats, return_logits=False, layers=layers, heads=heads, backend=backend,
+                        prepend_bos=prepend_bos, progress=progress).capture
+
+    def _capture_session(self, stat_list, layers: list[int], backend: str, batch_size: int, pad_left,
+                         on_layer: Callable[[int], None] | None = None, *, offload: bool = False,
+                         layer_order: list[int] | None = None) -> fast_path.CaptureSession:
+        """The capture session of one forward (`run`, `capture`) or decode step (`generate`): `layers`
+        run through the backend's statistics kernel with `stat_list`'s request. pad_left: [B] first
+        real token of each row, or None (decode steps)."""
+        kernel = kernels.triton_kernel() if backend == "triton" else kernels.attention_stats
+
+        def make_request(nq: int, nk: int):
+            return catalogue.build_request(stat_list, nq, nk, batch_size, pad_left)
+
+        return fast_path.CaptureSession(set(layers), make_request, kernel, on_layer, offload=offload,
+                                        layer_order=layer_order)
 
     def generate(self, inputs, *, max_new_tokens: int = 50, stop_at_newline: bool = True, step_stats=(),
                  layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None,
@@ -479,17 +577,4 @@ class Probe:
                 )
             out[b, tokens.length - row.shape[0]:] = row
         return catalogue.Stat("segments", out)
-
-    def _normalised_entropy(self, entropy: torch.Tensor, tokens: Tokens, layers: list[int]) -> torch.Tensor:
-        """entropy / ln(number of visible keys); 0 where a query sees a single key; NaN at pads."""
-        first = tokens.first_real()
-        pos = torch.arange(tokens.length)
-        base = (pos[None] - first[:, None] + 1).clamp_min(1).float()  # [B, N]
-        norms = []
-        for layer in layers:
-            w = self.sliding_window(layer)
-            n_vis = base.clamp(max=w) if w is not None else base
-            norms.append(torch.log(n_vis))
-        log_n = torch.stack(norms, dim=1)[:, :, None]  # [B, L, 1, N]
-        return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), entropy * 0)  # entropy * 0: NaN stays
 

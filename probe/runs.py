@@ -296,7 +296,7 @@ class RunStore:
         }
         if probe is not None:
             manifest["tokenizer"] = tokenizer_record(probe)
-        dims = {k: dims_of(_stat_base(k)) for k in capture.stats}
+        dims = {k: dims_of(k) for k in capture.stats}
         return self.write("capture", model, tables=tables, tensors=capture.stats, tensor_dims=dims,
                           manifest=manifest, name=name)
 
@@ -509,11 +509,10 @@ class _RunReader:
             if spec is None:
                 raise self.error(f"manifest field 'capture.stats'", f"names '{stat_name}', which 'tensors' does not "
                                                                     "declare: rewrite the run")
-            base = _stat_base(stat_name)
-            if base not in OUTPUT_DIMS:
+            if stat_name not in OUTPUT_DIMS:
                 raise self.error(f"manifest field 'capture.stats'", f"names '{stat_name}', which is no statistic "
                                                                     f"(known: {', '.join(OUTPUT_DIMS)}): rewrite the run")
-            want = list(dims_of(base))
+            want = list(dims_of(stat_name))
             if spec["dims"] != want:
                 raise self.error(f"manifest field 'tensors.{stat_name}.dims'",
                                  f"is {spec['dims']}, but a '{stat_name}' statistic has dims {want}: rewrite the run")
@@ -664,7 +663,7 @@ class _RunReader:
             raise self.error(label, f"does not hold each of {B} x {N} (batch, position) pairs once: rewrite the run")
         for stat_name in c["stats"]:
             t = tensors[stat_name]
-            dims = dims_of(_stat_base(stat_name))
+            dims = dims_of(stat_name)
             sizes = {"batch": B, "query": N, "key": N}
             for axis, dim in enumerate(dims):
                 if dim in sizes and t.shape[axis] != sizes[dim]:
@@ -691,11 +690,6 @@ def _json_type(value) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def _stat_base(name: str) -> str:
-    """The statistic whose dims a capture tensor has (entropy_norm: entropy's)."""
-    return "entropy" if name == "entropy_norm" else name
 
 
 def _hold_writer_lock(tmp: Path):

@@ -12,6 +12,11 @@
 | rows(positions)     | query positions (-1)    | [row, key]: exact rows; negative = from the end |
 | pattern             | -                       | [query, key]: full pattern, eager only, limited |
 
+`entropy` also gives `entropy_norm` (entropy over ln of the keys each query sees; a derived
+entry). The table is `attnlab.kernels.request.STATISTICS`, the one definition: names, parameters
+and defaults, outputs and their dimensions all come from it; this module parses and checks what
+users write, by the kind of each parameter.
+
 Each entry is written `name` or `name(args)` in the CLI and accepted as a string or a `Stat` in
 Python (`Stat("segments", ids)` takes the per-token segment ids as a list or tensor, one list for
 every text, or one list per text — each as long as that text, BOS included — for a batch).
@@ -30,19 +35,26 @@ from typing import Any
 
 import torch
 
-from attnlab.kernels import StatRequest
+from attnlab.kernels import STATISTICS, StatRequest
 from attnlab.probe import validate
 from attnlab.probe.errors import AttnlabError
 
-CATALOGUE = ["received", "sink_mass", "entropy", "top_key", "pooled", "segments", "distance", "rows", "pattern"]
-DEFAULTS: dict[str, Any] = {"sink_mass": 1, "pooled": 64, "distance": 128, "rows": (-1,)}
+# What users may name (derived entries such as entropy_norm come with their source), and defaults.
+CATALOGUE = [name for name, s in STATISTICS.items() if s.user_facing]
+DEFAULTS: dict[str, Any] = {name: s.param.default for name, s in STATISTICS.items()
+                            if s.param is not None and s.param.default is not None}
 
 
 # Most segments one `segments` statistic may have: its output is [batch, layer, head, S, S] and the
 # torch twin holds a [batch, key, S] one-hot, so S must stay small (a sentence map of a long text
 # has hundreds); S is also at most the number of ids given (one token per segment at least).
 SEGMENT_LIMIT = 1024
-_INT_PARAMS = ("sink_mass", "pooled", "distance")
+
+
+def _kind(name: str) -> str | None:
+    """The kind of statistic `name`'s parameter (`kernels.request.PARAM_KINDS`), None without one."""
+    param = STATISTICS[name].param
+    return None if param is None else param.kind
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class Stat:
         object.__setattr__(self, "arg", _checked_arg(self.name, self.arg))
 
     def label(self) -> str:
-        if self.arg is None or self.name == "segments":
+        if self.arg is None or _kind(self.name) == "segment_ids":
             return self.name
         arg = ",".join(map(str, self.arg)) if isinstance(self.arg, tuple) else self.arg
         return f"{self.name}({arg})"
@@ -69,7 +81,7 @@ class Stat:
     def same_as(self, other: Stat) -> bool:
         if self.name != other.name:
             return False
-        if self.name == "segments":
+        if _kind(self.name) == "segment_ids":
             mine, theirs = _as_rows(self.arg), _as_rows(other.arg)
             return len(mine) == len(theirs) and all(a.shape == b.shape and bool(torch.equal(a, b))
                                                     for a, b in zip(mine, theirs))
@@ -81,17 +93,18 @@ def _checked_arg(name: str, arg: Any) -> Any:
     segment ids -> a long tensor)."""
     if arg is None:
         return None
-    if name in _INT_PARAMS:
+    kind = _kind(name)
+    if kind == "count":
         if not validate.is_integer(arg) or int(arg) < 1:
             raise AttnlabError(f"{name}: {arg!r} is not a positive integer; pass e.g. {name}({DEFAULTS[name]})")
         return int(arg)
-    if name == "rows":
+    if kind == "positions":
         if isinstance(arg, torch.Tensor):
             arg = arg.tolist()
-        positions = validate.integers(arg, "rows", noun="query positions (e.g. [-1] for the last)",
+        positions = validate.integers(arg, name, noun="query positions (e.g. [-1] for the last)",
                                       empty_fix="pass at least one query position, e.g. [-1]")
         return tuple(positions)
-    if name == "segments":
+    if kind == "segment_ids":
         return _segment_ids(arg)
     raise AttnlabError(f"{name}: takes no parameter (got {arg!r}); write {name!r} alone")
 
@@ -180,24 +193,26 @@ def _parse_one(text: str) -> Stat:
         raise AttnlabError(f"stats: unknown statistic '{name}'; choose from {', '.join(CATALOGUE)}")
     if arg is None or not arg.strip():
         return Stat(name)
-    if name == "segments":
-        raise AttnlabError("segments: needs per-token segment ids; pass Stat('segments', ids) from Python")
+    if _kind(name) == "segment_ids":
+        raise AttnlabError(f"{name}: needs per-token segment ids; pass Stat({name!r}, ids) from Python")
     try:
         values = tuple(int(x) for x in arg.split(","))
     except ValueError:
         raise AttnlabError(f"stats: statistic '{text}' takes integers; write e.g. {name}(4)") from None
-    if name != "rows" and len(values) != 1:
+    if _kind(name) != "positions" and len(values) != 1:
         raise AttnlabError(f"stats: statistic '{text.strip()}' takes one integer, got {len(values)}; "
                           f"write e.g. {name}({DEFAULTS.get(name, 4)})")
-    return Stat(name, values if name == "rows" else values[0])
+    return Stat(name, values if _kind(name) == "positions" else values[0])
 
 
 def _validate(stat: Stat) -> Stat:
     """A constructed Stat is already checked: fill in the default parameter, require segment ids."""
     if stat.arg is None and stat.name in DEFAULTS:
         return Stat(stat.name, DEFAULTS[stat.name])
-    if stat.name == "segments" and stat.arg is None:
-        raise AttnlabError("segments: needs per-token segment ids; pass Stat('segments', ids)")
+    if stat.arg is None and _kind(stat.name) is not None:  # a parameter without default: required
+        noun = STATISTICS[stat.name].param.doc
+        raise AttnlabError(f"{stat.name}: needs {noun}; pass Stat({stat.name!r}, "
+                           f"{'ids' if _kind(stat.name) == 'segment_ids' else '...'})")
     return stat
 
 
@@ -218,35 +233,32 @@ def build_request(stats: list[Stat], n_queries: int, n_keys: int, batch: int, pa
     passed as given (each text's own coordinates, negative from the end; `kernels.request`)."""
     kw: dict[str, Any] = {}
     for s in stats:
-        if s.name == "received":
-            kw["received"] = True
-        elif s.name == "sink_mass":
-            kw["sink_k"] = s.arg
-        elif s.name == "entropy":
-            kw["entropy"] = True
-        elif s.name == "top_key":
-            kw["top_key"] = True
-        elif s.name == "pooled":
-            kw["pooled_block"] = s.arg
-        elif s.name == "distance":
-            kw["distance_window"] = s.arg
-        elif s.name == "pattern":
-            kw["pattern"] = True
-        elif s.name == "rows":
-            for p in s.arg:
-                if not -n_queries <= p < n_queries:
-                    raise AttnlabError(f"rows: rows({p}) is outside the {n_queries} query positions; pass "
-                                       f"{-n_queries}..{n_queries - 1} (negative counts from the end)")
-            kw["row_positions"] = tuple(dict.fromkeys(s.arg))
-        elif s.name == "segments":
-            ids = s.arg
-            if ids.ndim == 1:
-                ids = ids[None].expand(batch, -1)
-            if ids.shape[1] != n_keys:
-                raise AttnlabError(
-                    f"segments: {ids.shape[1]} segment ids for {n_keys} tokens; give one id per token "
-                    "(BOS included when prepended; -1 for tokens in no segment)"
-                )
-            kw["segment_ids"] = ids.contiguous()
-            kw["n_segments"] = int(ids.max().item()) + 1 if ids.numel() else 0
+        entry = STATISTICS[s.name]
+        if entry.param is None:
+            kw[entry.flag] = True
+        else:
+            kw.update(_resolve(entry.param.kind, entry.param.field, s, n_queries, n_keys, batch))
     return StatRequest(**kw)
+
+
+def _resolve(kind: str, field: str, s: Stat, n_queries: int, n_keys: int, batch: int) -> dict[str, Any]:
+    """The request fields of one parameter, resolved for a call of Nq queries and Nk keys."""
+    if kind == "count":
+        return {field: s.arg}
+    if kind == "positions":
+        for p in s.arg:
+            if not -n_queries <= p < n_queries:
+                raise AttnlabError(f"{s.name}: {s.name}({p}) is outside the {n_queries} query positions; pass "
+                                   f"{-n_queries}..{n_queries - 1} (negative counts from the end)")
+        return {field: tuple(dict.fromkeys(s.arg))}
+    if kind == "segment_ids":
+        ids = s.arg
+        if ids.ndim == 1:
+            ids = ids[None].expand(batch, -1)
+        if ids.shape[1] != n_keys:
+            raise AttnlabError(
+                f"{s.name}: {ids.shape[1]} segment ids for {n_keys} tokens; give one id per token "
+                "(BOS included when prepended; -1 for tokens in no segment)"
+            )
+        return {field: ids.contiguous(), "n_segments": int(ids.max().item()) + 1 if ids.numel() else 0}
+    raise TypeError(f"{s.name}: no resolution for parameter kind {kind!r}")

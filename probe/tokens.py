@@ -174,17 +174,31 @@ def _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name, 
     B = len(rows)
     input_ids = torch.full((B, longest), pad, dtype=torch.long)
     mask = torch.zeros((B, longest), dtype=torch.bool)
-    strings, offsets = [], []
+    strings, offsets, memo = [], [], {}
     for b, (r, o) in enumerate(zip(rows, offs)):
         n_pad = longest - len(r)
         input_ids[b, n_pad:] = torch.tensor(r, dtype=torch.long)
         mask[b, n_pad:] = True
-        strings.append([""] * n_pad + tokenizer.convert_ids_to_tokens(r))
+        strings.append([""] * n_pad + token_strings(tokenizer, r, memo))
         offsets.append([(-1, -1)] * n_pad + list(o))
-    strings = [[_readable(s) for s in row] for row in strings]
     return Tokens(input_ids, mask, strings, offsets, texts, prepend_bos)
 
 
-def _readable(token: str) -> str:
-    # Byte-level BPE spells a space as 'Ġ' and a newline as 'Ċ'; SentencePiece spells a space '▁'.
-    return token.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ")
+def token_strings(tokenizer, ids: list[int], memo: dict[int, str] | None = None) -> list[str]:
+    """Each token as the text it stands for, through the tokenizer's own decoder
+    (`convert_tokens_to_string`): byte-level BPE's 'Ġ'/'Ċ' become a space/newline and its bytes
+    become characters ('Ã©' is 'é'), SentencePiece's '▁' a space. A token holding part of a
+    character's bytes reads as U+FFFD. The leading space of a '▁' token is kept even where the
+    decoder strips a text's first space (Llama's). memo: strings already made, by id (shared by
+    the rows of a batch: each distinct token is decoded once)."""
+    memo = {} if memo is None else memo
+    new = list(dict.fromkeys(i for i in ids if i not in memo))
+    for i, token in zip(new, tokenizer.convert_ids_to_tokens(new)):
+        if token is None:  # an id past the tokenizer's vocabulary (an embedding row it never uses)
+            memo[i] = ""
+            continue
+        text = tokenizer.convert_tokens_to_string([token])
+        if token.startswith("▁") and not text.startswith(" "):
+            text = " " + text
+        memo[i] = text
+    return [memo[i] for i in ids]

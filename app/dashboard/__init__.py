@@ -15,8 +15,10 @@ thought anchors the receiver score per sentence and the suppression matrix), the
 the intervention view (ZeroTuning, sink mass transfer, ACT, PASTA or a head ablation at a chosen
 strength and scope: the next-token table and the head's attention before/after). Captures and
 analyses run in a background thread (see `work`; analyses are described in `launchers`, edits in
-`intervene`). Offline: Dash serves its own bundles (`serve_locally=True`), no external stylesheets
-or fonts.
+`intervene`). Views declare the statistics they read (`work.NEEDS`): a run captured without one
+(`attnlab capture`'s defaults have no `pooled`) opens everywhere, and the view that lacks it says
+"capture `pooled(1)` to see this". Offline: Dash serves its own bundles (`serve_locally=True`), no
+external stylesheets or fonts.
 """
 
 from __future__ import annotations

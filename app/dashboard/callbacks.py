@@ -135,12 +135,15 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                            int(top["head"]) if head is None else no_update)
             return (no_update, info, *choices, name, options, options[0]["value"])
         cap = run.cached_capture
-        scores = work.sink_scores(cap)
-        # start on the head that sinks least (its pattern shows the most structure)
-        li, hi = np.unravel_index(np.nanargmin(scores), scores.shape)
+        li = hi = 0
+        if work.missing(cap, "sink map") is None:  # start on the head that sinks least (the most structure)
+            scores = work.sink_scores(cap, runs.summary(name))
+            if np.isfinite(scores).any():
+                li, hi = np.unravel_index(np.nanargmin(scores), scores.shape)
+        pooled = f"pooled block {work.pooled_block(cap)}" if "pooled" in cap else "no pooled map"
         info = (f"{cap.model}: {cap.tokens.length} tokens, BOS {'prepended' if cap.prepend_bos else 'not prepended'}, "
-                f"{len(cap.layers)} layers x {len(cap.heads)} heads, backend {cap.backend}, "
-                f"pooled block {work.pooled_block(cap)}")
+                f"{len(cap.layers)} layers x {len(cap.heads)} heads, backend {cap.backend}, {pooled}; "
+                f"statistics {', '.join(cap.stats)}")
         return (name, info, list(cap.layers), int(cap.layers[li]), list(cap.heads), int(cap.heads[hi]),
                 no_update, no_update, no_update)
 
@@ -221,12 +224,15 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     @app.callback(Output(ids.SINK_MAP, "figure"), Output(ids.ENTROPY_MAP, "figure"), Output(ids.HEATMAP, "figure"),
                   Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"), Input(ids.HEAD, "value"))
     def views(name, layer, head):
+        """The head panel: sink and entropy maps (layer x head) and the selected head's heatmap; a view
+        whose statistic the run lacks (`work.NEEDS`) says which to capture instead."""
         try:
             name = checks.run_name(name)
             if not name:
                 msg = "run a capture or open a saved run"
                 return empty_figure(msg), empty_figure(""), empty_figure("")
             cap = runs.capture(name)
+            summary = runs.summary(name)
         except (AttnlabError, OSError) as e:
             return empty_figure(checks.user_message(e, runs.root)), empty_figure(""), empty_figure("")
         try:
@@ -238,14 +244,19 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         else:
             bad = "choose a layer and head"
         sel = (layer, head) if layer is not None and head is not None else None
-        sink = figures.layer_head_map(work.sink_scores(cap), cap.layers, cap.heads,
-                                      "sink score alpha_0 (attention to the first token)", label="alpha_0",
-                                      zmin=0, zmax=1, selected=sel)
-        ent = figures.layer_head_map(work.mean_entropy(cap), cap.layers, cap.heads,
-                                     "mean row entropy (normalised)", label="entropy", colorscale="Magma",
-                                     zmin=0, zmax=1, selected=sel)
+        need = work.missing(cap, "sink map")
+        sink = empty_figure(f"sink score alpha_0: {need}") if need else figures.layer_head_map(
+            work.sink_scores(cap, summary), cap.layers, cap.heads, "sink score alpha_0 (attention to the first token)",
+            label="alpha_0", zmin=0, zmax=1, selected=sel)
+        need = work.missing(cap, "entropy map")
+        ent = empty_figure(f"mean row entropy: {need}") if need else figures.layer_head_map(
+            work.mean_entropy(cap, summary), cap.layers, cap.heads, "mean row entropy (normalised)", label="entropy",
+            colorscale="Magma", zmin=0, zmax=1, selected=sel)
         if sel is None or layer not in cap.layers or head not in cap.heads:
             return sink, ent, empty_figure(bad)
+        need = work.missing(cap, "heatmap")
+        if need:
+            return sink, ent, empty_figure(f"L{layer} H{head} attention map: {need}")
         block = work.pooled_block(cap)
         real = cap.tokens.attention_mask[0].tolist()
         strings = [s for s, r in zip(cap.tokens.strings[0], real) if r]
@@ -256,6 +267,8 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     @app.callback(Output(ids.TOKENS, "children"), Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"),
                   Input(ids.HEAD, "value"), Input(ids.TOKEN_MODE, "value"))
     def token_view(name, layer, head, mode):
+        """The text coloured by what the selected head gives or receives (`work.NEEDS`: a run without
+        the mode's statistic says which to capture)."""
         try:
             name = checks.run_name(name)
             if not name or layer is None or head is None:
@@ -268,6 +281,10 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             li, hi = cap.head_index(layer, head)
         except (AttnlabError, OSError, ValueError) as e:
             return checks.user_message(e, runs.root)
+        need = work.missing(cap, f"token view {mode}")
+        if need:
+            what = "the attention the last token gives" if mode == "gives" else "the attention each token receives"
+            return html.Span(f"{what}: {need}", className="needs")
         strings = cap.tokens.strings[0]
         if mode == "gives":
             row = work.head_matrix(cap, layer, head)[-1]

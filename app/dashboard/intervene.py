@@ -1,22 +1,26 @@
 """The dashboard's intervention view: build an attention edit from a method, a scope and a strength,
 and compare the next-token distribution and one head's attention before/after. No Dash here.
 
-Methods (each an `attnlab.probe.edits.AttentionEdit`, or a head ablation):
+Methods: the published ones come from the registry (`attnlab.interventions.METHODS`, each with a
+hand-set strength: its `Strength`), applied untuned at the strength typed in the panel; then the
+dashboard's own primitives:
 - `zerotuning`: LogitBias(gamma) on the first token (Han et al., ZeroTuning): gamma > 1 gives the
   first token more of each row, gamma < 1 less; the rest of the row is renormalised.
-- `sink_transfer`: MassTransfer(keep=beta) on the first token: the BOS sink keeps beta of its mass,
-  the rest goes to the other keys in proportion (ACT's operation, Yu et al. 2024, applied to the
-  visible sink).
 - `act`: ACT proper: the hidden sinks of this text (keys after the first with alpha_k > 0.1, seen by
   >= 4 queries, detected on the unedited capture) keep beta of their mass.
 - `pasta`: LogitBias(alpha) on every token outside a highlighted span (Zhang et al., PASTA): the
   selected heads attend to the span.
+- `var`: the sinks keep p of their mass, the rest goes to the highlighted span, in the heads and
+  queries that pass VAR's gate (Kang et al.).
+- `sink_transfer`: MassTransfer(keep=beta) on the first token: the BOS sink keeps beta of its mass,
+  the rest goes to the other keys in proportion (ACT's operation, Yu et al. 2024, applied to the
+  visible sink).
 - `ablate_zero` / `ablate_bos`: the head's output set to 0, or its attention all on the first token
   (Guo et al.'s dormancy test; this edits the head's output, not its pattern).
 
-Scope: the selected head, every head of the selected layer, or every head (ACT: its layers
-2..L-2). The heatmaps show the selected head's attention, captured with and without the edit on
-the fast path (`pooled` tiles, as in the head panel).
+Scope: the selected head, every head of the selected layer, or every head (ACT and VAR: their
+layers 2..L-2). The heatmaps show the selected head's attention, captured with and without the
+edit on the fast path (`pooled` tiles, as in the head panel).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attnlab.interventions import METHODS as REGISTRY
 from attnlab.probe import AttnlabError
 from attnlab.probe.edits import AttentionEdit, FirstToken, MassTransfer
 
@@ -38,16 +43,27 @@ class Method:
     default: float | None = None
     lo: float = 0.0
     hi: float = 100.0
+    needs_span: bool = False  # the span box is used (PASTA, VAR)
 
 
-METHODS: dict[str, Method] = {
-    "zerotuning": Method("ZeroTuning: scale the first token's attention by gamma", "gamma", 2.0, 0.0, 100.0),
+def _methods() -> dict[str, Method]:
+    """The registry's methods with a hand-set strength, then the dashboard's own primitives."""
+    out = {name: Method(f"{spec.title}: {spec.strength.label}", spec.strength.name, spec.strength.default,
+                        spec.strength.lo, spec.strength.hi, spec.needs_spans)
+           for name, spec in REGISTRY.items() if spec.strength is not None}
+    for name, m in EXTRA.items():
+        if name in out:
+            raise ValueError(f"dashboard method {name!r} is also a registered intervention")
+        out[name] = m
+    return out
+
+
+EXTRA: dict[str, Method] = {
     "sink_transfer": Method("sink mass transfer: the first token keeps beta of its mass", "beta", 0.4, 0.0, 1.0),
-    "act": Method("ACT: hidden sinks keep beta of their mass", "beta", 0.4, 0.0, 1.0),
-    "pasta": Method("PASTA: scale the tokens outside a span by alpha", "alpha", 0.01, 0.0, 100.0),
     "ablate_zero": Method("ablate: zero the head's output", None),
     "ablate_bos": Method("ablate: all of the head's attention to the first token", None),
 }
+METHODS: dict[str, Method] = _methods()
 SCOPES = {"head": "the selected head", "layer": "every head of its layer", "all": "every head"}
 
 
@@ -91,9 +107,6 @@ def _strength(method: Method, value) -> float:
 
 def plan(probe, tokens, method: str, scope: str, layer: int, head: int, strength=None, span: str | None = None) -> Plan:
     """The edit for `method` at `strength` in `scope`, on `tokens` (one row: the capture's text)."""
-    from attnlab.interventions import act_edits, pasta_edits, zerotuning_edits
-    from attnlab.interventions.act import SinkFinder, default_layers
-
     if method not in METHODS:
         raise AttnlabError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     m = METHODS[method]
@@ -105,31 +118,29 @@ def plan(probe, tokens, method: str, scope: str, layer: int, head: int, strength
         return Plan(f"{where} ablated ({mode})", [], all_heads, mode)
     x = _strength(m, strength)
     label = f"{method} {m.strength} = {x:g} on {where}"
-    if method == "zerotuning":
-        if x == 0:
-            raise AttnlabError("gamma must be > 0 (gamma = 1 changes nothing)")
-        return Plan(label, zerotuning_edits(x, heads), [])
     if method == "sink_transfer":
         layers = None if heads is None else sorted({l for l, _ in heads})
         hs = None if heads is None else sorted({h for _, h in heads})
         return Plan(label, [AttentionEdit(FirstToken(), MassTransfer(x), layers=layers, heads=hs)], [])
+    spec = REGISTRY[method]
+    spans = None
+    if m.needs_span:
+        text = tokens.texts[0] if tokens.texts else ""
+        if not span or not span.strip():
+            raise AttnlabError(f"{spec.title} needs a highlighted span: type a part of the text in the span box")
+        at = text.find(span)
+        if at < 0:
+            raise AttnlabError(f"the span {span[:40]!r} is not in the text: copy a part of it exactly")
+        spans = [(at, at + len(span))]
+        label = f"{label}, span {span[:40]!r}"
+    edits = spec.strength.edits(probe, tokens, x, heads, spans)
     if method == "act":
-        layers = default_layers(probe.info.n_layers) if heads is None else sorted({l for l, _ in heads})
-        sinks = SinkFinder(probe, layers)(tokens)
-        edits = act_edits(sinks, heads, x)
         if not edits:
             raise AttnlabError(f"no hidden sink (a key after the first with alpha_k > 0.1) in {where} on this "
                                "text: ACT changes nothing here; widen the scope or pick another head")
         found = len({(e.layers[0], h) for e in edits for h in e.heads})
-        return Plan(f"{label} ({found} heads with hidden sinks)", edits, [])
-    # pasta
-    text = tokens.texts[0] if tokens.texts else ""
-    if not span or not span.strip():
-        raise AttnlabError("PASTA needs a highlighted span: type a part of the text in the span box")
-    at = text.find(span)
-    if at < 0:
-        raise AttnlabError(f"the span {span[:40]!r} is not in the text: copy a part of it exactly")
-    return Plan(f"{label}, span {span[:40]!r}", pasta_edits(tokens, [(at, at + len(span))], heads, x), [])
+        label = f"{label} ({found} heads with hidden sinks)"
+    return Plan(label, edits, [])
 
 
 def next_token_probs(probe, tokens) -> np.ndarray:
@@ -153,4 +164,4 @@ def compare(probe, tokens, p: Plan, layer: int, head: int, block: int) -> dict[s
     return out
 
 
-__all__ = ["METHODS", "Method", "Plan", "SCOPES", "compare", "plan", "scope_heads"]
+__all__ = ["EXTRA", "METHODS", "Method", "Plan", "SCOPES", "compare", "plan", "scope_heads"]

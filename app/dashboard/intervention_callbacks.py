@@ -36,7 +36,7 @@ def register(app, runs: work.RunCache) -> None:
             return "(unknown method: choose one from the list)", None, True, True
         if m.strength is None:
             return "(no strength)", None, True, True
-        return m.strength, m.default, False, method != "pasta"
+        return m.strength, m.default, False, not m.needs_span
 
     @app.callback(Output(ids.EDIT_INFO, "children"), Output(ids.NEXT_TOKENS, "children"),
                   Output(ids.NEXT_BARS, "figure"), Output(ids.ATTN_BEFORE, "figure"), Output(ids.ATTN_AFTER, "figure"),

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from attnlab.app.dashboard import checks
 from attnlab.app.figures import block_size
 from attnlab.probe import AttnlabError, RunStore, load
 from attnlab.probe import registry
+from attnlab.probe import stats as catalogue
+from attnlab.probe.capture import SINK, head_grid, head_summary
 
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_TOKENS = 8192
@@ -154,6 +155,7 @@ class RunCache:
         run = self.store.load(run_path(self.root, name))
         if run.kind == "capture":
             run.cached_capture = run.capture()
+            run.cached_summary = head_summary(run.cached_capture)
         with self._lock:
             self._runs[name] = run
             while len(self._runs) > self.size:
@@ -165,6 +167,11 @@ class RunCache:
         if run.kind != "capture":
             raise AttnlabError(f"run {name!r} is a '{run.kind}' run, not a capture")
         return run.cached_capture
+
+    def summary(self, name: str) -> pd.DataFrame:
+        """The `head_summary` table of capture run `name` (computed once, when the run is read)."""
+        self.capture(name)
+        return self.run(name).cached_summary
 
 
 def head_score_columns(run) -> list[dict]:
@@ -247,8 +254,9 @@ class Jobs:
 def capture_job(runs: RunCache, model: str, text: str, prepend_bos: bool, layers: str | None):
     """The job function of the run button: load, tokenize, capture, save as a run -> its name.
 
-    Statistics: received (alpha_k), sink_mass(1), entropy and pooled(block), block 1 (the exact
-    pattern) up to 256 tokens, else a power of two giving <= 128 tiles per side."""
+    Statistics (`capture_stats`): received (alpha_k), sink_mass(1), entropy and pooled(block), block 1
+    (the exact pattern) up to 256 tokens, else a power of two giving <= 128 tiles per side: what every
+    view of `NEEDS` reads."""
 
     def fn(job: Job) -> str:
         job.message = f"loading {model}"
@@ -257,10 +265,9 @@ def capture_job(runs: RunCache, model: str, text: str, prepend_bos: bool, layers
         tokens = probe.tokenize(text, prepend_bos=prepend_bos)
         if tokens.length > MAX_TOKENS:
             raise AttnlabError(f"the text is {tokens.length:,} tokens: the dashboard's limit is {MAX_TOKENS:,}")
-        block = block_size(tokens.length)
         job.message = f"capturing {tokens.length} tokens"
         job.total = len(layer_list) if layer_list else probe.info.n_layers
-        cap = probe.capture(tokens, stats=["received", "sink_mass(1)", "entropy", f"pooled({block})"],
+        cap = probe.capture(tokens, stats=capture_stats(tokens.length),
                             layers=layer_list, backend="chunked", progress=job.progress)
         job.message = "saving"
         path = runs.store.save_capture(cap, probe)
@@ -286,26 +293,76 @@ def analysis_job(runs: RunCache, launcher, model: str, text: str | None, values:
     return fn
 
 
-# ----- views' data -----
+# ----- views: what each one needs, and its data -----
+# Every view of a capture run names the catalogue statistics it reads. Before it draws, the callback
+# asks `missing(cap, view)`: a run without one of them (e.g. `attnlab capture`'s default statistics,
+# which have no `pooled`) shows "capture `pooled(1)` to see this" in the view's place, never an
+# error. The data functions below assume the view's needs are met.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "sink map": ("received",),  # alpha_0 per head: head_summary's first_token_received
+    "entropy map": ("entropy",),  # mean normalised row entropy per head (head_summary)
+    "heatmap": ("pooled",),  # the selected head's attention map (pooled(1) = the exact pattern)
+    "token view received": ("received",),  # alpha_k of every token
+    "token view gives": ("pooled",),  # the last query's row of the head's map
+    "intervention": (),  # runs the open capture's text again: reads only its tokens
+}
+
+
+def capture_stats(n_tokens: int) -> list[str]:
+    """The statistics of the dashboard's capture button for a text of n_tokens: every view's needs
+    (pooled at `block_size(n_tokens)`) and sink_mass(1)."""
+    return ["received", "sink_mass(1)", "entropy", f"pooled({block_size(n_tokens)})"]
+
+
+def suggestion(name: str, n_tokens: int) -> str:
+    """Statistic `name` as one would ask for it: the catalogue entry with its default parameter
+    (`sink_mass(1)`, `distance(128)`), except `pooled`, whose tile size is the one the heatmap
+    draws for this length (`block_size`: `pooled(1)`, the exact pattern, up to 256 tokens)."""
+    if name == "pooled":
+        return f"pooled({block_size(n_tokens)})"
+    return catalogue.Stat(name, catalogue.DEFAULTS.get(name)).label()
+
+
+def missing(cap, view: str) -> str | None:
+    """None when capture `cap` holds every statistic view `view` needs (`NEEDS`); otherwise the
+    view's message: "capture `pooled(1)` to see this" (naming each missing statistic)."""
+    lacking = [name for name in NEEDS[view] if name not in cap]
+    if not lacking:
+        return None
+    return "capture " + " and ".join(f"`{suggestion(n, cap.tokens.length)}`" for n in lacking) + " to see this"
+
+
 def first_real(cap) -> int:
+    """The position of text 0's first real token on the padded axis (the views show text 0)."""
     return int(cap.tokens.first_real()[0])
 
 
-def sink_scores(cap) -> np.ndarray:
-    """[layer, head] alpha_0: mean attention the first real token receives (batch 0)."""
-    return cap["received"][0, :, :, first_real(cap)].float().numpy()
+def sink_scores(cap, summary: pd.DataFrame | None = None) -> np.ndarray:
+    """[layer, head] alpha_0 of text 0: the mean attention its first real token receives (the
+    `first_token_received` column of `head_summary`; needs `received`)."""
+    summary = head_summary(cap) if summary is None else summary
+    return head_grid(summary, SINK, cap.layers, cap.heads, batch=0)
 
 
-def mean_entropy(cap) -> np.ndarray:
-    """[layer, head] mean normalised row entropy over real queries (batch 0)."""
-    name = "entropy_norm" if "entropy_norm" in cap else "entropy"
-    return torch.nanmean(cap[name][0].float(), dim=-1).numpy()
+def mean_entropy(cap, summary: pd.DataFrame | None = None) -> np.ndarray:
+    """[layer, head] mean normalised row entropy of text 0 over its real queries (`head_summary`'s
+    entropy_norm, or entropy where a capture has no normalised one; needs `entropy`)."""
+    summary = head_summary(cap) if summary is None else summary
+    name = "entropy_norm" if "entropy_norm" in summary.columns else "entropy"
+    return head_grid(summary, name, cap.layers, cap.heads, batch=0)
 
 
 def pooled_block(cap) -> int:
-    return int(cap.params.get("pooled", 64))
+    """The tile size of the capture's `pooled` map; without one, the size the dashboard would pick
+    for its length (`block_size`), e.g. for an intervention's before/after maps."""
+    if "pooled" in cap.params:
+        return int(cap.params["pooled"])
+    if "pooled" in cap:
+        return int(catalogue.DEFAULTS["pooled"])  # a capture that did not record its parameter
+    return block_size(cap.tokens.length)
 
 
 def head_matrix(cap, layer: int, head: int) -> np.ndarray:
+    """[query_block, key_block] pooled attention map of model (layer, head), text 0 (needs `pooled`)."""
     li, hi = cap.head_index(layer, head)
     return cap["pooled"][0, li, hi].float().numpy()

@@ -145,3 +145,30 @@ def test_result_has_tidy_tables_figures_and_round_trips_through_a_run(with_bos, 
     assert back.params["eps"] == 0.3 and back.prepend_bos is True
     assert back.tables["sink_k"].sink.tolist() == pytest.approx(with_bos.tables["sink_k"].sink.tolist())
     torch.testing.assert_close(back.tensors["alpha0"], with_bos.tensors["alpha0"])
+
+
+def test_per_head_scores_are_the_one_head_summary_with_the_numbers_of_before(with_bos, smollm2):
+    """#17: the `heads` table comes from `attnlab.probe.capture.head_summary` (alpha_0 per text and
+    head), averaged over the texts; the numbers are those of the former tensor formula, bit for bit."""
+    import numpy as np
+
+    alpha = with_bos.tensors["alpha_first"]  # [sample, layer, head, key]
+    before = torch.nanmean(alpha[..., 0].double(), dim=0).float()
+    assert torch.equal(with_bos.tensors["alpha0"], before)
+    heads = with_bos.tables["heads"]
+    assert heads.score.dtype == np.float32 and heads.score.tolist() == before.numpy().ravel().tolist()
+    assert heads.sink_rate.tolist() == (alpha[..., 0] > 0.3).double().mean(dim=0).numpy().ravel().tolist()
+    assert heads.layer.tolist() == np.repeat(np.arange(30), 9).tolist()
+    assert heads["head"].tolist() == np.tile(np.arange(9), 30).tolist()
+    assert heads.kv_head.tolist() == np.tile([smollm2.info.kv_head(h) for h in range(9)], 30).tolist()
+
+
+def test_sink_heads_average_alpha_0_over_texts_and_count_the_sinking_ones():
+    import pandas as pd
+
+    summary = pd.DataFrame({"batch": [0, 0, 1, 1, 2, 2], "layer": 0, "head": [0, 1] * 3, "kv_head": 0,
+                            "first_token_received": [0.9, 0.1, 0.5, 0.2, 0.1, 0.6], "entropy": 1.0})
+    heads = sinks.sink_heads(summary, eps=0.3)
+    assert heads.columns.tolist() == ["layer", "head", "kv_head", "score", "sink_rate"]
+    assert heads.score.tolist() == pytest.approx([0.5, 0.3])
+    assert heads.sink_rate.tolist() == pytest.approx([2 / 3, 1 / 3])

@@ -169,6 +169,7 @@ PRE_LOAD = [
     (["intervene", "--method", "act", "--task", "sst2", "--n", "many"], "--n", "valid integer"),
     (["intervene", "--method", "act", "--task", "sst2", "--device", "tpu"], "--device", "not a device"),
     (["intervene", "--method", "act", "--task", "sst2", "--out", "{tmp}/a_file"], "--out", "is a file"),
+    (["intervene", "--method", "act", "--task", "sst2", "--unsupervised"], "--unsupervised", "no label-free variant"),
     # dashboard (nothing may start: create_app fails the test if it is reached)
     (["dashboard", "--port", "0"], "--port", "out of range"),
     (["dashboard", "--port", "70000"], "--port", "out of range"),

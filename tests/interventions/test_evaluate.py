@@ -33,6 +33,30 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_n():
     assert lo == hi == 1.0
 
 
+def _numpy_percentile(x, n_boot=2000, seed=0, level=0.95):
+    """attnlab's interval before scipy: resample indices with default_rng(seed), quantiles of the means."""
+    x = np.asarray(x, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+@pytest.mark.parametrize("n, seed", [(1, 0), (7, 0), (50, 0), (200, 3), (500, 0)])
+def test_scipy_intervals_are_the_numbers_of_the_earlier_numpy_bootstrap(n, seed):
+    """scipy.stats.bootstrap (percentile, the same draws) changes no interval, single or paired: the
+    same resamples and quantiles (scipy's interpolation may differ from numpy's in the last bit)."""
+    rng = np.random.default_rng(100 + n)
+    base, method = rng.random(n) < 0.6, rng.random(n) < 0.7
+    same = dict(rel=0, abs=1e-12)
+    assert bootstrap_interval(method, seed=seed) == pytest.approx(_numpy_percentile(method, seed=seed), **same)
+    assert paired_interval(base, method, seed=seed) == pytest.approx(
+        _numpy_percentile(method.astype(float) - base, seed=seed), **same)
+    scores = rng.normal(size=n)  # floats too (e.g. log-probs)
+    assert bootstrap_interval(scores, n_boot=500, seed=seed) == pytest.approx(_numpy_percentile(scores, 500, seed),
+                                                                            **same)
+
+
 def test_label_word_scores_by_hand(smollm2, tiny_task):
     examples = tiny_task.split("test", 3)
     df = score_examples(smollm2, tiny_task, examples)

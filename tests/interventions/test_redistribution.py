@@ -48,7 +48,8 @@ import pandas as pd  # noqa: E402
 
 import importlib  # noqa: E402
 
-from attnlab.interventions.redistribution import PASTA, VAR, VarSinks, span_edit_fn, var_edits, var_layers  # noqa: E402
+from attnlab.interventions.base import span_edit_fn  # noqa: E402
+from attnlab.interventions.redistribution import PASTA, VAR, VarSinks, var_edits, var_layers  # noqa: E402
 from attnlab.probe import AttnlabError, SpanGate  # noqa: E402
 from attnlab.probe.tasks import span_qa  # noqa: E402
 from attnlab.probe.tasks.classification import Example, from_examples  # noqa: E402
@@ -109,7 +110,7 @@ def test_pasta_profiles_on_dev_only_and_picks_k(monkeypatch):
                              "pred": [e.label if i < correct else -1 for i, e in enumerate(examples)]})
 
     current = {"heads": None}
-    original = PASTA.edit_fn
+    original = PASTA._heads_edit_fn
 
     def edit_fn(self, task_, examples, heads):
         current["heads"] = heads
@@ -117,7 +118,7 @@ def test_pasta_profiles_on_dev_only_and_picks_k(monkeypatch):
 
     ev = importlib.import_module("attnlab.interventions.evaluate")
     monkeypatch.setattr(ev, "score_examples", lambda *a, **k: (fake_score(*a, **k), current.update(heads=None))[0])
-    monkeypatch.setattr(PASTA, "edit_fn", edit_fn)
+    monkeypatch.setattr(PASTA, "_heads_edit_fn", edit_fn)
     probe = SimpleNamespace(info=SimpleNamespace(n_layers=2, n_heads=9))
     model = PASTA(split="dev").fit(probe, task)
     assert set(seen) == {e.id for e in task.split("dev")}
@@ -131,6 +132,10 @@ def test_pasta_and_var_need_a_task_with_spans(smollm2):
     task = from_examples("plain", [Example(i, f"t{i}", i % 2) for i in range(20)], [" a", " b"],
                          sizes={"calibration": 4, "dev": 4, "test": 4})
     with pytest.raises(AttnlabError, match="has no highlighted spans"):
+        VAR().fit(smollm2, task)
+    with pytest.raises(AttnlabError, match="call fit"):
         VAR().evaluate(smollm2, task, n=2)
-    with pytest.warns(UserWarning, match="scales the highlighted span"):
-        PASTA(mode="include", alpha=0.01)
+    PASTA(mode="include", alpha=0.01)  # hyperparameters are checked by fit, not __init__ (scikit-learn's rule)
+    with pytest.warns(UserWarning, match="scales the highlighted span"), \
+            pytest.raises(AttnlabError, match="has no highlighted spans"):
+        PASTA(mode="include", alpha=0.01).fit(smollm2, task)

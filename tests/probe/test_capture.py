@@ -187,3 +187,55 @@ def test_offloaded_records_fill_one_buffer_per_statistic_in_layer_order():
     ragged.record(1, second)
     assert ragged.stacked_records() is None
     assert torch.equal(ragged.records[1][0]["received"], second["received"])
+
+
+def _summary_before_17(cap):
+    """`Capture.head_summary` as it was before #17 (a loop over batch, layer, head): the reference."""
+    import pandas as pd
+
+    rows = []
+    first = cap.tokens.first_real()
+    for b in range(cap.tokens.batch_size):
+        for li, layer in enumerate(cap.layers):
+            for hi, head in enumerate(cap.heads):
+                row = {"batch": b, "layer": layer, "head": head, "kv_head": cap.kv_heads[hi]}
+                if "received" in cap.stats:
+                    row["first_token_received"] = float(cap["received"][b, li, hi, first[b]])
+                for name in ("sink_mass", "entropy", "entropy_norm", "top_prob", "distance", "local_mass"):
+                    if name in cap.stats:
+                        row[name] = float(torch.nanmean(cap[name][b, li, hi].float()))
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("stats", [ALL_STATS, ["received", "sink_mass(1)", "entropy"], ["entropy"], ["pooled(4)"]])
+def test_one_head_summary_gives_the_same_numbers_as_before(tiny_models, stats):
+    """One per-head summary (#17): the run's heads table, the CLI's sink table, the dashboard's maps
+    and the sink analysis read `head_summary`; its numbers are those of the old loop, bit for bit."""
+    import numpy as np
+    import pandas as pd
+
+    from attnlab.probe.capture import head_grid, head_summary, strongest_sinks
+
+    probe = tiny_models("tiny-llama")
+    cap = probe.capture(["The cat sat on the mat and looked around.", "A shorter text."], stats=stats,
+                        heads=[0, 2, 3], backend="chunked")
+    summary = head_summary(cap)
+    pd.testing.assert_frame_equal(summary, _summary_before_17(cap), check_exact=True)
+    pd.testing.assert_frame_equal(cap.head_summary(), summary, check_exact=True)
+    assert len(summary) == 2 * len(cap.layers) * 3 and summary.kv_head.tolist()[:3] == cap.kv_heads
+    if "received" in cap:
+        # the dashboard's sink map (text 0) as it was: received at the first real token
+        first = int(cap.tokens.first_real()[0])
+        assert np.array_equal(head_grid(summary, "first_token_received", cap.layers, cap.heads),
+                              cap["received"][0, :, :, first].float().numpy())
+        pd.testing.assert_frame_equal(strongest_sinks(summary, 2), cap.strongest_sinks(2), check_exact=True)
+    else:
+        with pytest.raises(KeyError, match="received"):
+            strongest_sinks(summary)
+    if "entropy" in cap:  # the dashboard's entropy map as it was (a batched nanmean: equal to fp32 rounding)
+        old = torch.nanmean(cap["entropy_norm"][0].float(), dim=-1).numpy()
+        np.testing.assert_allclose(head_grid(summary, "entropy_norm", cap.layers, cap.heads), old, rtol=1e-6)
+        mean = head_grid(summary, "entropy", cap.layers, cap.heads, batch=None)
+        np.testing.assert_allclose(mean, (head_grid(summary, "entropy", cap.layers, cap.heads, 0)
+                                          + head_grid(summary, "entropy", cap.layers, cap.heads, 1)) / 2)

@@ -514,4 +514,33 @@ def test_every_registered_analysis_opens_from_the_saved_runs(dash_duo, tmp_path,
         dash_duo.select_dcc_dropdown(f"#{ids.RUNS}", index=i)
         dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", f"{row.kind} run", timeout=30)
         _wait(lambda: min(_grid(dash_duo, ids.SCORE_MAP)) > 0, 20, f"the per-head map of the {row.kind} run")
+
+
+def test_a_run_of_the_clis_default_statistics_opens_and_says_what_to_capture(dash_duo, tmp_path, artifacts):
+    """#17: `attnlab capture` with its default statistics (no `pooled`) opens in every view; the views
+    that need `pooled` say what to capture instead."""
+    from typer.testing import CliRunner
+
+    from attnlab.app import cli
+
+    runs = tmp_path / "runs"
+    done = CliRunner().invoke(cli.app, ["capture", "--model", "tiny-llama", "--text", SHORT, "--out", str(runs),
+                                        "--backend", "chunked"])
+    assert done.exit_code == 0, done.output
+    dash_duo.start_server(create_app(runs))
+    dash_duo.wait_for_element(f"#{ids.RUNS}")
+    dash_duo.select_dcc_dropdown(f"#{ids.RUNS}", index=0)
+    dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "no pooled map", timeout=30)
+    _wait_grid(dash_duo, ids.SINK_MAP, (2, 4), 20)  # tiny-llama: 2 layers x 4 heads
+    assert _grid(dash_duo, ids.ENTROPY_MAP) == (2, 4)
+    _wait(lambda: "capture `pooled(1)` to see this" in _title(dash_duo, ids.HEATMAP), 20, "the heatmap's message")
+    tokens = dash_duo.driver.find_elements("css selector", f"#{ids.TOKENS} span.tok")
+    assert tokens and "alpha_k" in tokens[0].get_attribute("title")
+    dash_duo.find_element(f"#{ids.TOKEN_MODE} input[value='gives']").click()
+    dash_duo.wait_for_contains_text(f"#{ids.TOKENS}", "capture `pooled(1)` to see this", timeout=10)
+    _click_cell(dash_duo, ids.SINK_MAP, layer=1, head=2)
+    _wait(lambda: _title(dash_duo, ids.HEATMAP).startswith("L1 H2 attention map: capture `pooled(1)`"), 15,
+          "the message for L1 H2")
+    _shot(dash_duo, artifacts, "10-cli-default-run.png")
+    assert dash_duo.find_element(f"#{ids.MESSAGE}").text == ""
     assert dash_duo.get_logs() == [], dash_duo.get_logs()
