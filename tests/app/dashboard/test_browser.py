@@ -514,6 +514,7 @@ def test_every_registered_analysis_opens_from_the_saved_runs(dash_duo, tmp_path,
         dash_duo.select_dcc_dropdown(f"#{ids.RUNS}", index=i)
         dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", f"{row.kind} run", timeout=30)
         _wait(lambda: min(_grid(dash_duo, ids.SCORE_MAP)) > 0, 20, f"the per-head map of the {row.kind} run")
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
 
 
 def test_a_run_of_the_clis_default_statistics_opens_and_says_what_to_capture(dash_duo, tmp_path, artifacts):
