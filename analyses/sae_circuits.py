@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn import metrics
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -162,29 +163,18 @@ def _check_labels(codes: np.ndarray, positive: np.ndarray) -> None:
 
 # ----- scoring against a reference circuit -----
 def roc_auc(scores, truth) -> float:
-    """Area under the ROC curve (Mann-Whitney; ties count half)."""
+    """Area under the ROC curve (scikit-learn's; ties count half, as in Mann-Whitney's U)."""
     scores, truth = np.asarray(scores, dtype=float), np.asarray(truth, dtype=bool)
-    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
-    if n_pos == 0 or n_neg == 0:
+    if truth.all() or not truth.any():
         raise AttnlabError("ROC AUC needs at least one head in and one out of the reference circuit")
-    ranks = _average_ranks(scores)
-    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank."""
-    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + 1 + ends) / 2)[inverse]
+    return float(metrics.roc_auc_score(truth, scores))
 
 
 def roc_curve(scores, truth) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1)."""
+    """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1) (scikit-learn's, every point kept)."""
     scores, truth = np.asarray(scores, dtype=float), np.asarray(truth, dtype=bool)
-    thresholds = np.unique(scores)[::-1]
-    tpr = [0.0] + [float((truth & (scores >= t)).sum() / truth.sum()) for t in thresholds]
-    fpr = [0.0] + [float((~truth & (scores >= t)).sum() / (~truth).sum()) for t in thresholds]
-    return np.array(fpr), np.array(tpr)
+    fpr, tpr, _ = metrics.roc_curve(truth, scores, drop_intermediate=False)
+    return fpr, tpr
 
 
 def precision_recall_at_k(scores, truth, k: int) -> tuple[float, float]:

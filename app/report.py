@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 import plotly.offline
 
 from attnlab.analyses import ANALYSES, Analysis, Result
@@ -219,7 +220,7 @@ td, th { border: 1px solid #ddd; padding: .2rem .5rem; text-align: right; } th {
 
 
 def _figure_div(fig: go.Figure) -> str:
-    return plotly.offline.plot(fig, output_type="div", include_plotlyjs=False, config={"displaylogo": False})
+    return pio.to_html(fig, full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
 
 def _table(df: pd.DataFrame) -> str:
