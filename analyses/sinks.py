@@ -41,6 +41,7 @@ from attnlab.analyses.base import Analysis, Progress, register
 from attnlab.analyses.result import Result
 from attnlab.probe.capture import HEAD_KEYS, SINK, head_summary, per_head
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.hooked_path import hook_name
 from attnlab.probe.tokens import Tokens
 
 
@@ -250,7 +251,9 @@ def extreme_tokens(
     tokens = prepare(probe, texts, T, prepend_bos)
     bridge = probe.bridge
     W_O = torch.stack([probe.output_weights(l) for l in range(L)])  # [L, Hq, D, d_model]
-    names = {f"blocks.{l}.hook_resid_post" for l in range(L)} | {f"blocks.{l}.attn.hook_v" for l in range(L)}
+    resid_names = [hook_name("resid_post", l) for l in range(L)]
+    value_names = [hook_name("v", l) for l in range(L)]
+    names = set(resid_names) | set(value_names)
     resid_rows, value_rows, var_rows, firsts = [], [], [], []
     resids = []
     for b in range(tokens.batch_size):
@@ -259,8 +262,8 @@ def extreme_tokens(
         strings = tokens.strings[b][f:]
         with torch.no_grad():
             _, cache = bridge.run_with_cache(ids.to(probe.device), names_filter=lambda n: n in names)
-        resid = torch.stack([cache[f"blocks.{l}.hook_resid_post"][0].cpu().float() for l in range(L)])  # [L, N, d]
-        vnorm = torch.stack([value_output_norms(cache[f"blocks.{l}.attn.hook_v"].cpu(), W_O[l])[0]
+        resid = torch.stack([cache[resid_names[l]][0].cpu().float() for l in range(L)])  # [L, N, d]
+        vnorm = torch.stack([value_output_norms(cache[value_names[l]].cpu(), W_O[l])[0]
                              for l in range(L)])  # [L, H, N]
         del cache
         if progress is not None:

@@ -32,9 +32,8 @@ attnlab's choices (where the paper or its code is silent or buggy):
   answer after `</think>` and BOS belong to no sentence (segment id -1) but stay in the forward
   pass as context. Every token of every sentence counts, the last one included (the official
   averaging drops the last sentence's final token).
-- Kurtosis: scipy.stats.kurtosis(fisher=True, bias=True, nan_policy="omit") re-implemented in
-  numpy (scipy is not an attnlab dependency): m4 / m2^2 - 3 over the non-NaN values, NaN for
-  fewer than 2 values or zero variance. A head's score is the mean over the traces where it is
+- Kurtosis: scipy.stats.kurtosis(fisher=True, bias=True, nan_policy="omit"): m4 / m2^2 - 3 over
+  the non-NaN values, NaN for fewer than 2 values or zero variance. A head's score is the mean over the traces where it is
   defined.
 - Suppression runs on the hooked path (`blocks.{l}.attn.hook_attn_scores` is pre-softmax, causal
   mask already applied). A query whose only visible keys lie in S_s (the first sentence of a trace
@@ -48,12 +47,14 @@ attnlab's choices (where the paper or its code is silent or buggy):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats as scipy_stats
 
 from attnlab.analyses import resampling
 from attnlab.analyses import thought_anchors_plots as taplots
@@ -64,6 +65,7 @@ from attnlab.analyses.traces import (  # noqa: F401  (re-exported: one import fo
     token_segments,
 )
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.hooked_path import hook_name
 from attnlab.probe.stats import Stat
 
 
@@ -83,18 +85,13 @@ def vertical_scores(M: np.ndarray | torch.Tensor, proximity: int = 4) -> np.ndar
 
 def excess_kurtosis(v: np.ndarray, axis: int = -1) -> np.ndarray:
     """scipy.stats.kurtosis(v, axis, fisher=True, bias=True, nan_policy='omit'): m4 / m2^2 - 3 over
-    the non-NaN values; NaN for fewer than 2 values or zero variance."""
-    v = np.moveaxis(np.asarray(v, dtype=np.float64), axis, -1)
-    ok = ~np.isnan(v)
-    n = ok.sum(axis=-1)
-    mean = np.nansum(v, axis=-1) / np.maximum(n, 1)
-    d = np.where(ok, v - mean[..., None], 0.0)
-    m2 = (d**2).sum(axis=-1) / np.maximum(n, 1)
-    m4 = (d**4).sum(axis=-1) / np.maximum(n, 1)
-    zero = m2 <= (np.finfo(np.float64).resolution * mean) ** 2
-    with np.errstate(all="ignore"):
-        k = m4 / m2**2 - 3.0
-    return np.where(zero | (n < 2), np.nan, k)
+    the non-NaN values; NaN for fewer than 2 values or zero variance (scipy's warnings for those
+    slices are silenced: their NaN is the answer)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Precision loss occurred in moment calculation")
+        warnings.filterwarnings("ignore", message="After omitting NaNs")
+        return np.asarray(scipy_stats.kurtosis(np.asarray(v, dtype=np.float64), axis=axis, fisher=True, bias=True,
+                                         nan_policy="omit"), dtype=np.float64)
 
 
 def top_heads(kurt: np.ndarray, top_k: int = 20, exclude_layers: Sequence[int] = (0,)) -> list[tuple[int, int]]:
@@ -176,7 +173,7 @@ def suppression_hooks(probe, heads: Sequence[tuple[int, int]] | None,
 
         return hook
 
-    return [(f"blocks.{l}.attn.hook_attn_scores", hook_for(hs)) for l, hs in sorted(by_layer.items())]
+    return [(hook_name("attn_scores", l), hook_for(hs)) for l, hs in sorted(by_layer.items())]
 
 
 def suppression_matrix(probe, trace: Trace, heads: Sequence[tuple[int, int]] | None = None, *,

@@ -334,4 +334,6 @@ def bridge_hooks(probe, edits: Sequence[AttentionEdit], tokens: Tokens) -> list:
         return hook
 
     layers = sorted({layer for e in checked for layer in (e.layers or range(probe.info.n_layers))})
-    return [(f"blocks.{layer}.attn.hook_pattern", hook_for(layer)) for layer in layers]
+    from attnlab.probe.hooked_path import hook_name
+
+    return [(hook_name("pattern", layer), hook_for(layer)) for layer in layers]

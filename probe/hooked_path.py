@@ -21,6 +21,14 @@ from attnlab.kernels import StatRequest, stats_from_pattern
 from attnlab.probe.tokens import Tokens
 
 
+def hook_name(kind: str, layer: int) -> str:
+    """TransformerLens' name of a hook, e.g. hook_name("pattern", 3) -> "blocks.3.attn.hook_pattern"
+    (`get_act_name`; imported here, not at module level: transformer_lens takes ~2.7 s to import)."""
+    from transformer_lens.utilities import get_act_name
+
+    return get_act_name(kind, layer)
+
+
 def boot_bridge(folder: Path, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
@@ -62,7 +70,7 @@ def eager_stats(
 
         return hook
 
-    fwd_hooks = list(edit_hooks or []) + [(f"blocks.{layer}.attn.hook_pattern", hook_for(layer)) for layer in layers]
+    fwd_hooks = list(edit_hooks or []) + [(hook_name("pattern", layer), hook_for(layer)) for layer in layers]
     with torch.no_grad():
         bridge.run_with_hooks(
             tokens.input_ids.to(device),
