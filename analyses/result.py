@@ -31,8 +31,8 @@ class Result:
     analysis: its name (the run's kind). tables: name -> tidy DataFrame (head tables: layer, head,
     score, ...). tensors: name -> tensor, with tensor_dims: name -> one dimension name per axis
     (e.g. ("layer", "head", "key")). figures: name -> plotly Figure, built from the tables; not
-    saved (the analysis's `figures` rebuilds them). params: the parameters used (the model's name
-    among them). summary: a line or paragraph of findings. prepend_bos: whether BOS was prepended
+    saved (the analysis's `figures` rebuilds them). params: the parameters used.
+    summary: a line or paragraph of findings. prepend_bos: whether BOS was prepended
     (None where no model input is involved). timings: name -> seconds."""
 
     analysis: str  # e.g. "sinks"
