@@ -138,7 +138,7 @@ def profile_heads(probe, task, *, gamma: float = 2.0, unit: str = "head_index", 
 
 
 def heads_of(profile: pd.DataFrame, direction: str = "up") -> list[tuple[int, int]]:
-    """The (layer, head) pairs of a ZeroTuning profile's units in `direction` ("up" or "down")."""
+    """The (layer, head) pairs of a ZeroTuning profile's units in `direction` ("up", "down" or "flat")."""
     return [tuple(m) for members in profile[profile.direction == direction]["members"] for m in members]
 
 
