@@ -228,6 +228,8 @@ class Field:
 
 
 def fields_of(params_type) -> list[Field]:
+    """The fields of a Params dataclass as the surfaces show them: name, label, default (as typed), type, range,
+    choices (booleans: yes/no), help."""
     out, hints = [], _hints(params_type)
     for f in dataclasses.fields(params_type):
         tp, optional = _strip_optional(hints[f.name])
@@ -248,6 +250,13 @@ def fields_of(params_type) -> list[Field]:
 # ----- the analysis -----
 @dataclass(frozen=True)
 class Analysis:
+    """One analysis as every surface sees it (registered in `ANALYSES`): its name and texts, its Params
+    dataclass, `compute(probe, inputs, params, progress) -> Result`, what it needs and which inputs it
+    takes ("texts", "traces" or "none"), how to rebuild its figures, and which table ranks its heads.
+
+        res = ANALYSES["sinks"].run(probe, texts, {"eps": 0.5})
+        figs = ANALYSES["sinks"].figures(res)"""
+
     name: str  # the registry key, `attnlab analyze NAME`, the report's `--analyses NAME`
     title: str
     about: str  # two sentences and the citation (HTML: <i>Title</i>)
@@ -266,6 +275,7 @@ class Analysis:
 
     @property
     def Params(self) -> type:  # noqa: N802 - the dataclass, as a user spells it
+        """The parameters dataclass (`analysis.Params(...)`, as a user spells it)."""
         return self.params
 
     def run(self, probe, inputs=None, params=None, progress: Progress | bool | None = None) -> Result:
@@ -284,6 +294,8 @@ class Analysis:
         return res
 
     def make_params(self, params=None):
+        """A Params instance from None (the defaults), a Params, or a dict (string values parsed as typed,
+        others used as they are); an AttnlabError naming an unknown parameter."""
         if params is None:
             return self.params()
         if isinstance(params, self.params):
@@ -300,6 +312,7 @@ class Analysis:
         raise AttnlabError(f"{self.name}: params must be a {self.params.__name__}, a dict or None")
 
     def fields(self) -> list[Field]:
+        """The parameters as the surfaces show them (`fields_of`)."""
         return fields_of(self.params)
 
     def figures(self, result: Result) -> dict:

@@ -51,6 +51,9 @@ DORMANT_THRESHOLD = 0.89
 
 @dataclass(frozen=True)
 class ToyConfig:
+    """Shape of a Bigram-Backcopy toy transformer (defaults CPU-sized; `paper()` for section 2's d_model 256,
+    seq_len 256)."""
+
     d_model: int = 64
     n_layers: int = 1
     n_heads: int = 1
@@ -59,11 +62,15 @@ class ToyConfig:
 
     @classmethod
     def paper(cls, **kw) -> ToyConfig:
+        """The paper's model (d_model 256, seq_len 256); keyword arguments override."""
         return cls(**{"d_model": 256, "seq_len": 256, **kw})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How a toy model trains: steps, batch, optimizer (AdamW or SGD), learning rate, seed, and how many log-spaced
+    steps record the dynamics."""
+
     steps: int = 6000
     batch: int = 64
     optimizer: str = "adamw"  # or "sgd"
@@ -75,14 +82,18 @@ class TrainConfig:
 
     @classmethod
     def paper(cls, **kw) -> TrainConfig:
+        """The paper's training (10,000 steps, batch 512, AdamW lr 3e-4 or SGD lr 0.03); keyword arguments override."""
         return cls(**{"steps": 10_000, "batch": 512, "lr": None if kw.get("optimizer") == "sgd" else 3e-4, **kw})
 
     def learning_rate(self) -> float:
+        """`lr`, or when None the default of the optimizer: 0.03 for SGD, 3e-3 for AdamW."""
         return self.lr if self.lr is not None else (0.03 if self.optimizer == "sgd" else 3e-3)
 
 
 # ----- the model -----
 class Attention(nn.Module):
+    """Causal multi-head attention, softmax or ReLU (ReLU scores divided by the query's number of visible keys)."""
+
     def __init__(self, d: int, n_heads: int, kind: str):
         super().__init__()
         if kind not in ("softmax", "relu"):
@@ -92,6 +103,8 @@ class Attention(nn.Module):
         self.o = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+        """x [B, N, d] -> [B, N, d]; `record` (a dict) collects scores and pattern [B, H, N, N] and
+        value_norm [B, H, N] (||v_j W_O^h||)."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # [B, H, N, dh] each
         s = q @ k.transpose(-1, -2) / math.sqrt(self.dh)  # [B, H, N, N]
@@ -110,6 +123,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: attention and a ReLU MLP (4 d), each on a residual branch."""
+
     def __init__(self, cfg: ToyConfig):
         super().__init__()
         d = cfg.d_model
@@ -118,6 +133,7 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d, bias=False), nn.ReLU(), nn.Linear(4 * d, d, bias=False))
 
     def forward(self, x, record=None):
+        """x [B, N, d] -> [B, N, d]; `record` also collects resid_norm [B, N] (the block's output norms)."""
         x = x + self.attn(self.ln1(x), record)
         x = x + self.ffn(self.ln2(x))
         if record is not None:
@@ -126,6 +142,9 @@ class Block(nn.Module):
 
 
 class ToyTransformer(nn.Module):
+    """The toy model: token and learned position embeddings, `n_layers` blocks, a final norm and an unembedding
+    (weights N(0, 0.02))."""
+
     def __init__(self, cfg: ToyConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg

@@ -91,6 +91,8 @@ def _patch_all(probe, pairs, batch_size, prepend_bos, bar) -> tuple[torch.Tensor
 
 
 def resolve_task(probe, task, n: int, prepend_bos: bool) -> CircuitTask:
+    """A CircuitTask from a task name (built with `n` pairs the model solves) or a given CircuitTask; at least 2
+    pairs."""
     if isinstance(task, str):
         task = make_task(probe, task, n=n, prepend_bos=prepend_bos)
     if not isinstance(task, CircuitTask) or len(task.pairs) < 2:
@@ -100,6 +102,7 @@ def resolve_task(probe, task, n: int, prepend_bos: bool) -> CircuitTask:
 
 
 def head_frame(probe, **columns) -> pd.DataFrame:
+    """One row per (layer, head) with kv_head, plus the given columns (each n_layers * n_heads values, layer-major)."""
     L, H = probe.info.n_layers, probe.info.n_heads
     frame = pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L)})
     frame["kv_head"] = [probe.info.kv_head(h) for h in frame["head"]]

@@ -26,6 +26,15 @@ from attnlab.probe.runs import Run, RunStore, model_record, tokenizer_record
 
 @dataclass
 class Result:
+    """What an analysis returns (`Analysis.run`), and what it reads back from a run.
+
+    analysis: its name (the run's kind). tables: name -> tidy DataFrame (head tables: layer, head,
+    score, ...). tensors: name -> tensor, with tensor_dims: name -> one dimension name per axis
+    (e.g. ("layer", "head", "key")). figures: name -> plotly Figure, built from the tables; not
+    saved (the analysis's `figures` rebuilds them). params: the parameters used.
+    summary: a line or paragraph of findings. prepend_bos: whether BOS was prepended
+    (None where no model input is involved). timings: name -> seconds."""
+
     analysis: str  # e.g. "sinks"
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -37,6 +46,8 @@ class Result:
     timings: dict = field(default_factory=dict)
 
     def save(self, store: RunStore, probe=None, name: str | None = None) -> Path:
+        """Write the tables, tensors and manifest (parameters, summary, timings, model and tokenizer records) as one
+        run; returns its directory."""
         model = model_record(probe) if probe is not None else {"name": self.params.get("model", "unknown")}
         manifest = {
             "analysis": self.analysis,
@@ -52,6 +63,7 @@ class Result:
 
     @classmethod
     def load(cls, run: Run) -> Result:
+        """The Result of a run read back by `RunStore.load` (no figures: rebuild them with the analysis's `figures`)."""
         m = run.manifest
         dims = {k: tuple(v["dims"]) for k, v in m.get("tensors", {}).items()}
         return cls(

@@ -140,6 +140,8 @@ def copy_paste_scores(prompt: niah.NiahPrompt, new_ids: list[int], top_keys: lis
 
 
 def retrieval_figures(heads: pd.DataFrame, tests: pd.DataFrame) -> dict[str, go.Figure]:
+    """The retrieval figures: score heatmap (layer x head), score histogram over heads, and NIAH success by length x
+    depth."""
     grid = tests.pivot_table(index="length", columns="depth", values="success", aggfunc="mean")
     accuracy = go.Figure(go.Heatmap(z=grid.values, x=[f"{d:g}%" for d in grid.columns], y=[str(i) for i in grid.index],
                                     zmin=0, zmax=1, colorscale="RdYlGn", colorbar=dict(title="success")))
@@ -217,6 +219,7 @@ def induction_heads(
 
 
 def induction_figures(res: Result) -> dict[str, go.Figure]:
+    """The induction and echo mass heatmaps (layer x head) from the result's heads table."""
     heads = res.tables["heads"]
     return {"induction_heatmap": head_heatmap(heads, "induction", "Induction mass (layer x head)", zmin=0),
             "echo_heatmap": head_heatmap(heads, "echo", "Echo mass (layer x head)", zmin=0)}

@@ -84,9 +84,11 @@ class DiscreteSAE(nn.Module):
         self.W_dec = nn.Parameter(F.normalize(torch.randn(d_in, n_codes, generator=generator), dim=0))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] -> feature activations f [..., n_codes] (>= 0)."""
         return F.relu((x - self.b) @ self.W_enc.T + self.b_enc)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., d] -> (f [..., n_codes], x_hat [..., d])."""
         f = self.encode(x)
         return f, f @ self.W_dec.T + self.b
 
@@ -388,6 +390,7 @@ def published_circuits() -> dict:
 
 
 def published_circuit(task: str) -> list[tuple[int, int]]:
+    """The published GPT-2 small circuit of `task` (e.g. "ioi", "greater_than") as (layer, head) pairs."""
     data = published_circuits()["circuits"]
     if task not in data:
         raise AttnlabError(f"no published circuit for '{task}': choose from {', '.join(data)}")

@@ -321,6 +321,7 @@ def extreme_tokens(
 
 # ----- figures (from a result's tables: a run read back from disk gets them too) -----
 def sink_figures(res: Result) -> dict:
+    """The sinks figures from the result's tables: alpha_0 heatmap (layer x head), sink_k bars, hidden-token bars."""
     t = res.tables
     return {
         "sink_heatmap": plots.head_heatmap(t["heads"], value="score",
@@ -331,6 +332,7 @@ def sink_figures(res: Result) -> dict:
 
 
 def extreme_figures(res: Result) -> dict:
+    """The extreme-token figures: residual-norm curves and the log10 value-drain heatmap (layer x head)."""
     drain = res.tables["value_drain"]
     return {
         "residual_norms": plots.residual_curves(res.tables["residual_peak"]),

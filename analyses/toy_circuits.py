@@ -81,6 +81,9 @@ ALPHANUMERIC = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 @dataclass(frozen=True)
 class PlantedConfig:
+    """The planted-circuit model: shape, which heads are the previous-token and induction heads, the distractors'
+    weight std, and the token alphabet."""
+
     n_layers: int = 2
     n_heads: int = 4
     d_model: int = 64
@@ -93,18 +96,24 @@ class PlantedConfig:
 
     @property
     def circuit(self) -> list[tuple[int, int]]:
+        """The ground-truth circuit: [previous-token head, induction head] as (layer, head)."""
         return [self.prev_token_head, self.induction_head]
 
     @property
     def edges(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """The ground-truth edge: previous-token head -> induction head."""
         return [(self.prev_token_head, self.induction_head)]
 
     def vocab(self, tokenizer) -> list[int]:
+        """Token ids of the alphabet's characters under `tokenizer`."""
         return [tokenizer.convert_tokens_to_ids(ch) for ch in self.alphabet]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How the planted model trains: steps, batch, lr, seed, the induction-only warm-up steps and the no-op cost
+    beta."""
+
     steps: int = 2000
     batch: int = 32
     lr: float = 3e-3
@@ -115,6 +124,9 @@ class TrainConfig:
 
 @dataclass
 class PlantedModel:
+    """A trained planted model: its probe, configs, training history (per logged step) and `roles` table, and
+    training time in seconds."""
+
     probe: object  # attnlab.probe.Probe over the trained model
     config: PlantedConfig
     train: TrainConfig

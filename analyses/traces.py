@@ -112,13 +112,16 @@ class Trace:
 
     @property
     def n_sentences(self) -> int:
+        """Number of sentences."""
         return len(self.spans)
 
     @property
     def sentences(self) -> list[str]:
+        """The text of every sentence, in order."""
         return [self.text[a:b] for a, b in self.spans]
 
     def table(self) -> pd.DataFrame:
+        """One row per sentence: trace, sentence, text, char_start/char_end, token_start/token_end, n_tokens."""
         return pd.DataFrame({
             "trace": self.name, "sentence": range(self.n_sentences), "text": self.sentences,
             "char_start": [a for a, _ in self.spans], "char_end": [b for _, b in self.spans],

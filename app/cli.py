@@ -44,6 +44,7 @@ err = Console(stderr=True)
 
 
 def example_text() -> str:
+    """The shipped example text (probe/data/example.txt), the default input of commands and analyses."""
     return resources.files("attnlab.probe").joinpath("data/example.txt").read_text()
 
 
@@ -671,6 +672,8 @@ def _print_summary(cap, probe, top: int) -> None:
 
 
 def main() -> None:
+    """The `attnlab` entry point: offline Hugging Face settings, user errors as one line on stderr (exit 2), Ctrl-C
+    as exit 130."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # transformers' own per-load progress bars would interleave with ours.

@@ -155,6 +155,7 @@ def run_suite(probe, analyses: Sequence[str], text: str | None = None,
 
 
 def section_of(result: Result) -> Analysis | None:
+    """The registered analysis (or the interventions section) a result belongs to, None if none."""
     return sections().get(result.params.get("section", result.analysis))
 
 
@@ -243,6 +244,8 @@ def _page(title: str, meta: str, nav: list[tuple[str, str]], body: str) -> str:
 
 
 def render(results: Sequence[Result], model: dict, title: str | None = None) -> str:
+    """The report's HTML page: per result a section with its about text, summary, figures, top heads and parameters;
+    a header naming the model."""
     nav, parts = [], []
     for res in results:
         name = res.params.get("section", res.analysis)

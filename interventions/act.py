@@ -200,6 +200,10 @@ class ACT(Intervention):
         raise AttnlabError(f"unknown unit '{self.unit}': use 'head' or 'head_index'")
 
     def fit(self, probe, task) -> ACT:
+        """Tune on `split` (calibration or dev, never test): score every unit (a head, or one head index
+        across layers) alone by the accuracy change of ACT on its hidden sinks, keep the units that help,
+        then drop units greedily while accuracy rises. Learned: solo_ (per-unit table), prune_ (the
+        pruning steps), heads_, calibration_accuracy_, tuned_ids_. Returns self."""
         if self.split == "test":
             raise AttnlabError("ACT never filters heads on the evaluation split: use 'calibration' or 'dev'")
         if not 0 <= self.beta <= 1:
@@ -259,6 +263,7 @@ class ACT(Intervention):
         return self._finder.forward
 
     def chosen(self) -> dict:
+        """{"heads": [[layer, head], ...], "unit", "tuned_on": the split}."""
         self._check_fitted()
         return {"heads": [list(h) for h in self.heads_], "unit": self.unit, "tuned_on": self.split}
 

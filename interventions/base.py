@@ -71,9 +71,12 @@ class Intervention(BaseEstimator):
 
     # ----- the contract -----
     def fit(self, probe, task) -> Intervention:  # pragma: no cover - every method defines it
+        """Tune on `task`'s tuning split with `probe` (methods that tune nothing only check); returns self."""
         raise NotImplementedError
 
     def edits(self, tokens: Tokens | None = None, spans: Sequence[tuple[int, int]] | None = None) -> list[AttentionEdit]:
+        """The AttentionEdits for `tokens` (a [B, N] batch), with `spans` one (start, end) character range
+        per row for methods that need them."""
         raise NotImplementedError  # pragma: no cover
 
     def chosen(self) -> dict:

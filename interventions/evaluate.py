@@ -84,6 +84,8 @@ def paired_interval(base, method, n_boot: int = 2000, seed: int = 0, level: floa
 
 
 def as_edit_fn(edits: EditsLike) -> Callable | None:
+    """Edits as a function tokens -> [AttentionEdit, ...]: None stays None, one edit or a list is returned for every
+    batch, a callable as it is."""
     if edits is None:
         return None
     if isinstance(edits, AttentionEdit):
@@ -166,6 +168,8 @@ def score_examples(probe, task: ClassificationTask, examples: Sequence[Example],
 
 
 def summarise(df: pd.DataFrame, condition: str, n_boot: int, seed: int) -> list[dict]:
+    """Accuracy rows of one condition, scored by label words and by parsed generations: accuracy, bootstrap interval
+    lo/hi, n, invalid count and rate."""
     rows = []
     for scoring, correct in (("label_words", df["pred"] == df["label"]),
                              ("parsed", df["parsed"] == df["label"])):
@@ -237,5 +241,6 @@ def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: st
 
 
 def ids_hash(ids: Sequence[int]) -> str:
+    """First 16 hex digits of the SHA-256 of the comma-joined example ids (which examples a run used)."""
     return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 

@@ -59,6 +59,7 @@ class Method:
 
     @property
     def needs_spans(self) -> bool:
+        """True for methods evaluated on a span task (their edits steer toward a highlighted span)."""
         return self.task == "span"
 
     @property

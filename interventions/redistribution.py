@@ -123,6 +123,7 @@ def profile_pasta(n_layers: int, n_heads: int, score: Callable[[list[tuple[int, 
 
 
 def top_heads(profile: pd.DataFrame, k: int) -> list[tuple[int, int]]:
+    """The (layer, head) pairs of the `k` best units of a PASTA profile (sorted best first)."""
     return [tuple(m) for members in profile.head(k)["members"] for m in members]
 
 
@@ -287,6 +288,9 @@ class PASTA(Intervention):
         return span_edit_fn(spans_of(task, examples), lambda tokens, sp: self._build(tokens, sp, heads))
 
     def fit(self, probe, task) -> PASTA:
+        """Profile every unit on `split` (accuracy change with PASTA on it alone), then pick the number
+        k of top units (`k`, or the best of 1..k_max; ties go to the smaller k). Learned: profile_,
+        search_ (accuracy per k), k_, heads_, tuned_ids_. Returns self."""
         from attnlab.interventions.evaluate import score_examples
 
         self._validate()
@@ -323,6 +327,7 @@ class PASTA(Intervention):
         return self._build(tokens, self._check_spans(tokens, spans), self.heads_)
 
     def chosen(self) -> dict:
+        """{"heads": [[layer, head], ...], "k", "unit", "tuned_on": the split}."""
         self._check_fitted()
         return {"heads": [list(h) for h in self.heads_], "k": self.k_, "unit": self.unit, "tuned_on": self.split}
 
@@ -361,6 +366,8 @@ class VAR(Intervention):
         self.batch_size = batch_size
 
     def fit(self, probe, task) -> VAR:
+        """Check p and that the task has spans, and bind the sink detector to `probe`; tunes nothing. Learned:
+        layers_, sink_dims_, tuned_ids_ (empty). Returns self."""
         if not 0 <= self.p <= 1:
             raise AttnlabError(f"VAR's p is the share the sinks keep: 0 <= p <= 1, got {self.p}")
         spans_of(task, [])  # a task without spans fails here
@@ -389,6 +396,7 @@ class VAR(Intervention):
         return self._finder.forward
 
     def chosen(self) -> dict:
+        """The published hyperparameters used: p, min_mass, max_share, sink_dims, layers, and "tuned_on": None."""
         self._check_fitted()
         return {"p": self.p, "min_mass": self.min_mass, "max_share": self.max_share, "sink_dims": self.sink_dims_,
                 "layers": self.layers_, "tuned_on": None}

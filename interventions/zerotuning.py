@@ -138,6 +138,7 @@ def profile_heads(probe, task, *, gamma: float = 2.0, unit: str = "head_index", 
 
 
 def heads_of(profile: pd.DataFrame, direction: str = "up") -> list[tuple[int, int]]:
+    """The (layer, head) pairs of a ZeroTuning profile's units in `direction` ("up", "down" or "flat")."""
     return [tuple(m) for members in profile[profile.direction == direction]["members"] for m in members]
 
 
@@ -237,6 +238,7 @@ class ZeroTuning(Intervention):
         return zerotuning_edits(self.gamma_, self.heads_)
 
     def chosen(self) -> dict:
+        """{"gamma", "heads": [[layer, head], ...] or None (every head), "tuned_on": the split, "supervised"}."""
         self._check_fitted()
         return {"gamma": self.gamma_, "heads": None if self.heads_ is None else [list(h) for h in self.heads_],
                 "tuned_on": self.split, "supervised": self.supervised}

@@ -117,6 +117,8 @@ class KernelEdit:
 
     @classmethod
     def mass_transfer(cls, heads, source, keep: float, target=None, gate=None, span_gate=None) -> "KernelEdit":
+        """Move (1 - keep) of the `source` keys' mass to the `target` keys ([B, Nk] bool; None: every
+        other visible key) in proportion to their weight; keep in [0, 1]."""
         return cls(heads=heads, source=source, kind="mass_transfer", keep=keep, target=target, gate=gate,
                    span_gate=span_gate)
 

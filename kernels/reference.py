@@ -164,6 +164,7 @@ class StatAccumulator:
             getattr(self, f"_add_{s.name}")(c)
 
     def finish(self) -> dict[str, torch.Tensor]:
+        """name -> tensor of every requested output (derived ones included), in the table's order."""
         for s in self._stats:
             fin = getattr(self, f"_finish_{s.name}", None)
             if fin is not None:

@@ -133,6 +133,7 @@ class Statistic:
 
     @property
     def user_facing(self) -> bool:
+        """True for a statistic a user asks for; False for one derived from another (`derived_from`)."""
         return self.derived_from is None
 
 

@@ -187,6 +187,9 @@ class _Call:
 
     # -- edits as per-row biases (log2 units) on the source and target key classes
     def set_edit(self, e: KernelEdit) -> None:
+        """Compile a KernelEdit into per-row biases (log2 units) on the source and target key classes:
+        ln c on the sources for a logit bias; ln keep on the sources and ln of the receivers' factor on
+        the targets for a mass transfer (measured first from the unedited row masses)."""
         src, tgt = e.key_classes(self.device)
         self.src, self.tgt = src.to(torch.int8).contiguous(), tgt.to(torch.int8).contiguous()
         rows = e.rows(self.B, self.Nq, self.device)
@@ -277,6 +280,9 @@ class _Call:
         return n_m
 
     def forward(self, request: StatRequest):
+        """Both passes: (out [B, Hq, Nq, D] in the query dtype, stats: name -> tensor of every requested
+        statistic). Pass 1 gives the output, the log-sum-exp and per-query statistics (cuDNN when it
+        needs no statistics and applies); pass 2 the per-key ones (received, pooled, segments, rows)."""
         B, Hq, Nq, Nk = self.B, self.Hq, self.Nq, self.Nk
         f32 = dict(dtype=torch.float32, device=self.device)
         out = torch.empty(B, Hq, Nq, self.D, dtype=self.q.dtype, device=self.device)

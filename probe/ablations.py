@@ -34,6 +34,10 @@ MODES = ("zero", "bos", "uniform", "mean")
 
 @dataclass(frozen=True)
 class HeadAblation:
+    """One ablated head: query head `head` of layer `layer`, with mode "zero" (output 0), "bos" (all
+    attention on the first real key), "uniform" (query zeroed: uniform attention over the visible
+    keys) or "mean" (output averaged over the call's queries)."""
+
     layer: int
     head: int  # query head
     mode: str = "zero"

@@ -62,6 +62,7 @@ class Capture:
 
     @property
     def prepend_bos(self) -> bool:
+        """Whether a BOS token was prepended to every text (sinks depend on it)."""
         return self.tokens.prepend_bos
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -50,6 +50,7 @@ class FirstToken:
     """The first non-pad token of each row (BOS when one is prepended)."""
 
     def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
+        """[B, Nk] bool from the [B, Nk] key padding mask: True at each row's first real key."""
         first = (~key_mask).sum(dim=1)
         return torch.arange(key_mask.shape[1], device=key_mask.device)[None] == first[:, None]
 
@@ -69,6 +70,8 @@ class Positions:
         object.__setattr__(self, "positions", tuple(chosen))
 
     def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
+        """[B, Nk] bool from the [B, Nk] key padding mask: True at the positions, counted from each
+        row's first real key (pads never)."""
         first = (~key_mask).sum(dim=1)
         pos = torch.arange(key_mask.shape[1], device=key_mask.device)[None] - first[:, None]
         chosen = torch.tensor(self.positions, device=key_mask.device)
@@ -139,6 +142,7 @@ class RowPositions:
         object.__setattr__(self, "rows", tuple(checked))
 
     def mask(self, key_mask: torch.Tensor) -> torch.Tensor:
+        """[B, Nk] bool from the [B, Nk] key padding mask: row b's own positions (past the keys: nothing)."""
         if key_mask.shape[0] != len(self.rows):
             raise AttnlabError(f"RowPositions(rows): {len(self.rows)} rows but the batch has {key_mask.shape[0]}; "
                                "pass one list of positions per batch row")
@@ -154,6 +158,12 @@ class RowPositions:
 
 @dataclass(frozen=True)
 class LogitBias:
+    """Add ln(c) to the selected keys' pre-softmax logits: A'[i, j] = c A[i, j] / Z_i on them,
+    A[i, j] / Z_i elsewhere, with Z_i = 1 + (c - 1) A[i, S] so rows still sum to 1.
+
+    c >= 0 (finite): c > 1 boosts the keys (ZeroTuning's gamma), c < 1 damps them (PASTA's alpha),
+    c = 0 removes them."""
+
     c: float  # multiply the selected keys' weight by c (add ln c to their logits)
 
     def __post_init__(self):
@@ -164,6 +174,15 @@ class LogitBias:
 
 @dataclass(frozen=True)
 class MassTransfer:
+    """Post-softmax: the selected keys S keep `keep` of their mass; the freed (1 - keep) A[i, S] goes to
+    the receivers T (`to`; default every other visible key) in proportion to their weight:
+
+        A'[i, j] = keep A[i, j]                                   j in S
+        A'[i, j] = A[i, j] (1 + (1 - keep) A[i, S] / A[i, T])     j in T
+
+    Other keys are unchanged and rows still sum to 1; a row with no mass on T is left as it is.
+    keep in [0, 1] (ACT, VAR)."""
+
     keep: float  # share of the selected keys' mass they keep
     to: FirstToken | Positions | RowPositions | None = None  # receivers (default: every other key)
 
@@ -193,6 +212,8 @@ class SpanGate:
         object.__setattr__(self, "after_region", checks.flag(self.after_region, "SpanGate(after_region)"))
 
     def kernel_gate(self, key_mask: torch.Tensor) -> MassGate:
+        """This gate as the kernels' `MassGate`, resolved from the [B, Nk] key padding mask (region
+        mask and [B] first query index)."""
         region = self.region.mask(key_mask)
         first_query = None
         if self.after_region:
@@ -206,6 +227,13 @@ class SpanGate:
 
 @dataclass(frozen=True)
 class AttentionEdit:
+    """One attention edit: apply `op` to the `keys` of query heads `heads` in layers `layers`.
+
+    keys: a selector (`FirstToken`, `Positions`, `RowPositions`), resolved per batch row from the
+    padding mask. op: `LogitBias(c)` or `MassTransfer(keep, to)`. layers, heads: model layer and
+    query-head indices (None: all; an empty list is refused). gate: optional `SpanGate` limiting the
+    edit to some (head, query) rows. Apply with `probe.intervene(edit, ...)`."""
+
     keys: FirstToken | Positions | RowPositions
     op: LogitBias | MassTransfer
     layers: tuple[int, ...] | None = None  # None: every layer
@@ -308,6 +336,8 @@ def check_positions(edits: Sequence[AttentionEdit], tokens: Tokens) -> None:
 
 
 def kernel_edits(edits: Sequence[AttentionEdit], layer: int, n_heads: int, key_mask: torch.Tensor) -> tuple:
+    """The edits that touch `layer`, as KernelEdits for one attention call (key_mask [B, Nk]);
+    edits not on the layer are left out."""
     return tuple(k for e in edits if (k := e.kernel_edit(layer, n_heads, key_mask)) is not None)
 
 

@@ -72,19 +72,23 @@ class ProbeState:
 
     @staticmethod
     def detach(model: torch.nn.Module) -> None:
+        """Remove the state tag from every module of `model`."""
         for module in model.modules():
             module.__dict__.pop(STATE_ATTRIBUTE, None)
 
     @property
     def edits(self) -> tuple:
+        """The AttentionEdits active in this context, outermost first (() when none)."""
         return self._edits.get()
 
     @property
     def ablations(self) -> dict:
+        """The head ablations active in this context: layer -> head entries ({} when none)."""
         return self._ablations.get() or {}
 
     @property
     def session(self) -> CaptureSession | None:
+        """The CaptureSession recording this context's forwards, None outside a capture."""
         return self._session.get()
 
     @contextmanager
@@ -119,6 +123,7 @@ class ProbeState:
 
 
 def state_of(module: torch.nn.Module) -> ProbeState | None:
+    """The ProbeState an attention module was tagged with (`ProbeState.attach`), None if untagged."""
     return getattr(module, STATE_ATTRIBUTE, None)
 
 

@@ -121,6 +121,7 @@ def _prefill(probe, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, sh
 
 
 def check_sampling(temperature: float, top_p: float, num_samples: int) -> None:
+    """AttnlabError unless temperature >= 0, 0 < top_p <= 1 and num_samples >= 1 (> 1 only when sampling)."""
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
         raise AttnlabError(f"temperature={temperature!r}: use 0 for greedy decoding or a positive number (e.g. 0.6)")
     if not 0 < top_p <= 1:

@@ -30,6 +30,8 @@ def hook_name(kind: str, layer: int) -> str:
 
 
 def boot_bridge(folder: Path, dtype: torch.dtype, device: str):
+    """The hooked path: a TransformerLens TransformerBridge over its own eager-attention copy of the model in
+    `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -89,6 +89,8 @@ def snapshot(folder: Path) -> dict:
 
 
 def changed_since(folder: Path, before: dict) -> list[str]:
+    """Names of files added, removed or changed in size or mtime since `before` (name -> (size, mtime_ns)); every
+    recorded name if the folder cannot be read."""
     try:
         now = snapshot(folder)
     except OSError:
@@ -97,6 +99,7 @@ def changed_since(folder: Path, before: dict) -> list[str]:
 
 
 def full_verify() -> bool:
+    """True when ATTNLAB_VERIFY=full: hash every file on every load instead of trusting size and mtime."""
     return os.environ.get("ATTNLAB_VERIFY", "").strip().lower() == "full"
 
 

@@ -44,6 +44,13 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """Shape and identity of a loaded model (`probe.info`), recorded in every run manifest.
+
+    n_layers, n_heads (query heads), n_kv_heads (KV heads; < n_heads under GQA), head_dim, d_model,
+    context_length (max positions), architecture (HF class name), trained (False for random-init
+    models), weights_sha256 (hash of the weight bytes loaded; '' for in-memory models), folder
+    (model folder; '' when built in memory)."""
+
     name: str
     n_layers: int
     n_heads: int
@@ -57,6 +64,7 @@ class ModelInfo:
     folder: str
 
     def kv_head(self, head: int) -> int:
+        """The KV head that query head `head` reads under GQA (consecutive groups of n_heads / n_kv_heads)."""
         return head // (self.n_heads // self.n_kv_heads)
 
 
@@ -164,6 +172,17 @@ def _check_device(device):
 
 
 class Probe:
+    """One loaded model with both paths, its tokenizer and the state of its edits (build with `load`).
+
+    Holds name, folder (None for in-memory models), meta (registry record), model (HF model on the
+    fast path), tokenizer, device, dtype, info (`ModelInfo`) and state (`fast_path.ProbeState`: the
+    edits, ablations and capture session bound to this probe's attention modules).
+
+    Paths: the fast path (`forward`, `run`, `capture`, `generate`; chunked or Triton kernels, edits
+    and ablations apply) and the hooked path (`bridge`, a TransformerLens bridge loaded on first use,
+    behind backend="eager"). Inputs: `tokenize`, `to_tokens`. State: `intervene`, `ablate`.
+    Weights: `output_weights`, `head_outputs`."""
+
     def __init__(self, name, folder: Path, meta: dict, model, tokenizer, device: str, dtype: torch.dtype):
         self.name = name
         self.folder = Path(folder) if folder is not None else None
@@ -206,6 +225,7 @@ class Probe:
 
     # ----- inputs -----
     def tokenize(self, texts: str | Sequence[str], prepend_bos: bool = True) -> Tokens:
+        """Texts -> Tokens ([B, N], left-padded; BOS prepended when prepend_bos), checked against the context length."""
         return tokenize(self.tokenizer, texts, prepend_bos=prepend_bos, context_length=self.info.context_length,
                         model_name=self.name, arg="texts")
 
@@ -329,6 +349,7 @@ class Probe:
         return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
 
     def sliding_window(self, layer: int) -> int | None:
+        """The sliding-window width (in tokens) of `layer`'s attention, None for full causal attention."""
         cfg = self.model.config.get_text_config()
         window = getattr(cfg, "sliding_window", None)
         types = getattr(cfg, "layer_types", None)

@@ -43,6 +43,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_root() -> Path:
+    """The model cache folder: $ATTNLAB_CACHE, else ~/.cache/attnlab."""
     return Path(os.environ.get("ATTNLAB_CACHE", Path.home() / ".cache" / "attnlab")).expanduser()
 
 
@@ -211,6 +212,7 @@ class EmbedderSpec:
         return path
 
     def missing_reason(self) -> str | None:
+        """None when the model folder is installed, else the error naming the install command."""
         try:
             self.folder()
         except AttnlabError as err:

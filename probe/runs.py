@@ -110,6 +110,8 @@ def check_name(value, argument: str = "name") -> str:
 
 
 def versions() -> dict[str, str]:
+    """Versions of Python and the recorded packages (`_PACKAGES`), 'not installed' for a missing one; stored in
+    every manifest."""
     out = {"python": platform.python_version()}
     for pkg in _PACKAGES:
         try:
@@ -130,6 +132,7 @@ class Run:
 
     @property
     def kind(self) -> str:
+        """What wrote the run: 'capture' or an analysis name (e.g. 'sinks')."""
         return self.manifest["kind"]
 
     def capture(self) -> Capture:
@@ -157,6 +160,13 @@ class Run:
 
 
 class RunStore:
+    """Run folders under `root`: one directory per run (manifest.json, *.parquet, *.safetensors).
+
+    `write` (and `save_capture`, `Result.save`) assembles a run in a hidden temporary directory and
+    renames it into place in one step; `load` validates the manifest, every path and every file before
+    reading (JSON, Parquet and safetensors only, no pickle) and raises one `RunError`; `list` lists
+    every run, a bad one with its error. See the module docstring for the layout and the checks."""
+
     def __init__(self, root: str | Path = "runs") -> None:
         self.root = Path(root)
 
@@ -359,6 +369,7 @@ class _RunReader:
         self.manifest: dict | None = None
 
     def error(self, where: str, problem: str) -> RunError:
+        """A RunError naming this run, the place (`where`) and the problem with its fix."""
         return RunError(f"run {self.name!r}: {where} {problem}")
 
     # -- manifest --
@@ -574,6 +585,7 @@ class _RunReader:
                                         "rewrite the run")
 
     def read_table(self, tname: str, rel: str) -> pd.DataFrame:
+        """Table `tname` from its checked Parquet file `rel`; a RunError if the data cannot be read."""
         try:
             return pd.read_parquet(self.files[rel])
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt data pages
@@ -632,6 +644,8 @@ class _RunReader:
                                                      f"{found['dtype']!r}: rewrite the run")
 
     def read_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the manifest by name, read from its checked safetensors file; a RunError if one cannot be
+        read."""
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
         for tname, spec in self.manifest["tensors"].items():
@@ -729,6 +743,7 @@ def _newest_mtime(d: Path) -> float:
 
 
 def model_record(probe) -> dict:
+    """The manifest's model record: the probe's `ModelInfo` fields plus dtype, device and source."""
     i = probe.info
     return {
         "name": i.name, "architecture": i.architecture, "weights_sha256": i.weights_sha256, "trained": i.trained,
@@ -739,6 +754,7 @@ def model_record(probe) -> dict:
 
 
 def tokenizer_record(probe) -> dict:
+    """The manifest's tokenizer record: class, vocabulary size, BOS token and id, pad id, folder."""
     t = probe.tokenizer
     return {"class": type(t).__name__, "vocab_size": len(t), "bos_token": t.bos_token, "bos_token_id": t.bos_token_id,
             "pad_token_id": t.pad_token_id, "folder": str(probe.folder)}

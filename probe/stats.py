@@ -73,12 +73,14 @@ class Stat:
         object.__setattr__(self, "arg", _checked_arg(self.name, self.arg))
 
     def label(self) -> str:
+        """The entry as written in a stats list, e.g. 'sink_mass(4)' or 'rows(-1,10)' (segments: the bare name)."""
         if self.arg is None or _kind(self.name) == "segment_ids":
             return self.name
         arg = ",".join(map(str, self.arg)) if isinstance(self.arg, tuple) else self.arg
         return f"{self.name}({arg})"
 
     def same_as(self, other: Stat) -> bool:
+        """True when both entries have the same name and parameter (segment ids compared by value)."""
         if self.name != other.name:
             return False
         if _kind(self.name) == "segment_ids":

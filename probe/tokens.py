@@ -35,14 +35,17 @@ class Tokens:
 
     @property
     def batch_size(self) -> int:
+        """Number of rows B."""
         return self.input_ids.shape[0]
 
     @property
     def length(self) -> int:
+        """Padded length N of the batch."""
         return self.input_ids.shape[1]
 
     @property
     def padded(self) -> bool:
+        """True when some row has pad positions (rows differ in length)."""
         return not bool(self.attention_mask.all())
 
     def position_ids(self) -> torch.Tensor:

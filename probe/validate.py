@@ -43,6 +43,7 @@ def _scalar(value: Any) -> Any:
 
 
 def is_integer(value: Any) -> bool:
+    """True for Python, numpy and 0-d tensor integers; False for bools."""
     value = _scalar(value)
     return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -95,12 +96,14 @@ def flag(value: Any, arg: str) -> bool:
 
 
 def choice(value: Any, arg: str, options: Sequence[str], what: str | None = None) -> str:
+    """`value` if it is one of the string `options`, else an AttnlabError listing them."""
     if not isinstance(value, str) or value not in options:
         raise AttnlabError(f"{arg}: unknown {what or arg} {_shown(value)}; choose from {', '.join(options)}")
     return value
 
 
 def callable_or_none(value: Any, arg: str) -> Callable | None:
+    """`value` if it is callable or None, else an AttnlabError naming `arg`."""
     if value is not None and not callable(value):
         raise AttnlabError(f"{arg}: {_shown(value)} is {_kind(value)}, not callable; pass a function or None")
     return value

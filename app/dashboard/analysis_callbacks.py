@@ -14,6 +14,8 @@ from attnlab.probe import AttnlabError
 
 
 def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
+    """Add the analysis callbacks to `app`: the launcher's parameter form, the run-analysis job, and
+    the head view of an open analysis run."""
     @app.callback(Output(ids.ANALYSIS_PARAMS, "children"), Input(ids.LAUNCH_ANALYSIS, "value"),
                   prevent_initial_call=True)
     def form(name):

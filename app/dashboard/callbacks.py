@@ -24,6 +24,8 @@ TOKEN_VIEW_LIMIT = 3000  # spans drawn in the token view; longer texts show the 
 
 
 def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
+    """Add every callback to `app`: the analysis and intervention ones, then the inputs and background
+    job (upload, capture, cancel, poll), saved runs, the layer x head maps, the head and token views."""
     from attnlab.app.dashboard import analysis_callbacks, intervention_callbacks
 
     analysis_callbacks.register(app, runs, jobs)

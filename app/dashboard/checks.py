@@ -96,6 +96,7 @@ def integer(value, what: str, lo: int = 0, hi: int = MAX_INDEX) -> int:
 
 
 def optional_integer(value, what: str, lo: int = 0, hi: int = MAX_INDEX) -> int | None:
+    """None as it is, else `integer(value, what, lo, hi)`."""
     return None if value is None else integer(value, what, lo, hi)
 
 
@@ -257,6 +258,8 @@ class HostCheck:
                 self.pairs.add((_canonical(name), port))
 
     def allows(self, host: str | None, server_name: str | None, server_port: str | None) -> bool:
+        """True when the request's Host header names an allowed host (and, with a port, the server's own or an
+        allowed one)."""
         if not host:
             return False
         parts = _split_host(host)

@@ -38,6 +38,9 @@ from attnlab.probe.edits import AttentionEdit, FirstToken, MassTransfer
 
 @dataclass(frozen=True)
 class Method:
+    """An intervention as the dashboard's panel offers it: label, strength name and its default and range [lo, hi],
+    and whether the span box is used."""
+
     label: str
     strength: str | None  # the strength's name as in the paper (None: no strength)
     default: float | None = None
@@ -77,6 +80,7 @@ class Plan:
     mode: str = "zero"
 
     def context(self, probe) -> AbstractContextManager:
+        """The context manager that applies the plan on `probe`: its ablations, its edits, or nothing."""
         if self.ablations:
             return probe.ablate(self.ablations, mode=self.mode)
         return probe.intervene(*self.edits) if self.edits else nullcontext()  # e.g. gamma = 1: the identity

@@ -16,6 +16,7 @@ TOP_K = 10
 
 
 def next_token_table(table) -> html.Table:
+    """The top next tokens as an HTML table: token, p_before, p_after, change (probabilities in [0, 1], 4 decimals)."""
     shown = table.assign(token=[repr(t) for t in table.token], p_before=table.p_before.round(4),
                          p_after=table.p_after.round(4), change=table.change.round(4))
     cols = ("token", "p_before", "p_after", "change")
@@ -27,6 +28,8 @@ def next_token_table(table) -> html.Table:
 
 
 def register(app, runs: work.RunCache) -> None:
+    """Add the intervention callbacks to `app`: the strength and span fields of a method, and `apply`
+    (the open capture's text with and without the edit)."""
     @app.callback(Output(ids.STRENGTH_LABEL, "children"), Output(ids.STRENGTH, "value"),
                   Output(ids.STRENGTH, "disabled"), Output(ids.SPAN, "disabled"),
                   Input(ids.METHOD, "value"), prevent_initial_call=True)

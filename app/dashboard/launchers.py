@@ -38,6 +38,9 @@ DEFAULT = "retrieval"  # the analysis the form opens with
 # ----- parameters -----
 @dataclass(frozen=True)
 class Param:
+    """One parameter of a launcher's form: keyword, label, default (as typed), parser of the typed value, dropdown
+    options, help."""
+
     name: str  # the analysis' keyword, as in the paper
     label: str
     default: str  # as typed in the form
@@ -57,6 +60,9 @@ def _choice(options: tuple[str, ...]):
 # ----- the launcher -----
 @dataclass(frozen=True)
 class Launcher:
+    """An analysis as the dashboard runs it: its form (`params`), `run(probe, text, params, progress) -> Result`,
+    progress unit, head view and input check."""
+
     name: str  # the Result's analysis name
     label: str
     about: str  # one sentence, with the paper

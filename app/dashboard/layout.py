@@ -37,6 +37,8 @@ def blank(title: str) -> go.Figure:
 
 
 def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
+    """The inputs panel: model, text (or a file), BOS and layers, capture; analysis launcher and its form; cancel
+    and progress."""
     missing_items = [html.Li([html.B(name), f": {why}"]) for name, why in missing.items()]
     first = DEFAULT if DEFAULT in LAUNCHERS else next(iter(LAUNCHERS))
     return html.Div(style=PANEL, children=[
@@ -96,6 +98,7 @@ def param_fields(name: str) -> list:
 
 
 def runs_panel(options: list[dict]) -> html.Div:
+    """The saved-runs panel: a dropdown of runs, refresh and ping buttons, the open run's info."""
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.Label("saved runs"),
@@ -110,6 +113,8 @@ def runs_panel(options: list[dict]) -> html.Div:
 
 
 def head_panel() -> html.Div:
+    """The head panel: layer and head pickers, the sink and entropy maps (layer x head) and the selected head's
+    heatmap."""
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.Label("layer"), dcc.Dropdown(id=ids.LAYER, options=[], clearable=False, style={"width": "90px"}),
@@ -125,6 +130,8 @@ def head_panel() -> html.Div:
 
 
 def analysis_panel() -> html.Div:
+    """The analysis panel: per-head score map, the selected head's view, and thought-anchor graphs (shown for those
+    runs)."""
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.B("analysis: per-head scores"),
@@ -150,6 +157,7 @@ def analysis_panel() -> html.Div:
 
 
 def token_panel() -> html.Div:
+    """The token view: each token coloured by the attention it receives (alpha_k) or the last token gives it."""
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.B("token view"),
@@ -164,6 +172,8 @@ def token_panel() -> html.Div:
 
 
 def intervention_panel() -> html.Div:
+    """The intervention panel: method, scope, strength and span, apply; next-token changes and attention before and
+    after."""
     first = "zerotuning"
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
@@ -203,6 +213,7 @@ def intervention_panel() -> html.Div:
 
 
 def make_layout(installed: list[str], missing: dict[str, str], run_options: list[dict]) -> html.Div:
+    """The whole page: title and every panel, top to bottom."""
     return html.Div(style=PAGE, children=[
         html.H2("attnlab", style={"margin": "4px 0"}),
         inputs_panel(installed, missing),

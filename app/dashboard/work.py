@@ -163,6 +163,7 @@ class RunCache:
         return run
 
     def capture(self, name: str):
+        """The Capture of capture run `name` (read once and cached); an AttnlabError for another kind of run."""
         run = self.run(name)
         if run.kind != "capture":
             raise AttnlabError(f"run {name!r} is a '{run.kind}' run, not a capture")
@@ -190,6 +191,9 @@ def head_score_columns(run) -> list[dict]:
 # ----- jobs -----
 @dataclass
 class Job:
+    """One background job: state (running, done, failed, cancelled), progress done/total in `unit`s, message, result
+    (a run name), start time and cancel flag."""
+
     id: str
     label: str
     state: str = "running"  # running, done, failed, cancelled
@@ -202,6 +206,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
     def progress(self, done: int, total: int) -> None:
+        """Record progress; raises Cancelled when the job was cancelled (the job's thread stops there)."""
         self.done, self.total = done, total
         if self.cancel.is_set():
             raise Cancelled()
@@ -215,6 +220,7 @@ class Jobs:
         self._lock = threading.Lock()
 
     def running(self) -> Job | None:
+        """The running job, None when none runs."""
         with self._lock:
             return next((j for j in self._jobs.values() if j.state == "running"), None)
 
@@ -242,10 +248,12 @@ class Jobs:
             job.message = f"{job.label} failed on an unexpected problem (the details are in the server's log)"
 
     def get(self, job_id: str | None) -> Job | None:
+        """The job with id `job_id`, None if unknown."""
         with self._lock:
             return self._jobs.get(job_id or "")
 
     def cancel(self, job_id: str | None) -> None:
+        """Ask job `job_id` to stop (at its next progress call); unknown ids are ignored."""
         job = self.get(job_id)
         if job is not None:
             job.cancel.set()

@@ -132,6 +132,7 @@ class BigramBackcopy:
         return f"BigramBackcopy(vocab {self.vocab_size} incl. BOS, triggers {trig}, seq_len {self.seq_len})"
 
     def decode(self, ids) -> str:
+        """Token ids -> their characters as one string ('^' for BOS)."""
         return "".join("^" if int(i) == self.bos_id else self.chars[int(i)] for i in ids)
 
     def sample(self, batch: int, generator: torch.Generator | None = None, seq_len: int | None = None) -> torch.Tensor:

@@ -80,9 +80,11 @@ class CircuitTask:
 
     @property
     def solve_rate(self) -> float:
+        """solved / candidates in [0, 1] (NaN when nothing was checked)."""
         return self.solved / self.candidates if self.candidates else float("nan")
 
     def table(self) -> pd.DataFrame:
+        """One row per pair: pair, kind, positive, negative, n_tokens (of the positive), correct, wrong."""
         return pd.DataFrame([{"pair": i, "kind": p.kind, "positive": p.text, "negative": p.negative_text,
                               "n_tokens": len(p.positive), "correct": list(p.correct), "wrong": list(p.wrong)}
                              for i, p in enumerate(self.pairs)])

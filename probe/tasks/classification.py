@@ -45,6 +45,8 @@ LETTERS = "ABCDEFGH"
 
 @dataclass(frozen=True)
 class Example:
+    """One labelled example of a classification task."""
+
     id: int  # row index in the source CSV
     text: str  # the row's input (already cleaned)
     label: int  # index into the task's label words
@@ -52,6 +54,10 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """How a classification task is read from its sae-probes CSV and put to the model: label words,
+    CSV target values, instruction and question template, kind ("classify" or "choice") and an
+    optional text cleaner."""
+
     name: str
     file: str  # CSV stem in sae_probes/data/cleaned_data
     labels: tuple[str, ...]  # label words (leading space): what the model should say
@@ -147,14 +153,17 @@ class ClassificationTask:
 
     @property
     def name(self) -> str:
+        """The task's name (its `TaskSpec.name`)."""
         return self.spec.name
 
     @property
     def labels(self) -> tuple[str, ...]:
+        """The label words (leading space), indexed by `Example.label`."""
         return self.spec.labels
 
     @property
     def kind(self) -> str:
+        """"classify" (label words) or "choice" (option letters)."""
         return self.spec.kind
 
     def split(self, name: str, n: int | None = None) -> list[Example]:
@@ -167,6 +176,7 @@ class ClassificationTask:
         return rows[:n] if n is not None else list(rows)
 
     def question(self, example: Example) -> str:
+        """The example's text in the task's template, ending where the answer starts."""
         return self.spec.template.format(text=example.text)
 
     def prompt(self, example: Example, shots: int = 0) -> str:
@@ -179,6 +189,8 @@ class ClassificationTask:
         return "\n\n".join(parts)
 
     def demonstrations(self, example: Example, shots: int) -> list[Example]:
+        """`shots` train-split examples for the example's prompt, cycling over the labels (balanced), fixed by the
+        seed and the example id, in shuffled order."""
         if shots <= 0:
             return []
         pool = self._splits["train"]
@@ -203,6 +215,8 @@ class ClassificationTask:
 
 
 def data_folder() -> Path:
+    """The sae-probes package's cleaned_data folder (the CSVs); an AttnlabError with the install command if it is
+    missing."""
     spec = importlib.util.find_spec("sae_probes")
     if spec is None or not spec.submodule_search_locations:
         raise AttnlabError("the classification tasks read the sae-probes data: pip install --no-deps sae-probes==0.4.2")

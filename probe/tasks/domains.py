@@ -42,4 +42,5 @@ def load_domain(name: str) -> list[str]:
 
 
 def load_domains(names=DOMAINS) -> dict[str, list[str]]:
+    """Domain name -> its texts (`load_domain`) for each of `names`."""
     return {n: load_domain(n) for n in names}

@@ -31,6 +31,9 @@ TEMPLATE = "\n\nBased on the content of the book, Question: {question}\nAnswer:"
 
 @dataclass(frozen=True)
 class Needle:
+    """A needle sentence planted in the haystack, the question it answers, and the answer (a substring of the
+    sentence)."""
+
     sentence: str
     question: str
     answer: str
@@ -48,6 +51,9 @@ NEEDLES = [
 
 @dataclass
 class NiahPrompt:
+    """One needle-in-a-haystack prompt: its token ids, the needle, the requested length and depth, and where the
+    needle and its answer lie."""
+
     input_ids: list[int]  # BOS (when prepended) + haystack with needle + question template
     needle: Needle
     length: int  # the requested length in tokens
@@ -57,6 +63,7 @@ class NiahPrompt:
 
 
 def haystack_paragraphs() -> list[str]:
+    """The paragraphs of the shipped haystack text (data/haystack.txt)."""
     text = resources.files("attnlab.probe").joinpath("data/haystack.txt").read_text()
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
@@ -131,6 +138,7 @@ def answer_span(tokenizer, ids: list[int], answer: str) -> tuple[int, int]:
 
 
 def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words of `text` (for ROUGE-1)."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 

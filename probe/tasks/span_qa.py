@@ -81,6 +81,8 @@ def _sentence(rng: random.Random, name: str, obj: str, colour: str, source: str 
 
 
 def make_example(rng: random.Random, i: int, n_distractors: int = 4) -> SpanExample:
+    """Example `i`: notes stating two values for one person's object (the highlighted one is the answer),
+    `n_distractors` similar facts around them, then the question."""
     name, *others = rng.sample(NAMES, 4)
     obj, *other_objs = rng.sample(OBJECTS, 4)
     gold, conflict, *rest = rng.sample(range(len(COLOURS)), 5)
