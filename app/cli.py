@@ -274,7 +274,7 @@ def capture(
     try:
         stat_list = catalogue.parse_list(stats)
     except AttnlabError as e:
-        _fail(f"--stats: {e}")
+        _fail(f"--stats: {str(e).removeprefix('stats: ')}")  # the parser names its argument `stats`
     layer_list, head_list = _int_list(layers, "--layers"), _int_list(heads, "--heads")
     if backend not in BACKENDS:
         _fail(f"--backend: unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
