@@ -73,7 +73,9 @@ def fp64(q, k, v, scale, mask, window, softcap, causal, key_bias, sinks, edit):
     if edit is not None:
         rows = edit.heads[None, :, None, None].expand(Bq, Hq, Nq, 1)
         src = edit.source[:, None, None, :]
-    if edit is not None and edit.kind == "logit_bias":  # ln c on the source keys' logits
+    if edit is not None and edit.removes:  # c = 0: the source keys are gone (a row without keys is zero)
+        s = s.masked_fill(rows & src, float("-inf"))
+    elif edit is not None and edit.kind == "logit_bias":  # ln c on the source keys' logits
         s = s + torch.where(rows & src, edit.log_scale, 0.0)
     s = s.masked_fill(~vis, float("-inf"))
     if sinks is not None:
@@ -204,6 +206,7 @@ BACKENDS = ["twin", "triton"]
 FEATURES = {  # name -> keyword arguments of `check`
     "bidirectional": dict(causal=False),
     "bidirectional_window": dict(causal=False, window=7),
+    "bidirectional_window_3": dict(causal=False, window=3),
     "bidirectional_bias_sinks_softcap": dict(causal=False, bias=True, sink=True, softcap=6.0),
     "key_bias": dict(bias=True),
     "key_bias_window": dict(bias=True, window=9),
@@ -232,10 +235,15 @@ def _edits():
     src = torch.zeros(B, N, dtype=torch.bool)
     src[:, 5:8] = True
     src[0, 0] = True
+    first10 = torch.zeros(B, N, dtype=torch.bool)
+    first10[:, :10] = True
     return {
         "logit_bias": KernelEdit.logit_bias(heads, src, 3.0),
         "mass_transfer": KernelEdit.mass_transfer(heads, src, 0.25),
         "removes": KernelEdit(heads=heads, source=src, kind="logit_bias", log_scale=-300.0),  # c = 0 in fp32
+        # keys 0..9 removed: with a window, the first queries have no key left (zero rows; with sinks,
+        # all their mass on the sink)
+        "removes_first10": KernelEdit(heads=heads, source=first10, kind="logit_bias", log_scale=-300.0),
     }
 
 
@@ -244,6 +252,8 @@ EDITED = [  # (features, edit)
     ("key_bias", "logit_bias"), ("key_bias", "mass_transfer"),
     ("bidirectional", "logit_bias"), ("bidirectional", "mass_transfer"),
     ("bidirectional_bias_sinks_softcap", "mass_transfer"),
+    ("bidirectional_window_3", "removes_first10"), ("key_bias_window", "removes_first10"),
+    ("sinks_window", "removes_first10"),
 ]
 
 
@@ -251,6 +261,10 @@ EDITED = [  # (features, edit)
 @pytest.mark.parametrize("feature,edit", EDITED)
 def test_features_with_edits_match_fp64(backend, feature, edit):
     st, ref = check(backend, edit=_edits()[edit], **FEATURES[feature])
+    if edit == "removes_first10":  # some rows have no key left
+        dead = (ref["entropy"] == 0) & (ref["top_prob"] == 0)
+        assert dead[0, 0].sum() >= 3
+        assert (st["learned_sink"][dead] == (1.0 if "sinks" in feature else 0.0)).all()
     if feature == "sinks" and edit == "removes":
         # key 0 is the only visible key of row 0's first query: removed, its mass goes to the sink
         assert st["learned_sink"][0, 0, 0] == pytest.approx(1.0) and st["top_key"][0, 0, 0] == -1
