@@ -103,8 +103,9 @@ def stats64(A, sink, vis, dist, mask, req):
     out = {}
     seen = vis.sum(2).double()
     out["received"] = torch.where(seen > 0, A.sum(2) / seen.clamp_min(1), nan)
-    sm = torch.stack([A[b, :, :, first[b] : first[b] + req.sink_k].sum(-1) for b in range(Bq)])
-    out["sink_mass"] = torch.where(real, sm, nan)
+    if req.sink_k is not None:
+        sm = torch.stack([A[b, :, :, first[b] : first[b] + req.sink_k].sum(-1) for b in range(Bq)])
+        out["sink_mass"] = torch.where(real, sm, nan)
     ent = -(A * torch.where(A > 0, A.log(), 0.0)).sum(-1)
     out["entropy"] = torch.where(real, ent, nan)
     n_vis = vis.sum(-1).double()
@@ -119,7 +120,7 @@ def stats64(A, sink, vis, dist, mask, req):
             for jb in range(math.ceil(Ab.shape[2] / pb)):
                 pooled[b, :, i, jb] = Ab[:, i * pb : (i + 1) * pb, jb * pb : (jb + 1) * pb].mean((-1, -2))
     out["pooled"] = pooled
-    ids = torch.where(mask, req.segment_ids, -1)
+    ids = torch.where(mask, req.segment_ids if req.segment_ids is not None else torch.full_like(mask, -1, dtype=torch.long), -1)
     seg = torch.full((Bq, H, req.n_segments, req.n_segments), nan, dtype=torch.float64)
     for b in range(Bq):
         for s in range(req.n_segments):
@@ -131,7 +132,7 @@ def stats64(A, sink, vis, dist, mask, req):
     out["segments"] = seg
     d = dist.double()
     out["distance"] = torch.where(real, (A * d).sum(-1), nan)
-    out["local_mass"] = torch.where(real, (A * (d < req.distance_window)).sum(-1), nan)
+    out["local_mass"] = torch.where(real, (A * (d < (req.distance_window or 0))).sum(-1), nan)
     out["learned_sink"] = torch.where(real, sink, nan)
     idx = reference.resolve_rows(req.row_positions, mask, Bq, Nq, Nk, torch.device("cpu"))
     rows = torch.full((Bq, H, len(req.row_positions), Nk), nan, dtype=torch.float64)
@@ -160,8 +161,10 @@ def attention_stats(backend):
 
 
 def check(backend, *, causal=True, bias=False, sink=False, window=None, softcap=None, edit=None, seed=0,
-          chunk_size=None, req=None, pad=True, batch_bias=False):
+          chunk_size=None, req=None, pad=True, batch_bias=False, nq=None):
     q, k, v, mask, alibi, sinks = inputs(seed)
+    if nq is not None:  # fewer queries than keys: the last nq positions (a continuation)
+        q = q[:, :, -nq:]
     if not pad:  # no key mask: pass 2 runs once for the batch (not per text)
         mask = torch.ones_like(mask)
     req = request(seed) if req is None else req
@@ -217,6 +220,8 @@ FEATURES = {  # name -> keyword arguments of `check`
     "unpadded_bidirectional_window": dict(causal=False, window=9, pad=False),
     "unpadded_sinks_window_batch_bias": dict(sink=True, window=7, bias=True, batch_bias=True, pad=False),
     "batch_bias_bidirectional": dict(bias=True, batch_bias=True, causal=False),
+    "continuation_bidirectional_bias_sinks": dict(causal=False, bias=True, sink=True, nq=11),
+    "continuation_sinks_window": dict(sink=True, window=7, nq=11),
 }
 
 
@@ -297,3 +302,13 @@ def test_bad_feature_shapes_are_refused():
         reference.attention_stats(q, k, v, key_bias=alibi[:, :, :-1])
     with pytest.raises(ValueError, match="sinks"):
         reference.attention_stats(q, k, v, sinks=sinks[:2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("feature", ["key_bias", "unpadded_sinks_window_batch_bias", "bidirectional_bias_sinks_softcap",
+                                     "unpadded_bidirectional_window"])
+def test_packed_heads_without_segments(backend, feature):
+    """Without segments pass 2 packs the G query heads of a KV head into one program's rows (each
+    row's key bias is its own head's): the per-key statistics on that path."""
+    req = StatRequest(received=True, pooled_block=16, row_positions=(0, -1), entropy=True, learned_sink=True)
+    check(backend, req=req, **FEATURES[feature])
