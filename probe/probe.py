@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from attnlab import kernels
-from attnlab.probe import fast_path, hooked_path, integrity, registry, validate
+from attnlab.probe import adapters, capabilities, fast_path, hooked_path, integrity, registry, validate
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
@@ -62,6 +62,8 @@ class ModelInfo:
     trained: bool
     weights_sha256: str
     folder: str
+    kind: str = "causal-lm"
+    capabilities: dict | None = None
 
     def kv_head(self, head: int) -> int:
         """The KV head that query head `head` reads under GQA (consecutive groups of n_heads / n_kv_heads)."""
@@ -72,7 +74,7 @@ class RunOutput(NamedTuple):
     """What `Probe.run` gives: `logits, capture = probe.run(...)`.
 
     logits: [B, N, V] from the model (on its device; the last `logits_to_keep` positions when that
-    is > 0), None with return_logits=False. capture: the statistics of the same forward, None
+    is > 0; an encoder without a head gives its last hidden state [B, N, d_model]), None with return_logits=False. capture: the statistics of the same forward, None
     without stats."""
 
     logits: torch.Tensor | None
@@ -95,7 +97,7 @@ def load(
     (`attnlab.probe.integrity`: a stat per file, a full hash of a file whose size or mtime changed; a
     damaged cache is rebuilt or named in an AttnlabError), and info.weights_sha256 is the hash of
     the bytes loaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
         raise AttnlabError(f"name_or_path: {name_or_path!r:.60} is not a model name or folder; pass a registry name "
@@ -111,9 +113,11 @@ def load(
         return Probe(name_or_path, None, meta, model, tokenizer, device, dtype)
     folder, meta = registry.ensure_folder(name_or_path, log=log)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _model_class(folder).from_pretrained(
             folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
         )
+    except AttnlabError:
+        raise
     except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
         raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): check its "
                            "config.json and weight files") from err
@@ -128,6 +132,36 @@ def load(
     # no file changed while transformers read them.
     probe._check_unchanged("while the model loaded: load it again")
     return probe
+
+
+def _head_output(output) -> torch.Tensor:
+    """The model's output tensor: logits of an LM head, else (an encoder without a head) the last
+    hidden state [B, N, d_model]."""
+    logits = getattr(output, "logits", None)
+    return logits if logits is not None else output.last_hidden_state
+
+
+def _model_class(folder: Path):
+    """The transformers Auto class that loads the folder with its own head: AutoModelForCausalLM for
+    decoders; for an encoder (config.is_decoder False on an encoder family such as BERT),
+    AutoModelForMaskedLM when the config names a masked-LM head, else AutoModel (hidden states)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
+        raise AttnlabError(f"transformers cannot read the config in {folder} ({_first_line(err)}): check its "
+                           "config.json") from err
+    model_type = getattr(config, "model_type", None)
+    architectures = list(getattr(config, "architectures", None) or [])
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and (
+        model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not getattr(config, "is_decoder", False))
+    if not encoder:
+        return AutoModelForCausalLM
+    if not architectures or any(a.endswith("ForMaskedLM") for a in architectures):
+        return AutoModelForMaskedLM
+    return AutoModel
 
 
 def _first_line(err: BaseException) -> str:
@@ -192,6 +226,9 @@ class Probe:
         self.device = device
         self.dtype = dtype
         self._bridge = None
+        # Refuse what the fast path cannot compute exactly, before any number is produced.
+        self.capabilities = capabilities.check(model)
+        adapters.enter(model)  # the probe owns its model: it stays adapted
         # Edits, ablations and capture sessions of this probe only: its attention modules carry it.
         self.state = fast_path.ProbeState()
         self.state.attach(model)
@@ -204,11 +241,14 @@ class Probe:
             n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
             d_model=cfg.hidden_size,
-            context_length=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"),
+            context_length=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+            or self.tokenizer.model_max_length,
             architecture=(model.config.architectures or [type(model).__name__])[0],
             trained=bool(meta.get("trained", True)),
             weights_sha256=meta.get("weights_sha256", ""),
             folder=str(folder) if folder is not None else "",
+            kind=self.capabilities.kind,
+            capabilities=self.capabilities.to_dict(),
         )
 
     def _check_unchanged(self, when: str) -> None:
@@ -282,18 +322,26 @@ class Probe:
             self._bridge = bridge
         return self._bridge
 
-    def forward(self, tokens: Tokens, **kwargs):
-        """The fast path's forward (HF model; positions count from each row's first real token)."""
+    def forward(self, tokens: Tokens, *, allow_encoder: bool = False, **kwargs):
+        """The fast path's forward (HF model; positions count from each row's first real token).
+
+        Its logits are next-token predictions, so it needs a causal LM (`require_causal_lm`);
+        allow_encoder=True runs an encoder too (its own head's outputs; `run` does this)."""
         if not isinstance(tokens, Tokens):
             raise AttnlabError(f"tokens: {tokens!r:.60} is of type {type(tokens).__name__}; pass Tokens from "
                                "probe.tokenize(text) or probe.to_tokens(ids)")
+        if not allow_encoder:
+            self.require_causal_lm("probe.forward (next-token logits, used by generation and task scoring)")
         self._check_edits(tokens)
+        if self.info.kind != "causal-lm":
+            kwargs.pop("logits_to_keep", None)  # encoder heads score every position
+        else:
+            kwargs["use_cache"] = False
         with torch.no_grad():
             return self.model(
                 input_ids=tokens.input_ids.to(self.device),
                 attention_mask=tokens.attention_mask.long().to(self.device),
                 position_ids=tokens.position_ids().to(self.device),
-                use_cache=False,
                 **kwargs,
             )
 
@@ -349,15 +397,22 @@ class Probe:
         return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
 
     def sliding_window(self, layer: int) -> int | None:
-        """The sliding-window width (in tokens) of `layer`'s attention, None for full causal attention."""
-        cfg = self.model.config.get_text_config()
-        window = getattr(cfg, "sliding_window", None)
-        types = getattr(cfg, "layer_types", None)
-        if window is None or (types is not None and types[layer] != "sliding_attention"):
-            return None
-        if types is None and not getattr(cfg, "use_sliding_window", True):
-            return None
-        return window
+        """The sliding-window width (in tokens) of `layer`'s attention, None for full attention."""
+        return capabilities.sliding_window(self.model.config, layer)
+
+    def causal(self, layer: int) -> bool:
+        """Whether `layer`'s attention is causal (False: bidirectional, an encoder)."""
+        caps = self.capabilities.layer(layer)
+        return caps.causal if caps is not None else True
+
+    def require_causal_lm(self, what: str) -> None:
+        """AttnlabError unless this model is a causal language model: `what` (e.g. "generate") needs
+        next-token predictions, which an encoder or masked-LM head does not give."""
+        if self.info.kind != "causal-lm":
+            raise AttnlabError(
+                f"{what} needs a causal language model, but {self.name} is a {self.info.kind} "
+                f"({self.info.architecture}, bidirectional attention): its outputs are not next-token predictions; "
+                "load a decoder model (e.g. smollm2-135m) for this; capture works on encoders")
 
     # ----- one forward: logits and statistics -----
     def run(
@@ -394,7 +449,8 @@ class Probe:
             tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
             if not return_logits:
                 return RunOutput(None, None)
-            return RunOutput(self.forward(tokens, logits_to_keep=logits_to_keep).logits, None)
+            return RunOutput(_head_output(self.forward(tokens, allow_encoder=True, logits_to_keep=logits_to_keep)),
+                             None)
         stat_list = catalogue.parse(stats)
         layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
         head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
@@ -450,9 +506,10 @@ class Probe:
                                             layer_order=layer_list)
             with self.state.capturing(session):
                 # Without logits only the final hidden state is needed: skip the vocabulary projection.
-                output = self.forward(tokens, logits_to_keep=logits_to_keep if return_logits else 1)
+                output = self.forward(tokens, allow_encoder=True,
+                                      logits_to_keep=logits_to_keep if return_logits else 1)
             session.synchronize()
-            logits = output.logits if return_logits else None
+            logits = _head_output(output) if return_logits else None
             stacked = session.stacked_records()
             records = {layer: self._select_heads(recs[0], head_list) for layer, recs in session.records.items()}
         elapsed = time.perf_counter() - started
@@ -518,6 +575,7 @@ class Probe:
         `attnlab.probe.generate`)."""
         from attnlab.probe.generate import generate
 
+        self.require_causal_lm("generate")
         max_new_tokens = validate.integer(max_new_tokens, "max_new_tokens", minimum=1)
         stop_at_newline = validate.flag(stop_at_newline, "stop_at_newline")
         temperature = validate.number(temperature, "temperature", minimum=0,
