@@ -10,7 +10,7 @@ model type, the layer and the feature when the fast path cannot compute that lay
 Supported (computed exactly by `attnlab.probe.fast_path`):
   - causal and bidirectional self-attention (`module.is_causal`; encoders such as BERT);
   - sliding windows per layer (`config.sliding_window` with `layer_types` / `use_sliding_window`);
-  - attention logit softcap (`config.attn_logit_softcapping`, Gemma 2/3);
+  - attention logit softcap as the module passes it (Gemma 2; Gemma 3 keeps the config value unused);
   - learned attention sinks (a `sinks` parameter on the module, passed as `s_aux`: GPT-OSS);
   - Falcon's ALiBi (`config.alibi`), through `attnlab.probe.adapters` (a per-key bias);
   - q/k head dim different from the v head dim (DeepSeek-V3's MLA).
@@ -118,13 +118,23 @@ def model_kind(model, causal: bool = True) -> str:
     return "encoder"
 
 
+def _forward_source(module: torch.nn.Module) -> str:
+    try:
+        return _inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ""
+
+
 def _routes_through_interface(module: torch.nn.Module) -> bool:
     """The module's forward calls transformers' attention interface (so attnlab's function runs)."""
-    try:
-        source = _inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in source
+    return "ALL_ATTENTION_FUNCTIONS" in _forward_source(module)
+
+
+def _softcap(module: torch.nn.Module, cfg) -> float | None:
+    """The logit softcap the module hands the attention function. Only what the module passes counts:
+    Gemma 3 keeps config.attn_logit_softcapping but never passes it, so transformers applies none."""
+    value = getattr(module, "attn_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None)
+    return float(value) if value and "softcap=" in _forward_source(module) else None
 
 
 def _head_dims(module: torch.nn.Module, cfg) -> tuple[int | None, int | None]:
@@ -142,7 +152,6 @@ def inspect(model: torch.nn.Module) -> Capabilities:
     config = model.config
     cfg = config.get_text_config()
     model_type = getattr(cfg, "model_type", None) or getattr(config, "model_type", "?")
-    softcap = getattr(cfg, "attn_logit_softcapping", None)
     alibi = bool(getattr(cfg, "alibi", False)) or model_type in ("bloom", "mpt")
     layers = []
     for module in model.modules():
@@ -156,7 +165,7 @@ def inspect(model: torch.nn.Module) -> Capabilities:
         layers.append(LayerCapabilities(
             layer=int(layer), module=type(module).__name__, causal=causal,
             sliding_window=sliding_window(config, int(layer)) if causal else None,
-            softcap=float(softcap) if softcap else None, alibi=alibi,
+            softcap=_softcap(module, cfg), alibi=alibi,
             learned_sinks=isinstance(sinks, torch.nn.Parameter) or isinstance(sinks, torch.Tensor),
             cross_attention=bool(getattr(module, "is_cross_attention", False)
                                  or getattr(config, "is_encoder_decoder", False)),
