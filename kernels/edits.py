@@ -8,7 +8,12 @@
        A'[i, j] = A[i, j] * (1 + (1 - keep) * A[i, S] / A[i, T])  j in T
        A'[i, j] = A[i, j]                                         otherwise
    T defaults to every visible key outside S; a key in both is a source key. A row with no mass
-   on T is left unchanged (there is nowhere to send the mass). Rows still sum to 1.
+   on T is left unchanged (there is nowhere to send the mass). Rows still sum to 1 (with a learned
+sink, to 1 - its mass, which the transfer leaves unchanged: it moves real-key mass only).
+
+With learned sinks (GPT-OSS) the sink is in the softmax normaliser but in neither key class: a
+logit bias renormalises with it (`edit_rows`); a row whose keys are all removed has all its mass on
+the sink rather than none.
 
 Both are a per-row logit bias on two key classes (ln keep on S, ln of the factor on T), which is
 how the Triton kernels apply them: the mass transfer first measures A[i, S] and A[i, T].
@@ -168,8 +173,23 @@ def apply_edits(p: torch.Tensor, edits, q_start: int, n_queries: int) -> torch.T
     Applied in order; each edit sees the rows the previous ones left (a span gate is decided on
     those rows). Rows an edit does not touch are returned bit-identical.
     """
+    return edit_rows(p, None, edits, q_start, n_queries)[0]
+
+
+def edit_rows(p: torch.Tensor, sink: torch.Tensor | None, edits, q_start: int,
+              n_queries: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`apply_edits` for rows that may have a learned sink: sink [B, H, C, 1] is each row's mass on it
+    (None: no learned sinks). Returns the edited (p, sink).
+
+    The learned sink belongs to neither key class. A logit bias is exact as logits: the edited keys'
+    weights are multiplied by c and the row is renormalised with the sink in the normaliser, so the
+    sink's mass changes too (a row whose visible keys are all removed puts all its mass on the sink).
+    A mass transfer moves mass among the real keys only: A[i, S] and A[i, T] are real-key masses, the
+    real-key total and the sink's mass are unchanged (as a logit bias of ln keep on S and ln of the
+    factor on T: the normaliser is unchanged by construction).
+    """
     if not edits:
-        return p
+        return p, sink
     B, H, C, Nk = p.shape
     for e in edits:
         rows = e.rows(B, n_queries, p.device)[:, :, q_start : q_start + C, None]  # [B, H, C, 1]
@@ -182,6 +202,9 @@ def apply_edits(p: torch.Tensor, edits, q_start: int, n_queries: int) -> torch.T
             q = p * w
             # A row with no mass left (every visible key removed) is all zeros: its output is zero.
             total = q.sum(dim=-1, keepdim=True)
+            if sink is not None:
+                total = total + sink
+                sink = torch.where(rows, sink / torch.where(total > 0, total, 1.0), sink)
             edited = q / torch.where(total > 0, total, 1.0)
         else:
             ms = (p * src).sum(dim=-1, keepdim=True)
@@ -190,4 +213,4 @@ def apply_edits(p: torch.Tensor, edits, q_start: int, n_queries: int) -> torch.T
             edited = torch.where(src, p * e.keep, torch.where(tgt, p * factor, p))
             edited = torch.where(mt > 0, edited, p)
         p = torch.where(rows, edited, p)
-    return p
+    return p, sink

@@ -1,7 +1,9 @@
 """Torch twin of the attention-statistics kernels: exact, streaming in query chunks, any device.
 
-Computes softmax(scale * q k^T + mask) v for causal attention with GQA, left padding and an
-optional sliding window, and reduces the attention A into the statistics of a `StatRequest`
+Computes softmax(scale * q k^T + key_bias + mask) v for causal (or, with causal=False, bidirectional)
+attention with GQA, left padding, an optional sliding window, an optional per-key additive bias
+(ALiBi) and optional learned sinks (GPT-OSS: one value-less logit per head in the normaliser), and
+reduces the attention A into the statistics of a `StatRequest`
 (see `request.py` for each definition) without ever holding more than one query chunk of A:
 memory is O(B * H * chunk * Nk) for the chunk plus O(B * H * (Nq + Nk)) for the statistics.
 
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnlab.kernels.edits import KernelEdit, apply_edits
+from attnlab.kernels.edits import KernelEdit, edit_rows
 from attnlab.kernels.request import StatRequest
 
 # Attention probabilities below this are treated as exactly zero by nobody: it only guards the
@@ -39,14 +41,22 @@ def visibility(
     sliding_window: int | None,
     device: torch.device,
     k_start: int = 0,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """[B, 1, q_end - q_start, n_keys - k_start] bool: may query i see key j (causal, padding, window)."""
+    """[B, 1, q_end - q_start, n_keys - k_start] bool: may query i see key j (causal, padding, window).
+
+    causal=False: every real key, and a window is |pos_i - j| < sliding_window."""
     pos_q = torch.arange(q_start, q_end, device=device) + q_offset
     pos_k = torch.arange(k_start, n_keys, device=device)
     diff = pos_q[:, None] - pos_k[None, :]
-    vis = diff >= 0
-    if sliding_window is not None:
-        vis = vis & (diff < sliding_window)
+    if causal:
+        vis = diff >= 0
+        if sliding_window is not None:
+            vis = vis & (diff < sliding_window)
+    else:
+        vis = torch.ones_like(diff, dtype=torch.bool)
+        if sliding_window is not None:
+            vis = diff.abs() < sliding_window
     vis = vis[None, None].expand(batch, 1, -1, -1)
     if key_mask is not None:
         km = key_mask.to(torch.bool)
@@ -88,16 +98,19 @@ def resolve_rows(row_positions, key_mask: torch.Tensor | None, batch: int, n_que
 
 
 def row_visibility(key_mask: torch.Tensor | None, idx: torch.Tensor, n_queries: int, n_keys: int,
-                   sliding_window: int | None) -> torch.Tensor:
-    """[B, 1, R, Nk] bool: may the query at index idx[b, r] see key j (False everywhere for idx -1)."""
+                   sliding_window: int | None, causal: bool = True) -> torch.Tensor:
+    """[B, 1, R, Nk] bool: may the query at index idx[b, r] see key j (False everywhere for idx -1).
+    causal=False: every real key, within |pos - j| < sliding_window."""
     device = idx.device
     B = idx.shape[0]
     pos = (idx + n_keys - n_queries)[:, None, :, None]  # key position of each row's query
     j = torch.arange(n_keys, device=device)[None, None, None, :]
     first = first_real_position(key_mask, B, device)[:, None, None, None]
-    vis = (j <= pos) & (j >= first) & (idx >= 0)[:, None, :, None]
+    vis = (j >= first) & (idx >= 0)[:, None, :, None]
+    if causal:
+        vis = vis & (j <= pos)
     if sliding_window is not None:
-        vis = vis & (pos - j < sliding_window)
+        vis = vis & ((pos - j).abs() < sliding_window)
     if key_mask is not None:
         vis = vis & key_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     return vis
@@ -115,7 +128,9 @@ class StatAccumulator:
     """Reduces chunks of post-softmax attention rows into the statistics of a request.
 
     `add(p, vis, q_start)` takes p [B, H, C, Nk] (fp32, zero where not visible) for queries
-    q_start .. q_start + C; `finish()` returns the named tensors, each [B, H, ...].
+    q_start .. q_start + C (and, with learned sinks, `sink` [B, H, C, 1]: each row's mass on the
+    sink); `finish()` returns the named tensors, each [B, H, ...]. causal=False: bidirectional
+    attention (the definitions that name a direction, request.py).
 
     Which outputs exist, their shapes, dtypes and starting values come from the statistics table
     (`request.STATISTICS`); the arithmetic is per statistic: `_start_<name>` (state kept across
@@ -133,8 +148,10 @@ class StatAccumulator:
         key_mask: torch.Tensor | None,
         sliding_window: int | None,
         device: torch.device,
+        causal: bool = True,
     ) -> None:
         self.r = request
+        self.causal = causal
         self.B, self.H, self.Nq, self.Nk = batch, heads, n_queries, n_keys
         self.q_offset = n_keys - n_queries
         self.key_mask = key_mask
@@ -155,11 +172,12 @@ class StatAccumulator:
             if start is not None:
                 start()
 
-    def add(self, p: torch.Tensor, vis: torch.Tensor, q_start: int, k_start: int = 0) -> None:
+    def add(self, p: torch.Tensor, vis: torch.Tensor, q_start: int, k_start: int = 0,
+            sink: torch.Tensor | None = None) -> None:
         """p, vis: [B, H|1, C, K] for queries q_start.. and keys k_start..k_start+K (every key
         outside that range is invisible to these queries). With pooling, k_start is a multiple
-        of the block."""
-        c = _Chunk(p, vis, q_start, k_start)
+        of the block. sink: [B, H, C, 1] mass on the learned sink (None: the model has none)."""
+        c = _Chunk(p, vis, q_start, k_start, sink)
         for s in self._stats:
             getattr(self, f"_add_{s.name}")(c)
 
@@ -169,7 +187,7 @@ class StatAccumulator:
             fin = getattr(self, f"_finish_{s.name}", None)
             if fin is not None:
                 fin()
-        derive(self.r, self.out, self.key_mask, self.Nq, self.Nk, self.window)
+        derive(self.r, self.out, self.key_mask, self.Nq, self.Nk, self.window, self.causal)
         return {name: self.out[name] for name in self.r.outputs()}  # table order, as every backend
 
     # -- received: per-key column means over the queries that see the key
@@ -270,10 +288,17 @@ class StatAccumulator:
         pos_q = torch.arange(c.q_start, c.q_end, device=self.device, dtype=torch.float32) + self.q_offset
         k_end = c.k_start + c.p.shape[3]
         diff = pos_q[:, None] - torch.arange(c.k_start, k_end, device=self.device, dtype=torch.float32)[None]
+        if not self.causal:  # |pos_i - j| (request.py); causal rows see only pos_i - j >= 0
+            diff = diff.abs()
         dist = (c.p * diff).sum(dim=-1)
         local = (c.p * (diff < self.r.distance_window)).sum(dim=-1)
         self.out["distance"][:, :, c.rows] = dist.masked_fill(c.nan_rows, float("nan"))
         self.out["local_mass"][:, :, c.rows] = local.masked_fill(c.nan_rows, float("nan"))
+
+    # -- learned_sink: the sink's share of the normaliser (0 without learned sinks)
+    def _add_learned_sink(self, c: _Chunk) -> None:
+        mass = c.p.new_zeros(c.p.shape[:3]) if c.sink is None else c.sink[..., 0].expand(c.p.shape[:3])
+        self.out["learned_sink"][:, :, c.rows] = mass.masked_fill(c.nan_rows, float("nan"))
 
     # -- rows: exact rows of the requested queries
     def _start_rows(self) -> None:
@@ -296,10 +321,11 @@ class StatAccumulator:
 class _Chunk:
     """One chunk of attention rows handed to `StatAccumulator.add`, with the slices every statistic uses."""
 
-    __slots__ = ("p", "vis", "q_start", "q_end", "k_start", "rows", "keys", "row_ok", "nan_rows")
+    __slots__ = ("p", "vis", "q_start", "q_end", "k_start", "rows", "keys", "row_ok", "nan_rows", "sink")
 
-    def __init__(self, p: torch.Tensor, vis: torch.Tensor, q_start: int, k_start: int) -> None:
-        self.p, self.vis, self.q_start, self.k_start = p, vis, q_start, k_start
+    def __init__(self, p: torch.Tensor, vis: torch.Tensor, q_start: int, k_start: int,
+                 sink: torch.Tensor | None = None) -> None:
+        self.p, self.vis, self.q_start, self.k_start, self.sink = p, vis, q_start, k_start, sink
         self.q_end = q_start + p.shape[2]
         self.rows = slice(q_start, self.q_end)
         self.keys = slice(k_start, k_start + p.shape[3])
@@ -309,20 +335,28 @@ class _Chunk:
 
 # ----- derived statistics: computed from other outputs where every backend finalises its per-query
 # statistics (`StatAccumulator.finish`, the Triton wrapper's forward). One function per output:
-# (outputs so far, key_mask, Nq, Nk, sliding_window) -> the output.
+# (outputs so far, key_mask, Nq, Nk, sliding_window, causal) -> the output.
 
 def entropy_norm(out: dict[str, torch.Tensor], key_mask: torch.Tensor | None, n_queries: int, n_keys: int,
-                 sliding_window: int | None) -> torch.Tensor:
+                 sliding_window: int | None, causal: bool = True) -> torch.Tensor:
     """entropy / ln(number of keys query i may see); 0 where a query sees a single key; NaN at pads.
 
-    Visible keys: the text's tokens up to query i (i - first + 1, at least 1), at most the window."""
+    Visible keys: the text's tokens up to query i (i - first + 1, at least 1), at most the window;
+    causal=False: the text's tokens within |pos_i - j| < window (all of them without a window)."""
     entropy = out["entropy"]
     B, device = entropy.shape[0], entropy.device
     first = first_real_position(key_mask, B, device)
     pos = torch.arange(n_queries, device=device) + (n_keys - n_queries)
-    n_vis = (pos[None] - first[:, None] + 1).clamp_min(1).float()  # [B, Nq]
-    if sliding_window is not None:
-        n_vis = n_vis.clamp(max=sliding_window)
+    if causal:
+        n_vis = (pos[None] - first[:, None] + 1).clamp_min(1).float()  # [B, Nq]
+        if sliding_window is not None:
+            n_vis = n_vis.clamp(max=sliding_window)
+    else:
+        lo, hi = first[:, None].expand(B, n_queries), torch.full_like(pos, n_keys - 1)[None]
+        if sliding_window is not None:
+            lo = torch.maximum(lo, pos[None] - sliding_window + 1)
+            hi = torch.minimum(hi, pos[None] + sliding_window - 1)
+        n_vis = (hi - lo + 1).clamp_min(1).float()
     log_n = torch.log(n_vis)[:, None]  # [B, 1, Nq]
     return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), entropy * 0)  # entropy * 0: NaN stays
 
@@ -331,11 +365,11 @@ DERIVED: dict[str, Callable[..., torch.Tensor]] = {"entropy_norm": entropy_norm}
 
 
 def derive(request: StatRequest, out: dict[str, torch.Tensor], key_mask: torch.Tensor | None, n_queries: int,
-           n_keys: int, sliding_window: int | None) -> dict[str, torch.Tensor]:
+           n_keys: int, sliding_window: int | None, causal: bool = True) -> dict[str, torch.Tensor]:
     """Add the derived outputs the request asks for to `out` (in place; also returned)."""
     for s in request.statistics("derived"):
         for name in s.outputs:
-            out[name] = DERIVED[name](out, key_mask, n_queries, n_keys, sliding_window)
+            out[name] = DERIVED[name](out, key_mask, n_queries, n_keys, sliding_window, causal)
     return out
 
 
@@ -359,6 +393,16 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"fewer keys ({Nk}) than queries ({Nq})")
 
 
+def check_features(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None, sinks: torch.Tensor | None) -> None:
+    """The shapes of the optional attention features every attention_stats implementation shares."""
+    B, Hq, Nk = q.shape[0], q.shape[1], k.shape[2]
+    if key_bias is not None and (key_bias.dim() != 3 or key_bias.shape[0] not in (1, B)
+                                 or tuple(key_bias.shape[1:]) != (Hq, Nk)):
+        raise ValueError(f"key_bias must be [B={B} or 1, Hq={Hq}, Nk={Nk}], got {tuple(key_bias.shape)}")
+    if sinks is not None and tuple(sinks.shape) != (Hq,):
+        raise ValueError(f"sinks must be [Hq={Hq}] (one learned sink logit per query head), got {tuple(sinks.shape)}")
+
+
 def attention_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -371,14 +415,23 @@ def attention_stats(
     softcap: float | None = None,
     chunk_size: int | None = None,
     edits: tuple[KernelEdit, ...] = (),
+    causal: bool = True,
+    key_bias: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Causal GQA attention with statistics, streamed over query chunks (fp32 math).
+    """GQA attention with statistics, streamed over query chunks (fp32 math).
+
+    Scores s_ij = softcap(scale * q_i . k_j) + key_bias[b, h, j], masked to the visible keys
+    (causal or, with causal=False, bidirectional; padding; window); with `sinks` [Hq] the softmax
+    normaliser has one more term exp(sinks[h]) with no value (GPT-OSS), so rows sum to < 1 and the
+    sink's share is the `learned_sink` statistic. key_bias: [B|1, Hq, Nk] fp32, natural-log units.
 
     `edits` (see `edits.py`) change the attention before the output and the statistics are
     taken: the statistics describe the edited attention. Returns (out [B, Hq, Nq, Dv] in q's dtype, {name: [B, Hq, ...] statistics}). Pad queries
     get a zero output (never NaN: their hidden states flow on as masked keys).
     """
     check_shapes(q, k)
+    check_features(q, k, key_bias, sinks)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -386,9 +439,11 @@ def attention_stats(
     q_offset = Nk - Nq
     if chunk_size is None:
         chunk_size = default_chunk_size(B, Hq, Nk)
-    acc = StatAccumulator(request, B, Hq, Nq, Nk, key_mask, sliding_window, q.device)
+    acc = StatAccumulator(request, B, Hq, Nq, Nk, key_mask, sliding_window, q.device, causal)
     kf = k.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
     vf = v.float()
+    bias = None if key_bias is None else key_bias.to(device=q.device, dtype=torch.float32)
+    sink_logit = None if sinks is None else sinks.to(device=q.device, dtype=torch.float32).view(1, Hq, 1, 1)
     out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
     # Keys a chunk can see: none after its last query (causal), none before its first query's
     # window. Scoring only those halves the work of a causal capture; pooled tiles need the range
@@ -399,25 +454,39 @@ def attention_stats(
         c = q_end - q_start
         k_start, k_end = 0, Nk
         if not edits:
-            k_end = q_end + q_offset
+            if causal:
+                k_end = q_end + q_offset
+            elif sliding_window is not None:
+                k_end = min(Nk, q_end - 1 + q_offset + sliding_window)
             if sliding_window is not None:
                 k_start = max(0, q_start + q_offset - sliding_window + 1) // align * align
         qc = q[:, :, q_start:q_end].float().reshape(B, Hkv, G * c, D)
         s = (torch.matmul(qc, kf[..., k_start:k_end]) * scale).view(B, Hq, c, k_end - k_start)
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
-        vis = visibility(key_mask, B, q_start, q_end, k_end, q_offset, sliding_window, q.device, k_start)
+        if bias is not None:
+            s = s + bias[:, :, None, k_start:k_end]
+        vis = visibility(key_mask, B, q_start, q_end, k_end, q_offset, sliding_window, q.device, k_start, causal)
         # In place from here on: a chunk's scores become its probabilities in the same buffer.
         s.masked_fill_(~vis, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
-        m.masked_fill_(~torch.isfinite(m), 0.0)
-        p = s.sub_(m).exp_()
-        p.div_(p.sum(dim=-1, keepdim=True).clamp_min_(_TINY))
-        p = apply_edits(p, edits, q_start, Nq)
+        sink = None
+        if sink_logit is None:
+            m.masked_fill_(~torch.isfinite(m), 0.0)
+            p = s.sub_(m).exp_()
+            p.div_(p.sum(dim=-1, keepdim=True).clamp_min_(_TINY))
+        else:  # softmax over [s_i, sink_h], the sink column dropped (transformers' GPT-OSS eager attention)
+            m = torch.maximum(m, sink_logit)
+            p = s.sub_(m).exp_()
+            sink = (sink_logit - m).exp()
+            total = p.sum(dim=-1, keepdim=True) + sink
+            p.div_(total)
+            sink = sink / total
+        p, sink = edit_rows(p, sink, edits, q_start, Nq)
         o = torch.matmul(p.view(B, Hkv, G * c, -1), vf[:, :, k_start:k_end]).view(B, Hq, c, -1)
         out[:, :, q_start:q_end] = o.to(q.dtype)
         if not request.empty:
-            acc.add(p, vis, q_start, k_start)
+            acc.add(p, vis, q_start, k_start, sink)
     return out, acc.finish()
 
 
@@ -433,11 +502,18 @@ def stats_from_pattern(
     request: StatRequest,
     key_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    *,
+    causal: bool = True,
+    sinks_present: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The same statistics from a materialised pattern [B, H, Nq, Nk] (the eager backend)."""
+    """The same statistics from a materialised pattern [B, H, Nq, Nk] (the eager backend).
+
+    sinks_present: the model has learned sinks and `pattern` is its attention without the sink
+    column (rows sum to 1 - the sink's mass): `learned_sink` is 1 - the row sum over the visible keys."""
     B, H, Nq, Nk = pattern.shape
-    vis = visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, pattern.device)
+    vis = visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, pattern.device, causal=causal)
     p = pattern.float().masked_fill(~vis, 0.0)
-    acc = StatAccumulator(request, B, H, Nq, Nk, key_mask, sliding_window, pattern.device)
-    acc.add(p, vis, 0)
+    acc = StatAccumulator(request, B, H, Nq, Nk, key_mask, sliding_window, pattern.device, causal)
+    sink = (1.0 - p.sum(dim=-1, keepdim=True)) if sinks_present else None
+    acc.add(p, vis, 0, sink=sink)
     return acc.finish()

@@ -33,7 +33,28 @@ that key position (or query 0 when the call's queries start after it). Then, for
   per-text ids onto it, so segments are equal alone (segments a text lacks are NaN).
 
 A row whose visible keys an edit removed all (`LogitBias(0)` on the first token's own row) has
-no attention mass: A[i, :] = 0, its output is 0 (edits.py).
+no attention mass: A[i, :] = 0, its output is 0 (edits.py). With learned sinks it has all its mass
+on the sink instead (`learned_sink` = 1, A[i, :] = 0, output 0).
+
+Attention features (arguments of `attention_stats`, every backend):
+
+- `causal=False` (bidirectional encoders, e.g. BERT): query i sees every real key of its row, a
+  sliding window becomes |pos_i - j| < window. Definitions that name a direction are symmetric:
+  `distance` = sum_j A[i, j] |pos_i - j| and `local_mass` = mass on |pos_i - j| < window (with
+  causal attention pos_i - j >= 0, so these are the causal definitions unchanged); `received`
+  averages over every real query that sees key j (not only i >= j); `entropy_norm` divides by
+  ln of the number of keys query i sees (the text's length, or its window's share of it).
+  `pooled`, `segments`, `rows`, `sink_mass` and `top_key` need no change: they are defined on A.
+- `key_bias` [B|1, Hq, Nk] (fp32, natural-log units): added to every query's scaled logit of key j
+  after the softcap; the per-key form of ALiBi (slope_h * j is softmax-equal to slope_h * (j - i)).
+- `sinks` [Hq] (learned sink logits, GPT-OSS): one more logit per head in the softmax normaliser,
+  with no value: A[i, j] = exp(s_ij) / (sum_j' exp(s_ij') + exp(sink_h)) over visible j (as
+  transformers' GPT-OSS eager attention: softmax over [s_i, sink_h], the sink column dropped).
+  Rows sum to 1 - `learned_sink`. Every statistic keeps its definition over the real keys on this
+  A, not renormalised: `entropy` = -sum_j A ln A over keys only (the sink's term is not in it),
+  `received`, `sink_mass`, `top_prob`, `distance`, `local_mass`, `pooled`, `segments`, `rows` are
+  sums, means or maxima of this A. `learned_sink` is the sink's own mass per query (0 without
+  sinks, NaN at pad queries).
 
 The statistics table
 --------------------
@@ -173,8 +194,12 @@ STATISTICS: dict[str, Statistic] = {s.name: s for s in (
     }),
     Statistic("distance", "forward", param=Param("count", "distance_window", 128, "window", "the local window"),
               doc="mean attention distance, windowed", outputs={
-        "distance": Output(("query",), "sum_j A[i, j] * (pos_i - j): mean attention distance"),
-        "local_mass": Output(("query",), "sum of A[i, j] over keys with pos_i - j < window"),
+        "distance": Output(("query",), "sum_j A[i, j] * |pos_i - j|: mean attention distance"),
+        "local_mass": Output(("query",), "sum of A[i, j] over keys with |pos_i - j| < window"),
+    }),
+    Statistic("learned_sink", "forward", flag="learned_sink", doc="attention on the learned sink (GPT-OSS)", outputs={
+        "learned_sink": Output(("query",), "the learned sink's share of the softmax normaliser: 1 - sum_j A[i, j]; "
+                                           "0 without learned sinks"),
     }),
     Statistic("rows", "rows", param=Param("positions", "row_positions", (-1,), "positions", "query positions"),
               doc="exact rows for chosen queries", outputs={

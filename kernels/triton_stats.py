@@ -104,8 +104,10 @@ def _split():
 # ----------------------------------------------------------------------------- wrapper
 
 
-def _unsupported(q, k, v, request, key_mask, edits) -> str | None:
+def _unsupported(q, k, v, request, key_mask, edits, causal=True, key_bias=None, sinks=None) -> str | None:
     """Why this call goes to the torch twin, or None."""
+    if not causal or key_bias is not None or sinks is not None:
+        return "bidirectional attention, key bias or learned sinks (not in the Triton kernels yet)"
     if not (q.is_cuda or _interpret()):
         return "CPU tensors (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -142,6 +144,9 @@ def attention_stats(
     softcap: float | None = None,
     chunk_size: int | None = None,
     edits: tuple[KernelEdit, ...] = (),
+    causal: bool = True,
+    key_bias: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Same contract as `reference.attention_stats` (chunk_size is ignored: nothing is chunked).
 
@@ -149,10 +154,11 @@ def attention_stats(
     """
     edits = tuple(edits)
     reference.check_shapes(q, k)
-    if _unsupported(q, k, v, request, key_mask, edits) is not None:
+    reference.check_features(q, k, key_bias, sinks)
+    if _unsupported(q, k, v, request, key_mask, edits, causal, key_bias, sinks) is not None:
         return reference.attention_stats(q, k, v, scale=scale, request=request, key_mask=key_mask,
                                          sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
-                                         edits=edits)
+                                         edits=edits, causal=causal, key_bias=key_bias, sinks=sinks)
     run = _Call(q, k, v, scale, key_mask, sliding_window, softcap)
     edit = edits[0] if edits else None
     if edit is not None:

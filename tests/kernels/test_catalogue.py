@@ -18,7 +18,7 @@ from attnlab.kernels.request import DIM_SIZES, OUTPUTS, PASSES  # noqa: E402
 
 FULL = dict(received=True, sink_k=2, entropy=True, top_key=True, pooled_block=3, distance_window=4,
             row_positions=(0, 5), segment_ids=torch.tensor([[0, 0, 1, 1, 1, 2, 2, -1, 2, 0, 1]] * 2), n_segments=3,
-            pattern=True)
+            learned_sink=True, pattern=True)
 
 
 def test_every_statistic_has_its_arithmetic_in_the_twin():
@@ -44,7 +44,8 @@ def test_request_fields_come_from_the_table():
     assert StatRequest().empty and StatRequest().outputs() == []
     req = StatRequest(**FULL)
     assert req.outputs() == list(OUTPUT_DIMS)  # everything asked: every output, in table order
-    assert req.outputs("forward") == ["sink_mass", "entropy", "top_key", "top_prob", "distance", "local_mass"]
+    assert req.outputs("forward") == ["sink_mass", "entropy", "top_key", "top_prob", "distance", "local_mass",
+                                      "learned_sink"]
     assert req.outputs("columns") == ["received", "pooled", "segments"]
     assert req.outputs("derived") == ["entropy_norm"]
     assert StatRequest(top_key=True).outputs() == ["top_key", "top_prob"]
@@ -128,7 +129,8 @@ def test_the_probe_catalogue_comes_from_the_table():
     assert catalogue.CATALOGUE == [n for n, s in STATISTICS.items() if s.derived_from is None]
     assert "entropy_norm" not in catalogue.CATALOGUE and "entropy_norm" in OUTPUT_DIMS
     assert catalogue.DEFAULTS == {"sink_mass": 1, "pooled": 64, "distance": 128, "rows": (-1,)}
-    assert SUMMARY_OUTPUTS == ("sink_mass", "entropy", "entropy_norm", "top_prob", "distance", "local_mass")
+    assert SUMMARY_OUTPUTS == ("sink_mass", "entropy", "entropy_norm", "top_prob", "distance", "local_mass",
+                               "learned_sink")
     stats = catalogue.parse(["received", "sink_mass(3)", "entropy", "top_key", "pooled(4)", "distance", "rows(-1,2,-1)",
                              "pattern"])
     req = catalogue.build_request(stats, 10, 10, 1, None)
