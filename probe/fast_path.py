@@ -15,7 +15,9 @@ each other's either. A module without a state (a model attnlab did not wrap) get
 
 With no capture session active, the function is plain attention (PyTorch SDPA). Inside a session
 (`ProbeState.capturing(session)`), each selected layer's attention runs through a statistics kernel
-and its outputs are recorded.
+and its outputs are recorded; inside an eager session (backend "eager") every layer runs
+transformers' own eager attention instead (`attnlab.probe.eager_path`) and the selected layers'
+statistics come from its pattern.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ class CaptureSession:
     make_request: Callable[[int, int], StatRequest]  # (n_queries, n_keys) -> request
     kernel: Callable  # attention_stats-compatible
     on_layer: Callable[[int], None] | None = None  # progress callback
+    # "eager": every layer runs transformers' own eager attention (`attnlab.probe.eager_path`) and the
+    # selected layers' statistics come from its pattern; otherwise `kernel` computes them.
+    backend: str = "chunked"
     # Copy each layer's statistics to pinned host memory as soon as the layer is done, without
     # waiting (the copies overlap the next layers and free GPU memory early); the caller synchronises
     # before reading them (`synchronize`). Off: the records stay where the kernel wrote them.
@@ -217,7 +222,23 @@ def attnlab_attention(
         key_mask = key_mask[:, -key.shape[2] :].to(torch.bool)
     shape = _shape_of(module, key_mask, key, kwargs)
     edits = _edits_for(state.edits if state is not None else (), layer, query, key, key_mask)
-    if (session is None or layer not in session.layers) and not edits:
+    if session is not None and session.backend == "eager":
+        from attnlab.probe.eager_path import eager_attention
+
+        started = time.perf_counter()
+        captured = layer in session.layers
+        request = session.make_request(query.shape[2], key.shape[2]) if captured else None
+        out, stats = eager_attention(
+            module, query, key, value, key_mask, scaling, sliding_window, softcap, edits, request,
+            causal=shape["causal"], key_bias=shape["key_bias"], sinks=shape["sinks"],
+            dropout=dropout, **kwargs,
+        )
+        if captured:
+            session.record(layer, stats)
+            session.seconds += time.perf_counter() - started
+            if session.on_layer is not None:
+                session.on_layer(layer)
+    elif (session is None or layer not in session.layers) and not edits:
         out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap, **shape)
     elif session is None or layer not in session.layers:
         # Edits without capture: the kernels apply them (SDPA cannot move mass).

@@ -10,7 +10,8 @@ of a forward live in `probe.state` (`attnlab.probe.fast_path.ProbeState`), bound
 attention modules, so an edit on one probe never reaches another probe's forwards.
 
 Backends (every statistic has one definition and agrees across them):
-- "eager": full patterns from the hooked path (TransformerLens bridge); short inputs only.
+- "eager": full patterns from transformers' own eager attention of the model, on the fast path
+  (`attnlab.probe.eager_path`); short inputs only (the full pattern is limited by PATTERN_LIMIT).
 - "chunked": the fast path streaming query chunks through the torch twin; any device, any length.
 - "triton": the fast path with the CUDA kernels (when present).
 - "auto": triton on CUDA when available, chunked otherwise; the choice is recorded.
@@ -212,9 +213,10 @@ class Probe:
     fast path), tokenizer, device, dtype, info (`ModelInfo`) and state (`fast_path.ProbeState`: the
     edits, ablations and capture session bound to this probe's attention modules).
 
-    Paths: the fast path (`forward`, `run`, `capture`, `generate`; chunked or Triton kernels, edits
-    and ablations apply) and the hooked path (`bridge`, a TransformerLens bridge loaded on first use,
-    behind backend="eager"). Inputs: `tokenize`, `to_tokens`. State: `intervene`, `ablate`.
+    Paths: the fast path (`forward`, `run`, `capture`, `generate`; chunked or Triton kernels, or
+    transformers' own eager attention for backend="eager"; edits and ablations apply) and the hooked
+    path (`bridge`, a TransformerLens bridge loaded on first use, for the analyses that read
+    TransformerLens hooks). Inputs: `tokenize`, `to_tokens`. State: `intervene`, `ablate`.
     Weights: `output_weights`, `head_outputs`."""
 
     def __init__(self, name, folder: Path, meta: dict, model, tokenizer, device: str, dtype: torch.dtype):
@@ -436,8 +438,7 @@ class Probe:
         (`attnlab.probe.stats`); None: no capture (plain logits). return_logits=False skips the
         vocabulary projection (what `capture` does). logits_to_keep: the last positions whose logits
         are computed (0: every position). layers/heads: model layer and query-head indices (default
-        all). progress(done_layers, total_layers) is called as layers finish. The eager backend
-        captures on the hooked path, which gives no logits: pass return_logits=False with it."""
+        all). progress(done_layers, total_layers) is called as layers finish."""
         return_logits = validate.flag(return_logits, "return_logits")
         logits_to_keep = validate.integer(logits_to_keep, "logits_to_keep", minimum=0,
                                           hint="0 keeps every position, k the last k")
@@ -456,10 +457,6 @@ class Probe:
         head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
         backend = self._resolve_backend(backend, stat_list)
         validate.callable_or_none(progress, "progress")
-        if backend == "eager" and return_logits:
-            raise AttnlabError("return_logits: the eager backend captures on the hooked path, which gives no logits "
-                               "here; pass return_logits=False, or backend='chunked'/'triton' (every statistic but "
-                               "the full pattern) for logits and statistics from one forward")
         tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
         self._check_edits(tokens)
         names = [s.name for s in stat_list]
@@ -489,29 +486,17 @@ class Probe:
                 progress(done[0], len(layer_list))
 
         started = time.perf_counter()
-        stacked = None
-        if backend == "eager":
-            active = self.state.edits
-            edit_hooks = None
-            if active:
-                from attnlab.probe.edits import bridge_hooks
-
-                edit_hooks = bridge_hooks(self, active, tokens)
-            records = hooked_path.eager_stats(
-                self.bridge, tokens, layer_list, head_list, make_request, self.sliding_window, on_layer, edit_hooks
-            )
-        else:
-            session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
-                                            on_layer, offload=torch.device(self.device).type == "cuda",
-                                            layer_order=layer_list)
-            with self.state.capturing(session):
-                # Without logits only the final hidden state is needed: skip the vocabulary projection.
-                output = self.forward(tokens, allow_encoder=True,
-                                      logits_to_keep=logits_to_keep if return_logits else 1)
-            session.synchronize()
-            logits = _head_output(output) if return_logits else None
-            stacked = session.stacked_records()
-            records = {layer: self._select_heads(recs[0], head_list) for layer, recs in session.records.items()}
+        session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
+                                        on_layer, offload=torch.device(self.device).type == "cuda",
+                                        layer_order=layer_list)
+        with self.state.capturing(session):
+            # Without logits only the final hidden state is needed: skip the vocabulary projection.
+            output = self.forward(tokens, allow_encoder=True,
+                                  logits_to_keep=logits_to_keep if return_logits else 1)
+        session.synchronize()
+        logits = _head_output(output) if return_logits else None
+        stacked = session.stacked_records()
+        records = {layer: self._select_heads(recs[0], head_list) for layer, recs in session.records.items()}
         elapsed = time.perf_counter() - started
 
         if stacked is not None and all(rec is session.records[layer][0] for layer, rec in records.items()):
@@ -561,8 +546,8 @@ class Probe:
         def make_request(nq: int, nk: int):
             return catalogue.build_request(stat_list, nq, nk, batch_size, pad_left)
 
-        return fast_path.CaptureSession(set(layers), make_request, kernel, on_layer, offload=offload,
-                                        layer_order=layer_order)
+        return fast_path.CaptureSession(set(layers), make_request, kernel, on_layer, backend=backend,
+                                        offload=offload, layer_order=layer_order)
 
     def generate(self, inputs, *, max_new_tokens: int = 50, stop_at_newline: bool = True, step_stats=(),
                  layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None,
