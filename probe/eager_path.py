@@ -178,8 +178,13 @@ def _pattern_stats(pattern, request, key_mask, sliding_window, causal: bool, lea
             raise AttnlabError(f"backend: {_model_type(module)} attends bidirectionally, which the statistics here "
                                "do not support yet; no statistics were computed")
         extra["causal"] = False
-    if learned_sink and "learned_sink" in accepts:
-        extra["learned_sink"] = True
+    if learned_sink:
+        # the kernels' twin names it sinks_present (merged from i-kern)
+        name = next((n for n in ("sinks_present", "learned_sink") if n in accepts), None)
+        if name is None:
+            raise AttnlabError(f"backend: {_model_type(module)} has learned attention sinks, which the statistics "
+                               "here do not support yet; no statistics were computed")
+        extra[name] = True
     return stats_from_pattern(pattern, request, key_mask, sliding_window, **extra)
 
 

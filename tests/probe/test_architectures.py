@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 TEXTS = ["The cat sat on the mat, and then it slept.", "Sinks appear early."]
-STATS = ["received", "entropy", "sink_mass(1)"]
+STATS = ["received", "entropy", "sink_mass(1)", "top_key", "learned_sink"]
 BIAS = 0.25  # the edit: LogitBias(BIAS) on the first real key
 QK_SCALE = 4.0
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
@@ -163,15 +163,13 @@ def measure(name: str, folder: Path) -> dict:
     probe = load(str(folder), device="cpu")
     tokens = probe.tokenize(TEXTS)
     real = tokens.attention_mask.bool()
-    fast, _ = probe.run(tokens)
     ref = _reference_output(folder, tokens)
-    chunked = probe.capture(tokens, stats=STATS, backend="chunked")
-    eager = probe.capture(tokens, stats=STATS, backend="eager")
+    fast, chunked = probe.run(tokens, stats=STATS, backend="chunked")
+    eager_out, eager = probe.run(tokens, stats=STATS, backend="eager")
     edit = AttentionEdit(FirstToken(), LogitBias(BIAS))
     with probe.intervene(edit):
-        fast_edited, _ = probe.run(tokens)
-        chunked_edited = probe.capture(tokens, stats=STATS, backend="chunked")
-        eager_edited = probe.capture(tokens, stats=STATS, backend="eager")
+        fast_edited, chunked_edited = probe.run(tokens, stats=STATS, backend="chunked")
+        eager_edited_out, eager_edited = probe.run(tokens, stats=STATS, backend="eager")
     # Independent expectation at layer 0 (its inputs do not depend on the edit): m' = c m / (c m + 1 - m).
     m = chunked["sink_mass"][:, 0].double()
     expected = BIAS * m / (BIAS * m + 1 - m)
@@ -182,9 +180,12 @@ def measure(name: str, folder: Path) -> dict:
         "kind": probe.info.kind,
         "features": list(probe.capabilities.features),
         "logit_diff": _max_diff(fast, ref, real),
+        "eager_logit_diff": _max_diff(eager_out, ref, real),
         "stat_diff": _stat_diff(chunked, eager, tokens.attention_mask),
         "edit_stat_diff": _stat_diff(chunked_edited, eager_edited, tokens.attention_mask),
         "edit_effect": _max_diff(fast_edited, fast, real),
+        "edit_logit_diff": _max_diff(fast_edited, eager_edited_out, real),
+        "learned_sink": float(chunked["learned_sink"].nan_to_num().max()),
         "edit_expectation_diff": _max_diff(chunked_edited["sink_mass"][:, 0], expected, rows),
     }
 
@@ -201,7 +202,9 @@ def measured(name: str) -> dict:
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_fast_path_matches_transformers_eager(name):
-    assert measured(name)["logit_diff"] <= 1e-4
+    r = measured(name)
+    assert r["logit_diff"] <= 1e-4
+    assert r["eager_logit_diff"] <= 1e-4  # the eager backend's forward too
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
@@ -214,7 +217,8 @@ def test_chunked_and_eager_statistics_agree(name):
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_first_token_edit(name):
     r = measured(name)
-    assert r["edit_effect"] > 1e-3  # the edit changed the output
+    assert r["edit_effect"] > 1e-4  # the edit changed the output (BERT's post-norm MLM head: ~1e-3)
+    assert r["edit_logit_diff"] <= 1e-4  # ... identically on both backends
     assert r["edit_expectation_diff"] <= 1e-5
 
 
@@ -228,6 +232,8 @@ def test_capabilities_detected():
     assert "alibi" in measured("falcon (alibi)")["features"]
     assert "alibi" not in measured("falcon")["features"]
     assert "learned_sinks" in measured("gpt_oss (learned sinks)")["features"]
+    assert measured("gpt_oss (learned sinks)")["learned_sink"] > 0.05  # the sinks take mass
+    assert measured("llama")["learned_sink"] == 0.0
     assert "qk_dim_ne_v_dim" in measured("deepseek_v3 (MLA)")["features"]
     bert = measured("bert (encoder)")
     assert bert["features"] == ["bidirectional"] and bert["kind"] == "masked-lm"
@@ -265,17 +271,18 @@ def table_rows(results: list[dict]) -> list[str]:
     rows = []
     for r in results:
         if r.get("error"):
-            rows.append(f"| {r['name']} | no | {r['error']} | | | |")
+            rows.append(f"| {r['name']} | no | {r['error']} | | | | |")
             continue
         rows.append(f"| {r['name']} | yes ({r['kind']}) | {', '.join(r['features']) or 'plain causal'} | "
-                    f"{r['logit_diff']:.1e} | {r['stat_diff']:.1e} | {r['edit_stat_diff']:.1e} |")
+                    f"{r['logit_diff']:.1e} | {r['stat_diff']:.1e} | {r['edit_stat_diff']:.1e} | "
+                    f"{r['edit_logit_diff']:.1e} |")
     return rows
 
 
 TABLE_HEADER = [
     "| architecture | supported | features | max abs logit diff vs transformers eager | max stat diff chunked vs "
-    "eager | max edited-stat diff chunked vs eager |",
-    "|---|---|---|---|---|---|",
+    "eager | max edited-stat diff chunked vs eager | max edited-logit diff chunked vs eager |",
+    "|---|---|---|---|---|---|---|",
 ]
 
 
