@@ -164,7 +164,7 @@ def inspect(model: torch.nn.Module) -> Capabilities:
         sinks = getattr(module, "sinks", None)
         layers.append(LayerCapabilities(
             layer=int(layer), module=type(module).__name__, causal=causal,
-            sliding_window=sliding_window(config, int(layer)) if causal else None,
+            sliding_window=sliding_window(config, int(layer)),
             softcap=_softcap(module, cfg), alibi=alibi,
             learned_sinks=isinstance(sinks, torch.nn.Parameter) or isinstance(sinks, torch.Tensor),
             cross_attention=bool(getattr(module, "is_cross_attention", False)
