@@ -115,3 +115,28 @@ def test_manifest_records_capabilities(tmp_path, tiny_models):
     assert model["kind"] == "causal-lm"
     assert model["capabilities"] == probe.capabilities.to_dict()
     assert model["capabilities"]["model_type"] == "qwen2" and len(model["capabilities"]["layers"]) == 2
+
+
+def test_real_minilm_encoder_exact():
+    """The real all-MiniLM-L6-v2 (issue 18: the causal mask put it off by 0.38) loads as an encoder,
+    matches transformers' eager attention and captures bidirectional statistics on both backends."""
+    from transformers import AutoModel
+
+    from attnlab.probe import load
+    from attnlab.probe.registry import EMBEDDERS
+
+    folder = EMBEDDERS["all-minilm-l6-v2"].folder()
+    probe = load(str(folder), device="cpu")
+    assert probe.info.kind == "encoder" and probe.capabilities.features == ("bidirectional",)
+    tokens = probe.tokenize(["The cat sat on the mat, and then it slept.", "Sinks appear early."],
+                            prepend_bos=False)
+    hidden, chunked = probe.run(tokens, stats=["received", "entropy"], backend="chunked")
+    _, eager = probe.run(tokens, stats=["received", "entropy"], backend="eager")
+    ref = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = ref(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask.long(),
+                       position_ids=tokens.position_ids()).last_hidden_state
+    real = tokens.attention_mask.bool()
+    assert float((hidden - expected)[real].abs().max()) < 1e-4
+    for name in ("received", "entropy"):
+        torch.testing.assert_close(chunked[name], eager[name], atol=1e-5, rtol=0, equal_nan=True)
