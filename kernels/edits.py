@@ -143,9 +143,10 @@ class KernelEdit:
         return float(torch.tensor(math.exp(max(self.log_scale, MIN_LOG)), dtype=torch.float32)) == 0.0
 
     def removes_every_key(self, key_mask: torch.Tensor | None, batch: int, n_queries: int, n_keys: int,
-                          sliding_window: int | None, device) -> torch.Tensor | None:
+                          sliding_window: int | None, device, causal: bool = True) -> torch.Tensor | None:
         """[B, Hq, Nq] bool: the real rows this edit leaves with no visible key (None when there are none
-        or the edit removes nothing). Such rows are all zeros (module docstring)."""
+        or the edit removes nothing). Such rows are all zeros (module docstring). causal=False: a query
+        sees the keys within |pos - j| < sliding_window (all without one)."""
         if not self.removes:
             return None
         src, _ = self.key_classes(device)
@@ -155,7 +156,11 @@ class KernelEdit:
         cnt = torch.nn.functional.pad(keep.long().cumsum(dim=1), (1, 0))  # cnt[:, j] = kept keys before j
         pos = torch.arange(n_queries, device=device) + n_keys - n_queries
         lo = torch.zeros_like(pos) if sliding_window is None else (pos - sliding_window + 1).clamp_min(0)
-        alive = (cnt[:, pos + 1] - cnt[:, lo]) > 0  # [B, Nq]: a kept key is visible
+        hi = pos
+        if not causal:
+            hi = torch.full_like(pos, n_keys - 1) if sliding_window is None else (pos + sliding_window - 1).clamp(
+                max=n_keys - 1)
+        alive = (cnt[:, hi + 1] - cnt[:, lo]) > 0  # [B, Nq]: a kept key is visible
         real = torch.ones_like(alive) if key_mask is None else key_mask.to(device=device, dtype=torch.bool)[:, pos]
         dead = self.rows(batch, n_queries, device) & (real & ~alive)[:, None, :]
         return dead if bool(dead.any()) else None

@@ -105,9 +105,8 @@ def _split():
 
 
 def _unsupported(q, k, v, request, key_mask, edits, causal=True, key_bias=None, sinks=None) -> str | None:
-    """Why this call goes to the torch twin, or None."""
-    if not causal or key_bias is not None or sinks is not None:
-        return "bidirectional attention, key bias or learned sinks (not in the Triton kernels yet)"
+    """Why this call goes to the torch twin, or None. (Bidirectional attention, key bias and learned
+    sinks are in the kernels, with every statistic and edit.)"""
     if not (q.is_cuda or _interpret()):
         return "CPU tensors (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -159,7 +158,7 @@ def attention_stats(
         return reference.attention_stats(q, k, v, scale=scale, request=request, key_mask=key_mask,
                                          sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
                                          edits=edits, causal=causal, key_bias=key_bias, sinks=sinks)
-    run = _Call(q, k, v, scale, key_mask, sliding_window, softcap)
+    run = _Call(q, k, v, scale, key_mask, sliding_window, softcap, causal, key_bias, sinks)
     edit = edits[0] if edits else None
     if edit is not None:
         run.set_edit(edit)
@@ -169,7 +168,7 @@ def attention_stats(
 class _Call:
     """One attention call: normalised inputs, launch parameters, and the two passes."""
 
-    def __init__(self, q, k, v, scale, key_mask, window, softcap):
+    def __init__(self, q, k, v, scale, key_mask, window, softcap, causal=True, key_bias=None, sinks=None):
         self.q, self.k, self.v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         B, Hq, Nq, D = q.shape
         self.B, self.Hq, self.Nq, self.D = B, Hq, Nq, D
@@ -187,6 +186,11 @@ class _Call:
             self.min_first, self.max_first = int(self.first.min()), int(self.first.max())
             if self.max_first == 0:  # an all-true mask (left padding was checked): the same as none
                 self.key_mask = None
+        self.causal = bool(causal)
+        # key bias [B|1, Hq, Nk] fp32 (batch stride 0 when broadcast) and learned sinks [Hq] fp32; a dummy without
+        self.key_bias = None if key_bias is None else key_bias.to(device=q.device, dtype=torch.float32).contiguous()
+        self.skbb = 0 if self.key_bias is None or self.key_bias.shape[0] == 1 else Hq * self.Nk
+        self.sinks = None if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
         self.edit = None
         self.src = self.tgt = torch.zeros(1, dtype=torch.int8, device=q.device)
         self.bias_s = self.bias_t = torch.zeros(1, dtype=torch.float32, device=q.device)
@@ -252,11 +256,12 @@ class _Call:
                 dk, dv = k, v
             return _fwd_kernel[(self.B * self.Hq, n_m)](
                 q, k, v, dk, dv, o, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t,
+                dummy if self.key_bias is None else self.key_bias, dummy if self.sinks is None else self.sinks,
                 stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
                 stats.get("distance", dummy), stats.get("sink_mass", dummy), stats.get("local_mass", dummy),
-                masses[0] if masses else dummy, masses[1] if masses else dummy,
+                masses[0] if masses else dummy, masses[1] if masses else dummy, stats.get("learned_sink", dummy),
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), self.skbb,
                 self.Hq, self.G, self.Nq, self.Nk, self.q_off, self.scale, float(self.softcap or 1.0),
                 int(self.window or 0), int(request.sink_k or 0), int(request.distance_window or 0), n_m,
                 self.min_first, self.max_first,
@@ -264,7 +269,8 @@ class _Call:
                 HAS_WINDOW=self.window is not None, ENT="entropy" in stats, TOP="top_key" in stats,
                 DIST="distance" in stats, SINK="sink_mass" in stats, LOCAL="local_mass" in stats,
                 CLASS_MASS=masses is not None, WRITE_OUT=out is not None, TOP_FUSED=top_fused, TMA=tma,
-                num_warps=warps, num_stages=st,
+                CAUSAL=self.causal, KEY_BIAS=self.key_bias is not None, SINKS=self.sinks is not None,
+                LEARNED="learned_sink" in stats, num_warps=warps, num_stages=st,
             )
 
         # Tiles that do not fit this GPU's shared memory (H100 tiles on a GPU with less) step down:
@@ -312,7 +318,7 @@ class _Call:
                 stats.update(self._columns(request, lse2))
         if request.row_positions is not None:
             stats["rows"] = self._rows(request.row_positions, lse2)
-        reference.derive(request, stats, self.key_mask, Nq, Nk, self.window)
+        reference.derive(request, stats, self.key_mask, Nq, Nk, self.window, self.causal)
         return out, {name: stats[name] for name in request.outputs()}
 
     def _cudnn_output(self, out, lse2) -> bool:
@@ -323,6 +329,8 @@ class _Call:
         if not CUDNN or _interpret() or not self.q.is_cuda or self.q_off != 0:
             return False
         if self.edit is not None or self.key_mask is not None or self.window is not None or self.softcap is not None:
+            return False
+        if not self.causal or self.key_bias is not None or self.sinks is not None:
             return False
         k, v = self.k, self.v
         if self.G > 1:  # the op wants as many KV heads as query heads
@@ -370,12 +378,14 @@ class _Call:
         tma = desc_q is not None
         self.col_compiled = _col_kernel[(B * (Hq // NG), n_kb)](
             q, desc_q if tma else q, k, lse2, self.first, self.src, self.tgt, self.bias_s, self.bias_t, seg_hot, recv,
-            part, seg_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            part, seg_part, lse2 if self.key_bias is None else self.key_bias,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), self.skbb,
             Hq, NG, G, Nq, Nk, self.q_off, self.scale, float(self.softcap or 1.0), int(self.window or 0),
             n_qc, n_kb, max(pool, 1), self.min_first, self.max_first,
             HEAD_DIM=self.D, GP=GP, HP=max(16, GP), BLOCK_M=BM, BLOCK_N=BN, SOFTCAP=self.softcap is not None,
             HAS_EDIT=self.edit is not None, HAS_WINDOW=self.window is not None, RECV=request.received,
-            POOL=bool(pool), SP=sp, SPLIT=_split(), LO=EXACT_SUMS, TMA=tma, num_warps=warps, num_stages=stages,
+            POOL=bool(pool), SP=sp, SPLIT=_split(), LO=EXACT_SUMS, TMA=tma, CAUSAL=self.causal,
+            KEY_BIAS=self.key_bias is not None, num_warps=warps, num_stages=stages,
         )
         res = {}
         if request.received:
@@ -396,8 +406,13 @@ class _Call:
         """Rows whose visible keys the edit removed all (`LogitBias(0)` on the first token's own row)
         have no mass left: all zeros, output zero, as on the twin (edits.py). The kernel's softmax
         would renormalise the removed keys' tiny weights to 1; here such rows get output 0 and a
-        log-sum-exp of +inf (p = 2^(s - lse) = 0 in pass 2 and in `rows`) and a zero row's statistics."""
-        dead = self.edit.removes_every_key(self.key_mask, self.B, self.Nq, self.Nk, self.window, self.device)
+        log-sum-exp of +inf (p = 2^(s - lse) = 0 in pass 2 and in `rows`) and a zero row's statistics.
+        With learned sinks no row is dead: the sink takes its mass, and the kernel's numbers are already
+        those (the removed keys' weights underflow against the sink's)."""
+        if self.sinks is not None:
+            return
+        dead = self.edit.removes_every_key(self.key_mask, self.B, self.Nq, self.Nk, self.window, self.device,
+                                           self.causal)
         if dead is None:
             return
         out.masked_fill_(dead[..., None], 0.0)
@@ -423,8 +438,11 @@ class _Call:
             qf = max(f - self.q_off, 0)
             if qf >= Nq or f >= Nk:
                 continue
+            kbias = None
+            if self.key_bias is not None:
+                kbias = self.key_bias[min(b, self.key_bias.shape[0] - 1):][:1, :, f:]
             sub = _Call(self.q[b:b + 1, :, qf:], self.k[b:b + 1, :, f:], self.v[b:b + 1, :, f:], self.scale, None,
-                        self.window, self.softcap)
+                        self.window, self.softcap, self.causal, kbias, self.sinks)
             if self.edit is not None:
                 sub.edit = self.edit
                 sub.src, sub.tgt = (t[b:b + 1, f:].contiguous() for t in (self.src, self.tgt))
@@ -450,10 +468,14 @@ class _Call:
         return sp, torch.nn.functional.one_hot((ids + 1).clamp_min(0), sp + 1)[..., 1:].to(torch.float16).contiguous()
 
     def _seen_by(self) -> torch.Tensor:
-        """[B, 1, Nk] number of real queries that can see each key."""
+        """[B, 1, Nk] number of real queries that can see each key (causal: those at or after it)."""
         j = torch.arange(self.Nk, device=self.device)[None]
         first = self.first.long()[:, None]
-        lo = torch.maximum(torch.maximum(j, first), torch.full_like(j, self.q_off))
+        lo = torch.maximum(first, torch.full_like(j, self.q_off))
+        if self.causal:
+            lo = torch.maximum(lo, j)
+        elif self.window is not None:
+            lo = torch.maximum(lo, j - self.window + 1)
         hi = torch.full_like(lo, self.Nk - 1)
         if self.window is not None:
             hi = torch.minimum(hi, j + self.window - 1)
@@ -483,10 +505,12 @@ class _Call:
         s = s * self.scale
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
+        if self.key_bias is not None:
+            s = s + self.key_bias[:, :, None, :]
         s = s * LOG2E
         if self.edit is not None:
             s = s + self.bias_s[bi, :, ii].permute(0, 2, 1)[..., None] * self.src[:, None, None].bool()
             s = s + self.bias_t[bi, :, ii].permute(0, 2, 1)[..., None] * self.tgt[:, None, None].bool()
-        vis = reference.row_visibility(self.key_mask, idx, self.Nq, self.Nk, self.window)
+        vis = reference.row_visibility(self.key_mask, idx, self.Nq, self.Nk, self.window, self.causal)
         p = torch.exp2(s - lse2[bi, :, ii].permute(0, 2, 1)[..., None]).masked_fill(~vis, 0.0)
         return p.masked_fill(~vis.any(-1, keepdim=True), float("nan"))

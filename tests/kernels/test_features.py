@@ -158,12 +158,21 @@ def attention_stats(backend):
 
 
 def check(backend, *, causal=True, bias=False, sink=False, window=None, softcap=None, edit=None, seed=0,
-          chunk_size=None, req=None):
+          chunk_size=None, req=None, pad=True, batch_bias=False):
     q, k, v, mask, alibi, sinks = inputs(seed)
+    if not pad:  # no key mask: pass 2 runs once for the batch (not per text)
+        mask = torch.ones_like(mask)
     req = request(seed) if req is None else req
     key_bias = alibi if bias else None
+    if bias and batch_bias:  # one bias per batch row: [B, Hq, Nk]
+        key_bias = torch.cat([alibi, -0.5 * alibi.flip(-1)])
     sinks = sinks if sink else None
     kw = dict(chunk_size=chunk_size) if chunk_size else {}
+    if backend == "triton":  # the kernels compute it, not the twin behind them
+        from attnlab.kernels import triton_stats
+
+        edits = (edit,) if edit is not None else ()
+        assert triton_stats._unsupported(q, k, v, req, mask, edits, causal, key_bias, sinks) is None
     out, st = attention_stats(backend)(
         q, k, v, scale=D**-0.5, request=req, key_mask=mask, sliding_window=window, softcap=softcap,
         edits=(edit,) if edit is not None else (), causal=causal, key_bias=key_bias, sinks=sinks, **kw)
@@ -201,6 +210,10 @@ FEATURES = {  # name -> keyword arguments of `check`
     "sinks": dict(sink=True),
     "sinks_window": dict(sink=True, window=7),
     "sinks_key_bias": dict(sink=True, bias=True),
+    "unpadded_bidirectional_bias_sinks": dict(causal=False, bias=True, sink=True, pad=False),
+    "unpadded_bidirectional_window": dict(causal=False, window=9, pad=False),
+    "unpadded_sinks_window_batch_bias": dict(sink=True, window=7, bias=True, batch_bias=True, pad=False),
+    "batch_bias_bidirectional": dict(bias=True, batch_bias=True, causal=False),
 }
 
 
