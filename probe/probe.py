@@ -175,7 +175,7 @@ def _check_device(device):
 class Probe:
     """One loaded model with both paths, its tokenizer and the state of its edits (build with `load`).
 
-    Holds name, folder (None for in-memory models), meta (registry record), model (HF model on the
+    Holds name, folder (None for in-memory and attached models), meta (registry record), model (HF model on the
     fast path), tokenizer, device, dtype, info (`ModelInfo`) and state (`fast_path.ProbeState`: the
     edits, ablations and capture session bound to this probe's attention modules).
 
@@ -276,8 +276,9 @@ class Probe:
         """The hooked path (TransformerLens TransformerBridge on its own model instance)."""
         if self._bridge is None:
             if self.folder is None:
-                raise AttnlabError(f"{self.name} was built in memory (cache=False): the hooked path needs a model "
-                                   "folder; load it with cache=True")
+                raise AttnlabError(f"{self.name} has no model folder (built in memory with cache=False, or attached "
+                                   "with attnlab.probe.attach): the hooked path needs one; load it with "
+                                   "attnlab.probe.load(name or folder)")
             self._check_unchanged("since the model loaded: load it again before using the hooked path")
             bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
             self._check_unchanged("while the hooked path loaded: load it again")
