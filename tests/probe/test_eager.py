@@ -277,3 +277,14 @@ def test_eager_works_on_an_in_memory_model():
     eager = probe.capture(TEXTS, stats=STATS, backend="eager")
     chunked = probe.capture(TEXTS, stats=STATS, backend="chunked")
     assert_agree(eager, chunked, [n for n in chunked.stats if n != "top_key"])
+
+
+def test_decode_steps_on_eager_match_chunked(tiny_models):
+    probe = tiny_models("tiny-llama")
+    with probe.intervene(AttentionEdit(FirstToken(), LogitBias(2.0))):
+        runs = {b: probe.generate(TEXTS, max_new_tokens=4, stop_at_newline=False, step_stats=["top_key", "entropy"],
+                                  backend=b) for b in ("eager", "chunked")}
+    assert runs["eager"].new_ids == runs["chunked"].new_ids
+    for e, c in zip(runs["eager"].steps, runs["chunked"].steps, strict=True):
+        assert torch.equal(e["top_key"], c["top_key"])
+        torch.testing.assert_close(e["entropy"], c["entropy"], atol=1e-5, rtol=0, equal_nan=True)
