@@ -412,6 +412,14 @@ class Probe:
                     f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
                     "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
                 )
+        if backend == "eager":  # transformers' eager attention materialises each layer's pattern, every head
+            size = tokens.batch_size * self.info.n_heads * tokens.length**2
+            if size > PATTERN_LIMIT:
+                raise AttnlabError(
+                    f"backend: the eager backend materialises each layer's full pattern, here {size:,} values "
+                    f"(limit {PATTERN_LIMIT:,}); use backend='chunked' or 'triton' (every statistic but the full "
+                    "pattern), or fewer tokens"
+                )
         segments = next((s for s in stat_list if s.name == "segments"), None)
         if segments is not None:
             stat_list = [s if s.name != "segments" else self._align_segments(s, tokens) for s in stat_list]

@@ -288,3 +288,12 @@ def test_decode_steps_on_eager_match_chunked(tiny_models):
     for e, c in zip(runs["eager"].steps, runs["chunked"].steps, strict=True):
         assert torch.equal(e["top_key"], c["top_key"])
         torch.testing.assert_close(e["entropy"], c["entropy"], atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_eager_is_refused_where_one_layers_pattern_is_too_large(tiny_models, monkeypatch):
+    probe = tiny_models("tiny-llama")
+    tokens = probe.tokenize(TEXTS)
+    monkeypatch.setattr("attnlab.probe.probe.PATTERN_LIMIT", 2 * 4 * tokens.length**2 - 1)
+    with pytest.raises(AttnlabError, match="^backend: the eager backend materialises .* backend='chunked'"):
+        probe.capture(tokens, stats=["received"], layers=[0], heads=[0], backend="eager")
+    probe.capture(tokens, stats=["received"], layers=[0], heads=[0], backend="chunked")
