@@ -64,9 +64,8 @@ def attach(model, tokenizer=None, name: str | None = None) -> Iterator[Probe]:
                                f"({str(err).strip().splitlines()[0][:200]}); this model cannot be attached") from err
         _check_switched(model)
         model.eval()
-        embeddings = model.get_input_embeddings().weight
         meta = {"name": name, "trained": True, "source": {"kind": "attached", "class": type(model).__name__}}
-        yield Probe(name, None, meta, model, tokenizer, str(embeddings.device), model.dtype)
+        yield Probe(name, None, meta, model, tokenizer, _input_device(model), model.dtype)
     finally:
         fast_path.ProbeState.detach(model)
         for config, value in implementations:
@@ -110,6 +109,15 @@ def _check_switched(model) -> None:
             raise AttnlabError(f"model: {type(module).__name__} (layer {module.layer_idx}) of {type(model).__name__} "
                                "does not switch its attention implementation, so attnlab would not see its "
                                "attention; this model cannot be attached")
+
+
+def _input_device(model) -> str:
+    """Where the model takes its inputs: its input embedding's device (the first device of a
+    `device_map` placement), else its first parameter's."""
+    try:
+        return str(model.get_input_embeddings().weight.device)
+    except (AttributeError, NotImplementedError):
+        return str(next(model.parameters()).device)
 
 
 def _folder_tokenizer(model, name: str):

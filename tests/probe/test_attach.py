@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnlab.probe import AttentionEdit, AttnlabError, FirstToken, LogitBias, MassTransfer, attach
+from attnlab.probe import AttentionEdit, AttnlabError, FirstToken, LogitBias, MassTransfer, attach, load
 
 TEXTS = ["The harbour was quiet that morning; two boats came in.", "Gulls followed."]
 STATS = ["received", "sink_mass(2)", "entropy", "top_key", "pooled(4)", "distance(8)", "rows(0,-1)"]
@@ -138,3 +138,21 @@ def test_attach_refuses_what_it_cannot_use():
         with attach(model):
             pass
     assert not any(hasattr(m, "_attnlab_state") for m in model.modules())
+
+
+def test_attach_keeps_the_users_dtype(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_models("tiny-llama").folder
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa")
+    loaded = load(folder, device="cpu", dtype="bfloat16")
+    tokens = loaded.tokenize(TEXTS)
+    before = snapshot(model, tokens)
+    want = loaded.run(tokens, stats=STATS, backend="chunked")
+    with attach(model) as probe:
+        assert probe.dtype == torch.bfloat16 and probe.device == "cpu"
+        got = probe.run(tokens, stats=STATS, backend="chunked")
+    assert got.logits.dtype == torch.bfloat16 and torch.equal(got.logits, want.logits)
+    for stat in want.capture.stats:
+        assert same(got.capture[stat], want.capture[stat]), stat
+    assert_unchanged(before, snapshot(model, tokens))
