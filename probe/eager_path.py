@@ -128,13 +128,14 @@ def additive_mask(vis: torch.Tensor, key_bias: torch.Tensor | None, dtype: torch
 
 def _visible(key_mask, batch: int, n_queries: int, n_keys: int, sliding_window: int | None, causal: bool,
              device) -> torch.Tensor:
-    """[B, 1, Nq, Nk] bool: may query i see key j (padding; causal and window when causal)."""
+    """[B, 1, Nq, Nk] bool: may query i see key j (padding; causal or not; window: i - j < window when
+    causal, |i - j| < window when not, as the kernels define it)."""
     if causal:
         return visibility(key_mask, batch, 0, n_queries, n_keys, n_keys - n_queries, sliding_window, device)
-    if sliding_window is not None:
-        raise AttnlabError("backend: bidirectional attention with a sliding window is not supported by the eager "
-                           "backend; use backend='chunked'")
-    vis = torch.ones(batch, 1, n_queries, n_keys, dtype=torch.bool, device=device)
+    pos_q = torch.arange(n_queries, device=device) + n_keys - n_queries
+    diff = pos_q[:, None] - torch.arange(n_keys, device=device)[None, :]
+    vis = torch.ones_like(diff, dtype=torch.bool) if sliding_window is None else diff.abs() < sliding_window
+    vis = vis[None, None].expand(batch, 1, -1, -1)
     if key_mask is not None:
         km = key_mask.to(device=device, dtype=torch.bool)
         vis = vis & km[:, None, None, :] & km[:, None, n_keys - n_queries:, None]
@@ -169,22 +170,18 @@ def _with_sink_column(edit):
 
 
 def _pattern_stats(pattern, request, key_mask, sliding_window, causal: bool, learned_sink: bool, module):
-    """stats_from_pattern, passing bidirectional attention and learned sinks on where the kernels
-    take them; refused where they do not (never statistics of the wrong visibility)."""
-    extra = {}
+    """stats_from_pattern, told about bidirectional attention and learned sinks where the kernels
+    take them (keywords `causal`, `sinks_present`); refused where they do not, never statistics of
+    the wrong visibility or a learned sink counted as missing mass."""
     accepts = inspect.signature(stats_from_pattern).parameters
-    if not causal:
-        if "causal" not in accepts:
-            raise AttnlabError(f"backend: {_model_type(module)} attends bidirectionally, which the statistics here "
-                               "do not support yet; no statistics were computed")
-        extra["causal"] = False
-    if learned_sink:
-        # the kernels' twin names it sinks_present (merged from i-kern)
-        name = next((n for n in ("sinks_present", "learned_sink") if n in accepts), None)
-        if name is None:
-            raise AttnlabError(f"backend: {_model_type(module)} has learned attention sinks, which the statistics "
-                               "here do not support yet; no statistics were computed")
-        extra[name] = True
+    extra = {}
+    for wanted, keyword, value, feature in ((not causal, "causal", False, "attends bidirectionally"),
+                                            (learned_sink, "sinks_present", True, "has learned attention sinks")):
+        if wanted:
+            if keyword not in accepts:
+                raise AttnlabError(f"backend: {_model_type(module)} {feature}, which attnlab's statistics here do "
+                                   "not support; no statistics were computed")
+            extra[keyword] = value
     return stats_from_pattern(pattern, request, key_mask, sliding_window, **extra)
 
 

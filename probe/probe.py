@@ -209,7 +209,7 @@ def _check_device(device):
 class Probe:
     """One loaded model with both paths, its tokenizer and the state of its edits (build with `load`).
 
-    Holds name, folder (None for in-memory models), meta (registry record), model (HF model on the
+    Holds name, folder (None for in-memory and attached models), meta (registry record), model (HF model on the
     fast path), tokenizer, device, dtype, info (`ModelInfo`) and state (`fast_path.ProbeState`: the
     edits, ablations and capture session bound to this probe's attention modules).
 
@@ -316,8 +316,9 @@ class Probe:
         """The hooked path (TransformerLens TransformerBridge on its own model instance)."""
         if self._bridge is None:
             if self.folder is None:
-                raise AttnlabError(f"{self.name} was built in memory (cache=False): the hooked path needs a model "
-                                   "folder; load it with cache=True")
+                raise AttnlabError(f"{self.name} has no model folder (built in memory with cache=False, or attached "
+                                   "with attnlab.probe.attach): the hooked path needs one; load it with "
+                                   "attnlab.probe.load(name or folder)")
             self._check_unchanged("since the model loaded: load it again before using the hooked path")
             bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
             self._check_unchanged("while the hooked path loaded: load it again")
@@ -466,6 +467,14 @@ class Probe:
                 raise AttnlabError(
                     f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
                     "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
+                )
+        if backend == "eager":  # transformers' eager attention materialises each layer's pattern, every head
+            size = tokens.batch_size * self.info.n_heads * tokens.length**2
+            if size > PATTERN_LIMIT:
+                raise AttnlabError(
+                    f"backend: the eager backend materialises each layer's full pattern, here {size:,} values "
+                    f"(limit {PATTERN_LIMIT:,}); use backend='chunked' or 'triton' (every statistic but the full "
+                    "pattern), or fewer tokens"
                 )
         segments = next((s for s in stat_list if s.name == "segments"), None)
         if segments is not None:

@@ -7,12 +7,13 @@ wrong by 2.3e-3, issue #18)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 
-from attnlab.kernels import KernelEdit, StatRequest
+from attnlab.kernels import KernelEdit, StatRequest, stats_from_pattern
 from attnlab.probe import AttentionEdit, AttnlabError, FirstToken, LogitBias, MassTransfer, Positions, load
 from attnlab.probe.eager_path import eager_attention
 from attnlab.probe.registry import byte_tokenizer
@@ -156,38 +157,49 @@ def test_eager_attention_applies_the_edits_to_the_pattern_and_recomputes_the_out
 
 
 def test_learned_sinks_come_from_the_modelling_file_and_edits_renormalise_over_them():
-    """GPT-OSS: the modelling file reads module.sinks; the pattern leaves the sink out (rows < 1). A
+    """GPT-OSS: the modelling file reads module.sinks; its pattern leaves the sink out (rows < 1). A
     LogitBias is ln c on the selected logits with the sink in the denominator; a MassTransfer moves
-    mass between real keys only and leaves the sink's mass as it was."""
+    mass between real keys only and leaves the sink's mass as it was. Checked on the outputs, which
+    are recomputed from the edited pattern."""
     q, k, v, key_mask = random_call(seed=2)
     module, scale = gpt_oss_attention(), 0.35
     sinks = module.sinks.detach()
-    request = StatRequest(pattern=True)
-    _, plain = eager_attention(module, q, k, v, key_mask, scale, None, None, (), request, sinks=sinks)
-    p, _ = reference(q, k, v, key_mask, scale, 10**6, sinks=sinks)
-    torch.testing.assert_close(plain["pattern"].double(), p, atol=1e-6, rtol=0)
-    real = key_mask[:, None, :, None].expand(2, 4, 12, 1)[..., 0]
-    assert (plain["pattern"].sum(-1)[real] < 1 - 1e-3).float().mean() > 0.5, "the sink takes mass in most rows"
+    vv = v.double().repeat_interleave(2, 1)
+    p, o = reference(q, k, v, key_mask, scale, 10**6, sinks=sinks)
+    real = key_mask[:, None, :].expand(2, 4, 12)
+    assert (p.sum(-1)[real] < 1 - 1e-3).float().mean() > 0.5, "the sink takes mass in most rows"
+    out, _ = eager_attention(module, q, k, v, key_mask, scale, None, None, (), None, sinks=sinks)
+    torch.testing.assert_close(out.double(), o, atol=1e-5, rtol=1e-5)
 
     heads = torch.ones(4, dtype=torch.bool)
     first = torch.arange(12)[None] == (~key_mask).sum(1)[:, None]
     bias = KernelEdit.logit_bias(heads, first, 4.0)
-    out, edited = eager_attention(module, q, k, v, key_mask, scale, None, None, (bias,), request, sinks=sinks)
-    p4, o4 = reference(q, k, v, key_mask, scale, 10**6, bias=math.log(4.0) * first[:, None].double().expand(2, 4, 12),
-                       sinks=sinks)
-    torch.testing.assert_close(edited["pattern"].double(), p4, atol=1e-6, rtol=0)
+    out, _ = eager_attention(module, q, k, v, key_mask, scale, None, None, (bias,), None, sinks=sinks)
+    ln4 = math.log(4.0) * first[:, None].double().expand(2, 4, 12)
+    p4, o4 = reference(q, k, v, key_mask, scale, 10**6, bias=ln4, sinks=sinks)
     torch.testing.assert_close(out.double(), o4, atol=1e-5, rtol=1e-5)
+    assert (o4 - o).abs().max() > 0.1
 
     move = KernelEdit.mass_transfer(heads, first, 0.25)
-    _, moved = eager_attention(module, q, k, v, key_mask, scale, None, None, (move,), request, sinks=sinks)
-    torch.testing.assert_close(moved["pattern"].sum(-1), plain["pattern"].sum(-1), atol=1e-6, rtol=0)
-    a, m = plain["pattern"].double(), moved["pattern"].double()
+    out, _ = eager_attention(module, q, k, v, key_mask, scale, None, None, (move,), None, sinks=sinks)
     src = first[:, None, None, :].double()
-    a_s, a_t = (a * src).sum(-1, keepdim=True), (a * (1 - src)).sum(-1, keepdim=True)
+    a_s, a_t = (p * src).sum(-1, keepdim=True), (p * (1 - src)).sum(-1, keepdim=True)
     # a row with no mass on the receivers (the first token's own row) is left as it is
-    want = torch.where(a_t > 0, torch.where(src > 0, 0.25 * a, a * (1 + 0.75 * a_s / a_t.clamp_min(1e-30))), a)
-    torch.testing.assert_close(m, want, atol=1e-6, rtol=0)
-    assert (m - a).abs().max() > 0.1
+    moved = torch.where(a_t > 0, torch.where(src > 0, 0.25 * p, p * (1 + 0.75 * a_s / a_t.clamp_min(1e-30))), p)
+    torch.testing.assert_close(moved.sum(-1), p.sum(-1))  # the sink's mass is unchanged
+    torch.testing.assert_close(out.double(), moved @ vv, atol=1e-5, rtol=1e-5)
+    assert (moved @ vv - o).abs().max() > 0.1
+
+    # Statistics of a model with learned sinks need the kernels to know the pattern leaves the sink out
+    # (`learned_sink` = 1 - the row's sum); without that they are refused, never computed as if rows
+    # summed to 1.
+    request = StatRequest(pattern=True)
+    if "sinks_present" not in inspect.signature(stats_from_pattern).parameters:
+        with pytest.raises(AttnlabError, match="^backend: gpt_oss has learned attention sinks"):
+            eager_attention(module, q, k, v, key_mask, scale, None, None, (bias,), request, sinks=sinks)
+    else:
+        _, stats = eager_attention(module, q, k, v, key_mask, scale, None, None, (bias,), request, sinks=sinks)
+        torch.testing.assert_close(stats["pattern"].double(), p4, atol=1e-6, rtol=0)
 
 
 class _NoEagerForward(torch.nn.Module):
@@ -265,3 +277,53 @@ def test_eager_works_on_an_in_memory_model():
     eager = probe.capture(TEXTS, stats=STATS, backend="eager")
     chunked = probe.capture(TEXTS, stats=STATS, backend="chunked")
     assert_agree(eager, chunked, [n for n in chunked.stats if n != "top_key"])
+
+
+def test_decode_steps_on_eager_match_chunked(tiny_models):
+    probe = tiny_models("tiny-llama")
+    with probe.intervene(AttentionEdit(FirstToken(), LogitBias(2.0))):
+        runs = {b: probe.generate(TEXTS, max_new_tokens=4, stop_at_newline=False, step_stats=["top_key", "entropy"],
+                                  backend=b) for b in ("eager", "chunked")}
+    assert runs["eager"].new_ids == runs["chunked"].new_ids
+    for e, c in zip(runs["eager"].steps, runs["chunked"].steps, strict=True):
+        assert torch.equal(e["top_key"], c["top_key"])
+        torch.testing.assert_close(e["entropy"], c["entropy"], atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_eager_is_refused_where_one_layers_pattern_is_too_large(tiny_models, monkeypatch):
+    probe = tiny_models("tiny-llama")
+    tokens = probe.tokenize(TEXTS)
+    monkeypatch.setattr("attnlab.probe.probe.PATTERN_LIMIT", 2 * 4 * tokens.length**2 - 1)
+    with pytest.raises(AttnlabError, match="^backend: the eager backend materialises .* backend='chunked'"):
+        probe.capture(tokens, stats=["received"], layers=[0], heads=[0], backend="eager")
+    probe.capture(tokens, stats=["received"], layers=[0], heads=[0], backend="chunked")
+
+
+def _gptj():
+    from transformers import GPTJConfig
+
+    return GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512)
+
+
+def _bert_decoder():
+    from transformers import BertConfig
+
+    return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      is_decoder=True, max_position_embeddings=512)
+
+
+@pytest.mark.parametrize("config", [_gptj, _bert_decoder], ids=["gptj", "bert-decoder"])
+def test_an_edits_effect_is_the_same_on_eager_and_chunked_where_the_bridge_differed(tmp_path, config):
+    """Issue #18: on the TransformerLens bridge an edit's effect differed from chunked's by 0.22 (GPT-J)
+    and 0.008 (BERT as a decoder) from layer 1 on."""
+    probe = load(save_tiny(tmp_path, config()), device="cpu")
+    tokens = probe.tokenize(TEXTS)
+    real = tokens.attention_mask.bool()
+    plain, _ = probe.run(tokens, stats=["received"], backend="eager")
+    ref_logits, _ = transformers_eager(probe.folder, tokens)
+    torch.testing.assert_close(plain[real], ref_logits[real], atol=1e-5, rtol=1e-5)
+    with probe.intervene(AttentionEdit(FirstToken(), MassTransfer(0.2))):
+        (le, eager), (lc, chunked) = (probe.run(tokens, stats=STATS, backend=b) for b in ("eager", "chunked"))
+    assert_agree(eager, chunked, [n for n in chunked.stats if n != "top_key"])
+    torch.testing.assert_close(le[real] - plain[real], lc[real] - plain[real], atol=1e-5, rtol=0)
+    assert (le[real] - plain[real]).abs().max() > 5e-3, "the edit changes the output"
