@@ -56,6 +56,7 @@ def attach(model, tokenizer=None, name: str | None = None) -> Iterator[Probe]:
     fast_path.register()
     implementations = _attn_implementations(model)
     training = [(m, m.training) for m in model.modules()]
+    probe = None
     try:
         try:
             model.set_attn_implementation(fast_path.ATTN_IMPLEMENTATION)
@@ -65,8 +66,11 @@ def attach(model, tokenizer=None, name: str | None = None) -> Iterator[Probe]:
         _check_switched(model)
         model.eval()
         meta = {"name": name, "trained": True, "source": {"kind": "attached", "class": type(model).__name__}}
-        yield Probe(name, None, meta, model, tokenizer, _input_device(model), model.dtype)
+        probe = Probe(name, None, meta, model, tokenizer, _input_device(model), model.dtype)
+        yield probe
     finally:
+        if probe is not None:
+            probe.restore_model()  # e.g. Falcon's use_alibi (attnlab.probe.adapters)
         fast_path.ProbeState.detach(model)
         for config, value in implementations:
             config._attn_implementation_internal = value

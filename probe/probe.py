@@ -230,7 +230,9 @@ class Probe:
         self._bridge = None
         # Refuse what the fast path cannot compute exactly, before any number is produced.
         self.capabilities = capabilities.check(model)
-        adapters.enter(model)  # the probe owns its model: it stays adapted
+        # The model's own code adapted for attnlab's attention (Falcon's ALiBi); `restore_model` undoes it
+        # (attach calls it when its block ends; a loaded probe owns its model and keeps it adapted).
+        self._restore_adapters = adapters.enter(model)
         # Edits, ablations and capture sessions of this probe only: its attention modules carry it.
         self.state = fast_path.ProbeState()
         self.state.attach(model)
@@ -398,6 +400,10 @@ class Probe:
         prepend_bos = validate.flag(prepend_bos, "prepend_bos")
         progress = validate.flag(progress, "progress")
         return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
+
+    def restore_model(self) -> None:
+        """Undo the per-architecture adapters' changes to the model (`attnlab.probe.adapters`)."""
+        self._restore_adapters()
 
     def sliding_window(self, layer: int) -> int | None:
         """The sliding-window width (in tokens) of `layer`'s attention, None for full attention."""

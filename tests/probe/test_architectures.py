@@ -266,6 +266,39 @@ def test_encoder_refuses_causal_lm_methods():
     assert cap["received"].shape[:2] == (2, 2)
 
 
+@pytest.mark.parametrize("name", ["falcon (alibi)", "gpt_oss (learned sinks)", "bert (encoder)"])
+def test_attach_matches_load_and_restores(name):
+    """attach over the user's own SDPA (GPT-OSS: eager) model of an architecture with an adapter, sinks or
+    bidirectional attention: load's numbers, and the model left as it was (Falcon's use_alibi too)."""
+    from attnlab.probe import AttentionEdit, FirstToken, LogitBias, attach, load
+    from attnlab.probe.probe import _model_class
+
+    folder = build(name, ARCHITECTURES[name], _root())
+    loaded = load(str(folder), device="cpu")
+    tokens = loaded.tokenize(TEXTS)
+    user_attention = "eager" if name.startswith("gpt_oss") else "sdpa"  # GPT-OSS has no SDPA path in transformers
+    model = _model_class(folder).from_pretrained(folder, attn_implementation=user_attention).eval()
+    flags = {n: dict(m.__dict__.get("use_alibi", None) and {"use_alibi": m.use_alibi} or {})
+             for n, m in model.named_modules()}
+    with torch.no_grad():
+        before = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask.long(),
+                       position_ids=tokens.position_ids()).logits
+    edit = AttentionEdit(FirstToken(), LogitBias(BIAS))
+    with attach(model, loaded.tokenizer) as probe:
+        for backend in ("chunked", "eager"):
+            want, got = loaded.run(tokens, stats=STATS, backend=backend), probe.run(tokens, stats=STATS, backend=backend)
+            assert torch.equal(got.logits, want.logits), backend
+            assert _stat_diff(got.capture, want.capture, tokens.attention_mask) == 0.0, backend
+        with loaded.intervene(edit), probe.intervene(edit):
+            assert torch.equal(probe.run(tokens).logits, loaded.run(tokens).logits)
+    with torch.no_grad():
+        after = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask.long(),
+                      position_ids=tokens.position_ids()).logits
+    assert torch.equal(after, before)
+    assert flags == {n: dict(m.__dict__.get("use_alibi", None) and {"use_alibi": m.use_alibi} or {})
+                     for n, m in model.named_modules()}
+
+
 def table_rows(results: list[dict]) -> list[str]:
     """Markdown rows: architecture | supported | features | max |logit diff| | max stat diff | edit diff."""
     rows = []
