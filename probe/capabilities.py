@@ -173,7 +173,8 @@ def inspect(model: torch.nn.Module) -> Capabilities:
             scaling=float(module.scaling) if isinstance(getattr(module, "scaling", None), (int, float)) else None,
         ))
     layers.sort(key=lambda l: l.layer)
-    return Capabilities(model_type=str(model_type), architecture=type(model).__name__, kind=model_kind(model, all(l.causal for l in layers)),
+    return Capabilities(model_type=str(model_type), architecture=type(model).__name__,
+                        kind=model_kind(model, all(l.causal for l in layers)),
                         attention_interface=bool(layers), layers=tuple(layers))
 
 

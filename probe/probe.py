@@ -75,8 +75,8 @@ class RunOutput(NamedTuple):
     """What `Probe.run` gives: `logits, capture = probe.run(...)`.
 
     logits: [B, N, V] from the model (on its device; the last `logits_to_keep` positions when that
-    is > 0; an encoder without a head gives its last hidden state [B, N, d_model]), None with return_logits=False. capture: the statistics of the same forward, None
-    without stats."""
+    is > 0; an encoder without a head gives its last hidden state [B, N, d_model]), None with
+    return_logits=False. capture: the statistics of the same forward, None without stats."""
 
     logits: torch.Tensor | None
     capture: Capture | None
@@ -147,7 +147,10 @@ def _model_class(folder: Path):
     decoders; for an encoder (config.is_decoder False on an encoder family such as BERT),
     AutoModelForMaskedLM when the config names a masked-LM head, else AutoModel (hidden states)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)

@@ -59,7 +59,7 @@ def _config(cls_name: str, **args):
     return make
 
 
-# name -> (config factory, supported, transformers Auto class name)
+# name -> config factory: every architecture the fast path supports (UNSUPPORTED below: the refusals)
 ARCHITECTURES = {
     "llama": _llama_like("LlamaConfig", head_dim=16),
     "qwen2 (sliding window 5)": _llama_like("Qwen2Config", use_sliding_window=True, sliding_window=5,
@@ -70,8 +70,9 @@ ARCHITECTURES = {
                                       query_pre_attn_scalar=16),
     "gemma3": _llama_like("Gemma3TextConfig", head_dim=16, sliding_window=6,
                           layer_types=["sliding_attention", "full_attention"]),
-    "gemma3 (softcap 5 in config, unused)": _llama_like("Gemma3TextConfig", head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
-                                      layer_types=["sliding_attention", "full_attention"]),
+    "gemma3 (softcap 5 in config, unused)": _llama_like("Gemma3TextConfig", head_dim=16, sliding_window=6,
+                                                        attn_logit_softcapping=5.0,
+                                                        layer_types=["sliding_attention", "full_attention"]),
     "phi3": _llama_like("Phi3Config"),
     "gpt2": _config("GPT2Config", n_embd=64, n_layer=2, n_head=4, n_positions=512),
     "gpt_neox": _config("GPTNeoXConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -286,7 +287,8 @@ def test_attach_matches_load_and_restores(name):
     edit = AttentionEdit(FirstToken(), LogitBias(BIAS))
     with attach(model, loaded.tokenizer) as probe:
         for backend in ("chunked", "eager"):
-            want, got = loaded.run(tokens, stats=STATS, backend=backend), probe.run(tokens, stats=STATS, backend=backend)
+            want = loaded.run(tokens, stats=STATS, backend=backend)
+            got = probe.run(tokens, stats=STATS, backend=backend)
             assert torch.equal(got.logits, want.logits), backend
             assert _stat_diff(got.capture, want.capture, tokens.attention_mask) == 0.0, backend
         with loaded.intervene(edit), probe.intervene(edit):
