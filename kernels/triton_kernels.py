@@ -323,7 +323,7 @@ def _col_loop(recv, cell, seg_acc, k, cols, kmask, kb, b, h0, NG, first, Q, Desc
               POOL: tl.constexpr, SP: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, LO: tl.constexpr,
               TMA: tl.constexpr, CAUSAL: tl.constexpr, KEY_BIAS: tl.constexpr):
     """Query blocks [lo, hi) against one key block, transposed: scores are [keys, packed rows]. kbias:
-    [BLOCK_N, packed rows] key bias in log2 units (KEY_BIAS)."""
+    [BLOCK_N, GP] key bias of the packed heads in log2 units (KEY_BIAS)."""
     offs_d = tl.arange(0, HEAD_DIM)
     r = tl.arange(0, GP * BLOCK_M)
     g = r // BLOCK_M
@@ -343,8 +343,8 @@ def _col_loop(recv, cell, seg_acc, k, cols, kmask, kb, b, h0, NG, first, Q, Desc
             s = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * (softcap * 1.4426950408889634)
         else:
             s = s * (qk_scale * 1.4426950408889634)
-        if KEY_BIAS:
-            s = s + kbias
+        if KEY_BIAS:  # [BLOCK_N, GP] -> [BLOCK_N, GP * BLOCK_M]: packed row r is head r // BLOCK_M
+            s = s + tl.reshape(tl.broadcast_to(kbias[:, :, None], (BLOCK_N, GP, BLOCK_M)), (BLOCK_N, GP * BLOCK_M))
         if HAS_EDIT:
             bs = tl.load(BiasS + row, mask=ok, other=0.0)
             bt = tl.load(BiasT + row, mask=ok, other=0.0)
@@ -417,10 +417,10 @@ def _col_kernel(Q, DescQ, K, Lse2, First, Src, Tgt, BiasS, BiasT, SegHot, Recv, 
     r = tl.arange(0, GP * BLOCK_M)
     hv = tl.arange(0, HP)
     hot = ((r // BLOCK_M)[:, None] == hv[None, :]).to(SPLIT)
-    if KEY_BIAS:  # [BLOCK_N, packed rows]: each packed row's head's bias on these keys, log2 units
-        hrow = h0 + r // BLOCK_M
-        kbias = tl.load(KeyBias + b * skbb + hrow[None, :] * Nk + cols[:, None],
-                        mask=kmask[:, None] & (hrow < Hq)[None, :], other=0.0) * 1.4426950408889634
+    if KEY_BIAS:  # [BLOCK_N, GP]: each packed head's bias on these keys, log2 units (widened per tile)
+        gv = tl.arange(0, GP)
+        kbias = tl.load(KeyBias + b * skbb + (h0 + gv[None, :]) * Nk + cols[:, None],
+                        mask=kmask[:, None] & (gv < NG)[None, :], other=0.0) * 1.4426950408889634
     else:
         kbias = 0.0
     # query blocks: [qlo, a) masked, [a, f) all visible, [f, qhi) masked

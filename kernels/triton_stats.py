@@ -1,4 +1,4 @@
-"""Triton kernels for causal GQA attention with statistics (METHODS.md section 7).
+"""Triton kernels for GQA attention with statistics (METHODS.md section 7).
 
 Flash attention (Dao et al. 2022, "FlashAttention"; the online softmax of Milakov and Gimelshein
 2018) extended to reduce A = softmax(scale * q k^T + mask) into the statistics of a `StatRequest`
@@ -25,6 +25,15 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   per-query statistics are set to the zero row's after pass 1 (`_zero_dead_rows`), as on the twin.
 - edits (`edits.py`) enter as a per-row logit bias on two key classes (source, target); the
   mass transfer first runs pass 1 without its output to measure the row masses on the classes.
+- attention features (request.py), each a constexpr flag of both kernels, so a call without them
+  runs the code it ran before they existed: `causal=False` (bidirectional: pass 1 loops over every
+  key block, pass 2 over every query block; the unmasked tiles are those every row sees in full;
+  `distance` accumulates p |pos - j|), `key_bias` [B|1, Hq, Nk] (pass 1 loads a BLOCK_N slice per
+  tile, pass 2 its [BLOCK_N, rows] tile once per key block; added in log2 units after the softcap),
+  and learned `sinks` [Hq] (after pass 1's loop the normaliser gets 2^(sink - m), rescaled to
+  max(m, sink); the log-sum-exp then carries the sink, so pass 2 and `rows` need nothing more;
+  entropy, top_prob and causal distance use the keys' share l_keys / l; `learned_sink` is
+  2^(sink - m) / l). With sinks no row is dead: removed keys leave their mass to the sink.
 
 Measured on one H100 (bench/kernel_stats.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
 multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.29x / 1.16x, forward

@@ -73,7 +73,9 @@ def fp64(q, k, v, scale, mask, window, softcap, causal, key_bias, sinks, edit):
     if edit is not None:
         rows = edit.heads[None, :, None, None].expand(Bq, Hq, Nq, 1)
         src = edit.source[:, None, None, :]
-    if edit is not None and edit.kind == "logit_bias":  # ln c on the source keys' logits
+    if edit is not None and edit.removes:  # c = 0: the source keys are gone (a row without keys is zero)
+        s = s.masked_fill(rows & src, float("-inf"))
+    elif edit is not None and edit.kind == "logit_bias":  # ln c on the source keys' logits
         s = s + torch.where(rows & src, edit.log_scale, 0.0)
     s = s.masked_fill(~vis, float("-inf"))
     if sinks is not None:
@@ -101,8 +103,9 @@ def stats64(A, sink, vis, dist, mask, req):
     out = {}
     seen = vis.sum(2).double()
     out["received"] = torch.where(seen > 0, A.sum(2) / seen.clamp_min(1), nan)
-    sm = torch.stack([A[b, :, :, first[b] : first[b] + req.sink_k].sum(-1) for b in range(Bq)])
-    out["sink_mass"] = torch.where(real, sm, nan)
+    if req.sink_k is not None:
+        sm = torch.stack([A[b, :, :, first[b] : first[b] + req.sink_k].sum(-1) for b in range(Bq)])
+        out["sink_mass"] = torch.where(real, sm, nan)
     ent = -(A * torch.where(A > 0, A.log(), 0.0)).sum(-1)
     out["entropy"] = torch.where(real, ent, nan)
     n_vis = vis.sum(-1).double()
@@ -117,7 +120,7 @@ def stats64(A, sink, vis, dist, mask, req):
             for jb in range(math.ceil(Ab.shape[2] / pb)):
                 pooled[b, :, i, jb] = Ab[:, i * pb : (i + 1) * pb, jb * pb : (jb + 1) * pb].mean((-1, -2))
     out["pooled"] = pooled
-    ids = torch.where(mask, req.segment_ids, -1)
+    ids = torch.where(mask, req.segment_ids if req.segment_ids is not None else torch.full_like(mask, -1, dtype=torch.long), -1)
     seg = torch.full((Bq, H, req.n_segments, req.n_segments), nan, dtype=torch.float64)
     for b in range(Bq):
         for s in range(req.n_segments):
@@ -129,7 +132,7 @@ def stats64(A, sink, vis, dist, mask, req):
     out["segments"] = seg
     d = dist.double()
     out["distance"] = torch.where(real, (A * d).sum(-1), nan)
-    out["local_mass"] = torch.where(real, (A * (d < req.distance_window)).sum(-1), nan)
+    out["local_mass"] = torch.where(real, (A * (d < (req.distance_window or 0))).sum(-1), nan)
     out["learned_sink"] = torch.where(real, sink, nan)
     idx = reference.resolve_rows(req.row_positions, mask, Bq, Nq, Nk, torch.device("cpu"))
     rows = torch.full((Bq, H, len(req.row_positions), Nk), nan, dtype=torch.float64)
@@ -158,8 +161,10 @@ def attention_stats(backend):
 
 
 def check(backend, *, causal=True, bias=False, sink=False, window=None, softcap=None, edit=None, seed=0,
-          chunk_size=None, req=None, pad=True, batch_bias=False):
+          chunk_size=None, req=None, pad=True, batch_bias=False, nq=None):
     q, k, v, mask, alibi, sinks = inputs(seed)
+    if nq is not None:  # fewer queries than keys: the last nq positions (a continuation)
+        q = q[:, :, -nq:]
     if not pad:  # no key mask: pass 2 runs once for the batch (not per text)
         mask = torch.ones_like(mask)
     req = request(seed) if req is None else req
@@ -204,6 +209,7 @@ BACKENDS = ["twin", "triton"]
 FEATURES = {  # name -> keyword arguments of `check`
     "bidirectional": dict(causal=False),
     "bidirectional_window": dict(causal=False, window=7),
+    "bidirectional_window_3": dict(causal=False, window=3),
     "bidirectional_bias_sinks_softcap": dict(causal=False, bias=True, sink=True, softcap=6.0),
     "key_bias": dict(bias=True),
     "key_bias_window": dict(bias=True, window=9),
@@ -214,6 +220,8 @@ FEATURES = {  # name -> keyword arguments of `check`
     "unpadded_bidirectional_window": dict(causal=False, window=9, pad=False),
     "unpadded_sinks_window_batch_bias": dict(sink=True, window=7, bias=True, batch_bias=True, pad=False),
     "batch_bias_bidirectional": dict(bias=True, batch_bias=True, causal=False),
+    "continuation_bidirectional_bias_sinks": dict(causal=False, bias=True, sink=True, nq=11),
+    "continuation_sinks_window": dict(sink=True, window=7, nq=11),
 }
 
 
@@ -232,10 +240,15 @@ def _edits():
     src = torch.zeros(B, N, dtype=torch.bool)
     src[:, 5:8] = True
     src[0, 0] = True
+    first10 = torch.zeros(B, N, dtype=torch.bool)
+    first10[:, :10] = True
     return {
         "logit_bias": KernelEdit.logit_bias(heads, src, 3.0),
         "mass_transfer": KernelEdit.mass_transfer(heads, src, 0.25),
         "removes": KernelEdit(heads=heads, source=src, kind="logit_bias", log_scale=-300.0),  # c = 0 in fp32
+        # keys 0..9 removed: with a window, the first queries have no key left (zero rows; with sinks,
+        # all their mass on the sink)
+        "removes_first10": KernelEdit(heads=heads, source=first10, kind="logit_bias", log_scale=-300.0),
     }
 
 
@@ -244,6 +257,8 @@ EDITED = [  # (features, edit)
     ("key_bias", "logit_bias"), ("key_bias", "mass_transfer"),
     ("bidirectional", "logit_bias"), ("bidirectional", "mass_transfer"),
     ("bidirectional_bias_sinks_softcap", "mass_transfer"),
+    ("bidirectional_window_3", "removes_first10"), ("key_bias_window", "removes_first10"),
+    ("sinks_window", "removes_first10"),
 ]
 
 
@@ -251,6 +266,10 @@ EDITED = [  # (features, edit)
 @pytest.mark.parametrize("feature,edit", EDITED)
 def test_features_with_edits_match_fp64(backend, feature, edit):
     st, ref = check(backend, edit=_edits()[edit], **FEATURES[feature])
+    if edit == "removes_first10":  # some rows have no key left
+        dead = (ref["entropy"] == 0) & (ref["top_prob"] == 0)
+        assert dead[0, 0].sum() >= 3
+        assert (st["learned_sink"][dead] == (1.0 if "sinks" in feature else 0.0)).all()
     if feature == "sinks" and edit == "removes":
         # key 0 is the only visible key of row 0's first query: removed, its mass goes to the sink
         assert st["learned_sink"][0, 0, 0] == pytest.approx(1.0) and st["top_key"][0, 0, 0] == -1
@@ -283,3 +302,13 @@ def test_bad_feature_shapes_are_refused():
         reference.attention_stats(q, k, v, key_bias=alibi[:, :, :-1])
     with pytest.raises(ValueError, match="sinks"):
         reference.attention_stats(q, k, v, sinks=sinks[:2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("feature", ["key_bias", "unpadded_sinks_window_batch_bias", "bidirectional_bias_sinks_softcap",
+                                     "unpadded_bidirectional_window"])
+def test_packed_heads_without_segments(backend, feature):
+    """Without segments pass 2 packs the G query heads of a KV head into one program's rows (each
+    row's key bias is its own head's): the per-key statistics on that path."""
+    req = StatRequest(received=True, pooled_block=16, row_positions=(0, -1), entropy=True, learned_sink=True)
+    check(backend, req=req, **FEATURES[feature])
