@@ -32,6 +32,8 @@ from attnlab.probe import fast_path
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.probe import Probe
 
+_ABSENT = object()  # a config without its own attention implementation attribute
+
 
 @contextmanager
 def attach(model, tokenizer=None, name: str | None = None) -> Iterator[Probe]:
@@ -73,7 +75,10 @@ def attach(model, tokenizer=None, name: str | None = None) -> Iterator[Probe]:
             probe.restore_model()  # e.g. Falcon's use_alibi (attnlab.probe.adapters)
         fast_path.ProbeState.detach(model)
         for config, value in implementations:
-            config._attn_implementation_internal = value
+            if value is _ABSENT:
+                config.__dict__.pop("_attn_implementation_internal", None)
+            else:
+                config._attn_implementation_internal = value
         for module, flag in training:
             module.training = flag
 
@@ -95,7 +100,7 @@ def _configs(model) -> list:
 
 def _attn_implementations(model) -> list[tuple[object, object]]:
     """(config, its stored attention implementation) for every config of the model, to put back."""
-    return [(c, c.__dict__.get("_attn_implementation_internal")) for c in _configs(model)]
+    return [(c, c.__dict__.get("_attn_implementation_internal", _ABSENT)) for c in _configs(model)]
 
 
 def _check_switched(model) -> None:

@@ -92,7 +92,7 @@ def eager_attention(
         if not torch.equal(edited, pattern):
             pattern = edited
             G = Hq // Hkv
-            out = torch.matmul(pattern.view(B, Hkv, G * Nq, Nk), value.float()).view(B, Hq, Nq, -1)
+            out = torch.matmul(pattern.reshape(B, Hkv, G * Nq, Nk), value.float()).view(B, Hq, Nq, -1)
             out = out.to(query.dtype)
         else:
             out = out.transpose(1, 2)
