@@ -252,19 +252,33 @@ def test_unsupported_refused_cleanly(name):
 
 
 def test_encoder_refuses_causal_lm_methods():
-    """generate and next-token forwards need a causal LM: one clean error naming the model and why."""
+    """Generation, next-token forwards, task scoring, NIAH retrieval and the loss-based analyses need
+    a causal LM: one clean error (`Probe.require_causal_lm`) naming the model and why."""
+    from attnlab.analyses import active_dormant, retrieval
+    from attnlab.interventions.evaluate import evaluate
     from attnlab.probe import AttnlabError, load
+    from attnlab.probe.tasks import classification
 
-    probe = load(str(_root() / "bert-encoder"), device="cpu") if (_root() / "bert-encoder").exists() else None
-    if probe is None:
-        measured("bert (encoder)")
-        probe = load(str(_root() / "bert-encoder"), device="cpu")
-    with pytest.raises(AttnlabError, match="generate needs a causal language model.*masked-lm"):
+    measured("bert (encoder)")  # builds the folder
+    probe = load(str(_root() / "bert-encoder"), device="cpu")
+    why = "needs a causal language model, but bert-encoder is a masked-lm"
+    with pytest.raises(AttnlabError, match="generate " + why):
         probe.generate("hello", max_new_tokens=2)
-    with pytest.raises(AttnlabError, match="needs a causal language model"):
+    with pytest.raises(AttnlabError, match=why):
         probe.forward(probe.tokenize("hello"))
-    cap = probe.capture(TEXTS, stats=["received"])  # capture works: bidirectional statistics
-    assert cap["received"].shape[:2] == (2, 2)
+    task = classification.load_task(next(iter(classification.TASKS)))
+    for run in (lambda: evaluate(probe, task, n=2, n_boot=10),  # interventions evaluated on a task
+                lambda: retrieval.retrieval_heads(probe, lengths=[256], depths=[0.5]),  # NIAH
+                lambda: active_dormant.head_domains(probe)):  # next-token losses
+        with pytest.raises(AttnlabError, match=why):
+            run()
+    # Capture works, bidirectionally: each text's first token attends to every real key of its text
+    # (a causal mask would leave it only itself), and to no pad.
+    cap = probe.capture(TEXTS, stats=["rows(0)"], backend="chunked")
+    first_rows = cap["rows"][:, :, :, 0, :]  # [B, L, H, N]
+    real = cap.tokens.attention_mask.bool()[:, None, None, :].expand_as(first_rows)
+    assert bool((first_rows[real] > 0).all()) and bool((first_rows[~real].nan_to_num(0) == 0).all())
+    torch.testing.assert_close(first_rows.nan_to_num(0).sum(-1), torch.ones(first_rows.shape[:3]))
 
 
 @pytest.mark.parametrize("name", ["falcon (alibi)", "gpt_oss (learned sinks)", "bert (encoder)"])
