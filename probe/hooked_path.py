@@ -37,8 +37,33 @@ def boot_bridge(folder: Path, dtype: torch.dtype, device: str):
     model.to(device).eval()
     # The bridge reloads the tokenizer by name where an in-memory one fails: give it the folder's.
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        expected = model(ids).logits.float()  # before the bridge patches the model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(str(folder), hf_model=model, tokenizer=tokenizer, device=device)
     bridge.eval()
+    _check_bridge(bridge, ids, expected, dtype, model.config.model_type)
     return bridge
+
+
+# The bridge must give transformers' own logits on this text, or it is refused (issue #18: on a Gemma 3
+# config with attn_logit_softcapping it applies a softcap transformers does not, 8e-4 off on a tiny model).
+CHECK_TEXT = "The hooked path is checked against transformers' own eager attention."
+
+
+def _check_bridge(bridge, ids: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, model_type: str) -> None:
+    """AttnlabError unless the bridge's logits on `ids` match `expected` (transformers' eager logits)
+    to 1e-4 (fp32/fp64) or 2e-2 (half precision), relative to the largest logit (at least 1)."""
+    from attnlab.probe.errors import AttnlabError
+
+    with torch.no_grad():
+        got = bridge(ids, return_type="logits").float()
+    tolerance = (1e-4 if dtype in (torch.float32, torch.float64) else 2e-2) * max(1.0, float(expected.abs().max()))
+    diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+    if not diff <= tolerance:
+        raise AttnlabError(f"the hooked path (TransformerLens bridge) does not reproduce transformers' {model_type} "
+                           f"model (logits off by {diff:.2g}, tolerance {tolerance:.2g}), so its hooks would give "
+                           "wrong numbers; use the fast path's statistics (probe.capture, backend 'chunked' or "
+                           "'eager') for this model instead of the analyses that read TransformerLens hooks")

@@ -318,12 +318,16 @@ class Probe:
     # ----- paths -----
     @property
     def bridge(self):
-        """The hooked path (TransformerLens TransformerBridge on its own model instance)."""
+        """The hooked path (TransformerLens TransformerBridge on its own model instance). Refused for
+        encoders, and for a model whose bridge does not give transformers' own logits
+        (`hooked_path.boot_bridge` checks)."""
         if self._bridge is None:
             if self.folder is None:
                 raise AttnlabError(f"{self.name} has no model folder (built in memory with cache=False, or attached "
                                    "with attnlab.probe.attach): the hooked path needs one; load it with "
                                    "attnlab.probe.load(name or folder)")
+            self.require_causal_lm("the hooked path (TransformerLens bridge, read by the sinks and thought-anchor "
+                                   "analyses)")
             self._check_unchanged("since the model loaded: load it again before using the hooked path")
             bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
             self._check_unchanged("while the hooked path loaded: load it again")

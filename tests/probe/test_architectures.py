@@ -315,6 +315,18 @@ def test_attach_matches_load_and_restores(name):
                      for n, m in model.named_modules()}
 
 
+def test_hooked_path_checked_against_transformers():
+    """The TransformerLens bridge serves a model only where it gives transformers' own logits: on a
+    Gemma 3 config with an (unused) attention softcap it applies the softcap and is refused."""
+    from attnlab.probe import AttnlabError, load
+
+    measured("llama"), measured("gemma3 (softcap 5 in config, unused)")  # build the folders
+    assert load(str(_root() / "llama"), device="cpu").bridge is not None
+    gemma = load(str(_root() / "gemma3-softcap-5-in-config-unused"), device="cpu")
+    with pytest.raises(AttnlabError, match="does not reproduce transformers' gemma3_text model"):
+        gemma.bridge
+
+
 def table_rows(results: list[dict]) -> list[str]:
     """Markdown rows: architecture | supported | features | max |logit diff| | max stat diff | edit diff."""
     rows = []
