@@ -128,6 +128,8 @@ def _unsupported(q, k, v, request, key_mask, edits, causal=True, key_bias=None, 
         return "pooled block not a multiple of 16"
     if request.segment_ids is not None and request.n_segments > MAX_SEGMENTS:
         return f"more than {MAX_SEGMENTS} segments"
+    if key_bias is not None and not bool(torch.isfinite(key_bias).all()):  # one host sync, only with a key bias
+        return "a key bias with infinite entries (the kernels' masked-score arithmetic needs finite biases)"
     if len(edits) > 1:
         return "more than one edit"
     if any(e.span_gate is not None for e in edits):

@@ -312,3 +312,16 @@ def test_packed_heads_without_segments(backend, feature):
     row's key bias is its own head's): the per-key statistics on that path."""
     req = StatRequest(received=True, pooled_block=16, row_positions=(0, -1), entropy=True, learned_sink=True)
     check(backend, req=req, **FEATURES[feature])
+
+
+def test_infinite_key_bias_goes_to_the_twin():
+    """-inf in a key bias (a mask written as a bias) is exact on the twin; the kernels hand it over."""
+    pytest.importorskip("triton")
+    from attnlab.kernels import triton_stats
+
+    q, k, v, mask, alibi, sinks = inputs(0)
+    bias = alibi.clone()
+    bias[..., 3] = float("-inf")
+    assert "infinite" in triton_stats._unsupported(q, k, v, request(0), mask, (), True, bias, None)
+    out, st = triton_stats.attention_stats(q, k, v, request=StatRequest(entropy=True), key_bias=bias)
+    assert not st["entropy"].isnan().any() and not out.isnan().any()
