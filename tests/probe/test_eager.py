@@ -83,7 +83,7 @@ def gemma3_softcap(tmp_path_factory):
 
 
 # ----- one call of eager_attention against an fp64 softmax written out -----
-def reference(q, k, v, key_mask, scale, window, bias=None, sinks=None):
+def reference(q, k, v, key_mask, scale, window, bias=None, sinks=None, causal=True):
     """fp64 attention: (pattern [B, Hq, Nq, Nk] over the real keys, output), pad rows zero; `bias`
     [B, Hq, Nk] added to the logits; `sinks` [Hq] extra logits in the denominator (no value)."""
     B, Hq, N, _ = q.shape
@@ -93,7 +93,8 @@ def reference(q, k, v, key_mask, scale, window, bias=None, sinks=None):
     if bias is not None:
         s = s + bias.double()[:, :, None, :]
     i, j = torch.arange(N)[:, None], torch.arange(N)[None]
-    vis = (j <= i) & (i - j < window) & key_mask[:, None, None, :] & key_mask[:, None, :, None]
+    near = ((j <= i) & (i - j < window)) if causal else (i - j).abs() < window
+    vis = near & key_mask[:, None, None, :] & key_mask[:, None, :, None]
     s = s.masked_fill(~vis, -math.inf)
     if sinks is not None:
         s = torch.cat([s, sinks.double()[None, :, None, None].expand(B, Hq, N, 1)], dim=-1)
@@ -200,6 +201,30 @@ def test_learned_sinks_come_from_the_modelling_file_and_edits_renormalise_over_t
     else:
         _, stats = eager_attention(module, q, k, v, key_mask, scale, None, None, (bias,), request, sinks=sinks)
         torch.testing.assert_close(stats["pattern"].double(), p4, atol=1e-6, rtol=0)
+
+
+def test_a_key_bias_and_bidirectional_attention_go_into_the_mask():
+    """ALiBi's per-key bias is added to the logits of visible keys; causal=False lets every query see
+    every real key (and a window is |i - j| < window, as the kernels define it)."""
+    q, k, v, key_mask = random_call(seed=3)
+    module, scale = llama_attention(), 0.35
+    g = torch.Generator().manual_seed(4)
+    bias = -torch.rand(2, 4, 12, generator=g) * torch.arange(12.0)  # ALiBi-like: a slope times distance
+    out, _ = eager_attention(module, q, k, v, key_mask, scale, None, None, (), None, key_bias=bias)
+    torch.testing.assert_close(out.double(), reference(q, k, v, key_mask, scale, 10**6, bias=bias)[1], atol=1e-5,
+                               rtol=1e-5)
+    for window in (None, 3):
+        out, _ = eager_attention(module, q, k, v, key_mask, scale, window, None, (), None, causal=False)
+        p, o = reference(q, k, v, key_mask, scale, window or 10**6, causal=False)
+        torch.testing.assert_close(out.double(), o, atol=1e-5, rtol=1e-5)
+        assert out.isfinite().all() and (out[1, :, :5] == 0).all()
+        request = StatRequest(pattern=True)
+        if "causal" not in inspect.signature(stats_from_pattern).parameters:
+            with pytest.raises(AttnlabError, match="^backend: llama attends bidirectionally"):
+                eager_attention(module, q, k, v, key_mask, scale, window, None, (), request, causal=False)
+        else:
+            _, stats = eager_attention(module, q, k, v, key_mask, scale, window, None, (), request, causal=False)
+            torch.testing.assert_close(stats["pattern"].double(), p, atol=1e-6, rtol=0)
 
 
 class _NoEagerForward(torch.nn.Module):
