@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,7 +64,7 @@ class ModelInfo:
     weights_sha256: str
     folder: str
     kind: str = "causal-lm"
-    capabilities: dict | None = None
+    capabilities: dict | None = field(default=None, compare=False)  # a dict: kept out of __eq__/__hash__
 
     def kv_head(self, head: int) -> int:
         """The KV head that query head `head` reads under GQA (consecutive groups of n_heads / n_kv_heads)."""
