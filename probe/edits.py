@@ -25,7 +25,8 @@ non-pad token of each row), `Positions([...])` (indices counted from each row's 
 token, the same for every row), `RowPositions([[...], ...])` (a list per batch row; ACT's per-input
 sinks); `Positions.span(tokens, row, start_char, end_char)` turns a character span of the text
 into positions. On the fast path the edits run inside the attention kernels (the torch
-twin, or Triton on CUDA); on the hooked path `bridge_hooks` applies the same torch twin to
+twin, or Triton on CUDA); on the eager backend `attnlab.probe.eager_path` applies the same torch
+twin to transformers' eager pattern; on the hooked path `bridge_hooks` applies it to
 `hook_pattern`.
 """
 

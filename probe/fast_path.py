@@ -15,7 +15,9 @@ each other's either. A module without a state (a model attnlab did not wrap) get
 
 With no capture session active, the function is plain attention (PyTorch SDPA). Inside a session
 (`ProbeState.capturing(session)`), each selected layer's attention runs through a statistics kernel
-and its outputs are recorded.
+and its outputs are recorded; inside an eager session (backend "eager") every layer runs
+transformers' own eager attention instead (`attnlab.probe.eager_path`) and the selected layers'
+statistics come from its pattern.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.kernels import StatRequest, visibility
+from attnlab.probe import adapters
+from attnlab.probe.errors import AttnlabError
 
 ATTN_IMPLEMENTATION = "attnlab"
 STATE_ATTRIBUTE = "_attnlab_state"  # the attribute of an attention module that holds its probe's state
@@ -135,6 +139,9 @@ class CaptureSession:
     make_request: Callable[[int, int], StatRequest]  # (n_queries, n_keys) -> request
     kernel: Callable  # attention_stats-compatible
     on_layer: Callable[[int], None] | None = None  # progress callback
+    # "eager": every layer runs transformers' own eager attention (`attnlab.probe.eager_path`) and the
+    # selected layers' statistics come from its pattern; otherwise `kernel` computes them.
+    backend: str = "chunked"
     # Copy each layer's statistics to pinned host memory as soon as the layer is done, without
     # waiting (the copies overlap the next layers and free GPU memory early); the caller synchronises
     # before reading them (`synchronize`). Off: the records stay where the kernel wrote them.
@@ -205,22 +212,45 @@ def attnlab_attention(
     state = state_of(module)
     session = state.session if state is not None else None
     layer = getattr(module, "layer_idx", None)
-    key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise AttnlabError(
+            f"{type(module).__name__} (layer {layer}) received a {attention_mask.dim()}-D attention mask: its model "
+            "builds its own mask or adds a bias to it, which attnlab's attention cannot honour exactly; this "
+            "architecture is not supported (docs/architectures.md)")
+    key_mask = attention_mask
     if key_mask is not None:
         key_mask = key_mask[:, -key.shape[2] :].to(torch.bool)
+    shape = _shape_of(module, key_mask, key, kwargs)
     edits = _edits_for(state.edits if state is not None else (), layer, query, key, key_mask)
-    if (session is None or layer not in session.layers) and not edits:
-        out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap)
+    if session is not None and session.backend == "eager":
+        from attnlab.probe.eager_path import eager_attention
+
+        started = time.perf_counter()
+        captured = layer in session.layers
+        request = session.make_request(query.shape[2], key.shape[2]) if captured else None
+        out, stats = eager_attention(
+            module, query, key, value, key_mask, scaling, sliding_window, softcap, edits, request,
+            causal=shape["causal"], key_bias=shape["key_bias"], sinks=shape["sinks"],
+            dropout=dropout, **kwargs,
+        )
+        if captured:
+            session.record(layer, stats)
+            session.seconds += time.perf_counter() - started
+            if session.on_layer is not None:
+                session.on_layer(layer)
+    elif (session is None or layer not in session.layers) and not edits:
+        out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap, **shape)
     elif session is None or layer not in session.layers:
         # Edits without capture: the kernels apply them (SDPA cannot move mass).
         out, _ = _edit_kernel(query)(query, key, value, scale=scaling, key_mask=key_mask,
-                                     sliding_window=sliding_window, softcap=softcap, edits=edits)
+                                     sliding_window=sliding_window, softcap=softcap, edits=edits,
+                                     **_non_default(shape))
     else:
         started = time.perf_counter()
         request = session.make_request(query.shape[2], key.shape[2])
         out, stats = session.kernel(
             query, key, value, scale=scaling, request=request, key_mask=key_mask,
-            sliding_window=sliding_window, softcap=softcap, edits=edits,
+            sliding_window=sliding_window, softcap=softcap, edits=edits, **_non_default(shape),
         )
         session.record(layer, stats)
         session.seconds += time.perf_counter() - started
@@ -228,8 +258,31 @@ def attnlab_attention(
             session.on_layer(layer)
     ablations = state.ablations if state is not None else None
     if ablations and layer in ablations:
-        out = _ablate_heads(out, value, key_mask, ablations[layer], sliding_window)
+        out = _ablate_heads(out, value, key_mask, ablations[layer], sliding_window, shape["causal"])
     return out.transpose(1, 2).contiguous(), None
+
+
+# ----- what the architecture asks of attention (attnlab.probe.capabilities) -----
+def _shape_of(module, key_mask, key, kwargs) -> dict:
+    """{causal, key_bias, sinks} for this call: causal from the module (encoders set is_causal False;
+    a call may pass is_causal), key_bias [B, Hq, Nk] fp32 from the architecture's adapter (Falcon's
+    ALiBi), sinks [Hq] fp32 from the learned sink logits GPT-OSS passes as s_aux."""
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    sinks = kwargs.get("s_aux")
+    if sinks is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
+        raise AttnlabError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', None)}) has learned "
+                           "attention sinks but did not pass them to the attention function (s_aux); this "
+                           "architecture is not supported (docs/architectures.md)")
+    return {"causal": causal, "key_bias": adapters.key_bias(module, key_mask, key),
+            "sinks": sinks.float() if sinks is not None else None}
+
+
+def _non_default(shape: dict) -> dict:
+    """The kernels' keyword arguments for `shape`, leaving out the defaults (plain causal attention)."""
+    out = {} if shape["causal"] else {"causal": False}
+    out.update({k: shape[k] for k in ("key_bias", "sinks") if shape[k] is not None})
+    return out
 
 
 # ----- attention edits (attnlab.probe.edits) -----
@@ -257,8 +310,9 @@ def _edit_kernel(query):
 
 
 def _ablate_heads(out: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, heads,
-                  sliding_window: int | None = None) -> torch.Tensor:
+                  sliding_window: int | None = None, causal: bool = True) -> torch.Tensor:
     """out [B, Hq, Nq, Dv], value [B, Hkv, Nk, Dv], key_mask [B, Nk] bool or None -> edited copy.
+    causal=False (encoders): a query sees every real key (the "uniform" mode's mean).
 
     heads: ((query head, mode, decode_only), ...); a decode_only ablation skips calls with more
     than one query (the prefill)."""
@@ -281,7 +335,7 @@ def _ablate_heads(out: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
         elif mode == "uniform":
             # The paper's query zeroing: equal logits, so the mean of the visible values.
             if vis is None:
-                vis = visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, value.device)[:, 0].float()
+                vis = _visible(key_mask, B, Nq, Nk, sliding_window, causal, value.device).float()
                 vis = vis / vis.sum(dim=-1, keepdim=True).clamp_min(1)
             out[:, head] = torch.matmul(vis, value[:, head // group].float()).to(out.dtype)
         else:  # "mean": the head's mean output over this call's real queries
@@ -292,23 +346,31 @@ def _ablate_heads(out: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
     return out
 
 
-def _sdpa(q, k, v, key_mask, scaling, sliding_window, softcap):
+def _visible(key_mask, B: int, Nq: int, Nk: int, sliding_window: int | None, causal: bool, device) -> torch.Tensor:
+    """[B, Nq, Nk] bool: may query i see key j (the last Nq of Nk positions are the queries)."""
+    if causal:
+        return visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, device)[:, 0]
+    km = key_mask if key_mask is not None else torch.ones(B, Nk, dtype=torch.bool, device=device)
+    return km[:, None, :] & km[:, Nk - Nq:, None]  # a pad query sees nothing
+
+
+def _sdpa(q, k, v, key_mask, scaling, sliding_window, softcap, *, causal=True, key_bias=None, sinks=None):
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     G = Hq // k.shape[1]
-    if softcap is not None:
-        from attnlab.kernels import attention_stats
-
-        return attention_stats(q, k, v, scale=scaling, key_mask=key_mask, sliding_window=sliding_window,
-                               softcap=softcap)[0]
+    if softcap is not None or key_bias is not None or sinks is not None:
+        # SDPA has no softcap, and a learned sink is not an SDPA input: the kernels compute these exactly.
+        return _edit_kernel(q)(q, k, v, scale=scaling, key_mask=key_mask, sliding_window=sliding_window,
+                               softcap=softcap, **_non_default({"causal": causal, "key_bias": key_bias,
+                                                                "sinks": sinks}))[0]
     needs_mask = key_mask is not None or (sliding_window is not None and Nk > sliding_window) or Nq != Nk
     mask = None
     if needs_mask:
-        mask = visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, q.device)
+        mask = _visible(key_mask, B, Nq, Nk, sliding_window, causal, q.device)[:, None]
         # Pad query rows see nothing; give them their own position so SDPA returns no NaN.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and Nq > 1, scale=scaling, enable_gqa=G > 1
+        q, k, v, attn_mask=mask, is_causal=mask is None and Nq > 1 and causal, scale=scaling, enable_gqa=G > 1
     )
 
 

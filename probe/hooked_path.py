@@ -5,20 +5,18 @@ residual streams, ...), but the bridge forces eager attention and materialises e
 [head, query, key] pattern in fp32, so it is for short inputs. The bridge patches the HF model it
 wraps in place, which is why it gets its own instance, separate from the fast path's.
 
-`eager_stats` computes the capture statistics from the patterns the bridge materialises, one layer
-at a time (the pattern of a layer is reduced in its hook and dropped).
+It serves the analyses that read TransformerLens hooks (`attnlab.analyses.sinks`,
+`attnlab.analyses.thought_anchors`). The eager capture backend is not here: it runs transformers'
+own eager attention on the fast-path model (`attnlab.probe.eager_path`), which the bridge does not
+always reproduce (issue #18: Gemma 3 with an attention softcap, edits on GPT-J and BERT).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from attnlab.kernels import StatRequest, stats_from_pattern
-from attnlab.probe.tokens import Tokens
 
 
 def hook_name(kind: str, layer: int) -> str:
@@ -39,47 +37,33 @@ def boot_bridge(folder: Path, dtype: torch.dtype, device: str):
     model.to(device).eval()
     # The bridge reloads the tokenizer by name where an in-memory one fails: give it the folder's.
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        expected = model(ids).logits.float()  # before the bridge patches the model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(str(folder), hf_model=model, tokenizer=tokenizer, device=device)
     bridge.eval()
+    _check_bridge(bridge, ids, expected, dtype, model.config.model_type)
     return bridge
 
 
-def eager_stats(
-    bridge,
-    tokens: Tokens,
-    layers: list[int],
-    heads: list[int],
-    make_request: Callable[[int, int], StatRequest],
-    sliding_window: Callable[[int], int | None],
-    on_layer: Callable[[int], None] | None = None,
-    edit_hooks: list | None = None,
-) -> dict[int, dict[str, torch.Tensor]]:
-    """edit_hooks: fwd_hooks that edit patterns; they run before the statistics hooks."""
-    device = next(bridge.parameters()).device
-    key_mask = tokens.attention_mask.to(device)
-    n = tokens.length
-    records: dict[int, dict[str, torch.Tensor]] = {}
-    head_idx = torch.tensor(heads, device=device)
+# The bridge must give transformers' own logits on this text, or it is refused (issue #18: on a Gemma 3
+# config with attn_logit_softcapping it applies a softcap transformers does not, 8e-4 off on a tiny model).
+CHECK_TEXT = "The hooked path is checked against transformers' own eager attention."
 
-    def hook_for(layer: int):
-        def hook(pattern, hook):
-            p = pattern.index_select(1, head_idx)
-            records[layer] = stats_from_pattern(p, make_request(n, n), key_mask, sliding_window(layer))
-            if on_layer is not None:
-                on_layer(layer)
 
-        return hook
+def _check_bridge(bridge, ids: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, model_type: str) -> None:
+    """AttnlabError unless the bridge's logits on `ids` match `expected` (transformers' eager logits)
+    to 1e-4 (fp32/fp64) or 2e-2 (half precision), relative to the largest logit (at least 1)."""
+    from attnlab.probe.errors import AttnlabError
 
-    fwd_hooks = list(edit_hooks or []) + [(hook_name("pattern", layer), hook_for(layer)) for layer in layers]
     with torch.no_grad():
-        bridge.run_with_hooks(
-            tokens.input_ids.to(device),
-            attention_mask=tokens.attention_mask.long().to(device),
-            position_ids=tokens.position_ids().to(device),
-            return_type=None,
-            stop_at_layer=max(layers) + 1,
-            fwd_hooks=fwd_hooks,
-        )
-    return records
+        got = bridge(ids, return_type="logits").float()
+    tolerance = (1e-4 if dtype in (torch.float32, torch.float64) else 2e-2) * max(1.0, float(expected.abs().max()))
+    diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+    if not diff <= tolerance:
+        raise AttnlabError(f"the hooked path (TransformerLens bridge) does not reproduce transformers' {model_type} "
+                           f"model (logits off by {diff:.2g}, tolerance {tolerance:.2g}), so its hooks would give "
+                           "wrong numbers; use the fast path's statistics (probe.capture, backend 'chunked' or "
+                           "'eager') for this model instead of the analyses that read TransformerLens hooks")

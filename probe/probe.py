@@ -10,7 +10,8 @@ of a forward live in `probe.state` (`attnlab.probe.fast_path.ProbeState`), bound
 attention modules, so an edit on one probe never reaches another probe's forwards.
 
 Backends (every statistic has one definition and agrees across them):
-- "eager": full patterns from the hooked path (TransformerLens bridge); short inputs only.
+- "eager": full patterns from transformers' own eager attention of the model, on the fast path
+  (`attnlab.probe.eager_path`); short inputs only (the full pattern is limited by PATTERN_LIMIT).
 - "chunked": the fast path streaming query chunks through the torch twin; any device, any length.
 - "triton": the fast path with the CUDA kernels (when present).
 - "auto": triton on CUDA when available, chunked otherwise; the choice is recorded.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from attnlab import kernels
-from attnlab.probe import fast_path, hooked_path, integrity, registry, validate
+from attnlab.probe import adapters, capabilities, fast_path, hooked_path, integrity, registry, validate
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
@@ -62,6 +63,8 @@ class ModelInfo:
     trained: bool
     weights_sha256: str
     folder: str
+    kind: str = "causal-lm"
+    capabilities: dict | None = field(default=None, compare=False)  # a dict: kept out of __eq__/__hash__
 
     def kv_head(self, head: int) -> int:
         """The KV head that query head `head` reads under GQA (consecutive groups of n_heads / n_kv_heads)."""
@@ -72,8 +75,8 @@ class RunOutput(NamedTuple):
     """What `Probe.run` gives: `logits, capture = probe.run(...)`.
 
     logits: [B, N, V] from the model (on its device; the last `logits_to_keep` positions when that
-    is > 0), None with return_logits=False. capture: the statistics of the same forward, None
-    without stats."""
+    is > 0; an encoder without a head gives its last hidden state [B, N, d_model]), None with
+    return_logits=False. capture: the statistics of the same forward, None without stats."""
 
     logits: torch.Tensor | None
     capture: Capture | None
@@ -95,7 +98,7 @@ def load(
     (`attnlab.probe.integrity`: a stat per file, a full hash of a file whose size or mtime changed; a
     damaged cache is rebuilt or named in an AttnlabError), and info.weights_sha256 is the hash of
     the bytes loaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
         raise AttnlabError(f"name_or_path: {name_or_path!r:.60} is not a model name or folder; pass a registry name "
@@ -111,9 +114,11 @@ def load(
         return Probe(name_or_path, None, meta, model, tokenizer, device, dtype)
     folder, meta = registry.ensure_folder(name_or_path, log=log)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _model_class(folder).from_pretrained(
             folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
         )
+    except AttnlabError:
+        raise
     except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
         raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): check its "
                            "config.json and weight files") from err
@@ -128,6 +133,39 @@ def load(
     # no file changed while transformers read them.
     probe._check_unchanged("while the model loaded: load it again")
     return probe
+
+
+def _head_output(output) -> torch.Tensor:
+    """The model's output tensor: logits of an LM head, else (an encoder without a head) the last
+    hidden state [B, N, d_model]."""
+    logits = getattr(output, "logits", None)
+    return logits if logits is not None else output.last_hidden_state
+
+
+def _model_class(folder: Path):
+    """The transformers Auto class that loads the folder with its own head: AutoModelForCausalLM for
+    decoders; for an encoder (config.is_decoder False on an encoder family such as BERT),
+    AutoModelForMaskedLM when the config names a masked-LM head, else AutoModel (hidden states)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
+        raise AttnlabError(f"transformers cannot read the config in {folder} ({_first_line(err)}): check its "
+                           "config.json") from err
+    model_type = getattr(config, "model_type", None)
+    architectures = list(getattr(config, "architectures", None) or [])
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and (
+        model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not getattr(config, "is_decoder", False))
+    if not encoder:
+        return AutoModelForCausalLM
+    if not architectures or any(a.endswith("ForMaskedLM") for a in architectures):
+        return AutoModelForMaskedLM
+    return AutoModel
 
 
 def _first_line(err: BaseException) -> str:
@@ -174,13 +212,14 @@ def _check_device(device):
 class Probe:
     """One loaded model with both paths, its tokenizer and the state of its edits (build with `load`).
 
-    Holds name, folder (None for in-memory models), meta (registry record), model (HF model on the
+    Holds name, folder (None for in-memory and attached models), meta (registry record), model (HF model on the
     fast path), tokenizer, device, dtype, info (`ModelInfo`) and state (`fast_path.ProbeState`: the
     edits, ablations and capture session bound to this probe's attention modules).
 
-    Paths: the fast path (`forward`, `run`, `capture`, `generate`; chunked or Triton kernels, edits
-    and ablations apply) and the hooked path (`bridge`, a TransformerLens bridge loaded on first use,
-    behind backend="eager"). Inputs: `tokenize`, `to_tokens`. State: `intervene`, `ablate`.
+    Paths: the fast path (`forward`, `run`, `capture`, `generate`; chunked or Triton kernels, or
+    transformers' own eager attention for backend="eager"; edits and ablations apply) and the hooked
+    path (`bridge`, a TransformerLens bridge loaded on first use, for the analyses that read
+    TransformerLens hooks). Inputs: `tokenize`, `to_tokens`. State: `intervene`, `ablate`.
     Weights: `output_weights`, `head_outputs`."""
 
     def __init__(self, name, folder: Path, meta: dict, model, tokenizer, device: str, dtype: torch.dtype):
@@ -192,6 +231,11 @@ class Probe:
         self.device = device
         self.dtype = dtype
         self._bridge = None
+        # Refuse what the fast path cannot compute exactly, before any number is produced.
+        self.capabilities = capabilities.check(model)
+        # The model's own code adapted for attnlab's attention (Falcon's ALiBi); `restore_model` undoes it
+        # (attach calls it when its block ends; a loaded probe owns its model and keeps it adapted).
+        self._restore_adapters = adapters.enter(model)
         # Edits, ablations and capture sessions of this probe only: its attention modules carry it.
         self.state = fast_path.ProbeState()
         self.state.attach(model)
@@ -204,11 +248,14 @@ class Probe:
             n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
             d_model=cfg.hidden_size,
-            context_length=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"),
+            context_length=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+            or self.tokenizer.model_max_length,
             architecture=(model.config.architectures or [type(model).__name__])[0],
             trained=bool(meta.get("trained", True)),
             weights_sha256=meta.get("weights_sha256", ""),
             folder=str(folder) if folder is not None else "",
+            kind=self.capabilities.kind,
+            capabilities=self.capabilities.to_dict(),
         )
 
     def _check_unchanged(self, when: str) -> None:
@@ -271,29 +318,42 @@ class Probe:
     # ----- paths -----
     @property
     def bridge(self):
-        """The hooked path (TransformerLens TransformerBridge on its own model instance)."""
+        """The hooked path (TransformerLens TransformerBridge on its own model instance). Refused for
+        encoders, and for a model whose bridge does not give transformers' own logits
+        (`hooked_path.boot_bridge` checks)."""
         if self._bridge is None:
             if self.folder is None:
-                raise AttnlabError(f"{self.name} was built in memory (cache=False): the hooked path needs a model "
-                                   "folder; load it with cache=True")
+                raise AttnlabError(f"{self.name} has no model folder (built in memory with cache=False, or attached "
+                                   "with attnlab.probe.attach): the hooked path needs one; load it with "
+                                   "attnlab.probe.load(name or folder)")
+            self.require_causal_lm("the hooked path (TransformerLens bridge, read by the sinks and thought-anchor "
+                                   "analyses)")
             self._check_unchanged("since the model loaded: load it again before using the hooked path")
             bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
             self._check_unchanged("while the hooked path loaded: load it again")
             self._bridge = bridge
         return self._bridge
 
-    def forward(self, tokens: Tokens, **kwargs):
-        """The fast path's forward (HF model; positions count from each row's first real token)."""
+    def forward(self, tokens: Tokens, *, allow_encoder: bool = False, **kwargs):
+        """The fast path's forward (HF model; positions count from each row's first real token).
+
+        Its logits are next-token predictions, so it needs a causal LM (`require_causal_lm`);
+        allow_encoder=True runs an encoder too (its own head's outputs; `run` does this)."""
         if not isinstance(tokens, Tokens):
             raise AttnlabError(f"tokens: {tokens!r:.60} is of type {type(tokens).__name__}; pass Tokens from "
                                "probe.tokenize(text) or probe.to_tokens(ids)")
+        if not allow_encoder:
+            self.require_causal_lm("probe.forward (next-token logits, used by generation and task scoring)")
         self._check_edits(tokens)
+        if self.info.kind != "causal-lm":
+            kwargs.pop("logits_to_keep", None)  # encoder heads score every position
+        else:
+            kwargs["use_cache"] = False
         with torch.no_grad():
             return self.model(
                 input_ids=tokens.input_ids.to(self.device),
                 attention_mask=tokens.attention_mask.long().to(self.device),
                 position_ids=tokens.position_ids().to(self.device),
-                use_cache=False,
                 **kwargs,
             )
 
@@ -348,16 +408,27 @@ class Probe:
         progress = validate.flag(progress, "progress")
         return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
 
+    def restore_model(self) -> None:
+        """Undo the per-architecture adapters' changes to the model (`attnlab.probe.adapters`)."""
+        self._restore_adapters()
+
     def sliding_window(self, layer: int) -> int | None:
-        """The sliding-window width (in tokens) of `layer`'s attention, None for full causal attention."""
-        cfg = self.model.config.get_text_config()
-        window = getattr(cfg, "sliding_window", None)
-        types = getattr(cfg, "layer_types", None)
-        if window is None or (types is not None and types[layer] != "sliding_attention"):
-            return None
-        if types is None and not getattr(cfg, "use_sliding_window", True):
-            return None
-        return window
+        """The sliding-window width (in tokens) of `layer`'s attention, None for full attention."""
+        return capabilities.sliding_window(self.model.config, layer)
+
+    def causal(self, layer: int) -> bool:
+        """Whether `layer`'s attention is causal (False: bidirectional, an encoder)."""
+        caps = self.capabilities.layer(layer)
+        return caps.causal if caps is not None else True
+
+    def require_causal_lm(self, what: str) -> None:
+        """AttnlabError unless this model is a causal language model: `what` (e.g. "generate") needs
+        next-token predictions, which an encoder or masked-LM head does not give."""
+        if self.info.kind != "causal-lm":
+            raise AttnlabError(
+                f"{what} needs a causal language model, but {self.name} is a {self.info.kind} "
+                f"({self.info.architecture}, bidirectional attention): its outputs are not next-token predictions; "
+                "load a decoder model (e.g. smollm2-135m) for this; capture works on encoders")
 
     # ----- one forward: logits and statistics -----
     def run(
@@ -381,8 +452,7 @@ class Probe:
         (`attnlab.probe.stats`); None: no capture (plain logits). return_logits=False skips the
         vocabulary projection (what `capture` does). logits_to_keep: the last positions whose logits
         are computed (0: every position). layers/heads: model layer and query-head indices (default
-        all). progress(done_layers, total_layers) is called as layers finish. The eager backend
-        captures on the hooked path, which gives no logits: pass return_logits=False with it."""
+        all). progress(done_layers, total_layers) is called as layers finish."""
         return_logits = validate.flag(return_logits, "return_logits")
         logits_to_keep = validate.integer(logits_to_keep, "logits_to_keep", minimum=0,
                                           hint="0 keeps every position, k the last k")
@@ -394,16 +464,13 @@ class Probe:
             tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
             if not return_logits:
                 return RunOutput(None, None)
-            return RunOutput(self.forward(tokens, logits_to_keep=logits_to_keep).logits, None)
+            return RunOutput(_head_output(self.forward(tokens, allow_encoder=True, logits_to_keep=logits_to_keep)),
+                             None)
         stat_list = catalogue.parse(stats)
         layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
         head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
         backend = self._resolve_backend(backend, stat_list)
         validate.callable_or_none(progress, "progress")
-        if backend == "eager" and return_logits:
-            raise AttnlabError("return_logits: the eager backend captures on the hooked path, which gives no logits "
-                               "here; pass return_logits=False, or backend='chunked'/'triton' (every statistic but "
-                               "the full pattern) for logits and statistics from one forward")
         tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
         self._check_edits(tokens)
         names = [s.name for s in stat_list]
@@ -413,6 +480,14 @@ class Probe:
                 raise AttnlabError(
                     f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
                     "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
+                )
+        if backend == "eager":  # transformers' eager attention materialises each layer's pattern, every head
+            size = tokens.batch_size * self.info.n_heads * tokens.length**2
+            if size > PATTERN_LIMIT:
+                raise AttnlabError(
+                    f"backend: the eager backend materialises each layer's full pattern, here {size:,} values "
+                    f"(limit {PATTERN_LIMIT:,}); use backend='chunked' or 'triton' (every statistic but the full "
+                    "pattern), or fewer tokens"
                 )
         segments = next((s for s in stat_list if s.name == "segments"), None)
         if segments is not None:
@@ -433,28 +508,17 @@ class Probe:
                 progress(done[0], len(layer_list))
 
         started = time.perf_counter()
-        stacked = None
-        if backend == "eager":
-            active = self.state.edits
-            edit_hooks = None
-            if active:
-                from attnlab.probe.edits import bridge_hooks
-
-                edit_hooks = bridge_hooks(self, active, tokens)
-            records = hooked_path.eager_stats(
-                self.bridge, tokens, layer_list, head_list, make_request, self.sliding_window, on_layer, edit_hooks
-            )
-        else:
-            session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
-                                            on_layer, offload=torch.device(self.device).type == "cuda",
-                                            layer_order=layer_list)
-            with self.state.capturing(session):
-                # Without logits only the final hidden state is needed: skip the vocabulary projection.
-                output = self.forward(tokens, logits_to_keep=logits_to_keep if return_logits else 1)
-            session.synchronize()
-            logits = output.logits if return_logits else None
-            stacked = session.stacked_records()
-            records = {layer: self._select_heads(recs[0], head_list) for layer, recs in session.records.items()}
+        session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
+                                        on_layer, offload=torch.device(self.device).type == "cuda",
+                                        layer_order=layer_list)
+        with self.state.capturing(session):
+            # Without logits only the final hidden state is needed: skip the vocabulary projection.
+            output = self.forward(tokens, allow_encoder=True,
+                                  logits_to_keep=logits_to_keep if return_logits else 1)
+        session.synchronize()
+        logits = _head_output(output) if return_logits else None
+        stacked = session.stacked_records()
+        records = {layer: self._select_heads(recs[0], head_list) for layer, recs in session.records.items()}
         elapsed = time.perf_counter() - started
 
         if stacked is not None and all(rec is session.records[layer][0] for layer, rec in records.items()):
@@ -504,8 +568,8 @@ class Probe:
         def make_request(nq: int, nk: int):
             return catalogue.build_request(stat_list, nq, nk, batch_size, pad_left)
 
-        return fast_path.CaptureSession(set(layers), make_request, kernel, on_layer, offload=offload,
-                                        layer_order=layer_order)
+        return fast_path.CaptureSession(set(layers), make_request, kernel, on_layer, backend=backend,
+                                        offload=offload, layer_order=layer_order)
 
     def generate(self, inputs, *, max_new_tokens: int = 50, stop_at_newline: bool = True, step_stats=(),
                  layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None,
@@ -518,6 +582,7 @@ class Probe:
         `attnlab.probe.generate`)."""
         from attnlab.probe.generate import generate
 
+        self.require_causal_lm("generate")
         max_new_tokens = validate.integer(max_new_tokens, "max_new_tokens", minimum=1)
         stop_at_newline = validate.flag(stop_at_newline, "stop_at_newline")
         temperature = validate.number(temperature, "temperature", minimum=0,

@@ -455,6 +455,8 @@ class _RunReader:
             n = self._field(model, key, int, "a positive integer", required=False, where="model.")
             if n is not None and n < 1:
                 raise self.error(f"manifest field 'model.{key}'", f"is {n}, not a positive integer: rewrite the run")
+        self._field(model, "kind", str, "a string such as 'causal-lm'", required=False, where="model.")
+        self._field(model, "capabilities", dict, "an object of attention features", required=False, where="model.")
         for key in ("parameters", "timings", "versions", "tokenizer"):
             self._field(m, key, dict, "an object", required=False)
         for key in ("summary", "analysis", "inputs_sha256"):
@@ -750,6 +752,8 @@ def model_record(probe) -> dict:
         "n_layers": i.n_layers, "n_heads": i.n_heads, "n_kv_heads": i.n_kv_heads, "head_dim": i.head_dim,
         "d_model": i.d_model, "context_length": i.context_length, "dtype": str(probe.dtype).removeprefix("torch."),
         "device": str(probe.device), "source": probe.meta.get("source"),
+        # What the fast path honoured (attnlab.probe.capabilities); absent for probes built without one.
+        **({"kind": i.kind, "capabilities": i.capabilities} if getattr(i, "capabilities", None) else {}),
     }
 
 

@@ -106,8 +106,11 @@ def test_run_gives_the_forwards_logits_and_the_captures_statistics_from_one_forw
         assert not torch.allclose(logits_e[real], logits[real], atol=1e-3)
         assert torch.equal(cap_e["received"].nan_to_num(-7),
                            a.capture(tokens, stats=["received"], backend="chunked")["received"].nan_to_num(-7))
-    with pytest.raises(AttnlabError, match="^return_logits: the eager backend"):
-        a.run(tokens, stats=["received"], backend="eager")
+    # the eager backend runs on the same model: its logits are the fast path's, its statistics chunked's
+    logits_eager, cap_eager = a.run(tokens, stats=["received"], backend="eager")
+    torch.testing.assert_close(logits_eager[real], logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cap_eager["received"], a.capture(tokens, stats=["received"], backend="chunked")["received"],
+                               atol=1e-5, rtol=0, equal_nan=True)
     with pytest.raises(AttnlabError, match="^logits_to_keep"):
         a.run(tokens, logits_to_keep=-1)
 
