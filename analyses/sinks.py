@@ -58,8 +58,9 @@ def sink_rates(alpha: torch.Tensor, eps: float = 0.3) -> torch.Tensor:
 def sink_heads(summary: pd.DataFrame, eps: float = 0.3) -> pd.DataFrame:
     """`head_summary` rows of several texts (batch = sample) -> one row per head: layer, head,
     kv_head, score = mean alpha_0 over the texts (float32), sink_rate = share of texts whose
-    alpha_0 > eps."""
-    heads = per_head(summary[["batch", *HEAD_KEYS, SINK]]).rename(columns={SINK: "score"})
+    alpha_0 > eps, and learned_sink (mean mass on the learned sink, models with learned sinks only)."""
+    learned = ["learned_sink"] if "learned_sink" in summary.columns else []
+    heads = per_head(summary[["batch", *HEAD_KEYS, SINK, *learned]]).rename(columns={SINK: "score"})
     heads["score"] = heads["score"].astype(np.float32)
     rate = summary.assign(hit=summary[SINK] > eps).groupby(HEAD_KEYS)["hit"].mean()
     heads["sink_rate"] = rate.to_numpy(dtype=np.float64)  # groupby order: the same sorted heads
@@ -167,9 +168,11 @@ def sink_metric(
     tokens = prepare(probe, texts, T, prepend_bos)
     alphas, hidden_rows, summaries = [], [], []
     seconds = 0.0
+    # A model with learned sinks (GPT-OSS): their mass per head sits next to the emergent first-token sink.
+    stats = ["received", "learned_sink"] if "learned_sinks" in probe.capabilities.features else ["received"]
     for start in range(0, tokens.batch_size, batch_size):
         chunk = _slice(tokens, start, start + batch_size)
-        cap = probe.capture(chunk, stats=["received"], backend=backend)
+        cap = probe.capture(chunk, stats=stats, backend=backend)
         seconds += cap.timings["capture_seconds"]
         rec = cap["received"]
         alphas.append(first_keys(rec, chunk, k_max))

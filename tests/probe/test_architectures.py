@@ -281,6 +281,26 @@ def test_encoder_refuses_causal_lm_methods():
     torch.testing.assert_close(first_rows.nan_to_num(0).sum(-1), torch.ones(first_rows.shape[:3]))
 
 
+def test_sink_analysis_reports_learned_sinks():
+    """The sink analysis puts each head's mass on its learned sink next to its emergent first-token
+    sink (alpha_0) on a model with learned sinks, and leaves the column out elsewhere."""
+    from attnlab.analyses.sinks import sink_metric
+    from attnlab.probe import load
+
+    measured("gpt_oss (learned sinks)")
+    probe = load(str(_root() / "gpt-oss-learned-sinks"), device="cpu")
+    res = sink_metric(probe, TEXTS, T=None, k_max=3, backend="chunked")
+    cap = probe.capture(TEXTS, stats=["learned_sink"], backend="chunked")
+    expected = cap["learned_sink"].nanmean(dim=-1).mean(dim=0)  # [L, H]: per text over its queries, then texts
+    heads = res.tables["heads"]
+    got = torch.tensor(heads["learned_sink"].to_numpy()).reshape(expected.shape)
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-6, rtol=1e-5)
+    assert float(got.max()) > 0.05
+    measured("llama")
+    plain = sink_metric(load(str(_root() / "llama"), device="cpu"), TEXTS, T=None, k_max=3, backend="chunked")
+    assert "learned_sink" not in plain.tables["heads"].columns
+
+
 @pytest.mark.parametrize("name", ["falcon (alibi)", "gpt_oss (learned sinks)", "bert (encoder)"])
 def test_attach_matches_load_and_restores(name):
     """attach over the user's own SDPA (GPT-OSS: eager) model of an architecture with an adapter, sinks or
