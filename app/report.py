@@ -55,7 +55,7 @@ def _run_interventions(probe, inputs, p: InterventionComparison, progress) -> Re
 
     # Every registered method that runs on a plain classification task (PASTA and VAR need spans).
     methods = tuple(m for m, spec in METHODS.items() if not spec.needs_spans)
-    return compare_methods(probe, "sst2", methods, n=p.n, n_tune=p.n_tune)
+    return compare_methods(probe, "sst2", methods, n=p.n, n_tune=p.n_tune, progress=progress)
 
 
 def _intervention_figures(result: Result) -> dict:

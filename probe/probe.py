@@ -32,6 +32,7 @@ from attnlab.probe import fast_path, hooked_path, integrity, registry, validate
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import as_progress
 from attnlab.probe.tokens import Tokens, from_ids, tokenize
 
 # Largest full-pattern capture (elements over batch x layers x heads x N x N): 1 GiB in fp32.
@@ -335,17 +336,18 @@ class Probe:
             check_positions(active, tokens)
 
     def head_outputs(self, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
-                     prepend_bos: bool = True, progress: bool = False) -> torch.Tensor:
+                     prepend_bos: bool = True, progress=False) -> torch.Tensor:
         """[E, layers * heads, d_model]: every head's output after W_O (z_k W_O^k, read at each layer's
         attention output projection), averaged over each prompt's real positions (`mean`) or taken at its
         last token (`last`); `both` gives [2, E, layers * heads, d_model]. Head k = layer * n_heads + head
-        (`attnlab.probe.head_outputs`, which also records and patches z)."""
+        (`attnlab.probe.head_outputs`, which also records and patches z). progress: None/False, True (a
+        bar) or progress(done_batches, total_batches) (`attnlab.probe.progress`)."""
         from attnlab.probe.head_outputs import POOLINGS, head_outputs
 
         validate.choice(pooling, "pooling", POOLINGS)
         batch_size = validate.integer(batch_size, "batch_size", minimum=1)
         prepend_bos = validate.flag(prepend_bos, "prepend_bos")
-        progress = validate.flag(progress, "progress")
+        as_progress(progress)  # refuse a wrong value before any work
         return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
 
     def sliding_window(self, layer: int) -> int | None:
@@ -371,7 +373,7 @@ class Probe:
         heads: Sequence[int] | None = None,
         backend: str = "auto",
         prepend_bos: bool = True,
-        progress: Callable[[int, int], None] | None = None,
+        progress=None,
     ) -> RunOutput:
         """One forward on the fast path giving its logits and a capture of its attention statistics:
         `logits, cap = probe.run(tokens, stats=["received"])` (a `RunOutput`). Active edits and
@@ -381,7 +383,8 @@ class Probe:
         (`attnlab.probe.stats`); None: no capture (plain logits). return_logits=False skips the
         vocabulary projection (what `capture` does). logits_to_keep: the last positions whose logits
         are computed (0: every position). layers/heads: model layer and query-head indices (default
-        all). progress(done_layers, total_layers) is called as layers finish. The eager backend
+        all). progress (`attnlab.probe.progress`: None, True for a bar, or progress(done_layers,
+        total_layers), called as layers finish; it may raise to cancel). The eager backend
         captures on the hooked path, which gives no logits: pass return_logits=False with it."""
         return_logits = validate.flag(return_logits, "return_logits")
         logits_to_keep = validate.integer(logits_to_keep, "logits_to_keep", minimum=0,
@@ -390,7 +393,7 @@ class Probe:
             validate.choice(backend, "backend", BACKENDS)
             self._check_indices(layers, self.info.n_layers, "layer", "layers")
             self._check_indices(heads, self.info.n_heads, "head", "heads")
-            validate.callable_or_none(progress, "progress")
+            as_progress(progress)  # refused like any other wrong argument, even with nothing to report
             tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
             if not return_logits:
                 return RunOutput(None, None)
@@ -399,7 +402,7 @@ class Probe:
         layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
         head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
         backend = self._resolve_backend(backend, stat_list)
-        validate.callable_or_none(progress, "progress")
+        report = as_progress(progress, "capture", unit="layer")
         if backend == "eager" and return_logits:
             raise AttnlabError("return_logits: the eager backend captures on the hooked path, which gives no logits "
                                "here; pass return_logits=False, or backend='chunked'/'triton' (every statistic but "
@@ -429,8 +432,8 @@ class Probe:
 
         def on_layer(_layer: int) -> None:
             done[0] += 1
-            if progress is not None:
-                progress(done[0], len(layer_list))
+            if report is not None:
+                report(done[0], len(layer_list))
 
         started = time.perf_counter()
         stacked = None
@@ -481,13 +484,13 @@ class Probe:
         heads: Sequence[int] | None = None,
         backend: str = "auto",
         prepend_bos: bool = True,
-        progress: Callable[[int, int], None] | None = None,
+        progress=None,
     ) -> Capture:
         """Run one forward and record per-head attention statistics (`run` without logits).
 
         inputs: a text, a list of texts, token ids, or Tokens. stats: catalogue entries
         (`attnlab.probe.stats`). layers/heads: model layer and query-head indices (default all).
-        progress(done_layers, total_layers) is called as layers finish."""
+        progress: None, True (a bar) or progress(done_layers, total_layers), called as layers finish."""
         if stats is None:
             catalogue.parse(stats)  # the catalogue's message: capture needs statistics
         return self.run(inputs, stats, return_logits=False, layers=layers, heads=heads, backend=backend,
