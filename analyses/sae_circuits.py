@@ -466,7 +466,7 @@ register(Analysis(
     SAECircuitParams, _run, cpu_minutes=5.0,
     needs=("causal LM that solves the task (IOI)", "head outputs", "head ablations (patching)"),
     figures_of=lambda res: plots.evaluation_figures(res.tables, str(res.params.get("task", ""))),
-    top_table="nodes", unit="phase (task, SAE + patching)",
+    top_table="nodes", unit="% (task pairs, then the SAE and patching)",
 ))
 
 

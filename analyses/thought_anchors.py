@@ -509,7 +509,7 @@ register(Analysis(
     ThoughtAnchorParams, _run, cpu_minutes=0.7,
     needs=("statistics: segments", "hooked path (suppression)", "causal LM (rollouts)"),
     inputs="traces", default_inputs=lambda text: load_traces(),
-    figures_of=lambda res: figures(res.tables, res.tensors, res.params), unit="sentence suppressed",
+    figures_of=lambda res: figures(res.tables, res.tensors, res.params), unit="sentence suppressed (% with rollouts)",
     check=_check_traces,
 ))
 

@@ -73,7 +73,7 @@ INTERVENTIONS = Analysis(
     "Token's Power to Enhance Large Language Models Without Training</i> (2025); Yu et al., <i>Unveiling and "
     "Harnessing Hidden Attention Sinks</i> (ICML 2024).",
     InterventionComparison, _run_interventions, cpu_minutes=2.0, needs=("causal LM", "task: SST-2"),
-    figures_of=_intervention_figures, top_table="heads",
+    figures_of=_intervention_figures, top_table="heads", unit="% (each method tuned, then evaluated)",
 )
 
 

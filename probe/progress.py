@@ -112,12 +112,12 @@ def stage(progress, index: int, count: int):
     None/False stay silent; True stays True (each stage draws its own bar, labelled by its function);
     a callable sees the stage's (done, total) as (index * 100 + percent of the stage, count * 100), so
     the whole job reports one monotone sequence ending at done == total even when the stages count
-    different things."""
+    different things. A job of one stage passes the callable through (its counts keep their unit)."""
     if progress is True:
         return True
     report = as_progress(progress)
-    if report is None:
-        return None
+    if report is None or count == 1:
+        return report
 
     def staged(done: int, total: int) -> None:
         part = STAGE_STEPS if total <= 0 or done >= total else (STAGE_STEPS * done) // total
