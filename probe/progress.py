@@ -81,8 +81,9 @@ def as_progress(progress, desc: str = "", unit: str = "step") -> Progress | None
         return TqdmProgress(desc, unit)
     if callable(progress):
         return progress
-    raise AttnlabError(f"progress: pass a function progress(done, total), True (a bar) or None, got {progress!r}"
-                       + (" (a string is no longer a bar's label)" if isinstance(progress, str) else ""))
+    label = " (a string is no longer a bar's label: each function labels its own)" if isinstance(progress, str) else ""
+    raise AttnlabError(f"progress: {progress!r} is not a progress value{label}; pass None, True (a tqdm bar) or a "
+                       "function progress(done, total)")
 
 
 def track(iterable: Iterable[Item], progress, total: int | None = None, desc: str = "",

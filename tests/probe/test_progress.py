@@ -50,9 +50,9 @@ def test_as_progress_accepts_the_protocol_and_refuses_labels():
     assert as_progress(cb) is cb
     bar = as_progress(True, "a label")
     assert isinstance(bar, TqdmProgress) and bar.desc == "a label"
-    with pytest.raises(AttnlabError, match=r"^progress: pass a function .*string is no longer a bar's label"):
+    with pytest.raises(AttnlabError, match=r"^progress: 'profiling' is not a progress value \(a string is no longer"):
         as_progress("profiling")
-    with pytest.raises(AttnlabError, match=r"^progress: pass a function"):
+    with pytest.raises(AttnlabError, match=r"^progress: 1 is not a progress value; pass None, True"):
         as_progress(1)
     assert analyses_base.as_progress is as_progress and analyses_base.track is track  # re-exported
 
@@ -116,7 +116,7 @@ def test_probe_head_outputs_reports_batches_and_stops_when_progress_raises(tiny_
     finally:
         handle.remove()
     assert calls == [(0, 3), (1, 3)] and len(forwards) == 1  # stopped after the first batch
-    with pytest.raises(AttnlabError, match=r"^progress: pass a function"):
+    with pytest.raises(AttnlabError, match=r"^progress: 'head outputs' is not a progress value"):
         probe.head_outputs(ids, progress="head outputs")
 
 
