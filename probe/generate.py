@@ -36,13 +36,14 @@ prompts, 24 new tokens, no newline stop; generate seeded with torch.manual_seed(
 - seeded sampling (T 0.6, top_p 0.95, 1 or 3 samples a prompt): the same tokens while every row is
   still decoding, and different ones after the first row ends: the loop drops finished rows from the
   batch (fewer rows draw from the generator afterwards; tiny-llama seed 1: 1 of 3 rows identical,
-  1 of 9 with 3 samples, each first difference right after another row's EOS), generate keeps
-  decoding them as padding. With that compaction off (step statistics on) all 9 of 9 match. Keeping
+  1 of 9 with 3 samples; SmolLM2 seeds 1 and 2 with 3 samples: 1 and 2 of 9; each first difference
+  right after another row's EOS), generate keeps decoding them as padding. With that compaction off
+  (step statistics on) all 9 of 9 match on both models. Keeping
   the compaction is what makes rollouts of very different lengths affordable (thought-anchor
   resampling decodes 64-row batches), and giving it up would change every seeded rollout in which
   a row ends early;
 - step statistics captured through the probe's session around generate's forwards match the loop's
-  at every step after the first (top_key, tiny-llama: 23 of 23), but generate's first forward is the
+  at every step after the first (top_key: 23 of 23 on both models), but generate's first forward is the
   whole prompt, so step 0 would run the statistics kernel over every prompt query row ([B, H, N]) to
   keep the last one, where the loop prefills without capture and captures one row;
 - `share_prefix` (one prefill cut into every row's cache) and stop tokens left out of `new_ids` have
