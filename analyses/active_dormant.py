@@ -26,7 +26,7 @@ tau_a on some domain are ablated (the others are active by definition): on SmolL
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.analyses import plots
-from attnlab.analyses.base import Analysis, register
+from attnlab.analyses.base import Analysis, as_progress, register
 from attnlab.analyses.result import Result
 from attnlab.analyses.sinks import prepare
 from attnlab.probe.ablations import MODES
@@ -101,7 +101,7 @@ def head_domains(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     ablate: str = "candidates",
-    progress: Callable[[int, int], None] | None = None,
+    progress=None,
 ) -> Result:
     """The head x domain dormancy table (see the module docstring).
 
@@ -110,7 +110,8 @@ def head_domains(
     (the others are active by definition; their deltas are NaN), "all" ablates every head.
     Tables: `heads_domains` (layer, head, kv_head, domain, sink_mass, delta_zero, delta_bos, score =
     sink_mass, dormant, status), `heads` (layer, head, status, n_dormant, dormant_on, active_on,
-    score = mean sink mass), `base_loss` (domain, loss)."""
+    score = mean sink mass), `base_loss` (domain, loss). progress (`attnlab.probe.progress`): ablations
+    done of (heads measured x modes)."""
     named = dict(domains) if isinstance(domains, Mapping) else {d: load_domain(d) for d in domains}
     named = {k: list(v)[:n_texts] if n_texts else list(v) for k, v in named.items()}
     bad = [m for m in modes if m not in MODES]
@@ -139,6 +140,9 @@ def head_domains(
     measured = {(l, h) for li, l in enumerate(layer_list) for hi, h in enumerate(head_list)
                 if ablate == "all" or sink_max[li, hi] >= tau_a}
     rows, total, done = [], len(measured) * len(modes), 0
+    report = as_progress(progress, "dormant heads", unit="ablation")
+    if report is not None:
+        report(0, total)
     for li, layer in enumerate(layer_list):
         for hi, head in enumerate(head_list):
             deltas = {d: {m: float("nan") for m in modes} for d in named}
@@ -148,8 +152,8 @@ def head_domains(
                 for d in named:
                     deltas[d][mode] = losses[d] - base[d]
                 done += 1
-                if progress is not None:
-                    progress(done, total)
+                if report is not None:
+                    report(done, total)
             for d in named:
                 row = {"layer": layer, "head": head, "kv_head": probe.info.kv_head(head), "domain": d,
                        "sink_mass": float(sink[d][li, hi])}

@@ -15,10 +15,10 @@ analyze`, the report's sections, the dashboard's launchers and the notebooks:
 
 Adding an analysis is one `register(Analysis(...))` in its module (and its test).
 
-Progress is one protocol everywhere: a callable `progress(done, total)` (or None). The terminal
-adapts it with `tqdm_progress` (notebooks) or Rich (the CLI); the dashboard passes its job's
-`progress`, which also raises to cancel. `as_progress` turns the modules' older spellings
-(True = a tqdm bar, False/None = silent) into the protocol.
+Progress is one protocol everywhere (`attnlab.probe.progress`, re-exported here): None/False
+(silent), True (a tqdm bar) or a callable `progress(done, total)`. The terminal adapts it with
+`tqdm_progress` (notebooks) or Rich (the CLI); the dashboard passes its job's `progress`, which also
+raises to cancel. `as_progress` turns a value into a callable or None; `track` is the loop helper.
 
 Parameter fields may declare, in `dataclasses.field(metadata=...)`: `range` (lo, hi) for numbers
 (each element of a tuple), `choices` (a tuple, or a function returning one), `label` and `help`.
@@ -32,49 +32,12 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
-
-Progress = Callable[[int, int], None]  # progress(done, total); may raise to cancel
-
-
-def as_progress(progress) -> Progress | None:
-    """None/False -> None (silent); a callable stays; True -> a tqdm bar's update (notebooks)."""
-    if progress is None or progress is False:
-        return None
-    if progress is True:
-        return tqdm_callback()
-    if callable(progress):
-        return progress
-    raise AttnlabError(f"progress: pass a function progress(done, total), True (a bar) or None, got {progress!r}")
-
-
-def tqdm_callback(desc: str = "", unit: str = "step") -> Progress:
-    """A `progress(done, total)` drawing a tqdm bar (created at the first call, closed when done)."""
-    from tqdm.auto import tqdm
-
-    state: dict = {}
-
-    def update(done: int, total: int) -> None:
-        bar = state.get("bar")
-        if bar is None:
-            bar = state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False)
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-        if total and done >= total:
-            bar.close()
-
-    return update
-
-
-@contextmanager
-def tqdm_progress(desc: str = "", unit: str = "step"):
-    """with tqdm_progress("retrieval") as p: analysis.run(probe, progress=p)"""
-    yield tqdm_callback(desc, unit)
+# The progress protocol lives in the probe room (every room uses it); re-exported here.
+from attnlab.probe.progress import Progress, as_progress, stage, tqdm_callback, tqdm_progress, track
 
 
 def example_text() -> str:
@@ -289,7 +252,7 @@ class Analysis:
             inputs = self.default_inputs(example_text())
         if self.check is not None:
             self.check(inputs, params)
-        res = self.compute(probe, inputs, params, as_progress(progress))
+        res = self.compute(probe, inputs, params, as_progress(progress, self.name))
         res.params.setdefault("section", self.name)
         return res
 
@@ -349,4 +312,4 @@ def load_all() -> dict[str, Analysis]:
 MODULES = ("sinks", "retrieval", "thought_anchors", "active_dormant", "bigram_backcopy", "sae_circuits")
 
 __all__ = ["ANALYSES", "Analysis", "Field", "MODULES", "Progress", "as_progress", "check_params", "example_text", "fields_of", "format_value",
-           "load_all", "parse_params", "parse_value", "register", "tqdm_callback", "tqdm_progress"]
+           "load_all", "parse_params", "parse_value", "register", "stage", "tqdm_callback", "tqdm_progress", "track"]

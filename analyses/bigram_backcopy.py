@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnlab.analyses import plots
-from attnlab.analyses.base import Analysis, Progress, register
+from attnlab.analyses.base import Analysis, register, track
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.tasks.bigram_backcopy import BigramBackcopy
@@ -274,17 +274,19 @@ VARIANTS = {
 
 def train_variants(cfg: ToyConfig = ToyConfig(), train_cfg: TrainConfig = TrainConfig(),
                    variants=tuple(VARIANTS), task: BigramBackcopy | None = None,
-                   progress: Progress | None = None) -> Result:
+                   progress=None) -> Result:
     """Train each variant (softmax/ReLU attention x AdamW/SGD) and probe it.
 
     Tables: `history` (variant, step, bos_logit_gap, bos_attention, bos_value_norm, ...),
     `dormancy` (variant, layer, head, dormant_nontrigger, prev_attn_trigger, ..., score =
-    dormant_nontrigger)."""
+    dormant_nontrigger). progress (`attnlab.probe.progress`): variants trained."""
     task = task or BigramBackcopy(seq_len=cfg.seq_len)
     hist, dorm, models, seconds = [], [], {}, {}
+    variants = tuple(variants)
     for name in variants:
         if name not in VARIANTS:
             raise AttnlabError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
+    for name in track(variants, progress, desc="bigram backcopy variants", unit="variant"):
         mk, tk = VARIANTS[name]
         started = time.perf_counter()
         model, h = train(replace(cfg, **mk), replace(train_cfg, **tk), task)
@@ -292,8 +294,6 @@ def train_variants(cfg: ToyConfig = ToyConfig(), train_cfg: TrainConfig = TrainC
         models[name] = model
         hist.append(h.assign(variant=name))
         dorm.append(dormancy(model, task).assign(variant=name))
-        if progress is not None:
-            progress(len(dorm), len(variants))
     history, dormant = pd.concat(hist, ignore_index=True), pd.concat(dorm, ignore_index=True)
     dormant = dormant[["variant"] + [c for c in dormant.columns if c != "variant"]]
     res = Result(

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from attnlab.analyses import plots
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.head_outputs import patch_z, record_z
+from attnlab.probe.progress import as_progress
 from attnlab.probe.threads import small_model_threads, torch_threads
 from attnlab.probe.tasks.circuits import CircuitPair, CircuitTask, make_task, metric
 
@@ -38,19 +38,19 @@ def _batches(pairs: Sequence[CircuitPair], batch_size: int):
 
 
 def activation_patching(probe, task: CircuitTask | str, *, n: int = 64, batch_size: int = 32,
-                        prepend_bos: bool = True, progress: bool = True) -> Result:
+                        prepend_bos: bool = True, progress=True) -> Result:
     """Patch each head's output from the negative run into the positive run (every position) and measure
     the change of the task metric. Table `heads`: layer, head, kv_head, effect (mean change), effect_std,
-    effect_norm (effect / the full corruption's change), score = |effect|."""
+    effect_norm (effect / the full corruption's change), score = |effect|. progress
+    (`attnlab.probe.progress`): patched forwards, batches x layers x heads."""
     task = resolve_task(probe, task, n, prepend_bos)
     info = probe.info
     L, H = info.n_layers, info.n_heads
     P = len(task.pairs)
     started = time.perf_counter()
-    bar = tqdm(total=math.ceil(P / batch_size) * L * H, desc=f"patching {task.name}", disable=not progress)
+    report = as_progress(progress, f"patching {task.name}", unit="forward")
     with torch_threads(small_model_threads(probe)):
-        clean, corrupt, patched = _patch_all(probe, task.pairs, batch_size, prepend_bos, bar)
-    bar.close()
+        clean, corrupt, patched = _patch_all(probe, task.pairs, batch_size, prepend_bos, report)
     seconds = time.perf_counter() - started
     delta = patched - clean  # [L, H, P]
     full = float((corrupt - clean).mean())
@@ -71,9 +71,12 @@ def activation_patching(probe, task: CircuitTask | str, *, n: int = 64, batch_si
     return res
 
 
-def _patch_all(probe, pairs, batch_size, prepend_bos, bar) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """clean [P], corrupt [P] and patched [L, H, P] metrics."""
+def _patch_all(probe, pairs, batch_size, prepend_bos, report) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """clean [P], corrupt [P] and patched [L, H, P] metrics; report(done, total) after each patched forward."""
     L, H = probe.info.n_layers, probe.info.n_heads
+    total, done = math.ceil(len(pairs) / batch_size) * L * H, 0
+    if report is not None:
+        report(0, total)
     clean, corrupt, patched = torch.empty(len(pairs)), torch.empty(len(pairs)), torch.empty(L, H, len(pairs))
     for i, chunk in _batches(pairs, batch_size):
         pos = probe.to_tokens([list(p.positive) for p in chunk], prepend_bos=prepend_bos)
@@ -86,7 +89,9 @@ def _patch_all(probe, pairs, batch_size, prepend_bos, bar) -> tuple[torch.Tensor
                 with patch_z(probe, layer, head, negative_z[layer]):
                     logits = probe.forward(pos, logits_to_keep=1).logits[:, -1].cpu()
                 patched[layer, head, i:i + len(chunk)] = metric(logits, chunk)
-                bar.update(1)
+                done += 1
+                if report is not None:
+                    report(done, total)
     return clean, corrupt, patched
 
 

@@ -47,13 +47,14 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from attnlab.analyses.traces import Trace, split_sentences
+from attnlab.probe.progress import as_progress
 from attnlab.probe.errors import AttnlabError
 
 THINK_END = "</think>"
@@ -215,7 +216,7 @@ def default_rollouts(device) -> int:
 def sample_rollouts(probe, trace: Trace, n_rollouts: int | None = None, *, sentences: Sequence[int] | None = None,
                     temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int | None = None, seed: int = 0,
                     batch_size: int = 64, min_chars: int = 10, embedder=None,
-                    progress: Callable[[int, int], None] | bool = True) -> pd.DataFrame:
+                    progress=True) -> pd.DataFrame:
     """R = n_rollouts continuations from each of the n + 1 prefixes (or only the prefixes i and
     i + 1 of the given sentences), batched (at most batch_size rows per decode; a prefix's R rows
     stay together) with a shared prefill.
@@ -223,7 +224,8 @@ def sample_rollouts(probe, trace: Trace, n_rollouts: int | None = None, *, sente
     max_new_tokens: default = the trace's length from S_0 to its end + 32, so a rollout from P_0
     can re-derive the whole answer. Returns one row per rollout: trace, prefix, sample, text (the
     continuation), first_sentence, similarity (to S_prefix; NaN at prefix n), answer, n_new_tokens,
-    finished."""
+    finished. progress (`attnlab.probe.progress`): decode steps, max_new_tokens per batch of prefixes (a
+    batch that stops early counts as finished)."""
     from attnlab.probe.embeddings import load_embedder
 
     R = default_rollouts(probe.device) if n_rollouts is None else n_rollouts
@@ -241,18 +243,17 @@ def sample_rollouts(probe, trace: Trace, n_rollouts: int | None = None, *, sente
     todo = sorted({p for i in check_sentences(sentences, trace.n_sentences) for p in (i, i + 1)})
     per_batch = max(1, batch_size // R)
     batches = [todo[s:s + per_batch] for s in range(0, len(todo), per_batch)]
-    bar = None
-    if progress is True:  # decode steps, at most max_new_tokens per batch of prefixes
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches) * max_new_tokens, unit="step", leave=False,
-                   desc=f"rollouts ({trace.name}: {len(todo)} prefixes x {R})")
+    report = as_progress(progress, f"rollouts ({trace.name}: {len(todo)} prefixes x {R})")
+    total = len(batches) * max_new_tokens  # decode steps, at most max_new_tokens per batch of prefixes
+    if report is not None:
+        report(0, total)
     rows = []
     for k, prefixes in enumerate(batches):
         gen = probe.generate([ids[:lengths[i]].tolist() for i in prefixes], prepend_bos=False,
                              max_new_tokens=max_new_tokens, stop_at_newline=False, temperature=temperature,
                              top_p=top_p, seed=seed + k, num_samples=R, stop=answer_complete, share_prefix=True,
-                             on_step=None if bar is None else (lambda step: bar.update(1)))
+                             on_step=None if report is None else
+                             (lambda step, k=k: report(k * max_new_tokens + step + 1, total)))
         for j, i in enumerate(prefixes):
             for r in range(R):
                 row = j * R + r
@@ -260,12 +261,8 @@ def sample_rollouts(probe, trace: Trace, n_rollouts: int | None = None, *, sente
                 rows.append({"trace": trace.name, "prefix": i, "sample": r, "text": text,
                              "first_sentence": first_sentence(text, min_chars), "answer": extract_answer(text),
                              "n_new_tokens": len(gen.new_ids[row]), "finished": gen.finished[row]})
-        if bar is not None:
-            bar.update((k + 1) * max_new_tokens - bar.n)  # the batch may have stopped early
-        elif callable(progress):
-            progress(k * per_batch + len(prefixes), len(todo))
-    if bar is not None:
-        bar.close()
+        if report is not None:
+            report((k + 1) * max_new_tokens, total)  # the batch may have stopped early
     table = pd.DataFrame(rows)
     n = trace.n_sentences
     resampled = table[table["prefix"] < n]
@@ -291,8 +288,7 @@ def resampling_importance(probe, trace: Trace, n_rollouts: int | None = None, *,
                           sentences: Sequence[int] | None = None, temperature: float = 0.6, top_p: float = 0.95,
                           max_new_tokens: int | None = None, similarity_threshold: float = 0.8,
                           include_similar: bool = False, alpha: float = 1e-9, seed: int = 0, batch_size: int = 64,
-                          min_chars: int = 10, progress: Callable[[int, int], None] | bool = True
-                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                          min_chars: int = 10, progress=True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rollouts and the per-sentence importance table of one trace: (importance, rollouts), both
     with a `trace` column; rollouts gain `correct` (NaN without a ground-truth answer). answer:
     the ground truth (default: the trace's own final answer); sentences: the indices to score

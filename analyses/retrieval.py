@@ -17,10 +17,11 @@ GQA models the unit is the KV group, scored by the max over its query heads.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from contextlib import nullcontext
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +30,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
-from attnlab.analyses.base import Analysis, register
+from attnlab.analyses.base import Analysis, register, track
 from attnlab.analyses.plots import head_heatmap
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
@@ -53,7 +54,7 @@ def retrieval_heads(
     max_new_tokens: int = 24,
     chat: bool | None = None,
     backend: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
+    progress=None,
 ) -> Result:
     """Retrieval score of every head over a lengths x depths x needles NIAH grid.
 
@@ -68,26 +69,22 @@ def retrieval_heads(
     score_sum = torch.zeros(L, H, dtype=torch.float64)
     active = torch.zeros(L, H, dtype=torch.float64)
     tests, started = [], time.perf_counter()
-    total, done = len(lengths) * len(needles), 0
-    for length in lengths:
-        for needle in needles:
-            prompts = [niah.build(probe.tokenizer, needle, length, d, chat=chat) for d in depths]
-            gen = probe.generate([p.input_ids for p in prompts], max_new_tokens=max_new_tokens, prepend_bos=False,
-                                 step_stats=["top_key"], backend=backend)
-            for b, prompt in enumerate(prompts):
-                response = gen.texts[b]
-                recall = niah.rouge1_recall(needle.answer, response)
-                success = recall > success_recall
-                scores = copy_paste_scores(prompt, gen.new_ids[b], [s["top_key"][b, :, :, 0] for s in gen.steps])
-                if success:
-                    score_sum += scores
-                    active += (scores > 0).double()
-                tests.append({"length": length, "depth": prompt.depth, "question": needle.question,
-                              "answer": needle.answer, "response": response, "recall": recall, "success": success,
-                              "span_start": prompt.span[0], "span_end": prompt.span[1]})
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    for length, needle in track(list(itertools.product(lengths, needles)), progress, desc="retrieval heads",
+                                unit="needle"):
+        prompts = [niah.build(probe.tokenizer, needle, length, d, chat=chat) for d in depths]
+        gen = probe.generate([p.input_ids for p in prompts], max_new_tokens=max_new_tokens, prepend_bos=False,
+                             step_stats=["top_key"], backend=backend)
+        for b, prompt in enumerate(prompts):
+            response = gen.texts[b]
+            recall = niah.rouge1_recall(needle.answer, response)
+            success = recall > success_recall
+            scores = copy_paste_scores(prompt, gen.new_ids[b], [s["top_key"][b, :, :, 0] for s in gen.steps])
+            if success:
+                score_sum += scores
+                active += (scores > 0).double()
+            tests.append({"length": length, "depth": prompt.depth, "question": needle.question,
+                          "answer": needle.answer, "response": response, "recall": recall, "success": success,
+                          "span_start": prompt.span[0], "span_end": prompt.span[1]})
     tests_df = pd.DataFrame(tests)
     n_success = int(tests_df["success"].sum())
     mean = score_sum / max(n_success, 1)
@@ -238,7 +235,7 @@ def masking(
     needles: Sequence[niah.Needle] = tuple(niah.NEEDLES),
     max_new_tokens: int = 24,
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress=None,
 ) -> Result:
     """NIAH success with the top-k retrieval heads masked vs k random non-retrieval heads.
 
@@ -259,22 +256,18 @@ def masking(
     conditions = [("none", 0, [])] + [("top retrieval", 0, top)] + [
         ("random non-retrieval", d, [tuple(map(int, pool[i])) for i in rng.choice(len(pool), k, replace=False)])
         for d in range(n_random)]
-    rows, total, done = [], len(conditions) * len(lengths) * len(needles), 0
-    for name, draw, masked in conditions:
-        for length in lengths:
-            for needle in needles:
-                prompts = [niah.build(probe.tokenizer, needle, length, d, chat=chat) for d in depths]
-                with ablate(probe, masked, mode=mode, decode_only=decode_only) if masked else nullcontext():
-                    gen = probe.generate([p.input_ids for p in prompts], max_new_tokens=max_new_tokens,
-                                         prepend_bos=False)
-                for p, response in zip(prompts, gen.texts):
-                    recall = niah.rouge1_recall(needle.answer, response)
-                    rows.append({"condition": name, "draw": draw, "length": length, "depth": p.depth,
-                                 "question": needle.question, "response": response, "recall": recall,
-                                 "success": recall > scores.params["success_recall"]})
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+    rows = []
+    grid = list(itertools.product(conditions, lengths, needles))
+    for (name, draw, masked), length, needle in track(grid, progress, desc="retrieval masking", unit="needle"):
+        prompts = [niah.build(probe.tokenizer, needle, length, d, chat=chat) for d in depths]
+        with ablate(probe, masked, mode=mode, decode_only=decode_only) if masked else nullcontext():
+            gen = probe.generate([p.input_ids for p in prompts], max_new_tokens=max_new_tokens,
+                                 prepend_bos=False)
+        for p, response in zip(prompts, gen.texts):
+            recall = niah.rouge1_recall(needle.answer, response)
+            rows.append({"condition": name, "draw": draw, "length": length, "depth": p.depth,
+                         "question": needle.question, "response": response, "recall": recall,
+                         "success": recall > scores.params["success_recall"]})
     table = pd.DataFrame(rows)
     acc = table.groupby("condition")["success"].mean()
     summary = (f"NIAH success with {k} heads masked ({mode}, {'decode only' if decode_only else 'whole sequence'}): "

@@ -55,10 +55,9 @@ from sklearn import metrics
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from attnlab.analyses import sae_circuits_plots as plots
-from attnlab.analyses.base import Analysis, register
+from attnlab.analyses.base import Analysis, register, stage, track
 from attnlab.analyses.head_outputs import activation_patching, head_frame, resolve_task
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
@@ -193,13 +192,13 @@ def precision_recall_at_k(scores, truth, k: int) -> tuple[float, float]:
 # ----- the SAE method on a task -----
 def sae_scores(probe, task: CircuitTask | str, *, n: int = 64, seeds: int | Sequence[int] = 5, n_codes: int = 200,
                lam: float | None = None, lr: float = 1e-3, epochs: int = 500, n_train: int = 10,
-               pooling: str = "mean", batch_size: int = 32, prepend_bos: bool = True, progress: bool = True) -> Result:
+               pooling: str = "mean", batch_size: int = 32, prepend_bos: bool = True, progress=True) -> Result:
     """The SAE method: node and edge scores of every head, per seed and averaged.
 
     Tables: `heads` (layer, head, kv_head, score = node mean, node_std, edge, edge_std), `seeds`
     (seed, train_seconds, final_loss, codes_used), `edges` (head pairs with a positive mean edge score).
     Tensors: `node` and `edge_heads` [seed, layer, head], `edge` [seed, head_index, head_index] (head_index
-    = layer * n_heads + head)."""
+    = layer * n_heads + head). progress (`attnlab.probe.progress`): the head outputs, then the seeds."""
     task = resolve_task(probe, task, n, prepend_bos)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
@@ -210,12 +209,12 @@ def sae_scores(probe, task: CircuitTask | str, *, n: int = 64, seeds: int | Sequ
     if not 1 <= n_train <= 2 * len(pairs):
         raise AttnlabError(f"n_train must be between 1 and {2 * len(pairs)} (the examples), got {n_train}")
     x = head_outputs(probe, [p.positive for p in pairs] + [p.negative for p in pairs], pooling, batch_size,
-                     prepend_bos, progress)  # [2P, K, D] ([2, 2P, K, D] for "both")
+                     prepend_bos, stage(progress, 0, 2))  # [2P, K, D] ([2, 2P, K, D] for "both")
     positive = np.r_[np.ones(len(pairs), bool), np.zeros(len(pairs), bool)]
     extract = time.perf_counter() - started
     views = x if pooling == "both" else x[None]  # one SAE per pooling; "both" keeps the larger score
     nodes, edges, rows = [], [], []
-    for seed in tqdm(seed_list, desc=f"SAE seeds ({task.name})", disable=not progress, leave=False):
+    for seed in track(seed_list, stage(progress, 1, 2), desc=f"SAE seeds ({task.name})", unit="seed"):
         t0 = time.perf_counter()
         node, edge, loss, used = 0.0, 0.0, [], []
         for view in views:
@@ -273,8 +272,9 @@ def evaluate(probe, task: CircuitTask | str, *, reference: Sequence[tuple[int, i
              circuit_size: int | float = 0.1, patching: bool | Result = True, n: int = 64,
              seeds: int | Sequence[int] = 5, n_codes: int = 200, lam: float | None = None, lr: float = 1e-3,
              epochs: int = 500, n_train: int = 10, pooling: str = "mean", batch_size: int = 32,
-             prepend_bos: bool = True, progress: bool = True) -> Result:
+             prepend_bos: bool = True, progress=True) -> Result:
     """SAE scores and activation patching side by side, scored against a reference circuit.
+    progress (`attnlab.probe.progress`): the SAE method, then patching (when it runs).
 
     reference: (layer, head) pairs (a planted or published circuit); None takes the `circuit_size` heads
     (a count, or a fraction of all heads) with the largest patching |effect|. reference_edges: head pairs
@@ -285,15 +285,17 @@ def evaluate(probe, task: CircuitTask | str, *, reference: Sequence[tuple[int, i
     task = resolve_task(probe, task, n, prepend_bos)
     if reference is None and not patching:
         raise AttnlabError("without a reference circuit the patching baseline is the reference: use patching=True")
+    stages = 2 if patching is True else 1
     sae = sae_scores(probe, task, seeds=seeds, n_codes=n_codes, lam=lam, lr=lr, epochs=epochs, n_train=n_train,
-                     pooling=pooling, batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
+                     pooling=pooling, batch_size=batch_size, prepend_bos=prepend_bos,
+                     progress=stage(progress, 0, stages))
     if isinstance(patching, Result):
         if patching.params.get("pairs") != len(task.pairs) or patching.params.get("task") != task.name:
             raise AttnlabError("the patching result given was computed on other pairs: pass patching=True")
         patch = patching
     else:
         patch = activation_patching(probe, task, batch_size=batch_size, prepend_bos=prepend_bos,
-                                    progress=progress) if patching else None
+                                    progress=stage(progress, 1, stages)) if patching else None
     heads = sae.tables["heads"].rename(columns={"score": "sae_node", "node_std": "sae_node_std", "edge": "sae_edge",
                                                  "edge_std": "sae_edge_std"})
     if patch is not None:
@@ -398,9 +400,10 @@ def published_circuit(task: str) -> list[tuple[int, int]]:
 
 
 def evaluate_gpt2(model: str | Path, task: str = "ioi", *, n: int = 100, seeds: int = 5, patching: bool = False,
-                  solved_only: bool = True, device: str | None = None, progress: bool = True, **kwargs) -> Result:
+                  solved_only: bool = True, device: str | None = None, progress=True, **kwargs) -> Result:
     """One call for a local GPT-2 small folder: build `task` pairs the model solves, run the SAE method (and
-    patching when asked) and score both against the published circuit of `task` ("ioi" or "greater_than")."""
+    patching when asked) and score both against the published circuit of `task` ("ioi" or "greater_than").
+    progress (`attnlab.probe.progress`): the pairs, then `evaluate`."""
     from attnlab.probe import load
 
     entry = published_circuits()["circuits"].get(task)
@@ -411,9 +414,9 @@ def evaluate_gpt2(model: str | Path, task: str = "ioi", *, n: int = 100, seeds: 
     if (probe.info.n_layers, probe.info.n_heads) != (L, H):
         raise AttnlabError(f"the published {task} circuit is for GPT-2 small ({L} layers x {H} heads); {probe.name} "
                            f"has {probe.info.n_layers} x {probe.info.n_heads}: pass a GPT-2 small folder")
-    pairs = make_task(probe, task, n=n, solved_only=solved_only, progress=progress)
+    pairs = make_task(probe, task, n=n, solved_only=solved_only, progress=stage(progress, 0, 2))
     return evaluate(probe, pairs, reference=published_circuit(task), patching=patching, seeds=seeds,
-                    progress=progress, **kwargs)
+                    progress=stage(progress, 1, 2), **kwargs)
 
 
 # ----- the analysis contract (`attnlab.analyses.ANALYSES`) -----
@@ -442,18 +445,14 @@ def nodes_table(heads: pd.DataFrame) -> pd.DataFrame:
 
 
 def _run(probe, inputs, p: SAECircuitParams, progress) -> Result:
-    task = make_task(probe, p.task, n=p.n, solved_only=p.solved_only)
+    task = make_task(probe, p.task, n=p.n, solved_only=p.solved_only, progress=stage(progress, 0, 2))
     if len(task.pairs) < 2:
         raise AttnlabError(f"{probe.name} solved {len(task.pairs)} of {task.candidates} {p.task} candidates: the SAE "
                            f"analysis needs at least 2 solved pairs (use a model that can do {p.task})")
-    if progress is not None:
-        progress(1, 2)
     res = evaluate(probe, task, seeds=p.seeds, epochs=p.epochs, n_codes=p.n_codes, pooling=p.pooling,
-                   n_train=min(10, 2 * len(task.pairs)), progress=False)
+                   n_train=min(10, 2 * len(task.pairs)), progress=stage(progress, 1, 2))
     res.tables["nodes"] = nodes_table(res.tables["heads"])
     res.params.update(n=p.n, candidates_checked=task.candidates, candidates_solved=task.solved)
-    if progress is not None:
-        progress(2, 2)
     return res
 
 
@@ -467,7 +466,7 @@ register(Analysis(
     SAECircuitParams, _run, cpu_minutes=5.0,
     needs=("causal LM that solves the task (IOI)", "head outputs", "head ablations (patching)"),
     figures_of=lambda res: plots.evaluation_figures(res.tables, str(res.params.get("task", ""))),
-    top_table="nodes", unit="phase (task, SAE + patching)",
+    top_table="nodes", unit="% (task pairs, then the SAE and patching)",
 ))
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from attnlab.analyses import plots
-from attnlab.analyses.base import Analysis, Progress, register
+from attnlab.analyses.base import Analysis, register, track
 from attnlab.analyses.result import Result
 from attnlab.probe.capture import HEAD_KEYS, SINK, head_summary, per_head
 from attnlab.probe.errors import AttnlabError
@@ -157,20 +157,21 @@ def sink_metric(
     min_queries: int = 16,
     backend: str = "auto",
     batch_size: int = 8,
-    progress: Progress | None = None,
+    progress=None,
 ) -> Result:
     """Gu et al.'s Sink_k^eps for k < k_max, the alpha_0 map (layer x head) and ACT's hidden sinks.
 
     Tables: `sink_k` (k, sink, ...), `heads` (layer, head, kv_head, score = mean alpha_0,
     sink_rate), `hidden_sinks` (sample, layer, head, position, token, score = alpha),
     `hidden_tokens` (token, count, n_heads, score = mean alpha). Tensors: `alpha_first`
-    [sample, layer, head, key] (the first k_max keys), `alpha0` [layer, head]."""
+    [sample, layer, head, key] (the first k_max keys), `alpha0` [layer, head]. progress
+    (`attnlab.probe.progress`): batches captured."""
     tokens = prepare(probe, texts, T, prepend_bos)
     alphas, hidden_rows, summaries = [], [], []
     seconds = 0.0
     # A model with learned sinks (GPT-OSS): their mass per head sits next to the emergent first-token sink.
     stats = ["received", "learned_sink"] if "learned_sinks" in probe.capabilities.features else ["received"]
-    for start in range(0, tokens.batch_size, batch_size):
+    for start in track(range(0, tokens.batch_size, batch_size), progress, desc="sink metric", unit="batch"):
         chunk = _slice(tokens, start, start + batch_size)
         cap = probe.capture(chunk, stats=stats, backend=backend)
         seconds += cap.timings["capture_seconds"]
@@ -187,8 +188,6 @@ def sink_metric(
                     "kv_head": cap.kv_heads[head], "position": key, "token": chunk.strings[b][f + key],
                     "score": float(row[layer, head, key]),
                 })
-        if progress is not None:
-            progress(min(start + batch_size, tokens.batch_size), tokens.batch_size)
     alpha = torch.cat(alphas)  # [S, L, H, K]
     rates = sink_rates(alpha, eps)
     S, L, H, K = alpha.shape
@@ -237,7 +236,7 @@ def extreme_tokens(
     min_layer: int = 2,
     dim_threshold: float = 5.0,
     max_dims: int = 8,
-    progress: Progress | None = None,
+    progress=None,
 ) -> Result:
     """Residual peaks, value drains, D_sink and VAR's phi detector (hooked path, one text at a time).
 
@@ -246,7 +245,7 @@ def extreme_tokens(
     `value_norms` (sample, layer, head, kv_head, position, token, norm), `value_drain` (layer, head,
     kv_head, score = first-token value norm / median of the others, rank = the first token's rank
     among the row's tokens, 0 = smallest), `sink_dims` (dim, median_ratio), `var` (sample, layer,
-    position, token, phi, is_sink for layers >= min_layer)."""
+    position, token, phi, is_sink for layers >= min_layer). progress (`attnlab.probe.progress`): texts."""
     L = probe.info.n_layers
     if not 0 <= min_layer < L:
         raise AttnlabError(f"min_layer={min_layer}: {probe.name} has {L} layers; D_sink is read on layers >= "
@@ -259,7 +258,7 @@ def extreme_tokens(
     names = set(resid_names) | set(value_names)
     resid_rows, value_rows, var_rows, firsts = [], [], [], []
     resids = []
-    for b in range(tokens.batch_size):
+    for b in track(range(tokens.batch_size), progress, desc="extreme tokens", unit="text"):
         f = int(tokens.first_real()[b])
         ids = tokens.input_ids[b:b + 1, f:]
         strings = tokens.strings[b][f:]
@@ -269,8 +268,6 @@ def extreme_tokens(
         vnorm = torch.stack([value_output_norms(cache[value_names[l]].cpu(), W_O[l])[0]
                              for l in range(L)])  # [L, H, N]
         del cache
-        if progress is not None:
-            progress(b + 1, tokens.batch_size)
         resids.append(resid)
         firsts.append(resid[:, 0])
         norms = resid.norm(dim=-1)  # [L, N]

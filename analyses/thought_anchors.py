@@ -58,7 +58,7 @@ from scipy import stats as scipy_stats
 
 from attnlab.analyses import resampling
 from attnlab.analyses import thought_anchors_plots as taplots
-from attnlab.analyses.base import Analysis, register
+from attnlab.analyses.base import Analysis, as_progress, register, stage
 from attnlab.analyses.result import Result
 from attnlab.analyses.traces import (  # noqa: F401  (re-exported: one import for the whole analysis)
     TRACE_FOLDER, Trace, load_traces, locate_sentences, prepare_trace, split_sentences, think_region,
@@ -178,8 +178,9 @@ def suppression_hooks(probe, heads: Sequence[tuple[int, int]] | None,
 
 def suppression_matrix(probe, trace: Trace, heads: Sequence[tuple[int, int]] | None = None, *,
                        temperature: float = 0.6, top_p: float = 0.9999, max_tokens: int = 100,
-                       batch_size: int = 1, progress: Callable[[int, int], None] | bool = True) -> dict:
+                       batch_size: int = 1, progress=True) -> dict:
     """Suppress each sentence in turn on the hooked path; heads None = every head of every layer.
+    progress (`attnlab.probe.progress`): sentences done of S.
 
     Returns {"supp": [target, source] log(KL + 1e-9) means (NaN where target <= source),
     "token_log_kl": [source, N] per-token log KL, "forward_passes": int}."""
@@ -188,11 +189,9 @@ def suppression_matrix(probe, trace: Trace, heads: Sequence[tuple[int, int]] | N
     device = next(bridge.parameters()).device
     current: list[torch.Tensor] = [torch.zeros(1, N, N, dtype=torch.bool)]  # the running batch's masks
     fwd_hooks = suppression_hooks(probe, heads, lambda: current[0])
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=S, desc=f"suppression ({trace.name})", leave=False)
+    report = as_progress(progress, f"suppression ({trace.name})", unit="sentence")
+    if report is not None:
+        report(0, S)
     token_log_kl = torch.full((S, N), float("nan"), dtype=torch.float64)
     none = torch.zeros(N, N, dtype=torch.bool)
     passes, base = 0, None
@@ -222,12 +221,8 @@ def suppression_matrix(probe, trace: Trace, heads: Sequence[tuple[int, int]] | N
         ref = base if batch_size <= 1 else logits[0]
         for n, s in enumerate(sources, start=0 if batch_size <= 1 else 1):
             token_log_kl[s] = torch.log(kl_top_p(ref, logits[n], temperature, top_p, max_tokens) + 1e-9)
-            if bar is not None:
-                bar.update(1)
-            elif callable(progress):
-                progress(s + 1, S)
-    if bar is not None:
-        bar.close()
+            if report is not None:
+                report(s + 1, S)
     supp = torch.full((S, S), float("nan"), dtype=torch.float64)
     for t, (a, b) in enumerate(trace.token_spans):
         supp[t, :t] = token_log_kl[:t, a:b].mean(dim=1)
@@ -277,7 +272,7 @@ def run(
     answers: dict[str, str] | None = None,
     seed: int = 0,
     rollout_batch_size: int = 64,
-    progress: Callable[[int, int], None] | bool = True,
+    progress=True,
 ) -> Result:
     """Receiver heads and sentence receiver scores over the traces, the suppression matrix, and
     (opt-in: rollouts are the costly part) counterfactual resampling importance.
@@ -346,13 +341,17 @@ def run(
     if isinstance(supp_heads, str):
         raise AttnlabError(f"suppress_heads={supp_heads!r}: use 'all', 'receivers' or a list of (layer, head)")
     supp_rows, tensors, dims, passes = [], {}, {}, 0
+    # one progress stage per suppression matrix and per resampled trace
+    n_stages, done_stages = sum(tr.name in names for tr in prepared) + sum(tr.name in to_resample for tr in prepared), 0
     for tr in prepared:
         tensors[f"attention_{tr.name}"] = mats[tr.name].float()
         dims[f"attention_{tr.name}"] = ("layer", "head", "query_sentence", "key_sentence")
         if tr.name not in names:
             continue
         out = suppression_matrix(probe, tr, supp_heads, temperature=temperature, top_p=top_p,
-                                 max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+                                 max_tokens=max_tokens, batch_size=batch_size,
+                                 progress=stage(progress, done_stages, n_stages))
+        done_stages += 1
         passes += out["forward_passes"]
         tensors[f"suppression_{tr.name}"] = out["supp"].float()
         dims[f"suppression_{tr.name}"] = ("target", "source")
@@ -367,7 +366,9 @@ def run(
             imp, rolls = resampling.resampling_importance(
                 probe, tr, R, answer=(answers or {}).get(tr.name), temperature=rollout_temperature,
                 top_p=rollout_top_p, max_new_tokens=rollout_max_new_tokens, similarity_threshold=similarity_threshold,
-                seed=seed, batch_size=rollout_batch_size, min_chars=min_chars, progress=progress)
+                seed=seed, batch_size=rollout_batch_size, min_chars=min_chars,
+                progress=stage(progress, done_stages, n_stages))
+            done_stages += 1
             importance.append(imp)
             rollouts.append(rolls)
     extra_tables = {}
@@ -508,7 +509,7 @@ register(Analysis(
     ThoughtAnchorParams, _run, cpu_minutes=0.7,
     needs=("statistics: segments", "hooked path (suppression)", "causal LM (rollouts)"),
     inputs="traces", default_inputs=lambda text: load_traces(),
-    figures_of=lambda res: figures(res.tables, res.tensors, res.params), unit="sentence suppressed",
+    figures_of=lambda res: figures(res.tables, res.tensors, res.params), unit="sentence suppressed (% with rollouts)",
     check=_check_traces,
 ))
 

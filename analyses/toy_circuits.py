@@ -70,10 +70,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import stage, track
 from attnlab.probe.threads import torch_threads
 
 ALPHANUMERIC = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -240,9 +240,10 @@ def training_batch(cfg: PlantedConfig, vocab: torch.Tensor, batch: int, bos: int
 
 
 def train_planted(cfg: PlantedConfig = PlantedConfig(), train: TrainConfig = TrainConfig(),
-                  progress: bool = True, threads: int | None = 1) -> PlantedModel:
+                  progress=True, threads: int | None = 1) -> PlantedModel:
     """Train the planted model on induction and measure every head's role. threads: torch threads while
-    training (a width-64 model gains nothing from more; None leaves the setting alone)."""
+    training (a width-64 model gains nothing from more; None leaves the setting alone). progress
+    (`attnlab.probe.progress`): training steps."""
     from attnlab.probe.probe import Probe
     from attnlab.probe.registry import byte_tokenizer
 
@@ -260,7 +261,7 @@ def train_planted(cfg: PlantedConfig = PlantedConfig(), train: TrainConfig = Tra
     model.train()
     try:
         with torch_threads(threads):
-            for step in tqdm(range(train.steps), desc="training planted model", disable=not progress, leave=False):
+            for step in track(range(train.steps), progress, desc="training planted model"):
                 x, predictable = training_batch(cfg, vocab, train.batch, tokenizer.bos_token_id, g)
                 logits = model(input_ids=x[:, :-1]).logits  # position i predicts x[i + 1]
                 ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(x.shape[0], -1)
@@ -322,16 +323,18 @@ def induction_task(planted: PlantedModel, n: int = 64, seed: int = 0, length: in
 
 
 def evaluate_planted(planted: PlantedModel | None = None, *, n: int = 64, seeds: int = 5, pooling: str = "mean",
-                     progress: bool = True, **kwargs) -> Result:
+                     progress=True, **kwargs) -> Result:
     """SAE circuit discovery and activation patching on the planted model, scored against the planted
-    circuit (heads and edge). Trains a model with the defaults when none is given."""
+    circuit (heads and edge). Trains a model with the defaults when none is given. progress
+    (`attnlab.probe.progress`): training (when a model is trained), then the evaluation."""
     from attnlab.analyses import sae_circuits
 
-    planted = planted or train_planted(progress=progress)
+    stages = 1 if planted is not None else 2
+    planted = planted or train_planted(progress=stage(progress, 0, stages))
     task = induction_task(planted, n=n)
     res = sae_circuits.evaluate(planted.probe, task, reference=planted.config.circuit,
                                 reference_edges=planted.config.edges, seeds=seeds, pooling=pooling,
-                                progress=progress, **kwargs)
+                                progress=stage(progress, stages - 1, stages), **kwargs)
     res.tables["roles"] = planted.roles
     res.tables["history"] = planted.history
     res.params["planted"] = asdict(planted.config)

@@ -55,7 +55,7 @@ def _run_interventions(probe, inputs, p: InterventionComparison, progress) -> Re
 
     # Every registered method that runs on a plain classification task (PASTA and VAR need spans).
     methods = tuple(m for m, spec in METHODS.items() if not spec.needs_spans)
-    return compare_methods(probe, "sst2", methods, n=p.n, n_tune=p.n_tune)
+    return compare_methods(probe, "sst2", methods, n=p.n, n_tune=p.n_tune, progress=progress)
 
 
 def _intervention_figures(result: Result) -> dict:
@@ -73,7 +73,7 @@ INTERVENTIONS = Analysis(
     "Token's Power to Enhance Large Language Models Without Training</i> (2025); Yu et al., <i>Unveiling and "
     "Harnessing Hidden Attention Sinks</i> (ICML 2024).",
     InterventionComparison, _run_interventions, cpu_minutes=2.0, needs=("causal LM", "task: SST-2"),
-    figures_of=_intervention_figures, top_table="heads",
+    figures_of=_intervention_figures, top_table="heads", unit="% (each method tuned, then evaluated)",
 )
 
 

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         act = ACT(split="calibration", n=args.n_cal, unit=args.act_unit, batch_size=args.batch_size,
                   progress=not args.no_progress)
         base = score_examples(probe, task, test, None, batch_size=args.batch_size, forward=act.finder(probe).forward,
-                              progress=not args.no_progress and f"{name} test: baseline")
+                              progress=not args.no_progress)
         entry = results["tasks"].setdefault(name, {})
         entry.update({"n_test": len(test), "test_ids_sha256": ids_hash([e.id for e in test]),
                       "labels": list(task.labels),
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
             assert not tuned & {e.id for e in test}, "the test split was used for selection"
             t1 = time.perf_counter()
             edited = score_examples(probe, task, test, edits, batch_size=args.batch_size,
-                                    progress=not args.no_progress and f"{name} test: {method}")
+                                    progress=not args.no_progress)
             rows = summarise(edited, method, 2000, 0) + differences(base, edited, 2000, 0)
             diff = {r["scoring"]: {k: r[k] for k in ("accuracy", "lo", "hi")}
                     for r in rows if r["condition"] == "difference"}
@@ -224,7 +224,7 @@ def span_part(args, probe, results: dict, save) -> None:
     var = VAR(batch_size=args.batch_size)
     t0 = time.perf_counter()
     base = score_examples(probe, task, test, None, batch_size=args.batch_size, forward=var.finder(probe).forward,
-                          progress=not args.no_progress and "span_qa test: baseline")
+                          progress=not args.no_progress)
     conflict = [e.conflict for e in test]
     entry = {"n_test": len(test), "baseline": cond(base, summarise(base, "baseline", 2000, 0), "baseline"),
              "baseline_conflict_rate": float((base["pred"].to_numpy() == conflict).mean()),
@@ -248,7 +248,7 @@ def span_part(args, probe, results: dict, save) -> None:
                                                                         var.finder(probe).layers[-1]]}
         t_fit = time.perf_counter() - t0
         edited = score_examples(probe, task, test, edits, batch_size=args.batch_size,
-                                progress=not args.no_progress and f"span_qa test: {method}")
+                                progress=not args.no_progress)
         rows = summarise(edited, method, 2000, 0) + differences(base, edited, 2000, 0)
         entry[method] = {**cond(edited, rows, method), "difference": {
             r["scoring"]: {k: r[k] for k in ("accuracy", "lo", "hi")} for r in rows if r["condition"] == "difference"},

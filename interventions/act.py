@@ -41,6 +41,7 @@ from attnlab.interventions.base import Intervention
 from attnlab.interventions.evaluate import batches, ids_hash, score_examples
 from attnlab.probe.edits import AttentionEdit, MassTransfer, RowPositions
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import track
 from attnlab.probe.tokens import Tokens
 
 
@@ -146,7 +147,7 @@ class ACT(Intervention):
     def __init__(self, *, beta: float = 0.4, threshold: float = 0.1, min_queries: int = 4,
                  layers: Sequence[int] | None = None, candidates: Sequence[tuple[int, int]] | None = None,
                  unit: str = "head", split: str = "calibration", n: int | None = None, shots: int = 0,
-                 batch_size: int = 16, progress: bool = False):
+                 batch_size: int = 16, progress=False):
         self.beta = beta
         self.threshold = threshold
         self.min_queries = min_queries
@@ -219,11 +220,8 @@ class ACT(Intervention):
         prompts = [task.prompt(e, shots=self.shots) for e in examples]
         for chunk in batches(prompts, self.batch_size):
             seen |= set(finder(probe.tokenize([prompts[i] for i in chunk])))
-        label = f"{task.name} act: solo" if self.progress else False
         rows = []
-        from tqdm.auto import tqdm
-
-        for members in tqdm(units, desc=label or "", disable=not label, leave=False):
+        for members in track(units, self.progress, desc=f"{task.name} act: solo", unit="unit"):
             active = [m for m in members if m in seen]
             acc = self._acc(probe, task, examples, active) if active else base
             layers = sorted({m[0] for m in members})

@@ -41,6 +41,7 @@ from attnlab.interventions.methods import METHODS
 from attnlab.interventions.run import check_task, get_task, tune_and_evaluate
 from attnlab.probe.edits import AttentionEdit
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import stage
 
 def _title(method: str) -> str:
     return METHODS[method].title if method in METHODS else method
@@ -69,10 +70,11 @@ def moved(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
 
 
 def compare_methods(probe, task="sst2", methods: Sequence[str] = ("zerotuning", "act"), *, n: int = 128,
-                    n_tune: int = 32, seed: int = 0, batch_size: int = 16, progress: bool = False) -> Result:
+                    n_tune: int = 32, seed: int = 0, batch_size: int = 16, progress=False) -> Result:
     """Tune and evaluate each method on `task` (same test examples, same baseline); read the attention of
     one test prompt before and after each method's edits. Tables: accuracy, summary, examples, heads,
-    pattern_heads, prompt; tensors: patterns [method, condition (before/after), query, key]."""
+    pattern_heads, prompt; tensors: patterns [method, condition (before/after), query, key]. progress
+    (`attnlab.probe.progress`): one stage per method (its tuning, then its evaluation)."""
     methods = list(methods)
     if not methods:
         raise AttnlabError(f"methods: name at least one of {', '.join(METHODS)}")
@@ -84,9 +86,9 @@ def compare_methods(probe, task="sst2", methods: Sequence[str] = ("zerotuning", 
     for m in methods:  # before any tuning
         check_task(task, m)
     fitted, runs = {}, {}
-    for m in methods:
+    for i, m in enumerate(methods):
         fitted[m], runs[m] = tune_and_evaluate(probe, m, task, n=n, n_tune=n_tune, seed=seed, batch_size=batch_size,
-                                               progress=progress)
+                                               progress=stage(progress, i, len(methods)))
     accuracy, summary, examples = [], [], []
     for m, res in runs.items():
         s = res.tables["summary"].set_index(["condition", "scoring"])

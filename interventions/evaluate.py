@@ -29,7 +29,8 @@ the same examples and batch size always give the same batches, so per-batch cach
 finder) hit. `baseline=` takes an already scored baseline frame of the same examples (one
 baseline shared by several methods, as `bench/interventions_eval.py` does); `forward=` replaces
 the plain forward of unedited batches (ACT's finder records the sinks in that same pass).
-`progress=` shows a tqdm bar over the batches (a string is its label).
+`progress=` follows `attnlab.probe.progress` (None/False, True for a tqdm bar, or a callable
+progress(done, total) that may raise to cancel), counting batches.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from scipy import stats
 from attnlab.analyses.result import Result
 from attnlab.probe.edits import AttentionEdit
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import stage, track
 from attnlab.probe.tasks.classification import ClassificationTask, Example, label_token_ids
 
 EditsLike = AttentionEdit | Sequence[AttentionEdit] | Callable | None
@@ -104,44 +106,36 @@ def batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def _bar(total: int, progress: bool | str):
-    from tqdm.auto import tqdm
-
-    label = progress if isinstance(progress, str) else "batches"
-    return tqdm(total=total, desc=label, unit="batch", disable=not progress, leave=False)
-
-
 def next_token_logprobs(probe, prompts: Sequence[str], edit_fn: Callable | None = None,
                         batch_size: int = 16, *, forward: Callable | None = None,
-                        progress: bool | str = False) -> torch.Tensor:
+                        progress=False) -> torch.Tensor:
     """[n, V] float32 log p(. | prompt) at each prompt's last position (edits applied when given).
 
     forward(tokens) -> [B, V] last-position logits, used for batches without edits (default: the
-    probe's plain forward)."""
+    probe's plain forward). progress (`attnlab.probe.progress`): batches done."""
     out = [None] * len(prompts)
     groups = batches(prompts, batch_size)
-    with _bar(len(groups), progress) as bar:
-        for chunk in groups:
-            tokens = probe.tokenize([prompts[i] for i in chunk])
-            edits = edit_fn(tokens) if edit_fn is not None else []
-            if edits:
-                with probe.intervene(*edits):
-                    logits = probe.forward(tokens, logits_to_keep=1).logits[:, -1]
-            elif forward is not None:
-                logits = forward(tokens)
-            else:
+    for chunk in track(groups, progress, desc="next-token log-probs", unit="batch"):
+        tokens = probe.tokenize([prompts[i] for i in chunk])
+        edits = edit_fn(tokens) if edit_fn is not None else []
+        if edits:
+            with probe.intervene(*edits):
                 logits = probe.forward(tokens, logits_to_keep=1).logits[:, -1]
-            bar.update(1)
-            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for j, i in enumerate(chunk):
-                out[i] = lp[j]
+        elif forward is not None:
+            logits = forward(tokens)
+        else:
+            logits = probe.forward(tokens, logits_to_keep=1).logits[:, -1]
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for j, i in enumerate(chunk):
+            out[i] = lp[j]
     return torch.stack(out)
 
 
 def score_examples(probe, task: ClassificationTask, examples: Sequence[Example], edits: EditsLike = None, *,
                    shots: int = 0, batch_size: int = 16, forward: Callable | None = None,
-                   progress: bool | str = False) -> pd.DataFrame:
-    """One row per example: label, label-word log-probs, prediction, greedy token, parse, entropies."""
+                   progress=False) -> pd.DataFrame:
+    """One row per example: label, label-word log-probs, prediction, greedy token, parse, entropies.
+    progress (`attnlab.probe.progress`): batches done."""
     if not examples:
         raise AttnlabError("no examples to score: pass at least one")
     prompts = [task.prompt(e, shots=shots) for e in examples]
@@ -201,15 +195,17 @@ def differences(base: pd.DataFrame, edited: pd.DataFrame, n_boot: int = 2000, se
 def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: str = "test", *, n: int | None = None,
              shots: int = 0, batch_size: int = 16, n_boot: int = 2000, seed: int = 0, method: str = "method",
              params: dict | None = None, baseline: pd.DataFrame | None = None,
-             forward: Callable | None = None, progress: bool | str = False) -> Result:
+             forward: Callable | None = None, progress=False) -> Result:
     """Baseline and (when edits are given) edited accuracy on one split, with 95% bootstrap intervals.
 
     Tables: "summary" (condition, scoring, accuracy, lo, hi, n, invalid, invalid_rate; with edits
     also condition "difference": method minus baseline, paired interval) and "examples" (one row
     per example and condition). `baseline`: a `score_examples` frame of exactly these examples
-    (same split, n, shots), reused instead of scoring the baseline again."""
+    (same split, n, shots), reused instead of scoring the baseline again. progress
+    (`attnlab.probe.progress`): the baseline's batches, then the edited ones."""
     examples = task.split(split, n)
-    label = f"{task.name} {split}" if progress is True else progress
+    edit_fn = as_edit_fn(edits)
+    stages = (baseline is None) + (edit_fn is not None)
     if baseline is not None:
         if list(baseline["id"]) != [e.id for e in examples]:
             raise AttnlabError(f"the baseline frame does not hold {task.name}'s '{split}' examples (n={len(examples)}) "
@@ -217,12 +213,12 @@ def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: st
         base = baseline
     else:
         base = score_examples(probe, task, examples, None, shots=shots, batch_size=batch_size, forward=forward,
-                              progress=label and f"{label}: baseline")
+                              progress=stage(progress, 0, stages))
     frames = [base.assign(condition="baseline")]
     rows = summarise(base, "baseline", n_boot, seed)
-    if as_edit_fn(edits) is not None:
-        edited = score_examples(probe, task, examples, edits, shots=shots, batch_size=batch_size,
-                                progress=label and f"{label}: {method}")
+    if edit_fn is not None:
+        edited = score_examples(probe, task, examples, edit_fn, shots=shots, batch_size=batch_size,
+                                progress=stage(progress, stages - 1, stages))
         frames.append(edited.assign(condition=method))
         rows += summarise(edited, method, n_boot, seed)
         rows += differences(base, edited, n_boot, seed)

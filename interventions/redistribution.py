@@ -49,6 +49,7 @@ import torch
 from attnlab.interventions.base import Intervention, span_edit_fn, spans_of
 from attnlab.probe.edits import AttentionEdit, LogitBias, MassTransfer, Positions, RowPositions, SpanGate
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import track
 from attnlab.probe.tokens import Tokens
 
 ALPHA = 0.01
@@ -92,12 +93,13 @@ def pasta_edits(tokens: Tokens, spans: Sequence[tuple[int, int]], heads: Sequenc
 
 
 def profile_pasta(n_layers: int, n_heads: int, score: Callable[[list[tuple[int, int]] | None], float], *,
-                  unit: str = "head_index", progress: bool | str = False) -> pd.DataFrame:
+                  unit: str = "head_index", progress=False) -> pd.DataFrame:
     """Steer one unit at a time and rank: `score(heads)` returns the task metric with PASTA on those
     heads (None = no steering: the baseline), computed on a split that is not the evaluation split.
     Units: "head_index" (head h in every layer), "layer" (every head of one layer) or "head" (one
     (layer, head)). Returns layer (-1 for a head index across layers), head (-1 for a whole
-    layer), members, score (change from the baseline), sorted best first."""
+    layer), members, score (change from the baseline), sorted best first. progress
+    (`attnlab.probe.progress`): units profiled."""
     if unit == "head_index":
         units = [[(layer, h) for layer in range(n_layers)] for h in range(n_heads)]
     elif unit == "layer":
@@ -106,12 +108,9 @@ def profile_pasta(n_layers: int, n_heads: int, score: Callable[[list[tuple[int, 
         units = [[(layer, h)] for layer in range(n_layers) for h in range(n_heads)]
     else:
         raise AttnlabError(f"unknown unit '{unit}': use 'head_index', 'layer' or 'head'")
-    from tqdm.auto import tqdm
-
     base = score(None)
     rows = []
-    label = (progress if isinstance(progress, str) else "PASTA profiling") if progress else ""
-    for members in tqdm(units, desc=label, disable=not progress, leave=False):
+    for members in track(units, progress, desc="PASTA profiling", unit="unit"):
         layers = {layer for layer, _ in members}
         heads = {h for _, h in members}
         rows.append({"layer": members[0][0] if len(layers) == 1 else -1,
@@ -258,7 +257,7 @@ class PASTA(Intervention):
 
     def __init__(self, *, alpha: float = ALPHA, mode: str = "exclude", unit: str = "head_index", k: int | None = None,
                  k_max: int = 3, split: str = "dev", n: int | None = None, batch_size: int = 16,
-                 progress: bool = False):
+                 progress=False):
         self.alpha = alpha
         self.mode = mode
         self.unit = unit
@@ -310,7 +309,7 @@ class PASTA(Intervention):
             return cache[key]
 
         profile = profile_pasta(probe.info.n_layers, probe.info.n_heads, score, unit=self.unit,
-                                progress=self.progress and f"{task.name} PASTA profiling")
+                                progress=self.progress)
         ks = [self.k] if self.k is not None else list(range(1, self.k_max + 1))
         rows = [{"k": k, "accuracy": score(top_heads(profile, k))} for k in ks]
         search = pd.DataFrame(rows)

@@ -24,6 +24,7 @@ from attnlab.analyses.result import Result
 from attnlab.interventions.base import Intervention
 from attnlab.interventions.methods import METHODS, Method
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import stage
 from attnlab.probe.tasks.classification import TASKS, load_task
 from attnlab.probe.tasks.span_qa import span_qa
 
@@ -75,10 +76,10 @@ def check_task(task, method: str) -> None:
                            f"({', '.join(SPAN_TASKS)}), not '{task.name}'")
 
 
-def fit_method(probe, method: str, task, *, n_tune: int = 64, batch_size: int = 16, progress: bool = True,
+def fit_method(probe, method: str, task, *, n_tune: int = 64, batch_size: int = 16, progress=True,
                params: dict | None = None) -> Intervention:
     """The registry's estimator for `method` (its run_params, then `params`), fitted on its tuning split
-    (the first n_tune examples)."""
+    (the first n_tune examples). progress (`attnlab.probe.progress`) goes to the estimator's tuning."""
     spec = _method(method)
     check_task(task, method)
     run = {"batch_size": batch_size}
@@ -91,19 +92,20 @@ def fit_method(probe, method: str, task, *, n_tune: int = 64, batch_size: int = 
 
 
 def run_method(probe, method: str, task, *, n: int = 200, n_tune: int = 64, seed: int = 0, batch_size: int = 16,
-               params: dict | None = None, progress: bool = True) -> Result:
+               params: dict | None = None, progress=True) -> Result:
     """Tune `method` on its split (n_tune examples), evaluate baseline vs method on n test examples.
 
     task: a name (see `get_task`) or a task object. params: hyperparameters of the method's
     estimator over the registry's. Returns the `evaluate` Result, with the tuning choices in
-    params["chosen"] and the seconds spent in timings."""
+    params["chosen"] and the seconds spent in timings. progress (`attnlab.probe.progress`): the tuning,
+    then the evaluation."""
     return tune_and_evaluate(probe, method, task, n=n, n_tune=n_tune, seed=seed, batch_size=batch_size,
                              params=params, progress=progress)[1]
 
 
 def tune_and_evaluate(probe, method: str, task, *, n: int = 200, n_tune: int = 64, seed: int = 0,
                       batch_size: int = 16, params: dict | None = None,
-                      progress: bool = True) -> tuple[Intervention, Result]:
+                      progress=True) -> tuple[Intervention, Result]:
     """`run_method`, also returning the fitted estimator (what `compare` reuses: the tuned values)."""
     spec = _method(method)
     if n < 1 or n_tune < 1:
@@ -111,11 +113,11 @@ def tune_and_evaluate(probe, method: str, task, *, n: int = 200, n_tune: int = 6
     task = get_task(task, seed, n, n_tune) if isinstance(task, str) else task
     check_task(task, method)
     check_sizes(task, method, n, n_tune)
-    label = f"{task.name} test" if progress else False
     started = time.perf_counter()
-    model = fit_method(probe, method, task, n_tune=n_tune, batch_size=batch_size, progress=progress, params=params)
+    model = fit_method(probe, method, task, n_tune=n_tune, batch_size=batch_size, progress=stage(progress, 0, 2),
+                       params=params)
     tuned = time.perf_counter() - started
-    res = model.evaluate(probe, task, split="test", n=n, progress=label)
+    res = model.evaluate(probe, task, split="test", n=n, progress=stage(progress, 1, 2))
     res.params["chosen"] = model.chosen()
     res.params["n_tune"] = n_tune if spec.tuning_split is not None else 0
     res.timings = {"tune_seconds": round(tuned, 2), "seconds": round(time.perf_counter() - started, 2)}

@@ -42,6 +42,7 @@ from attnlab.interventions.base import Intervention
 from attnlab.interventions.evaluate import ids_hash, score_examples
 from attnlab.probe.edits import AttentionEdit, FirstToken, LogitBias
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import stage, track
 
 GAMMA_GRID = tuple(np.arange(1.0, 4.01, 0.5).round(2).tolist())
 
@@ -87,16 +88,10 @@ def _metric(df: pd.DataFrame, metric: str = "accuracy") -> tuple[float, float, f
 METRICS = ("accuracy", "gold_logprob", "entropy")
 
 
-def _progress(iterable, label, total=None):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=label, total=total, disable=not label, leave=False)
-
-
 def profile_heads(probe, task, *, gamma: float = 2.0, unit: str = "head_index", split: str = "dev",
                   n: int | None = None, shots: int = 0, batch_size: int = 16, metric: str = "accuracy",
                   units: Sequence[Sequence[tuple[int, int]]] | None = None, baseline: pd.DataFrame | None = None,
-                  progress: bool | str = False) -> pd.DataFrame:
+                  progress=False) -> pd.DataFrame:
     """One row per unit: layer (-1 for a head index across layers), head, accuracy, gold_logprob,
     entropy, their changes from the baseline, score (the ranking metric's change) and direction
     up/down/flat.
@@ -104,7 +99,8 @@ def profile_heads(probe, task, *, gamma: float = 2.0, unit: str = "head_index", 
     metric: "accuracy" (dev accuracy, ties broken by the gold log-prob), "gold_logprob", or
     "entropy" (label-free: score = baseline entropy - unit entropy over the label words; the
     accuracy columns are then NaN, labels are never read). baseline: the unedited
-    `score_examples` frame of the same examples, if already computed."""
+    `score_examples` frame of the same examples, if already computed. progress
+    (`attnlab.probe.progress`): units profiled."""
     _check_split(split)
     if gamma <= 1:
         raise AttnlabError(f"head profiling scales with gamma > 1, got {gamma}")
@@ -116,8 +112,7 @@ def profile_heads(probe, task, *, gamma: float = 2.0, unit: str = "head_index", 
     base = _metric(base_df, metric)
     rows = []
     members_list = list(units if units is not None else _units(probe, unit))
-    label = (progress if isinstance(progress, str) else f"profiling {task.name}") if progress else False
-    for members in _progress(members_list, label):
+    for members in track(members_list, progress, desc=f"profiling {task.name}", unit="unit"):
         acc, lp, ent = _metric(score_examples(probe, task, examples, zerotuning_edits(gamma, members), **kw), metric)
         d_acc, d_lp, d_ent = acc - base[0], lp - base[1], ent - base[2]
         if metric == "entropy":
@@ -145,15 +140,14 @@ def heads_of(profile: pd.DataFrame, direction: str = "up") -> list[tuple[int, in
 def search_gamma(probe, task, heads: Sequence[tuple[int, int]] | None, *, grid: Sequence[float] = GAMMA_GRID,
                  supervised: bool = True, invert: bool = False, split: str = "dev", n: int | None = None,
                  shots: int = 0, batch_size: int = 16, baseline: pd.DataFrame | None = None,
-                 progress: bool | str = False) -> pd.DataFrame:
+                 progress=False) -> pd.DataFrame:
     """One row per gamma: dev accuracy (supervised) or mean label-word entropy (unsupervised), and
     `chosen` on the best. invert=True applies 1/gamma (down heads). baseline: the unedited frame
-    of the same examples, reused for gamma = 1."""
+    of the same examples, reused for gamma = 1. progress (`attnlab.probe.progress`): gammas tried."""
     _check_split(split)
     examples = task.split(split, n)
     rows = []
-    label = (progress if isinstance(progress, str) else f"gamma search {task.name}") if progress else False
-    for g in _progress(list(grid), label):
+    for g in track(list(grid), progress, desc=f"gamma search {task.name}", unit="gamma"):
         applied = 1.0 / g if invert else g
         if applied == 1.0 and baseline is not None:
             df = baseline
@@ -197,7 +191,7 @@ class ZeroTuning(Intervention):
 
     def __init__(self, *, unit: str = "head_index", gamma_profile: float = 2.0, grid: Sequence[float] = GAMMA_GRID,
                  supervised: bool = True, direction: str = "up", split: str = "dev", n: int | None = None,
-                 shots: int = 0, batch_size: int = 16, progress: bool = False):
+                 shots: int = 0, batch_size: int = 16, progress=False):
         self.unit = unit
         self.gamma_profile = gamma_profile
         self.grid = grid
@@ -219,15 +213,16 @@ class ZeroTuning(Intervention):
         tuned_ids = [e.id for e in examples]
         kw = dict(split=self.split, n=self.n, shots=self.shots, batch_size=self.batch_size)
         base = score_examples(probe, task, examples, None, shots=self.shots, batch_size=self.batch_size)
-        tag = f"{task.name} zerotuning" if self.progress else False
         profile, heads = None, None
+        stages = 1 if self.direction == "all" else 2  # the profile (unless every head), the gamma search
         if self.direction != "all":
             profile = profile_heads(probe, task, gamma=self.gamma_profile, unit=self.unit,
                                     metric="accuracy" if self.supervised else "entropy", baseline=base,
-                                    progress=tag and f"{tag}: profile", **kw)
+                                    progress=stage(self.progress, 0, stages), **kw)
             heads = heads_of(profile, self.direction) or None
         search = search_gamma(probe, task, heads, grid=self.grid, supervised=self.supervised,
-                              invert=self.direction == "down", baseline=base, progress=tag and f"{tag}: gamma", **kw)
+                              invert=self.direction == "down", baseline=base,
+                              progress=stage(self.progress, stages - 1, stages), **kw)
         self.profile_, self.heads_, self.search_, self.tuned_ids_ = profile, heads, search, tuned_ids
         self.gamma_ = float(search.loc[search.chosen, "gamma"].iloc[0])
         return self

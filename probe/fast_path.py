@@ -98,11 +98,8 @@ class ProbeState:
     @contextmanager
     def editing(self, edits: tuple) -> Iterator[None]:
         """Inside the block, `edits` are added to the active ones (nests: inner edits add)."""
-        token = self._edits.set(self._edits.get() + tuple(edits))
-        try:
+        with _scoped(self._edits, self._edits.get() + tuple(edits)):
             yield
-        finally:
-            self._edits.reset(token)
 
     @contextmanager
     def ablating(self, ablations: dict) -> Iterator[None]:
@@ -110,20 +107,24 @@ class ProbeState:
         current = dict(self.ablations)
         for layer, heads in ablations.items():
             current[layer] = tuple(dict.fromkeys(current.get(layer, ()) + tuple(heads)))
-        token = self._ablations.set(current)
-        try:
+        with _scoped(self._ablations, current):
             yield
-        finally:
-            self._ablations.reset(token)
 
     @contextmanager
     def capturing(self, session: CaptureSession) -> Iterator[CaptureSession]:
         """Inside the block, the forwards of this state's modules record into `session`."""
-        token = self._session.set(session)
-        try:
+        with _scoped(self._session, session):
             yield session
-        finally:
-            self._session.reset(token)
+
+
+@contextmanager
+def _scoped(var: contextvars.ContextVar, value) -> Iterator[None]:
+    """Inside the block, `var` holds `value` (in this context only); the previous value afterwards."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 def state_of(module: torch.nn.Module) -> ProbeState | None:

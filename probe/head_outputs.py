@@ -28,9 +28,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import track
 from attnlab.probe.threads import small_model_threads, torch_threads
 
 POOLINGS = ("mean", "last", "both")
@@ -108,16 +108,16 @@ def patch_z(probe, layer: int, head: int, z: torch.Tensor) -> Iterator[None]:
 
 
 def head_outputs(probe, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
-                 prepend_bos: bool = True, progress: bool = False) -> torch.Tensor:
+                 prepend_bos: bool = True, progress=False) -> torch.Tensor:
     """[E, layers * heads, d_model]: every head's output after W_O, pooled over the real positions of each
     prompt (`mean`) or taken at its last token (`last`); `both` gives [2, E, layers * heads, d_model]
-    (mean, last). Head k = layer * n_heads + head."""
+    (mean, last). Head k = layer * n_heads + head. progress (`attnlab.probe.progress`): batches done."""
     if pooling not in POOLINGS:
         raise AttnlabError(f"unknown pooling '{pooling}': choose from {', '.join(POOLINGS)}")
     info = probe.info
     W = torch.stack([w_o(p, info.n_heads, info.head_dim) for p in out_projections(probe.model)]).cpu()  # [L, H, dh, D]
     out = []
-    for i in tqdm(range(0, len(ids), batch_size), desc="head outputs", disable=not progress, leave=False):
+    for i in track(range(0, len(ids), batch_size), progress, desc="head outputs", unit="batch"):
         tokens = probe.to_tokens([list(r) for r in ids[i:i + batch_size]], prepend_bos=prepend_bos)
         mask = tokens.attention_mask.to(probe.device).float()
         pooled: dict[int, torch.Tensor] = {}

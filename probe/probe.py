@@ -33,6 +33,7 @@ from attnlab.probe import adapters, capabilities, fast_path, hooked_path, integr
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import as_progress
 from attnlab.probe.tokens import Tokens, from_ids, tokenize
 
 # Largest full-pattern capture (elements over batch x layers x heads x N x N): 1 GiB in fp32.
@@ -395,17 +396,18 @@ class Probe:
             check_positions(active, tokens)
 
     def head_outputs(self, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
-                     prepend_bos: bool = True, progress: bool = False) -> torch.Tensor:
+                     prepend_bos: bool = True, progress=False) -> torch.Tensor:
         """[E, layers * heads, d_model]: every head's output after W_O (z_k W_O^k, read at each layer's
         attention output projection), averaged over each prompt's real positions (`mean`) or taken at its
         last token (`last`); `both` gives [2, E, layers * heads, d_model]. Head k = layer * n_heads + head
-        (`attnlab.probe.head_outputs`, which also records and patches z)."""
+        (`attnlab.probe.head_outputs`, which also records and patches z). progress: None/False, True (a
+        bar) or progress(done_batches, total_batches) (`attnlab.probe.progress`)."""
         from attnlab.probe.head_outputs import POOLINGS, head_outputs
 
         validate.choice(pooling, "pooling", POOLINGS)
         batch_size = validate.integer(batch_size, "batch_size", minimum=1)
         prepend_bos = validate.flag(prepend_bos, "prepend_bos")
-        progress = validate.flag(progress, "progress")
+        as_progress(progress)  # refuse a wrong value before any work
         return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
 
     def restore_model(self) -> None:
@@ -442,7 +444,7 @@ class Probe:
         heads: Sequence[int] | None = None,
         backend: str = "auto",
         prepend_bos: bool = True,
-        progress: Callable[[int, int], None] | None = None,
+        progress=None,
     ) -> RunOutput:
         """One forward on the fast path giving its logits and a capture of its attention statistics:
         `logits, cap = probe.run(tokens, stats=["received"])` (a `RunOutput`). Active edits and
@@ -452,7 +454,8 @@ class Probe:
         (`attnlab.probe.stats`); None: no capture (plain logits). return_logits=False skips the
         vocabulary projection (what `capture` does). logits_to_keep: the last positions whose logits
         are computed (0: every position). layers/heads: model layer and query-head indices (default
-        all). progress(done_layers, total_layers) is called as layers finish."""
+        all). progress (`attnlab.probe.progress`: None, True for a bar, or progress(done_layers,
+        total_layers), called as layers finish; it may raise to cancel)."""
         return_logits = validate.flag(return_logits, "return_logits")
         logits_to_keep = validate.integer(logits_to_keep, "logits_to_keep", minimum=0,
                                           hint="0 keeps every position, k the last k")
@@ -460,7 +463,7 @@ class Probe:
             validate.choice(backend, "backend", BACKENDS)
             self._check_indices(layers, self.info.n_layers, "layer", "layers")
             self._check_indices(heads, self.info.n_heads, "head", "heads")
-            validate.callable_or_none(progress, "progress")
+            as_progress(progress)  # refused like any other wrong argument, even with nothing to report
             tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
             if not return_logits:
                 return RunOutput(None, None)
@@ -470,7 +473,7 @@ class Probe:
         layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
         head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
         backend = self._resolve_backend(backend, stat_list)
-        validate.callable_or_none(progress, "progress")
+        report = as_progress(progress, "capture", unit="layer")
         tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
         self._check_edits(tokens)
         names = [s.name for s in stat_list]
@@ -504,8 +507,8 @@ class Probe:
 
         def on_layer(_layer: int) -> None:
             done[0] += 1
-            if progress is not None:
-                progress(done[0], len(layer_list))
+            if report is not None:
+                report(done[0], len(layer_list))
 
         started = time.perf_counter()
         session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
@@ -545,13 +548,13 @@ class Probe:
         heads: Sequence[int] | None = None,
         backend: str = "auto",
         prepend_bos: bool = True,
-        progress: Callable[[int, int], None] | None = None,
+        progress=None,
     ) -> Capture:
         """Run one forward and record per-head attention statistics (`run` without logits).
 
         inputs: a text, a list of texts, token ids, or Tokens. stats: catalogue entries
         (`attnlab.probe.stats`). layers/heads: model layer and query-head indices (default all).
-        progress(done_layers, total_layers) is called as layers finish."""
+        progress: None, True (a bar) or progress(done_layers, total_layers), called as layers finish."""
         if stats is None:
             catalogue.parse(stats)  # the catalogue's message: capture needs statistics
         return self.run(inputs, stats, return_logits=False, layers=layers, heads=heads, backend=backend,

@@ -32,10 +32,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     def launch(_n, model, text, name, values, field_ids):
         skip = [no_update] * 5
         try:
-            if not model:
-                return *skip, "choose a model first (none is installed: see the list)"
-            model = checks.one_of(model, work.models()[0], "model")
-            text = checks.text(text, "the text")
+            model, text = checks.model_and_text(model, text, work.models()[0])
             name = checks.one_of(name, launchers.LAUNCHERS, "analysis")
             launcher = launchers.LAUNCHERS[name]
             typed = _form_values(launcher, values, field_ids)
@@ -48,20 +45,15 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Input(ids.HEAD, "value"), prevent_initial_call=True)
     def head_view(name, layer, head):
         try:
-            name = checks.run_name(name)
-            if not name:
-                return blank("")
-            if layer is None or head is None:
-                return blank("click a head of the map")
-            layer, head = checks.integer(layer, "layer"), checks.integer(head, "head")
+            name, layer, head = checks.selected_head(name, layer, head, no_head="click a head of the map")
         except AttnlabError as e:
             return blank(checks.user_message(e))
         try:
             run = runs.run(name)
-            heads = _run_heads(run)
-            if heads is not None and (layer, head) not in heads:
-                return blank(f"L{layer} H{head} is not in this run: click a head of the map")
+            checks.head_in(layer, head, _run_heads(run), "run", "click a head of the map")
             fig = launchers.head_view(run, layer, head, work.get_probe)
+        except checks.Invalid as e:
+            return blank(checks.user_message(e))
         except (AttnlabError, KeyError, OSError, ValueError, IndexError) as e:
             return blank(f"cannot draw L{layer} H{head}: {checks.user_message(e, runs.root)}")
         if fig is None:

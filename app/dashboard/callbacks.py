@@ -52,10 +52,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     def start(_n, model, text, bos, layers):
         skip = [no_update] * 5
         try:
-            if not model:
-                return *skip, "choose a model first (none is installed: see the list)"
-            model = checks.one_of(model, work.models()[0], "model")
-            text = checks.text(text, "the text")
+            model, text = checks.model_and_text(model, text, work.models()[0])
             if not text or not text.strip():
                 return *skip, "the text is empty: type or upload a text first"
             bos = checks.subset(bos, ["bos"], "prepend BOS")
@@ -272,14 +269,10 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         """The text coloured by what the selected head gives or receives (`work.NEEDS`: a run without
         the mode's statistic says which to capture)."""
         try:
-            name = checks.run_name(name)
-            if not name or layer is None or head is None:
-                return ""
-            layer, head = checks.integer(layer, "layer"), checks.integer(head, "head")
+            name, layer, head = checks.selected_head(name, layer, head)
             mode = checks.one_of(mode, ["received", "gives"], "token view")
             cap = runs.capture(name)
-            if layer not in cap.layers or head not in cap.heads:
-                return f"L{layer} H{head} is not in this capture: choose one of its layers and heads"
+            checks.head_in(layer, head, checks.capture_heads(cap), "capture", "choose one of its layers and heads")
             li, hi = cap.head_index(layer, head)
         except (AttnlabError, OSError, ValueError) as e:
             return checks.user_message(e, runs.root)

@@ -139,6 +139,39 @@ def run_name(value, what: str = "run") -> str | None:
     return value
 
 
+def model_and_text(model, typed, installed: Iterable[str]) -> tuple[str, str | None]:
+    """(model, text) of a capture or analysis job, from the page's model selector and text box: the model
+    must be one of `installed` (Invalid asking to choose one when none is selected)."""
+    if not model:
+        raise Invalid("choose a model first (none is installed: see the list)")
+    return one_of(model, installed, "model"), text(typed, "the text")
+
+
+def selected_head(run, layer, head, *, no_run: str = "", no_head: str = "") -> tuple[str, int, int]:
+    """(run name, layer, head) of the head a view or an intervention acts on, from the page's values (the
+    open run's name and the layer and head selectors). Raises Invalid with `no_run` when no run is open,
+    `no_head` when no head is chosen (the callers' own sentences, "" for a view that stays empty), and
+    the checks' message for a malformed value."""
+    name = run_name(run)
+    if not name:
+        raise Invalid(no_run)
+    if layer is None or head is None:
+        raise Invalid(no_head)
+    return name, integer(layer, "layer"), integer(head, "head")
+
+
+def head_in(layer: int, head: int, heads: Iterable[tuple[int, int]] | None, where: str, fix: str) -> None:
+    """Raise Invalid("L{layer} H{head} is not in this {where}: {fix}") unless (layer, head) is one of
+    `heads` (None: a run that lists no heads accepts any)."""
+    if heads is not None and (layer, head) not in set(heads):
+        raise Invalid(f"L{layer} H{head} is not in this {where}: {fix}")
+
+
+def capture_heads(cap) -> set[tuple[int, int]]:
+    """The (layer, head) pairs a capture recorded (its layers x its heads)."""
+    return {(layer, head) for layer in cap.layers for head in cap.heads}
+
+
 def job_id(value) -> str | None:
     """The id of a background job (a short hex string), or None for anything else."""
     return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,32}", value) else None

@@ -52,12 +52,10 @@ def register(app, runs: work.RunCache) -> None:
             return html.Span(message, style=ERROR), "", blank(""), blank(""), blank(""), HIDDEN
 
         try:
-            name = checks.run_name(name)
-            if not name:
-                return fail("open a capture run (or capture a text) first: the intervention applies to its text")
-            if layer is None or head is None:
-                return fail("choose a layer and head first (or click a cell of a layer x head map)")
-            layer, head = checks.integer(layer, "layer"), checks.integer(head, "head")
+            name, layer, head = checks.selected_head(
+                name, layer, head,
+                no_run="open a capture run (or capture a text) first: the intervention applies to its text",
+                no_head="choose a layer and head first (or click a cell of a layer x head map)")
             method = checks.one_of(method, intervene.METHODS, "method")
             scope = checks.one_of(scope, intervene.SCOPES, "scope")
             m = intervene.METHODS[method]
@@ -68,12 +66,13 @@ def register(app, runs: work.RunCache) -> None:
             return fail(checks.user_message(e))
         try:
             cap = runs.capture(name)
-            if int(layer) not in cap.layers or int(head) not in cap.heads:
-                return fail(f"L{layer} H{head} is not in this capture: choose one of its layers and heads")
+            checks.head_in(layer, head, checks.capture_heads(cap), "capture", "choose one of its layers and heads")
             probe = work.get_probe(cap.model)
-            plan = intervene.plan(probe, cap.tokens, method, scope, int(layer), int(head), strength, span)
+            plan = intervene.plan(probe, cap.tokens, method, scope, layer, head, strength, span)
             block = work.pooled_block(cap)
-            out = intervene.compare(probe, cap.tokens, plan, int(layer), int(head), block)
+            out = intervene.compare(probe, cap.tokens, plan, layer, head, block)
+        except checks.Invalid as e:
+            return fail(checks.user_message(e))
         except (AttnlabError, OSError) as e:
             return fail(f"cannot apply the intervention: {checks.user_message(e, runs.root)}")
         table = figures.next_token_frame(lambda i: probe.tokenizer.decode([i]), out["p_before"], out["p_after"], TOP_K)

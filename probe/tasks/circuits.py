@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from attnlab.probe.errors import AttnlabError
+from attnlab.probe.progress import as_progress
 
 
 @dataclass(frozen=True)
@@ -386,17 +386,20 @@ def solved(probe, pairs: Sequence[CircuitPair], batch_size: int = 64, prepend_bo
 
 def make_task(probe, name: str, n: int = 64, seed: int = 0, *, solved_only: bool = True,
               max_candidates: int | None = None, batch_size: int = 64, prepend_bos: bool = True,
-              progress: bool = False, **options) -> CircuitTask:
+              progress=False, **options) -> CircuitTask:
     """Up to n pairs of task `name` whose positive `probe`'s model solves (the first n candidates, solved
     or not, when solved_only=False, e.g. for random-init models; the solve count is recorded either way).
     Candidates are checked `batch_size` at a time until n are found or `max_candidates` (default 8 n)
-    were tried; fewer than n is not an error (the task records how many it found), none is."""
+    were tried; fewer than n is not an error (the task records how many it found), none is.
+    progress (`attnlab.probe.progress`): pairs kept of n, then (n, n) when the search ends."""
     if n < 1:
         raise AttnlabError(f"n must be at least 1, got {n}")
     stream = _generator(name)(probe.tokenizer, seed, **options)
     limit = max_candidates or 8 * n
     kept, checked, n_solved = [], 0, 0
-    bar = tqdm(total=n, desc=f"{name}: solved pairs", disable=not progress, leave=False)
+    report = as_progress(progress, f"{name}: solved pairs", unit="pair")
+    if report is not None:
+        report(0, n)
     while len(kept) < n and checked < limit:
         want = batch_size if solved_only else n - len(kept)
         chunk = list(itertools.islice(stream, min(want, limit - checked)))
@@ -407,8 +410,10 @@ def make_task(probe, name: str, n: int = 64, seed: int = 0, *, solved_only: bool
         n_solved += int(ok.sum())
         new = [p for p, good in zip(chunk, ok) if good] if solved_only else chunk
         kept += new[:n - len(kept)]
-        bar.update(min(len(new), bar.total - bar.n))
-    bar.close()
+        if report is not None:
+            report(len(kept), n)
+    if report is not None and len(kept) < n:
+        report(n, n)  # the search ended (candidates exhausted or the limit reached)
     if not kept:
         raise AttnlabError(f"{probe.name} solved none of {checked} '{name}' candidates: pass solved_only=False "
                            "to study it anyway, or use a model that can do the task")

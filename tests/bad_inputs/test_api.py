@@ -97,7 +97,7 @@ CASES = [
     ("heads-out-of-range", lambda p, t: p.capture("x", heads=[4]), r"^heads: head 4 is out of range: tiny-llama has 4 heads"),
     ("backend-unknown", lambda p, t: p.capture("x", backend="cuda-magic"), r"^backend: unknown backend 'cuda-magic'; choose from auto"),
     ("backend-None", lambda p, t: p.capture("x", backend=None), r"^backend: unknown backend None"),
-    ("progress-not-callable", lambda p, t: p.capture("x", progress=True), r"^progress: True is a bool, not callable"),
+    ("progress-not-a-progress", lambda p, t: p.capture("x", progress="yes"), r"^progress: 'yes' is not a progress value \(a string is no longer a bar's label"),
     # ----- forward, generate, head_outputs -----
     ("forward-text", lambda p, t: p.forward("a text"), r"^tokens: 'a text' is of type str; pass Tokens from probe.tokenize"),
     ("generate-max-new-0", lambda p, t: p.generate("x", max_new_tokens=0), r"^max_new_tokens: 0 is out of range; pass an integer >= 1"),

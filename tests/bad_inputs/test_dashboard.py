@@ -484,6 +484,27 @@ def test_integers_refuse_everything_else(value):
         checks.integer(value, "layer")
 
 
+def test_one_selected_head_check_serves_the_head_views_and_the_intervention():
+    assert checks.selected_head("run-1", "2", 3.0) == ("run-1", 2, 3)
+    for run, layer, head, message in [(None, 1, 1, "no run"), ("", 1, 1, "no run"), ("run-1", None, 1, "no head"),
+                                      ("run-1", 1, None, "no head")]:
+        with pytest.raises(checks.Invalid, match=f"^{message}$"):
+            checks.selected_head(run, layer, head, no_run="no run", no_head="no head")
+    with pytest.raises(checks.Invalid, match=r"^head: expected a whole number"):
+        checks.selected_head("run-1", 1, "x")
+    with pytest.raises(checks.Invalid, match="is not a run name"):
+        checks.selected_head("../etc", 1, 1)
+    cap = type("Cap", (), {"layers": [0, 2], "heads": [1, 3]})()
+    assert checks.capture_heads(cap) == {(0, 1), (0, 3), (2, 1), (2, 3)}
+    checks.head_in(2, 3, checks.capture_heads(cap), "capture", "pick one")
+    checks.head_in(9, 9, None, "run", "pick one")  # a run that lists no heads accepts any
+    with pytest.raises(checks.Invalid, match=r"^L1 H3 is not in this capture: pick one$"):
+        checks.head_in(1, 3, checks.capture_heads(cap), "capture", "pick one")
+    with pytest.raises(checks.Invalid, match=r"^choose a model first"):
+        checks.model_and_text(None, "text", ["m"])
+    assert checks.model_and_text("m", "text", ["m"]) == ("m", "text")
+
+
 def test_jobs_that_fail_unexpectedly_show_no_exception_text():
     import time
 
