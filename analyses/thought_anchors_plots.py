@@ -21,6 +21,26 @@ def _hover(text: str, width: int = 60) -> str:
     return "<br>".join(textwrap.wrap(" ".join(str(text).split()), width)) or "(empty)"
 
 
+LABEL_CHARS = 28  # a sentence's axis label: its index and its first words (the full text is in the hover)
+
+
+def sentence_label(index: int, text: str, width: int = LABEL_CHARS) -> str:
+    """A sentence as an axis label: "3: Six packs give 36 pens…" (index, then the text cut at a word
+    boundary to at most `width` characters)."""
+    flat = " ".join(str(text).split())
+    short = textwrap.shorten(flat, width, placeholder="…") if len(flat) > width else flat
+    if not short:  # one word longer than width
+        short = flat[: width - 1] + "…"
+    return f"{index}: {short}"
+
+
+def _sentence_axis(indices, texts) -> dict:
+    """Axis keywords labelling sentence positions `indices` by their text (see `sentence_label`)."""
+    idx = [int(i) for i in indices]
+    return {"tickvals": idx, "ticktext": [sentence_label(i, t) for i, t in zip(idx, texts)], "tickangle": -40,
+            "automargin": True}
+
+
 def kurtosis_heatmap(heads: pd.DataFrame, title: str = "vertical-score kurtosis per head") -> go.Figure:
     """heads: layer, head, score, is_receiver -> layer (y) x head (x) heatmap; receiver heads ringed."""
     grid = heads.pivot_table(index="layer", columns="head", values="score", aggfunc="mean", dropna=False).sort_index()
@@ -42,7 +62,8 @@ def receiver_bars(sentences: pd.DataFrame, trace: str | None = None) -> go.Figur
     s = sentences if trace is None else sentences[sentences["trace"] == trace]
     fig = go.Figure(go.Bar(x=s["sentence"], y=s["receiver_score"], hovertext=[_hover(t) for t in s["text"]],
                            hovertemplate="sentence %{x}: %{y:.4f}<br>%{hovertext}<extra></extra>"))
-    fig.update_layout(title=f"receiver score per sentence{f' ({trace})' if trace else ''}", xaxis_title="sentence",
+    fig.update_layout(title=f"receiver score per sentence{f' ({trace})' if trace else ''}",
+                      xaxis={"title": "sentence", **_sentence_axis(s["sentence"], s["text"])},
                       yaxis_title="mean vertical score over receiver heads")
     return fig
 
@@ -69,7 +90,7 @@ def importance_bars(sentences: pd.DataFrame, trace: str | None = None) -> go.Fig
                       row=row, col=1)
     fig.update_layout(title=f"sentence importance{f' ({trace})' if trace else ''}: receiver score vs resampling",
                       showlegend=False, height=620)
-    fig.update_xaxes(title_text="sentence", row=3, col=1)
+    fig.update_xaxes(title_text="sentence", row=3, col=1, **_sentence_axis(s["sentence"], s["text"]))
     return fig
 
 
@@ -81,16 +102,19 @@ def suppression_heatmap(suppression: pd.DataFrame, sentences: pd.DataFrame | Non
     n = int(max(s["source"].max(), s["target"].max())) + 1 if len(s) else 0
     z = np.full((n, n), np.nan)
     z[s["target"].to_numpy(), s["source"].to_numpy()] = s["value"].to_numpy()
-    texts = [""] * n
+    texts, raw = [""] * n, [""] * n
     if sentences is not None:
         sub = sentences if trace is None else sentences[sentences["trace"] == trace]
-        texts = [_hover(t, 40) for t in sub.sort_values("sentence")["text"]][:n] + [""] * max(0, n - len(sub))
+        raw = [str(t) for t in sub.sort_values("sentence")["text"]][:n] + [""] * max(0, n - len(sub))
+        texts = [_hover(t, 40) for t in raw]
     hover = [[f"target {t}: {texts[t]}<br>source {c}: {texts[c]}" for c in range(n)] for t in range(n)]
     fig = go.Figure(go.Heatmap(z=z, x=list(range(n)), y=list(range(n)), colorscale="Magma", text=hover,
                                colorbar={"title": "log(KL+1e-9)"},
                                hovertemplate="%{text}<br>log KL %{z:.2f}<extra></extra>"))
-    fig.update_layout(title=f"attention suppression{f' ({trace})' if trace else ''}", xaxis_title="suppressed sentence",
-                      yaxis_title="affected sentence", yaxis_autorange="reversed")
+    axis = _sentence_axis(range(n), raw) if sentences is not None else {}
+    fig.update_layout(title=f"attention suppression{f' ({trace})' if trace else ''}",
+                      xaxis={"title": "suppressed sentence", **axis},
+                      yaxis={"title": "affected sentence", "autorange": "reversed", **axis, "tickangle": 0})
     return fig
 
 
@@ -103,8 +127,9 @@ def sentence_attention_heatmap(M: np.ndarray, sentences: Sequence[str] | None = 
     hover = [[f"query {i}: {texts[i]}<br>key {j}: {texts[j]}" for j in range(n)] for i in range(n)]
     fig = go.Figure(go.Heatmap(z=M, x=list(range(n)), y=list(range(n)), colorscale="Blues", text=hover,
                                colorbar={"title": "mean A"}, hovertemplate="%{text}<br>%{z:.4f}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="key sentence", yaxis_title="query sentence",
-                      yaxis_autorange="reversed")
+    axis = _sentence_axis(range(n), sentences) if sentences is not None else {}
+    fig.update_layout(title=title, xaxis={"title": "key sentence", **axis},
+                      yaxis={"title": "query sentence", "autorange": "reversed", **axis, "tickangle": 0})
     return fig
 
 
@@ -131,7 +156,8 @@ def sentence_graph(sentences: pd.DataFrame, suppression: pd.DataFrame, trace: st
                                      line={"width": width, "color": "rgba(200,60,60,0.5)"},
                                      text=f"{r.source} -> {r.target}: {r.value:.2f}"))
     fig.add_trace(go.Scatter(x=s["sentence"], y=np.zeros(len(s)), mode="markers+text",
-                             text=[str(i) for i in s["sentence"]], textposition="bottom center",
+                             text=[sentence_label(i, t, 18) for i, t in zip(s["sentence"], s["text"])],
+                             textposition="bottom center", textfont={"size": 10},
                              marker={"size": size, "color": finite, "colorscale": "Viridis"},
                              hovertext=[f"{_hover(t)}<br>receiver score {v:.4f}" for t, v in zip(s["text"], score)],
                              hoverinfo="text", showlegend=False))
@@ -142,4 +168,4 @@ def sentence_graph(sentences: pd.DataFrame, suppression: pd.DataFrame, trace: st
 
 
 __all__ = ["importance_bars", "kurtosis_heatmap", "receiver_bars", "sentence_attention_heatmap", "sentence_graph",
-           "suppression_heatmap"]
+           "sentence_label", "suppression_heatmap"]

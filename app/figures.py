@@ -12,6 +12,7 @@ browser's system fonts (no web fonts: the dashboard works offline).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,6 +20,52 @@ import pandas as pd
 import plotly.graph_objects as go
 
 FONT = {"family": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", "size": 12}
+
+SCALES = ("linear", "log", "power")  # colour scales of every heatmap builder here
+LOG_FLOOR = 1e-4  # log scale: values below (and zeros) are drawn at the floor's colour
+POWER = 0.5  # power scale: colour = value ** POWER (a square root spreads the small weights)
+
+
+def scaled(values: np.ndarray, scale: str = "linear", zmin: float | None = None,
+           zmax: float | None = None) -> tuple[np.ndarray, dict]:
+    """The colour of a heatmap on a `scale` of `SCALES`: values -> (z to draw, trace keywords:
+    zmin, zmax and a colorbar whose ticks are labelled in the original values).
+
+    linear: z = values. log: z = log10(max(values, LOG_FLOOR)) (attention spans decades: a 256-token
+    pattern is mostly weights near 1e-3 that a linear scale draws white). power: z = values ** POWER.
+    Negative values only make sense on the linear scale: the others refuse them. NaN (masked) stays
+    NaN. The hover must read the original values (pass them as customdata)."""
+    v = np.asarray(values, dtype=float)
+    if scale not in SCALES:
+        raise ValueError(f"unknown colour scale {scale!r}: choose one of {', '.join(SCALES)}")
+    if scale == "linear":
+        return v, {"zmin": zmin, "zmax": zmax}
+    finite = v[np.isfinite(v)]
+    if finite.size and finite.min() < 0:
+        raise ValueError(f"a {scale} colour scale needs values >= 0 (the smallest is {finite.min():.3g}): use linear")
+    top = zmax if zmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if scale == "log":
+        lo = max(LOG_FLOOR, zmin) if zmin else LOG_FLOOR
+        top = max(top, lo * 10)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.log10(np.clip(v, lo, None))
+        exps = range(math.floor(math.log10(lo)), math.ceil(math.log10(top)) + 1)
+        ticks = [e for e in exps if math.log10(lo) - 1e-9 <= e <= math.log10(top) + 1e-9]
+        return z, {"zmin": math.log10(lo), "zmax": math.log10(top),
+                   "colorbar": {"tickvals": ticks, "ticktext": [f"{10.0 ** e:g}" for e in ticks]}}
+    lo = zmin or 0.0
+    z = np.power(np.clip(v, 0, None), POWER)
+    ticks = [t for t in np.linspace(lo, top, 5)]
+    return z, {"zmin": lo ** POWER, "zmax": top ** POWER,
+               "colorbar": {"tickvals": [t ** POWER for t in ticks], "ticktext": [f"{t:.2g}" for t in ticks]}}
+
+
+def _colour(values: np.ndarray, scale: str, zmin, zmax, label: str) -> tuple[np.ndarray, dict]:
+    """`scaled` with the colorbar's title and thickness merged in."""
+    z, kw = scaled(values, scale, zmin, zmax)
+    title = label if scale == "linear" else f"{label} ({scale})"
+    kw["colorbar"] = {"title": {"text": title}, "thickness": 12, **kw.get("colorbar", {})}
+    return z, kw
 
 
 def _wrap(title: str, width: int) -> str:
@@ -50,16 +97,19 @@ def _layout(fig: go.Figure, title: str, **kw) -> go.Figure:
 
 def layer_head_map(values: np.ndarray, layers: Sequence[int], heads: Sequence[int], title: str,
                    label: str = "score", colorscale: str = "Viridis", zmin=None, zmax=None,
-                   selected: tuple[int, int] | None = None) -> go.Figure:
+                   selected: tuple[int, int] | None = None, scale: str = "linear") -> go.Figure:
     """values: [layer, head] -> a layer (y) x head (x) heatmap, one cell per head; click data
-    carries (x=head, y=layer). `selected` (layer, head) draws a box around that cell."""
+    carries (x=head, y=layer). `selected` (layer, head) draws a box around that cell. `scale`: the
+    colour scale (`SCALES`, see `scaled`); the hover shows the value itself on every scale."""
     values = np.asarray(values, dtype=float)
     if values.shape != (len(layers), len(heads)):
         raise ValueError(f"values has shape {values.shape}, expected ({len(layers)}, {len(heads)}) = (layers, heads)")
+    if scale != "linear" and np.nanmin(values, initial=0.0) < 0:
+        scale = "linear"  # signed scores (a change, a difference): only a linear colour scale reads them
+    z, colour = _colour(values, scale, zmin, zmax, label)
     fig = go.Figure(go.Heatmap(
-        z=values, x=list(heads), y=list(layers), colorscale=colorscale, zmin=zmin, zmax=zmax,
-        colorbar={"title": {"text": label}, "thickness": 12},
-        hovertemplate="layer %{y}, head %{x}<br>" + label + " %{z:.3f}<extra></extra>",
+        z=z, x=list(heads), y=list(layers), colorscale=colorscale, customdata=values, **colour,
+        hovertemplate="layer %{y}, head %{x}<br>" + label + " %{customdata:.4g}<extra></extra>",
     ))
     if selected is not None and selected[0] in layers and selected[1] in heads:
         l, h = selected
@@ -104,32 +154,55 @@ def block_size(n_tokens: int, exact_up_to: int = 256, max_blocks: int = 128) -> 
     return 2 ** math.ceil(math.log2(n_tokens / max_blocks))
 
 
+def _position_labels(n: int, block: int, tokens: Sequence[str] | None, n_tokens: int | None,
+                     kind: str) -> list[str]:
+    """Hover labels of an attention map's axis: "query 12 'the'" (a token), "query 12" (no strings),
+    "queries 240-247" (a tile of `block` positions, the last one clipped to n_tokens)."""
+    if block == 1:
+        if tokens is not None:
+            return [f"{kind} {i} {tokens[i]!r}" if i < len(tokens) else f"{kind} {i}" for i in range(n)]
+        return [f"{kind} {i}" for i in range(n)]
+    end = n_tokens if n_tokens is not None else n * block
+    plural = {"query": "queries", "key": "keys"}.get(kind, kind + "s")
+    return [f"{plural} {i * block}-{min((i + 1) * block, end) - 1}" for i in range(n)]
+
+
 def attention_heatmap(matrix: np.ndarray, tokens: Sequence[str] | None = None, block: int = 1,
-                      title: str = "", n_tokens: int | None = None, zmax: float | None = None) -> go.Figure:
+                      title: str = "", n_tokens: int | None = None, zmax: float | None = None,
+                      scale: str = "linear", selected_token: int | None = None) -> go.Figure:
     """matrix: [query_block, key_block] mean attention of one head (block 1 = the exact pattern).
 
-    With block 1 and `tokens`, axes are labelled by token; otherwise by the first position of each
-    tile. Masked cells (keys a query cannot see, NaN) stay blank. Zoom with the plotly toolbar.
-    zmax: the top of the colour scale (give two heatmaps the same one to compare them)."""
+    With block 1 and `tokens`, axes are labelled by token (up to 64); otherwise by the first
+    position of each tile. Every hover names positions, and tokens where known: "query 12 'the' ->
+    key 3 'cat': 0.41", "queries 240-247 -> keys 120-127: mean 0.0032". Masked cells (keys a query
+    cannot see, NaN) stay blank. Zoom with the plotly toolbar. zmax: the top of the colour scale
+    (give two heatmaps the same one to compare them). scale: `SCALES` (see `scaled`).
+    selected_token: a position whose row (what it attends to) and column (what attends to it)
+    are outlined."""
     m = np.asarray(matrix, dtype=float)
     nq, nk = m.shape
     axes: dict = {}
-    if block == 1 and tokens is not None:
+    x = [k * block for k in range(nk)]
+    y = [q * block for q in range(nq)]
+    if block == 1 and tokens is not None and nk <= 64:
         # numeric axes (repeated tokens would merge as categories), token strings as tick labels
-        x, y = list(range(nk)), list(range(nq))
-        qs, ks = [repr(t) for t in tokens[:nq]], [repr(t) for t in tokens[:nk]]
-        text = [[f"{q} -> {k}" for k in ks] for q in qs]
-        hover = "query %{y}, key %{x}<br>%{text}<br>A %{z:.4f}<extra></extra>"
-        if nk <= 64:
-            axes = {"x": {"tickvals": x, "ticktext": ks}, "y": {"tickvals": y, "ticktext": qs}}
-    else:
-        x = [k * block for k in range(nk)]
-        y = [q * block for q in range(nq)]
-        text = None
-        hover = (f"queries %{{y}}-%{{y}}+{block - 1}<br>keys %{{x}}-%{{x}}+{block - 1}<br>"
-                 "mean A %{z:.4g}<extra></extra>")
-    fig = go.Figure(go.Heatmap(z=m, x=x, y=y, text=text, colorscale="Blues", zmin=0, zmax=zmax, hovertemplate=hover,
-                               colorbar={"title": {"text": "A" if block == 1 else "mean A"}, "thickness": 12}))
+        axes = {"x": {"tickvals": x, "ticktext": [repr(t) for t in tokens[:nk]]},
+                "y": {"tickvals": y, "ticktext": [repr(t) for t in tokens[:nq]]}}
+    qs = _position_labels(nq, block, tokens if block == 1 else None, n_tokens, "query")
+    ks = _position_labels(nk, block, tokens if block == 1 else None, n_tokens, "key")
+    text = [[f"{q} -> {k}" for k in ks] for q in qs]
+    what_a = "A" if block == 1 else "mean A"
+    z, colour = _colour(m, scale, 0, zmax, what_a)
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, text=text, customdata=m, colorscale="Blues", **colour,
+                               hovertemplate="%{text}: " + ("" if block == 1 else "mean ")
+                                             + "%{customdata:.4g}<extra></extra>"))
+    if selected_token is not None and 0 <= selected_token < max(nq, nk) * block:
+        t = selected_token // block * block  # the tile holding it
+        line = {"color": "#d62728", "width": 1.5}
+        fig.add_shape(type="rect", x0=-0.5 * block, x1=(nk - 0.5) * block, y0=t - 0.5 * block, y1=t + 0.5 * block,
+                      line=line)
+        fig.add_shape(type="rect", x0=t - 0.5 * block, x1=t + 0.5 * block, y0=-0.5 * block, y1=(nq - 0.5) * block,
+                      line=line)
     what = "exact pattern" if block == 1 else f"pooled {block} x {block} tiles"
     if n_tokens is not None:
         what += f", {n_tokens} tokens"
@@ -137,6 +210,96 @@ def attention_heatmap(matrix: np.ndarray, tokens: Sequence[str] | None = None, b
             xaxis={"title": "key", **axes.get("x", {})},
             yaxis={"title": "query", "autorange": "reversed", **axes.get("y", {})})
     return fig
+
+
+def pool_square(matrix: np.ndarray, side: int) -> np.ndarray:
+    """[q, k] -> [ceil(q/f), ceil(k/f)] tile means (NaN ignored) with f the smallest whole factor giving at
+    most `side` tiles per side: a thumbnail of an attention map."""
+    m = np.asarray(matrix, dtype=float)
+    f = max(1, math.ceil(max(m.shape) / side))
+    if f == 1:
+        return m
+    q, k = -(-m.shape[0] // f) * f, -(-m.shape[1] // f) * f
+    padded = np.full((q, k), np.nan)
+    padded[: m.shape[0], : m.shape[1]] = m
+    tiles = padded.reshape(q // f, f, k // f, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-masked tile is NaN, as it should
+        return np.nanmean(tiles, axis=(1, 3))
+
+
+def head_gallery(matrices: np.ndarray, heads: Sequence[int], layer: int, selected: int | None = None,
+                 scale: str = "linear", side: int = 48, columns: int | None = None) -> go.Figure:
+    """matrices: [head, q, k] attention maps of one layer (exact or pooled) -> one thumbnail per head
+    (tile means, at most `side` per side), on one shared colour scale. Click data carries the
+    thumbnail's curveNumber = its index in `heads`; `selected` (a head) is framed in red."""
+    from plotly.subplots import make_subplots
+
+    mats = np.asarray(matrices, dtype=float)
+    if mats.ndim != 3 or mats.shape[0] != len(heads):
+        raise ValueError(f"matrices has shape {mats.shape}, expected ({len(heads)}, q, k) = (heads, queries, keys)")
+    cols = columns or min(len(heads), max(3, math.ceil(math.sqrt(len(heads)))))
+    rows = math.ceil(len(heads) / cols)
+    thumbs = [pool_square(m, side) for m in mats]
+    finite = [t[np.isfinite(t)] for t in thumbs]
+    top = max((float(f.max()) for f in finite if f.size), default=1.0)
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.02, vertical_spacing=0.06,
+                        subplot_titles=[f"H{h}" for h in heads])
+    for i, (h, t) in enumerate(zip(heads, thumbs)):
+        z, colour = _colour(t, scale, 0, top, "A")
+        colour.pop("colorbar")
+        fig.add_trace(go.Heatmap(z=z, customdata=t, colorscale="Blues", showscale=False, name=f"H{h}", **colour,
+                                 hovertemplate=f"layer {layer} head {h}<br>tile %{{y}}, %{{x}}: mean A "
+                                               "%{customdata:.3g}<br>click to select<extra></extra>"),
+                      row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed")
+    for i, h in enumerate(heads):
+        if h == selected:
+            ax = "" if i == 0 else str(i + 1)
+            fig.add_shape(type="rect", xref=f"x{ax} domain", yref=f"y{ax} domain", x0=-0.03, x1=1.03, y0=-0.03,
+                          y1=1.03, line={"color": "red", "width": 3})
+    for ann in fig.layout.annotations:
+        ann.font = {"size": 11, "color": "red" if ann.text == f"H{selected}" else "#333"}
+    fig.update_layout(font=FONT, margin={"l": 4, "r": 4, "t": 40, "b": 4}, plot_bgcolor="white",
+                      title={"text": f"layer {layer}: every head ({scale} scale; click one)", "x": 0.01,
+                             "font": {"size": 13}})
+    return fig
+
+
+def token_row_column(matrix: np.ndarray, position: int, tokens: Sequence[str] | None = None, block: int = 1,
+                     n_tokens: int | None = None, title: str = "") -> go.Figure:
+    """The attention of one token of a head's map [query_block, key_block]: its row (what it attends to:
+    A[position, :]) and its column (what attends to it: A[:, position]), as two bar charts on a
+    position axis. Hovers name both ends: "query 12 'the' -> key 3 'cat': 0.41". With block > 1
+    the bars are the tile means of the tile holding `position`."""
+    from plotly.subplots import make_subplots
+
+    m = np.asarray(matrix, dtype=float)
+    nq, nk = m.shape
+    t = position // block
+    if not 0 <= t < nq:
+        raise ValueError(f"position {position} is outside the map ({nq * block} positions)")
+    tok = tokens if block == 1 else None
+    qs = _position_labels(nq, block, tok, n_tokens, "query")
+    ks = _position_labels(nk, block, tok, n_tokens, "key")
+    row, col = m[t], m[:, t] if t < nk else np.full(nq, np.nan)
+    x_k = [k * block for k in range(nk)]
+    x_q = [q * block for q in range(nq)]
+    me_q, me_k = qs[t], ks[t] if t < nk else f"key {position}"
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.2,
+                        subplot_titles=[f"row: what {me_q} attends to", f"column: what attends to {me_k}"])
+    fig.add_trace(go.Bar(x=x_k, y=row, text=[f"{me_q} -> {k}" for k in ks], textposition="none",
+                         marker_color="#1f77b4", hovertemplate="%{text}: %{y:.4g}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=x_q, y=col, text=[f"{q} -> {me_k}" for q in qs], textposition="none",
+                         marker_color="#d62728", hovertemplate="%{text}: %{y:.4g}<extra></extra>"), row=2, col=1)
+    fig.update_xaxes(title_text="key position", row=1, col=1)
+    fig.update_xaxes(title_text="query position", row=2, col=1)
+    fig.update_yaxes(title_text="A" if block == 1 else "mean A")
+    for ann in fig.layout.annotations:
+        ann.font = {"size": 12}
+    fig.update_layout(showlegend=False, bargap=0.05)
+    return _layout(fig, title or f"token {position}")
 
 
 def token_colours(strings: Sequence[str], values: Sequence[float], real: Sequence[bool] | None = None,
@@ -188,5 +351,6 @@ def next_token_bars(table: pd.DataFrame, title: str = "next token before / after
     return fig
 
 
-__all__ = ["FONT", "attention_heatmap", "block_size", "fit_title", "head_table_map", "layer_head_map", "marker_column",
-           "next_token_bars", "next_token_frame", "token_colours"]
+__all__ = ["FONT", "SCALES", "attention_heatmap", "block_size", "fit_title", "head_gallery", "head_table_map",
+           "layer_head_map", "marker_column", "next_token_bars", "next_token_frame", "pool_square", "scaled",
+           "token_colours", "token_row_column"]

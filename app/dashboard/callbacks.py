@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from dash import Input, Output, State, html, no_update
+from dash import ALL, Input, Output, State, ctx, html, no_update
 from dash.exceptions import PreventUpdate
 
 from attnlab.app import figures
 from attnlab.app.dashboard import checks, ids, work
-from attnlab.app.dashboard.layout import GRAPHS, HIDDEN, NO_ANALYSIS
+from attnlab.app.dashboard.layout import DEFAULT_SCALE, GRAPHS, HIDDEN, NO_ANALYSIS
 from attnlab.app.dashboard.layout import blank as empty_figure
 from attnlab.probe import AttnlabError
 
@@ -147,8 +147,9 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                 no_update, no_update, no_update)
 
     @app.callback(Output(ids.SCORE_MAP, "figure"), Input(ids.ANALYSIS, "data"), Input(ids.SCORE, "value"),
-                  Input(ids.LAYER, "value"), Input(ids.HEAD, "value"), prevent_initial_call=True)
-    def score_map(name, choice, layer, head):
+                  Input(ids.LAYER, "value"), Input(ids.HEAD, "value"), Input(ids.COLOR_SCALE, "value"),
+                  prevent_initial_call=True)
+    def score_map(name, choice, layer, head, scale):
         """Any per-head table of the run (layer, head, numeric columns) as a layer x head map."""
         try:
             name = checks.run_name(name)
@@ -159,6 +160,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             choice = checks.text(choice, "score", max_len=2 * checks.MAX_NAME)
             layer = checks.optional_integer(layer, "layer")
             head = checks.optional_integer(head, "head")
+            scale = _scale(scale)
         except AttnlabError as e:
             return empty_figure(checks.user_message(e))
         try:
@@ -168,7 +170,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             heads = run.tables[table]
             sel = (layer, head) if layer is not None and head is not None else None
             return figures.head_table_map(heads, column, f"{run.kind}: {column} ({table})",
-                                          marked=figures.marker_column(heads), selected=sel)
+                                          marked=figures.marker_column(heads), selected=sel, scale=scale)
         except (AttnlabError, KeyError, OSError, ValueError) as e:
             return empty_figure(f"cannot draw this score: {checks.user_message(e, runs.root)}")
 
@@ -207,24 +209,74 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         return f"pong {n} at {time.strftime('%H:%M:%S')}"
 
     # ----- head selection and views -----
+    @app.callback(Output(ids.HEAD, "value", allow_duplicate=True), Input(ids.HEAD_GALLERY, "clickData"),
+                  State(ids.HEAD, "options"), prevent_initial_call=True)
+    def click_thumbnail(click, heads):
+        """A click on a thumbnail of the head gallery selects that head (its curveNumber indexes the heads)."""
+        curve = click["points"][0].get("curveNumber") if isinstance(click, dict) and isinstance(
+            click.get("points"), list) and click["points"] and isinstance(click["points"][0], dict) else None
+        try:
+            curve = checks.integer(curve, "thumbnail")
+        except AttnlabError:
+            raise PreventUpdate from None
+        if not isinstance(heads, list) or curve >= len(heads):
+            raise PreventUpdate
+        try:
+            return checks.integer(heads[curve], "head")
+        except AttnlabError:
+            raise PreventUpdate from None
+
     @app.callback(Output(ids.LAYER, "value", allow_duplicate=True), Output(ids.HEAD, "value", allow_duplicate=True),
                   Input(ids.SINK_MAP, "clickData"), Input(ids.ENTROPY_MAP, "clickData"),
                   Input(ids.SCORE_MAP, "clickData"), prevent_initial_call=True)
     def click_head(*_clicks):
         """A click on a cell of any layer x head map selects that head (x = head, y = layer)."""
-        from dash import ctx
-
         trigger = ctx.triggered_id if isinstance(ctx.triggered_id, str) else None
         point = checks.click_point(ctx.inputs.get(f"{trigger}.clickData")) if trigger else None
         if point is None:
             raise PreventUpdate
         return point
 
+    @app.callback(Output(ids.HEAD_VIEWS, "style"), Output(ids.HEAD_HINT, "style"),
+                  Output(ids.SELECTED_TOKEN, "data"), Input(ids.CURRENT, "data"))
+    def show_head_views(name):
+        """The head views appear with a capture (one line of hint before); a new run starts on its last token."""
+        shown = isinstance(name, str) and bool(name)
+        return ({} if shown else HIDDEN), (HIDDEN if shown else {}), None
+
+    @app.callback(Output(ids.ANALYSIS_GRAPHS, "style"), Output(ids.ANALYSIS_HINT, "style"),
+                  Input(ids.ANALYSIS, "data"))
+    def show_analysis(name):
+        shown = isinstance(name, str) and bool(name)
+        return ({} if shown else HIDDEN), (HIDDEN if shown else {})
+
+    @app.callback(Output(ids.SELECTED_TOKEN, "data", allow_duplicate=True),
+                  Input({"type": ids.TOKEN, "index": ALL}, "n_clicks"), Input(ids.HEATMAP, "clickData"),
+                  prevent_initial_call=True)
+    def click_token(_token_clicks, pattern_click):
+        """A click on a token of the token view, or on a cell of the pattern (its query), selects that token."""
+        trigger = ctx.triggered_id
+        if isinstance(trigger, dict) and trigger.get("type") == ids.TOKEN:
+            if not any(t.get("value") for t in ctx.triggered):  # the spans were redrawn, not clicked
+                raise PreventUpdate
+            position = trigger.get("index")
+        elif trigger == ids.HEATMAP:
+            point = checks.click_point(pattern_click)  # (y, x) = (query, key)
+            position = point[0] if point is not None else None
+        else:
+            raise PreventUpdate
+        try:
+            return checks.integer(position, "token", 0, work.MAX_TOKENS)
+        except AttnlabError:
+            raise PreventUpdate from None
+
     @app.callback(Output(ids.SINK_MAP, "figure"), Output(ids.ENTROPY_MAP, "figure"), Output(ids.HEATMAP, "figure"),
-                  Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"), Input(ids.HEAD, "value"))
-    def views(name, layer, head):
-        """The head panel: sink and entropy maps (layer x head) and the selected head's heatmap; a view
-        whose statistic the run lacks (`work.NEEDS`) says which to capture instead."""
+                  Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"), Input(ids.HEAD, "value"),
+                  Input(ids.COLOR_SCALE, "value"), Input(ids.SELECTED_TOKEN, "data"))
+    def views(name, layer, head, scale, token):
+        """The head panel: sink and entropy maps (layer x head) and the selected head's heatmap on the
+        chosen colour scale (the selected token's row and column outlined); a view whose statistic the
+        run lacks (`work.NEEDS`) says which to capture instead."""
         try:
             name = checks.run_name(name)
             if not name:
@@ -235,10 +287,13 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         except (AttnlabError, OSError) as e:
             return empty_figure(checks.user_message(e, runs.root)), empty_figure(""), empty_figure("")
         try:
+            scale = _scale(scale)
+            token = checks.optional_integer(token, "token")
             layer = checks.optional_integer(layer, "layer")
             head = checks.optional_integer(head, "head")
         except AttnlabError as e:
             layer = head = None
+            scale, token = DEFAULT_SCALE, None
             bad = checks.user_message(e)
         else:
             bad = "choose a layer and head"
@@ -246,31 +301,79 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         need = work.missing(cap, "sink map")
         sink = empty_figure(f"sink score alpha_0: {need}") if need else figures.layer_head_map(
             work.sink_scores(cap, summary), cap.layers, cap.heads, "sink score alpha_0 (attention to the first token)",
-            label="alpha_0", zmin=0, zmax=1, selected=sel)
+            label="alpha_0", zmin=0, zmax=1, selected=sel, scale=scale)
         need = work.missing(cap, "entropy map")
         ent = empty_figure(f"mean row entropy: {need}") if need else figures.layer_head_map(
             work.mean_entropy(cap, summary), cap.layers, cap.heads, "mean row entropy (normalised)", label="entropy",
-            colorscale="Magma", zmin=0, zmax=1, selected=sel)
+            colorscale="Magma", zmin=0, zmax=1, selected=sel, scale=scale)
         if sel is None or layer not in cap.layers or head not in cap.heads:
             return sink, ent, empty_figure(bad)
         need = work.missing(cap, "heatmap")
         if need:
             return sink, ent, empty_figure(f"L{layer} H{head} attention map: {need}")
         block = work.pooled_block(cap)
-        real = cap.tokens.attention_mask[0].tolist()
-        strings = [s for s, r in zip(cap.tokens.strings[0], real) if r]
-        heat = figures.attention_heatmap(work.head_matrix(cap, layer, head), strings if block == 1 else None, block,
-                                         title=f"L{layer} H{head}", n_tokens=cap.tokens.length)
+        heat = figures.attention_heatmap(work.head_matrix(cap, layer, head), _strings(cap), block,
+                                         title=f"L{layer} H{head}", n_tokens=cap.tokens.length, scale=scale,
+                                         selected_token=token)
         return sink, ent, heat
 
+    @app.callback(Output(ids.HEAD_GALLERY, "figure"), Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"),
+                  Input(ids.HEAD, "value"), Input(ids.COLOR_SCALE, "value"))
+    def gallery(name, layer, head, scale):
+        """Every head of the selected layer as a thumbnail of its pattern (needs `pooled`)."""
+        try:
+            name = checks.run_name(name)
+            if not name:
+                return empty_figure("")
+            layer = checks.optional_integer(layer, "layer")
+            head = checks.optional_integer(head, "head")
+            scale = _scale(scale)
+            cap = runs.capture(name)
+        except (AttnlabError, OSError) as e:
+            return empty_figure(checks.user_message(e, runs.root))
+        if layer is None or layer not in cap.layers:
+            return empty_figure("choose a layer: its heads are drawn here")
+        need = work.missing(cap, "heatmap")
+        if need:
+            return empty_figure(f"layer {layer}'s heads: {need}")
+        li = list(cap.layers).index(layer)
+        maps = cap["pooled"][0, li].float().numpy()
+        return figures.head_gallery(maps, list(cap.heads), layer, selected=head, scale=scale)
+
+    @app.callback(Output(ids.TOKEN_DETAIL, "figure"), Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"),
+                  Input(ids.HEAD, "value"), Input(ids.SELECTED_TOKEN, "data"))
+    def token_detail(name, layer, head, token):
+        """The selected token's row (what it attends to) and column (what attends to it) in the selected
+        head (the last token until one is clicked)."""
+        try:
+            name, layer, head = checks.selected_head(name, layer, head)
+            token = checks.optional_integer(token, "token")
+            cap = runs.capture(name)
+            checks.head_in(layer, head, checks.capture_heads(cap), "capture", "choose one of its layers and heads")
+        except (AttnlabError, OSError, ValueError) as e:
+            return empty_figure(checks.user_message(e, runs.root))
+        need = work.missing(cap, "heatmap")
+        if need:
+            return empty_figure(f"a token's row and column: {need}")
+        n = cap.tokens.length
+        default = token is None or not 0 <= token < n
+        position = n - 1 if default else token
+        strings = _strings(cap)
+        what = f"{position} {strings[position]!r}" if position < len(strings) else str(position)
+        title = f"L{layer} H{head}, token {what}" + (" (the last: click a token to choose)" if default else "")
+        return figures.token_row_column(work.head_matrix(cap, layer, head), position, strings,
+                                        work.pooled_block(cap), n_tokens=n, title=title)
+
     @app.callback(Output(ids.TOKENS, "children"), Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"),
-                  Input(ids.HEAD, "value"), Input(ids.TOKEN_MODE, "value"))
-    def token_view(name, layer, head, mode):
-        """The text coloured by what the selected head gives or receives (`work.NEEDS`: a run without
-        the mode's statistic says which to capture)."""
+                  Input(ids.HEAD, "value"), Input(ids.TOKEN_MODE, "value"), Input(ids.SELECTED_TOKEN, "data"))
+    def token_view(name, layer, head, mode, token):
+        """The text coloured by what the selected head gives (the selected token's row) or receives
+        (`work.NEEDS`: a run without the mode's statistic says which to capture); every token is
+        clickable (it selects that token) and its hover names its position."""
         try:
             name, layer, head = checks.selected_head(name, layer, head)
             mode = checks.one_of(mode, ["received", "gives"], "token view")
+            token = checks.optional_integer(token, "token")
             cap = runs.capture(name)
             checks.head_in(layer, head, checks.capture_heads(cap), "capture", "choose one of its layers and heads")
             li, hi = cap.head_index(layer, head)
@@ -278,25 +381,44 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             return checks.user_message(e, runs.root)
         need = work.missing(cap, f"token view {mode}")
         if need:
-            what = "the attention the last token gives" if mode == "gives" else "the attention each token receives"
+            what = "the attention the selected token gives" if mode == "gives" else "the attention each token receives"
             return html.Span(f"{what}: {need}", className="needs")
         strings = cap.tokens.strings[0]
+        real = cap.tokens.attention_mask[0].tolist()
+        positions = [p for p, r in enumerate(real) if r]  # the view shows text 0's real tokens
+        n = cap.tokens.length
+        chosen = token if token is not None and 0 <= token < n else None
         if mode == "gives":
-            row = work.head_matrix(cap, layer, head)[-1]
+            t = n - 1 if chosen is None else chosen
             block = work.pooled_block(cap)
+            row = work.head_matrix(cap, layer, head)[t // block]
             values = np.repeat(row, block)[: len(strings)]
-            label = f"A(last token -> this token){' (tile mean)' if block > 1 else ''}"
+            who = f"query {t} {_strings(cap)[t]!r}" + (" (the last token)" if chosen is None else "")
+            label = f"A({who} -> this token){' (tile mean)' if block > 1 else ''}"
         else:
             values = cap["received"][0, li, hi].float().numpy()
             label = "alpha_k (mean attention received)"
-        recs = figures.token_colours(strings, values, cap.tokens.attention_mask[0].tolist())
-        spans = [html.Span(r["text"], className="tok",
-                           title=f"{i}: {r['text']!r}  {label} = {r['value']:.4f}" if r["value"] is not None else r["text"],
-                           style={"backgroundColor": f"rgba(214, 39, 40, {r['alpha']:.3f})", "borderRadius": "2px"})
-                 for i, r in enumerate(recs[:TOKEN_VIEW_LIMIT])]
+        recs = figures.token_colours(strings, values, real)
+        spans = [html.Span(r["text"], id={"type": ids.TOKEN, "index": p},
+                           className="tok selected" if p == chosen else "tok",
+                           title=f"{p}: {r['text']!r}  {label} = {r['value']:.4f}" if r["value"] is not None
+                           else f"{p}: {r['text']!r}",
+                           style={"backgroundColor": f"rgba(214, 39, 40, {r['alpha']:.3f})"})
+                 for p, r in zip(positions[:TOKEN_VIEW_LIMIT], recs[:TOKEN_VIEW_LIMIT])]
         if len(recs) > TOKEN_VIEW_LIMIT:
             spans.append(html.Span(f" ... ({len(recs) - TOKEN_VIEW_LIMIT} more tokens not drawn)"))
         return spans
+
+
+def _scale(value) -> str:
+    """The colour-scale control's value, checked (None: the default)."""
+    return DEFAULT_SCALE if value is None else checks.one_of(value, list(figures.SCALES), "colour scale")
+
+
+def _strings(cap) -> list[str]:
+    """Text 0's real token strings, by position (what hovers and axes name)."""
+    real = cap.tokens.attention_mask[0].tolist()
+    return [s for s, r in zip(cap.tokens.strings[0], real) if r]
 
 
 def _index_or_none(value) -> bool:

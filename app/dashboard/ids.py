@@ -64,3 +64,14 @@ TA_GRAPHS = "ta-graphs"  # the row holding the two thought-anchor graphs (hidden
 TA_RECEIVERS = "ta-receivers"  # thought anchors: receiver score per sentence
 TA_SUPPRESSION = "ta-suppression"  # thought anchors: sentence x sentence suppression matrix
 HEAD_VIEW = "analysis-head-view"  # the clicked head's own view for the open analysis
+
+# views (side-by-side head views, head gallery, click-a-token, colour scales)
+COLOR_SCALE = "color-scale"  # radio: linear / log / power, shared by the maps, the pattern and the gallery
+HEAD_VIEWS = "head-views"  # the maps | pattern | tokens grid (collapsed to a hint until a capture is open)
+HEAD_HINT = "head-hint"  # the one-line hint shown instead of the head views
+HEAD_GALLERY = "head-gallery"  # every head of the selected layer as a thumbnail; a click selects it
+TOKEN = "token"  # {"type": TOKEN, "index": position}: a clickable token of the token view
+SELECTED_TOKEN = "selected-token"  # dcc.Store: the clicked token's position (None: the last token)
+TOKEN_DETAIL = "token-detail"  # the clicked token's row (what it attends to) and column (what attends to it)
+ANALYSIS_GRAPHS = "analysis-graphs"  # the score map and head view (collapsed to a hint until a run is open)
+ANALYSIS_HINT = "analysis-hint"

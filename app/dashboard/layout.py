@@ -1,6 +1,10 @@
 """The dashboard's layout: built by functions, one per panel; ids from `ids`.
 
-Styling is inline and uses the browser's system fonts: nothing is fetched from the network.
+Styling is inline, plus `assets/dashboard.css` (served by Dash from the package: the grid that puts the
+layer x head maps, the selected head's pattern and the token view side by side in a wide window and
+stacks them in a narrow one); system fonts only: nothing is fetched from the network. Plain CSS
+rather than dash-bootstrap-components: its themes are CDN stylesheets, and the layout needs one grid
+and one media query. Panels with nothing to show yet are one line of hint (`HINT`), not empty boxes.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from attnlab.app.dashboard.intervene import METHODS, SCOPES
 from attnlab.app.dashboard.launchers import DEFAULT, LAUNCHERS
 from attnlab.app.figures import FONT
 
-PAGE = {"fontFamily": FONT["family"], "fontSize": "14px", "margin": "0 auto", "maxWidth": "1400px",
+PAGE = {"fontFamily": FONT["family"], "fontSize": "14px", "margin": "0 auto", "maxWidth": "1880px",
         "padding": "8px 16px", "color": "#222"}
 PANEL = {"border": "1px solid #ddd", "borderRadius": "6px", "padding": "8px 12px", "margin": "8px 0"}
 ROW = {"display": "flex", "gap": "12px", "alignItems": "center", "flexWrap": "wrap"}
@@ -23,6 +27,11 @@ ERROR = {"color": "#b00020", "fontWeight": "bold", "whiteSpace": "pre-wrap"}
 GRAPHS = {"display": "flex", "gap": "8px", "flexWrap": "wrap"}
 HIDDEN = {"display": "none"}
 NO_ANALYSIS = "no analysis open: run one (analysis, above) or open a saved analysis run"
+NO_CAPTURE = "no capture open: capture a text (above) or open a saved capture run to see its heads and tokens"
+GRAPH_RESPONSIVE = {**GRAPH_CONFIG, "responsive": True}  # graphs sized by the CSS grid follow their column
+SCALE_OPTIONS = [{"label": " linear", "value": "linear"}, {"label": " log", "value": "log"},
+                 {"label": " power (sqrt)", "value": "power"}]
+DEFAULT_SCALE = "log"  # attention spans decades: a 256-token pattern looks blank on a linear scale
 
 DEFAULT_TEXT = ("The old library stood at the end of a narrow street. Inside, a woman sorted letters that had "
                 "arrived from distant towns. Outside, the rain began to fall softly.")
@@ -113,25 +122,42 @@ def runs_panel(options: list[dict]) -> html.Div:
 
 
 def head_panel() -> html.Div:
-    """The head panel: layer and head pickers, the sink and entropy maps (layer x head) and the selected head's
-    heatmap."""
+    """The head panel: layer and head pickers and the colour scale; then, side by side on a wide window
+    (stacked on a narrow one, `assets/dashboard.css`): the sink and entropy maps (layer x head), the
+    selected head's pattern with the clicked token's row and column, and the token view with every head
+    of the layer as a thumbnail. Until a capture is open it is one line of hint."""
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.Label("layer"), dcc.Dropdown(id=ids.LAYER, options=[], clearable=False, style={"width": "90px"}),
             html.Label("head"), dcc.Dropdown(id=ids.HEAD, options=[], clearable=False, style={"width": "90px"}),
-            html.Span("(or click a cell of a layer x head map)", style=EMPTY_MESSAGE),
+            html.Span("(or click a cell of a layer x head map, or a thumbnail)", style=EMPTY_MESSAGE),
+            html.Label("colour scale", style={"marginLeft": "12px"}),
+            dcc.RadioItems(id=ids.COLOR_SCALE, options=SCALE_OPTIONS, value=DEFAULT_SCALE, inline=True),
         ]),
-        html.Div(style={"display": "flex", "gap": "8px", "flexWrap": "wrap"}, children=[
-            dcc.Graph(id=ids.SINK_MAP, config=GRAPH_CONFIG, style={"width": "460px", "height": "520px"}),
-            dcc.Graph(id=ids.ENTROPY_MAP, config=GRAPH_CONFIG, style={"width": "460px", "height": "520px"}),
-            dcc.Graph(id=ids.HEATMAP, config=GRAPH_CONFIG, style={"width": "520px", "height": "520px"}),
+        html.Div(NO_CAPTURE, id=ids.HEAD_HINT, className="hint"),
+        html.Div(id=ids.HEAD_VIEWS, className="head-views", style=HIDDEN, children=[
+            html.Div(className="col", children=[
+                html.Div(className="maps", children=[
+                    dcc.Graph(id=ids.SINK_MAP, className="map", config=GRAPH_RESPONSIVE),
+                    dcc.Graph(id=ids.ENTROPY_MAP, className="map", config=GRAPH_RESPONSIVE),
+                ]),
+            ]),
+            html.Div(className="col", children=[
+                dcc.Graph(id=ids.HEATMAP, className="pattern", config=GRAPH_RESPONSIVE),
+                dcc.Graph(id=ids.TOKEN_DETAIL, className="detail", config=GRAPH_RESPONSIVE,
+                          figure=blank("click a token (token view) or a cell of the pattern: its row and column")),
+            ]),
+            html.Div(className="col", children=[token_view(),
+                                                dcc.Graph(id=ids.HEAD_GALLERY, className="gallery",
+                                                          config=GRAPH_RESPONSIVE)]),
         ]),
+        dcc.Store(id=ids.SELECTED_TOKEN),
     ])
 
 
 def analysis_panel() -> html.Div:
     """The analysis panel: per-head score map, the selected head's view, and thought-anchor graphs (shown for those
-    runs)."""
+    runs); one line of hint until an analysis run is open."""
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.B("analysis: per-head scores"),
@@ -139,35 +165,36 @@ def analysis_panel() -> html.Div:
                          style={"width": "420px"}),
             html.Span("(click a head: its own view here, its heatmap above)", style=EMPTY_MESSAGE),
         ]),
-        html.Div(style={"display": "flex", "gap": "8px", "flexWrap": "wrap"}, children=[
-            dcc.Graph(id=ids.SCORE_MAP, config=GRAPH_CONFIG, figure=blank(NO_ANALYSIS),
-                      style={"width": "520px", "height": "520px"}),
-            dcc.Graph(id=ids.HEAD_VIEW, config=GRAPH_CONFIG, figure=blank(""),
-                      style={"width": "560px", "height": "520px"}),
+        html.Div(NO_ANALYSIS, id=ids.ANALYSIS_HINT, className="hint"),
+        html.Div(id=ids.ANALYSIS_GRAPHS, className="analysis-graphs", style=HIDDEN, children=[
+            dcc.Graph(id=ids.SCORE_MAP, config=GRAPH_RESPONSIVE, figure=blank(NO_ANALYSIS)),
+            dcc.Graph(id=ids.HEAD_VIEW, config=GRAPH_RESPONSIVE, figure=blank("")),
         ]),
         # thought-anchor runs: sentences with receiver scores, and the suppression matrix (shown for those)
         html.Div(id=ids.TA_GRAPHS, style=HIDDEN, children=[
             dcc.Graph(id=ids.TA_RECEIVERS, config=GRAPH_CONFIG, figure=blank(""),
-                      style={"width": "520px", "height": "460px"}),
+                      style={"width": "620px", "height": "500px"}),
             dcc.Graph(id=ids.TA_SUPPRESSION, config=GRAPH_CONFIG, figure=blank(""),
-                      style={"width": "560px", "height": "460px"}),
+                      style={"width": "660px", "height": "560px"}),
         ]),
         dcc.Store(id=ids.ANALYSIS),
     ])
 
 
-def token_panel() -> html.Div:
-    """The token view: each token coloured by the attention it receives (alpha_k) or the last token gives it."""
-    return html.Div(style=PANEL, children=[
+def token_view() -> html.Div:
+    """The token view: each token coloured by the attention it receives (alpha_k) or the selected token
+    gives it; a click on a token selects it (its row and column are drawn next to the pattern)."""
+    return html.Div(children=[
         html.Div(style=ROW, children=[
-            html.B("token view"),
+            html.B("tokens"),
             dcc.RadioItems(id=ids.TOKEN_MODE, inline=True, value="received", options=[
-                {"label": " attention each token receives (alpha_k)", "value": "received"},
-                {"label": " attention the last token gives to each", "value": "gives"},
+                {"label": " attention each receives (alpha_k)", "value": "received"},
+                {"label": " attention the selected token gives", "value": "gives"},
             ]),
         ]),
-        html.Div(id=ids.TOKENS, style={"lineHeight": "1.9", "fontFamily": "ui-monospace, monospace",
-                                        "whiteSpace": "pre-wrap", "maxHeight": "260px", "overflowY": "auto"}),
+        html.Div("click a token to see what it attends to and what attends to it", className="hint",
+                 style={"fontSize": "12px"}),
+        html.Div(id=ids.TOKENS, className="tokens"),
     ])
 
 
@@ -214,12 +241,11 @@ def intervention_panel() -> html.Div:
 
 def make_layout(installed: list[str], missing: dict[str, str], run_options: list[dict]) -> html.Div:
     """The whole page: title and every panel, top to bottom."""
-    return html.Div(style=PAGE, children=[
+    return html.Div(style=PAGE, className="page", children=[
         html.H2("attnlab", style={"margin": "4px 0"}),
         inputs_panel(installed, missing),
         runs_panel(run_options),
-        head_panel(),
+        head_panel(),  # with the token view beside the pattern
         analysis_panel(),
-        token_panel(),
         intervention_panel(),
     ])

@@ -94,3 +94,94 @@ def test_long_titles_wrap_clear_of_the_toolbar():
     assert fig.layout.margin.t == 64
     short = figures.attention_heatmap(np.eye(2), None, 1, title="L0 H0")
     assert "<br>" not in short.layout.title.text
+
+
+# ----- colour scales, gallery, a token's row and column, hovers with positions (#19) -----
+def test_log_and_power_scales_transform_the_colour_and_keep_the_values_for_the_hover():
+    a = np.array([[1.0, np.nan], [1e-3, 0.0]])
+    z, kw = figures.scaled(a, "log")
+    assert z[0, 0] == 0 and z[1, 0] == pytest.approx(-3) and np.isnan(z[0, 1])
+    assert z[1, 1] == pytest.approx(np.log10(figures.LOG_FLOOR))  # a zero sits at the floor, not -inf
+    assert kw["zmin"] == pytest.approx(-4) and kw["zmax"] == 0
+    assert list(kw["colorbar"]["ticktext"]) == ["0.0001", "0.001", "0.01", "0.1", "1"]
+    z, kw = figures.scaled(a, "power")
+    assert z[1, 0] == pytest.approx(1e-3 ** figures.POWER) and kw["zmax"] == pytest.approx(1.0)
+    assert figures.scaled(a, "linear")[0] is not None and figures.scaled(a, "linear")[1]["zmin"] is None
+    with pytest.raises(ValueError, match="linear"):
+        figures.scaled(np.array([[-1.0, 1.0]]), "log")
+    with pytest.raises(ValueError, match="unknown colour scale"):
+        figures.scaled(a, "cubic")
+    fig = figures.attention_heatmap(np.tril(np.full((4, 4), 0.25)), ["a", "b", "c", "d"], scale="log")
+    hm = fig.data[0]
+    assert hm.zmin == pytest.approx(-4) and np.asarray(hm.customdata)[3, 0] == 0.25
+    assert "%{customdata" in hm.hovertemplate and hm.colorbar.title.text == "A (log)"
+    # signed scores fall back to linear instead of hiding the negative ones
+    signed = figures.layer_head_map(np.array([[-0.5, 0.5]]), [0], [0, 1], "change", scale="log")
+    assert signed.data[0].zmin is None and list(np.asarray(signed.data[0].z)[0]) == [-0.5, 0.5]
+
+
+def test_every_hover_names_positions_and_tokens_never_a_bare_offset():
+    exact = figures.attention_heatmap(np.ones((3, 3)) / 3, ["the", "cat", "the"])
+    assert np.asarray(exact.data[0].text)[2, 1] == "query 2 'the' -> key 1 'cat'"
+    assert exact.data[0].hovertemplate.startswith("%{text}: %{customdata")
+    no_tokens = figures.attention_heatmap(np.ones((300, 300)), None, 1)
+    assert np.asarray(no_tokens.data[0].text)[241, 120] == "query 241 -> key 120"
+    pooled = figures.attention_heatmap(np.ones((4, 4)), None, 8, n_tokens=30)
+    text = np.asarray(pooled.data[0].text)
+    assert text[1, 0] == "queries 8-15 -> keys 0-7" and text[3, 3] == "queries 24-29 -> keys 24-29"
+    assert "+" not in pooled.data[0].hovertemplate
+
+
+def test_pool_square_is_the_mean_of_each_tile_ignoring_masked_cells():
+    m = np.tril(np.arange(1.0, 26.0).reshape(5, 5))
+    m[np.triu_indices(5, 1)] = np.nan
+    p = figures.pool_square(m, 3)  # factor 2: tiles of 2 x 2, the last one cut
+    assert p.shape == (3, 3)
+    assert p[0, 0] == pytest.approx(np.mean([1, 6, 7])) and np.isnan(p[0, 1])
+    assert p[2, 2] == pytest.approx(25) and p[2, 0] == pytest.approx(np.mean([21, 22]))
+    assert figures.pool_square(m, 8) is not None and figures.pool_square(m, 8).shape == (5, 5)
+
+
+def test_head_gallery_draws_one_thumbnail_per_head_and_frames_the_selected_one():
+    mats = np.random.default_rng(0).random((9, 96, 96))  # side 48: tiles of 2 x 2
+    fig = figures.head_gallery(mats, list(range(9)), layer=3, selected=4, scale="log")
+    assert len(fig.data) == 9 and all(np.asarray(t.z).shape == (48, 48) for t in fig.data)
+    assert [t.name for t in fig.data] == [f"H{h}" for h in range(9)]
+    assert np.asarray(fig.data[4].customdata)[0, 0] == pytest.approx(mats[4, :2, :2].mean())
+    assert len({(t.zmin, t.zmax) for t in fig.data}) == 1  # one colour scale for every thumbnail
+    (frame,) = fig.layout.shapes
+    assert frame.xref == "x5 domain"
+    with pytest.raises(ValueError, match="heads"):
+        figures.head_gallery(mats, [0, 1], layer=0)
+
+
+def test_token_row_column_draws_what_a_token_attends_to_and_what_attends_to_it():
+    a = np.tril(np.random.default_rng(1).random((5, 5)))
+    tokens = ["<s>", "the", "cat", "the", "mat"]
+    fig = figures.token_row_column(a, 3, tokens)
+    row, col = fig.data
+    assert np.allclose(row.y, a[3]) and np.allclose(col.y, a[:, 3])
+    assert row.text[1] == "query 3 'the' -> key 1 'the'" and col.text[4] == "query 4 'mat' -> key 3 'the'"
+    pooled = figures.token_row_column(np.ones((4, 4)), 9, None, block=4, n_tokens=14)
+    assert pooled.data[0].text[0] == "queries 8-11 -> keys 0-3"
+    with pytest.raises(ValueError, match="outside"):
+        figures.token_row_column(a, 7, tokens)
+
+
+def test_thought_anchor_graphs_show_sentence_text_not_indices():
+    from attnlab.analyses import thought_anchors_plots as taplots
+
+    texts = ["Question: pens come in packs of six, how many packs?", "I need 40 pens.", "Seven packs give 42 pens."]
+    sentences = pd.DataFrame({"trace": "t", "sentence": range(3), "text": texts, "receiver_score": [0.1, 0.5, 0.2]})
+    label = taplots.sentence_label(0, texts[0])
+    assert label.startswith("0: Question: pens") and label.endswith("…") and len(label) <= 3 + taplots.LABEL_CHARS
+    bars = taplots.receiver_bars(sentences)
+    assert list(bars.layout.xaxis.ticktext) == [taplots.sentence_label(i, t) for i, t in enumerate(texts)]
+    assert "six, how many packs?" in bars.data[0].hovertext[0]  # the full text in the hover
+    supp = pd.DataFrame({"trace": "t", "source": [0, 0, 1], "target": [1, 2, 2], "value": [0.1, 0.2, 0.3]})
+    heat = taplots.suppression_heatmap(supp, sentences)
+    assert list(heat.layout.yaxis.ticktext)[2] == "2: Seven packs give 42 pens."
+    att = taplots.sentence_attention_heatmap(np.eye(3), texts)
+    assert list(att.layout.xaxis.ticktext)[1] == "1: I need 40 pens."
+    graph = taplots.sentence_graph(sentences, supp)
+    assert graph.data[-1].text[1].startswith("1: I need 40")
