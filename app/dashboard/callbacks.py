@@ -16,7 +16,7 @@ from dash.exceptions import PreventUpdate
 
 from attnlab.app import figures
 from attnlab.app.dashboard import checks, ids, work
-from attnlab.app.dashboard.layout import DEFAULT_SCALE, GRAPHS, HIDDEN, NO_ANALYSIS
+from attnlab.app.dashboard.layout import COLLAPSED, DEFAULT_SCALE, GRAPHS, HIDDEN, NO_ANALYSIS
 from attnlab.app.dashboard.layout import blank as empty_figure
 from attnlab.probe import AttnlabError
 
@@ -242,13 +242,13 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     def show_head_views(name):
         """The head views appear with a capture (one line of hint before); a new run starts on its last token."""
         shown = isinstance(name, str) and bool(name)
-        return ({} if shown else HIDDEN), (HIDDEN if shown else {}), None
+        return ({} if shown else COLLAPSED), (HIDDEN if shown else {}), None
 
     @app.callback(Output(ids.ANALYSIS_GRAPHS, "style"), Output(ids.ANALYSIS_HINT, "style"),
                   Input(ids.ANALYSIS, "data"))
     def show_analysis(name):
         shown = isinstance(name, str) and bool(name)
-        return ({} if shown else HIDDEN), (HIDDEN if shown else {})
+        return ({} if shown else COLLAPSED), (HIDDEN if shown else {})
 
     @app.callback(Output(ids.SELECTED_TOKEN, "data", allow_duplicate=True),
                   Input({"type": ids.TOKEN, "index": ALL}, "n_clicks"), Input(ids.HEATMAP, "clickData"),

@@ -26,6 +26,9 @@ EMPTY_MESSAGE = {"color": "#666"}
 ERROR = {"color": "#b00020", "fontWeight": "bold", "whiteSpace": "pre-wrap"}
 GRAPHS = {"display": "flex", "gap": "8px", "flexWrap": "wrap"}
 HIDDEN = {"display": "none"}
+# Views sized by the CSS grid are collapsed, not hidden: plotly draws a graph with display:none at zero
+# height and does not grow it when it appears; a zero-height box keeps each graph's own size.
+COLLAPSED = {"height": "0", "overflow": "hidden"}
 NO_ANALYSIS = "no analysis open: run one (analysis, above) or open a saved analysis run"
 NO_CAPTURE = "no capture open: capture a text (above) or open a saved capture run to see its heads and tokens"
 GRAPH_RESPONSIVE = {**GRAPH_CONFIG, "responsive": True}  # graphs sized by the CSS grid follow their column
@@ -35,6 +38,11 @@ DEFAULT_SCALE = "log"  # attention spans decades: a 256-token pattern looks blan
 
 DEFAULT_TEXT = ("The old library stood at the end of a narrow street. Inside, a woman sorted letters that had "
                 "arrived from distant towns. Outside, the rain began to fall softly.")
+
+
+def _size(height: int) -> dict:
+    """A graph's style in the CSS grid: its column's width, a fixed height (plotly needs one to draw)."""
+    return {"width": "100%", "height": f"{height}px"}
 
 
 def blank(title: str) -> go.Figure:
@@ -135,21 +143,21 @@ def head_panel() -> html.Div:
             dcc.RadioItems(id=ids.COLOR_SCALE, options=SCALE_OPTIONS, value=DEFAULT_SCALE, inline=True),
         ]),
         html.Div(NO_CAPTURE, id=ids.HEAD_HINT, className="hint"),
-        html.Div(id=ids.HEAD_VIEWS, className="head-views", style=HIDDEN, children=[
+        html.Div(id=ids.HEAD_VIEWS, className="head-views", style=COLLAPSED, children=[
             html.Div(className="col", children=[
                 html.Div(className="maps", children=[
-                    dcc.Graph(id=ids.SINK_MAP, className="map", config=GRAPH_RESPONSIVE),
-                    dcc.Graph(id=ids.ENTROPY_MAP, className="map", config=GRAPH_RESPONSIVE),
+                    dcc.Graph(id=ids.SINK_MAP, className="map", config=GRAPH_RESPONSIVE, style=_size(340)),
+                    dcc.Graph(id=ids.ENTROPY_MAP, className="map", config=GRAPH_RESPONSIVE, style=_size(340)),
                 ]),
             ]),
             html.Div(className="col", children=[
-                dcc.Graph(id=ids.HEATMAP, className="pattern", config=GRAPH_RESPONSIVE),
-                dcc.Graph(id=ids.TOKEN_DETAIL, className="detail", config=GRAPH_RESPONSIVE,
+                dcc.Graph(id=ids.HEATMAP, className="pattern", config=GRAPH_RESPONSIVE, style=_size(560)),
+                dcc.Graph(id=ids.TOKEN_DETAIL, className="detail", config=GRAPH_RESPONSIVE, style=_size(380),
                           figure=blank("click a token (token view) or a cell of the pattern: its row and column")),
             ]),
             html.Div(className="col", children=[token_view(),
                                                 dcc.Graph(id=ids.HEAD_GALLERY, className="gallery",
-                                                          config=GRAPH_RESPONSIVE)]),
+                                                          config=GRAPH_RESPONSIVE, style=_size(440))]),
         ]),
         dcc.Store(id=ids.SELECTED_TOKEN),
     ])
@@ -166,9 +174,9 @@ def analysis_panel() -> html.Div:
             html.Span("(click a head: its own view here, its heatmap above)", style=EMPTY_MESSAGE),
         ]),
         html.Div(NO_ANALYSIS, id=ids.ANALYSIS_HINT, className="hint"),
-        html.Div(id=ids.ANALYSIS_GRAPHS, className="analysis-graphs", style=HIDDEN, children=[
-            dcc.Graph(id=ids.SCORE_MAP, config=GRAPH_RESPONSIVE, figure=blank(NO_ANALYSIS)),
-            dcc.Graph(id=ids.HEAD_VIEW, config=GRAPH_RESPONSIVE, figure=blank("")),
+        html.Div(id=ids.ANALYSIS_GRAPHS, className="analysis-graphs", style=COLLAPSED, children=[
+            dcc.Graph(id=ids.SCORE_MAP, config=GRAPH_RESPONSIVE, figure=blank(NO_ANALYSIS), style=_size(520)),
+            dcc.Graph(id=ids.HEAD_VIEW, config=GRAPH_RESPONSIVE, figure=blank(""), style=_size(520)),
         ]),
         # thought-anchor runs: sentences with receiver scores, and the suppression matrix (shown for those)
         html.Div(id=ids.TA_GRAPHS, style=HIDDEN, children=[
