@@ -300,7 +300,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         sel = (layer, head) if layer is not None and head is not None else None
         need = work.missing(cap, "sink map")
         sink = empty_figure(f"sink score alpha_0: {need}") if need else figures.layer_head_map(
-            work.sink_scores(cap, summary), cap.layers, cap.heads, "sink score alpha_0 (attention to the first token)",
+            work.sink_scores(cap, summary), cap.layers, cap.heads, "alpha_0: attention to the first token",
             label="alpha_0", zmin=0, zmax=1, selected=sel, scale=scale)
         need = work.missing(cap, "entropy map")
         ent = empty_figure(f"mean row entropy: {need}") if need else figures.layer_head_map(

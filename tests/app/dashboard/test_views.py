@@ -177,6 +177,9 @@ def test_views_side_by_side_gallery_token_click_colour_scale_and_hovers(dash_duo
     _wait(lambda: _stacked([_rect(dash_duo, i) for i in (ids.SINK_MAP, ids.HEATMAP, ids.TOKENS)]), 10,
           "the views stacked")
     assert all(_rect(dash_duo, i)["right"] <= 800 for i in (ids.SINK_MAP, ids.HEATMAP, ids.TOKENS, ids.HEAD_GALLERY))
+    _wait(lambda: dash_duo.driver.execute_script(  # plotly follows its column (responsive): no plot is cut
+        "return Array.from(document.querySelectorAll('.head-views .js-plotly-plot'))"
+        "  .every(gd => gd.getBoundingClientRect().right <= 800);"), 10, "every plot within 800 px")
     _shot(dash_duo, artifacts, "13-views-800.png")
 
     # a thought-anchor run: sentence text on its graphs, not indices
