@@ -193,9 +193,13 @@ def attention_heatmap(matrix: np.ndarray, tokens: Sequence[str] | None = None, b
     text = [[f"{q} -> {k}" for k in ks] for q in qs]
     what_a = "A" if block == 1 else "mean A"
     z, colour = _colour(m, scale, 0, zmax, what_a)
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, text=text, customdata=m, colorscale="Blues", **colour,
-                               hovertemplate="%{text}: " + ("" if block == 1 else "mean ")
-                                             + "%{customdata:.4g}<extra></extra>"))
+    # float32 halves what the browser receives (a 256-token pattern is 65,536 cells); the hover reads
+    # the value itself: z on the linear scale, the untransformed copy (customdata) on the others
+    value = "%{z:.4g}" if scale == "linear" else "%{customdata:.4g}"
+    fig = go.Figure(go.Heatmap(z=z.astype(np.float32), x=x, y=y, text=text, colorscale="Blues", **colour,
+                               customdata=None if scale == "linear" else m.astype(np.float32),
+                               hovertemplate="%{text}: " + ("" if block == 1 else "mean ") + value
+                                             + "<extra></extra>"))
     if selected_token is not None and 0 <= selected_token < max(nq, nk) * block:
         t = selected_token // block * block  # the tile holding it
         line = {"color": "#d62728", "width": 1.5}

@@ -123,7 +123,7 @@ def test_log_and_power_scales_transform_the_colour_and_keep_the_values_for_the_h
 def test_every_hover_names_positions_and_tokens_never_a_bare_offset():
     exact = figures.attention_heatmap(np.ones((3, 3)) / 3, ["the", "cat", "the"])
     assert np.asarray(exact.data[0].text)[2, 1] == "query 2 'the' -> key 1 'cat'"
-    assert exact.data[0].hovertemplate.startswith("%{text}: %{customdata")
+    assert exact.data[0].hovertemplate == "%{text}: %{z:.4g}<extra></extra>"  # linear: z is the value
     no_tokens = figures.attention_heatmap(np.ones((300, 300)), None, 1)
     assert np.asarray(no_tokens.data[0].text)[241, 120] == "query 241 -> key 120"
     pooled = figures.attention_heatmap(np.ones((4, 4)), None, 8, n_tokens=30)
