@@ -169,16 +169,18 @@ def _position_labels(n: int, block: int, tokens: Sequence[str] | None, n_tokens:
 
 def attention_heatmap(matrix: np.ndarray, tokens: Sequence[str] | None = None, block: int = 1,
                       title: str = "", n_tokens: int | None = None, zmax: float | None = None,
-                      scale: str = "linear", selected_token: int | None = None) -> go.Figure:
+                      scale: str = "log", selected_token: int | None = None) -> go.Figure:
     """matrix: [query_block, key_block] mean attention of one head (block 1 = the exact pattern).
 
     With block 1 and `tokens`, axes are labelled by token (up to 64); otherwise by the first
     position of each tile. Every hover names positions, and tokens where known: "query 12 'the' ->
     key 3 'cat': 0.41", "queries 240-247 -> keys 120-127: mean 0.0032". Masked cells (keys a query
     cannot see, NaN) stay blank. Zoom with the plotly toolbar. zmax: the top of the colour scale
-    (give two heatmaps the same one to compare them). scale: `SCALES` (see `scaled`).
+    (give two heatmaps the same one to compare them). scale: `SCALES` (see `scaled`); log by default,
+    as attention spans decades (a 256-token NIAH pattern on a linear scale looks blank).
     selected_token: a position whose row (what it attends to) and column (what attends to it)
-    are outlined."""
+    are outlined. A map with negative values (a difference) is drawn on the linear scale, from its
+    own minimum."""
     m = np.asarray(matrix, dtype=float)
     nq, nk = m.shape
     axes: dict = {}
@@ -192,7 +194,10 @@ def attention_heatmap(matrix: np.ndarray, tokens: Sequence[str] | None = None, b
     ks = _position_labels(nk, block, tokens if block == 1 else None, n_tokens, "key")
     text = [[f"{q} -> {k}" for k in ks] for q in qs]
     what_a = "A" if block == 1 else "mean A"
-    z, colour = _colour(m, scale, 0, zmax, what_a)
+    signed = np.nanmin(m, initial=0.0) < 0
+    if signed:
+        scale = "linear"  # a signed map (after minus before): only a linear colour scale reads it
+    z, colour = _colour(m, scale, None if signed else 0, zmax, what_a)
     # float32 halves what the browser receives (a 256-token pattern is 65,536 cells); the hover reads
     # the value itself: z on the linear scale, the untransformed copy (customdata) on the others
     value = "%{z:.4g}" if scale == "linear" else "%{customdata:.4g}"

@@ -84,8 +84,10 @@ def test_head_table_map_draws_any_head_table_and_rings_the_flagged_heads():
 
 
 def test_two_heatmaps_can_share_one_colour_scale():
-    fig = figures.attention_heatmap(np.eye(3) / 2, ["a", "b", "c"], 1, zmax=0.9)
+    fig = figures.attention_heatmap(np.eye(3) / 2, ["a", "b", "c"], 1, zmax=0.9, scale="linear")
     assert fig.data[0].zmax == 0.9 and fig.data[0].zmin == 0
+    log = figures.attention_heatmap(np.eye(3) / 2, ["a", "b", "c"], 1, zmax=0.9)  # patterns: log by default
+    assert log.data[0].zmax == pytest.approx(np.log10(0.9)) and log.data[0].zmin == pytest.approx(-4)
 
 
 def test_long_titles_wrap_clear_of_the_toolbar():
@@ -116,12 +118,14 @@ def test_log_and_power_scales_transform_the_colour_and_keep_the_values_for_the_h
     assert hm.zmin == pytest.approx(-4) and np.asarray(hm.customdata)[3, 0] == 0.25
     assert "%{customdata" in hm.hovertemplate and hm.colorbar.title.text == "A (log)"
     # signed scores fall back to linear instead of hiding the negative ones
+    diff = figures.attention_heatmap(np.array([[0.2, np.nan], [-0.1, 0.1]]), None, scale="log")
+    assert diff.data[0].zmin is None and diff.data[0].colorbar.title.text == "A"
     signed = figures.layer_head_map(np.array([[-0.5, 0.5]]), [0], [0, 1], "change", scale="log")
     assert signed.data[0].zmin is None and list(np.asarray(signed.data[0].z)[0]) == [-0.5, 0.5]
 
 
 def test_every_hover_names_positions_and_tokens_never_a_bare_offset():
-    exact = figures.attention_heatmap(np.ones((3, 3)) / 3, ["the", "cat", "the"])
+    exact = figures.attention_heatmap(np.ones((3, 3)) / 3, ["the", "cat", "the"], scale="linear")
     assert np.asarray(exact.data[0].text)[2, 1] == "query 2 'the' -> key 1 'cat'"
     assert exact.data[0].hovertemplate == "%{text}: %{z:.4g}<extra></extra>"  # linear: z is the value
     no_tokens = figures.attention_heatmap(np.ones((300, 300)), None, 1)

@@ -77,7 +77,8 @@ def _saved_runs(tmp_path):
                               "receiver_score": [0.1, 0.4, 0.2, 0.3]})
     supp = pd.DataFrame([("t", s, t, 0.1 * (s + t)) for s in range(4) for t in range(s + 1, 4)],
                         columns=["trace", "source", "target", "value"])
-    heads = pd.DataFrame([(l, h, float(l + h)) for l in range(30) for h in range(9)], columns=["layer", "head", "score"])
+    heads = pd.DataFrame([(l, h, float(l + h)) for l in range(30) for h in range(9)],
+                         columns=["layer", "head", "score"])
     Result("thought_anchors", tables={"sentences": sentences, "suppression": supp, "heads": heads},
            summary="synthetic thought anchors").save(RunStore(runs), probe, name="b-anchors")
     return runs, cap
