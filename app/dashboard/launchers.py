@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 
 from attnlab.analyses import ANALYSES, Analysis
@@ -134,6 +135,41 @@ def launcher_for(analysis: Analysis) -> Launcher:
 
 # ----- the clicked head's own view, per analysis -----
 def _retrieval_view(run, layer: int, head: int, get_probe) -> go.Figure:
+    """The head's decode steps on one NIAH test of the run (the first that succeeded, else the first):
+    per step the generated token, the key the head looked at most and its token, and whether that was
+    a copy from the answer span (the retrieval score counts those). Runs saved before the steps were
+    recorded show the head's attention on the prompt instead."""
+    from attnlab.analyses.retrieval import decode_steps
+
+    if "top_key" not in run.tensors:
+        return _retrieval_prompt_view(run, layer, head, get_probe)
+    tests = run.tables["tests"]
+    ok = tests.index[tests["success"].astype(bool)]
+    test = int(ok[0]) if len(ok) else 0
+    tok = get_probe(run.manifest["model"]["name"]).tokenizer
+    steps = decode_steps(run.tables, run.tensors, test, layer, head, lambda i: tok.decode([i]))
+    t = tests.iloc[test]
+    hits = int(steps["copied"].sum())
+    colour = ["#c8f0c8" if c else ("#fff3c4" if a else "white") for c, a in zip(steps["copied"], steps["in_answer"])]
+    fig = go.Figure(go.Table(
+        columnwidth=[40, 110, 60, 110, 60],
+        header={"values": ["step", "generated", "top key", "its token", "copied"], "align": "left",
+                "fill_color": "#eee"},
+        cells={"values": [steps["step"], [repr(x) for x in steps["token"]], steps["key"],
+                          [repr(x) for x in steps["key_token"]],
+                          ["copied" if c else ("in answer" if a else "") for c, a in zip(steps["copied"],
+                                                                                       steps["in_answer"])]],
+               "align": "left", "fill_color": [colour] * 5, "height": 22}))
+    status = "succeeded" if t["success"] else "failed: not scored"
+    fig.update_layout(title={"text": f"L{layer} H{head}: decode steps, NIAH {int(t['length'])} tokens depth "
+                                     f"{t['depth']:g}% ({status})<br>{hits} of {len(steps)} steps copied the "
+                                     f"answer span [{int(t['span_start'])}, {int(t['span_end'])})",
+                             "font": {"size": 13}},
+                      font=figures.FONT, margin={"l": 10, "r": 10, "t": 64, "b": 10})
+    return fig
+
+
+def _retrieval_prompt_view(run, layer: int, head: int, get_probe) -> go.Figure:
     """The head's attention on one of the run's NIAH prompts (the first length and needle, the middle
     depth), pooled like the capture heatmap; the needle's answer span is marked."""
     from attnlab.probe.tasks import niah
@@ -176,11 +212,37 @@ HEAD_VIEWS: dict[str, Callable] = {"retrieval": _retrieval_view, "thought_anchor
 LAUNCHERS: dict[str, Launcher] = {name: launcher_for(a) for name, a in ANALYSES.items()}
 
 
+# ----- per-head scores of a run -----
+# Columns that index observations rather than measure heads, whatever their dtype (a float depth or length).
+INDEX_COLUMNS = frozenset({"layer", "head", "kv_head", "batch", "sample", "position", "rank", "step", "test",
+                           "trace", "sentence", "source", "target", "length", "depth", "seed", "dim", "token_id"})
+
+
+def score_columns(run) -> list[tuple[str, str]]:
+    """(table, column) of every per-head score of an analysis run, its main score first.
+
+    One rule for every analysis: a score is a float column (not bool, not int: ints are indices
+    and counts such as sample, position, rank, n_traces) outside `INDEX_COLUMNS`, of a table with
+    `layer` and `head` columns. The main score is the `score` column of the analysis' `top_table`
+    (the table its surfaces rank heads by: retrieval score, receiver kurtosis, value drain, ...),
+    else that table's first score; the rest keep the run's table order."""
+    out = []
+    for tname, df in run.tables.items():
+        if not {"layer", "head"} <= set(df.columns):
+            continue
+        out += [(tname, c) for c in df.columns
+                if c not in INDEX_COLUMNS and pd.api.types.is_float_dtype(df[c])]
+    analysis = ANALYSES.get(run.manifest.get("analysis", run.kind))
+    top = analysis.top_table if analysis is not None else "heads"
+    main = [x for x in out if x == (top, "score")] or [x for x in out if x[0] == top][:1]
+    return main + [x for x in out if x not in main]
+
+
 def head_view(run, layer: int, head: int, get_probe) -> go.Figure | None:
     """The clicked head's own view for an analysis run, or None when its analysis has none."""
     view = HEAD_VIEWS.get(run.manifest.get("analysis", run.kind))
     return None if view is None else view(run, layer, head, get_probe)
 
 
-__all__ = ["ALL_TRACES", "DEFAULT", "HEAD_VIEWS", "LAUNCHERS", "Launcher", "Param", "TEXT_BOX", "head_view",
-           "launcher_for"]
+__all__ = ["ALL_TRACES", "DEFAULT", "HEAD_VIEWS", "INDEX_COLUMNS", "LAUNCHERS", "Launcher", "Param", "TEXT_BOX",
+           "head_view", "launcher_for", "score_columns"]

@@ -176,16 +176,11 @@ class RunCache:
 
 
 def head_score_columns(run) -> list[dict]:
-    """Dropdown options 'table: column' for every numeric column of every table with layer and
-    head columns (an analysis run's per-head scores: retrieval score, kurtosis, ...)."""
-    out = []
-    for tname, df in run.tables.items():
-        if {"layer", "head"} <= set(df.columns):
-            for col in df.columns:
-                numeric = pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col])
-                if col not in ("layer", "head", "kv_head", "batch") and numeric:
-                    out.append({"label": f"{tname}: {col}", "value": f"{tname}\t{col}"})
-    return out
+    """Dropdown options 'table: column' for the per-head scores of an analysis run, its main score
+    first (the view it opens on); the rule is `launchers.score_columns`."""
+    from attnlab.app.dashboard.launchers import score_columns
+
+    return [{"label": f"{t}: {c}", "value": f"{t}\t{c}"} for t, c in score_columns(run)]
 
 
 # ----- jobs -----

@@ -131,8 +131,27 @@ def test_head_score_columns_skip_text_and_flags():
 
     heads = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "kv_head": [0, 0], "score": [0.1, 0.2],
                           "status": pd.array(["active", "dormant"], dtype="string"), "is_retrieval": [True, False]})
-    run = SimpleNamespace(tables={"heads": heads, "texts": pd.DataFrame({"text": ["a"]})})
+    run = SimpleNamespace(tables={"heads": heads, "texts": pd.DataFrame({"text": ["a"]})}, kind="retrieval",
+                          manifest={"analysis": "retrieval"})
     assert [o["value"] for o in work.head_score_columns(run)] == ["heads\tscore"]
+
+
+def test_only_score_columns_are_offered_and_the_main_score_comes_first():
+    """extreme tokens: per-token tables (sample, position, token) and the value-drain table its surfaces rank by."""
+    from types import SimpleNamespace
+
+    values = pd.DataFrame({"sample": [0, 0], "layer": [0, 0], "head": [0, 1], "kv_head": [0, 0],
+                           "position": [0, 1], "token": ["a", "b"], "norm": [1.5, 2.5]})
+    drain = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "first_norm": [0.1, 0.2], "score": [0.3, 0.4],
+                          "rank": [1, 0]})
+    thought = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "n_traces": [2, 2], "score": [13.06, 2.0],
+                            "rank": [0, -1], "depth": [50.0, 50.0]})
+    run = SimpleNamespace(tables={"value_norms": values, "value_drain": drain, "heads": thought},
+                          kind="extreme_tokens", manifest={"analysis": "extreme_tokens"})
+    assert launchers.score_columns(run) == [("value_drain", "score"), ("value_norms", "norm"),
+                                            ("value_drain", "first_norm"), ("heads", "score")]
+    run.manifest = {"analysis": "thought_anchors"}  # its top table is `heads`
+    assert launchers.score_columns(run)[0] == ("heads", "score")
 
 
 def test_an_analysis_job_checks_its_form_before_it_starts_and_saves_a_run(tmp_path):
