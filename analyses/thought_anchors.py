@@ -503,7 +503,7 @@ def _check_traces(inputs, p: ThoughtAnchorParams) -> None:
             n = len(split_sentences(body))
             if n < need:
                 raise AttnlabError(f"the trace {name!r} has {n} sentence(s): receiver-head kurtosis needs at least "
-                                   f"{need} (proximity + 2, + 1 when the first is dropped) (write a longer trace, or pick a shipped one)")
+                                   f"proximity + {need - p.proximity} = {need} (write a longer trace, or pick a shipped one)")
     _trace_names(p.suppress, traces, "suppress")
     if p.n_rollouts > 0:
         _trace_names(p.resample, traces, "resample")

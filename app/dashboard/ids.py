@@ -64,3 +64,13 @@ TA_GRAPHS = "ta-graphs"  # the row holding the two thought-anchor graphs (hidden
 TA_RECEIVERS = "ta-receivers"  # thought anchors: receiver score per sentence
 TA_SUPPRESSION = "ta-suppression"  # thought anchors: sentence x sentence suppression matrix
 HEAD_VIEW = "analysis-head-view"  # the clicked head's own view for the open analysis
+
+# panels: analysis form errors, intervention extras, run comparison, report links
+FORM_ERROR = "analysis-form-error"  # the launcher form's validation message
+APPLY_STATUS = "apply-status"  # the intervention's loading indicator and its timing
+ATTN_DIFF = "attn-diff"  # the selected head's attention after minus before
+HEADS_MOVED = "heads-moved"  # the heads whose attention moved most (bar chart)
+COMPARE_RUN = "compare-run"  # dropdown: the second run of a comparison
+COMPARE_INFO = "compare-info"  # what differs between the two runs (a table)
+COMPARE_MAPS = "compare-maps"  # the comparison's maps (difference, or side by side)
+REPORT_LINK = "report-link"  # the open report run's HTML

@@ -175,6 +175,7 @@ def intervention_panel() -> html.Div:
     """The intervention panel: method, scope, strength and span, apply; next-token changes and attention before and
     after."""
     first = "zerotuning"
+    from attnlab.app.dashboard import intervention_callbacks as panels  # (imports this module: no cycle at call time)
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.B("intervention"),
@@ -196,6 +197,7 @@ def intervention_panel() -> html.Div:
         html.Div(id=ids.EDIT_INFO, style={"margin": "6px 0"},
                  children=html.Span("pick a method, a strength and a scope, then apply: the open capture's text is "
                                     "run with and without the edit", style=EMPTY_MESSAGE)),
+        panels.apply_status(),
         html.Div(id=ids.EDIT_RESULTS, style=HIDDEN, children=[  # shown once an intervention is applied
             html.Div(style={"display": "flex", "gap": "12px", "flexWrap": "wrap"}, children=[
                 html.Div(id=ids.NEXT_TOKENS, style={"minWidth": "420px"}),
@@ -208,6 +210,7 @@ def intervention_panel() -> html.Div:
                 dcc.Graph(id=ids.ATTN_AFTER, config=GRAPH_CONFIG, figure=blank(""),
                           style={"width": "540px", "height": "500px"}),
             ]),
+            panels.difference_and_heads_moved(),
         ]),
     ])
 

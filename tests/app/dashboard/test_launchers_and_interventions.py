@@ -182,3 +182,26 @@ def test_an_analysis_job_checks_its_form_before_it_starts_and_saves_a_run(tmp_pa
     with pytest.raises(work.Cancelled):
         work.analysis_job(runs, toy, "smollm2-135m", None, {})(job)
     assert len(runs.store.list()) == 1
+
+
+def test_zerotuning_on_one_head_moves_that_head_first_and_no_earlier_layer(probe, tokens):
+    """ZeroTuning on L2 H0 at gamma 2: layers 0-1 are untouched (exactly), L2 H0 moves the most in its layer, all
+    of it through the first token; the difference map is after minus before."""
+    from attnlab.app.dashboard import intervention_callbacks
+
+    plan = intervene.plan(probe, tokens, "zerotuning", "head", 2, 0, 2.0)
+    out = intervene.compare(probe, tokens, plan, 2, 0, block=1)
+    moved = intervene.heads_moved(out["rows_before"], out["rows_after"])
+    assert len(moved) == probe.info.n_layers * probe.info.n_heads
+    assert (moved[moved["layer"] < 2]["change"] == 0).all()
+    layer2 = moved[moved["layer"] == 2]
+    assert (layer2.iloc[0]["layer"], layer2.iloc[0]["head"]) == (2, 0) and layer2.iloc[0]["change"] > 0.01
+    row = moved[(moved["layer"] == 2) & (moved["head"] == 0)].iloc[0]
+    # gamma > 1 gives the first token more: what it gains is what the others lose (rows sum to 1)
+    assert row["first_after"] > row["first_before"]
+    assert row["change"] == pytest.approx(row["first_after"] - row["first_before"], rel=1e-4)
+    fig = intervention_callbacks.difference_heatmap(out["a_before"], out["a_after"], None, 1, "d", len(tokens.strings[0]))
+    z = np.asarray(fig.data[0].z, dtype=float)
+    np.testing.assert_allclose(z, out["a_after"] - out["a_before"], equal_nan=True)
+    assert fig.data[0].zmid == 0 and fig.data[0].zmin == -fig.data[0].zmax
+    assert np.nanmax(z[:, 0]) > 0 and np.nanmin(z[:, 1:]) < 0  # the first token gains, the others lose
