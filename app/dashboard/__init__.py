@@ -31,7 +31,7 @@ from dash import Dash, no_update, set_props
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from attnlab.app.dashboard import callbacks, checks, ids, layout, work
+from attnlab.app.dashboard import callbacks, checks, ids, layout, reports, work
 
 CALLBACK_ROUTE = "/_dash-update-component"
 
@@ -56,6 +56,7 @@ def create_app(runs_dir: str | Path = "runs", allowed_hosts: Iterable[str] = ())
                serve_locally=True, external_stylesheets=[], external_scripts=[], update_title=None,
                on_error=_callback_failed)
     _guard(server, host_check)
+    reports.register_route(server, runs)  # report runs' HTML, from inside the runs directory only
     installed, missing = work.models()
     # a function, so a page reload lists the runs written since the server started
     app.layout = lambda: layout.make_layout(installed, missing, runs.options())

@@ -69,6 +69,7 @@ def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
             html.Div(id=ids.ANALYSIS_PARAMS, style=ROW, children=param_fields(first)),
             html.Button("run analysis", id=ids.RUN_ANALYSIS, n_clicks=0, style={"fontWeight": "bold"}),
         ]),
+        html.Div(id=ids.FORM_ERROR, style=ERROR),  # the analysis form's validation message
         html.Div(style={**ROW, "marginTop": "6px"}, children=[
             html.Button("cancel", id=ids.CANCEL, n_clicks=0, disabled=True),
             html.Progress(id=ids.PROGRESS, value="0", max="1", style={"width": "260px"}),
@@ -99,6 +100,7 @@ def param_fields(name: str) -> list:
 
 def runs_panel(options: list[dict]) -> html.Div:
     """The saved-runs panel: a dropdown of runs, refresh and ping buttons, the open run's info."""
+    from attnlab.app.dashboard import reports  # (imports this module: no cycle at call time)
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.Label("saved runs"),
@@ -108,6 +110,7 @@ def runs_panel(options: list[dict]) -> html.Div:
             html.Span(id=ids.PONG, style=EMPTY_MESSAGE),
         ]),
         html.Div(id=ids.RUN_INFO, style=EMPTY_MESSAGE),
+        reports.report_link(),  # a report run's page
         dcc.Store(id=ids.CURRENT),
     ])
 
@@ -217,12 +220,14 @@ def intervention_panel() -> html.Div:
 
 def make_layout(installed: list[str], missing: dict[str, str], run_options: list[dict]) -> html.Div:
     """The whole page: title and every panel, top to bottom."""
+    from attnlab.app.dashboard import compare  # (imports this module: no cycle at call time)
     return html.Div(style=PAGE, children=[
         html.H2("attnlab", style={"margin": "4px 0"}),
         inputs_panel(installed, missing),
         runs_panel(run_options),
         head_panel(),
         analysis_panel(),
+        compare.compare_panel(run_options),
         token_panel(),
         intervention_panel(),
     ])

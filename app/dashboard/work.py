@@ -279,10 +279,12 @@ def capture_job(runs: RunCache, model: str, text: str, prepend_bos: bool, layers
     return fn
 
 
-def analysis_job(runs: RunCache, launcher, model: str, text: str | None, values: dict[str, str]):
+def analysis_job(runs: RunCache, launcher, model: str, text: str | None, values: dict[str, str],
+                 params: dict | None = None):
     """The job function of an analysis launcher (`launchers.LAUNCHERS`): checks the form now (a bad
-    value is an AttnlabError before any thread starts), then load, run, save as a run -> its name."""
-    params = launcher.parse(values, text)
+    value is an AttnlabError before any thread starts; `params`: the form already parsed), then load,
+    run, save as a run -> its name."""
+    params = launcher.parse(values, text) if params is None else params
 
     def fn(job: Job) -> str:
         job.message = f"loading {model}"

@@ -346,7 +346,7 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     _set_param(dash_duo, "n_rollouts", "0")
     _set_input(dash_duo, ids.TEXT, "One short sentence here. And a second one.")
     dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
-    dash_duo.wait_for_contains_text(f"#{ids.MESSAGE}", "needs at least proximity + 2", timeout=10)
+    dash_duo.wait_for_contains_text(f"#{ids.FORM_ERROR}", "needs at least proximity + 2", timeout=10)
     _set_input(dash_duo, ids.TEXT, TRACE)
     dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
     dash_duo.wait_for_contains_text(f"#{ids.PROGRESS_TEXT}", "sentence suppressed", timeout=90)
