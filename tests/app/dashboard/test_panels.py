@@ -50,7 +50,7 @@ def served(tmp_path):
     store.write("report", {"name": "smollm2-135m"}, files={"report.html": "<html><body>the report</body></html>"},
                 name="rep")
     _scores(root, "scores", [0.1, 0.2, 0.3, 0.4])
-    (tmp_path / "secret.html").write_text("outside")
+    (tmp_path / "secret.html").write_text("SECRET-7f3a")
     return app.server.test_client(), root, tmp_path
 
 
@@ -62,7 +62,7 @@ def test_a_report_page_is_served_and_nothing_outside_the_runs_directory(served):
     os.symlink(outside, root / "link")  # a run name that is a symlink leaving the directory
     for url in ["/report/scores", "/report/missing", "/report/..", "/report/link", "/report/%2e%2e", "/report/.rep"]:
         resp = client.get(url)
-        assert resp.status_code == 404 and b"outside" not in resp.data and str(root).encode() not in resp.data, url
+        assert resp.status_code == 404 and b"SECRET-7f3a" not in resp.data and str(root).encode() not in resp.data, url
     for url in ["/report/..%2Fsecret.html", "/report/rep/../../secret.html", "/report/rep%2F..%2F..%2Fsecret.html"]:
         resp = client.get(url)  # not a run name: the route does not match, and Dash answers with its own page
-        assert b"outside" not in resp.data and b"the report" not in resp.data, url
+        assert b"SECRET-7f3a" not in resp.data and b"the report" not in resp.data, url
