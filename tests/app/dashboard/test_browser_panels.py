@@ -66,6 +66,17 @@ def _set_param(dash_duo, name: str, text: str) -> None:
     elem.send_keys(text)
 
 
+def _pick_run(dash_duo, selector: str, name: str) -> None:
+    """Choose run `name` in a run dropdown (its option reads 'name  (kind, model)')."""
+    dash_duo.find_element(selector).click()
+    options = _wait(lambda: dash_duo.driver.find_elements("css selector", ".dash-dropdown-options .dash-dropdown-option"),
+                    10, "the run options")
+    match = [o for o in options if o.text.split(" ")[0] == name]
+    assert match, [o.text for o in options]
+    match[0].click()
+    _wait(lambda: name in dash_duo.find_element(selector).text, 5, f"run {name!r} chosen")
+
+
 def _select(dash_duo, selector: str, label: str) -> None:
     """Pick a dropdown option by its label (dash_duo only logs when none matches: fail instead)."""
     dash_duo.select_dcc_dropdown(selector, value=label)
@@ -108,6 +119,7 @@ def _heads(scores) -> pd.DataFrame:
 
 
 def test_two_runs_compared_give_a_difference_map_and_a_report_opens(dash_duo, tmp_path, artifacts):
+    work.get_probe("smollm2-135m")  # the retrieval run's head view loads it: before the server, not during teardown
     runs = tmp_path / "runs"
     store = RunStore(runs)
     base = np.linspace(0, 1, 270)
@@ -121,14 +133,14 @@ def test_two_runs_compared_give_a_difference_map_and_a_report_opens(dash_duo, tm
                                                                           "</body></html>"}, name="report-run")
     dash_duo.start_server(create_app(runs))
     dash_duo.wait_for_element(f"#{ids.RUNS}")
-    _select(dash_duo, f"#{ids.RUNS}", "first")
+    _pick_run(dash_duo, f"#{ids.RUNS}", "first")
     dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=30)
-    _select(dash_duo, f"#{ids.COMPARE_RUN}", "second")
+    _pick_run(dash_duo, f"#{ids.COMPARE_RUN}", "second")
     dash_duo.wait_for_contains_text(f"#{ids.COMPARE_INFO}", "parameter lengths", timeout=30)
     graph = f"{ids.COMPARE_MAPS} .js-plotly-plot"
     z = _wait(lambda: dash_duo.driver.execute_script(
         f"const gd = document.querySelector('#{graph}');"
-        "return gd && gd.data && gd.layout.title.text.startsWith('difference') ? gd.data[0].z : null;"), 30,
+        "return gd && gd.calcdata && gd.layout.title.text.startsWith('difference') ? gd.calcdata[0][0].z : null;"), 30,
         "the difference map")
     z = np.asarray(z, dtype=float)
     assert z.shape == (30, 9) and z[5, 3] == pytest.approx(0.5) and np.count_nonzero(z) == 1
@@ -137,7 +149,7 @@ def test_two_runs_compared_give_a_difference_map_and_a_report_opens(dash_duo, tm
 
     # a report run: its page opens from a link next to the run list, served from the runs directory
     dash_duo.driver.execute_script("window.scrollTo(0, 0)")
-    _select(dash_duo, f"#{ids.RUNS}", "report-run")
+    _pick_run(dash_duo, f"#{ids.RUNS}", "report-run")
     link = _wait(lambda: dash_duo.driver.execute_script(
         f"const a = document.querySelector('#{ids.REPORT_LINK} a'); return a ? a.href : null;"), 30, "the report link")
     assert link.endswith("/report/report-run")
@@ -153,7 +165,7 @@ def test_an_intervention_draws_its_difference_map_and_the_heads_that_moved(dash_
     n = probe.tokenize(SHORT).length
     dash_duo.start_server(create_app(tmp_path / "runs"))
     dash_duo.wait_for_element(f"#{ids.RUNS}")
-    _select(dash_duo, f"#{ids.RUNS}", "short")
+    _pick_run(dash_duo, f"#{ids.RUNS}", "short")
     dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", f"{n} tokens", timeout=60)
     dash_duo.driver.execute_script(f"document.getElementById('{ids.APPLY}').scrollIntoView({{block: 'center'}})")
     dash_duo.find_element(f"#{ids.APPLY}").click()
@@ -162,7 +174,8 @@ def test_an_intervention_draws_its_difference_map_and_the_heads_that_moved(dash_
     dash_duo.wait_for_contains_text(f"#{ids.APPLY_STATUS}", "applied in", timeout=90)
     assert dash_duo.find_element(f"#{ids.APPLY}").text == "apply"
     _wait(lambda: "after - before" in _title(dash_duo, ids.ATTN_DIFF), 20, "the difference map")
-    z = np.asarray(_trace(dash_duo, ids.ATTN_DIFF, "z"), dtype=float)
+    z = np.asarray(dash_duo.driver.execute_script(  # as drawn (the data may travel as a typed array)
+        f"return document.querySelector('#{ids.ATTN_DIFF} .js-plotly-plot').calcdata[0][0].z"), dtype=float)
     assert z.shape == (n, n) and np.nanmax(z[:, 0]) > 0  # ZeroTuning gamma 2: the first token gains
     assert _trace(dash_duo, ids.ATTN_DIFF, "zmid") == 0
     assert _trace(dash_duo, ids.ATTN_DIFF, "zmin") == -_trace(dash_duo, ids.ATTN_DIFF, "zmax")
