@@ -218,6 +218,13 @@ INDEX_COLUMNS = frozenset({"layer", "head", "kv_head", "batch", "sample", "posit
                            "trace", "sentence", "source", "target", "length", "depth", "seed", "dim", "token_id"})
 
 
+def analysis_name(run) -> str:
+    """The registry name of an analysis run (`Analysis.run` records it as the `section` parameter; a Result's own
+    name may differ, e.g. sae_circuits writes 'sae_circuits_eval')."""
+    m = run.manifest
+    return (m.get("parameters") or {}).get("section") or m.get("analysis") or run.kind
+
+
 def score_columns(run) -> list[tuple[str, str]]:
     """(table, column) of every per-head score of an analysis run, its main score first.
 
@@ -232,7 +239,7 @@ def score_columns(run) -> list[tuple[str, str]]:
             continue
         out += [(tname, c) for c in df.columns
                 if c not in INDEX_COLUMNS and pd.api.types.is_float_dtype(df[c])]
-    analysis = ANALYSES.get(run.manifest.get("analysis", run.kind))
+    analysis = ANALYSES.get(analysis_name(run))
     top = analysis.top_table if analysis is not None else "heads"
     main = [x for x in out if x == (top, "score")] or [x for x in out if x[0] == top][:1]
     return main + [x for x in out if x not in main]
