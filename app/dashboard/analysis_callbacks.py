@@ -1,5 +1,6 @@
-"""Callbacks of the analysis launcher and the analysis panel: the launcher's form, starting an
-analysis as a background job (the shared `Jobs`: one progress bar, one cancel button), and the
+"""Callbacks of the analysis launcher and the analysis panel: the launcher's form (a bad value is
+named under the form, `FORM_ERROR`), starting an analysis as a background job (the shared `Jobs`:
+one progress bar, one cancel button), and the
 clicked head's own view. Opening the finished run and drawing its layer x head map is done by the
 run callbacks in `callbacks` (a launched analysis and a saved one are shown the same way)."""
 

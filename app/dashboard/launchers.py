@@ -11,9 +11,11 @@ shipped trace, one of them, or the text box), and the others build their own. Th
 run, so it reopens from the saved-runs list like any other; an analysis may draw the clicked head's
 own view (`HEAD_VIEWS`).
 
-The layer x head map is generic: any run with a tidy table holding `layer`, `head` and numeric
+The layer x head map is generic: any run with a tidy table holding `layer`, `head` and score
 columns is drawn by `attnlab.app.figures.head_table_map`, whether it was launched here or opened
-from disk. Adding an analysis to the dashboard is registering it in its module.
+from disk. Which columns are per-head scores is one rule for every analysis (`score_columns`: float
+columns that do not index observations, the analysis' main score first, so a run opens on the map
+its analysis ranks heads by). Adding an analysis to the dashboard is registering it in its module.
 """
 
 from __future__ import annotations
