@@ -385,7 +385,7 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=30)
     _wait(lambda: "retrieval" in _title(dash_duo, ids.SCORE_MAP), 20, "the retrieval map again")
     _wait(lambda: not dash_duo.find_element(f"#{ids.TA_GRAPHS}").is_displayed(), 10, "the thought-anchor row hidden")
-    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L4 H6 on a NIAH prompt"), 60, "the NIAH view of L4 H6")
+    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L4 H6: decode steps"), 60, "the decode steps of L4 H6")
     assert dash_duo.get_logs() == [], dash_duo.get_logs()
 
 
