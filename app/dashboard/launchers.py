@@ -112,11 +112,16 @@ def _split(analysis: Analysis, text: str | None, values: dict):
     return _inputs(analysis, text, values), analysis.params(**{k: v for k, v in values.items() if k in fields})
 
 
+def _help(f) -> str:
+    """A field's tooltip: its help, then its type, range and default (the paper's, as the Params declare it)."""
+    what = f.type + (f", {f.range[0]:g}-{f.range[1]:g}" if f.range else "") + f"; default {f.default}"
+    return f"{f.help} ({what})" if f.help else what
+
+
 def launcher_for(analysis: Analysis) -> Launcher:
     """The launcher of a registered analysis: its form from the Params dataclass."""
     params = tuple(Param(f.name, f.label, f.default, lambda lab, t, _n=f.name: parse_value(analysis.params, _n, t),
-                         f.choices, f.help or f.type + (f", {f.range[0]:g}-{f.range[1]:g}" if f.range else ""))
-                   for f in analysis.fields())
+                         f.choices, _help(f)) for f in analysis.fields())
     if analysis.inputs == "traces":
         params = (Param("trace", "trace", ALL_TRACES, lambda lab, t: _choice(_traces())(lab, t), options=_traces(),
                         help="the shipped reasoning traces, one of them, or the text box"),) + params
