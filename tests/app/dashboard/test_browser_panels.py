@@ -119,22 +119,22 @@ def _heads(scores) -> pd.DataFrame:
 
 
 def test_two_runs_compared_give_a_difference_map_and_a_report_opens(dash_duo, tmp_path, artifacts):
-    work.get_probe("smollm2-135m")  # the retrieval run's head view loads it: before the server, not during teardown
     runs = tmp_path / "runs"
     store = RunStore(runs)
     base = np.linspace(0, 1, 270)
     moved = base.copy()
     moved[5 * 9 + 3] += 0.5  # L5 H3 scores 0.5 more in the second run
-    Result("retrieval", tables={"heads": _heads(base)}, params={"model": "smollm2-135m", "lengths": [256]}).save(
+    # induction runs: no head view of their own (a retrieval run's would capture a NIAH prompt meanwhile)
+    Result("induction", tables={"heads": _heads(base)}, params={"model": "smollm2-135m", "lengths": [256]}).save(
         store, name="first")
-    Result("retrieval", tables={"heads": _heads(moved)}, params={"model": "smollm2-135m", "lengths": [512]}).save(
+    Result("induction", tables={"heads": _heads(moved)}, params={"model": "smollm2-135m", "lengths": [512]}).save(
         store, name="second")
     store.write("report", {"name": "smollm2-135m"}, files={"report.html": "<html><body><h1>A report page</h1>"
                                                                           "</body></html>"}, name="report-run")
     dash_duo.start_server(create_app(runs))
     dash_duo.wait_for_element(f"#{ids.RUNS}")
     _pick_run(dash_duo, f"#{ids.RUNS}", "first")
-    dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=30)
+    dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "induction run", timeout=30)
     _pick_run(dash_duo, f"#{ids.COMPARE_RUN}", "second")
     dash_duo.wait_for_contains_text(f"#{ids.COMPARE_INFO}", "parameter lengths", timeout=30)
     graph = f"{ids.COMPARE_MAPS} .js-plotly-plot"
