@@ -21,7 +21,7 @@ import itertools
 import math
 import time
 from contextlib import nullcontext
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,7 +58,12 @@ def retrieval_heads(
 ) -> Result:
     """Retrieval score of every head over a lengths x depths x needles NIAH grid.
 
-    chat: wrap prompts in the tokenizer's chat template (default: when it has one)."""
+    chat: wrap prompts in the tokenizer's chat template (default: when it has one).
+    Tables: `heads` (layer, head, score, activation_frequency, kv_head, is_retrieval), `tests` (one
+    row per NIAH test), `steps` (test, step, token_id, token: what each decode step generated).
+    Tensors: `score` [layer, head], `top_key` [test, step, layer, head] (each head's argmax key at each
+    decode step, -1 after the test stopped), `prompt_ids` [test, position] (-1 pads); `decode_steps`
+    reads them back for one head."""
     if not lengths or not depths or not needles:
         raise AttnlabError("retrieval_heads needs at least one length, one depth and one needle")
     too_long = [n for n in lengths if n > probe.info.context_length]
@@ -69,6 +74,7 @@ def retrieval_heads(
     score_sum = torch.zeros(L, H, dtype=torch.float64)
     active = torch.zeros(L, H, dtype=torch.float64)
     tests, started = [], time.perf_counter()
+    step_keys, step_rows, prompt_ids = [], [], []  # the decode steps: what each head looked at
     for length, needle in track(list(itertools.product(lengths, needles)), progress, desc="retrieval heads",
                                 unit="needle"):
         prompts = [niah.build(probe.tokenizer, needle, length, d, chat=chat) for d in depths]
@@ -78,7 +84,13 @@ def retrieval_heads(
             response = gen.texts[b]
             recall = niah.rouge1_recall(needle.answer, response)
             success = recall > success_recall
-            scores = copy_paste_scores(prompt, gen.new_ids[b], [s["top_key"][b, :, :, 0] for s in gen.steps])
+            top_keys = [s["top_key"][b, :, :, 0] for s in gen.steps]
+            scores = copy_paste_scores(prompt, gen.new_ids[b], top_keys)
+            test = len(tests)
+            step_keys.append(torch.stack(top_keys[:len(gen.new_ids[b])]) if gen.new_ids[b] else
+                             torch.zeros(0, L, H, dtype=torch.long))
+            prompt_ids.append(list(prompt.input_ids))
+            step_rows += [{"test": test, "step": t, "token_id": int(tok)} for t, tok in enumerate(gen.new_ids[b])]
             if success:
                 score_sum += scores
                 active += (scores > 0).double()
@@ -87,6 +99,16 @@ def retrieval_heads(
                           "span_start": prompt.span[0], "span_end": prompt.span[1]})
     tests_df = pd.DataFrame(tests)
     n_success = int(tests_df["success"].sum())
+    n_steps = max((len(k) for k in step_keys), default=0)
+    top_key = torch.full((len(step_keys), n_steps, L, H), -1, dtype=torch.int32)  # -1: the test had stopped
+    for i, k in enumerate(step_keys):
+        top_key[i, :len(k)] = k.to(torch.int32)
+    n_prompt = max(len(p) for p in prompt_ids)
+    prompts = torch.full((len(prompt_ids), n_prompt), -1, dtype=torch.int32)  # -1 pads shorter prompts
+    for i, ids in enumerate(prompt_ids):
+        prompts[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    steps_df = pd.DataFrame(step_rows, columns=["test", "step", "token_id"])
+    steps_df["token"] = [probe.tokenizer.decode([int(t)]) for t in steps_df["token_id"]]
     mean = score_sum / max(n_success, 1)
     heads = pd.DataFrame({
         "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
@@ -96,18 +118,24 @@ def retrieval_heads(
     heads["is_retrieval"] = heads["score"] > threshold
     share = heads["is_retrieval"].mean()
     zero = (heads["score"] == 0).mean()
-    top = heads.sort_values("score", ascending=False).head(5)
-    summary = (
-        f"{n_success}/{len(tests_df)} NIAH tests succeeded; {heads['is_retrieval'].sum()} of {len(heads)} heads "
-        f"({share:.1%}) are retrieval heads (score > {threshold}), {zero:.0%} score 0 "
-        "(published on 7B models: 3-6% and 45-73%). Top: "
-        + ", ".join(f"{r.layer}.{r.head} ({r.score:.2f})" for r in top.itertuples())
-    )
+    top = heads[heads["score"] > 0].sort_values("score", ascending=False).head(5)
+    if n_success == 0:  # no test counts: every score is 0 by construction, not a finding about the heads
+        summary = (f"0/{len(tests_df)} NIAH tests succeeded (answer recall > {success_recall}): no head can be "
+                   "scored; try a shorter length, more new tokens or a larger model")
+    else:
+        summary = (
+            f"{n_success}/{len(tests_df)} NIAH tests succeeded; {heads['is_retrieval'].sum()} of {len(heads)} heads "
+            f"({share:.1%}) are retrieval heads (score > {threshold}), {zero:.0%} score 0 "
+            "(published on 7B models: 3-6% and 45-73%). "
+            + ("Top: " + ", ".join(f"{r.layer}.{r.head} ({r.score:.2f})" for r in top.itertuples()) if len(top)
+               else "No head copied the needle.")
+        )
     res = Result(
         "retrieval",
-        tables={"heads": heads, "tests": tests_df},
-        tensors={"score": mean.float()},
-        tensor_dims={"score": ("layer", "head")},
+        tables={"heads": heads, "tests": tests_df, "steps": steps_df},
+        tensors={"score": mean.float(), "top_key": top_key, "prompt_ids": prompts},
+        tensor_dims={"score": ("layer", "head"), "top_key": ("test", "step", "layer", "head"),
+                     "prompt_ids": ("test", "position")},
         params={"model": probe.name, "lengths": list(lengths), "depths": list(depths), "needles": len(needles),
                 "threshold": threshold, "success_recall": success_recall, "max_new_tokens": max_new_tokens,
                 "chat": chat},
@@ -134,6 +162,30 @@ def copy_paste_scores(prompt: niah.NiahPrompt, new_ids: list[int], top_keys: lis
         copied = ids[j.clamp(0, len(ids) - 1)] == token
         score += (in_span & copied).double() / (s1 - s0)
     return score
+
+
+def decode_steps(tables: dict[str, pd.DataFrame], tensors: dict[str, torch.Tensor], test: int, layer: int,
+                 head: int, decode: Callable[[int], str]) -> pd.DataFrame:
+    """One head's decode steps in NIAH test `test` of a retrieval Result (tables, tensors): per step, the token
+    generated, the key the head attended most (`key`: its position in the prompt and generated tokens,
+    `key_token`), whether that key lies in the answer span and holds the generated token (`copied`: a
+    copy-paste hit, worth 1/|span| of the score). decode: token id -> text."""
+    if "top_key" not in tensors or "steps" not in tables:
+        raise AttnlabError("this retrieval run has no decode steps (saved before they were recorded): run it again")
+    t = tables["tests"].iloc[test]
+    s0, s1 = int(t["span_start"]), int(t["span_end"])
+    ids = [int(x) for x in tensors["prompt_ids"][test].tolist() if x >= 0]
+    steps = tables["steps"][tables["steps"]["test"] == test].sort_values("step")
+    generated = [int(x) for x in steps["token_id"]]
+    rows = []
+    for step, token_id in enumerate(generated):
+        j = int(tensors["top_key"][test, step, layer, head])
+        key_id = ids[j] if 0 <= j < len(ids) else (generated[j - len(ids)] if len(ids) <= j < len(ids) + step else None)
+        in_span = s0 <= j < s1
+        rows.append({"step": step, "token": decode(token_id), "key": j,
+                     "key_token": decode(key_id) if key_id is not None else "",
+                     "in_answer": in_span, "copied": in_span and key_id == token_id})
+    return pd.DataFrame(rows, columns=["step", "token", "key", "key_token", "in_answer", "copied"])
 
 
 def retrieval_figures(heads: pd.DataFrame, tests: pd.DataFrame) -> dict[str, go.Figure]:

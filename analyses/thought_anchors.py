@@ -94,6 +94,19 @@ def excess_kurtosis(v: np.ndarray, axis: int = -1) -> np.ndarray:
                                          nan_policy="omit"), dtype=np.float64)
 
 
+def receiver_kurtosis(v: np.ndarray, drop_first_sentence: bool = False) -> np.ndarray:
+    """v [..., S] vertical scores -> [...] excess kurtosis over sentences (`excess_kurtosis`).
+
+    drop_first_sentence: compute it over S_1..S_{n-1}. The paper (and the default) keeps every
+    sentence; the first sentence of a trace often takes most of a head's vertical score (the sink
+    next to BOS), and a single dominant value gives every such head the same kurtosis (n values, one
+    outlier, the rest equal: (n^2 - 3n + 3) / (n - 1) - 3, e.g. 13.06 for n = 18, whatever the
+    outlier), so dropping it ranks the heads by the sentences after it. BOS itself is never a sentence (segment
+    -1: it is context, not a key sentence), so it is outside v either way."""
+    v = np.asarray(v, dtype=np.float64)
+    return excess_kurtosis(v[..., 1:] if drop_first_sentence else v)
+
+
 def top_heads(kurt: np.ndarray, top_k: int = 20, exclude_layers: Sequence[int] = (0,)) -> list[tuple[int, int]]:
     """kurt [L, H] -> the top_k (layer, head) by kurtosis, NaN and excluded layers skipped."""
     k = np.array(kurt, dtype=np.float64)
@@ -254,6 +267,7 @@ def run(
     proximity: int = 4,
     top_k: int = 20,
     exclude_layers: Sequence[int] = (0,),
+    drop_first_sentence: bool = False,
     suppress: bool | Sequence[str] = True,
     suppress_heads: str | Sequence[tuple[int, int]] = "all",
     temperature: float = 0.6,
@@ -295,15 +309,17 @@ def run(
     for tr in prepared:
         mats[tr.name] = sentence_attention(probe, tr, backend)
         verts[tr.name] = vertical_scores(mats[tr.name].numpy(), proximity)  # [L, H, S]
-        kurts.append(excess_kurtosis(verts[tr.name]))
+        kurts.append(receiver_kurtosis(verts[tr.name], drop_first_sentence))
     kurt_all = np.stack(kurts)  # [trace, L, H]
     n_def = (~np.isnan(kurt_all)).sum(axis=0)
     with np.errstate(all="ignore"):
         kurt = np.where(n_def > 0, np.nansum(kurt_all, axis=0) / np.maximum(n_def, 1), np.nan)
     receivers = top_heads(kurt, top_k, exclude_layers)
     if not receivers:
-        raise AttnlabError(f"no head has a defined kurtosis: every trace needs at least proximity + 2 = "
-                           f"{proximity + 2} sentences (pass longer traces or a smaller proximity)")
+        need = proximity + 2 + int(drop_first_sentence)
+        raise AttnlabError(f"no head has a defined kurtosis: every trace needs at least {need} sentences "
+                           f"(proximity + 2{' + the dropped first' if drop_first_sentence else ''}; pass longer "
+                           "traces or a smaller proximity)")
     rank = {lh: r for r, lh in enumerate(receivers)}
     heads = pd.DataFrame({
         "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
@@ -382,7 +398,7 @@ def run(
                 "suppression": supp_table, **extra_tables},
         tensors=tensors, tensor_dims=dims,
         params={"model": probe.name, "proximity": proximity, "top_k": top_k,
-                "exclude_layers": list(exclude_layers),
+                "exclude_layers": list(exclude_layers), "drop_first_sentence": drop_first_sentence,
                 "suppress_heads": (suppress_heads if isinstance(suppress_heads, str)
                                    else [list(x) for x in suppress_heads]),
                 "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "min_chars": min_chars,
@@ -454,6 +470,9 @@ class ThoughtAnchorParams:
     n_rollouts: int = field(default=2, metadata={"range": (0, 10_000), "help": "rollouts per prefix (0: none)"})
     rollout_max_new_tokens: int = field(default=48, metadata={
         "range": (0, 1 << 16), "help": "tokens per rollout (0: the trace's length, as the paper)"})
+    drop_first_sentence: bool = field(default=False, metadata={
+        "label": "drop first sentence (kurtosis)",
+        "help": "receiver-head kurtosis over sentences 1..n-1 (the paper: every sentence; BOS is never a sentence)"})
 
 
 def _trace_inputs(inputs) -> dict:
@@ -478,13 +497,13 @@ def _trace_names(value: str, traces: dict, what: str) -> bool | list[str]:
 
 def _check_traces(inputs, p: ThoughtAnchorParams) -> None:
     traces = _trace_inputs(inputs)
-    need = p.proximity + 2
+    need = p.proximity + 2 + int(p.drop_first_sentence)
     for name, body in traces.items():
         if isinstance(body, str):
             n = len(split_sentences(body))
             if n < need:
                 raise AttnlabError(f"the trace {name!r} has {n} sentence(s): receiver-head kurtosis needs at least "
-                                   f"proximity + 2 = {need} (write a longer trace, or pick a shipped one)")
+                                   f"proximity + {need - p.proximity} = {need} (write a longer trace, or pick a shipped one)")
     _trace_names(p.suppress, traces, "suppress")
     if p.n_rollouts > 0:
         _trace_names(p.resample, traces, "resample")
@@ -493,7 +512,7 @@ def _check_traces(inputs, p: ThoughtAnchorParams) -> None:
 def _run(probe, inputs, p: ThoughtAnchorParams, progress) -> Result:
     traces = _trace_inputs(inputs)
     resample = _trace_names(p.resample, traces, "resample") if p.n_rollouts > 0 else False
-    return run(probe, traces, proximity=p.proximity, top_k=p.top_k,
+    return run(probe, traces, proximity=p.proximity, top_k=p.top_k, drop_first_sentence=p.drop_first_sentence,
                suppress=_trace_names(p.suppress, traces, "suppress"), resample=resample,
                n_rollouts=p.n_rollouts or None, rollout_max_new_tokens=p.rollout_max_new_tokens or None,
                progress=progress)
@@ -515,5 +534,5 @@ register(Analysis(
 
 
 __all__ = ["TRACE_FOLDER", "Trace", "excess_kurtosis", "figures", "kl_top_p", "load_traces", "locate_sentences",
-           "prepare_trace", "run", "sentence_attention", "split_sentences", "suppression_hooks", "suppression_mask",
+           "prepare_trace", "receiver_kurtosis", "run", "sentence_attention", "split_sentences", "suppression_hooks", "suppression_mask",
            "suppression_matrix", "think_region", "token_segments", "top_heads", "vertical_scores"]

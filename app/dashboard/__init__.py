@@ -13,7 +13,9 @@ analysis panel (any per-head score table of an analysis run as a layer x head ma
 receiver-head kurtosis, later SAE node scores; a click selects the head and draws its own view; for
 thought anchors the receiver score per sentence and the suppression matrix), the token view, and
 the intervention view (ZeroTuning, sink mass transfer, ACT, PASTA or a head ablation at a chosen
-strength and scope: the next-token table and the head's attention before/after). Captures and
+strength and scope: the next-token table, the head's attention before/after and their difference,
+and the heads whose attention moved most), a comparison of the open run with a second one
+(`compare`), and report runs' pages (`reports`, served from inside the runs directory). Captures and
 analyses run in a background thread (see `work`; analyses are described in `launchers`, edits in
 `intervene`). Views declare the statistics they read (`work.NEEDS`): a run captured without one
 (`attnlab capture`'s defaults have no `pooled`) opens everywhere, and the view that lacks it says
@@ -31,7 +33,7 @@ from dash import Dash, no_update, set_props
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from attnlab.app.dashboard import callbacks, checks, ids, layout, work
+from attnlab.app.dashboard import callbacks, checks, ids, layout, reports, work
 
 CALLBACK_ROUTE = "/_dash-update-component"
 
@@ -56,6 +58,7 @@ def create_app(runs_dir: str | Path = "runs", allowed_hosts: Iterable[str] = ())
                serve_locally=True, external_stylesheets=[], external_scripts=[], update_title=None,
                on_error=_callback_failed)
     _guard(server, host_check)
+    reports.register_route(server, runs)  # report runs' HTML, from inside the runs directory only
     installed, missing = work.models()
     # a function, so a page reload lists the runs written since the server started
     app.layout = lambda: layout.make_layout(installed, missing, runs.options())

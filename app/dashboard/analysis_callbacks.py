@@ -1,5 +1,6 @@
-"""Callbacks of the analysis launcher and the analysis panel: the launcher's form, starting an
-analysis as a background job (the shared `Jobs`: one progress bar, one cancel button), and the
+"""Callbacks of the analysis launcher and the analysis panel: the launcher's form (a bad value is
+named under the form, `FORM_ERROR`), starting an analysis as a background job (the shared `Jobs`:
+one progress bar, one cancel button), and the
 clicked head's own view. Opening the finished run and drawing its layer x head map is done by the
 run callbacks in `callbacks` (a launched analysis and a saved one are shown the same way)."""
 
@@ -26,6 +27,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Output(ids.RUN, "disabled", allow_duplicate=True),
                   Output(ids.RUN_ANALYSIS, "disabled", allow_duplicate=True),
                   Output(ids.MESSAGE, "children", allow_duplicate=True),
+                  Output(ids.FORM_ERROR, "children", allow_duplicate=True),
                   Input(ids.RUN_ANALYSIS, "n_clicks"), State(ids.MODEL, "value"), State(ids.TEXT, "value"),
                   State(ids.LAUNCH_ANALYSIS, "value"), State({"type": ids.PARAM, "name": ALL}, "value"),
                   State({"type": ids.PARAM, "name": ALL}, "id"), prevent_initial_call=True)
@@ -35,11 +37,18 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             model, text = checks.model_and_text(model, text, work.models()[0])
             name = checks.one_of(name, launchers.LAUNCHERS, "analysis")
             launcher = launchers.LAUNCHERS[name]
-            typed = _form_values(launcher, values, field_ids)
-            job = jobs.start(f"{name} {model}", work.analysis_job(runs, launcher, model, text, typed))
         except AttnlabError as e:
-            return *skip, checks.user_message(e)
-        return job.id, False, False, True, True, ""
+            return *skip, checks.user_message(e), ""
+        try:
+            typed = _form_values(launcher, values, field_ids)
+            params = launcher.parse(typed, text)  # the form's values: a bad one is named next to the form
+        except AttnlabError as e:
+            return *skip, "", checks.user_message(e)
+        try:
+            job = jobs.start(f"{name} {model}", work.analysis_job(runs, launcher, model, text, typed, params))
+        except AttnlabError as e:
+            return *skip, checks.user_message(e), ""
+        return job.id, False, False, True, True, "", ""
 
     @app.callback(Output(ids.HEAD_VIEW, "figure"), Input(ids.ANALYSIS, "data"), Input(ids.LAYER, "value"),
                   Input(ids.HEAD, "value"), prevent_initial_call=True)

@@ -26,10 +26,12 @@ TOKEN_VIEW_LIMIT = 3000  # spans drawn in the token view; longer texts show the 
 def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     """Add every callback to `app`: the analysis and intervention ones, then the inputs and background
     job (upload, capture, cancel, poll), saved runs, the layer x head maps, the head and token views."""
-    from attnlab.app.dashboard import analysis_callbacks, intervention_callbacks
+    from attnlab.app.dashboard import analysis_callbacks, compare, intervention_callbacks, reports
 
     analysis_callbacks.register(app, runs, jobs)
     intervention_callbacks.register(app, runs)
+    compare.register(app, runs)
+    reports.register(app, runs)
 
     # ----- inputs and the background job -----
     @app.callback(Output(ids.TEXT, "value"), Output(ids.MESSAGE, "children", allow_duplicate=True),

@@ -75,3 +75,12 @@ SELECTED_TOKEN = "selected-token"  # dcc.Store: the clicked token's position (No
 TOKEN_DETAIL = "token-detail"  # the clicked token's row (what it attends to) and column (what attends to it)
 ANALYSIS_GRAPHS = "analysis-graphs"  # the score map and head view (collapsed to a hint until a run is open)
 ANALYSIS_HINT = "analysis-hint"
+# panels: analysis form errors, intervention extras, run comparison, report links
+FORM_ERROR = "analysis-form-error"  # the launcher form's validation message
+APPLY_STATUS = "apply-status"  # the intervention's loading indicator and its timing
+ATTN_DIFF = "attn-diff"  # the selected head's attention after minus before
+HEADS_MOVED = "heads-moved"  # the heads whose attention moved most (bar chart)
+COMPARE_RUN = "compare-run"  # dropdown: the second run of a comparison
+COMPARE_INFO = "compare-info"  # what differs between the two runs (a table)
+COMPARE_MAPS = "compare-maps"  # the comparison's maps (difference, or side by side)
+REPORT_LINK = "report-link"  # the open report run's HTML

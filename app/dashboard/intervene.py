@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from attnlab.interventions import METHODS as REGISTRY
@@ -159,13 +160,49 @@ def head_pattern(probe, tokens, layer: int, head: int, block: int) -> np.ndarray
     return cap["pooled"][0, 0, 0].float().numpy()
 
 
-def compare(probe, tokens, p: Plan, layer: int, head: int, block: int) -> dict[str, np.ndarray]:
-    """Next-token probabilities and the head's pattern, before and after the plan's edit."""
-    out = {"p_before": next_token_probs(probe, tokens), "a_before": head_pattern(probe, tokens, layer, head, block)}
-    with p.context(probe):
-        out["p_after"] = next_token_probs(probe, tokens)
-        out["a_after"] = head_pattern(probe, tokens, layer, head, block)
+def mean_rows(probe, tokens) -> np.ndarray:
+    """[layer, head, key] the mean attention row of every head on text 0 (edits active apply): mean over
+    all N queries of A[q, k], from `received` (alpha_k, the mean over the N - k queries that see key k:
+    times (N - k) / N), so each head's row sums to 1 and alpha_0 is its first entry."""
+    cap = probe.capture(tokens, stats=["received"], backend="chunked")
+    real = tokens.attention_mask[0].bool().numpy()
+    alpha = cap["received"][0].double().numpy()[..., real]
+    n = alpha.shape[-1]
+    return np.nan_to_num(alpha) * (n - np.arange(n)) / n
+
+
+def compare(probe, tokens, p: Plan, layer: int, head: int, block: int, progress=None) -> dict[str, np.ndarray]:
+    """Next-token probabilities, the head's pattern and every head's mean row (`mean_rows`), before and
+    after the plan's edit. progress(done, total): called after each of the 6 passes (its exception,
+    e.g. a cancel, stops the comparison)."""
+    steps = [("p", next_token_probs), ("a", lambda pr, t: head_pattern(pr, t, layer, head, block)),
+             ("rows", mean_rows)]
+    out, done = {}, 0
+    for when in ("before", "after"):
+        with p.context(probe) if when == "after" else nullcontext():
+            for key, fn in steps:
+                out[f"{key}_{when}"] = fn(probe, tokens)
+                done += 1
+                if progress is not None:
+                    progress(done, 2 * len(steps))
     return out
 
 
-__all__ = ["EXTRA", "METHODS", "Method", "Plan", "SCOPES", "compare", "plan", "scope_heads"]
+def heads_moved(rows_before: np.ndarray, rows_after: np.ndarray) -> pd.DataFrame:
+    """How much each head's attention moved: rows_* [layer, head, key] (`mean_rows` before/after) ->
+    a table (layer, head, change, first_before, first_after) sorted by change, largest first.
+
+    change = 1/2 sum_k |row_k after - row_k before|: the share of the head's mean attention row that
+    went to other keys (total variation, 0..1); first_*: alpha_0, the first token's share, where
+    sink edits act."""
+    b, a = np.asarray(rows_before, dtype=np.float64), np.asarray(rows_after, dtype=np.float64)
+    if b.shape != a.shape or b.ndim != 3:
+        raise ValueError(f"rows_before {b.shape} and rows_after {a.shape} must be the same [layer, head, key]")
+    L, H, _ = b.shape
+    change = 0.5 * np.abs(a - b).sum(axis=-1)
+    table = pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
+                          "change": change.ravel(), "first_before": b[..., 0].ravel(), "first_after": a[..., 0].ravel()})
+    return table.sort_values("change", ascending=False, kind="stable").reset_index(drop=True)
+
+
+__all__ = ["EXTRA", "METHODS", "Method", "Plan", "SCOPES", "compare", "heads_moved", "mean_rows", "plan", "scope_heads"]

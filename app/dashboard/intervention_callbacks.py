@@ -4,15 +4,63 @@ open capture's text. The edits are built in `intervene` (no Dash there)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
-from dash import Input, Output, State, html
+import plotly.graph_objects as go
+from dash import Input, Output, State, dcc, html
 
 from attnlab.app import figures
 from attnlab.app.dashboard import checks, ids, intervene, work
-from attnlab.app.dashboard.layout import ERROR, HIDDEN, blank
+from attnlab.app.dashboard.layout import EMPTY_MESSAGE, ERROR, GRAPH_CONFIG, GRAPHS, HIDDEN, blank
 from attnlab.probe import AttnlabError
 
 TOP_K = 10
+TOP_HEADS = 12  # heads listed in "which heads moved most"
+
+
+def apply_status() -> dcc.Loading:
+    """The intervention's indicator: a spinner while `apply` runs (8-12 s on the CPU), then its timing."""
+    return dcc.Loading(type="dot", delay_show=150, children=html.Div(
+        id=ids.APPLY_STATUS, style={**EMPTY_MESSAGE, "minHeight": "20px"}))
+
+
+def difference_and_heads_moved() -> html.Div:
+    """The selected head's attention after minus before, and the heads whose attention moved most."""
+    return html.Div(style=GRAPHS, children=[
+        dcc.Graph(id=ids.ATTN_DIFF, config=GRAPH_CONFIG, figure=blank(""), style={"width": "540px", "height": "500px"}),
+        dcc.Graph(id=ids.HEADS_MOVED, config=GRAPH_CONFIG, figure=blank(""),
+                  style={"width": "540px", "height": "500px"}),
+    ])
+
+
+def difference_heatmap(before: np.ndarray, after: np.ndarray, strings, block: int, title: str,
+                       n_tokens: int) -> go.Figure:
+    """after - before [query tile, key tile] on a diverging scale centred at 0 (red: more attention
+    after, blue: less), symmetric around 0 so equal changes have equal colours."""
+    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    top = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.0
+    fig = figures.attention_heatmap(diff, strings, block, title=title, n_tokens=n_tokens)
+    top = top if top > 0 else 1e-12  # an edit that changed nothing: an all-white map, not a division by 0
+    fig.update_traces(colorscale="RdBu", reversescale=True, zmin=-top, zmax=top, zmid=0,
+                      colorbar={"title": {"text": "after - before"}, "thickness": 12},
+                      hovertemplate=fig.data[0].hovertemplate.replace("A %{z:.4f}", "change %{z:+.4f}")
+                      .replace("mean A %{z:.4g}", "change %{z:+.4g}"))
+    return fig
+
+
+def heads_moved_bars(table, title: str) -> go.Figure:
+    """The TOP_HEADS heads of `intervene.heads_moved` as horizontal bars, largest on top."""
+    top = table.head(TOP_HEADS).iloc[::-1]
+    labels = [f"L{l} H{h}" for l, h in zip(top["layer"], top["head"])]
+    fig = go.Figure(go.Bar(
+        x=top["change"], y=labels, orientation="h", marker_color="#c0392b",
+        customdata=np.stack([top["first_before"], top["first_after"]], axis=-1),
+        hovertemplate="%{y}: moved %{x:.4f}<br>alpha_0 %{customdata[0]:.3f} -> %{customdata[1]:.3f}<extra></extra>"))
+    fig.update_layout(title={"text": title, "x": 0.01, "font": {"size": 13}}, font=figures.FONT,
+                      xaxis={"title": "attention moved: 1/2 sum_k |mean row after - before|"},
+                      margin={"l": 70, "r": 20, "t": 64, "b": 50})
+    return fig
 
 
 def next_token_table(table) -> html.Table:
@@ -43,13 +91,19 @@ def register(app, runs: work.RunCache) -> None:
 
     @app.callback(Output(ids.EDIT_INFO, "children"), Output(ids.NEXT_TOKENS, "children"),
                   Output(ids.NEXT_BARS, "figure"), Output(ids.ATTN_BEFORE, "figure"), Output(ids.ATTN_AFTER, "figure"),
-                  Output(ids.EDIT_RESULTS, "style"),
+                  Output(ids.EDIT_RESULTS, "style"), Output(ids.ATTN_DIFF, "figure"), Output(ids.HEADS_MOVED, "figure"),
+                  Output(ids.APPLY_STATUS, "children"),
                   Input(ids.APPLY, "n_clicks"), State(ids.CURRENT, "data"), State(ids.LAYER, "value"),
                   State(ids.HEAD, "value"), State(ids.METHOD, "value"), State(ids.SCOPE, "value"),
-                  State(ids.STRENGTH, "value"), State(ids.SPAN, "value"), prevent_initial_call=True)
+                  State(ids.STRENGTH, "value"), State(ids.SPAN, "value"), prevent_initial_call=True,
+                  running=[(Output(ids.APPLY, "disabled"), True, False),
+                           (Output(ids.APPLY, "children"), "applying...", "apply")])
     def apply(_n, name, layer, head, method, scope, strength, span):
+        started = time.perf_counter()
+
         def fail(message: str):
-            return html.Span(message, style=ERROR), "", blank(""), blank(""), blank(""), HIDDEN
+            return html.Span(message, style=ERROR), "", blank(""), blank(""), blank(""), HIDDEN, blank(""), \
+                blank(""), ""
 
         try:
             name, layer, head = checks.selected_head(
@@ -90,4 +144,10 @@ def register(app, runs: work.RunCache) -> None:
         after = figures.attention_heatmap(out["a_after"], strings, block, title=f"L{layer} H{head} after",
                                           n_tokens=n, zmax=top)
         bars = figures.next_token_bars(table, f"next token after {cap.tokens.strings[0][-1]!r}: before / after")
-        return info, [html.Div(title), next_token_table(table)], bars, before, after, {"display": "block"}
+        diff = difference_heatmap(out["a_before"], out["a_after"], strings, block,
+                                  f"L{layer} H{head} after - before", n)
+        moved = intervene.heads_moved(out["rows_before"], out["rows_after"])
+        moved_fig = heads_moved_bars(moved, f"heads whose attention moved most ({len(moved)} heads)")
+        took = f"applied in {time.perf_counter() - started:.1f} s"
+        return (info, [html.Div(title), next_token_table(table)], bars, before, after, {"display": "block"}, diff,
+                moved_fig, took)

@@ -11,9 +11,11 @@ shipped trace, one of them, or the text box), and the others build their own. Th
 run, so it reopens from the saved-runs list like any other; an analysis may draw the clicked head's
 own view (`HEAD_VIEWS`).
 
-The layer x head map is generic: any run with a tidy table holding `layer`, `head` and numeric
+The layer x head map is generic: any run with a tidy table holding `layer`, `head` and score
 columns is drawn by `attnlab.app.figures.head_table_map`, whether it was launched here or opened
-from disk. Adding an analysis to the dashboard is registering it in its module.
+from disk. Which columns are per-head scores is one rule for every analysis (`score_columns`: float
+columns that do not index observations, the analysis' main score first, so a run opens on the map
+its analysis ranks heads by). Adding an analysis to the dashboard is registering it in its module.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 
 from attnlab.analyses import ANALYSES, Analysis
@@ -109,11 +112,16 @@ def _split(analysis: Analysis, text: str | None, values: dict):
     return _inputs(analysis, text, values), analysis.params(**{k: v for k, v in values.items() if k in fields})
 
 
+def _help(f) -> str:
+    """A field's tooltip: its help, then its type, range and default (the paper's, as the Params declare it)."""
+    what = f.type + (f", {f.range[0]:g}-{f.range[1]:g}" if f.range else "") + f"; default {f.default}"
+    return f"{f.help} ({what})" if f.help else what
+
+
 def launcher_for(analysis: Analysis) -> Launcher:
     """The launcher of a registered analysis: its form from the Params dataclass."""
     params = tuple(Param(f.name, f.label, f.default, lambda lab, t, _n=f.name: parse_value(analysis.params, _n, t),
-                         f.choices, f.help or f.type + (f", {f.range[0]:g}-{f.range[1]:g}" if f.range else ""))
-                   for f in analysis.fields())
+                         f.choices, _help(f)) for f in analysis.fields())
     if analysis.inputs == "traces":
         params = (Param("trace", "trace", ALL_TRACES, lambda lab, t: _choice(_traces())(lab, t), options=_traces(),
                         help="the shipped reasoning traces, one of them, or the text box"),) + params
@@ -134,6 +142,41 @@ def launcher_for(analysis: Analysis) -> Launcher:
 
 # ----- the clicked head's own view, per analysis -----
 def _retrieval_view(run, layer: int, head: int, get_probe) -> go.Figure:
+    """The head's decode steps on one NIAH test of the run (the first that succeeded, else the first):
+    per step the generated token, the key the head looked at most and its token, and whether that was
+    a copy from the answer span (the retrieval score counts those). Runs saved before the steps were
+    recorded show the head's attention on the prompt instead."""
+    from attnlab.analyses.retrieval import decode_steps
+
+    if "top_key" not in run.tensors:
+        return _retrieval_prompt_view(run, layer, head, get_probe)
+    tests = run.tables["tests"]
+    ok = tests.index[tests["success"].astype(bool)]
+    test = int(ok[0]) if len(ok) else 0
+    tok = get_probe(run.manifest["model"]["name"]).tokenizer
+    steps = decode_steps(run.tables, run.tensors, test, layer, head, lambda i: tok.decode([i]))
+    t = tests.iloc[test]
+    hits = int(steps["copied"].sum())
+    colour = ["#c8f0c8" if c else ("#fff3c4" if a else "white") for c, a in zip(steps["copied"], steps["in_answer"])]
+    fig = go.Figure(go.Table(
+        columnwidth=[40, 110, 60, 110, 60],
+        header={"values": ["step", "generated", "top key", "its token", "copied"], "align": "left",
+                "fill_color": "#eee"},
+        cells={"values": [steps["step"], [repr(x) for x in steps["token"]], steps["key"],
+                          [repr(x) for x in steps["key_token"]],
+                          ["copied" if c else ("in answer" if a else "") for c, a in zip(steps["copied"],
+                                                                                       steps["in_answer"])]],
+               "align": "left", "fill_color": [colour] * 5, "height": 22}))
+    status = "succeeded" if t["success"] else "failed: not scored"
+    fig.update_layout(title={"text": f"L{layer} H{head}: decode steps, NIAH {int(t['length'])} tokens depth "
+                                     f"{t['depth']:g}% ({status})<br>{hits} of {len(steps)} steps copied the "
+                                     f"answer span [{int(t['span_start'])}, {int(t['span_end'])})",
+                             "font": {"size": 13}},
+                      font=figures.FONT, margin={"l": 10, "r": 10, "t": 64, "b": 10})
+    return fig
+
+
+def _retrieval_prompt_view(run, layer: int, head: int, get_probe) -> go.Figure:
     """The head's attention on one of the run's NIAH prompts (the first length and needle, the middle
     depth), pooled like the capture heatmap; the needle's answer span is marked."""
     from attnlab.probe.tasks import niah
@@ -176,11 +219,44 @@ HEAD_VIEWS: dict[str, Callable] = {"retrieval": _retrieval_view, "thought_anchor
 LAUNCHERS: dict[str, Launcher] = {name: launcher_for(a) for name, a in ANALYSES.items()}
 
 
+# ----- per-head scores of a run -----
+# Columns that index observations rather than measure heads, whatever their dtype (a float depth or length).
+INDEX_COLUMNS = frozenset({"layer", "head", "kv_head", "batch", "sample", "position", "rank", "step", "test",
+                           "trace", "sentence", "source", "target", "length", "depth", "seed", "dim", "token_id"})
+
+
+def analysis_name(run) -> str:
+    """The registry name of an analysis run (`Analysis.run` records it as the `section` parameter; a Result's own
+    name may differ, e.g. sae_circuits writes 'sae_circuits_eval')."""
+    m = run.manifest
+    return (m.get("parameters") or {}).get("section") or m.get("analysis") or run.kind
+
+
+def score_columns(run) -> list[tuple[str, str]]:
+    """(table, column) of every per-head score of an analysis run, its main score first.
+
+    One rule for every analysis: a score is a float column (not bool, not int: ints are indices
+    and counts such as sample, position, rank, n_traces) outside `INDEX_COLUMNS`, of a table with
+    `layer` and `head` columns. The main score is the `score` column of the analysis' `top_table`
+    (the table its surfaces rank heads by: retrieval score, receiver kurtosis, value drain, ...),
+    else that table's first score; the rest keep the run's table order."""
+    out = []
+    for tname, df in run.tables.items():
+        if not {"layer", "head"} <= set(df.columns):
+            continue
+        out += [(tname, c) for c in df.columns
+                if c not in INDEX_COLUMNS and pd.api.types.is_float_dtype(df[c])]
+    analysis = ANALYSES.get(analysis_name(run))
+    top = analysis.top_table if analysis is not None else "heads"
+    main = [x for x in out if x == (top, "score")] or [x for x in out if x[0] == top][:1]
+    return main + [x for x in out if x not in main]
+
+
 def head_view(run, layer: int, head: int, get_probe) -> go.Figure | None:
     """The clicked head's own view for an analysis run, or None when its analysis has none."""
     view = HEAD_VIEWS.get(run.manifest.get("analysis", run.kind))
     return None if view is None else view(run, layer, head, get_probe)
 
 
-__all__ = ["ALL_TRACES", "DEFAULT", "HEAD_VIEWS", "LAUNCHERS", "Launcher", "Param", "TEXT_BOX", "head_view",
-           "launcher_for"]
+__all__ = ["ALL_TRACES", "DEFAULT", "HEAD_VIEWS", "INDEX_COLUMNS", "LAUNCHERS", "Launcher", "Param", "TEXT_BOX",
+           "head_view", "launcher_for", "score_columns"]

@@ -86,6 +86,7 @@ def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
             html.Div(id=ids.ANALYSIS_PARAMS, style=ROW, children=param_fields(first)),
             html.Button("run analysis", id=ids.RUN_ANALYSIS, n_clicks=0, style={"fontWeight": "bold"}),
         ]),
+        html.Div(id=ids.FORM_ERROR, style=ERROR),  # the analysis form's validation message
         html.Div(style={**ROW, "marginTop": "6px"}, children=[
             html.Button("cancel", id=ids.CANCEL, n_clicks=0, disabled=True),
             html.Progress(id=ids.PROGRESS, value="0", max="1", style={"width": "260px"}),
@@ -116,6 +117,7 @@ def param_fields(name: str) -> list:
 
 def runs_panel(options: list[dict]) -> html.Div:
     """The saved-runs panel: a dropdown of runs, refresh and ping buttons, the open run's info."""
+    from attnlab.app.dashboard import reports  # (imports this module: no cycle at call time)
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.Label("saved runs"),
@@ -125,6 +127,7 @@ def runs_panel(options: list[dict]) -> html.Div:
             html.Span(id=ids.PONG, style=EMPTY_MESSAGE),
         ]),
         html.Div(id=ids.RUN_INFO, style=EMPTY_MESSAGE),
+        reports.report_link(),  # a report run's page
         dcc.Store(id=ids.CURRENT),
     ])
 
@@ -210,6 +213,7 @@ def intervention_panel() -> html.Div:
     """The intervention panel: method, scope, strength and span, apply; next-token changes and attention before and
     after."""
     first = "zerotuning"
+    from attnlab.app.dashboard import intervention_callbacks as panels  # (imports this module: no cycle at call time)
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.B("intervention"),
@@ -231,6 +235,7 @@ def intervention_panel() -> html.Div:
         html.Div(id=ids.EDIT_INFO, style={"margin": "6px 0"},
                  children=html.Span("pick a method, a strength and a scope, then apply: the open capture's text is "
                                     "run with and without the edit", style=EMPTY_MESSAGE)),
+        panels.apply_status(),
         html.Div(id=ids.EDIT_RESULTS, style=HIDDEN, children=[  # shown once an intervention is applied
             html.Div(style={"display": "flex", "gap": "12px", "flexWrap": "wrap"}, children=[
                 html.Div(id=ids.NEXT_TOKENS, style={"minWidth": "420px"}),
@@ -243,17 +248,20 @@ def intervention_panel() -> html.Div:
                 dcc.Graph(id=ids.ATTN_AFTER, config=GRAPH_CONFIG, figure=blank(""),
                           style={"width": "540px", "height": "500px"}),
             ]),
+            panels.difference_and_heads_moved(),
         ]),
     ])
 
 
 def make_layout(installed: list[str], missing: dict[str, str], run_options: list[dict]) -> html.Div:
     """The whole page: title and every panel, top to bottom."""
+    from attnlab.app.dashboard import compare  # (imports this module: no cycle at call time)
     return html.Div(style=PAGE, className="page", children=[
         html.H2("attnlab", style={"margin": "4px 0"}),
         inputs_panel(installed, missing),
         runs_panel(run_options),
         head_panel(),  # with the token view beside the pattern
         analysis_panel(),
+        compare.compare_panel(run_options),
         intervention_panel(),
     ])

@@ -176,16 +176,11 @@ class RunCache:
 
 
 def head_score_columns(run) -> list[dict]:
-    """Dropdown options 'table: column' for every numeric column of every table with layer and
-    head columns (an analysis run's per-head scores: retrieval score, kurtosis, ...)."""
-    out = []
-    for tname, df in run.tables.items():
-        if {"layer", "head"} <= set(df.columns):
-            for col in df.columns:
-                numeric = pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col])
-                if col not in ("layer", "head", "kv_head", "batch") and numeric:
-                    out.append({"label": f"{tname}: {col}", "value": f"{tname}\t{col}"})
-    return out
+    """Dropdown options 'table: column' for the per-head scores of an analysis run, its main score
+    first (the view it opens on); the rule is `launchers.score_columns`."""
+    from attnlab.app.dashboard.launchers import score_columns
+
+    return [{"label": f"{t}: {c}", "value": f"{t}\t{c}"} for t, c in score_columns(run)]
 
 
 # ----- jobs -----
@@ -284,10 +279,12 @@ def capture_job(runs: RunCache, model: str, text: str, prepend_bos: bool, layers
     return fn
 
 
-def analysis_job(runs: RunCache, launcher, model: str, text: str | None, values: dict[str, str]):
+def analysis_job(runs: RunCache, launcher, model: str, text: str | None, values: dict[str, str],
+                 params: dict | None = None):
     """The job function of an analysis launcher (`launchers.LAUNCHERS`): checks the form now (a bad
-    value is an AttnlabError before any thread starts), then load, run, save as a run -> its name."""
-    params = launcher.parse(values, text)
+    value is an AttnlabError before any thread starts; `params`: the form already parsed), then load,
+    run, save as a run -> its name."""
+    params = launcher.parse(values, text) if params is None else params
 
     def fn(job: Job) -> str:
         job.message = f"loading {model}"

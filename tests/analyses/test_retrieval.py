@@ -96,3 +96,32 @@ def test_masking_top_retrieval_heads_hurts_more_than_random_heads(smollm2, retri
     top = set(map(tuple, masked[masked.condition == "top retrieval"][["layer", "head"]].values))
     rand = set(map(tuple, masked[masked.condition == "random non-retrieval"][["layer", "head"]].values))
     assert len(top) == len(rand) == 10 and not top & rand
+
+
+def test_decode_steps_of_the_top_head_show_the_copied_needle_tokens(tmp_path, smollm2, retrieval_result):
+    """The saved decode steps give back each test's score: hits / |span| summed over steps, for the top head."""
+    from attnlab.analyses import Result
+    from attnlab.probe import RunStore
+
+    store = RunStore(tmp_path)
+    back = Result.load(store.load(retrieval_result.save(store, smollm2)))
+    top = back.tables["heads"].nlargest(1, "score").iloc[0]
+    layer, head = int(top["layer"]), int(top["head"])
+    decode = lambda i: smollm2.tokenizer.decode([i])  # noqa: E731
+    tests = back.tables["tests"]
+    total = 0.0
+    for t, row in tests.iterrows():
+        steps = retrieval.decode_steps(back.tables, back.tensors, t, layer, head, decode)
+        assert "".join(steps["token"]).strip().startswith(row["response"].strip()[:5])
+        hits = steps[steps["copied"]]
+        assert (hits["token"] == hits["key_token"]).all() and hits["in_answer"].all()
+        if row["success"]:
+            total += len(hits) / (row["span_end"] - row["span_start"])
+    assert total / tests["success"].sum() == pytest.approx(top["score"])
+
+
+def test_a_failed_niah_test_lists_no_top_heads(smollm2):
+    res = retrieval.retrieval_heads(smollm2, lengths=(128,), depths=(50,), needles=niah.NEEDLES[:1],
+                                    max_new_tokens=1, success_recall=0.99)
+    assert res.tables["tests"]["success"].sum() == 0
+    assert "Top" not in res.summary and "no head can be scored" in res.summary

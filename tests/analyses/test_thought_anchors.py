@@ -135,6 +135,19 @@ def test_excess_kurtosis_matches_hand_values_and_scipy():
     assert np.allclose(ta.excess_kurtosis(x), np.asarray(ref))
 
 
+def test_receiver_kurtosis_can_drop_the_first_sentence():
+    # head 0: a dominant first sentence over 1, 2, 3, 4; head 1: the first sentence and zeros
+    v = np.array([[10.0, 1, 2, 3, 4], [10.0, 0, 0, 0, 0], [7.0, 0, 0, 0, 0]])
+    kept = ta.receiver_kurtosis(v)
+    # one outlier among n = 5 values: (n^2 - 3n + 3) / (n - 1) - 3 = 13 / 4 - 3, whatever the outlier: a tie
+    assert kept[1] == pytest.approx(0.25) and kept[2] == pytest.approx(0.25)
+    dropped = ta.receiver_kurtosis(v, drop_first_sentence=True)
+    # [1, 2, 3, 4]: mean 2.5, m2 = 5 / 4, m4 = 10.25 / 4 -> 2.5625 / 1.5625 - 3 = -1.36
+    assert dropped[0] == pytest.approx(-1.36)
+    assert np.isnan(dropped[1]) and np.isnan(dropped[2])  # zeros only: no variance, no score
+    assert ta.ThoughtAnchorParams().drop_first_sentence is False  # the paper keeps every sentence
+
+
 def test_receiver_heads_exclude_layer_0_and_nan():
     k = np.zeros((3, 4))
     k[0, 0], k[1, 2], k[2, 1], k[2, 3] = 100, 5, 7, np.nan

@@ -49,6 +49,9 @@ CALLBACKS = {
     "click_head": lambda k: k.startswith("..layer.value@"),
     "views": lambda k: k.startswith("..sink-map.figure"),
     "token_view": lambda k: k == "tokens.children",
+    "compare_options": lambda k: k == "compare-run.options",
+    "compare": lambda k: k.startswith("..compare-info.children"),
+    "report_link": lambda k: k == "report-link.children",
 }
 
 
@@ -349,13 +352,13 @@ CASES = [
     ("launch", {**LAUNCH, "launch-analysis.value": ["retrieval"], **_form()}, None, 200,
      _text("message", "children", f"analysis: a list is not one of the choices ({', '.join(LAUNCHERS)})")),
     ("launch", {**LAUNCH, "ALL.value": [], "ALL.id": _form()["ALL.id"]}, None, 200,
-     _text("message", "children", "the analysis form is incomplete: reload the page")),
+     _text("analysis-form-error", "children", "the analysis form is incomplete: reload the page")),
     ("launch", {**LAUNCH, **_form(lengths={"x": 1})}, None, 200,
-     _text("message", "children", "lengths: expected text or a number, got a mapping")),
+     _text("analysis-form-error", "children", "lengths: expected text or a number, got a mapping")),
     ("launch", {**LAUNCH, **_form(lengths="64-99999999")}, None, 200,
-     _text("message", "children", "lengths (tokens): write numbers separated by commas (got '64-99999999')")),
+     _text("analysis-form-error", "children", "lengths (tokens): write numbers separated by commas (got '64-99999999')")),
     ("launch", {**LAUNCH, **_form(needles="9999999999999")}, None, 200,
-     _text("message", "children", "needles (1-3): 9999999999999 is out of range (1-3)")),
+     _text("analysis-form-error", "children", "needles (1-3): 9999999999999 is out of range (1-3)")),
     ("launch", {**LAUNCH, "text.value": {"t": 1}, **_form()}, None, 200,
      _text("message", "children", "the text: expected text, got a mapping")),
     # the intervention
@@ -372,6 +375,19 @@ CASES = [
     ("apply", {**APPLY, "current.data": ["missing"]}, None, 200,
      _apply_msg("a list is not a run name: pick a run from the list")),
     ("apply", APPLY, None, 200, _apply_msg(f"cannot apply the intervention: {NO_RUN}")),
+    # the comparison and the report link
+    ("compare_options", {"runs.options": "x"}, None, 200, _text("compare-run", "options", [])),
+    ("compare", {"runs.value": "scores", "compare-run.value": ["x"]}, None, 200,
+     _text("compare-info", "children", "a list is not a run name: pick a run from the list")),
+    ("compare", {"runs.value": "scores", "compare-run.value": "../x"}, None, 200,
+     _text("compare-info", "children", NOT_A_RUN)),
+    ("compare", {"runs.value": "scores", "compare-run.value": "missing"}, None, 200,
+     _text("compare-info", "children", f"cannot compare these runs: {NO_RUN}")),
+    ("compare", {"runs.value": "scores", "compare-run.value": "scores"}, None, 200,
+     lambda resp: assertion(len(_out(resp, "compare-maps", "children")) == 1, _out(resp, "compare-maps", "children"))),
+    ("report_link", {"runs.value": "../etc"}, None, 200, _text("report-link", "children", NOT_A_RUN)),
+    ("report_link", {"runs.value": "scores"}, None, 200, _text("report-link", "children", "")),
+    ("report_link", {"runs.value": "missing"}, None, 200, _text("report-link", "children", NO_RUN)),
 ]
 
 

@@ -318,7 +318,7 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     # retrieval heads on a one-test NIAH grid; a bad field first
     _set_param(dash_duo, "lengths", "12x")
     dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
-    dash_duo.wait_for_contains_text(f"#{ids.MESSAGE}", "lengths (tokens): write numbers", timeout=10)
+    dash_duo.wait_for_contains_text(f"#{ids.FORM_ERROR}", "lengths (tokens): write numbers", timeout=10)
     for name, value in [("lengths", "128"), ("depths", "50"), ("needles", "1"), ("max_new_tokens", "16")]:
         _set_param(dash_duo, name, value)
     dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
@@ -328,10 +328,15 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     _wait_grid(dash_duo, ids.SCORE_MAP, (30, 9), 20)  # SmolLM2: 30 layers x 9 heads
     assert "retrieval: score (heads)" in _title(dash_duo, ids.SCORE_MAP)
     # no capture is open: the run's top head is selected and its view drawn; a click picks another
-    _wait(lambda: "on a NIAH prompt" in _title(dash_duo, ids.HEAD_VIEW), 60, "the top head's NIAH view")
+    _wait(lambda: "decode steps" in _title(dash_duo, ids.HEAD_VIEW), 60, "the top head's decode steps")
     _click_cell(dash_duo, ids.SCORE_MAP, layer=18, head=6)
-    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L18 H6 on a NIAH prompt"), 60, "the view of L18 H6")
-    _wait_grid(dash_duo, ids.HEAD_VIEW, (128, 128), 20)
+    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L18 H6: decode steps"), 60, "the steps of L18 H6")
+    # one row per decode step: the generated token, the head's top key and its token
+    n_steps = _wait(lambda: dash_duo.driver.execute_script(
+        f"const gd = document.querySelector('#{ids.HEAD_VIEW} .js-plotly-plot');"
+        "return gd && gd.data && gd.data[0].type === 'table' ? gd.data[0].cells.values[0].length : 0;"), 20,
+        "the decode-step table")
+    assert 1 <= n_steps <= 16
     assert not dash_duo.find_element(f"#{ids.TA_GRAPHS}").is_displayed()
     _scroll_to(dash_duo, ids.SCORE)
     _shot(dash_duo, artifacts, "08-retrieval-launched-L18H6.png")
@@ -346,7 +351,7 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     _set_param(dash_duo, "n_rollouts", "0")
     _set_input(dash_duo, ids.TEXT, "One short sentence here. And a second one.")
     dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
-    dash_duo.wait_for_contains_text(f"#{ids.MESSAGE}", "needs at least proximity + 2", timeout=10)
+    dash_duo.wait_for_contains_text(f"#{ids.FORM_ERROR}", "needs at least proximity + 2", timeout=10)
     _set_input(dash_duo, ids.TEXT, TRACE)
     dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
     dash_duo.wait_for_contains_text(f"#{ids.PROGRESS_TEXT}", "sentence suppressed", timeout=90)
@@ -380,7 +385,7 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=30)
     _wait(lambda: "retrieval" in _title(dash_duo, ids.SCORE_MAP), 20, "the retrieval map again")
     _wait(lambda: not dash_duo.find_element(f"#{ids.TA_GRAPHS}").is_displayed(), 10, "the thought-anchor row hidden")
-    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L4 H6 on a NIAH prompt"), 60, "the NIAH view of L4 H6")
+    _wait(lambda: _title(dash_duo, ids.HEAD_VIEW).startswith("L4 H6: decode steps"), 60, "the decode steps of L4 H6")
     assert dash_duo.get_logs() == [], dash_duo.get_logs()
 
 

@@ -131,8 +131,27 @@ def test_head_score_columns_skip_text_and_flags():
 
     heads = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "kv_head": [0, 0], "score": [0.1, 0.2],
                           "status": pd.array(["active", "dormant"], dtype="string"), "is_retrieval": [True, False]})
-    run = SimpleNamespace(tables={"heads": heads, "texts": pd.DataFrame({"text": ["a"]})})
+    run = SimpleNamespace(tables={"heads": heads, "texts": pd.DataFrame({"text": ["a"]})}, kind="retrieval",
+                          manifest={"analysis": "retrieval"})
     assert [o["value"] for o in work.head_score_columns(run)] == ["heads\tscore"]
+
+
+def test_only_score_columns_are_offered_and_the_main_score_comes_first():
+    """extreme tokens: per-token tables (sample, position, token) and the value-drain table its surfaces rank by."""
+    from types import SimpleNamespace
+
+    values = pd.DataFrame({"sample": [0, 0], "layer": [0, 0], "head": [0, 1], "kv_head": [0, 0],
+                           "position": [0, 1], "token": ["a", "b"], "norm": [1.5, 2.5]})
+    drain = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "first_norm": [0.1, 0.2], "score": [0.3, 0.4],
+                          "rank": [1, 0]})
+    thought = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "n_traces": [2, 2], "score": [13.06, 2.0],
+                            "rank": [0, -1], "depth": [50.0, 50.0]})
+    run = SimpleNamespace(tables={"value_norms": values, "value_drain": drain, "heads": thought},
+                          kind="extreme_tokens", manifest={"analysis": "extreme_tokens"})
+    assert launchers.score_columns(run) == [("value_drain", "score"), ("value_norms", "norm"),
+                                            ("value_drain", "first_norm"), ("heads", "score")]
+    run.manifest = {"analysis": "thought_anchors"}  # its top table is `heads`
+    assert launchers.score_columns(run)[0] == ("heads", "score")
 
 
 def test_an_analysis_job_checks_its_form_before_it_starts_and_saves_a_run(tmp_path):
@@ -163,3 +182,26 @@ def test_an_analysis_job_checks_its_form_before_it_starts_and_saves_a_run(tmp_pa
     with pytest.raises(work.Cancelled):
         work.analysis_job(runs, toy, "smollm2-135m", None, {})(job)
     assert len(runs.store.list()) == 1
+
+
+def test_zerotuning_on_one_head_moves_that_head_first_and_no_earlier_layer(probe, tokens):
+    """ZeroTuning on L2 H0 at gamma 2: layers 0-1 are untouched (exactly), L2 H0 moves the most in its layer, all
+    of it through the first token; the difference map is after minus before."""
+    from attnlab.app.dashboard import intervention_callbacks
+
+    plan = intervene.plan(probe, tokens, "zerotuning", "head", 2, 0, 2.0)
+    out = intervene.compare(probe, tokens, plan, 2, 0, block=1)
+    moved = intervene.heads_moved(out["rows_before"], out["rows_after"])
+    assert len(moved) == probe.info.n_layers * probe.info.n_heads
+    assert (moved[moved["layer"] < 2]["change"] == 0).all()
+    layer2 = moved[moved["layer"] == 2]
+    assert (layer2.iloc[0]["layer"], layer2.iloc[0]["head"]) == (2, 0) and layer2.iloc[0]["change"] > 0.01
+    row = moved[(moved["layer"] == 2) & (moved["head"] == 0)].iloc[0]
+    # gamma > 1 gives the first token more: what it gains is what the others lose (rows sum to 1)
+    assert row["first_after"] > row["first_before"]
+    assert row["change"] == pytest.approx(row["first_after"] - row["first_before"], rel=1e-4)
+    fig = intervention_callbacks.difference_heatmap(out["a_before"], out["a_after"], None, 1, "d", len(tokens.strings[0]))
+    z = np.asarray(fig.data[0].z, dtype=float)
+    np.testing.assert_allclose(z, out["a_after"] - out["a_before"], equal_nan=True)
+    assert fig.data[0].zmid == 0 and fig.data[0].zmin == -fig.data[0].zmax
+    assert np.nanmax(z[:, 0]) > 0 and np.nanmin(z[:, 1:]) < 0  # the first token gains, the others lose
