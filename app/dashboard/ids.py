@@ -64,3 +64,11 @@ TA_GRAPHS = "ta-graphs"  # the row holding the two thought-anchor graphs (hidden
 TA_RECEIVERS = "ta-receivers"  # thought anchors: receiver score per sentence
 TA_SUPPRESSION = "ta-suppression"  # thought anchors: sentence x sentence suppression matrix
 HEAD_VIEW = "analysis-head-view"  # the clicked head's own view for the open analysis
+
+# the server's jobs (every page shows them) and the page's state in its URL
+JOB_LIST = "job-list"  # the recent jobs, with a link to each finished job's run
+SHOWN_JOB = "shown-job"  # dcc.Store: what the page shows of the server's jobs (the running job's id, a signature)
+URL = "url"  # dcc.Location: ?run=&layer=&head=&view=&compare=
+URL_PENDING = "url-pending"  # dcc.Store: the URL's layer, head and view, applied once its run is open
+URL_WRITTEN = "url-written"  # dcc.Store: the query string the page wrote itself (not read back as a link)
+COMPARE = "compare"  # dcc.Store: the name of the run compared with the open one (URL key `compare`)
