@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode
 
-from dash import Input, Output, State, ctx, dcc, html, no_update
+from dash import Input, Output, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from attnlab.app.dashboard import checks, ids, work
@@ -94,9 +94,9 @@ def register(app, runs: work.RunCache) -> None:
     @app.callback(Output(ids.RUNS, "value", allow_duplicate=True), Output(ids.RUNS, "options", allow_duplicate=True),
                   Output(ids.URL_PENDING, "data"), Output(ids.COMPARE, "data"),
                   Output(ids.MESSAGE, "children", allow_duplicate=True),
-                  Input(ids.URL, "search"), State(ids.URL_WRITTEN, "data"), State(ids.RUNS, "value"),
+                  Input(ids.URL, "search"), State(ids.URL_WRITTEN, "data"),
                   prevent_initial_call="initial_duplicate")
-    def read(search, written, open_run):
+    def read(search, written):
         """Open the URL's run; its layer, head and view wait until it is open."""
         if search == written or not search:
             raise PreventUpdate
@@ -106,8 +106,6 @@ def register(app, runs: work.RunCache) -> None:
         if name is None:
             return no_update, no_update, None, state.get("compare", no_update), message
         pending = {k: state[k] for k in ("run", "layer", "head", "view") if k in state}
-        if name == open_run:  # already open (a link to the run shown): apply the rest now
-            pending["now"] = True
         return name, runs.options(), pending, state.get("compare", no_update), message
 
     @app.callback(Output(ids.LAYER, "value", allow_duplicate=True), Output(ids.HEAD, "value", allow_duplicate=True),
@@ -121,9 +119,10 @@ def register(app, runs: work.RunCache) -> None:
         view when the run has them; otherwise keep the run's own defaults and say what was ignored."""
         if not isinstance(pending, dict) or not pending.get("run"):
             raise PreventUpdate
-        by_link = ctx.triggered_id == ids.URL_PENDING
-        if (pending.get("now") is not True) if by_link else (pending["run"] not in (current, analysis)):
-            raise PreventUpdate  # its run is still opening: applied when it is open (its defaults set first)
+        # Dash runs this after `open_run` (it waits for the callbacks whose outputs are its inputs), so the run's
+        # own defaults are set first and the URL's values win
+        if pending["run"] not in (current, analysis):
+            raise PreventUpdate  # its run did not open (open_run says why)
         out, notices = [no_update, no_update, no_update], []
         for i, (key, options) in enumerate((("layer", layers), ("head", heads))):
             if key in pending:
