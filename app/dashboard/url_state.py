@@ -42,13 +42,15 @@ def parse(search, runs_root) -> tuple[dict, list[str]]:
         return {}, []
     if len(search) > MAX_QUERY:
         return {}, [f"the link's query is too long ({len(search):,} characters): ignored"]
-    state, notices = {}, []
+    state, notices, seen = {}, [], set()
     for key, value in parse_qsl(search.lstrip("?"), keep_blank_values=True, max_num_fields=20):
         try:
             if key not in KEYS:
                 raise checks.Invalid(f"unknown key {checks.short(key)} (the keys are {', '.join(KEYS)})")
-            if key in state:
+            if key in seen:
+                state.pop(key, None)  # which one was meant is unknown: neither
                 raise checks.Invalid(f"{key} is given twice")
+            seen.add(key)
             if key in ("run", "compare"):
                 name = checks.run_name(value, key)
                 if not name:

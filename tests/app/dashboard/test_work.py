@@ -294,3 +294,43 @@ def test_receiver_heads_report_progress_from_their_first_layer_so_a_cancel_stops
     with pytest.raises(Stop):
         ta.run(probe, {"t": trace}, proximity=1, suppress=True, progress=cancel)
     assert calls == [(0, S)]  # stopped at the first layer of the first pass
+
+
+def test_url_state_checks_every_value_and_names_what_it_ignored(tmp_path):
+    from attnlab.app.dashboard import url_state
+
+    root = tmp_path / "runs"
+    (root / "good").mkdir(parents=True)
+    (root / "good" / "manifest.json").write_text("{}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "manifest.json").write_text("{}")
+    state, notices = url_state.parse("?run=good&layer=3&head=7&view=heads:score&compare=good", root)
+    assert state == {"run": "good", "layer": 3, "head": 7, "view": "heads:score", "compare": "good"} and not notices
+    state, notices = url_state.parse("?run=../outside&layer=-1&head=1e3&view=nocolon&compare=missing&x=1&head=2",
+                                     root)
+    assert state == {} and len(notices) == 7, notices
+    text = " | ".join(notices)
+    assert "not a run name" in text and "no run named 'missing'" in text and "unknown key 'x'" in text
+    assert "layer: -1 is out of range" in text and "head: expected a whole number" in text
+    assert "head is given twice" in text
+    assert str(tmp_path) not in text  # never the server's paths
+    assert url_state.parse("?" + "a" * 3000, root)[1][0].startswith("the link's query is too long")
+    assert url_state.parse("", root) == ({}, []) and url_state.parse(None, root) == ({}, [])
+    assert url_state.query("good", 3, 7, "heads\tscore", None) == "?run=good&layer=3&head=7&view=heads%3Ascore"
+    assert url_state.query(None, 3, 7, None, None) == ""  # no run open: no state to share
+    assert url_state.query("good", True, {"x": 1}, None, "other") == "?run=good&compare=other"
+
+
+def test_untrained_models_are_labelled(tmp_path, tiny_models):
+    from attnlab.probe import RunStore
+
+    assert work.model_label("tiny-llama") == "tiny-llama (untrained: random weights)"
+    assert work.model_label("smollm2-135m") == "smollm2-135m"
+    probe = tiny_models("tiny-llama")
+    cap = probe.capture("a short text to capture", stats=["received"], backend="chunked")
+    store = RunStore(tmp_path / "runs")
+    name = store.save_capture(cap, probe).name
+    assert store.list()["trained"].tolist() == [False]
+    runs = work.RunCache(tmp_path / "runs")
+    assert runs.options()[0]["label"] == f"{name}  (capture, tiny-llama (untrained: random weights))"
+    assert work.run_model_label(runs.run(name)) == "tiny-llama (untrained: random weights)"
