@@ -116,6 +116,7 @@ def test_a_reload_and_a_second_browser_see_the_running_job_cancel_it_and_open_it
     clicked = time.time()
     _wait(lambda: "cancelled" in _text(other, ids.PROGRESS_TEXT), 60, "the cancel in the second browser")
     latency = time.time() - clicked
+    print(f"cancel: {latency:.2f} s after the click, {step:.2f} s per layer")
     assert latency < 2 * step + 3.0, (latency, step)  # the rest of the current layer, a poll, slack
     dash_duo.wait_for_contains_text(f"#{ids.PROGRESS_TEXT}", "cancelled", timeout=10)
     assert _disabled(dash_duo.driver, ids.CANCEL) and _disabled(other, ids.CANCEL)
@@ -155,12 +156,7 @@ def test_a_url_reopens_the_same_run_layer_head_and_view_and_bad_values_are_ignor
 
     # a shared link: the capture at L5 H3
     dash_duo.driver.get(f"{dash_duo.server_url}/?run={name}&layer=5&head=3")
-    try:
-        _wait(lambda: _title(dash_duo.driver, ids.HEATMAP).startswith("L5 H3"), 60, "the heatmap of L5 H3")
-    except AssertionError:
-        print("DEBUG", _text(dash_duo.driver, ids.RUN_INFO), "|", _text(dash_duo.driver, ids.MESSAGE), "|",
-              _title(dash_duo.driver, ids.HEATMAP), "|", dash_duo.driver.current_url, dash_duo.get_logs())
-        raise
+    _wait(lambda: _title(dash_duo.driver, ids.HEATMAP).startswith("L5 H3"), 60, "the heatmap of L5 H3")
     assert f"{cap.tokens.length} tokens" in _text(dash_duo.driver, ids.RUN_INFO)
     assert _text(dash_duo.driver, ids.MESSAGE) == ""
     # another head: the URL follows, and reopening it (a fresh page) shows that head again
