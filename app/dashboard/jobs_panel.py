@@ -17,7 +17,8 @@ from dash.exceptions import PreventUpdate
 
 from attnlab.app.dashboard import checks, ids, work
 
-POLL_MS = 500  # how often a page asks for the jobs: a cancel shows within a step plus this
+POLL_MS = 500  # how often a page asks for the jobs while one runs: a cancel shows within a step plus this
+IDLE_POLL_MS = 1500  # ... and while none runs: a job started elsewhere shows within this
 RECENT = 5  # jobs listed under the progress bar
 MUTED = {"color": "#666", "fontSize": "13px"}
 
@@ -59,7 +60,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                   Output(ids.CANCEL, "disabled"), Output(ids.RUN, "disabled"), Output(ids.RUN_ANALYSIS, "disabled"),
                   Output(ids.JOB_LIST, "children"), Output(ids.SHOWN_JOB, "data"),
                   Output(ids.MESSAGE, "children"), Output(ids.RUNS, "options"), Output(ids.RUNS, "value"),
-                  Input(ids.POLL, "n_intervals"), State(ids.JOB, "data"), State(ids.SHOWN_JOB, "data"))
+                  Output(ids.POLL, "interval"), Input(ids.POLL, "n_intervals"), State(ids.JOB, "data"), State(ids.SHOWN_JOB, "data"))
     def poll(_n, own_id, shown):
         """The server's jobs as this page shows them; nothing is sent back while they are unchanged."""
         shown = shown if isinstance(shown, dict) else {}
@@ -90,7 +91,8 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         data = {"sig": sig, "running": running.id if running else None, "ended": ended,
                 "handled": own.id if finish_own else shown.get("handled")}
         return (*bar, not cancellable, False, False, job_items(recent, prefix), data, message,
-                runs.options() if new_runs or finish_own else no_update, open_run)
+                runs.options() if new_runs or finish_own else no_update, open_run,
+                POLL_MS if running is not None else IDLE_POLL_MS)
 
     @app.callback(Output(ids.CANCEL, "n_clicks"), Input(ids.CANCEL, "n_clicks"), State(ids.SHOWN_JOB, "data"),
                   prevent_initial_call=True)
