@@ -50,6 +50,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -116,9 +117,11 @@ def top_heads(kurt: np.ndarray, top_k: int = 20, exclude_layers: Sequence[int] =
     return [divmod(x, k.shape[1]) for x in order]
 
 
-def sentence_attention(probe, trace: Trace, backend: str = "auto") -> torch.Tensor:
-    """M [layer, head, S, S] for one trace through the streamed `segments` capture statistic."""
-    cap = probe.capture(trace.tokens, stats=[Stat("segments", trace.segment_ids)], backend=backend)
+def sentence_attention(probe, trace: Trace, backend: str = "auto", progress=None) -> torch.Tensor:
+    """M [layer, head, S, S] for one trace through the streamed `segments` capture statistic.
+    progress (`attnlab.probe.progress`): layers done of the model's, as `Probe.capture` reports them."""
+    cap = probe.capture(trace.tokens, stats=[Stat("segments", trace.segment_ids)], backend=backend,
+                        progress=progress)
     return cap["segments"][0]
 
 
@@ -259,6 +262,25 @@ def _as_traces(probe, traces, sentences, min_chars, prepend_bos) -> list[Trace]:
     return out
 
 
+def _attention_progress(progress, prepared: list[Trace], suppress, resample, n_layers: int):
+    """The progress of the sentence-attention pass (one capture per trace) as f(trace index, layers done,
+    layers), so that a cancel (a progress that raises) stops it within a layer, or None (progress None,
+    False or True: no bar for this pass). When suppression or resampling follow, their stages carry the
+    job's counts and unit, and this pass reports done 0 of the first stage (monotone); when nothing
+    follows, it reports layers done of all the traces' layers."""
+    report = as_progress(progress) if progress is not True else None
+    if report is None:
+        return None
+    names = [t.name for t in prepared]
+    stages = [n for n in names if suppress is True or n in (suppress or ())]
+    stages += [n for n in names if resample is True or n in (resample or ())]
+    if not stages:
+        return lambda n, done, total: report(n * n_layers + done, len(prepared) * n_layers)
+    beat = stage(report, 0, len(stages))
+    first = next((t.n_sentences for t in prepared if t.name == stages[0]), 1) if suppress else 1
+    return lambda n, done, total: beat(0, first)
+
+
 def run(
     probe,
     traces,
@@ -306,8 +328,10 @@ def run(
     prepared = _as_traces(probe, traces, sentences, min_chars, prepend_bos)
     L, H = probe.info.n_layers, probe.info.n_heads
     mats, verts, kurts = {}, {}, []
-    for tr in prepared:
-        mats[tr.name] = sentence_attention(probe, tr, backend)
+    first_pass = _attention_progress(progress, prepared, suppress, resample, L)
+    for n, tr in enumerate(prepared):
+        mats[tr.name] = sentence_attention(probe, tr, backend,
+                                           None if first_pass is None else partial(first_pass, n))
         verts[tr.name] = vertical_scores(mats[tr.name].numpy(), proximity)  # [L, H, S]
         kurts.append(receiver_kurtosis(verts[tr.name], drop_first_sentence))
     kurt_all = np.stack(kurts)  # [trace, L, H]

@@ -330,7 +330,7 @@ class RunStore:
 
     def list(self) -> pd.DataFrame:
         """Runs under the root, newest first; never raises for a bad run. Columns name, kind, model,
-        created, path and error: '' for a good run, else its one-line error (it cannot be loaded)."""
+        trained (False for a random-init model), created, path and error: '' for a good run, else its one-line error (it cannot be loaded)."""
         rows = []
         if self.root.exists():
             self.clean_stale_temps()
@@ -352,11 +352,13 @@ class RunStore:
                     "name": d.name,
                     "kind": man.get("kind") if isinstance(man.get("kind"), str) else None,
                     "model": model.get("name") if isinstance(model, dict) and isinstance(model.get("name"), str) else None,
+                    # False only for a model record that says so (random-init weights); older runs have no record
+                    "trained": not (isinstance(model, dict) and model.get("trained") is False),
                     "created": man.get("created") if isinstance(man.get("created"), str) else "",
                     "path": str(d),
                     "error": error,
                 })
-        df = pd.DataFrame(rows, columns=["name", "kind", "model", "created", "path", "error"])
+        df = pd.DataFrame(rows, columns=["name", "kind", "model", "trained", "created", "path", "error"])
         return df.sort_values(["created", "name"], ascending=False).reset_index(drop=True)
 
 

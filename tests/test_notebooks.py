@@ -1,4 +1,5 @@
-"""Every example notebook runs top to bottom on the CPU with the default model."""
+"""Every example notebook runs top to bottom on the CPU with the default model; its figures carry a static
+PNG next to the interactive figure, and it shows no progress widgets."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def test_notebook_executes(path, smollm2, tmp_path):
     figures = [o for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])
                if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert figures, "the notebook shows at least one figure"
+    # #19: each figure also carries a static image (kaleido in a local Chromium: `attnlab.app.notebook.setup`),
+    # so it renders where JavaScript does not run
+    from attnlab.app.notebook import static_images_missing
+
+    assert static_images_missing() is None, static_images_missing()
+    assert all("image/png" in o["data"] for o in figures), "a figure without its static PNG"
+    # and no progress widgets (tqdm.auto in a notebook) or progress bars written to stderr
+    outputs = [o for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    bars = [o["text"] for o in outputs if o.output_type == "stream" and o.name == "stderr" and "%|" in o["text"]]
+    assert not bars, bars[0][:200]

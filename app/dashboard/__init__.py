@@ -16,10 +16,13 @@ the intervention view (ZeroTuning, sink mass transfer, ACT, PASTA or a head abla
 strength and scope: the next-token table, the head's attention before/after and their difference,
 and the heads whose attention moved most), a comparison of the open run with a second one
 (`compare`), and report runs' pages (`reports`, served from inside the runs directory). Captures and
-analyses run in a background thread (see `work`; analyses are described in `launchers`, edits in
+analyses run in a background thread of the server (see `work`; the jobs are the server's, so every
+page, tab and client shows the running job, its progress and its cancel, and links each finished
+job's run: `jobs_panel`; analyses are described in `launchers`, edits in
 `intervene`). Views declare the statistics they read (`work.NEEDS`): a run captured without one
 (`attnlab capture`'s defaults have no `pooled`) opens everywhere, and the view that lacks it says
-"capture `pooled(1)` to see this". Offline: Dash serves its own bundles (`serve_locally=True`), no
+"capture `pooled(1)` to see this". The page's state (run, layer, head, view, comparison) is in its URL
+(`url_state`), so a link reopens the same view. Random-init models are labelled "untrained". Offline: Dash serves its own bundles (`serve_locally=True`), no
 external stylesheets or fonts.
 """
 

@@ -25,8 +25,9 @@ TOKEN_VIEW_LIMIT = 3000  # spans drawn in the token view; longer texts show the 
 
 def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
     """Add every callback to `app`: the analysis and intervention ones, then the inputs and background
-    job (upload, capture, cancel, poll), saved runs, the layer x head maps, the head and token views."""
-    from attnlab.app.dashboard import analysis_callbacks, compare, intervention_callbacks, reports
+    job (upload, capture; the job list, cancel and poll are `jobs_panel`'s), the URL (`url_state`), saved runs,
+    the layer x head maps, the head and token views."""
+    from attnlab.app.dashboard import analysis_callbacks, compare, intervention_callbacks, jobs_panel, reports, url_state
 
     analysis_callbacks.register(app, runs, jobs)
     intervention_callbacks.register(app, runs)
@@ -65,32 +66,8 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             return *skip, checks.user_message(e)
         return job.id, False, False, True, True, ""
 
-    @app.callback(Output(ids.CANCEL, "n_clicks"), Input(ids.CANCEL, "n_clicks"), State(ids.JOB, "data"),
-                  prevent_initial_call=True)
-    def cancel(_n, job_id):
-        jobs.cancel(checks.job_id(job_id))
-        return no_update
-
-    @app.callback(Output(ids.PROGRESS, "value"), Output(ids.PROGRESS, "max"), Output(ids.PROGRESS_TEXT, "children"),
-                  Output(ids.POLL, "disabled"), Output(ids.CANCEL, "disabled"), Output(ids.RUN, "disabled"),
-                  Output(ids.RUN_ANALYSIS, "disabled"),
-                  Output(ids.MESSAGE, "children"), Output(ids.RUNS, "options"), Output(ids.RUNS, "value"),
-                  Input(ids.POLL, "n_intervals"), State(ids.JOB, "data"), prevent_initial_call=True)
-    def poll(_n, job_id):
-        """The job's progress; when it is done, its run is listed and opened (captures and analyses alike)."""
-        job = jobs.get(checks.job_id(job_id))
-        if job is None:
-            return "0", "1", "", True, True, False, False, no_update, no_update, no_update
-        elapsed = f"{time.time() - job.started:.0f} s"
-        total = max(job.total, 1)
-        if job.state == "running":
-            text = (f"{job.message}: {job.unit} {job.done}/{job.total}, {elapsed}" if job.total
-                    else f"{job.message}, {elapsed}")
-            return str(job.done), str(total), text, False, False, True, True, no_update, no_update, no_update
-        if job.state == "done":
-            return (str(total), str(total), f"done in {elapsed}: run {job.result}", True, True, False, False, "",
-                    runs.options(), job.result)
-        return "0", "1", job.state, True, True, False, False, job.message, no_update, no_update
+    jobs_panel.register(app, runs, jobs)  # the progress bar, cancel and job list: the server's jobs, every page
+    url_state.register(app, runs)  # run, layer, head, view and comparison in the URL
 
     # ----- runs -----
     @app.callback(Output(ids.RUNS, "options", allow_duplicate=True), Input(ids.REFRESH_RUNS, "n_clicks"),
@@ -120,7 +97,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             return None, f"cannot open {name!r}: {checks.user_message(e, runs.root)}", [], None, [], None, None, [], None
         if run.kind != "capture":
             options = work.head_score_columns(run)
-            info = (f"{run.kind} run of {run.manifest['model'].get('name')}: "
+            info = (f"{run.kind} run of {work.run_model_label(run)}: "
                     f"{run.manifest.get('summary') or ', '.join(run.tables) or 'no tables'}")
             if not options:
                 info += " (no per-head table to draw)"
@@ -142,7 +119,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             if np.isfinite(scores).any():
                 li, hi = np.unravel_index(np.nanargmin(scores), scores.shape)
         pooled = f"pooled block {work.pooled_block(cap)}" if "pooled" in cap else "no pooled map"
-        info = (f"{cap.model}: {cap.tokens.length} tokens, BOS {'prepended' if cap.prepend_bos else 'not prepended'}, "
+        info = (f"{work.run_model_label(run)}: {cap.tokens.length} tokens, BOS {'prepended' if cap.prepend_bos else 'not prepended'}, "
                 f"{len(cap.layers)} layers x {len(cap.heads)} heads, backend {cap.backend}, {pooled}; "
                 f"statistics {', '.join(cap.stats)}")
         return (name, info, list(cap.layers), int(cap.layers[li]), list(cap.heads), int(cap.heads[hi]),

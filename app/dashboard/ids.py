@@ -84,3 +84,9 @@ COMPARE_RUN = "compare-run"  # dropdown: the second run of a comparison
 COMPARE_INFO = "compare-info"  # what differs between the two runs (a table)
 COMPARE_MAPS = "compare-maps"  # the comparison's maps (difference, or side by side)
 REPORT_LINK = "report-link"  # the open report run's HTML
+# the server's jobs (every page shows them) and the page's state in its URL
+JOB_LIST = "job-list"  # the recent jobs, with a link to each finished job's run
+SHOWN_JOB = "shown-job"  # dcc.Store: what the page shows of the server's jobs (the running job's id, a signature)
+URL = "url"  # dcc.Location: ?run=&layer=&head=&view=&compare=
+URL_PENDING = "url-pending"  # dcc.Store: the URL's layer, head and view, applied once its run is open
+URL_WRITTEN = "url-written"  # dcc.Store: the query string the page wrote itself (not read back as a link)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from dash import dcc, html
 
-from attnlab.app.dashboard import ids
+from attnlab.app.dashboard import ids, jobs_panel, url_state
 from attnlab.app.dashboard.intervene import METHODS, SCOPES
 from attnlab.app.dashboard.launchers import DEFAULT, LAUNCHERS
+from attnlab.app.dashboard.work import model_label
 from attnlab.app.figures import FONT
 
 PAGE = {"fontFamily": FONT["family"], "fontSize": "14px", "margin": "0 auto", "maxWidth": "1880px",
@@ -61,7 +62,7 @@ def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
     return html.Div(style=PANEL, children=[
         html.Div(style=ROW, children=[
             html.Label("model"),
-            dcc.Dropdown(id=ids.MODEL, options=[{"label": m, "value": m} for m in installed],
+            dcc.Dropdown(id=ids.MODEL, options=[{"label": model_label(m), "value": m} for m in installed],
                          value=installed[0] if installed else None, clearable=False, style={"width": "220px"}),
             html.Details(id=ids.MODEL_MISSING, children=[
                 html.Summary(f"{len(missing)} model{'s' if len(missing) > 1 else ''} not installed (why)"),
@@ -94,7 +95,7 @@ def inputs_panel(installed: list[str], missing: dict[str, str]) -> html.Div:
         ]),
         html.Div(id=ids.MESSAGE, style=ERROR),
         dcc.Store(id=ids.JOB),
-        dcc.Interval(id=ids.POLL, interval=400, disabled=True),
+        dcc.Interval(id=ids.POLL, interval=jobs_panel.POLL_MS),  # always on: jobs started anywhere show
     ])
 
 
@@ -259,6 +260,7 @@ def make_layout(installed: list[str], missing: dict[str, str], run_options: list
     return html.Div(style=PAGE, className="page", children=[
         html.H2("attnlab", style={"margin": "4px 0"}),
         inputs_panel(installed, missing),
+        jobs_panel.panel(), url_state.components(),
         runs_panel(run_options),
         head_panel(),  # with the token view beside the pattern
         analysis_panel(),

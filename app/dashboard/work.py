@@ -6,7 +6,8 @@ process would reload it for every job), torch releases the GIL in its kernels so
 stays responsive, and cancelling is cooperative: the job's progress callback (after every layer of
 a capture, every NIAH group of the retrieval analysis, every suppressed sentence of thought
 anchors) raises `Cancelled` once the user asked. The page polls `Jobs.status` with a
-dcc.Interval. One job runs at a time.
+dcc.Interval. One job runs at a time, and the job list lives in the server (`Jobs`), not in a page:
+every page load, tab and client sees the running job, its progress and its cancel.
 
 Everything the browser sends is untrusted: run names are resolved inside the runs directory
 only (`run_path`), uploads are size-limited and must be UTF-8 text, and runs are read by
@@ -60,6 +61,24 @@ def models() -> tuple[list[str], dict[str, str]]:
             ok.append(spec.name)
     ok.sort(key=lambda n: n != registry.DEFAULT_MODEL)
     return ok, missing
+
+
+UNTRAINED = "untrained: random weights"
+
+
+def model_label(name: str, trained: bool | None = None) -> str:
+    """How the page names model `name`: 'tiny-llama (untrained: random weights)' for a random-init model
+    (`trained` False, or the registry's `trained` when not given), else the name itself."""
+    if trained is None:
+        spec = registry.REGISTRY.get(name) if isinstance(name, str) else None
+        trained = spec is None or spec.trained
+    return name if trained else f"{name} ({UNTRAINED})"
+
+
+def run_model_label(run) -> str:
+    """The model of a loaded run as the page names it (its manifest's model record says whether it is trained)."""
+    record = run.manifest.get("model") if isinstance(run.manifest.get("model"), dict) else {}
+    return model_label(str(record.get("name")), record.get("trained") is not False)
 
 
 def get_probe(name: str):
@@ -143,7 +162,8 @@ class RunCache:
                 out.append({"label": f"{r['name']}  (cannot be opened: {why})", "value": r["name"],
                             "disabled": True, "title": r["error"]})
             else:
-                out.append({"label": f"{r['name']}  ({r['kind']}, {r['model']})", "value": r["name"]})
+                model = model_label(str(r["model"]), bool(r["trained"]))
+                out.append({"label": f"{r['name']}  ({r['kind']}, {model})", "value": r["name"]})
         return out
 
     def run(self, name: str):
@@ -187,7 +207,7 @@ def head_score_columns(run) -> list[dict]:
 @dataclass
 class Job:
     """One background job: state (running, done, failed, cancelled), progress done/total in `unit`s, message, result
-    (a run name), start time and cancel flag."""
+    (a run name), start and end times and cancel flag."""
 
     id: str
     label: str
@@ -198,41 +218,75 @@ class Job:
     result: str | None = None
     unit: str = "layer"  # what done/total count
     started: float = field(default_factory=time.time)
+    ended: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
     def progress(self, done: int, total: int) -> None:
-        """Record progress; raises Cancelled when the job was cancelled (the job's thread stops there)."""
+        """The progress protocol (`attnlab.probe.progress`): record progress; raises Cancelled when the
+        job was cancelled, so the job's thread stops at its next step."""
         self.done, self.total = done, total
         if self.cancel.is_set():
             raise Cancelled()
 
+    def elapsed(self) -> float:
+        """Seconds since the job started (until it ended, once it has)."""
+        return (self.ended or time.time()) - self.started
+
+    def status(self) -> str:
+        """One line for the page: 'running retrieval heads: step 3/12, 40 s', 'done in 12 s: run X',
+        'cancelled', 'failed: <why>'."""
+        elapsed = f"{self.elapsed():.0f} s"
+        if self.state == "running":
+            where = f"{self.message}: {self.unit} {self.done}/{self.total}" if self.total else self.message
+            return f"{where}, {elapsed}" + (" (cancelling at the next step)" if self.cancel.is_set() else "")
+        if self.state == "done":
+            return f"done in {elapsed}: run {self.result}"
+        if self.state == "cancelled":
+            return f"cancelled after {elapsed}: nothing was saved"
+        return f"failed after {elapsed}: {self.message}"
+
 
 class Jobs:
-    """Background jobs in threads; `status` is what the page polls."""
+    """The server's background jobs, shared by every page and client: one runs at a time, in a
+    daemon thread; `running()` and `recent()` are what every page shows and polls; `cancel(id)` is
+    honoured at the job's next progress call. The last `keep` jobs are remembered (their runs are
+    linked from the page)."""
 
-    def __init__(self) -> None:
-        self._jobs: dict[str, Job] = {}
+    def __init__(self, keep: int = 20) -> None:
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
+        self.keep = keep
 
     def running(self) -> Job | None:
         """The running job, None when none runs."""
         with self._lock:
             return next((j for j in self._jobs.values() if j.state == "running"), None)
 
-    def start(self, label: str, fn) -> Job:
-        """fn(job) -> result string (e.g. a run name); runs in a daemon thread."""
+    def recent(self, n: int = 5) -> list[Job]:
+        """The last n jobs, newest first (the running one included)."""
         with self._lock:
-            if any(j.state == "running" for j in self._jobs.values()):
-                raise AttnlabError("a job is already running: wait for it or cancel it")
+            return list(reversed(self._jobs.values()))[:n]
+
+    def start(self, label: str, fn) -> Job:
+        """fn(job) -> result string (e.g. a run name); runs in a daemon thread. While another job runs,
+        an AttnlabError naming it (its progress) and how to cancel it: new work is refused, not queued,
+        so nothing starts minutes later on inputs the user has changed since."""
+        with self._lock:
+            busy = next((j for j in self._jobs.values() if j.state == "running"), None)
+            if busy is not None:
+                raise AttnlabError(f"'{busy.label}' is already running ({busy.status()}): wait for it to finish "
+                                   "or press cancel next to its progress bar, then start again")
             job = Job(uuid.uuid4().hex[:12], label)
             self._jobs[job.id] = job
+            while len(self._jobs) > self.keep:
+                self._jobs.popitem(last=False)
         threading.Thread(target=self._run, args=(job, fn), daemon=True, name=f"attnlab-job-{job.id}").start()
         return job
 
     def _run(self, job: Job, fn) -> None:
         try:
-            job.result = fn(job)
-            job.state = "done"
+            # a cancel pressed after the last step (while saving) comes too late: the run is saved and shown
+            job.result, job.state = fn(job), "done"
         except Cancelled:
             job.state, job.message = "cancelled", "cancelled: nothing was saved"
         except AttnlabError as e:
@@ -241,17 +295,20 @@ class Jobs:
             checks.log.error("job %s (%s) failed", job.id, job.label, exc_info=e)
             job.state = "failed"
             job.message = f"{job.label} failed on an unexpected problem (the details are in the server's log)"
+        finally:
+            job.ended = time.time()
 
     def get(self, job_id: str | None) -> Job | None:
         """The job with id `job_id`, None if unknown."""
         with self._lock:
             return self._jobs.get(job_id or "")
 
-    def cancel(self, job_id: str | None) -> None:
-        """Ask job `job_id` to stop (at its next progress call); unknown ids are ignored."""
+    def cancel(self, job_id: str | None) -> Job | None:
+        """Ask job `job_id` to stop (at its next progress call); unknown ids are ignored. The job, or None."""
         job = self.get(job_id)
         if job is not None:
             job.cancel.set()
+        return job
 
 
 def capture_job(runs: RunCache, model: str, text: str, prepend_bos: bool, layers: str | None):

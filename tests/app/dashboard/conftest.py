@@ -50,3 +50,18 @@ def pytest_setup_options():
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def second_browser():
+    """Another headless Chromium (a second user of the same server), closed after the test."""
+    from selenium import webdriver
+
+    options = pytest_setup_options()
+    if "DASH_TEST_CHROMEPATH" in os.environ:
+        options.binary_location = os.environ["DASH_TEST_CHROMEPATH"]
+    driver = webdriver.Chrome(options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

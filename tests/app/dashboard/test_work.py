@@ -225,3 +225,112 @@ def test_a_bad_run_is_listed_disabled_with_its_error_and_the_app_serves_the_good
         with pytest.raises(AttnlabError, match=where):
             runs.run(name)
     assert runs.run(good[0]).tables["heads"]["score"].tolist() == [0.1, 0.9, 0.3, 0.2]
+
+
+def test_jobs_are_the_servers_refusals_name_the_running_job_and_finished_jobs_keep_their_run():
+    import threading
+
+    jobs = work.Jobs(keep=3)
+    gate = threading.Event()
+
+    def slow(job):
+        job.message, job.unit = "capturing 40 tokens", "layer"
+        for i in range(100):
+            job.progress(i, 100)
+            gate.wait(0.01)
+        return "never"
+
+    job = jobs.start("capture smollm2-135m", slow)
+    assert jobs.running() is job and jobs.recent(1) == [job]
+    with pytest.raises(AttnlabError) as refused:
+        jobs.start("retrieval smollm2-135m", slow)
+    # the refusal names the running job, its progress and how to cancel it
+    assert "'capture smollm2-135m' is already running" in str(refused.value)
+    assert "capturing 40 tokens: layer" in str(refused.value) and "cancel" in str(refused.value)
+    assert jobs.cancel(job.id) is job and "cancelling at the next step" in job.status()
+    for _ in range(200):
+        if job.state != "running":
+            break
+        gate.wait(0.01)
+    assert job.state == "cancelled" and job.status().startswith("cancelled after")
+    done = [jobs.start(f"job {i}", lambda job, i=i: f"run-{i}") for i in range(3)]
+    for d in done:
+        while d.state == "running":
+            gate.wait(0.01)
+    assert [j.result for j in jobs.recent(5)] == ["run-2", "run-1", "run-0"]  # newest first, the last `keep`
+    assert done[2].status().startswith("done in") and done[2].status().endswith("run run-2")
+    assert jobs.get(job.id) is None  # forgotten: only `keep` jobs are remembered
+
+
+def test_receiver_heads_report_progress_from_their_first_layer_so_a_cancel_stops_them_there(tiny_models):
+    """#19: receiver heads reported nothing during the sentence-attention pass (every layer of every
+    trace), so a cancel waited for it. Now a progress that raises stops the run within one layer."""
+    from attnlab.analyses import thought_anchors as ta
+
+    probe = tiny_models("tiny-llama")
+    trace = ("First we read the question. Then we count the pens. Six packs give 36 pens. Seven packs give 42. "
+             "So seven packs are enough. The answer is seven.")
+    calls = []
+
+    def record(done, total):
+        calls.append((done, total))
+
+    ta.run(probe, {"t": trace}, proximity=1, suppress=True, progress=record)
+    L, S = probe.info.n_layers, len(ta.split_sentences(trace))
+    assert calls[:L] == [(0, S)] * L  # one call per layer of the attention pass, done 0 of the first stage
+    assert calls[-1] == (S, S) and [d for d, _ in calls] == sorted(d for d, _ in calls)  # monotone, ends done
+    calls.clear()
+    ta.run(probe, {"t": trace}, proximity=1, suppress=False, progress=record)
+    assert calls == [(i, L) for i in range(1, L + 1)]  # nothing follows: layers done of the pass
+
+    class Stop(Exception):
+        pass
+
+    def cancel(done, total):
+        calls.append((done, total))
+        raise Stop
+
+    calls.clear()
+    with pytest.raises(Stop):
+        ta.run(probe, {"t": trace}, proximity=1, suppress=True, progress=cancel)
+    assert calls == [(0, S)]  # stopped at the first layer of the first pass
+
+
+def test_url_state_checks_every_value_and_names_what_it_ignored(tmp_path):
+    from attnlab.app.dashboard import url_state
+
+    root = tmp_path / "runs"
+    (root / "good").mkdir(parents=True)
+    (root / "good" / "manifest.json").write_text("{}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "manifest.json").write_text("{}")
+    state, notices = url_state.parse("?run=good&layer=3&head=7&view=heads:score&compare=good", root)
+    assert state == {"run": "good", "layer": 3, "head": 7, "view": "heads:score", "compare": "good"} and not notices
+    state, notices = url_state.parse("?run=../outside&layer=-1&head=1e3&view=nocolon&compare=missing&x=1&head=2",
+                                     root)
+    assert state == {} and len(notices) == 7, notices
+    text = " | ".join(notices)
+    assert "not a run name" in text and "no run named 'missing'" in text and "unknown key 'x'" in text
+    assert "layer: -1 is out of range" in text and "head: expected a whole number" in text
+    assert "head is given twice" in text
+    assert str(tmp_path) not in text  # never the server's paths
+    assert url_state.parse("?" + "a" * 3000, root)[1][0].startswith("the link's query is too long")
+    assert url_state.parse("", root) == ({}, []) and url_state.parse(None, root) == ({}, [])
+    assert url_state.query("good", 3, 7, "heads\tscore", None) == "?run=good&layer=3&head=7&view=heads%3Ascore"
+    assert url_state.query(None, 3, 7, None, None) == ""  # no run open: no state to share
+    assert url_state.query("good", True, {"x": 1}, None, "other") == "?run=good&compare=other"
+
+
+def test_untrained_models_are_labelled(tmp_path, tiny_models):
+    from attnlab.probe import RunStore
+
+    assert work.model_label("tiny-llama") == "tiny-llama (untrained: random weights)"
+    assert work.model_label("smollm2-135m") == "smollm2-135m"
+    probe = tiny_models("tiny-llama")
+    cap = probe.capture("a short text to capture", stats=["received"], backend="chunked")
+    store = RunStore(tmp_path / "runs")
+    name = store.save_capture(cap, probe).name
+    assert store.list()["trained"].tolist() == [False]
+    runs = work.RunCache(tmp_path / "runs")
+    assert runs.options()[0]["label"] == f"{name}  (capture, tiny-llama (untrained: random weights))"
+    assert work.run_model_label(runs.run(name)) == "tiny-llama (untrained: random weights)"
