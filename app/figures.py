@@ -11,6 +11,7 @@ browser's system fonts (no web fonts: the dashboard works offline).
 
 from __future__ import annotations
 
+import base64
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -221,6 +222,59 @@ def attention_heatmap(matrix: np.ndarray, tokens: Sequence[str] | None = None, b
     return fig
 
 
+def rescaled(fig, scale: str, zmax: float | None = None) -> go.Figure:
+    """A heatmap figure (or its dict, as the page sends it back) redrawn on the colour `scale` of
+    `SCALES`, without the data it was built from: the values are the first trace's customdata where
+    its hover reads them (a log or power map of `attention_heatmap`), else its z (a linear map).
+    zmax: the top of the colour scale in values (give two maps the same one); None: their maximum.
+    A map with negative values stays linear, as in `attention_heatmap`. A figure without a heatmap
+    comes back unchanged."""
+    fig = go.Figure(fig)
+    if not fig.data or fig.data[0].type != "heatmap" or fig.data[0].z is None:
+        return fig
+    trace = fig.data[0]
+    hover = trace.hovertemplate or "%{z}"
+    values, on_custom = _drawn_values(trace)
+    if np.nanmin(values, initial=0.0) < 0:
+        scale = "linear"
+    old = (trace.colorbar.title.text or "") if trace.colorbar and trace.colorbar.title else ""
+    label = next((old[: -len(f" ({s})")] for s in SCALES if old.endswith(f" ({s})")), old)
+    z, colour = _colour(values, scale, 0, zmax, label)
+    if scale == "linear":
+        hover = hover.replace("%{customdata", "%{z")
+    elif not on_custom:
+        hover = hover.replace("%{z", "%{customdata")
+    trace.z = z.astype(np.float32)
+    trace.customdata = None if scale == "linear" else values.astype(np.float32)
+    trace.hovertemplate, trace.zmin, trace.zmax, trace.zauto = hover, colour["zmin"], colour["zmax"], None
+    trace.colorbar = colour["colorbar"]  # assigned whole: a log map's ticks must not survive on a linear one
+    return fig
+
+
+def heatmap_values(fig) -> np.ndarray:
+    """The values a heatmap figure (or dict) draws, whatever its colour scale (see `rescaled`)."""
+    return _drawn_values(go.Figure(fig).data[0])[0]
+
+
+def _drawn_values(trace) -> tuple[np.ndarray, bool]:
+    """(a heatmap trace's values, whether they are its customdata): a log or power map draws transformed z and
+    keeps the values in customdata for its hover."""
+    on_custom = trace.customdata is not None and "%{customdata" in (trace.hovertemplate or "")
+    return _array(trace.customdata if on_custom else trace.z), on_custom
+
+
+def _array(data) -> np.ndarray:
+    """A figure's array as float64: nested lists (None for a masked cell) or plotly's base64 typed array
+    ({"dtype", "bdata", "shape"}: how plotly 6 serialises numpy arrays, and how a page may send them back)."""
+    if isinstance(data, dict) and "bdata" in data:
+        flat = np.frombuffer(base64.b64decode(data["bdata"]), dtype=np.dtype(data["dtype"]))
+        shape = data.get("shape")
+        if isinstance(shape, str):
+            shape = [int(x) for x in shape.split(",")]
+        return flat.reshape(shape if shape else -1).astype(np.float64)
+    return np.asarray(data, dtype=np.float64)
+
+
 def pool_square(matrix: np.ndarray, side: int) -> np.ndarray:
     """[q, k] -> [ceil(q/f), ceil(k/f)] tile means (NaN ignored) with f the smallest whole factor giving at
     most `side` tiles per side: a thumbnail of an attention map."""
@@ -361,5 +415,5 @@ def next_token_bars(table: pd.DataFrame, title: str = "next token before / after
 
 
 __all__ = ["FONT", "SCALES", "attention_heatmap", "block_size", "fit_title", "head_gallery", "head_table_map",
-           "layer_head_map", "marker_column", "next_token_bars", "next_token_frame", "pool_square", "scaled",
-           "token_colours", "token_row_column"]
+           "layer_head_map", "marker_column", "next_token_bars", "next_token_frame", "pool_square", "rescaled",
+           "heatmap_values", "scaled", "token_colours", "token_row_column"]

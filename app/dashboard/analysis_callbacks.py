@@ -10,7 +10,7 @@ from dash import ALL, Input, Output, State, no_update
 
 from attnlab.app import figures
 from attnlab.app.dashboard import checks, ids, launchers, work
-from attnlab.app.dashboard.layout import blank, param_fields
+from attnlab.app.dashboard.layout import DEFAULT_SCALE, blank, param_fields
 from attnlab.probe import AttnlabError
 
 
@@ -51,16 +51,18 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         return job.id, False, False, True, True, "", ""
 
     @app.callback(Output(ids.HEAD_VIEW, "figure"), Input(ids.ANALYSIS, "data"), Input(ids.LAYER, "value"),
-                  Input(ids.HEAD, "value"), prevent_initial_call=True)
-    def head_view(name, layer, head):
+                  Input(ids.HEAD, "value"), Input(ids.COLOR_SCALE, "value"), prevent_initial_call=True)
+    def head_view(name, layer, head, scale):
+        """The clicked head's own view, on the colour scale the maps use."""
         try:
             name, layer, head = checks.selected_head(name, layer, head, no_head="click a head of the map")
+            scale = checks.colour_scale(scale, DEFAULT_SCALE)
         except AttnlabError as e:
             return blank(checks.user_message(e))
         try:
             run = runs.run(name)
             checks.head_in(layer, head, _run_heads(run), "run", "click a head of the map")
-            fig = launchers.head_view(run, layer, head, work.get_probe)
+            fig = launchers.head_view(run, layer, head, work.get_probe, scale)
         except checks.Invalid as e:
             return blank(checks.user_message(e))
         except (AttnlabError, KeyError, OSError, ValueError, IndexError) as e:

@@ -15,7 +15,7 @@ from dash import ALL, Input, Output, State, ctx, html, no_update
 from dash.exceptions import PreventUpdate
 
 from attnlab.app import figures
-from attnlab.app.dashboard import checks, ids, work
+from attnlab.app.dashboard import checks, ids, launchers, work
 from attnlab.app.dashboard.layout import COLLAPSED, DEFAULT_SCALE, GRAPHS, HIDDEN, NO_ANALYSIS
 from attnlab.app.dashboard.layout import blank as empty_figure
 from attnlab.probe import AttnlabError
@@ -105,12 +105,16 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             table, column = options[0]["value"].split("\t", 1)
             heads = run.tables[table]
             choices = (no_update,) * 4
-            if not current:  # no capture open: the head choices come from this run, starting on its top head
-                top = heads.sort_values(column, ascending=False, na_position="last").iloc[0]
+            if not current:  # no capture open: the head choices come from this run, starting on the head it ranks first
+                try:
+                    top_layer, top_head = launchers.top_head(run, table, column)
+                except AttnlabError as e:
+                    return no_update, f"{info} ({checks.user_message(e)})", *[no_update] * 4, name, options, \
+                        options[0]["value"]
                 choices = (sorted(int(x) for x in heads["layer"].unique()),
-                           int(top["layer"]) if layer is None else no_update,
+                           top_layer if layer is None else no_update,
                            sorted(int(x) for x in heads["head"].unique()),
-                           int(top["head"]) if head is None else no_update)
+                           top_head if head is None else no_update)
             return (no_update, info, *choices, name, options, options[0]["value"])
         cap = run.cached_capture
         li = hi = 0
@@ -139,7 +143,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             choice = checks.text(choice, "score", max_len=2 * checks.MAX_NAME)
             layer = checks.optional_integer(layer, "layer")
             head = checks.optional_integer(head, "head")
-            scale = _scale(scale)
+            scale = checks.colour_scale(scale, DEFAULT_SCALE)
         except AttnlabError as e:
             return empty_figure(checks.user_message(e))
         try:
@@ -266,7 +270,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         except (AttnlabError, OSError) as e:
             return empty_figure(checks.user_message(e, runs.root)), empty_figure(""), empty_figure("")
         try:
-            scale = _scale(scale)
+            scale = checks.colour_scale(scale, DEFAULT_SCALE)
             token = checks.optional_integer(token, "token")
             layer = checks.optional_integer(layer, "layer")
             head = checks.optional_integer(head, "head")
@@ -306,7 +310,7 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
                 return empty_figure("")
             layer = checks.optional_integer(layer, "layer")
             head = checks.optional_integer(head, "head")
-            scale = _scale(scale)
+            scale = checks.colour_scale(scale, DEFAULT_SCALE)
             cap = runs.capture(name)
         except (AttnlabError, OSError) as e:
             return empty_figure(checks.user_message(e, runs.root))
@@ -387,11 +391,6 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         if len(recs) > TOKEN_VIEW_LIMIT:
             spans.append(html.Span(f" ... ({len(recs) - TOKEN_VIEW_LIMIT} more tokens not drawn)"))
         return spans
-
-
-def _scale(value) -> str:
-    """The colour-scale control's value, checked (None: the default)."""
-    return DEFAULT_SCALE if value is None else checks.one_of(value, list(figures.SCALES), "colour scale")
 
 
 def _strings(cap) -> list[str]:

@@ -75,6 +75,13 @@ def one_of(value, options: Iterable, what: str):
     raise Invalid(f"{what}: {short(value)} is not one of the choices ({shown})")
 
 
+def colour_scale(value, default: str) -> str:
+    """The colour-scale control's value (one of `figures.SCALES`), checked; None: `default`."""
+    from attnlab.app.figures import SCALES
+
+    return default if value is None else one_of(value, SCALES, "colour scale")
+
+
 def integer(value, what: str, lo: int = 0, hi: int = MAX_INDEX) -> int:
     """A whole number in [lo, hi]: an int, or a float or numeric string holding a whole number (no bools)."""
     if isinstance(value, bool) or value is None:

@@ -66,7 +66,9 @@ TA_SUPPRESSION = "ta-suppression"  # thought anchors: sentence x sentence suppre
 HEAD_VIEW = "analysis-head-view"  # the clicked head's own view for the open analysis
 
 # views (side-by-side head views, head gallery, click-a-token, colour scales)
-COLOR_SCALE = "color-scale"  # radio: linear / log / power, shared by the maps, the pattern and the gallery
+# radio: linear / log / power, shared by the maps, the pattern, the gallery, the analysis head view and the
+# intervention's before/after maps (their difference stays linear around 0)
+COLOR_SCALE = "color-scale"
 HEAD_VIEWS = "head-views"  # the maps | pattern | tokens grid (collapsed to a hint until a capture is open)
 HEAD_HINT = "head-hint"  # the one-line hint shown instead of the head views
 HEAD_GALLERY = "head-gallery"  # every head of the selected layer as a thumbnail; a click selects it

@@ -8,11 +8,12 @@ import time
 
 import numpy as np
 import plotly.graph_objects as go
-from dash import Input, Output, State, dcc, html
+from dash import Input, Output, State, dcc, html, no_update
+from dash.exceptions import PreventUpdate
 
 from attnlab.app import figures
 from attnlab.app.dashboard import checks, ids, intervene, work
-from attnlab.app.dashboard.layout import EMPTY_MESSAGE, ERROR, GRAPH_CONFIG, GRAPHS, HIDDEN, blank
+from attnlab.app.dashboard.layout import DEFAULT_SCALE, EMPTY_MESSAGE, ERROR, GRAPH_CONFIG, GRAPHS, HIDDEN, blank
 from attnlab.probe import AttnlabError
 
 TOP_K = 10
@@ -47,6 +48,20 @@ def difference_heatmap(before: np.ndarray, after: np.ndarray, strings, block: in
                       hovertemplate=fig.data[0].hovertemplate.replace("A %{z:.4f}", "change %{z:+.4f}")
                       .replace("mean A %{z:.4g}", "change %{z:+.4g}"))
     return fig
+
+
+def rescaled_pair(before, after, scale: str) -> tuple:
+    """The before and after maps (figures or the page's figure dicts) on the colour `scale`, sharing one top so
+    equal colours are equal weights; (no_update, no_update) while either is not a heatmap (nothing applied yet)."""
+    try:
+        figs = [go.Figure(f) for f in (before, after)]
+    except (ValueError, TypeError):
+        return no_update, no_update
+    if not all(f.data and f.data[0].type == "heatmap" and f.data[0].z is not None for f in figs):
+        return no_update, no_update
+    values = np.concatenate([figures.heatmap_values(f).ravel() for f in figs])
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else None
+    return tuple(figures.rescaled(f, scale, zmax=top) for f in figs)
 
 
 def heads_moved_bars(table, title: str) -> go.Figure:
@@ -95,10 +110,11 @@ def register(app, runs: work.RunCache) -> None:
                   Output(ids.APPLY_STATUS, "children"),
                   Input(ids.APPLY, "n_clicks"), State(ids.CURRENT, "data"), State(ids.LAYER, "value"),
                   State(ids.HEAD, "value"), State(ids.METHOD, "value"), State(ids.SCOPE, "value"),
-                  State(ids.STRENGTH, "value"), State(ids.SPAN, "value"), prevent_initial_call=True,
+                  State(ids.STRENGTH, "value"), State(ids.SPAN, "value"), State(ids.COLOR_SCALE, "value"),
+                  prevent_initial_call=True,
                   running=[(Output(ids.APPLY, "disabled"), True, False),
                            (Output(ids.APPLY, "children"), "applying...", "apply")])
-    def apply(_n, name, layer, head, method, scope, strength, span):
+    def apply(_n, name, layer, head, method, scope, strength, span, scale):
         started = time.perf_counter()
 
         def fail(message: str):
@@ -116,6 +132,7 @@ def register(app, runs: work.RunCache) -> None:
             if m.strength is not None and strength is not None and strength != "":
                 strength = checks.number(strength, m.strength, m.lo, m.hi)
             span = checks.text(span, "span", max_len=checks.MAX_TEXT)
+            scale = checks.colour_scale(scale, DEFAULT_SCALE)
         except AttnlabError as e:
             return fail(checks.user_message(e))
         try:
@@ -140,9 +157,9 @@ def register(app, runs: work.RunCache) -> None:
         top = float(np.nanmax([np.nanmax(out["a_before"]), np.nanmax(out["a_after"])]))
         n = cap.tokens.length
         before = figures.attention_heatmap(out["a_before"], strings, block, title=f"L{layer} H{head} before",
-                                           n_tokens=n, zmax=top)
+                                           n_tokens=n, zmax=top, scale=scale)
         after = figures.attention_heatmap(out["a_after"], strings, block, title=f"L{layer} H{head} after",
-                                          n_tokens=n, zmax=top)
+                                          n_tokens=n, zmax=top, scale=scale)
         bars = figures.next_token_bars(table, f"next token after {cap.tokens.strings[0][-1]!r}: before / after")
         diff = difference_heatmap(out["a_before"], out["a_after"], strings, block,
                                   f"L{layer} H{head} after - before", n)
@@ -151,3 +168,16 @@ def register(app, runs: work.RunCache) -> None:
         took = f"applied in {time.perf_counter() - started:.1f} s"
         return (info, [html.Div(title), next_token_table(table)], bars, before, after, {"display": "block"}, diff,
                 moved_fig, took)
+
+    @app.callback(Output(ids.ATTN_BEFORE, "figure", allow_duplicate=True),
+                  Output(ids.ATTN_AFTER, "figure", allow_duplicate=True),
+                  Input(ids.COLOR_SCALE, "value"), State(ids.ATTN_BEFORE, "figure"), State(ids.ATTN_AFTER, "figure"),
+                  prevent_initial_call=True)
+    def rescale(scale, before, after):
+        """The before/after maps follow the colour-scale control without applying the edit again (8-12 s);
+        the difference map stays linear around 0."""
+        try:
+            scale = checks.colour_scale(scale, DEFAULT_SCALE)
+        except AttnlabError:
+            raise PreventUpdate from None  # the head panel's maps name the bad value
+        return rescaled_pair(before, after, scale)

@@ -72,7 +72,7 @@ class Launcher:
     params: tuple[Param, ...]
     run: Callable  # (probe, text, params: dict, progress(done, total)) -> Result
     unit: str = "step"  # what the progress counts
-    head_view: Callable | None = None  # (run, layer, head, get_probe) -> go.Figure
+    head_view: Callable | None = None  # (run, layer, head, get_probe, scale) -> go.Figure
     check: Callable | None = None  # (text, params) -> None: fast input checks before the job starts
 
     def parse(self, values: dict[str, str], text: str | None) -> dict:
@@ -141,15 +141,15 @@ def launcher_for(analysis: Analysis) -> Launcher:
 
 
 # ----- the clicked head's own view, per analysis -----
-def _retrieval_view(run, layer: int, head: int, get_probe) -> go.Figure:
+def _retrieval_view(run, layer: int, head: int, get_probe, scale: str = "log") -> go.Figure:
     """The head's decode steps on one NIAH test of the run (the first that succeeded, else the first):
     per step the generated token, the key the head looked at most and its token, and whether that was
     a copy from the answer span (the retrieval score counts those). Runs saved before the steps were
-    recorded show the head's attention on the prompt instead."""
+    recorded show the head's attention on the prompt instead, on the colour `scale` (`figures.SCALES`)."""
     from attnlab.analyses.retrieval import decode_steps
 
     if "top_key" not in run.tensors:
-        return _retrieval_prompt_view(run, layer, head, get_probe)
+        return _retrieval_prompt_view(run, layer, head, get_probe, scale)
     tests = run.tables["tests"]
     ok = tests.index[tests["success"].astype(bool)]
     test = int(ok[0]) if len(ok) else 0
@@ -176,9 +176,10 @@ def _retrieval_view(run, layer: int, head: int, get_probe) -> go.Figure:
     return fig
 
 
-def _retrieval_prompt_view(run, layer: int, head: int, get_probe) -> go.Figure:
+def _retrieval_prompt_view(run, layer: int, head: int, get_probe, scale: str = "log") -> go.Figure:
     """The head's attention on one of the run's NIAH prompts (the first length and needle, the middle
-    depth), pooled like the capture heatmap; the needle's answer span is marked."""
+    depth), pooled like the capture heatmap, on the colour `scale`; the needle's answer span is marked.
+    Hovers name positions and tokens ("query 12 'the' -> key 3 'cat'") as the capture view's do."""
     from attnlab.probe.tasks import niah
 
     params = run.manifest.get("parameters", {})
@@ -190,16 +191,19 @@ def _retrieval_prompt_view(run, layer: int, head: int, get_probe) -> go.Figure:
     block = figures.block_size(n)
     cap = probe.capture([prompt.input_ids], stats=[f"pooled({block})"], layers=[layer], heads=[head],
                         prepend_bos=False, backend="chunked")
-    fig = figures.attention_heatmap(cap["pooled"][0, 0, 0].float().numpy(), None, block,
-                                    title=f"L{layer} H{head} on a NIAH prompt, depth {prompt.depth:g}%", n_tokens=n)
+    strings = [probe.tokenizer.decode([i]) for i in prompt.input_ids] if block == 1 else None  # pooled: positions
+    fig = figures.attention_heatmap(cap["pooled"][0, 0, 0].float().numpy(), strings, block,
+                                    title=f"L{layer} H{head} on a NIAH prompt, depth {prompt.depth:g}%", n_tokens=n,
+                                    scale=scale)
     a, b = prompt.span
     fig.add_vrect(x0=a - 0.5, x1=b - 0.5, line_width=1, line_color="red", fillcolor="rgba(0,0,0,0)",
                   annotation_text="answer", annotation_position="top left")
     return fig
 
 
-def _receiver_view(run, layer: int, head: int, get_probe) -> go.Figure:
-    """The head's sentence x sentence attention (the `attention_<trace>` tensor of the run)."""
+def _receiver_view(run, layer: int, head: int, get_probe, scale: str = "log") -> go.Figure:
+    """The head's sentence x sentence attention (the `attention_<trace>` tensor of the run), on the colour
+    `scale`."""
     from attnlab.analyses import thought_anchors_plots as taplots
 
     sentences = run.tables["sentences"]
@@ -209,9 +213,10 @@ def _receiver_view(run, layer: int, head: int, get_probe) -> go.Figure:
         raise AttnlabError(f"this run has no sentence attention for trace {trace!r}")
     texts = sentences[sentences["trace"] == trace].sort_values("sentence")["text"].tolist()
     kurt = run.tables["heads"].set_index(["layer", "head"])["score"].get((layer, head), np.nan)
-    return taplots.sentence_attention_heatmap(M[layer, head].float().numpy(), texts,
-                                              title=f"L{layer} H{head}: sentence attention ({trace}), "
-                                                    f"kurtosis {kurt:.2f}")
+    fig = taplots.sentence_attention_heatmap(M[layer, head].float().numpy(), texts,
+                                             title=f"L{layer} H{head}: sentence attention ({trace}), "
+                                                   f"kurtosis {kurt:.2f}")
+    return figures.rescaled(fig, scale)
 
 
 HEAD_VIEWS: dict[str, Callable] = {"retrieval": _retrieval_view, "thought_anchors": _receiver_view}
@@ -252,11 +257,26 @@ def score_columns(run) -> list[tuple[str, str]]:
     return main + [x for x in out if x not in main]
 
 
-def head_view(run, layer: int, head: int, get_probe) -> go.Figure | None:
-    """The clicked head's own view for an analysis run, or None when its analysis has none."""
+def top_head(run, table: str, column: str) -> tuple[int, int]:
+    """(layer, head) of the head an analysis run ranks first by `column` of `table`: the first row of the
+    table sorted as the analysis ranks its heads (`Analysis.ascending` for its `top_table`: the smallest
+    value drain is the strongest; the largest first otherwise, and for every other table), NaN last,
+    ties in table order. The same row `attnlab report` lists first."""
+    analysis = ANALYSES.get(analysis_name(run))
+    ascending = analysis is not None and analysis.ascending and table == analysis.top_table
+    df = run.tables[table]
+    if not len(df) or df[column].isna().all():
+        raise AttnlabError(f"the run's {table!r} table has no {column} value: no head to start on")
+    top = df.sort_values(column, ascending=ascending, na_position="last", kind="stable").iloc[0]
+    return int(top["layer"]), int(top["head"])
+
+
+def head_view(run, layer: int, head: int, get_probe, scale: str = "log") -> go.Figure | None:
+    """The clicked head's own view for an analysis run on the colour `scale` (`figures.SCALES`, where the view
+    is a heatmap), or None when its analysis has none."""
     view = HEAD_VIEWS.get(run.manifest.get("analysis", run.kind))
-    return None if view is None else view(run, layer, head, get_probe)
+    return None if view is None else view(run, layer, head, get_probe, scale)
 
 
 __all__ = ["ALL_TRACES", "DEFAULT", "HEAD_VIEWS", "INDEX_COLUMNS", "LAUNCHERS", "Launcher", "Param", "TEXT_BOX",
-           "head_view", "launcher_for", "score_columns"]
+           "head_view", "launcher_for", "score_columns", "top_head"]
