@@ -235,11 +235,12 @@ def rescaled(fig, scale: str, zmax: float | None = None) -> go.Figure:
     trace = fig.data[0]
     hover = trace.hovertemplate or "%{z}"
     values, on_custom = _drawn_values(trace)
-    if np.nanmin(values, initial=0.0) < 0:
+    signed = np.nanmin(values, initial=0.0) < 0
+    if signed:
         scale = "linear"
     old = (trace.colorbar.title.text or "") if trace.colorbar and trace.colorbar.title else ""
     label = next((old[: -len(f" ({s})")] for s in SCALES if old.endswith(f" ({s})")), old)
-    z, colour = _colour(values, scale, 0, zmax, label)
+    z, colour = _colour(values, scale, None if signed else 0, zmax, label)
     if scale == "linear":
         hover = hover.replace("%{customdata", "%{z")
     elif not on_custom:

@@ -189,3 +189,36 @@ def test_thought_anchor_graphs_show_sentence_text_not_indices():
     assert list(att.layout.xaxis.ticktext)[1] == "1: I need 40 pens."
     graph = taplots.sentence_graph(sentences, supp)
     assert graph.data[-1].text[1].startswith("1: I need 40")
+
+
+@pytest.mark.parametrize("start", figures.SCALES)
+def test_a_drawn_heatmap_is_redrawn_on_any_scale_as_if_built_on_it(start):
+    """`rescaled` reads the values back from a figure as the page sends it (plotly's typed arrays) and gives
+    the figure `attention_heatmap` would have built on that scale: colours, colour bar and hover."""
+    m = np.tril(np.random.default_rng(0).random((5, 5)))
+    m[np.triu_indices(5, 1)] = np.nan
+    m /= np.nansum(m, axis=1, keepdims=True)
+    page = figures.attention_heatmap(m, list("abcde"), scale=start, zmax=0.9).to_plotly_json()
+    for scale in figures.SCALES:
+        got = figures.rescaled(page, scale, zmax=0.9).data[0]
+        want = figures.attention_heatmap(m, list("abcde"), scale=scale, zmax=0.9).data[0]
+        np.testing.assert_allclose(np.asarray(got.z, dtype=float), np.asarray(want.z, dtype=float), rtol=1e-6,
+                                   equal_nan=True)
+        assert (got.zmin, got.zmax, got.hovertemplate) == (want.zmin, want.zmax, want.hovertemplate), scale
+        assert got.colorbar.to_plotly_json() == want.colorbar.to_plotly_json(), scale  # no log ticks left on linear
+        np.testing.assert_allclose(figures.heatmap_values(figures.rescaled(page, scale).to_plotly_json()), m,
+                                   rtol=1e-6, equal_nan=True)  # the hover's values: the weights themselves
+
+
+def test_rescaled_keeps_a_signed_map_linear_and_leaves_a_figure_without_a_heatmap_alone():
+    diff = figures.attention_heatmap(np.array([[0.2, np.nan], [-0.1, 0.1]]), None, scale="linear")
+    assert figures.rescaled(diff, "log").data[0].zmin is None  # linear: the negative change stays visible
+    blank = {"data": [], "layout": {"title": {"text": "nothing yet"}}}
+    assert figures.rescaled(blank, "log").to_plotly_json()["data"] == []
+    # a heatmap built elsewhere on the linear scale (the sentence map): its hover moves to the kept values
+    import plotly.graph_objects as go
+
+    other = go.Figure(go.Heatmap(z=[[0.5, 0.01]], colorbar={"title": "mean A"}, hovertemplate="%{z:.4f}"))
+    log = figures.rescaled(other, "log").data[0]
+    assert log.hovertemplate == "%{customdata:.4f}" and np.asarray(log.z)[0, 1] == pytest.approx(-2)
+    assert log.colorbar.title.text == "mean A (log)" and list(np.asarray(log.customdata)[0]) == [0.5, 0.01]
