@@ -3,6 +3,8 @@ each method builds, and what they change."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -205,3 +207,71 @@ def test_zerotuning_on_one_head_moves_that_head_first_and_no_earlier_layer(probe
     np.testing.assert_allclose(z, out["a_after"] - out["a_before"], equal_nan=True)
     assert fig.data[0].zmid == 0 and fig.data[0].zmin == -fig.data[0].zmax
     assert np.nanmax(z[:, 0]) > 0 and np.nanmin(z[:, 1:]) < 0  # the first token gains, the others lose
+
+
+def test_a_run_opens_on_the_head_its_analysis_ranks_first():
+    """Value drain: the smallest score is the strongest (extreme tokens ranks ascending), kurtosis: the largest;
+    the same first row as `attnlab report`'s top heads."""
+    from types import SimpleNamespace
+
+    from attnlab.analyses import ANALYSES
+
+    drain = pd.DataFrame({"layer": [0, 1, 2], "head": [3, 1, 2], "score": [0.9, 0.05, np.nan]})
+    run = SimpleNamespace(tables={"value_drain": drain}, kind="extreme_tokens",
+                          manifest={"analysis": "extreme_tokens"})
+    assert ANALYSES["extreme_tokens"].ascending and launchers.top_head(run, "value_drain", "score") == (1, 1)
+    kurt = pd.DataFrame({"layer": [0, 1, 2], "head": [3, 1, 2], "score": [13.06, 2.0, 13.06]})
+    run = SimpleNamespace(tables={"heads": kurt}, kind="thought_anchors", manifest={"analysis": "thought_anchors"})
+    assert launchers.top_head(run, "heads", "score") == (0, 3)  # ties: the table's first
+    run.tables["heads"] = kurt.assign(score=np.nan)
+    with pytest.raises(AttnlabError, match="no score value"):
+        launchers.top_head(run, "heads", "score")
+
+
+def test_the_receiver_head_view_follows_the_colour_scale():
+    import torch
+
+    sentences = pd.DataFrame({"trace": ["t", "t"], "sentence": [0, 1], "text": ["One.", "Two."]})
+    heads = pd.DataFrame({"layer": [0], "head": [0], "score": [1.0]})
+    M = torch.tensor([[[[1.0, np.nan], [0.99, 0.01]]]])
+    run = SimpleNamespace(tables={"sentences": sentences, "heads": heads}, tensors={"attention_t": M},
+                          kind="thought_anchors", manifest={"analysis": "thought_anchors"})
+    log = launchers.head_view(run, 0, 0, None, "log").data[0]
+    assert np.asarray(log.z, dtype=float)[1, 1] == pytest.approx(-2) and "%{customdata" in log.hovertemplate
+    linear = launchers.head_view(run, 0, 0, None, "linear").data[0]
+    assert np.asarray(linear.z, dtype=float)[1, 1] == pytest.approx(0.01) and "%{z" in linear.hovertemplate
+
+
+def test_the_retrieval_prompt_view_names_tokens_in_its_hovers_and_follows_the_colour_scale(probe):
+    """A run saved before decode steps were recorded: the head's attention on its NIAH prompt, hovers reading
+    "query i 'tok' -> key j 'tok'" as the capture view's do."""
+    from attnlab.probe.tasks import niah
+
+    run = SimpleNamespace(tables={}, tensors={}, kind="retrieval",
+                          manifest={"analysis": "retrieval", "model": {"name": "smollm2-135m"},
+                                    "parameters": {"lengths": [96], "depths": [50]}})
+    hm = launchers.head_view(run, 1, 0, lambda name: probe, "power").data[0]
+    ids_ = niah.build(probe.tokenizer, niah.NEEDLES[0], 96, 50.0).input_ids
+    tok = [probe.tokenizer.decode([i]) for i in ids_]
+    assert np.asarray(hm.text)[5, 2] == f"query 5 {tok[5]!r} -> key 2 {tok[2]!r}"
+    assert hm.colorbar.title.text == "A (power)" and "%{customdata" in hm.hovertemplate
+
+
+def test_the_before_and_after_maps_follow_the_colour_scale_on_one_shared_top():
+    """The page's before/after figures redrawn on another scale without applying the edit again; nothing
+    applied yet (blank figures): no update."""
+    from dash import no_update
+
+    from attnlab.app import figures
+    from attnlab.app.dashboard import intervention_callbacks as ic
+    from attnlab.app.dashboard.layout import blank
+
+    before = np.array([[1.0, np.nan], [0.5, 0.5]])
+    after = np.array([[1.0, np.nan], [0.999, 0.001]])
+    page = [figures.attention_heatmap(m, ["a", "b"], zmax=1.0, scale="log").to_plotly_json() for m in (before, after)]
+    lin_b, lin_a = ic.rescaled_pair(*page, "linear")
+    np.testing.assert_allclose(np.asarray(lin_a.data[0].z, dtype=float), after, rtol=1e-6, equal_nan=True)
+    assert lin_b.data[0].zmax == lin_a.data[0].zmax == 1.0 and "%{z" in lin_a.data[0].hovertemplate
+    pow_b, pow_a = ic.rescaled_pair(lin_b, lin_a, "power")
+    assert np.asarray(pow_a.data[0].z, dtype=float)[1, 1] == pytest.approx(0.001 ** figures.POWER, rel=1e-5)
+    assert ic.rescaled_pair(blank("apply an edit"), blank(""), "log") == (no_update, no_update)
