@@ -334,3 +334,37 @@ def test_untrained_models_are_labelled(tmp_path, tiny_models):
     runs = work.RunCache(tmp_path / "runs")
     assert runs.options()[0]["label"] == f"{name}  (capture, tiny-llama (untrained: random weights))"
     assert work.run_model_label(runs.run(name)) == "tiny-llama (untrained: random weights)"
+
+
+def test_an_analysis_run_opens_on_the_head_its_analysis_ranks_first(tmp_path):
+    """Through the Dash callback route (no browser): an extreme-tokens run opens on its smallest value drain (the
+    analysis ranks ascending), not on the largest."""
+    import json
+
+    import pandas as pd
+    from dash._utils import split_callback_id
+
+    from attnlab.analyses.result import Result
+    from attnlab.app.dashboard import create_app, ids
+    from attnlab.probe import RunStore
+
+    root = tmp_path / "runs"
+    drain = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "kv_head": [0, 0, 0, 0],
+                          "first_norm": [0.5, 0.2, 0.4, 0.3], "score": [0.9, 0.4, 0.02, 0.7]})
+    Result("extreme_tokens", tables={"value_drain": drain},
+           params={"section": "extreme_tokens", "model": "smollm2-135m"}).save(RunStore(root), name="drains")
+    app = create_app(root)
+    (key,) = [k for k in app.callback_map if k.startswith("..current.data")]
+    cb = app.callback_map[key]
+    values = {f"{ids.RUNS}.value": "drains"}
+
+    def entry(dep):
+        return {"id": dep["id"], "property": dep["property"], "value": values.get(f"{dep['id']}.{dep['property']}")}
+
+    body = {"output": key, "outputs": split_callback_id(key), "inputs": [entry(d) for d in cb["inputs"]],
+            "state": [entry(d) for d in cb["state"]], "changedPropIds": [f"{ids.RUNS}.value"]}
+    resp = app.server.test_client().post("/_dash-update-component", json=body)
+    assert resp.status_code == 200, resp.get_data(as_text=True)[:500]
+    out = json.loads(resp.get_data(as_text=True))["response"]
+    assert out[ids.SCORE]["value"] == "value_drain\tscore"
+    assert (out[ids.LAYER]["value"], out[ids.HEAD]["value"]) == (1, 0)  # value drain 0.02: the strongest
