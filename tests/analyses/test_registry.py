@@ -116,13 +116,16 @@ def test_each_analysis_runs_saves_reads_back_redraws_reports_and_opens(name, mod
     run = runs.run(path.name)
     assert run.manifest["parameters"]["section"] == name
     assert work.head_score_columns(run), "the dashboard's analysis panel has a per-head score to draw"
-    from attnlab.app.dashboard.launchers import INDEX_COLUMNS, score_columns
+    from attnlab.app.dashboard.launchers import INDEX_COLUMNS, score_columns, top_head
 
     offered = score_columns(run)
     assert not {c for _, c in offered} & INDEX_COLUMNS, offered  # never sample, position, rank, ...
     top = run.tables.get(analysis.top_table)
     if top is not None and {"layer", "head"} <= set(top.columns):  # it opens on the table it ranks heads by
         assert offered[0][0] == analysis.top_table, (offered, analysis.top_table)
+    if offered[0] == (analysis.top_table, "score"):  # and on the head `attnlab report` lists first
+        first = reports.top_heads(back).iloc[0]
+        assert top_head(run, *offered[0]) == (int(first["layer"]), int(first["head"])), name
 
 
 def test_run_gives_the_numbers_of_the_module_functions(tiny, smollm2):
