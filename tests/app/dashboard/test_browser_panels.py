@@ -181,6 +181,20 @@ def test_an_intervention_draws_its_difference_map_and_the_heads_that_moved(dash_
     assert _trace(dash_duo, ids.ATTN_DIFF, "zmin") == -_trace(dash_duo, ids.ATTN_DIFF, "zmax")
     bars = _trace(dash_duo, ids.HEADS_MOVED, "y")
     assert bars and len(bars) == 12 and all(b.startswith("L") for b in bars)
+    # the before/after maps follow the colour-scale control (log by default) without applying again; the
+    # difference stays linear around 0
+    def bar_title(graph_id):
+        return ((_trace(dash_duo, graph_id, "colorbar") or {}).get("title") or {}).get("text")
+
+    assert bar_title(ids.ATTN_BEFORE) == bar_title(ids.ATTN_AFTER) == "A (log)"
+    dash_duo.driver.execute_script(f"document.getElementById('{ids.COLOR_SCALE}').scrollIntoView({{block: 'center'}})")
+    dash_duo.find_element(f"#{ids.COLOR_SCALE} input[value='linear']").click()
+    _wait(lambda: bar_title(ids.ATTN_BEFORE) == bar_title(ids.ATTN_AFTER) == "A", 20, "linear before/after maps")
+    after = np.asarray(dash_duo.driver.execute_script(
+        f"return document.querySelector('#{ids.ATTN_AFTER} .js-plotly-plot').calcdata[0][0].z"), dtype=float)
+    assert after.shape == (n, n) and np.nansum(after, axis=1) == pytest.approx(np.ones(n), abs=1e-3)  # weights
+    assert "applied in" in dash_duo.find_element(f"#{ids.APPLY_STATUS}").text  # not applied again
+    assert _trace(dash_duo, ids.ATTN_DIFF, "zmid") == 0
     dash_duo.driver.execute_script(f"document.getElementById('{ids.ATTN_DIFF}').scrollIntoView()")
     time.sleep(0.3)
     dash_duo.driver.save_screenshot(str(artifacts / "12-intervention-difference.png"))
