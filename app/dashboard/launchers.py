@@ -15,7 +15,9 @@ The layer x head map is generic: any run with a tidy table holding `layer`, `hea
 columns is drawn by `attnlab.app.figures.head_table_map`, whether it was launched here or opened
 from disk. Which columns are per-head scores is one rule for every analysis (`score_columns`: float
 columns that do not index observations, the analysis' main score first, so a run opens on the map
-its analysis ranks heads by). Adding an analysis to the dashboard is registering it in its module.
+its analysis ranks heads by), and so is the head it opens on (`top_head`: the first row of that ranking,
+smallest first where the analysis declares `ascending`, as `attnlab report` lists them). Adding an
+analysis to the dashboard is registering it in its module.
 """
 
 from __future__ import annotations
