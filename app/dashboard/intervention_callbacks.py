@@ -53,15 +53,15 @@ def difference_heatmap(before: np.ndarray, after: np.ndarray, strings, block: in
 def rescaled_pair(before, after, scale: str) -> tuple:
     """The before and after maps (figures or the page's figure dicts) on the colour `scale`, sharing one top so
     equal colours are equal weights; (no_update, no_update) while either is not a heatmap (nothing applied yet)."""
-    try:
+    try:  # the figures come back from the page: anything malformed is left as drawn
         figs = [go.Figure(f) for f in (before, after)]
-    except (ValueError, TypeError):
+        if not all(f.data and f.data[0].type == "heatmap" and f.data[0].z is not None for f in figs):
+            return no_update, no_update
+        values = np.concatenate([figures.heatmap_values(f).ravel() for f in figs])
+        top = float(np.nanmax(values)) if np.isfinite(values).any() else None
+        return tuple(figures.rescaled(f, scale, zmax=top) for f in figs)
+    except (ValueError, TypeError, KeyError):
         return no_update, no_update
-    if not all(f.data and f.data[0].type == "heatmap" and f.data[0].z is not None for f in figs):
-        return no_update, no_update
-    values = np.concatenate([figures.heatmap_values(f).ravel() for f in figs])
-    top = float(np.nanmax(values)) if np.isfinite(values).any() else None
-    return tuple(figures.rescaled(f, scale, zmax=top) for f in figs)
 
 
 def heads_moved_bars(table, title: str) -> go.Figure:
