@@ -46,12 +46,22 @@ CALLBACKS = {
     "score_map": lambda k: k == "score-map.figure",
     "thought_anchors": lambda k: k.startswith("..ta-receivers.figure"),
     "ping": lambda k: k == "pong.children",
-    "click_head": lambda k: k.startswith("..layer.value@"),
+    "click_head": lambda k: k.startswith("..layer.value@") and "url-pending" not in k,
     "views": lambda k: k.startswith("..sink-map.figure"),
     "token_view": lambda k: k == "tokens.children",
     "compare_options": lambda k: k == "compare-run.options",
     "compare": lambda k: k.startswith("..compare-info.children"),
     "report_link": lambda k: k == "report-link.children",
+    "rescale": lambda k: k.startswith("..attn-before.figure@"),
+    "url_read": lambda k: k.startswith("..runs.value@"),
+    "url_apply": lambda k: k.startswith("..layer.value@") and "url-pending" in k,
+    "url_write": lambda k: k.startswith("..url.search"),
+    "click_thumbnail": lambda k: k.startswith("head.value@"),
+    "show_head_views": lambda k: k.startswith("..head-views.style"),
+    "show_analysis": lambda k: k.startswith("..analysis-graphs.style"),
+    "click_token": lambda k: k.startswith("selected-token.data@"),
+    "gallery": lambda k: k == "head-gallery.figure",
+    "token_detail": lambda k: k == "token-detail.figure",
 }
 
 
@@ -292,7 +302,7 @@ CASES = [
     # the job's cancel and poll
     ("cancel", {"cancel.n_clicks": 1, "job.data": {"id": 1}}, None, 200, _no_change),
     ("poll", {"poll.n_intervals": 1, "job.data": ["x"]}, None, 200, _text("progress-text", "children", "")),
-    ("poll", {"poll.n_intervals": "x", "job.data": "../../etc"}, None, 200, _text("poll", "disabled", True)),
+    ("poll", {"poll.n_intervals": "x", "job.data": "../../etc"}, None, 200, _text("cancel", "disabled", True)),
     ("refresh", {"refresh-runs.n_clicks": {"x": 1}}, None, 200,
      lambda r: (lambda opts: assertion([o["value"] for o in opts] == ["scores"], opts))(_out(r, "runs", "options"))),
     # opening runs
@@ -388,6 +398,36 @@ CASES = [
     ("report_link", {"runs.value": "../etc"}, None, 200, _text("report-link", "children", NOT_A_RUN)),
     ("report_link", {"runs.value": "scores"}, None, 200, _text("report-link", "children", "")),
     ("report_link", {"runs.value": "missing"}, None, 200, _text("report-link", "children", NO_RUN)),
+    # the colour scale redraws the intervention maps; a figure the page sends back is untrusted
+    ("rescale", {"color-scale.value": "log", "attn-before.figure": "x", "attn-after.figure": {"data": 5}}, None, 200,
+     _no_change),
+    ("rescale", {"color-scale.value": ["x"]}, None, 204, _none),
+    # the URL: every value is checked before anything opens (`url_state.parse`)
+    ("url_read", {"url.search": "?run=../../etc&layer=-1"}, None, 200,
+     _text("message", "children", "ignored from the link: that value is not a run name: pick a run from the list; "
+                                  "layer: -1 is out of range (0-100000)")),
+    ("url_read", {"url.search": ["x"]}, None, 200, _text("url-pending", "data", None)),
+    ("url_apply", {"current.data": "../../etc", "url-pending.data": {"run": "../../etc", "layer": "x"}}, None, 200,
+     _text("message", "children", "ignored from the link: layer x is not in run '../../etc'")),
+    ("url_apply", {"url-pending.data": "x"}, None, 204, _none),
+    ("url_write", {"runs.value": "../../etc", "layer.value": "x", "head.value": -1, "score.value": ["a"],
+                   "compare-run.value": {"a": 1}}, None, 200,  # written as text; read back through `parse`
+     _text("url", "search", "?run=..%2F..%2Fetc&layer=x&head=-1")),
+    # the head gallery, token clicks and the panels' hints
+    ("click_thumbnail", {"head-gallery.clickData": {"points": [{"customdata": "x"}]}, "head.options": [0, 1]}, None,
+     204, _none),
+    ("click_thumbnail", {"head-gallery.clickData": "points"}, None, 204, _none),
+    ("click_token", {"heatmap.clickData": {"points": [{"y": "a"}]}}, "heatmap.clickData", 204, _none),
+    ("show_head_views", {"current.data": None}, None, 200,
+     _text("head-views", "style", {"height": "0", "overflow": "hidden"})),
+    ("show_analysis", {"analysis.data": ["x"]}, None, 200,
+     _text("analysis-graphs", "style", {"height": "0", "overflow": "hidden"})),
+    ("gallery", {"current.data": "../../etc", "layer.value": "x", "color-scale.value": "log"}, None, 200,
+     lambda r: assertion(_out(r, "head-gallery", "figure")["data"] == [], r.data[:300])),
+    ("gallery", {"current.data": "scores", "layer.value": 0, "head.value": 0, "color-scale.value": "nope"}, None, 200,
+     lambda r: assertion(_out(r, "head-gallery", "figure")["data"] == [], r.data[:300])),
+    ("token_detail", {"current.data": "../../etc", "layer.value": 0, "head.value": 0, "selected-token.data": -5},
+     None, 200, lambda r: assertion(_out(r, "token-detail", "figure")["data"] == [], r.data[:300])),
 ]
 
 
