@@ -28,6 +28,28 @@ except ImportError:
     pass
 
 
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here (None: they can)."""
+    try:
+        import dash.testing  # noqa: F401
+        import selenium  # noqa: F401
+    except ImportError:
+        return "dash[testing] is not installed: pip install 'dash[testing]'"
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return "no Chromium: apt-get install -y chromium chromium-driver"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that drives a browser (dash_duo, second_browser) skips, saying why, where none can run."""
+    why = browser_missing()
+    if why is None:
+        return
+    for item in items:
+        if {"dash_duo", "second_browser"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
 def pytest_configure(config):
     if hasattr(config.option, "headless"):
         config.option.headless = True  # as if `--headless` were given

@@ -14,24 +14,9 @@ import pytest
 
 
 
-def _why_not() -> str | None:  # as in test_browser (test modules do not import each other: importlib mode)
-    import shutil
-
-    try:
-        import dash.testing  # noqa: F401
-        import selenium  # noqa: F401
-    except ImportError:
-        return "dash[testing] is not installed: pip install 'dash[testing]'"
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        return "no Chromium: apt-get install -y chromium chromium-driver"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
-
-from attnlab.analyses.result import Result  # noqa: E402
-from attnlab.app.dashboard import create_app, ids, launchers, work  # noqa: E402
-from attnlab.probe import RunStore  # noqa: E402
+from attnlab.analyses.result import Result
+from attnlab.app.dashboard import create_app, ids, launchers, work
+from attnlab.probe import RunStore
 
 SHORT = ("When Mary and John went to the store, John gave a drink to Mary. "
          "Later that evening the two friends walked home along the river.")

@@ -14,14 +14,12 @@ import pytest
 _spec = importlib.util.spec_from_file_location("attnlab_test_browser", Path(__file__).with_name("test_browser.py"))
 _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
-SHORT, _click_cell, _grid, _shot, _title, _wait, _wait_grid, _why_not = (
+SHORT, _click_cell, _grid, _shot, _title, _wait, _wait_grid = (
     _helpers.SHORT, _helpers._click_cell, _helpers._grid, _helpers._shot, _helpers._title, _helpers._wait,
-    _helpers._wait_grid, _helpers._why_not)
+    _helpers._wait_grid)
 
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
-
-from attnlab.app.dashboard import create_app, ids, work  # noqa: E402
-from attnlab.probe import RunStore  # noqa: E402
+from attnlab.app.dashboard import create_app, ids, work
+from attnlab.probe import RunStore
 
 
 def _rect(dash_duo, element_id: str) -> dict:
