@@ -1,12 +1,13 @@
 """attach: attnlab on a Hugging Face model the user loaded themselves, for the duration of a block.
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="auto")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
     with attnlab.probe.attach(model, tokenizer) as probe:
         cap = probe.capture("The cat sat on the mat.", stats=["received", "entropy"])
         with probe.intervene(AttentionEdit(FirstToken(), LogitBias(0.5))):
             logits = probe.run(probe.tokenize("..."), stats=None).logits
 
-The model keeps its own dtype, quantisation and device placement: nothing is moved or copied. On
+The model keeps its own dtype and device: nothing is moved or copied. A model split over several
+devices (`device_map`) is refused for now: the capture waits for one GPU's copies only. On
 entering, attach registers attnlab's attention function (`fast_path.register`), switches the
 model's attention implementation (its config and every sub-config) to "attnlab", puts the model in
 eval mode and builds a `Probe` over it (which tags the attention modules with the probe's state).
@@ -51,6 +52,11 @@ def attach(model, tokenizer=None, name: str | None = None) -> Iterator[Probe]:
         raise AttnlabError(f"model: this {type(model).__name__} is already attached to attnlab (an attach block "
                            "is open on it, or attnlab.probe.load built it); use that probe, or attach it again "
                            "after its block ends")
+    devices = sorted({str(p.device) for p in model.parameters()})
+    if len(devices) > 1:  # the capture's host copies wait for one GPU only: refuse rather than race
+        raise AttnlabError(f"model: its weights are on several devices ({', '.join(devices)}: a device_map split); "
+                           "attnlab's captures and edits are exact on one device only for now; load the model onto "
+                           "one device (e.g. device_map={'': 0} or .to('cuda'))")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise AttnlabError(f"name: {name!r:.60} is not a name; pass a non-empty string or None (model.name_or_path)")
     name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)

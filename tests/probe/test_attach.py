@@ -138,6 +138,14 @@ def test_attach_refuses_what_it_cannot_use():
         with attach(model):
             pass
     assert not any(hasattr(m, "_attnlab_state") for m in model.modules())
+    # A model split over devices (device_map): refused before anything is switched or tagged. The
+    # meta device stands in for a second GPU here.
+    model.lm_head.to("meta")
+    with pytest.raises(AttnlabError, match=r"^model: its weights are on several devices \(cpu, meta: a device_map"):
+        with attach(model):
+            pass
+    assert not any(hasattr(m, "_attnlab_state") for m in model.modules())
+    assert model.config._attn_implementation != "attnlab"
 
 
 def test_attach_keeps_the_users_dtype(tiny_models):
