@@ -9,7 +9,7 @@ if __name__ == "kernels":  # the bare name, from the repository root: hand over 
 
     _bare_names.hand_over(__name__, __file__)
 else:
-    from attnlab.kernels.dispatch import triton_available, triton_kernel
+    from attnlab.kernels.dispatch import TwinOnGPUWarning, last_kernels, triton_available, triton_kernel
     from attnlab.kernels.edits import KernelEdit, MassGate, apply_edits, edit_rows
     from attnlab.kernels.reference import StatAccumulator, attention_stats, stats_from_pattern, visibility
     from attnlab.kernels.request import OUTPUT_DIMS, OUTPUTS, STATISTICS, Statistic, StatRequest
@@ -22,10 +22,12 @@ else:
         "STATISTICS",
         "StatAccumulator",
         "StatRequest",
+        "TwinOnGPUWarning",
         "Statistic",
         "apply_edits",
         "attention_stats",
         "edit_rows",
+        "last_kernels",
         "stats_from_pattern",
         "triton_available",
         "triton_kernel",

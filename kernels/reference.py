@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from attnlab.kernels import dispatch
 from attnlab.kernels.edits import KernelEdit, edit_rows
 from attnlab.kernels.request import StatRequest
 
@@ -432,6 +433,7 @@ def attention_stats(
     """
     check_shapes(q, k)
     check_features(q, k, key_bias, sinks)
+    dispatch.note(**{name: "twin" for name in ("forward", "columns") if name == "forward" or request.outputs(name)})
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv

@@ -59,13 +59,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from attnlab.kernels import reference
+from attnlab.kernels import dispatch, gluon_hopper, reference
 from attnlab.kernels.triton_kernels import _col_kernel, _fwd_kernel
 from attnlab.kernels.edits import MIN_LOG, KernelEdit
 from attnlab.kernels.request import OUTPUTS, StatRequest
@@ -95,6 +96,9 @@ COL_CONFIG = {64: (128, 4, 3, 128), 128: (128, 4, 3, 64), 256: (32, 4, 2, 64)}
 # fp16, as hi + lo halves (~22 significant bits; True) or hi alone (False: each term within 2^-11 =
 # 4.9e-4 relative, so every sum of positive terms too). False is ~20% faster per pass on an H100.
 EXACT_SUMS = False
+# Pass 2 on Hopper through the Gluon kernel (gluon_hopper.py) where it covers the call (False: always
+# the Triton kernel; benchmarks time both).
+GLUON = True
 # Use cuDNN's output and log-sum-exp when a call asks only for pass 2's statistics (set False to time
 # our forward instead).
 CUDNN = True
@@ -165,15 +169,28 @@ def attention_stats(
     edits = tuple(edits)
     reference.check_shapes(q, k)
     reference.check_features(q, k, key_bias, sinks)
-    if _unsupported(q, k, v, request, key_mask, edits, causal, key_bias, sinks) is not None:
-        return reference.attention_stats(q, k, v, scale=scale, request=request, key_mask=key_mask,
-                                         sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
-                                         edits=edits, causal=causal, key_bias=key_bias, sinks=sinks)
+    why = _unsupported(q, k, v, request, key_mask, edits, causal, key_bias, sinks)
+    if why is not None:
+        if q.is_cuda and k.shape[2] > dispatch.TWIN_WARN_KEYS:
+            warnings.warn(
+                f"attnlab: an attention call over {k.shape[2]:,} keys runs on the torch twin on the GPU, not the Triton "
+                f"kernels, because of {why}: it is several times slower and holds chunk x {k.shape[2]:,} scores per "
+                "head. The capture's manifest records it (capture.kernels). To stay on the kernels: bf16/fp16 inputs, "
+                "head dims 64/128/256, no 'pattern' (use rows(positions) or pooled(block)), one edit at a time.",
+                dispatch.TwinOnGPUWarning, stacklevel=2)
+        out = reference.attention_stats(q, k, v, scale=scale, request=request, key_mask=key_mask,
+                                        sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
+                                        edits=edits, causal=causal, key_bias=key_bias, sinks=sinks)
+        dispatch.note(**{name: f"twin ({why})" for name in ("forward", "columns")
+                         if name == "forward" or request.outputs(name)})
+        return out
     run = _Call(q, k, v, scale, key_mask, sliding_window, softcap, causal, key_bias, sinks)
     edit = edits[0] if edits else None
     if edit is not None:
         run.set_edit(edit)
-    return run.forward(request)
+    result = run.forward(request)
+    dispatch.note(forward=run.output_from, **run.kernels)
+    return result
 
 
 class _Call:
@@ -203,6 +220,7 @@ class _Call:
         self.skbb = 0 if self.key_bias is None or self.key_bias.shape[0] == 1 else Hq * self.Nk
         self.sinks = None if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
         self.edit = None
+        self.kernels: dict[str, str] = {}  # pass -> which kernel ran it (and why not the faster one)
         self.src = self.tgt = torch.zeros(1, dtype=torch.int8, device=q.device)
         self.bias_s = self.bias_t = torch.zeros(1, dtype=torch.float32, device=q.device)
 
@@ -358,9 +376,19 @@ class _Call:
 
     # -- pass 2 and its normalisation
     def _columns(self, request, lse2):
-        """Pass 2: received, pooled and segments from the known log-sum-exp. The G query heads of a KV
-        head are packed into one program's rows; with segments each program takes one head (the
-        query-segment one-hot is per query row, the same for every head)."""
+        """Pass 2: received, pooled and segments from the known log-sum-exp: the Gluon kernel on Hopper
+        where it covers the call, else the Triton kernel (`self.kernels["columns"]` says which)."""
+        why = gluon_hopper.unsupported(self, request) if GLUON else "turned off (triton_stats.GLUON)"
+        if why is None:
+            self.kernels["columns"] = "gluon-hopper"
+            return gluon_hopper.columns(self, request, lse2)
+        self.kernels["columns"] = f"triton ({why})"
+        return self._triton_columns(request, lse2)
+
+    def _triton_columns(self, request, lse2):
+        """Pass 2 in Triton. The G query heads of a KV head are packed into one program's rows; with
+        segments each program takes one head (the query-segment one-hot is per query row, the same for
+        every head)."""
         B, Hq, Nq, Nk, G = self.B, self.Hq, self.Nq, self.Nk, self.G
         f32 = dict(dtype=torch.float32, device=self.device)
         segments = request.segment_ids is not None
@@ -461,6 +489,7 @@ class _Call:
             seg = request.segment_ids
             sub_req = dataclasses.replace(request, segment_ids=None if seg is None else seg[b:b + 1, f:].contiguous())
             part = sub._columns(sub_req, lse2[b:b + 1, :, qf:].contiguous())
+            self.kernels.update(sub.kernels)
             if request.received:
                 res["received"][b, :, f:] = part["received"][0]
             qb, kb = part["pooled"].shape[-2:]

@@ -45,7 +45,9 @@ class Capture:
     layers: the model layers on the layer axis (length L); heads: the query heads on the head axis
         (length H); kv_heads[i]: the KV head of query head heads[i] (length H, GQA).
     params: catalogue parameters of the statistics, e.g. {"sink_mass": 1, "pooled": 64}.
-    backend: the backend that computed them; timings: seconds per phase.
+    backend: the backend that computed them; kernels: pass -> the kernels that computed it
+        ("forward": "triton" / "cudnn" / "twin (why)" / "eager ..."; "columns": "gluon-hopper" /
+        "triton (why not Gluon)" / ...); timings: seconds per phase.
 
     `cap["received"]` is a statistic (a KeyError that names the fix when it was not captured),
     `"pooled" in cap` says whether it was; `head_summary()` is the per-head table of scalars."""
@@ -59,6 +61,7 @@ class Capture:
     stats: dict[str, torch.Tensor]
     params: dict = field(default_factory=dict)  # catalogue parameters, e.g. {"sink_mass": 1}
     timings: dict = field(default_factory=dict)
+    kernels: dict = field(default_factory=dict)  # pass -> sorted kernel names (manifest capture.kernels)
 
     @property
     def prepend_bos(self) -> bool:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from attnlab import kernels
 from attnlab.kernels import StatRequest, visibility
 from attnlab.probe import adapters
 from attnlab.probe.errors import AttnlabError
@@ -154,6 +155,13 @@ class CaptureSession:
     records: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     stacked: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    # pass -> the kernels that computed it over this session's calls ("triton", "cudnn", "gluon-hopper",
+    # "twin (why)"; kernels.last_kernels), for the manifest
+    kernels: dict[str, set[str]] = field(default_factory=dict)
+
+    def note_kernels(self, passes: dict[str, str]) -> None:
+        for name, kernel in passes.items():
+            self.kernels.setdefault(name, set()).add(kernel)
 
     def synchronize(self) -> None:
         """Wait for the offloaded copies (a no-op without offload or CUDA)."""
@@ -235,6 +243,7 @@ def attnlab_attention(
             dropout=dropout, **kwargs,
         )
         if captured:
+            session.note_kernels({"forward": "eager (transformers' eager_attention_forward)"})
             session.record(layer, stats)
             session.seconds += time.perf_counter() - started
             if session.on_layer is not None:
@@ -249,10 +258,12 @@ def attnlab_attention(
     else:
         started = time.perf_counter()
         request = session.make_request(query.shape[2], key.shape[2])
+        kernels.last_kernels()  # a record left by an earlier call (an edit without capture) is not this one's
         out, stats = session.kernel(
             query, key, value, scale=scaling, request=request, key_mask=key_mask,
             sliding_window=sliding_window, softcap=softcap, edits=edits, **_non_default(shape),
         )
+        session.note_kernels(kernels.last_kernels())
         session.record(layer, stats)
         session.seconds += time.perf_counter() - started
         if session.on_layer is not None:

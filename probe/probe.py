@@ -20,6 +20,7 @@ Backends (every statistic has one definition and agrees across them):
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,10 +473,18 @@ class Probe:
         stat_list = catalogue.parse(stats)
         layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
         head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
+        requested = backend
         backend = self._resolve_backend(backend, stat_list)
         report = as_progress(progress, "capture", unit="layer")
         tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
         self._check_edits(tokens)
+        if (requested == "auto" and backend == "chunked" and torch.device(self.device).type == "cuda"
+                and tokens.length > kernels.dispatch.TWIN_WARN_KEYS):
+            warnings.warn(
+                f"attnlab: this capture of {tokens.length:,} tokens runs on the torch twin on the GPU because the Triton "
+                "kernels are not available here (the triton package does not import): several times slower, with "
+                "chunk x N scores per head in memory. Install triton (pip install 'attnlab[triton]'); the manifest "
+                "records the kernel (capture.kernels).", kernels.TwinOnGPUWarning, stacklevel=2)
         names = [s.name for s in stat_list]
         if "pattern" in names:
             size = tokens.batch_size * len(layer_list) * len(head_list) * tokens.length**2
@@ -537,6 +546,7 @@ class Probe:
             model=self.name, backend=backend, tokens=tokens, layers=layer_list, heads=head_list,
             kv_heads=[self.info.kv_head(h) for h in head_list], stats=out, params=params,
             timings={"capture_seconds": round(elapsed, 4)},
+            kernels={name: sorted(used) for name, used in session.kernels.items()},
         ))
 
     def capture(

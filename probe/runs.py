@@ -156,6 +156,7 @@ class Run:
         return Capture(
             model=m["model"]["name"], backend=c["backend"], tokens=tokens, layers=c["layers"], heads=c["heads"],
             kv_heads=c["kv_heads"], stats=stats, params=m["parameters"], timings=m.get("timings", {}),
+            kernels=c.get("kernels", {}),
         )
 
 
@@ -302,6 +303,7 @@ class RunStore:
             "capture": {
                 "backend": capture.backend, "layers": capture.layers, "heads": capture.heads,
                 "kv_heads": capture.kv_heads, "stats": list(capture.stats),
+                **({"kernels": capture.kernels} if capture.kernels else {}),
             },
         }
         if probe is not None:
@@ -499,6 +501,12 @@ class _RunReader:
                 raise self.error(f"manifest field 'capture.{key}'", "must hold indices >= 0: rewrite the run")
             if key != "kv_heads" and len(set(values)) != len(values):
                 raise self.error(f"manifest field 'capture.{key}'", f"repeats an index ({values}): rewrite the run")
+        kernels = self._field(c, "kernels", dict, "an object {pass: [kernel names]}", required=False,
+                              where="capture.")
+        if kernels is not None and not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                           for v in kernels.values()):
+            raise self.error("manifest field 'capture.kernels'", "must map each pass to a list of kernel names: "
+                             "rewrite the run")
         stats = self._field(c, "stats", list, "a list of statistic names", where="capture.")
         if not all(isinstance(s, str) for s in stats):
             raise self.error("manifest field 'capture.stats'", "must hold statistic names: rewrite the run")

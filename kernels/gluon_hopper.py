@@ -1,0 +1,316 @@
+"""Hopper (sm_90) kernels in Gluon, Triton's lower-level language (`triton.experimental.gluon`).
+
+Triton's compiler did not give #3 what an H100 needs for the statistics pass (pass 2: `received`,
+`pooled`): its `warp_specialize` is a no-op on Hopper in triton 3.6, and a hand-pipelined q k^T one
+tile ahead was slower (triton_stats.py's docstring). Gluon exposes the machine: TMA descriptors and
+mbarriers, asynchronous `warpgroup_mma` with explicit waits, warp-specialised partitions with their
+own register budgets.
+
+`_columns_ws_kernel` (pass 2, key-block outer, as `triton_kernels._col_kernel`), FlashAttention-3's
+structure (Shah et al. 2024): one CTA owns a block of 2 x WG_N keys of one KV head and streams the
+query tiles [BLOCK_M, D] of its G query heads past it.
+
+- a producer warp loads the key block once and the query tiles by TMA into a ring of STAGES shared
+  buffers (`ready` barriers); two consumer warpgroups each own WG_N of the keys, read every query
+  tile, and release a buffer (`empty`, count 2) when their product on it has completed. The
+  consumers share no CTA-wide barrier, so one's exponentials overlap the other's products, and a
+  query tile fetched from L2 serves 2 x WG_N keys.
+- each consumer computes S^T = K Q^T [WG_N keys, BLOCK_M queries]: the sum over queries (`received`)
+  is a sum along the accumulator's rows (registers and two shuffles inside a quad), in fp32 (exact
+  to fp32; the Triton kernel sums fp16-rounded p through a one-hot product: 2e-5 against 4e-7 here).
+- the product of tile t + 1 is issued before the exponentials of tile t (intra-warpgroup overlap),
+  with two accumulators in fixed roles and the loop unrolled by two: a loop-carried in-flight
+  accumulator costs a register move at the back edge, after which ptxas serialises every wgmma
+  (warning C7514; 1.25x -> 1.05x of SDPA at 32k when removed). The last iteration issues a
+  redundant product on the same buffer instead of branching around the asynchronous token.
+- p = 2^(s * scale * log2 e - lse2) with pass 1's log-sum-exp (log2 units, +inf on pad and absent
+  rows, so they give 0); keys are masked (causal, before the text's first real token, past Nk) only
+  on the tiles that need it; each tile's log-sum-exp is loaded half an iteration ahead.
+- `pooled`: the query tiles never straddle a pooled cell (BLOCK_M divides the pooled block), so the
+  per-cell sum is a running [WG_N] vector reduced once per cell, split into key sub-blocks where the
+  pooled block is narrower than WG_N.
+
+Measured on one H100 (bench/gluon_hopper.py; 32 q / 8 KV heads, bf16, causal, received +
+pooled(128), as multiples of SDPA's default forward; bench/RESULTS.md has every variant): d 128
+0.82x / 0.73x at 32k / 128k (the Triton pass 2: 0.85x / 0.78x); d 64 0.99x / 0.95x (Triton: 0.92x /
+0.87x), so the dispatcher takes this kernel for d 128 only. The target of #20 (0.55x) is not reached:
+without any exponential the kernel still takes 0.65x (products, the query stream and the
+bookkeeping), so a polynomial exp2 on the FMA units (FlashAttention-4) would not help; the query
+stream from L2 is the next suspect (a 64-key block per CTA is 1.33x slower than 128 keys).
+
+What it covers (`unsupported` says why not, and the Triton kernel runs instead, recorded in
+`_Call.kernels`): bf16/fp16, head dim 128, causal and bidirectional attention, left padding, any GQA
+ratio, `received` and `pooled` (blocks that are multiples of 64). Softcap, windows, key biases,
+edits and segments stay on the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+
+def importable() -> bool:
+    """True when this triton ships Gluon's Hopper language."""
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+if importable():
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    @gluon.jit
+    def _issue(k_tile, q_smem, ready, acc0, t, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+               HEAD_DIM: gl.constexpr):
+        """Wait for query tile t's buffer and start S^T = K Q^T on it (asynchronous)."""
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0))
+        return warpgroup_mma(k_tile, q, acc0, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _lse(Lse2, t, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M: gl.constexpr):
+        """Pass 1's log-sum-exp (log2 units) of query tile t's rows; +inf past Nq (p = 0)."""
+        m0 = qlo + (t % n_m) * BLOCK_M
+        return gl.load(Lse2 + (b * Hq + h0 + t // n_m) * Nq + m0 + offs_m, mask=m0 + offs_m < Nq, other=float("inf"))
+
+    @gluon.jit
+    def _consume(s, t, lse, recv, cell, Recv, PoolPart, b, h0, kb, Hq, Nq, Nk, q_off, qlo, n_m, c2, n_qc, n_ksub,
+                 pool, cols, offs_m, key_ok, edge, n0, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                 KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr):
+        """Tile t's scores s [BLOCK_N keys, BLOCK_M queries] -> p, summed over queries into the key block's
+        running `received` (stored after the head's last tile) and `pooled` cell (stored per cell)."""
+        g = t // n_m
+        m0 = qlo + (t % n_m) * BLOCK_M
+        p = gl.exp2(s * c2 - lse[None, :])
+        if CAUSAL:
+            need = edge | (n0 + BLOCK_N - 1 > q_off + m0)
+        else:
+            need = edge
+        if need:
+            vis = key_ok[:, None]
+            if CAUSAL:
+                vis = vis & (cols[:, None] <= (q_off + m0 + offs_m)[None, :])
+            p = gl.where(vis, p, 0.0)
+        colsum = gl.sum(p, axis=1)
+        if RECV:
+            recv += colsum
+        if POOL:
+            cell += colsum
+            if ((m0 + BLOCK_M) % pool == 0) | (m0 + BLOCK_M >= Nq):
+                row = ((b * Hq + h0 + g) * n_qc + m0 // pool) * n_ksub
+                for sub in gl.static_range(BLOCK_N // KSUB):
+                    in_sub = (cols - n0) // KSUB == sub
+                    ks = kb * (BLOCK_N // KSUB) + sub
+                    gl.store(PoolPart + row + ks, gl.sum(gl.where(in_sub, cell, 0.0), axis=0), mask=ks < n_ksub)
+                cell = gl.zeros_like(cell)
+        if RECV:
+            if t % n_m == n_m - 1:  # this head's last tile
+                gl.store(Recv + (b * Hq + h0 + g) * Nk + cols, recv, mask=cols < Nk)
+                recv = gl.zeros_like(recv)
+        return recv, cell
+
+    # ------------------------------------------------------------------------- the partitions
+
+    @gluon.jit
+    def _ws_producer(desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
+                     STAGES: gl.constexpr, BLOCK_M: gl.constexpr):
+        mbarrier.expect(k_bar, desc_k.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_k, [b, hk, n0, 0], k_bar, k_smem)
+        for t in range(T):
+            slot = t % STAGES
+            mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+            mbarrier.expect(ready.index(slot), desc_q.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q, [b, h0 + t // n_m, qlo + (t % n_m) * BLOCK_M, 0],
+                                            ready.index(slot), q_smem.index(slot))
+
+    @gluon.jit
+    def _ws_consumer(k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq, Nq, Nk,
+                     q_off, qlo, n_m, T, c2, n_qc, n_ksub, pool, max_first, n0_cta,
+                     WG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
+                     STAGES: gl.constexpr, K_REG: gl.constexpr):
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        key_l: gl.constexpr = gl.SliceLayout(1, mma)
+        qry_l: gl.constexpr = gl.SliceLayout(0, mma)
+        n0 = n0_cta + WG * WG_N
+        cols = n0 + gl.arange(0, WG_N, layout=key_l)
+        offs_m = gl.arange(0, BLOCK_M, layout=qry_l)
+        first = gl.load(First + b)
+        mbarrier.wait(k_bar, 0)
+        k_tile = k_smem.reshape([2 * WG_N, HEAD_DIM]).slice(WG * WG_N, WG_N, dim=0)
+        if K_REG:
+            k_tile = k_tile.load(gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2))
+        acc0 = gl.zeros([WG_N, BLOCK_M], gl.float32, layout=mma)
+        recv = gl.zeros([WG_N], gl.float32, layout=key_l)
+        cell = gl.zeros([WG_N], gl.float32, layout=key_l)
+        edge = (n0 < max_first) | (n0 + WG_N > Nk)
+        key_ok = (cols >= first) & (cols < Nk)
+        # this warpgroup's key block in pooled sub-blocks: index kb counts WG_N-key blocks here
+        kbw = kb * 2 + WG
+
+        s_a = _issue(k_tile, q_smem, ready, acc0, 0, STAGES, BLOCK_M, HEAD_DIM)
+        lse_a = _lse(Lse2, 0, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
+        for t in range(0, T, 2):
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_a, ))
+            mbarrier.arrive(empty.index(t % STAGES), count=1)
+            tb = gl.minimum(t + 1, T - 1)
+            s_b = _issue(k_tile, q_smem, ready, acc0, tb, STAGES, BLOCK_M, HEAD_DIM)
+            lse_b = _lse(Lse2, tb, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
+            recv, cell = _consume(s, t, lse_a, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off, qlo, n_m,
+                                  c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
+                                  WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_b, ))
+            if t + 1 < T:  # (a redundant product past the last tile releases nothing)
+                mbarrier.arrive(empty.index((t + 1) % STAGES), count=1)
+            ta = gl.minimum(t + 2, T - 1)
+            s_a = _issue(k_tile, q_smem, ready, acc0, ta, STAGES, BLOCK_M, HEAD_DIM)
+            lse_a = _lse(Lse2, ta, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
+            if t + 1 < T:
+                recv, cell = _consume(s, t + 1, lse_b, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off,
+                                      qlo, n_m, c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
+                                      WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
+        warpgroup_mma_wait(num_outstanding=0, deps=(s_a, ))
+
+    @gluon.jit
+    def _columns_ws_kernel(desc_q, desc_k, Lse2, First, Recv, PoolPart,
+                           Hq, G, Nq, Nk, q_off, c2, n_qc, n_ksub, pool, min_first, max_first,
+                           NG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
+                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, K_REG: gl.constexpr,
+                           num_warps: gl.constexpr):
+        bg = gl.program_id(0)
+        kb = gl.program_id(1)
+        n_groups = Hq // NG
+        b = bg // n_groups
+        h0 = (bg % n_groups) * NG
+        hk = h0 // G
+        n0 = kb * (2 * WG_N)
+        if CAUSAL:
+            qlo = gl.maximum(gl.maximum(n0, min_first) - q_off, 0)
+        else:
+            qlo = gl.maximum(min_first - q_off, 0)
+        qlo = (qlo // BLOCK_M) * BLOCK_M
+        n_m = gl.cdiv(Nq - qlo, BLOCK_M)
+        T = NG * n_m
+
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, desc_k.block_type.shape, desc_k.layout)
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES] + desc_q.block_type.shape, desc_q.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release a buffer
+        mbarrier.init(k_bar, count=1)
+
+        # (kernel arguments equal to 1 arrive as constexprs: partitions take tensors)
+        Hq_t, Nq_t, Nk_t, q_off_t = gl.to_tensor(Hq), gl.to_tensor(Nq), gl.to_tensor(Nk), gl.to_tensor(q_off)
+        c2_t, n_qc_t, n_ksub_t = gl.to_tensor(c2), gl.to_tensor(n_qc), gl.to_tensor(n_ksub)
+        pool_t, max_first_t = gl.to_tensor(pool), gl.to_tensor(max_first)
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        gl.warp_specialize([
+            (_ws_consumer, (k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t,
+                            Nk_t, q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                            WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG)),
+            (_ws_consumer, (k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t,
+                            Nk_t, q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                            WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG)),
+            (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
+                            STAGES, BLOCK_M)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+            mbarrier.invalidate(empty.index(i))
+        mbarrier.invalidate(k_bar)
+
+
+# ----------------------------------------------------------------------------- host side
+
+# Tiles by head dim: (WG_N keys per consumer warpgroup, BLOCK_M, STAGES, K_REG, maxnreg of the launch,
+# registers of each consumer). H100 medians of bench/gluon_hopper.py at 32k / 128k, as x SDPA default: d 128
+# (128, 64, 4, False) 0.82x / 0.73x; 6 stages 0.81x / 0.74x; the key block in registers (K_REG) 1.06x / 0.96x
+# (spills at 240 registers); 64 keys x 128 queries per warpgroup 0.82x / 0.76x. d 64 is not here: its best
+# (0.99x / 0.95x) is slower than the Triton kernel's 0.92x / 0.87x. BLOCK_M drops to 64 where the pooled
+# block needs it (it already is 64).
+COLUMNS_CONFIG = {128: (128, 64, 4, False, 168, 232)}
+
+
+def unsupported(call, request) -> str | None:
+    """Why the Gluon pass 2 does not take this call (the Triton kernel then does), or None."""
+    if not importable():
+        return "this triton has no Gluon Hopper language"
+    if not call.q.is_cuda or torch.cuda.get_device_capability(call.q.device)[0] != 9:
+        return "not a Hopper GPU (sm_90)"
+    return call_reason(call, request)
+
+
+def call_reason(call, request) -> str | None:
+    """What in the call itself (not the device) the Gluon pass 2 does not cover, or None."""
+    if call.D not in COLUMNS_CONFIG:
+        return f"head dim {call.D} (the Gluon pass 2 is faster than the Triton one at d 128 only)"
+    reasons = [what for what, present in (
+        ("a softcap", call.softcap is not None), ("a sliding window", call.window is not None),
+        ("a key bias", call.key_bias is not None), ("an edit", call.edit is not None),
+        ("segments", request.segment_ids is not None)) if present]
+    if reasons:
+        return ", ".join(reasons) + " (on the Triton kernel)"
+    if request.pooled_block is not None and request.pooled_block % 64:
+        return "a pooled block that is not a multiple of 64"
+    for t in (call.q, call.k):
+        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return "query/key strides or base not 16-byte aligned (TMA)"
+    return None
+
+
+def _descriptor(t: torch.Tensor, rows: int, d: int):
+    block = [1, 1, rows, d]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor.from_tensor(t, block, layout)
+
+
+def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pass 2 on Hopper: received and pooled from pass 1's log-sum-exp (log2 units), as
+    `triton_stats._Call._columns` returns them."""
+    B, Hq, Nq, Nk, G = call.B, call.Hq, call.Nq, call.Nk, call.G
+    wg_n, BM, stages, k_reg, maxnreg, consumer_regs = COLUMNS_CONFIG[call.D]
+    pool = request.pooled_block or 0
+    if pool % BM:  # tiles never straddle a pooled cell
+        BM = 64
+    ksub = math.gcd(wg_n, pool) if pool else wg_n  # key sub-blocks that tile both
+    n_kb = triton.cdiv(Nk, 2 * wg_n)
+    n_ksub = triton.cdiv(Nk, ksub)
+    n_qc = triton.cdiv(Nq, pool) if pool else 1
+    f32 = dict(dtype=torch.float32, device=call.device)
+    recv = torch.empty(B, Hq, Nk, **f32) if request.received else lse2
+    part = torch.zeros(B, Hq, n_qc, n_ksub, **f32) if pool else lse2
+    _columns_ws_kernel[(B * Hq // G, n_kb)](
+        _descriptor(call.q, BM, call.D), _descriptor(call.k, 2 * wg_n, call.D), lse2, call.first, recv, part,
+        Hq, G, Nq, Nk, call.q_off, call.scale * LOG2E, n_qc, n_ksub, max(pool, 1), call.min_first, call.max_first,
+        NG=G, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=call.D, KSUB=ksub, RECV=request.received, POOL=bool(pool),
+        CAUSAL=call.causal, STAGES=stages, CONSUMER_REGS=consumer_regs, K_REG=k_reg, num_warps=4, maxnreg=maxnreg,
+    )
+    res = {}
+    if request.received:
+        seen = call._seen_by()
+        res["received"] = torch.where(seen > 0, recv / seen.clamp_min(1), float("nan"))
+    if pool:
+        n_kc = triton.cdiv(Nk, pool)
+        per = pool // ksub
+        part = torch.nn.functional.pad(part, (0, n_kc * per - n_ksub)).view(B, Hq, n_qc, n_kc, per).sum(-1)
+        qsize = torch.clamp(Nq - torch.arange(n_qc, device=call.device) * pool, max=pool).float()
+        ksize = torch.clamp(Nk - torch.arange(n_kc, device=call.device) * pool, max=pool).float()
+        res["pooled"] = part / (qsize[:, None] * ksize[None, :])
+    return res

@@ -1,0 +1,67 @@
+"""The Gluon pass 2 (kernels/gluon_hopper.py) on a Hopper GPU, and the torch twin's warning on a GPU.
+
+Skipped without a GPU (CI has none; the device results are in the closing notes and
+bench/RESULTS.md). Not under tests/kernels, whose conftest runs the Triton kernels under the
+interpreter: here they run compiled.
+
+    PYTHONPATH=$PWD/.dev python -m pytest -q tests/gpu
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from attnlab import kernels  # noqa: E402
+from attnlab.kernels import StatRequest, gluon_hopper, reference  # noqa: E402
+from attnlab.kernels import triton_stats as ts  # noqa: E402
+
+HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gluon_hopper.importable())
+
+
+CASES = [  # (batch, q heads, kv heads, queries, keys, causal, pooled block, left pad of text 2)
+    (1, 8, 8, 1001, 1001, True, 64, 0),
+    (1, 12, 4, 1001, 1001, True, 128, 0),
+    (1, 8, 2, 1001, 1001, True, None, 0),
+    (1, 14, 2, 777, 777, True, 192, 0),
+    (1, 16, 2, 777, 777, False, 128, 0),
+    (2, 8, 2, 640, 640, True, 64, 37),
+    (1, 8, 2, 300, 1300, True, 128, 0),
+]
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90): the Gluon kernel's numbers run on the device")
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", CASES)
+def test_received_and_pooled_match_fp64_on_hopper(b, hq, hkv, nq, nk, causal, pool, pad):
+    g = torch.Generator(device="cuda").manual_seed(nq + hq)
+    q = torch.randn(b, hq, nq, 128, generator=g, device="cuda").bfloat16()
+    k = torch.randn(b, hkv, nk, 128, generator=g, device="cuda").bfloat16()
+    k[:, :, :1] *= 4.0  # a planted sink
+    key_mask = None
+    if pad:
+        key_mask = torch.ones(b, nk, dtype=torch.bool, device="cuda")
+        key_mask[1, :pad] = False
+    req = StatRequest(received=True, pooled_block=pool)
+    kernels.last_kernels()  # nothing left from an earlier call
+    _, got = ts.attention_stats(q, k, k, request=req, key_mask=key_mask, causal=causal)
+    assert kernels.last_kernels()["columns"] == "gluon-hopper"
+    _, want = reference.attention_stats(q.double(), k.double(), k.double(), request=req, key_mask=key_mask,
+                                        causal=causal, chunk_size=512)
+    for name in req.outputs():
+        w = want[name].float()
+        assert torch.equal(torch.isnan(got[name]), torch.isnan(w)), name
+        ok = ~torch.isnan(w)
+        err = (got[name][ok] - w[ok]).abs().max() / w[ok].abs().max()
+        assert err < 1e-5, (name, float(err))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the warning is about the twin on a GPU")
+def test_twin_on_gpu_over_8k_keys_warns_and_records():
+    q = torch.randn(1, 2, 4, 64, device="cuda")  # fp32: the kernels take bf16/fp16 only
+    k = torch.randn(1, 2, kernels.dispatch.TWIN_WARN_KEYS + 1, 64, device="cuda")
+    kernels.last_kernels()
+    with pytest.warns(kernels.TwinOnGPUWarning, match="torch twin on the GPU"):
+        ts.attention_stats(q, k, k, request=StatRequest(entropy=True))
+    assert kernels.last_kernels() == {"forward": "twin (dtype other than bf16/fp16)"}
