@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.kernels import StatRequest, visibility
-from attnlab.probe import adapters
+from attnlab.probe import adapters, placement
 from attnlab.probe.errors import AttnlabError
 
 ATTN_IMPLEMENTATION = "attnlab"
@@ -151,14 +151,17 @@ class CaptureSession:
     # of one pinned [B, n_layers, ...] buffer per statistic (`stacked`), so nothing is stacked on the
     # host afterwards (a 16-layer capture at 32k spent ~60 ms of CPU time in torch.stack).
     layer_order: list[int] | None = None
+    # The devices the captured layers compute on (several under a device_map): `synchronize` waits for each.
+    devices: tuple = ()
     records: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     stacked: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
     def synchronize(self) -> None:
-        """Wait for the offloaded copies (a no-op without offload or CUDA)."""
+        """Wait for the offloaded copies on every CUDA device that holds a captured layer (a no-op
+        without offload or CUDA): each copy is queued on its own layer's device."""
         if self.offload and torch.cuda.is_available():
-            torch.cuda.synchronize()
+            placement.synchronize(self.devices or (torch.cuda.current_device(),))
 
     def record(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
         """Keep one call's statistics (offloaded without waiting, when `offload`)."""

@@ -63,6 +63,14 @@ def w_o(proj: nn.Module, n_heads: int, head_dim: int) -> torch.Tensor:
     return weight.T.reshape(n_heads, head_dim, -1)  # Linear: weight [out, in]
 
 
+def _w_o_on_host(proj: nn.Module, n_heads: int, head_dim: int) -> torch.Tensor:
+    """w_o on the CPU, read in first when a device_map offloaded the layer (its weight is a meta tensor)."""
+    from attnlab.probe.placement import onloaded
+
+    with onloaded(proj):
+        return w_o(proj, n_heads, head_dim).cpu()
+
+
 @contextmanager
 def z_hooks(probe, hooks: dict[int, Callable]) -> Iterator[None]:
     """Forward pre-hooks fn(module, args) on the output projections of the given layers, inside the block
@@ -115,7 +123,7 @@ def head_outputs(probe, ids: Sequence[Sequence[int]], pooling: str = "mean", bat
     if pooling not in POOLINGS:
         raise AttnlabError(f"unknown pooling '{pooling}': choose from {', '.join(POOLINGS)}")
     info = probe.info
-    W = torch.stack([w_o(p, info.n_heads, info.head_dim) for p in out_projections(probe.model)]).cpu()  # [L, H, dh, D]
+    W = torch.stack([_w_o_on_host(p, info.n_heads, info.head_dim) for p in out_projections(probe.model)])  # [L, H, dh, D]
     out = []
     for i in track(range(0, len(ids), batch_size), progress, desc="head outputs", unit="batch"):
         tokens = probe.to_tokens([list(r) for r in ids[i:i + batch_size]], prepend_bos=prepend_bos)
@@ -124,8 +132,9 @@ def head_outputs(probe, ids: Sequence[Sequence[int]], pooling: str = "mean", bat
 
         def record(layer):
             def hook(module, args):
-                z = args[0].float()  # [B, N, H * dh]
-                pooled[layer] = torch.stack([(z * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), z[:, -1]])
+                z = args[0].float()  # [B, N, H * dh], on the layer's device (several under a device_map)
+                m = mask.to(z.device)
+                pooled[layer] = torch.stack([(z * m[..., None]).sum(1) / m.sum(1, keepdim=True), z[:, -1]])
             return hook
 
         with z_hooks(probe, {layer: record(layer) for layer in range(info.n_layers)}), \

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from attnlab import kernels
-from attnlab.probe import adapters, capabilities, fast_path, hooked_path, integrity, registry, validate
+from attnlab.probe import adapters, capabilities, fast_path, hooked_path, integrity, placement, registry, validate
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
@@ -89,10 +89,20 @@ def load(
     dtype: torch.dtype | str = torch.float32,
     log: Callable[[str], None] = lambda _: None,
     cache: bool = True,
+    *,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Probe:
     """Load a model by registry name or local Hugging Face folder; nothing downloads.
 
     cache=False builds a random-init registry model in memory (GPU benchmarks); no hooked path.
+
+    device_map: a model larger than one device, placed by accelerate instead of `device=`: "auto"
+    (or "balanced", "sequential") or {module name: device} with devices 'cpu', 'cuda:N' (or N), 'mps'
+    and 'disk' (needs offload_folder). max_memory: {device: bytes or '10GiB'} for "auto". Captures,
+    edits, ablations and generation are exact over the placement (`attnlab.probe.placement`), which
+    goes into every run manifest (`model.placement`).
 
     The first load of a registry model dequantises its GGUF once and caches safetensors under
     $ATTNLAB_CACHE (see `attnlab.probe.registry`). Every load verifies the folder first
@@ -106,24 +116,34 @@ def load(
                            "(`attnlab models` lists them) or a local Hugging Face folder")
     name_or_path = str(name_or_path)
     dtype = _check_dtype(dtype)
-    device = _check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(device)
     cache = validate.flag(cache, "cache")
     validate.callable_or_none(log, "log")
+    placed = _check_placement_args(device, device_map, max_memory, offload_folder, cache)
     fast_path.register()
     if not cache:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer, meta = registry.random_in_memory(name_or_path, dtype, device)
         return Probe(name_or_path, None, meta, model, tokenizer, device, dtype)
     folder, meta = registry.ensure_folder(name_or_path, log=log)
     try:
         model = _model_class(folder).from_pretrained(
-            folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
+            folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False,
+            **placed,
         )
     except AttnlabError:
         raise
     except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
-        raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): check its "
-                           "config.json and weight files") from err
-    model.to(device).eval()
+        fix = ("check device_map's module names (print(model) lists them) and devices, and max_memory"
+               if placed else "check its config.json and weight files")
+        raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): {fix}") from err
+    if placed:
+        placement.check_placement(getattr(model, "hf_device_map", None) or {}, max_memory, offload_folder)
+        device = placement.input_device(model)
+        model.eval()
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
@@ -134,6 +154,29 @@ def load(
     # no file changed while transformers read them.
     probe._check_unchanged("while the model loaded: load it again")
     return probe
+
+
+def _check_placement_args(device, device_map, max_memory, offload_folder, cache: bool) -> dict:
+    """from_pretrained's placement keywords ({} without a device_map), every argument checked first."""
+    if device_map is None:
+        for value, arg in ((max_memory, "max_memory"), (offload_folder, "offload_folder")):
+            if value is not None:
+                raise AttnlabError(f"{arg}: given without device_map; pass device_map='auto' (or a dict) with it, "
+                                   "or leave it out")
+        return {}
+    if device is not None:
+        raise AttnlabError(f"device: {str(device)!r} together with device_map; pass one: device= puts the whole "
+                           "model on one device, device_map= splits it over several")
+    if not cache:
+        raise AttnlabError("device_map: cache=False builds the model in memory on one device; load it from its "
+                           "folder (cache=True) to place it with a device_map")
+    offload_folder = placement.check_offload_folder(offload_folder)
+    placed = {"device_map": placement.check_device_map(device_map, offload_folder)}
+    if max_memory is not None:
+        placed["max_memory"] = placement.check_max_memory(max_memory)
+    if offload_folder is not None:
+        placed["offload_folder"] = offload_folder
+    return placed
 
 
 def _head_output(output) -> torch.Tensor:
@@ -240,6 +283,10 @@ class Probe:
         # Edits, ablations and capture sessions of this probe only: its attention modules carry it.
         self.state = fast_path.ProbeState()
         self.state.attach(model)
+        # Where each layer's attention computes (one device unless a device_map split the model): the
+        # capture synchronises every CUDA device here; the placement goes into the manifests.
+        self.placement = placement.record(model)
+        self.layer_devices = placement.execution_devices(model)
         cfg = model.config.get_text_config()
         n_heads = cfg.num_attention_heads
         self.info = ModelInfo(
@@ -259,6 +306,11 @@ class Probe:
             capabilities=self.capabilities.to_dict(),
         )
 
+    @property
+    def split(self) -> bool:
+        """Whether the model is split over several devices (or partly offloaded to disk) by a device_map."""
+        return placement.is_split(self.model) or len({str(d) for d in self.layer_devices.values()}) > 1
+
     def _check_unchanged(self, when: str) -> None:
         """AttnlabError if a file of the folder differs in size or mtime from when it was verified."""
         before = {n: (f["size"], f["mtime_ns"]) for n, f in self.meta.get("files", {}).items()}
@@ -268,8 +320,9 @@ class Probe:
 
     def __repr__(self) -> str:
         i = self.info
+        where = f"split: {self._placement_summary()}" if self.split else self.device
         return (f"Probe({self.name!r}: {i.n_layers} layers x {i.n_heads} heads ({i.n_kv_heads} KV), "
-                f"d_model {i.d_model}, {self.device}, {str(self.dtype).removeprefix('torch.')})")
+                f"d_model {i.d_model}, {where}, {str(self.dtype).removeprefix('torch.')})")
 
     # ----- inputs -----
     def tokenize(self, texts: str | Sequence[str], prepend_bos: bool = True) -> Tokens:
@@ -329,6 +382,12 @@ class Probe:
                                    "attnlab.probe.load(name or folder)")
             self.require_causal_lm("the hooked path (TransformerLens bridge, read by the sinks and thought-anchor "
                                    "analyses)")
+            if self.split:
+                raise AttnlabError(
+                    f"{self.name} is split over several devices by a device_map ({self._placement_summary()}); the "
+                    "hooked path (TransformerLens bridge) loads the whole model onto one device and is not supported "
+                    "for a split model; use the fast path's statistics (probe.capture), or load the model with "
+                    "device= onto one device that holds it")
             self._check_unchanged("since the model loaded: load it again before using the hooked path")
             bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
             self._check_unchanged("while the hooked path loaded: load it again")
@@ -377,6 +436,14 @@ class Probe:
         decode_only), ...)."""
         return dict(self.state.ablations)
 
+    def _placement_summary(self) -> str:
+        """'cpu: 10 modules, disk: 3 modules' for messages."""
+        counts: dict[str, int] = {}
+        for target in (self.placement or {}).values():
+            counts[target] = counts.get(target, 0) + 1
+        return ", ".join(f"{d}: {n} module(s)" for d, n in counts.items()) or \
+            ", ".join(sorted({str(d) for d in self.layer_devices.values()}))
+
     def output_weights(self, layer: int) -> torch.Tensor:
         """[n_heads, head_dim, d_model] float32 on the CPU: each query head's slice W_O^h of `layer`'s
         attention output projection (head h's output is z_h W_O^h), read from the fast path's model."""
@@ -385,7 +452,8 @@ class Probe:
         layer = validate.integer(layer, "layer", minimum=0, maximum=self.info.n_layers - 1,
                                  hint=f"{self.name} has {self.info.n_layers} layers")
         proj = out_projections(self.model)[layer]
-        return w_o(proj, self.info.n_heads, self.info.head_dim).cpu()
+        with placement.onloaded(proj):  # a disk-offloaded layer holds meta tensors until read in
+            return w_o(proj, self.info.n_heads, self.info.head_dim).cpu()
 
     def _check_edits(self, tokens: Tokens) -> None:
         """The active edits' token positions, resolved against these tokens (`edits.check_positions`)."""
@@ -512,7 +580,7 @@ class Probe:
 
         started = time.perf_counter()
         session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
-                                        on_layer, offload=torch.device(self.device).type == "cuda",
+                                        on_layer, offload=any(d.type == "cuda" for d in self.layer_devices.values()),
                                         layer_order=layer_list)
         with self.state.capturing(session):
             # Without logits only the final hidden state is needed: skip the vocabulary projection.
@@ -572,7 +640,8 @@ class Probe:
             return catalogue.build_request(stat_list, nq, nk, batch_size, pad_left)
 
         return fast_path.CaptureSession(set(layers), make_request, kernel, on_layer, backend=backend,
-                                        offload=offload, layer_order=layer_order)
+                                        offload=offload, layer_order=layer_order,
+                                        devices=tuple(self.layer_devices[layer] for layer in layers))
 
     def generate(self, inputs, *, max_new_tokens: int = 50, stop_at_newline: bool = True, step_stats=(),
                  layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None,
@@ -621,16 +690,20 @@ class Probe:
     def _resolve_backend(self, backend: str, stat_list) -> str:
         validate.choice(backend, "backend", BACKENDS)
         wants_pattern = any(s.name == "pattern" for s in stat_list)
+        # A split model runs the Triton kernels only when every layer computes on a GPU.
+        triton_ok = all(kernels.triton_available(d) for d in {self.device, *map(str, self.layer_devices.values())})
         if backend == "auto":
             if wants_pattern:
                 return "eager"
-            return "triton" if kernels.triton_available(self.device) else "chunked"
+            return "triton" if triton_ok else "chunked"
         if wants_pattern and backend != "eager":
             raise AttnlabError("backend: the full pattern is captured by the eager backend only; use backend='eager'")
-        if backend == "triton" and not kernels.triton_available(self.device):
+        if backend == "triton" and not triton_ok:
+            where = (f" (this model's layers compute on {', '.join(sorted({str(d) for d in self.layer_devices.values()}))})"
+                     if self.split else "")
             raise AttnlabError(
-                "backend: 'triton' needs a CUDA GPU and the triton package; use backend='chunked' (any device) "
-                "or 'auto'"
+                f"backend: 'triton' needs a CUDA GPU and the triton package for every layer{where}; use "
+                "backend='chunked' (any device) or 'auto'"
             )
         return backend
 

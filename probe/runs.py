@@ -459,6 +459,7 @@ class _RunReader:
                 raise self.error(f"manifest field 'model.{key}'", f"is {n}, not a positive integer: rewrite the run")
         self._field(model, "kind", str, "a string such as 'causal-lm'", required=False, where="model.")
         self._field(model, "capabilities", dict, "an object of attention features", required=False, where="model.")
+        self._field(model, "placement", dict, "an object of module name -> device", required=False, where="model.")
         for key in ("parameters", "timings", "versions", "tokenizer"):
             self._field(m, key, dict, "an object", required=False)
         for key in ("summary", "analysis", "inputs_sha256"):
@@ -756,6 +757,8 @@ def model_record(probe) -> dict:
         "device": str(probe.device), "source": probe.meta.get("source"),
         # What the fast path honoured (attnlab.probe.capabilities); absent for probes built without one.
         **({"kind": i.kind, "capabilities": i.capabilities} if getattr(i, "capabilities", None) else {}),
+        # A device_map placement (attnlab.probe.placement): {module: 'cuda:0' | 'cpu' | 'disk'}; absent otherwise.
+        **({"placement": probe.placement} if getattr(probe, "placement", None) else {}),
     }
 
 
