@@ -116,6 +116,25 @@ def check_max_memory(max_memory) -> dict[str | int, int | str]:
     return out
 
 
+def check_modules(model, device_map) -> None:
+    """AttnlabError unless a dict device_map names modules of `model` and places every weight (transformers
+    accepts a module name it does not have, and leaves what no key covers unplaced)."""
+    if not isinstance(device_map, dict):
+        return
+    modules = dict(model.named_modules())
+    unknown = [name for name in device_map if name not in modules]
+    if unknown:
+        example = next((n for n in modules if n.count(".") in (1, 2)), "model.layers.0")
+        raise AttnlabError(f"device_map: {unknown[0]!r} is not a module of {type(model).__name__}; name its modules "
+                           f"(e.g. {example!r}; print(model) lists them, '' is the whole model)")
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    covered = [k for k in device_map]
+    missing = [n for n in names if not any(k == "" or n == k or n.startswith(k + ".") for k in covered)]
+    if missing:
+        raise AttnlabError(f"device_map: {len(missing)} weight(s) are placed nowhere (e.g. {missing[0]}); give every "
+                           "module a device (a parent module's name covers its children; '' the whole model)")
+
+
 def check_placement(placement: dict[str, str | int], max_memory, offload_folder) -> None:
     """AttnlabError when a model was placed partly on disk without an offload folder: max_memory (or the
     devices' free memory) does not fit it, and attnlab does not offload unasked."""

@@ -138,6 +138,10 @@ def load(
                if placed else "check its config.json and weight files")
         raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): {fix}") from err
     if placed:
+        if not getattr(model, "hf_device_map", None) and isinstance(placed["device_map"], dict):
+            # transformers skips the dispatch (and hf_device_map) when every module lands on one device
+            model.hf_device_map = dict(placed["device_map"])
+        placement.check_modules(model, placed["device_map"])
         placement.check_placement(getattr(model, "hf_device_map", None) or {}, max_memory, offload_folder)
         device = placement.input_device(model)
         model.eval()
