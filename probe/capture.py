@@ -59,6 +59,9 @@ class Capture:
     stats: dict[str, torch.Tensor]
     params: dict = field(default_factory=dict)  # catalogue parameters, e.g. {"sink_mass": 1}
     timings: dict = field(default_factory=dict)
+    # Length bucketing (`attnlab.probe.buckets`): the plan's report (batches, padding share bucketed vs
+    # fixed batches, padded tokens avoided); {} for a capture of one forward.
+    batching: dict = field(default_factory=dict)
 
     @property
     def prepend_bos(self) -> bool:
@@ -113,6 +116,62 @@ class Capture:
         if "received" not in self.stats:
             raise KeyError("strongest_sinks needs the 'received' statistic")
         return strongest_sinks(head_summary(self), top)
+
+
+# ----- length buckets back on one grid (attnlab.probe.buckets) -----
+PADDED_AXES = ("query", "key")  # left-padded: a row's real part is its last positions
+TEXT_GRID_AXES = ("query_block", "key_block")  # aligned to each text's first token: NaN past its end
+# Attention weights hold 0 at pads (no query attends to a pad; a pad query row is all 0); the other
+# float statistics NaN, the integer ones (top_key) -1.
+ZERO_AT_PADS = ("rows", "pattern")
+
+
+def pad_value(name: str, dtype: torch.dtype) -> float:
+    """What statistic `name` holds at a pad position of a capture."""
+    if not dtype.is_floating_point:
+        return -1
+    return 0.0 if name in ZERO_AT_PADS else float("nan")
+
+
+def on_grid(t: torch.Tensor, dims: tuple[str, ...], sizes: dict[str, int], fill: float = float("nan")) -> torch.Tensor:
+    """A bucket's tensor (dims `dims`, [batch, ...]) widened to the full batch's sizes: padded axes on
+    the left with `fill` (`pad_value`), per-text grids on the right with NaN."""
+    for axis, dim in enumerate(dims):
+        want = sizes.get(dim)
+        if want is None or t.shape[axis] == want:
+            continue
+        if t.shape[axis] > want:
+            raise ValueError(f"a bucket's {dim} axis ({t.shape[axis]}) is longer than the batch's ({want})")
+        shape = list(t.shape)
+        shape[axis] = want - t.shape[axis]
+        value = fill if dim in PADDED_AXES else (float("nan") if t.is_floating_point() else -1)
+        pad = torch.full(shape, value, dtype=t.dtype, device=t.device)
+        t = torch.cat([pad, t] if dim in PADDED_AXES else [t, pad], dim=axis)
+    return t
+
+
+def combine(parts: list[tuple[list[int], Capture]], tokens: Tokens, batching: dict) -> Capture:
+    """Captures of length buckets (each with the caller's row indices it holds) as one Capture of the
+    whole batch `tokens`, rows in the caller's order, every axis on the batch's grid."""
+    first = parts[0][1]
+    out = {}
+    for name in first.stats:
+        dims = dims_of(name)
+        sizes = {"query": tokens.length, "key": tokens.length}
+        for d in dims:
+            if d in TEXT_GRID_AXES:
+                sizes[d] = max(c.stats[name].shape[dims.index(d)] for _, c in parts)
+        fill = pad_value(name, first.stats[name].dtype)
+        widened = [(rows, on_grid(c.stats[name], dims, sizes, fill)) for rows, c in parts]
+        t = widened[0][1]
+        full = torch.empty((tokens.batch_size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        for rows, part in widened:
+            full[torch.tensor(rows)] = part
+        out[name] = full
+    seconds = sum(c.timings.get("capture_seconds", 0.0) for _, c in parts)
+    return Capture(model=first.model, backend=first.backend, tokens=tokens, layers=first.layers, heads=first.heads,
+                   kv_heads=first.kv_heads, stats=out, params=first.params,
+                   timings={"capture_seconds": round(seconds, 4)}, batching=batching)
 
 
 # ----- the per-head summary: one definition for runs, the CLI, the dashboard and the analyses -----

@@ -183,6 +183,14 @@ def _check_placement_args(device, device_map, max_memory, offload_folder, cache:
     return placed
 
 
+def _per_row_selector(edit) -> bool:
+    """Whether an AttentionEdit selects keys per batch row (RowPositions in its keys, receivers or gate)."""
+    from attnlab.probe.edits import RowPositions
+
+    parts = (edit.keys, getattr(edit.op, "to", None), getattr(edit.gate, "region", None))
+    return any(isinstance(p, RowPositions) for p in parts)
+
+
 def _head_output(output) -> torch.Tensor:
     """The model's output tensor: logits of an LM head, else (an encoder without a head) the last
     hidden state [B, N, d_model]."""
@@ -517,6 +525,8 @@ class Probe:
         backend: str = "auto",
         prepend_bos: bool = True,
         progress=None,
+        max_batch_tokens: int | None = None,
+        batch_size: int | None = None,
     ) -> RunOutput:
         """One forward on the fast path giving its logits and a capture of its attention statistics:
         `logits, cap = probe.run(tokens, stats=["received"])` (a `RunOutput`). Active edits and
@@ -527,10 +537,20 @@ class Probe:
         vocabulary projection (what `capture` does). logits_to_keep: the last positions whose logits
         are computed (0: every position). layers/heads: model layer and query-head indices (default
         all). progress (`attnlab.probe.progress`: None, True for a bar, or progress(done_layers,
-        total_layers), called as layers finish; it may raise to cancel)."""
+        total_layers), called as layers finish; it may raise to cancel).
+
+        max_batch_tokens / batch_size: many texts run as length buckets (`attnlab.probe.buckets`)
+        instead of one padded batch: longest first, each forward within max_batch_tokens padded tokens
+        (rows x longest row) and batch_size rows. The capture is the same (rows in the caller's order,
+        on the whole batch's padded grid; `capture.batching` reports the padding avoided); logits are
+        the same at real positions and NaN at pads (a bucket computes no pads of other buckets); progress
+        then counts batches."""
         return_logits = validate.flag(return_logits, "return_logits")
         logits_to_keep = validate.integer(logits_to_keep, "logits_to_keep", minimum=0,
                                           hint="0 keeps every position, k the last k")
+        if max_batch_tokens is not None or batch_size is not None:
+            return self._run_bucketed(inputs, stats, return_logits, logits_to_keep, layers, heads, backend,
+                                      prepend_bos, progress, max_batch_tokens, batch_size)
         if stats is None:
             validate.choice(backend, "backend", BACKENDS)
             self._check_indices(layers, self.info.n_layers, "layer", "layers")
@@ -611,6 +631,51 @@ class Probe:
             timings={"capture_seconds": round(elapsed, 4)},
         ))
 
+    def _run_bucketed(self, inputs, stats, return_logits: bool, logits_to_keep: int, layers, heads, backend: str,
+                      prepend_bos: bool, progress, max_batch_tokens, batch_size) -> RunOutput:
+        """`run` over length buckets, put back together in the caller's order (see `run`)."""
+        from attnlab.probe import buckets
+        from attnlab.probe.capture import combine, on_grid
+        from attnlab.probe.progress import track
+
+        if stats is not None:
+            stat_list = catalogue.parse(stats)
+            if any(s.name == "segments" for s in stat_list):
+                raise AttnlabError("stats: segments with max_batch_tokens/batch_size is not supported (its ids are "
+                                   "given per row of one batch); capture segments without bucketing")
+            self._resolve_backend(backend, stat_list)
+        else:
+            validate.choice(backend, "backend", BACKENDS)
+        self._check_indices(layers, self.info.n_layers, "layer", "layers")
+        self._check_indices(heads, self.info.n_heads, "head", "heads")
+        as_progress(progress)
+        tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
+        self._check_edits(tokens)
+        if any(_per_row_selector(e) for e in self.state.edits):
+            raise AttnlabError("max_batch_tokens/batch_size: an active edit selects keys per batch row (RowPositions), "
+                               "which a length bucket would misalign; run without bucketing, or give the edit per "
+                               "bucket")
+        plan = buckets.plan(tokens.lengths(), max_batch_tokens=max_batch_tokens, batch_size=batch_size)
+        parts = []
+        for rows in track(plan.batches, progress, desc=f"run: {plan.describe()}", unit="batch"):
+            parts.append((rows, self.run(tokens.take(rows), stats, return_logits=return_logits,
+                                         logits_to_keep=logits_to_keep, layers=layers, heads=heads, backend=backend)))
+        logits = None
+        if return_logits:
+            width = tokens.length if logits_to_keep == 0 or self.info.kind != "causal-lm" \
+                else min(logits_to_keep, tokens.length)
+            first = parts[0][1].logits
+            logits = torch.full((tokens.batch_size, width, *first.shape[2:]), float("nan"), dtype=first.dtype,
+                                device=first.device)
+            for rows, out in parts:
+                logits[torch.tensor(rows)] = on_grid(out.logits, ("batch", "query"), {"query": width})
+            # a bucket's pads are not the whole batch's: no text has logits at a pad
+            logits[~tokens.attention_mask[:, tokens.length - width:].to(logits.device)] = float("nan")
+        capture = None
+        if stats is not None:
+            capture = combine([(rows, out.capture) for rows, out in parts], tokens, plan.report())
+        return RunOutput(logits, capture)
+
     def capture(
         self,
         inputs,
@@ -621,16 +686,21 @@ class Probe:
         backend: str = "auto",
         prepend_bos: bool = True,
         progress=None,
+        max_batch_tokens: int | None = None,
+        batch_size: int | None = None,
     ) -> Capture:
         """Run one forward and record per-head attention statistics (`run` without logits).
 
         inputs: a text, a list of texts, token ids, or Tokens. stats: catalogue entries
         (`attnlab.probe.stats`). layers/heads: model layer and query-head indices (default all).
-        progress: None, True (a bar) or progress(done_layers, total_layers), called as layers finish."""
+        progress: None, True (a bar) or progress(done_layers, total_layers), called as layers finish.
+        max_batch_tokens / batch_size: many texts as length buckets (see `run`; `capture.batching`
+        reports the padding avoided; progress then counts batches)."""
         if stats is None:
             catalogue.parse(stats)  # the catalogue's message: capture needs statistics
         return self.run(inputs, stats, return_logits=False, layers=layers, heads=heads, backend=backend,
-                        prepend_bos=prepend_bos, progress=progress).capture
+                        prepend_bos=prepend_bos, progress=progress, max_batch_tokens=max_batch_tokens,
+                        batch_size=batch_size).capture
 
     def _capture_session(self, stat_list, layers: list[int], backend: str, batch_size: int, pad_left,
                          on_layer: Callable[[int], None] | None = None, *, offload: bool = False,

@@ -156,6 +156,7 @@ class Run:
         return Capture(
             model=m["model"]["name"], backend=c["backend"], tokens=tokens, layers=c["layers"], heads=c["heads"],
             kv_heads=c["kv_heads"], stats=stats, params=m["parameters"], timings=m.get("timings", {}),
+            batching=m.get("batching", {}),
         )
 
 
@@ -304,6 +305,8 @@ class RunStore:
                 "kv_heads": capture.kv_heads, "stats": list(capture.stats),
             },
         }
+        if getattr(capture, "batching", None):  # length buckets (attnlab.probe.buckets): the padding avoided
+            manifest["batching"] = capture.batching
         if probe is not None:
             manifest["tokenizer"] = tokenizer_record(probe)
         dims = {k: dims_of(k) for k in capture.stats}
@@ -460,7 +463,7 @@ class _RunReader:
         self._field(model, "kind", str, "a string such as 'causal-lm'", required=False, where="model.")
         self._field(model, "capabilities", dict, "an object of attention features", required=False, where="model.")
         self._field(model, "placement", dict, "an object of module name -> device", required=False, where="model.")
-        for key in ("parameters", "timings", "versions", "tokenizer"):
+        for key in ("parameters", "timings", "versions", "tokenizer", "batching"):
             self._field(m, key, dict, "an object", required=False)
         for key in ("summary", "analysis", "inputs_sha256"):
             self._field(m, key, str, "a string", required=False)

@@ -56,6 +56,19 @@ class Tokens:
         """[B] index of the first non-pad token of each row."""
         return (~self.attention_mask).sum(dim=1)
 
+    def lengths(self) -> list[int]:
+        """Each row's real token count (BOS included when prepended)."""
+        return [int(n) for n in self.attention_mask.sum(dim=1)]
+
+    def take(self, rows: list[int]) -> Tokens:
+        """The Tokens of these rows only (in this order), left-padded to the longest of them: the columns
+        that are pads in every chosen row are dropped (a length bucket of a larger batch)."""
+        mask = self.attention_mask[rows]
+        drop = int((~mask).sum(dim=1).min())
+        return Tokens(self.input_ids[rows][:, drop:], mask[:, drop:], [self.strings[b][drop:] for b in rows],
+                      [self.offsets[b][drop:] for b in rows],
+                      [self.texts[b] for b in rows] if self.texts is not None else None, self.prepend_bos)
+
 
 def tokenize(
     tokenizer,
