@@ -476,19 +476,23 @@ class Probe:
             check_positions(active, tokens)
 
     def head_outputs(self, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
-                     prepend_bos: bool = True, progress=False) -> torch.Tensor:
+                     prepend_bos: bool = True, progress=False, max_batch_tokens: int | None = None) -> torch.Tensor:
         """[E, layers * heads, d_model]: every head's output after W_O (z_k W_O^k, read at each layer's
         attention output projection), averaged over each prompt's real positions (`mean`) or taken at its
         last token (`last`); `both` gives [2, E, layers * heads, d_model]. Head k = layer * n_heads + head
         (`attnlab.probe.head_outputs`, which also records and patches z). progress: None/False, True (a
-        bar) or progress(done_batches, total_batches) (`attnlab.probe.progress`)."""
+        bar) or progress(done_batches, total_batches) (`attnlab.probe.progress`). max_batch_tokens: length
+        buckets under that padded-token budget instead of fixed batches in order (same rows, same order)."""
         from attnlab.probe.head_outputs import POOLINGS, head_outputs
 
         validate.choice(pooling, "pooling", POOLINGS)
         batch_size = validate.integer(batch_size, "batch_size", minimum=1)
         prepend_bos = validate.flag(prepend_bos, "prepend_bos")
+        if max_batch_tokens is not None:
+            max_batch_tokens = validate.integer(max_batch_tokens, "max_batch_tokens", minimum=1,
+                                                hint="the padded tokens (rows x longest row) one batch may hold")
         as_progress(progress)  # refuse a wrong value before any work
-        return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
+        return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress, max_batch_tokens)
 
     def restore_model(self) -> None:
         """Undo the per-architecture adapters' changes to the model (`attnlab.probe.adapters`)."""

@@ -108,6 +108,13 @@ def tokenize(
     return _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name, arg)
 
 
+def token_counts(tokenizer, texts: list[str], *, prepend_bos: bool = True) -> list[int]:
+    """Each text's token count as `tokenize` makes it (BOS included when prepended), without building a
+    padded batch: what length bucketing (`attnlab.probe.buckets`) plans with."""
+    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [len(ids) + int(bool(prepend_bos)) for ids in enc]
+
+
 def from_ids(
     tokenizer,
     ids: torch.Tensor | list[list[int]],
