@@ -179,9 +179,14 @@ def execution_device(module: torch.nn.Module) -> torch.device:
 
 
 def attention_modules(model) -> dict[int, torch.nn.Module]:
-    """{layer: attention module} (the modules with a `layer_idx` that attnlab's attention function serves)."""
-    return {int(m.layer_idx): m for m in model.modules()
-            if getattr(m, "layer_idx", None) is not None and type(m).__name__.endswith("Attention")}
+    """{layer: attention module}: the modules with a `layer_idx` that attnlab's attention function serves
+    (an *Attention class where a layer has several modules with a layer_idx)."""
+    out: dict[int, torch.nn.Module] = {}
+    for m in model.modules():
+        layer = getattr(m, "layer_idx", None)
+        if isinstance(layer, int) and (layer not in out or type(m).__name__.endswith("Attention")):
+            out[layer] = m
+    return out
 
 
 def execution_devices(model) -> dict[int, torch.device]:

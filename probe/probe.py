@@ -608,7 +608,8 @@ class Probe:
 
         started = time.perf_counter()
         session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
-                                        on_layer, offload=any(d.type == "cuda" for d in self.layer_devices.values()),
+                                        on_layer, offload=any(torch.device(d).type == "cuda"
+                                                              for d in (self.device, *self.layer_devices.values())),
                                         layer_order=layer_list)
         with self.state.capturing(session):
             # Without logits only the final hidden state is needed: skip the vocabulary projection.
@@ -719,7 +720,8 @@ class Probe:
 
         return fast_path.CaptureSession(set(layers), make_request, kernel, on_layer, backend=backend,
                                         offload=offload, layer_order=layer_order,
-                                        devices=tuple(self.layer_devices[layer] for layer in layers))
+                                        devices=tuple(self.layer_devices.get(layer, torch.device(self.device))
+                                                      for layer in layers))
 
     def generate(self, inputs, *, max_new_tokens: int = 50, stop_at_newline: bool = True, step_stats=(),
                  layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None,

@@ -197,3 +197,21 @@ def test_smollm2_half_on_disk_equals_smollm2(smollm2, english_64, tmp_path):
     lb, cb = split.run(english_64, stats=["received", "entropy"], layers=[0, n // 2, n - 1])
     assert _close(la, lb) <= 1e-5 * max(1.0, float(la.abs().max()))
     assert _close(ca["received"], cb["received"]) <= TOL and _close(ca["entropy"], cb["entropy"]) <= TOL
+
+
+def test_eager_backend_and_a_gpt2_split(tiny_models, tmp_path):
+    """transformers' own eager attention on a split model, and GPT-2's layout (Conv1D W_O, its own module
+    names), with the first block on disk."""
+    whole = tiny_models("tiny-gpt2")
+    dm = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "disk", "transformer.h.1": "cpu",
+          "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    split = load("tiny-gpt2", device_map=dm, offload_folder=tmp_path)
+    assert split.split
+    mask = whole.tokenize(TEXTS).attention_mask
+    for backend in ("eager", "chunked"):
+        la, ca = whole.run(TEXTS, stats=["received", "entropy"], backend=backend)
+        lb, cb = split.run(TEXTS, stats=["received", "entropy"], backend=backend)
+        assert _close(_real(la, mask), _real(lb, mask)) <= TOL
+        assert _close(ca["received"], cb["received"]) <= TOL and _close(ca["entropy"], cb["entropy"]) <= TOL
+    assert torch.equal(whole.output_weights(0), split.output_weights(0))
+    assert whole.generate(TEXTS, max_new_tokens=4).new_ids == split.generate(TEXTS, max_new_tokens=4).new_ids
