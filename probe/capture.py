@@ -133,40 +133,38 @@ def pad_value(name: str, dtype: torch.dtype) -> float:
     return 0.0 if name in ZERO_AT_PADS else float("nan")
 
 
-def on_grid(t: torch.Tensor, dims: tuple[str, ...], sizes: dict[str, int], fill: float = float("nan")) -> torch.Tensor:
-    """A bucket's tensor (dims `dims`, [batch, ...]) widened to the full batch's sizes: padded axes on
-    the left with `fill` (`pad_value`), per-text grids on the right with NaN."""
-    for axis, dim in enumerate(dims):
-        want = sizes.get(dim)
-        if want is None or t.shape[axis] == want:
-            continue
-        if t.shape[axis] > want:
-            raise ValueError(f"a bucket's {dim} axis ({t.shape[axis]}) is longer than the batch's ({want})")
-        shape = list(t.shape)
-        shape[axis] = want - t.shape[axis]
-        value = fill if dim in PADDED_AXES else (float("nan") if t.is_floating_point() else -1)
-        pad = torch.full(shape, value, dtype=t.dtype, device=t.device)
-        t = torch.cat([pad, t] if dim in PADDED_AXES else [t, pad], dim=axis)
-    return t
+def into_grid(full: torch.Tensor, rows: list[int], part: torch.Tensor, dims: tuple[str, ...]) -> None:
+    """Write a bucket's tensor `part` ([len(rows), ...], dims `dims`) into rows `rows` of `full` (the
+    whole batch's grid, already holding the pad values): on padded axes its positions are the last
+    ones (left padding), on per-text grids the first ones, other axes as they are."""
+    slices = []
+    for axis, dim in enumerate(dims[1:], start=1):
+        size, want = part.shape[axis], full.shape[axis]
+        if size > want:
+            raise ValueError(f"a bucket's {dim} axis ({size}) is longer than the batch's ({want})")
+        slices.append(slice(want - size, want) if dim in PADDED_AXES else slice(0, size) if dim in TEXT_GRID_AXES
+                      else slice(None))
+    part = part.to(full.device)
+    for j, row in enumerate(rows):
+        full[(row, *slices)] = part[j]
 
 
 def combine(parts: list[tuple[list[int], Capture]], tokens: Tokens, batching: dict) -> Capture:
     """Captures of length buckets (each with the caller's row indices it holds) as one Capture of the
-    whole batch `tokens`, rows in the caller's order, every axis on the batch's grid."""
+    whole batch `tokens`, rows in the caller's order, every axis on the batch's grid (written in place:
+    no widened copy of a bucket)."""
     first = parts[0][1]
     out = {}
-    for name in first.stats:
+    for name, t in first.stats.items():
         dims = dims_of(name)
-        sizes = {"query": tokens.length, "key": tokens.length}
-        for d in dims:
-            if d in TEXT_GRID_AXES:
-                sizes[d] = max(c.stats[name].shape[dims.index(d)] for _, c in parts)
-        fill = pad_value(name, first.stats[name].dtype)
-        widened = [(rows, on_grid(c.stats[name], dims, sizes, fill)) for rows, c in parts]
-        t = widened[0][1]
-        full = torch.empty((tokens.batch_size, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        for rows, part in widened:
-            full[torch.tensor(rows)] = part
+        shape = [tokens.batch_size]
+        for axis, d in enumerate(dims[1:], start=1):
+            shape.append(tokens.length if d in PADDED_AXES else max(c.stats[name].shape[axis] for _, c in parts))
+        # no statistic has both kinds of axis: the pads of a per-text grid are NaN, of a padded axis pad_value
+        fill = pad_value(name, t.dtype) if any(d in PADDED_AXES for d in dims) else float("nan")
+        full = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+        for rows, c in parts:
+            into_grid(full, rows, c.stats[name], dims)
         out[name] = full
     seconds = sum(c.timings.get("capture_seconds", 0.0) for _, c in parts)
     return Capture(model=first.model, backend=first.backend, tokens=tokens, layers=first.layers, heads=first.heads,

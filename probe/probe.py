@@ -640,7 +640,7 @@ class Probe:
                       prepend_bos: bool, progress, max_batch_tokens, batch_size) -> RunOutput:
         """`run` over length buckets, put back together in the caller's order (see `run`)."""
         from attnlab.probe import buckets
-        from attnlab.probe.capture import combine, on_grid
+        from attnlab.probe.capture import combine, into_grid
         from attnlab.probe.progress import track
 
         if stats is not None:
@@ -673,7 +673,7 @@ class Probe:
             logits = torch.full((tokens.batch_size, width, *first.shape[2:]), float("nan"), dtype=first.dtype,
                                 device=first.device)
             for rows, out in parts:
-                logits[torch.tensor(rows)] = on_grid(out.logits, ("batch", "query"), {"query": width})
+                into_grid(logits, rows, out.logits, ("batch", "query") + ("vocab",) * (logits.ndim - 2))
             # a bucket's pads are not the whole batch's: no text has logits at a pad
             logits[~tokens.attention_mask[:, tokens.length - width:].to(logits.device)] = float("nan")
         capture = None

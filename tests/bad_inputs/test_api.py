@@ -176,6 +176,20 @@ CASES = [
     ("load-dtype-int-torch", lambda p, t: load("tiny-llama", dtype=torch.int64), r"^dtype: torch.int64 is not a supported"),
     ("load-name-None", lambda p, t: load(None), r"^name_or_path: None is not a model name or folder"),
     ("load-cache-string", lambda p, t: load("tiny-llama", cache="no"), r"^cache: 'no' is a str, not a bool"),
+    # ----- length buckets (attnlab.probe.buckets) -----
+    ("buckets-zero", lambda p, t: p.capture(["a", "bb"], max_batch_tokens=0),
+     r"^max_batch_tokens: 0 is out of range; pass an integer >= 1 \(the padded tokens"),
+    ("buckets-string", lambda p, t: p.capture(["a", "bb"], max_batch_tokens="4k"), r"^max_batch_tokens: '4k' is a str"),
+    ("buckets-bool", lambda p, t: p.run(["a", "bb"], max_batch_tokens=True), r"^max_batch_tokens: True is a bool"),
+    ("buckets-float", lambda p, t: p.capture(["a", "bb"], max_batch_tokens=512.0), r"^max_batch_tokens: 512.0 is a float"),
+    ("buckets-batch-size", lambda p, t: p.capture(["a", "bb"], batch_size=-2), r"^batch_size: -2 is out of range"),
+    ("buckets-segments", lambda p, t: p.capture(["ab", "c"], stats=[Stat("segments", [[0, 1, 1], [0, 0]])],
+                                                max_batch_tokens=8),
+     r"^stats: segments with max_batch_tokens/batch_size is not supported"),
+    ("buckets-row-positions", lambda p, t: _edit_run_bucketed(p, AttentionEdit(RowPositions([[1], [1]]), LogitBias(2.0))),
+     r"^max_batch_tokens/batch_size: an active edit selects keys per batch row \(RowPositions\)"),
+    ("head-outputs-buckets", lambda p, t: p.head_outputs([[1, 2], [3]], max_batch_tokens=-1),
+     r"^max_batch_tokens: -1 is out of range"),
     # ----- load with a device_map (attnlab.probe.placement): checked before any weights are read -----
     ("device-map-and-device", lambda p, t: load("tiny-llama", device="cpu", device_map="auto"),
      r"^device: 'cpu' together with device_map; pass one"),
@@ -210,6 +224,11 @@ CASES = [
      r"^max_memory: max_memory \{'cpu': 10000\} does not fit the model \(\d+ module\(s\) would go to disk.*raise "
      r"max_memory, or pass offload_folder= to allow disk offload"),
 ]
+
+
+def _edit_run_bucketed(probe, edit):
+    with probe.intervene(edit):
+        probe.capture(["a text", "another one"], stats=["received"], max_batch_tokens=64)
 
 
 def _with_ids(tokens, bad_id):
