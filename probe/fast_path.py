@@ -213,6 +213,17 @@ def attnlab_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface signature: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D];
     returns ([B, Nq, Hq, Dv], None)."""
+    if query.is_cuda and query.device.index != torch.cuda.current_device():
+        # A layer placed on another GPU (device_map): Triton launches on the current device, so make the
+        # layer's own device current for its call.
+        with torch.cuda.device(query.device):
+            return _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap,
+                              **kwargs)
+    return _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, **kwargs):
+    """`attnlab_attention` on the query's device."""
     state = state_of(module)
     session = state.session if state is not None else None
     layer = getattr(module, "layer_idx", None)
