@@ -2,8 +2,10 @@
 
 `load(name, device_map="auto" | {module: device}, max_memory={device: size}, offload_folder=...)`
 hands the placement to transformers' `from_pretrained`, which dispatches the model with accelerate's
-hooks: each block runs on its *execution device* (a GPU, the CPU, or the CPU for a block offloaded to
-disk, whose weights are read into memory for its forward), and its inputs are moved there.
+hooks: each block runs on its *execution device*, and its inputs are moved there. A block placed on a GPU
+runs there; a block stored on "cpu" or "disk" is read into the main device for its forward (the first
+GPU of the placement, or the CPU when the placement names no GPU). The manifest records both: the
+placement (where weights are stored) and `layer_devices` (where each layer's attention computed).
 
 What attnlab does on top (the rest of the probe is placement-blind):
 - checks the arguments before any loading (`check_device_map`, `check_max_memory`): every device named

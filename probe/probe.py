@@ -661,6 +661,8 @@ class Probe:
                                "which a length bucket would misalign; run without bucketing, or give the edit per "
                                "bucket")
         plan = buckets.plan(tokens.lengths(), max_batch_tokens=max_batch_tokens, batch_size=batch_size)
+        if stats is None and not return_logits:
+            return RunOutput(None, None)  # nothing asked for (checked like any run)
         parts = []
         for rows in track(plan.batches, progress, desc=f"run: {plan.describe()}", unit="batch"):
             parts.append((rows, self.run(tokens.take(rows), stats, return_logits=return_logits,

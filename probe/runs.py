@@ -463,6 +463,7 @@ class _RunReader:
         self._field(model, "kind", str, "a string such as 'causal-lm'", required=False, where="model.")
         self._field(model, "capabilities", dict, "an object of attention features", required=False, where="model.")
         self._field(model, "placement", dict, "an object of module name -> device", required=False, where="model.")
+        self._field(model, "layer_devices", dict, "an object of layer -> device", required=False, where="model.")
         for key in ("parameters", "timings", "versions", "tokenizer", "batching"):
             self._field(m, key, dict, "an object", required=False)
         for key in ("summary", "analysis", "inputs_sha256"):
@@ -762,6 +763,9 @@ def model_record(probe) -> dict:
         **({"kind": i.kind, "capabilities": i.capabilities} if getattr(i, "capabilities", None) else {}),
         # A device_map placement (attnlab.probe.placement): {module: 'cuda:0' | 'cpu' | 'disk'}; absent otherwise.
         **({"placement": probe.placement} if getattr(probe, "placement", None) else {}),
+        # ... and where each layer's attention computed (a CPU-offloaded layer runs on the GPU it is read into)
+        **({"layer_devices": {str(k): str(v) for k, v in probe.layer_devices.items()}}
+           if getattr(probe, "placement", None) else {}),
     }
 
 

@@ -115,6 +115,7 @@ def test_placement_goes_into_the_capture_manifest(pair, tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["model"]["placement"] == split.placement
     assert manifest["model"]["placement"]["model.layers.1"] == "disk"
+    assert manifest["model"]["layer_devices"] == {"0": "cpu", "1": "cpu"}  # a disk layer computes on the CPU
     RunStore(tmp_path).load(path)  # the schema accepts it
 
 
