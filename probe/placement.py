@@ -17,9 +17,12 @@ What attnlab does on top (the rest of the probe is placement-blind):
   tensors of an offloaded module are not its weights), for the readers of weights (W_O);
 - `record(model)`: the placement (transformers' `hf_device_map`) for the run manifests.
 
-The choice written down here: a placement whose modules all land on one device is an ordinary probe on
-that device (nothing changes); the hooked path (TransformerLens bridge) and `backend="triton"` with layers
-on the CPU are refused for a split model (`Probe.bridge`, `Probe._resolve_backend`).
+The choices written down here: a placement whose modules all land on one device is an ordinary probe on
+that device (nothing changes). The hooked path (TransformerLens bridge) loads its own instance with the
+same placement (its offloaded weights under offload_folder/hooked_path) and is checked against
+transformers' logits as always; it is refused when the layers compute on several devices (untested
+there: `Probe.bridge`). `backend="triton"` needs every layer on a GPU (`Probe._resolve_backend`; "auto"
+then picks "chunked").
 """
 
 from __future__ import annotations

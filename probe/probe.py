@@ -154,6 +154,7 @@ def load(
         raise AttnlabError(f"transformers cannot load the tokenizer in {folder} ({_first_line(err)}): check its "
                            "tokenizer.json and tokenizer_config.json") from err
     probe = Probe(meta.get("name", name_or_path), folder, meta, model, tokenizer, device, dtype)
+    probe._placed = placed  # the hooked path loads its own instance with the same placement
     # weights_sha256 (and so every run manifest) names the bytes verified before the read: make sure
     # no file changed while transformers read them.
     probe._check_unchanged("while the model loaded: load it again")
@@ -287,6 +288,7 @@ class Probe:
         self.device = device
         self.dtype = dtype
         self._bridge = None
+        self._placed: dict = {}  # load's device_map keywords (`load` sets them), for the hooked path's instance
         # Refuse what the fast path cannot compute exactly, before any number is produced.
         self.capabilities = capabilities.check(model)
         # The model's own code adapted for attnlab's attention (Falcon's ALiBi); `restore_model` undoes it
@@ -394,14 +396,15 @@ class Probe:
                                    "attnlab.probe.load(name or folder)")
             self.require_causal_lm("the hooked path (TransformerLens bridge, read by the sinks and thought-anchor "
                                    "analyses)")
-            if self.split:
+            computing = sorted({str(d) for d in self.layer_devices.values()})
+            if len(computing) > 1:
                 raise AttnlabError(
-                    f"{self.name} is split over several devices by a device_map ({self._placement_summary()}); the "
-                    "hooked path (TransformerLens bridge) loads the whole model onto one device and is not supported "
-                    "for a split model; use the fast path's statistics (probe.capture), or load the model with "
-                    "device= onto one device that holds it")
+                    f"{self.name}'s layers compute on several devices ({', '.join(computing)}: a device_map split); "
+                    "the hooked path (TransformerLens bridge) is supported when every layer computes on one device "
+                    "(weights offloaded to the CPU or disk included); use the fast path's statistics "
+                    "(probe.capture), or a device_map whose layers all run on one GPU")
             self._check_unchanged("since the model loaded: load it again before using the hooked path")
-            bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
+            bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device, self._placed)
             self._check_unchanged("while the hooked path loaded: load it again")
             self._bridge = bridge
         return self._bridge

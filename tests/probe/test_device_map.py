@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from attnlab.probe import AttentionEdit, FirstToken, LogitBias, MassTransfer, RunStore, attach, load
+from attnlab.probe import AttentionEdit, AttnlabError, FirstToken, LogitBias, MassTransfer, RunStore, attach, load
 from attnlab.probe.fast_path import CaptureSession
 
 TEXTS = ["The harbour was quiet.", "Two boats came in at dusk, and the gulls followed them to the quay."]
@@ -119,9 +119,25 @@ def test_placement_goes_into_the_capture_manifest(pair, tmp_path):
     RunStore(tmp_path).load(path)  # the schema accepts it
 
 
-def test_hooked_path_is_refused_for_a_split_model(pair):
+def test_hooked_path_of_a_split_model(pair):
+    """Layers on one device (weights on disk included): the bridge loads its own instance with the same
+    placement and passes the hooked path's check (transformers' eager logits); its patterns are the
+    unsplit model's."""
+    whole, split = pair
+    ids = whole.tokenize(TEXTS[1]).input_ids
+    _, cache = split.bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    _, want = whole.bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    for name in want:
+        assert _close(cache[name], want[name]) <= TOL
+    assert split.bridge.cfg.n_layers == 2
+
+
+def test_hooked_path_refuses_layers_on_several_devices(pair, monkeypatch):
     _, split = pair
-    with pytest.raises(Exception, match=r"split over several devices by a device_map .*hooked path"):
+    monkeypatch.setattr(split, "layer_devices", {0: torch.device("cuda:0"), 1: torch.device("cuda:1")})
+    monkeypatch.setattr(split, "_bridge", None)
+    with pytest.raises(AttnlabError, match=r"layers compute on several devices \(cuda:0, cuda:1: a device_map split\); "
+                                           r"the hooked path"):
         split.bridge
 
 
