@@ -232,3 +232,13 @@ def test_eager_backend_and_a_gpt2_split(tiny_models, tmp_path):
         assert _close(ca["received"], cb["received"]) <= TOL and _close(ca["entropy"], cb["entropy"]) <= TOL
     assert torch.equal(whole.output_weights(0), split.output_weights(0))
     assert whole.generate(TEXTS, max_new_tokens=4).new_ids == split.generate(TEXTS, max_new_tokens=4).new_ids
+
+
+def test_length_buckets_on_a_split_model(pair):
+    whole, split = pair
+    texts = TEXTS + ["A third text, the longest of them all by a fair margin, about harbours and boats."]
+    want = whole.capture(texts, stats=["received", "entropy"])
+    got = split.capture(texts, stats=["received", "entropy"], max_batch_tokens=100)
+    assert got.batching["batches"] >= 2
+    for name in want.stats:
+        assert _close(want[name], got[name]) <= TOL
