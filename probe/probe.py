@@ -667,7 +667,8 @@ class Probe:
         if stats is None and not return_logits:
             return RunOutput(None, None)  # nothing asked for (checked like any run)
         parts = []
-        for rows in track(plan.batches, progress, desc=f"run: {plan.describe()}", unit="batch"):
+        what = "run" if return_logits else "capture"
+        for rows in track(plan.batches, progress, desc=f"{what}: {plan.describe()}", unit="batch"):
             parts.append((rows, self.run(tokens.take(rows), stats, return_logits=return_logits,
                                          logits_to_keep=logits_to_keep, layers=layers, heads=heads, backend=backend)))
         logits = None
