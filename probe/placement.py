@@ -73,13 +73,18 @@ def check_device(value, arg: str) -> str:
 
 
 def check_device_map(device_map, offload_folder) -> str | dict[str, str | int]:
-    """A strategy name ('auto', ...) or a {module name: device} dict, every device existing here.
-    Returns what transformers takes (CUDA devices as their index)."""
-    if isinstance(device_map, str):
-        if device_map not in STRATEGIES:
-            raise AttnlabError(f"device_map: {device_map!r:.60} is not a placement; pass one of "
-                               f"{', '.join(STRATEGIES)}, or a dict {{module name: device}}")
+    """A strategy name ('auto', ...), one device for the whole model ('cpu', 'cuda:1', 1), or a
+    {module name: device} dict, every device existing here. Returns what transformers takes (a dict for
+    one device, CUDA devices as their index)."""
+    if isinstance(device_map, str) and device_map in STRATEGIES:
         return device_map
+    if isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
+        try:  # one device for the whole model, as transformers takes it: device_map="cuda:1"
+            return check_device_map({"": device_map}, offload_folder)
+        except AttnlabError:
+            raise AttnlabError(f"device_map: {device_map!r:.60} is not a placement; pass one of "
+                               f"{', '.join(STRATEGIES)}, a device that exists here, or a dict "
+                               "{module name: device}") from None
     if not isinstance(device_map, dict) or not device_map:
         raise AttnlabError(f"device_map: {device_map!r:.60} is not a placement; pass 'auto' or a non-empty dict "
                            "{module name: device}, e.g. {'model.layers.0': 'cpu', 'model.layers.1': 'disk', ...}")

@@ -200,7 +200,11 @@ CASES = [
     ("device-map-gpu-index", lambda p, t: load("tiny-llama", device_map={"": 99}),
      r"^device_map\[''\]: 'cuda:99' but this machine has"),
     ("device-map-strategy", lambda p, t: load("tiny-llama", device_map="everywhere"),
-     r"^device_map: 'everywhere' is not a placement; pass one of auto"),
+     r"^device_map: 'everywhere' is not a placement; pass one of auto, balanced, balanced_low_0, sequential, a "
+     r"device that exists here, or a dict"),
+    ("device-map-one-missing-gpu", lambda p, t: load("tiny-llama", device_map="cuda:99"),
+     r"^device_map: 'cuda:99' is not a placement"),
+    ("device-map-bool", lambda p, t: load("tiny-llama", device_map=True), r"^device_map: True is not a placement"),
     ("device-map-empty", lambda p, t: load("tiny-llama", device_map={}), r"^device_map: \{\} is not a placement"),
     ("device-map-disk-no-folder", lambda p, t: load("tiny-llama", device_map={"": "disk"}),
      r"^device_map: modules are placed on 'disk' but no offload_folder is given; pass offload_folder="),

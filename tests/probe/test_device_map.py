@@ -151,6 +151,13 @@ def test_a_placement_on_one_device_is_an_ordinary_probe(tiny_models):
     assert torch.equal(la, lb) and _close(ca["received"], cb["received"]) == 0
 
 
+def test_one_device_as_the_device_map(tiny_models):
+    whole = tiny_models("tiny-llama")
+    probe = load("tiny-llama", device_map="cpu")  # transformers' form for "all on this device"
+    assert not probe.split and probe.device == "cpu"
+    assert torch.equal(whole.run(TEXTS).logits, probe.run(TEXTS).logits)
+
+
 def test_auto_with_offload_folder(tiny_models, tmp_path):
     """max_memory too small for the whole model, with an offload folder: accelerate puts the rest on
     disk and the numbers still equal the unsplit model's."""
