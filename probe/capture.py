@@ -165,6 +165,10 @@ def combine(parts: list[tuple[list[int], Capture]], tokens: Tokens, batching: di
         full = torch.full(shape, fill, dtype=t.dtype, device=t.device)
         for rows, c in parts:
             into_grid(full, rows, c.stats[name], dims)
+            if name == "rows":  # a row past a text's end is NaN at every key, pads included (not 0)
+                missing = c.stats[name][..., -1].isnan()  # the last key is real in every row
+                for j, row in enumerate(rows):
+                    full[row][missing[j].to(full.device)] = float("nan")
         out[name] = full
     seconds = sum(c.timings.get("capture_seconds", 0.0) for _, c in parts)
     return Capture(model=first.model, backend=first.backend, tokens=tokens, layers=first.layers, heads=first.heads,

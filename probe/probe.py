@@ -646,8 +646,12 @@ class Probe:
         from attnlab.probe.capture import combine, into_grid
         from attnlab.probe.progress import track
 
+        min_length = 1
         if stats is not None:
             stat_list = catalogue.parse(stats)
+            # rows(positions) of the whole batch: every bucket keeps enough positions for them (a text
+            # shorter than a position gets a NaN row, as in one batch, instead of a refusal)
+            min_length = max((max(p + 1, -p) for s in stat_list if s.name == "rows" for p in s.arg), default=1)
             if any(s.name == "segments" for s in stat_list):
                 raise AttnlabError("stats: segments with max_batch_tokens/batch_size is not supported (its ids are "
                                    "given per row of one batch); capture segments without bucketing")
@@ -663,13 +667,16 @@ class Probe:
             raise AttnlabError("max_batch_tokens/batch_size: an active edit selects keys per batch row (RowPositions), "
                                "which a length bucket would misalign; run without bucketing, or give the edit per "
                                "bucket")
-        plan = buckets.plan(tokens.lengths(), max_batch_tokens=max_batch_tokens, batch_size=batch_size)
+        if min_length > tokens.length:  # the one-batch message: the position is outside every text
+            catalogue.build_request(stat_list, tokens.length, tokens.length, tokens.batch_size, None)
+        plan = buckets.plan([max(n, min_length) for n in tokens.lengths()], max_batch_tokens=max_batch_tokens,
+                            batch_size=batch_size)
         if stats is None and not return_logits:
             return RunOutput(None, None)  # nothing asked for (checked like any run)
         parts = []
         what = "run" if return_logits else "capture"
         for rows in track(plan.batches, progress, desc=f"{what}: {plan.describe()}", unit="batch"):
-            parts.append((rows, self.run(tokens.take(rows), stats, return_logits=return_logits,
+            parts.append((rows, self.run(tokens.take(rows, min_length), stats, return_logits=return_logits,
                                          logits_to_keep=logits_to_keep, layers=layers, heads=heads, backend=backend)))
         logits = None
         if return_logits:

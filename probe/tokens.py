@@ -60,11 +60,12 @@ class Tokens:
         """Each row's real token count (BOS included when prepended)."""
         return [int(n) for n in self.attention_mask.sum(dim=1)]
 
-    def take(self, rows: list[int]) -> Tokens:
-        """The Tokens of these rows only (in this order), left-padded to the longest of them: the columns
-        that are pads in every chosen row are dropped (a length bucket of a larger batch)."""
+    def take(self, rows: list[int], min_length: int = 1) -> Tokens:
+        """The Tokens of these rows only (in this order), left-padded to the longest of them (or to
+        min_length, at most this batch's length): the columns that are pads in every chosen row are
+        dropped (a length bucket of a larger batch)."""
         mask = self.attention_mask[rows]
-        drop = int((~mask).sum(dim=1).min())
+        drop = max(0, min(int((~mask).sum(dim=1).min()), self.length - min_length))
         return Tokens(self.input_ids[rows][:, drop:], mask[:, drop:], [self.strings[b][drop:] for b in rows],
                       [self.offsets[b][drop:] for b in rows],
                       [self.texts[b] for b in rows] if self.texts is not None else None, self.prepend_bos)

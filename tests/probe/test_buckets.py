@@ -183,3 +183,17 @@ def test_bucketed_evaluation_scores_the_same(smollm2):
     report = bucketed.params["batching"]
     assert report["texts"] == 8 and report["batches"] >= 2 and report["padded_tokens"] <= report["naive_padded_tokens"]
     assert "batching" not in fixed.params
+
+
+def test_rows_past_a_short_texts_end_as_in_one_batch(probe):
+    """rows(p) for a text shorter than p is a NaN row (pads included) in one batch: a bucket of short
+    texts keeps p + 1 positions so it gives the same instead of refusing the position."""
+    for stats in (["rows(30)"], ["rows(0,12,-1)"], ["rows(-25)", "received"]):
+        whole = probe.capture(TEXTS, stats=stats)
+        for kwargs in ({"batch_size": 1}, {"max_batch_tokens": 1200}):
+            bucketed = probe.capture(TEXTS, stats=stats, **kwargs)
+            for name in whole.stats:
+                _same(whole[name], bucketed[name])
+    assert probe.capture(TEXTS, stats=["rows(30)"])["rows"][0].isnan().all()  # "Hi.": 4 tokens
+    with pytest.raises(AttnlabError, match=r"^rows: rows\(900\) is outside the 701 query positions"):
+        probe.capture(TEXTS, stats=["rows(900)"], batch_size=2)
