@@ -577,12 +577,7 @@ class Probe:
         self._check_edits(tokens)
         names = [s.name for s in stat_list]
         if "pattern" in names:
-            size = tokens.batch_size * len(layer_list) * len(head_list) * tokens.length**2
-            if size > PATTERN_LIMIT:
-                raise AttnlabError(
-                    f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
-                    "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
-                )
+            self._check_pattern_size(tokens, layer_list, head_list)
         if backend == "eager":  # transformers' eager attention materialises each layer's pattern, every head
             size = tokens.batch_size * self.info.n_heads * tokens.length**2
             if size > PATTERN_LIMIT:
@@ -639,6 +634,16 @@ class Probe:
             timings={"capture_seconds": round(elapsed, 4)},
         ))
 
+    @staticmethod
+    def _check_pattern_size(tokens: Tokens, layer_list: list[int], head_list: list[int]) -> None:
+        """AttnlabError when the full pattern of this batch would exceed PATTERN_LIMIT values."""
+        size = tokens.batch_size * len(layer_list) * len(head_list) * tokens.length**2
+        if size > PATTERN_LIMIT:
+            raise AttnlabError(
+                f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
+                "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
+            )
+
     def _run_bucketed(self, inputs, stats, return_logits: bool, logits_to_keep: int, layers, heads, backend: str,
                       prepend_bos: bool, progress, max_batch_tokens, batch_size) -> RunOutput:
         """`run` over length buckets, put back together in the caller's order (see `run`)."""
@@ -658,10 +663,12 @@ class Probe:
             self._resolve_backend(backend, stat_list)
         else:
             validate.choice(backend, "backend", BACKENDS)
-        self._check_indices(layers, self.info.n_layers, "layer", "layers")
-        self._check_indices(heads, self.info.n_heads, "head", "heads")
+        layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
+        head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
         as_progress(progress)
         tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
+        if stats is not None and any(s.name == "pattern" for s in stat_list):
+            self._check_pattern_size(tokens, layer_list, head_list)  # the result is on the whole batch's grid
         self._check_edits(tokens)
         if any(_per_row_selector(e) for e in self.state.edits):
             raise AttnlabError("max_batch_tokens/batch_size: an active edit selects keys per batch row (RowPositions), "

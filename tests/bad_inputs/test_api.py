@@ -188,6 +188,8 @@ CASES = [
      r"^stats: segments with max_batch_tokens/batch_size is not supported"),
     ("buckets-row-positions", lambda p, t: _edit_run_bucketed(p, AttentionEdit(RowPositions([[1], [1]]), LogitBias(2.0))),
      r"^max_batch_tokens/batch_size: an active edit selects keys per batch row \(RowPositions\)"),
+    ("buckets-pattern-too-large", lambda p, t: p.capture(["x" * 4000] * 3, stats=["pattern"], batch_size=1),
+     r"^stats: the full pattern here is [\d,]+ values \(limit 268,435,456\); capture statistics instead"),
     ("head-outputs-buckets", lambda p, t: p.head_outputs([[1, 2], [3]], max_batch_tokens=-1),
      r"^max_batch_tokens: -1 is out of range"),
     # ----- load with a device_map (attnlab.probe.placement): checked before any weights are read -----
