@@ -7,7 +7,7 @@ mixed lengths (issue 21; `attnlab.probe.buckets`).
 Both modes capture the same statistics of the same texts: "fixed" runs batches of --batch-size texts in
 the given order (what a loop over `probe.capture(texts[i:i + B])` does); "bucketed" is one
 `probe.capture(texts, max_batch_tokens=...)` (longest first, each batch within the padded-token
-budget; by default B x the mean length, about as many batches as the fixed run). Tokens per second count
+budget; by default B x the mean length: the padded tokens of an average fixed batch without its pads). Tokens per second count
 the texts' own tokens (pads are the waste). The statistics of the two runs are compared (max relative
 difference) so a fast wrong answer shows. Lengths are drawn log-uniformly (seeded); token ids are random
 ids of the vocabulary (throughput does not depend on the words).
