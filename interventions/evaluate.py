@@ -26,7 +26,9 @@ called once per batch.
 
 Batches: prompts are sorted by length (stable) and cut into batches of `batch_size`, left-padded;
 the same examples and batch size always give the same batches, so per-batch caches (ACT's sink
-finder) hit. `baseline=` takes an already scored baseline frame of the same examples (one
+finder) hit. `max_batch_tokens=` buckets them by token count instead (`attnlab.probe.buckets`: each
+batch within that many padded tokens and batch_size prompts; deterministic too), and the result's
+params["batching"] says how much padding that avoided. `baseline=` takes an already scored baseline frame of the same examples (one
 baseline shared by several methods, as `bench/interventions_eval.py` does); `forward=` replaces
 the plain forward of unedited batches (ACT's finder records the sinks in that same pass).
 `progress=` follows `attnlab.probe.progress` (None/False, True for a tqdm bar, or a callable
@@ -106,16 +108,33 @@ def batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+def token_plan(probe, prompts: Sequence[str], batch_size: int, max_batch_tokens: int):
+    """Length buckets of the prompts by token count (`attnlab.probe.buckets.plan`): each batch within
+    max_batch_tokens padded tokens and batch_size prompts; deterministic, so per-batch caches hit."""
+    from attnlab.probe import buckets
+    from attnlab.probe.tokens import token_counts
+
+    return buckets.plan(token_counts(probe.tokenizer, list(prompts)), max_batch_tokens=max_batch_tokens,
+                        batch_size=batch_size)
+
+
 def next_token_logprobs(probe, prompts: Sequence[str], edit_fn: Callable | None = None,
                         batch_size: int = 16, *, forward: Callable | None = None,
-                        progress=False) -> torch.Tensor:
+                        progress=False, max_batch_tokens: int | None = None) -> torch.Tensor:
     """[n, V] float32 log p(. | prompt) at each prompt's last position (edits applied when given).
 
     forward(tokens) -> [B, V] last-position logits, used for batches without edits (default: the
-    probe's plain forward). progress (`attnlab.probe.progress`): batches done."""
+    probe's plain forward). progress (`attnlab.probe.progress`): batches done. max_batch_tokens: length
+    buckets by token count under that padded-token budget (`token_plan`) instead of `batches`; the
+    progress description gives the padding share vs fixed batches."""
     out = [None] * len(prompts)
-    groups = batches(prompts, batch_size)
-    for chunk in track(groups, progress, desc="next-token log-probs", unit="batch"):
+    desc = "next-token log-probs"
+    if max_batch_tokens is None:
+        groups = batches(prompts, batch_size)
+    else:
+        plan = token_plan(probe, prompts, batch_size, max_batch_tokens)
+        groups, desc = plan.batches, f"{desc}: {plan.describe()}"
+    for chunk in track(groups, progress, desc=desc, unit="batch"):
         tokens = probe.tokenize([prompts[i] for i in chunk])
         edits = edit_fn(tokens) if edit_fn is not None else []
         if edits:
@@ -133,13 +152,14 @@ def next_token_logprobs(probe, prompts: Sequence[str], edit_fn: Callable | None 
 
 def score_examples(probe, task: ClassificationTask, examples: Sequence[Example], edits: EditsLike = None, *,
                    shots: int = 0, batch_size: int = 16, forward: Callable | None = None,
-                   progress=False) -> pd.DataFrame:
+                   progress=False, max_batch_tokens: int | None = None) -> pd.DataFrame:
     """One row per example: label, label-word log-probs, prediction, greedy token, parse, entropies.
-    progress (`attnlab.probe.progress`): batches done."""
+    progress (`attnlab.probe.progress`): batches done. max_batch_tokens: length buckets (`token_plan`)."""
     if not examples:
         raise AttnlabError("no examples to score: pass at least one")
     prompts = [task.prompt(e, shots=shots) for e in examples]
-    lp = next_token_logprobs(probe, prompts, as_edit_fn(edits), batch_size, forward=forward, progress=progress)
+    lp = next_token_logprobs(probe, prompts, as_edit_fn(edits), batch_size, forward=forward, progress=progress,
+                             max_batch_tokens=max_batch_tokens)
     ids = label_token_ids(probe.tokenizer, task.labels)
     label_lp = lp[:, ids]  # [n, K]
     greedy = lp.argmax(dim=-1)
@@ -195,15 +215,25 @@ def differences(base: pd.DataFrame, edited: pd.DataFrame, n_boot: int = 2000, se
 def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: str = "test", *, n: int | None = None,
              shots: int = 0, batch_size: int = 16, n_boot: int = 2000, seed: int = 0, method: str = "method",
              params: dict | None = None, baseline: pd.DataFrame | None = None,
-             forward: Callable | None = None, progress=False) -> Result:
+             forward: Callable | None = None, progress=False, max_batch_tokens: int | None = None) -> Result:
     """Baseline and (when edits are given) edited accuracy on one split, with 95% bootstrap intervals.
 
     Tables: "summary" (condition, scoring, accuracy, lo, hi, n, invalid, invalid_rate; with edits
     also condition "difference": method minus baseline, paired interval) and "examples" (one row
     per example and condition). `baseline`: a `score_examples` frame of exactly these examples
     (same split, n, shots), reused instead of scoring the baseline again. progress
-    (`attnlab.probe.progress`): the baseline's batches, then the edited ones."""
+    (`attnlab.probe.progress`): the baseline's batches, then the edited ones. max_batch_tokens: length
+    buckets by token count under that padded-token budget (at most batch_size prompts each) instead of
+    fixed batches; the same numbers, and params["batching"] reports the padding avoided."""
     examples = task.split(split, n)
+    batching = {}
+    if max_batch_tokens is not None:
+        from attnlab.probe import validate
+
+        max_batch_tokens = validate.integer(max_batch_tokens, "max_batch_tokens", minimum=1,
+                                            hint="the padded tokens (rows x longest row) one batch may hold")
+        batching = {"batching": token_plan(probe, [task.prompt(e, shots=shots) for e in examples], batch_size,
+                                           max_batch_tokens).report()}
     edit_fn = as_edit_fn(edits)
     stages = (baseline is None) + (edit_fn is not None)
     if baseline is not None:
@@ -213,12 +243,12 @@ def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: st
         base = baseline
     else:
         base = score_examples(probe, task, examples, None, shots=shots, batch_size=batch_size, forward=forward,
-                              progress=stage(progress, 0, stages))
+                              progress=stage(progress, 0, stages), max_batch_tokens=max_batch_tokens)
     frames = [base.assign(condition="baseline")]
     rows = summarise(base, "baseline", n_boot, seed)
     if edit_fn is not None:
         edited = score_examples(probe, task, examples, edit_fn, shots=shots, batch_size=batch_size,
-                                progress=stage(progress, stages - 1, stages))
+                                progress=stage(progress, stages - 1, stages), max_batch_tokens=max_batch_tokens)
         frames.append(edited.assign(condition=method))
         rows += summarise(edited, method, n_boot, seed)
         rows += differences(base, edited, n_boot, seed)
@@ -230,7 +260,7 @@ def evaluate(probe, task: ClassificationTask, edits: EditsLike = None, split: st
         analysis="evaluate",
         tables={"summary": summary, "examples": pd.concat(frames, ignore_index=True)},
         params={"model": probe.name, "task": task.name, "split": split, "n": len(examples), "shots": shots,
-                "seed": task.seed, "ids_sha256": ids_hash(ids), "method": method, **(params or {})},
+                "seed": task.seed, "ids_sha256": ids_hash(ids), "method": method, **batching, **(params or {})},
         summary=f"{task.name} {split} (n={len(examples)}): {text}",
         prepend_bos=True,
     )

@@ -7,7 +7,9 @@
             logits = probe.run(probe.tokenize("..."), stats=None).logits
 
 The model keeps its own dtype and device: nothing is moved or copied. A model split over several
-devices (`device_map`) is refused for now: the capture waits for one GPU's copies only. On
+devices (`device_map`, with CPU or disk offload) is served exactly: the capture reads each layer where it
+computes and waits for every GPU that holds a layer (`attnlab.probe.placement`); a model with meta weights
+that no accelerate hook reads in is refused. On
 entering, attach registers attnlab's attention function (`fast_path.register`), switches the
 model's attention implementation (its config and every sub-config) to "attnlab", puts the model in
 eval mode and builds a `Probe` over it (which tags the attention modules with the probe's state).
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from attnlab.probe import fast_path
+from attnlab.probe import fast_path, placement
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.probe import Probe
 
@@ -52,11 +54,11 @@ def attach(model, tokenizer=None, name: str | None = None) -> Iterator[Probe]:
         raise AttnlabError(f"model: this {type(model).__name__} is already attached to attnlab (an attach block "
                            "is open on it, or attnlab.probe.load built it); use that probe, or attach it again "
                            "after its block ends")
-    devices = sorted({str(p.device) for p in model.parameters()})
-    if len(devices) > 1:  # the capture's host copies wait for one GPU only: refuse rather than race
-        raise AttnlabError(f"model: its weights are on several devices ({', '.join(devices)}: a device_map split); "
-                           "attnlab's captures and edits are exact on one device only for now; load the model onto "
-                           "one device (e.g. device_map={'': 0} or .to('cuda'))")
+    unbacked = placement.unbacked_meta(model)
+    if unbacked:  # meta tensors that no accelerate hook reads in: there are no weights to run
+        raise AttnlabError(f"model: {len(unbacked)} weight(s) are on the meta device with no accelerate offload "
+                           f"behind them (e.g. {unbacked[0]}), so the model cannot run; load it with "
+                           "from_pretrained(device_map=..., offload_folder=...) or onto a device")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise AttnlabError(f"name: {name!r:.60} is not a name; pass a non-empty string or None (model.name_or_path)")
     name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
@@ -74,7 +76,7 @@ def attach(model, tokenizer=None, name: str | None = None) -> Iterator[Probe]:
         _check_switched(model)
         model.eval()
         meta = {"name": name, "trained": True, "source": {"kind": "attached", "class": type(model).__name__}}
-        probe = Probe(name, None, meta, model, tokenizer, _input_device(model), model.dtype)
+        probe = Probe(name, None, meta, model, tokenizer, placement.input_device(model), model.dtype)
         yield probe
     finally:
         if probe is not None:
@@ -124,15 +126,6 @@ def _check_switched(model) -> None:
             raise AttnlabError(f"model: {type(module).__name__} (layer {module.layer_idx}) of {type(model).__name__} "
                                "does not switch its attention implementation, so attnlab would not see its "
                                "attention; this model cannot be attached")
-
-
-def _input_device(model) -> str:
-    """Where the model takes its inputs: its input embedding's device (the first device of a
-    `device_map` placement), else its first parameter's."""
-    try:
-        return str(model.get_input_embeddings().weight.device)
-    except (AttributeError, NotImplementedError):
-        return str(next(model.parameters()).device)
 
 
 def _folder_tokenizer(model, name: str):

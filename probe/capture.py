@@ -62,6 +62,9 @@ class Capture:
     params: dict = field(default_factory=dict)  # catalogue parameters, e.g. {"sink_mass": 1}
     timings: dict = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # pass -> sorted kernel names (manifest capture.kernels)
+    # Length bucketing (`attnlab.probe.buckets`): the plan's report (batches, padding share bucketed vs
+    # fixed batches, padded tokens avoided); {} for a capture of one forward.
+    batching: dict = field(default_factory=dict)
 
     @property
     def prepend_bos(self) -> bool:
@@ -116,6 +119,66 @@ class Capture:
         if "received" not in self.stats:
             raise KeyError("strongest_sinks needs the 'received' statistic")
         return strongest_sinks(head_summary(self), top)
+
+
+# ----- length buckets back on one grid (attnlab.probe.buckets) -----
+PADDED_AXES = ("query", "key")  # left-padded: a row's real part is its last positions
+TEXT_GRID_AXES = ("query_block", "key_block")  # aligned to each text's first token: NaN past its end
+# Attention weights hold 0 at pads (no query attends to a pad; a pad query row is all 0); the other
+# float statistics NaN, the integer ones (top_key) -1.
+ZERO_AT_PADS = ("rows", "pattern")
+
+
+def pad_value(name: str, dtype: torch.dtype) -> float:
+    """What statistic `name` holds at a pad position of a capture."""
+    if not dtype.is_floating_point:
+        return -1
+    return 0.0 if name in ZERO_AT_PADS else float("nan")
+
+
+def into_grid(full: torch.Tensor, rows: list[int], part: torch.Tensor, dims: tuple[str, ...]) -> None:
+    """Write a bucket's tensor `part` ([len(rows), ...], dims `dims`) into rows `rows` of `full` (the
+    whole batch's grid, already holding the pad values): on padded axes its positions are the last
+    ones (left padding), on per-text grids the first ones, other axes as they are."""
+    slices = []
+    for axis, dim in enumerate(dims[1:], start=1):
+        size, want = part.shape[axis], full.shape[axis]
+        if size > want:
+            raise ValueError(f"a bucket's {dim} axis ({size}) is longer than the batch's ({want})")
+        slices.append(slice(want - size, want) if dim in PADDED_AXES else slice(0, size) if dim in TEXT_GRID_AXES
+                      else slice(None))
+    part = part.to(full.device)
+    for j, row in enumerate(rows):
+        full[(row, *slices)] = part[j]
+
+
+def combine(parts: list[tuple[list[int], Capture]], tokens: Tokens, batching: dict) -> Capture:
+    """Captures of length buckets (each with the caller's row indices it holds) as one Capture of the
+    whole batch `tokens`, rows in the caller's order, every axis on the batch's grid (written in place:
+    no widened copy of a bucket)."""
+    first = parts[0][1]
+    out = {}
+    for name, t in first.stats.items():
+        dims = dims_of(name)
+        shape = [tokens.batch_size]
+        for axis, d in enumerate(dims[1:], start=1):
+            shape.append(tokens.length if d in PADDED_AXES else max(c.stats[name].shape[axis] for _, c in parts))
+        # no statistic has both kinds of axis: the pads of a per-text grid are NaN, of a padded axis pad_value
+        fill = pad_value(name, t.dtype) if any(d in PADDED_AXES for d in dims) else float("nan")
+        full = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+        for rows, c in parts:
+            into_grid(full, rows, c.stats[name], dims)
+            if name == "rows":  # a row past a text's end is NaN at every key, pads included (not 0)
+                missing = c.stats[name][..., -1].isnan()  # the last key is real in every row
+                for j, row in enumerate(rows):
+                    full[row][missing[j].to(full.device)] = float("nan")
+        out[name] = full
+    seconds = sum(c.timings.get("capture_seconds", 0.0) for _, c in parts)
+    return Capture(model=first.model, backend=first.backend, tokens=tokens, layers=first.layers, heads=first.heads,
+                   kv_heads=first.kv_heads, stats=out, params=first.params,
+                   timings={"capture_seconds": round(seconds, 4)}, batching=batching,
+                   kernels={name: sorted({k for _, c in parts for k in c.kernels.get(name, [])})
+                            for name in {n for _, c in parts for n in c.kernels}})
 
 
 # ----- the per-head summary: one definition for runs, the CLI, the dashboard and the analyses -----

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from attnlab import kernels
 from attnlab.kernels import StatRequest, visibility
-from attnlab.probe import adapters
+from attnlab.probe import adapters, placement
 from attnlab.probe.errors import AttnlabError
 
 ATTN_IMPLEMENTATION = "attnlab"
@@ -152,6 +152,8 @@ class CaptureSession:
     # of one pinned [B, n_layers, ...] buffer per statistic (`stacked`), so nothing is stacked on the
     # host afterwards (a 16-layer capture at 32k spent ~60 ms of CPU time in torch.stack).
     layer_order: list[int] | None = None
+    # The devices the captured layers compute on (several under a device_map): `synchronize` waits for each.
+    devices: tuple = ()
     records: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     stacked: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
@@ -164,9 +166,10 @@ class CaptureSession:
             self.kernels.setdefault(name, set()).add(kernel)
 
     def synchronize(self) -> None:
-        """Wait for the offloaded copies (a no-op without offload or CUDA)."""
+        """Wait for the offloaded copies on every CUDA device that holds a captured layer (a no-op
+        without offload or CUDA): each copy is queued on its own layer's device."""
         if self.offload and torch.cuda.is_available():
-            torch.cuda.synchronize()
+            placement.synchronize(self.devices or (torch.cuda.current_device(),))
 
     def record(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
         """Keep one call's statistics (offloaded without waiting, when `offload`)."""
@@ -218,6 +221,17 @@ def attnlab_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface signature: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D];
     returns ([B, Nq, Hq, Dv], None)."""
+    if query.is_cuda and query.device.index != torch.cuda.current_device():
+        # A layer placed on another GPU (device_map): Triton launches on the current device, so make the
+        # layer's own device current for its call.
+        with torch.cuda.device(query.device):
+            return _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap,
+                              **kwargs)
+    return _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, **kwargs):
+    """`attnlab_attention` on the query's device."""
     state = state_of(module)
     session = state.session if state is not None else None
     layer = getattr(module, "layer_idx", None)

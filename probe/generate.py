@@ -190,7 +190,7 @@ def generate(
     out = Generation(prompt=tokens, new_ids=[[] for _ in range(B)], texts=[""] * B, layers=layer_list,
                      heads=head_list, num_samples=R, finished=[False] * B)
     stop_ids = {probe.tokenizer.eos_token_id} - {None}
-    head_idx = torch.tensor(head_list, device=device)
+    head_idx = torch.tensor(head_list)
     generator = None
     if temperature > 0 and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
@@ -224,7 +224,8 @@ def generate(
             nxt = sample_next(res.logits[:, -1], temperature, top_p, generator)
             if session is not None:
                 out.steps.append({
-                    name: torch.stack([session.records[layer][0][name].index_select(1, head_idx).cpu()
+                    # each layer's record on its own device (a device_map split): to the host, then select
+                    name: torch.stack([session.records[layer][0][name].cpu().index_select(1, head_idx)
                                        for layer in layer_list], dim=1)
                     for name in session.records[layer_list[0]][0]
                 })

@@ -63,6 +63,14 @@ def w_o(proj: nn.Module, n_heads: int, head_dim: int) -> torch.Tensor:
     return weight.T.reshape(n_heads, head_dim, -1)  # Linear: weight [out, in]
 
 
+def _w_o_on_host(proj: nn.Module, n_heads: int, head_dim: int) -> torch.Tensor:
+    """w_o on the CPU, read in first when a device_map offloaded the layer (its weight is a meta tensor)."""
+    from attnlab.probe.placement import onloaded
+
+    with onloaded(proj):
+        return w_o(proj, n_heads, head_dim).cpu()
+
+
 @contextmanager
 def z_hooks(probe, hooks: dict[int, Callable]) -> Iterator[None]:
     """Forward pre-hooks fn(module, args) on the output projections of the given layers, inside the block
@@ -108,24 +116,40 @@ def patch_z(probe, layer: int, head: int, z: torch.Tensor) -> Iterator[None]:
 
 
 def head_outputs(probe, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
-                 prepend_bos: bool = True, progress=False) -> torch.Tensor:
+                 prepend_bos: bool = True, progress=False, max_batch_tokens: int | None = None) -> torch.Tensor:
     """[E, layers * heads, d_model]: every head's output after W_O, pooled over the real positions of each
     prompt (`mean`) or taken at its last token (`last`); `both` gives [2, E, layers * heads, d_model]
-    (mean, last). Head k = layer * n_heads + head. progress (`attnlab.probe.progress`): batches done."""
+    (mean, last). Head k = layer * n_heads + head. progress (`attnlab.probe.progress`): batches done.
+
+    Batches: `batch_size` prompts in the given order; with max_batch_tokens, length buckets instead
+    (`attnlab.probe.buckets`: longest first, each within max_batch_tokens padded tokens and batch_size
+    prompts; the progress description gives the padding share vs the fixed batches). Rows come back in
+    the given order either way, with the same numbers (each prompt's pooling is over its own tokens)."""
     if pooling not in POOLINGS:
         raise AttnlabError(f"unknown pooling '{pooling}': choose from {', '.join(POOLINGS)}")
     info = probe.info
-    W = torch.stack([w_o(p, info.n_heads, info.head_dim) for p in out_projections(probe.model)]).cpu()  # [L, H, dh, D]
-    out = []
-    for i in track(range(0, len(ids), batch_size), progress, desc="head outputs", unit="batch"):
-        tokens = probe.to_tokens([list(r) for r in ids[i:i + batch_size]], prepend_bos=prepend_bos)
+    W = torch.stack([_w_o_on_host(p, info.n_heads, info.head_dim) for p in out_projections(probe.model)])  # [L, H, dh, D]
+    desc = "head outputs"
+    if max_batch_tokens is None:
+        groups = [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
+    else:
+        from attnlab.probe import buckets
+
+        plan = buckets.plan([len(r) + int(bool(prepend_bos)) for r in ids], max_batch_tokens=max_batch_tokens,
+                            batch_size=batch_size)
+        groups, desc = plan.batches, f"head outputs: {plan.describe()}"
+    out, order = [], []
+    for rows in track(groups, progress, desc=desc, unit="batch"):
+        order += rows
+        tokens = probe.to_tokens([list(ids[i]) for i in rows], prepend_bos=prepend_bos)
         mask = tokens.attention_mask.to(probe.device).float()
         pooled: dict[int, torch.Tensor] = {}
 
         def record(layer):
             def hook(module, args):
-                z = args[0].float()  # [B, N, H * dh]
-                pooled[layer] = torch.stack([(z * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), z[:, -1]])
+                z = args[0].float()  # [B, N, H * dh], on the layer's device (several under a device_map)
+                m = mask.to(z.device)
+                pooled[layer] = torch.stack([(z * m[..., None]).sum(1) / m.sum(1, keepdim=True), z[:, -1]])
             return hook
 
         with z_hooks(probe, {layer: record(layer) for layer in range(info.n_layers)}), \
@@ -135,7 +159,11 @@ def head_outputs(probe, ids: Sequence[Sequence[int]], pooling: str = "mean", bat
         z = z.view(2, z.shape[1], info.n_layers, info.n_heads, info.head_dim)
         mean, last = torch.einsum("pblhd,lhdm->pblhm", z, W).flatten(2, 3)
         out.append({"mean": mean, "last": last, "both": torch.stack([mean, last])}[pooling])
-    return torch.cat(out, dim=1 if pooling == "both" else 0)
+    dim = 1 if pooling == "both" else 0
+    result = torch.cat(out, dim=dim)
+    if order != list(range(len(order))):  # length buckets: rows back in the caller's order
+        result = result.index_select(dim, torch.tensor(order).argsort())
+    return result
 
 
 __all__ = ["POOLINGS", "head_outputs", "out_projections", "patch_z", "record_z", "w_o", "z_hooks"]

@@ -27,14 +27,21 @@ def hook_name(kind: str, layer: int) -> str:
     return get_act_name(kind, layer)
 
 
-def boot_bridge(folder: Path, dtype: torch.dtype, device: str):
+def boot_bridge(folder: Path, dtype: torch.dtype, device: str, placed: dict | None = None):
     """The hooked path: a TransformerLens TransformerBridge over its own eager-attention copy of the model in
-    `folder`."""
+    `folder`. placed: the fast path's device_map keywords (`attnlab.probe.placement`); the copy gets the same
+    placement, its offloaded weights in a subfolder of the offload folder (the fast path's stay its own), and
+    `device` is where its layers compute (one device: `Probe.bridge` refuses layers on several)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
-    model.to(device).eval()
+    placed = dict(placed or {})
+    if "offload_folder" in placed:
+        placed["offload_folder"] = str(Path(placed["offload_folder"]) / "hooked_path")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager", **placed)
+    if not placed:
+        model.to(device)
+    model.eval()
     # The bridge reloads the tokenizer by name where an in-memory one fails: give it the folder's.
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids.to(device)

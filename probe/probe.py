@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from attnlab import kernels
-from attnlab.probe import adapters, capabilities, fast_path, hooked_path, integrity, registry, validate
+from attnlab.probe import adapters, capabilities, fast_path, hooked_path, integrity, placement, registry, validate
 from attnlab.probe import stats as catalogue
 from attnlab.probe.capture import Capture
 from attnlab.probe.errors import AttnlabError
@@ -90,10 +90,20 @@ def load(
     dtype: torch.dtype | str = torch.float32,
     log: Callable[[str], None] = lambda _: None,
     cache: bool = True,
+    *,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Probe:
     """Load a model by registry name or local Hugging Face folder; nothing downloads.
 
     cache=False builds a random-init registry model in memory (GPU benchmarks); no hooked path.
+
+    device_map: a model larger than one device, placed by accelerate instead of `device=`: "auto"
+    (or "balanced", "sequential") or {module name: device} with devices 'cpu', 'cuda:N' (or N), 'mps'
+    and 'disk' (needs offload_folder). max_memory: {device: bytes or '10GiB'} for "auto". Captures,
+    edits, ablations and generation are exact over the placement (`attnlab.probe.placement`), which
+    goes into every run manifest (`model.placement`).
 
     The first load of a registry model dequantises its GGUF once and caches safetensors under
     $ATTNLAB_CACHE (see `attnlab.probe.registry`). Every load verifies the folder first
@@ -107,34 +117,80 @@ def load(
                            "(`attnlab models` lists them) or a local Hugging Face folder")
     name_or_path = str(name_or_path)
     dtype = _check_dtype(dtype)
-    device = _check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(device)
     cache = validate.flag(cache, "cache")
     validate.callable_or_none(log, "log")
+    placed = _check_placement_args(device, device_map, max_memory, offload_folder, cache)
     fast_path.register()
     if not cache:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer, meta = registry.random_in_memory(name_or_path, dtype, device)
         return Probe(name_or_path, None, meta, model, tokenizer, device, dtype)
     folder, meta = registry.ensure_folder(name_or_path, log=log)
     try:
         model = _model_class(folder).from_pretrained(
-            folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False
+            folder, dtype=dtype, attn_implementation=fast_path.ATTN_IMPLEMENTATION, trust_remote_code=False,
+            **placed,
         )
     except AttnlabError:
         raise
     except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
-        raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): check its "
-                           "config.json and weight files") from err
-    model.to(device).eval()
+        fix = ("check device_map's module names (print(model) lists them) and devices, and max_memory"
+               if placed else "check its config.json and weight files")
+        raise AttnlabError(f"transformers cannot load the model in {folder} ({_first_line(err)}): {fix}") from err
+    if placed:
+        if not getattr(model, "hf_device_map", None) and isinstance(placed["device_map"], dict):
+            # transformers skips the dispatch (and hf_device_map) when every module lands on one device
+            model.hf_device_map = dict(placed["device_map"])
+        placement.check_modules(model, placed["device_map"])
+        placement.check_placement(getattr(model, "hf_device_map", None) or {}, max_memory, offload_folder)
+        device = placement.input_device(model)
+        model.eval()
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 (one line naming the folder instead of a traceback)
         raise AttnlabError(f"transformers cannot load the tokenizer in {folder} ({_first_line(err)}): check its "
                            "tokenizer.json and tokenizer_config.json") from err
     probe = Probe(meta.get("name", name_or_path), folder, meta, model, tokenizer, device, dtype)
+    probe._placed = placed  # the hooked path loads its own instance with the same placement
     # weights_sha256 (and so every run manifest) names the bytes verified before the read: make sure
     # no file changed while transformers read them.
     probe._check_unchanged("while the model loaded: load it again")
     return probe
+
+
+def _check_placement_args(device, device_map, max_memory, offload_folder, cache: bool) -> dict:
+    """from_pretrained's placement keywords ({} without a device_map), every argument checked first."""
+    if device_map is None:
+        for value, arg in ((max_memory, "max_memory"), (offload_folder, "offload_folder")):
+            if value is not None:
+                raise AttnlabError(f"{arg}: given without device_map; pass device_map='auto' (or a dict) with it, "
+                                   "or leave it out")
+        return {}
+    if device is not None:
+        raise AttnlabError(f"device: {str(device)!r} together with device_map; pass one: device= puts the whole "
+                           "model on one device, device_map= splits it over several")
+    if not cache:
+        raise AttnlabError("device_map: cache=False builds the model in memory on one device; load it from its "
+                           "folder (cache=True) to place it with a device_map")
+    offload_folder = placement.check_offload_folder(offload_folder)
+    placed = {"device_map": placement.check_device_map(device_map, offload_folder)}
+    if max_memory is not None:
+        placed["max_memory"] = placement.check_max_memory(max_memory)
+    if offload_folder is not None:
+        placed["offload_folder"] = offload_folder
+    return placed
+
+
+def _per_row_selector(edit) -> bool:
+    """Whether an AttentionEdit selects keys per batch row (RowPositions in its keys, receivers or gate)."""
+    from attnlab.probe.edits import RowPositions
+
+    parts = (edit.keys, getattr(edit.op, "to", None), getattr(edit.gate, "region", None))
+    return any(isinstance(p, RowPositions) for p in parts)
 
 
 def _head_output(output) -> torch.Tensor:
@@ -233,6 +289,7 @@ class Probe:
         self.device = device
         self.dtype = dtype
         self._bridge = None
+        self._placed: dict = {}  # load's device_map keywords (`load` sets them), for the hooked path's instance
         # Refuse what the fast path cannot compute exactly, before any number is produced.
         self.capabilities = capabilities.check(model)
         # The model's own code adapted for attnlab's attention (Falcon's ALiBi); `restore_model` undoes it
@@ -241,6 +298,10 @@ class Probe:
         # Edits, ablations and capture sessions of this probe only: its attention modules carry it.
         self.state = fast_path.ProbeState()
         self.state.attach(model)
+        # Where each layer's attention computes (one device unless a device_map split the model): the
+        # capture synchronises every CUDA device here; the placement goes into the manifests.
+        self.placement = placement.record(model)
+        self.layer_devices = placement.execution_devices(model)
         cfg = model.config.get_text_config()
         n_heads = cfg.num_attention_heads
         self.info = ModelInfo(
@@ -260,6 +321,11 @@ class Probe:
             capabilities=self.capabilities.to_dict(),
         )
 
+    @property
+    def split(self) -> bool:
+        """Whether the model is split over several devices (or partly offloaded to disk) by a device_map."""
+        return placement.is_split(self.model) or len({str(d) for d in self.layer_devices.values()}) > 1
+
     def _check_unchanged(self, when: str) -> None:
         """AttnlabError if a file of the folder differs in size or mtime from when it was verified."""
         before = {n: (f["size"], f["mtime_ns"]) for n, f in self.meta.get("files", {}).items()}
@@ -269,8 +335,9 @@ class Probe:
 
     def __repr__(self) -> str:
         i = self.info
+        where = f"split: {self._placement_summary()}" if self.split else self.device
         return (f"Probe({self.name!r}: {i.n_layers} layers x {i.n_heads} heads ({i.n_kv_heads} KV), "
-                f"d_model {i.d_model}, {self.device}, {str(self.dtype).removeprefix('torch.')})")
+                f"d_model {i.d_model}, {where}, {str(self.dtype).removeprefix('torch.')})")
 
     # ----- inputs -----
     def tokenize(self, texts: str | Sequence[str], prepend_bos: bool = True) -> Tokens:
@@ -330,8 +397,15 @@ class Probe:
                                    "attnlab.probe.load(name or folder)")
             self.require_causal_lm("the hooked path (TransformerLens bridge, read by the sinks and thought-anchor "
                                    "analyses)")
+            computing = sorted({str(d) for d in self.layer_devices.values()})
+            if len(computing) > 1:
+                raise AttnlabError(
+                    f"{self.name}'s layers compute on several devices ({', '.join(computing)}: a device_map split); "
+                    "the hooked path (TransformerLens bridge) is supported when every layer computes on one device "
+                    "(weights offloaded to the CPU or disk included); use the fast path's statistics "
+                    "(probe.capture), or a device_map whose layers all run on one GPU")
             self._check_unchanged("since the model loaded: load it again before using the hooked path")
-            bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device)
+            bridge = hooked_path.boot_bridge(self.folder, self.dtype, self.device, self._placed)
             self._check_unchanged("while the hooked path loaded: load it again")
             self._bridge = bridge
         return self._bridge
@@ -378,6 +452,14 @@ class Probe:
         decode_only), ...)."""
         return dict(self.state.ablations)
 
+    def _placement_summary(self) -> str:
+        """'cpu: 10 modules, disk: 3 modules' for messages."""
+        counts: dict[str, int] = {}
+        for target in (self.placement or {}).values():
+            counts[target] = counts.get(target, 0) + 1
+        return ", ".join(f"{d}: {n} module(s)" for d, n in counts.items()) or \
+            ", ".join(sorted({str(d) for d in self.layer_devices.values()}))
+
     def output_weights(self, layer: int) -> torch.Tensor:
         """[n_heads, head_dim, d_model] float32 on the CPU: each query head's slice W_O^h of `layer`'s
         attention output projection (head h's output is z_h W_O^h), read from the fast path's model."""
@@ -386,7 +468,8 @@ class Probe:
         layer = validate.integer(layer, "layer", minimum=0, maximum=self.info.n_layers - 1,
                                  hint=f"{self.name} has {self.info.n_layers} layers")
         proj = out_projections(self.model)[layer]
-        return w_o(proj, self.info.n_heads, self.info.head_dim).cpu()
+        with placement.onloaded(proj):  # a disk-offloaded layer holds meta tensors until read in
+            return w_o(proj, self.info.n_heads, self.info.head_dim).cpu()
 
     def _check_edits(self, tokens: Tokens) -> None:
         """The active edits' token positions, resolved against these tokens (`edits.check_positions`)."""
@@ -397,19 +480,23 @@ class Probe:
             check_positions(active, tokens)
 
     def head_outputs(self, ids: Sequence[Sequence[int]], pooling: str = "mean", batch_size: int = 32,
-                     prepend_bos: bool = True, progress=False) -> torch.Tensor:
+                     prepend_bos: bool = True, progress=False, max_batch_tokens: int | None = None) -> torch.Tensor:
         """[E, layers * heads, d_model]: every head's output after W_O (z_k W_O^k, read at each layer's
         attention output projection), averaged over each prompt's real positions (`mean`) or taken at its
         last token (`last`); `both` gives [2, E, layers * heads, d_model]. Head k = layer * n_heads + head
         (`attnlab.probe.head_outputs`, which also records and patches z). progress: None/False, True (a
-        bar) or progress(done_batches, total_batches) (`attnlab.probe.progress`)."""
+        bar) or progress(done_batches, total_batches) (`attnlab.probe.progress`). max_batch_tokens: length
+        buckets under that padded-token budget instead of fixed batches in order (same rows, same order)."""
         from attnlab.probe.head_outputs import POOLINGS, head_outputs
 
         validate.choice(pooling, "pooling", POOLINGS)
         batch_size = validate.integer(batch_size, "batch_size", minimum=1)
         prepend_bos = validate.flag(prepend_bos, "prepend_bos")
+        if max_batch_tokens is not None:
+            max_batch_tokens = validate.integer(max_batch_tokens, "max_batch_tokens", minimum=1,
+                                                hint="the padded tokens (rows x longest row) one batch may hold")
         as_progress(progress)  # refuse a wrong value before any work
-        return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress)
+        return head_outputs(self, ids, pooling, batch_size, prepend_bos, progress, max_batch_tokens)
 
     def restore_model(self) -> None:
         """Undo the per-architecture adapters' changes to the model (`attnlab.probe.adapters`)."""
@@ -446,6 +533,8 @@ class Probe:
         backend: str = "auto",
         prepend_bos: bool = True,
         progress=None,
+        max_batch_tokens: int | None = None,
+        batch_size: int | None = None,
     ) -> RunOutput:
         """One forward on the fast path giving its logits and a capture of its attention statistics:
         `logits, cap = probe.run(tokens, stats=["received"])` (a `RunOutput`). Active edits and
@@ -456,10 +545,20 @@ class Probe:
         vocabulary projection (what `capture` does). logits_to_keep: the last positions whose logits
         are computed (0: every position). layers/heads: model layer and query-head indices (default
         all). progress (`attnlab.probe.progress`: None, True for a bar, or progress(done_layers,
-        total_layers), called as layers finish; it may raise to cancel)."""
+        total_layers), called as layers finish; it may raise to cancel).
+
+        max_batch_tokens / batch_size: many texts run as length buckets (`attnlab.probe.buckets`)
+        instead of one padded batch: longest first, each forward within max_batch_tokens padded tokens
+        (rows x longest row) and batch_size rows. The capture is the same (rows in the caller's order,
+        on the whole batch's padded grid; `capture.batching` reports the padding avoided); logits are
+        the same at real positions and NaN at pads (a bucket computes no pads of other buckets); progress
+        then counts batches."""
         return_logits = validate.flag(return_logits, "return_logits")
         logits_to_keep = validate.integer(logits_to_keep, "logits_to_keep", minimum=0,
                                           hint="0 keeps every position, k the last k")
+        if max_batch_tokens is not None or batch_size is not None:
+            return self._run_bucketed(inputs, stats, return_logits, logits_to_keep, layers, heads, backend,
+                                      prepend_bos, progress, max_batch_tokens, batch_size)
         if stats is None:
             validate.choice(backend, "backend", BACKENDS)
             self._check_indices(layers, self.info.n_layers, "layer", "layers")
@@ -487,12 +586,7 @@ class Probe:
                 "records the kernel (capture.kernels).", kernels.TwinOnGPUWarning, stacklevel=2)
         names = [s.name for s in stat_list]
         if "pattern" in names:
-            size = tokens.batch_size * len(layer_list) * len(head_list) * tokens.length**2
-            if size > PATTERN_LIMIT:
-                raise AttnlabError(
-                    f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
-                    "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
-                )
+            self._check_pattern_size(tokens, layer_list, head_list)
         if backend == "eager":  # transformers' eager attention materialises each layer's pattern, every head
             size = tokens.batch_size * self.info.n_heads * tokens.length**2
             if size > PATTERN_LIMIT:
@@ -521,7 +615,8 @@ class Probe:
 
         started = time.perf_counter()
         session = self._capture_session(stat_list, layer_list, backend, tokens.batch_size, pad_left,
-                                        on_layer, offload=torch.device(self.device).type == "cuda",
+                                        on_layer, offload=any(torch.device(d).type == "cuda"
+                                                              for d in (self.device, *self.layer_devices.values())),
                                         layer_order=layer_list)
         with self.state.capturing(session):
             # Without logits only the final hidden state is needed: skip the vocabulary projection.
@@ -549,6 +644,73 @@ class Probe:
             kernels={name: sorted(used) for name, used in session.kernels.items()},
         ))
 
+    @staticmethod
+    def _check_pattern_size(tokens: Tokens, layer_list: list[int], head_list: list[int]) -> None:
+        """AttnlabError when the full pattern of this batch would exceed PATTERN_LIMIT values."""
+        size = tokens.batch_size * len(layer_list) * len(head_list) * tokens.length**2
+        if size > PATTERN_LIMIT:
+            raise AttnlabError(
+                f"stats: the full pattern here is {size:,} values (limit {PATTERN_LIMIT:,}); capture statistics "
+                "instead (received, pooled(block), rows(positions), ...), or fewer layers/heads/tokens"
+            )
+
+    def _run_bucketed(self, inputs, stats, return_logits: bool, logits_to_keep: int, layers, heads, backend: str,
+                      prepend_bos: bool, progress, max_batch_tokens, batch_size) -> RunOutput:
+        """`run` over length buckets, put back together in the caller's order (see `run`)."""
+        from attnlab.probe import buckets
+        from attnlab.probe.capture import combine, into_grid
+        from attnlab.probe.progress import track
+
+        min_length = 1
+        if stats is not None:
+            stat_list = catalogue.parse(stats)
+            # rows(positions) of the whole batch: every bucket keeps enough positions for them (a text
+            # shorter than a position gets a NaN row, as in one batch, instead of a refusal)
+            min_length = max((max(p + 1, -p) for s in stat_list if s.name == "rows" for p in s.arg), default=1)
+            if any(s.name == "segments" for s in stat_list):
+                raise AttnlabError("stats: segments with max_batch_tokens/batch_size is not supported (its ids are "
+                                   "given per row of one batch); capture segments without bucketing")
+            self._resolve_backend(backend, stat_list)
+        else:
+            validate.choice(backend, "backend", BACKENDS)
+        layer_list = self._check_indices(layers, self.info.n_layers, "layer", "layers")
+        head_list = self._check_indices(heads, self.info.n_heads, "head", "heads")
+        as_progress(progress)
+        tokens = self.to_tokens(inputs, prepend_bos=prepend_bos)
+        if stats is not None and any(s.name == "pattern" for s in stat_list):
+            self._check_pattern_size(tokens, layer_list, head_list)  # the result is on the whole batch's grid
+        self._check_edits(tokens)
+        if any(_per_row_selector(e) for e in self.state.edits):
+            raise AttnlabError("max_batch_tokens/batch_size: an active edit selects keys per batch row (RowPositions), "
+                               "which a length bucket would misalign; run without bucketing, or give the edit per "
+                               "bucket")
+        if min_length > tokens.length:  # the one-batch message: the position is outside every text
+            catalogue.build_request(stat_list, tokens.length, tokens.length, tokens.batch_size, None)
+        plan = buckets.plan([max(n, min_length) for n in tokens.lengths()], max_batch_tokens=max_batch_tokens,
+                            batch_size=batch_size)
+        if stats is None and not return_logits:
+            return RunOutput(None, None)  # nothing asked for (checked like any run)
+        parts = []
+        what = "run" if return_logits else "capture"
+        for rows in track(plan.batches, progress, desc=f"{what}: {plan.describe()}", unit="batch"):
+            parts.append((rows, self.run(tokens.take(rows, min_length), stats, return_logits=return_logits,
+                                         logits_to_keep=logits_to_keep, layers=layers, heads=heads, backend=backend)))
+        logits = None
+        if return_logits:
+            width = tokens.length if logits_to_keep == 0 or self.info.kind != "causal-lm" \
+                else min(logits_to_keep, tokens.length)
+            first = parts[0][1].logits
+            logits = torch.full((tokens.batch_size, width, *first.shape[2:]), float("nan"), dtype=first.dtype,
+                                device=first.device)
+            for rows, out in parts:
+                into_grid(logits, rows, out.logits, ("batch", "query") + ("vocab",) * (logits.ndim - 2))
+            # a bucket's pads are not the whole batch's: no text has logits at a pad
+            logits[~tokens.attention_mask[:, tokens.length - width:].to(logits.device)] = float("nan")
+        capture = None
+        if stats is not None:
+            capture = combine([(rows, out.capture) for rows, out in parts], tokens, plan.report())
+        return RunOutput(logits, capture)
+
     def capture(
         self,
         inputs,
@@ -559,16 +721,21 @@ class Probe:
         backend: str = "auto",
         prepend_bos: bool = True,
         progress=None,
+        max_batch_tokens: int | None = None,
+        batch_size: int | None = None,
     ) -> Capture:
         """Run one forward and record per-head attention statistics (`run` without logits).
 
         inputs: a text, a list of texts, token ids, or Tokens. stats: catalogue entries
         (`attnlab.probe.stats`). layers/heads: model layer and query-head indices (default all).
-        progress: None, True (a bar) or progress(done_layers, total_layers), called as layers finish."""
+        progress: None, True (a bar) or progress(done_layers, total_layers), called as layers finish.
+        max_batch_tokens / batch_size: many texts as length buckets (see `run`; `capture.batching`
+        reports the padding avoided; progress then counts batches)."""
         if stats is None:
             catalogue.parse(stats)  # the catalogue's message: capture needs statistics
         return self.run(inputs, stats, return_logits=False, layers=layers, heads=heads, backend=backend,
-                        prepend_bos=prepend_bos, progress=progress).capture
+                        prepend_bos=prepend_bos, progress=progress, max_batch_tokens=max_batch_tokens,
+                        batch_size=batch_size).capture
 
     def _capture_session(self, stat_list, layers: list[int], backend: str, batch_size: int, pad_left,
                          on_layer: Callable[[int], None] | None = None, *, offload: bool = False,
@@ -582,7 +749,9 @@ class Probe:
             return catalogue.build_request(stat_list, nq, nk, batch_size, pad_left)
 
         return fast_path.CaptureSession(set(layers), make_request, kernel, on_layer, backend=backend,
-                                        offload=offload, layer_order=layer_order)
+                                        offload=offload, layer_order=layer_order,
+                                        devices=tuple(self.layer_devices.get(layer, torch.device(self.device))
+                                                      for layer in layers))
 
     def generate(self, inputs, *, max_new_tokens: int = 50, stop_at_newline: bool = True, step_stats=(),
                  layers=None, heads=None, backend: str = "auto", prepend_bos: bool = True, on_step=None,
@@ -631,16 +800,20 @@ class Probe:
     def _resolve_backend(self, backend: str, stat_list) -> str:
         validate.choice(backend, "backend", BACKENDS)
         wants_pattern = any(s.name == "pattern" for s in stat_list)
+        # A split model runs the Triton kernels only when every layer computes on a GPU.
+        triton_ok = all(kernels.triton_available(d) for d in {self.device, *map(str, self.layer_devices.values())})
         if backend == "auto":
             if wants_pattern:
                 return "eager"
-            return "triton" if kernels.triton_available(self.device) else "chunked"
+            return "triton" if triton_ok else "chunked"
         if wants_pattern and backend != "eager":
             raise AttnlabError("backend: the full pattern is captured by the eager backend only; use backend='eager'")
-        if backend == "triton" and not kernels.triton_available(self.device):
+        if backend == "triton" and not triton_ok:
+            where = (f" (this model's layers compute on {', '.join(sorted({str(d) for d in self.layer_devices.values()}))})"
+                     if self.split else "")
             raise AttnlabError(
-                "backend: 'triton' needs a CUDA GPU and the triton package; use backend='chunked' (any device) "
-                "or 'auto'"
+                f"backend: 'triton' needs a CUDA GPU and the triton package for every layer{where}; use "
+                "backend='chunked' (any device) or 'auto'"
             )
         return backend
 

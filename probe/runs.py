@@ -157,6 +157,7 @@ class Run:
             model=m["model"]["name"], backend=c["backend"], tokens=tokens, layers=c["layers"], heads=c["heads"],
             kv_heads=c["kv_heads"], stats=stats, params=m["parameters"], timings=m.get("timings", {}),
             kernels=c.get("kernels", {}),
+            batching=m.get("batching", {}),
         )
 
 
@@ -306,6 +307,8 @@ class RunStore:
                 **({"kernels": capture.kernels} if capture.kernels else {}),
             },
         }
+        if getattr(capture, "batching", None):  # length buckets (attnlab.probe.buckets): the padding avoided
+            manifest["batching"] = capture.batching
         if probe is not None:
             manifest["tokenizer"] = tokenizer_record(probe)
         dims = {k: dims_of(k) for k in capture.stats}
@@ -461,7 +464,9 @@ class _RunReader:
                 raise self.error(f"manifest field 'model.{key}'", f"is {n}, not a positive integer: rewrite the run")
         self._field(model, "kind", str, "a string such as 'causal-lm'", required=False, where="model.")
         self._field(model, "capabilities", dict, "an object of attention features", required=False, where="model.")
-        for key in ("parameters", "timings", "versions", "tokenizer"):
+        self._field(model, "placement", dict, "an object of module name -> device", required=False, where="model.")
+        self._field(model, "layer_devices", dict, "an object of layer -> device", required=False, where="model.")
+        for key in ("parameters", "timings", "versions", "tokenizer", "batching"):
             self._field(m, key, dict, "an object", required=False)
         for key in ("summary", "analysis", "inputs_sha256"):
             self._field(m, key, str, "a string", required=False)
@@ -764,6 +769,11 @@ def model_record(probe) -> dict:
         "device": str(probe.device), "source": probe.meta.get("source"),
         # What the fast path honoured (attnlab.probe.capabilities); absent for probes built without one.
         **({"kind": i.kind, "capabilities": i.capabilities} if getattr(i, "capabilities", None) else {}),
+        # A device_map placement (attnlab.probe.placement): {module: 'cuda:0' | 'cpu' | 'disk'}; absent otherwise.
+        **({"placement": probe.placement} if getattr(probe, "placement", None) else {}),
+        # ... and where each layer's attention computed (a CPU-offloaded layer runs on the GPU it is read into)
+        **({"layer_devices": {str(k): str(v) for k, v in probe.layer_devices.items()}}
+           if getattr(probe, "placement", None) else {}),
     }
 
 

@@ -56,6 +56,20 @@ class Tokens:
         """[B] index of the first non-pad token of each row."""
         return (~self.attention_mask).sum(dim=1)
 
+    def lengths(self) -> list[int]:
+        """Each row's real token count (BOS included when prepended)."""
+        return [int(n) for n in self.attention_mask.sum(dim=1)]
+
+    def take(self, rows: list[int], min_length: int = 1) -> Tokens:
+        """The Tokens of these rows only (in this order), left-padded to the longest of them (or to
+        min_length, at most this batch's length): the columns that are pads in every chosen row are
+        dropped (a length bucket of a larger batch)."""
+        mask = self.attention_mask[rows]
+        drop = max(0, min(int((~mask).sum(dim=1).min()), self.length - min_length))
+        return Tokens(self.input_ids[rows][:, drop:], mask[:, drop:], [self.strings[b][drop:] for b in rows],
+                      [self.offsets[b][drop:] for b in rows],
+                      [self.texts[b] for b in rows] if self.texts is not None else None, self.prepend_bos)
+
 
 def tokenize(
     tokenizer,
@@ -93,6 +107,13 @@ def tokenize(
         rows.append(ids)
         offs.append(off)
     return _pad(tokenizer, rows, offs, texts, prepend_bos, context_length, model_name, arg)
+
+
+def token_counts(tokenizer, texts: list[str], *, prepend_bos: bool = True) -> list[int]:
+    """Each text's token count as `tokenize` makes it (BOS included when prepended), without building a
+    padded batch: what length bucketing (`attnlab.probe.buckets`) plans with."""
+    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [len(ids) + int(bool(prepend_bos)) for ids in enc]
 
 
 def from_ids(

@@ -176,7 +176,65 @@ CASES = [
     ("load-dtype-int-torch", lambda p, t: load("tiny-llama", dtype=torch.int64), r"^dtype: torch.int64 is not a supported"),
     ("load-name-None", lambda p, t: load(None), r"^name_or_path: None is not a model name or folder"),
     ("load-cache-string", lambda p, t: load("tiny-llama", cache="no"), r"^cache: 'no' is a str, not a bool"),
+    # ----- length buckets (attnlab.probe.buckets) -----
+    ("buckets-zero", lambda p, t: p.capture(["a", "bb"], max_batch_tokens=0),
+     r"^max_batch_tokens: 0 is out of range; pass an integer >= 1 \(the padded tokens"),
+    ("buckets-string", lambda p, t: p.capture(["a", "bb"], max_batch_tokens="4k"), r"^max_batch_tokens: '4k' is a str"),
+    ("buckets-bool", lambda p, t: p.run(["a", "bb"], max_batch_tokens=True), r"^max_batch_tokens: True is a bool"),
+    ("buckets-float", lambda p, t: p.capture(["a", "bb"], max_batch_tokens=512.0), r"^max_batch_tokens: 512.0 is a float"),
+    ("buckets-batch-size", lambda p, t: p.capture(["a", "bb"], batch_size=-2), r"^batch_size: -2 is out of range"),
+    ("buckets-segments", lambda p, t: p.capture(["ab", "c"], stats=[Stat("segments", [[0, 1, 1], [0, 0]])],
+                                                max_batch_tokens=8),
+     r"^stats: segments with max_batch_tokens/batch_size is not supported"),
+    ("buckets-row-positions", lambda p, t: _edit_run_bucketed(p, AttentionEdit(RowPositions([[1], [1]]), LogitBias(2.0))),
+     r"^max_batch_tokens/batch_size: an active edit selects keys per batch row \(RowPositions\)"),
+    ("buckets-pattern-too-large", lambda p, t: p.capture(["x" * 4000] * 3, stats=["pattern"], batch_size=1),
+     r"^stats: the full pattern here is [\d,]+ values \(limit 268,435,456\); capture statistics instead"),
+    ("head-outputs-buckets", lambda p, t: p.head_outputs([[1, 2], [3]], max_batch_tokens=-1),
+     r"^max_batch_tokens: -1 is out of range"),
+    # ----- load with a device_map (attnlab.probe.placement): checked before any weights are read -----
+    ("device-map-and-device", lambda p, t: load("tiny-llama", device="cpu", device_map="auto"),
+     r"^device: 'cpu' together with device_map; pass one"),
+    ("device-map-unknown-device", lambda p, t: load("tiny-llama", device_map={"": "cuda:99"}),
+     r"^device_map\[''\]: 'cuda:99' but this machine has .*; place those modules on a device that exists"),
+    ("device-map-unknown-kind", lambda p, t: load("tiny-llama", device_map={"model.layers.0": "tpu"}),
+     r"^device_map\['model.layers.0'\]: unknown device 'tpu'; name 'cpu', 'cuda:N'"),
+    ("device-map-gpu-index", lambda p, t: load("tiny-llama", device_map={"": 99}),
+     r"^device_map\[''\]: 'cuda:99' but this machine has"),
+    ("device-map-strategy", lambda p, t: load("tiny-llama", device_map="everywhere"),
+     r"^device_map: 'everywhere' is not a placement; pass one of auto, balanced, balanced_low_0, sequential, a "
+     r"device that exists here, or a dict"),
+    ("device-map-one-missing-gpu", lambda p, t: load("tiny-llama", device_map="cuda:99"),
+     r"^device_map: 'cuda:99' is not a placement"),
+    ("device-map-bool", lambda p, t: load("tiny-llama", device_map=True), r"^device_map: True is not a placement"),
+    ("device-map-empty", lambda p, t: load("tiny-llama", device_map={}), r"^device_map: \{\} is not a placement"),
+    ("device-map-disk-no-folder", lambda p, t: load("tiny-llama", device_map={"": "disk"}),
+     r"^device_map: modules are placed on 'disk' but no offload_folder is given; pass offload_folder="),
+    ("device-map-in-memory", lambda p, t: load("tiny-llama", device_map="auto", cache=False),
+     r"^device_map: cache=False builds the model in memory"),
+    ("device-map-unknown-module", lambda p, t: load("tiny-llama", device_map={"model.layers.7": "cpu"}),
+     r"^device_map: 'model.layers.7' is not a module of LlamaForCausalLM; name its modules"),
+    ("device-map-partial", lambda p, t: load("tiny-llama", device_map={"model.layers.0": "cpu"}),
+     r"^device_map: \d+ weight\(s\) are placed nowhere \(e.g. model.embed_tokens.weight\); give every module a device"),
+    ("max-memory-without-map", lambda p, t: load("tiny-llama", max_memory={"cpu": "1GiB"}),
+     r"^max_memory: given without device_map; pass device_map='auto'"),
+    ("offload-without-map", lambda p, t: load("tiny-llama", offload_folder="/tmp/x"),
+     r"^offload_folder: given without device_map"),
+    ("max-memory-size", lambda p, t: load("tiny-llama", device_map="auto", max_memory={"cpu": "lots"}),
+     r"^max_memory\['cpu'\]: 'lots' is not a size; pass a positive number of bytes or a string such as '10GiB'"),
+    ("max-memory-negative", lambda p, t: load("tiny-llama", device_map="auto", max_memory={"cpu": -5}),
+     r"^max_memory\['cpu'\]: -5 is not a size"),
+    ("max-memory-device", lambda p, t: load("tiny-llama", device_map="auto", max_memory={"cuda:99": "1GiB"}),
+     r"^max_memory key 'cuda:99': 'cuda:99' but this machine has"),
+    ("max-memory-does-not-fit", lambda p, t: load("tiny-llama", device_map="auto", max_memory={"cpu": 10_000}),
+     r"^max_memory: max_memory \{'cpu': 10000\} does not fit the model \(\d+ module\(s\) would go to disk.*raise "
+     r"max_memory, or pass offload_folder= to allow disk offload"),
 ]
+
+
+def _edit_run_bucketed(probe, edit):
+    with probe.intervene(edit):
+        probe.capture(["a text", "another one"], stats=["received"], max_batch_tokens=64)
 
 
 def _with_ids(tokens, bad_id):
