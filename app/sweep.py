@@ -73,6 +73,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -95,6 +96,7 @@ INPUT_KINDS = ("text", "texts", "file", "task")
 METHOD_RUN_OPTIONS = {"n": 200, "n_tune": 64, "seed": 0, "batch_size": 16}  # `run_method`'s defaults
 CAPTURE_KEYS = ("stats", "backend", "prepend_bos")
 ID_CHARS = 16  # hex digits of a cell id (64 bits)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its remote tracebacks
 MAX_ERROR = 4000  # characters of a failure's traceback kept in the manifest
 
 
@@ -289,7 +291,7 @@ def _check(path: Path, data: dict, sha: str) -> Spec:
 _PLUGINS: dict[str, object] = {}
 
 
-def _load_plugin(spec_path: Path, entry: str, key: str, c: _Checker | None = None) -> str:
+def _load_plugin(spec_path: Path, entry: str, key: str = "plugins", c: _Checker | None = None) -> str:
     """Import a plugin (a dotted module name, or a .py file relative to the spec) once per process;
     returns what workers import (the module name, or the file's absolute path)."""
     target = entry
@@ -585,10 +587,11 @@ def run_cell(probe, cell: Cell, batch_size: int | None = None) -> tuple[str, dic
     content = _RunContent()
     if cell.job == "analysis":
         analysis = ANALYSES[cell.name]
-        params = dict(cell.params)
+        # the checked values as they are (JSON lists back to tuples), never re-parsed as typed text
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in cell.params.items()}
         if batch_size is not None:
-            params["batch_size"] = batch_size
-        res = analysis.run(probe, _analysis_inputs(analysis, cell.input), params)
+            values["batch_size"] = batch_size
+        res = analysis.run(probe, _analysis_inputs(analysis, cell.input), analysis.params(**values))
         res.save(content, probe)
     elif cell.job == "method":
         from attnlab.interventions.run import run_method
@@ -625,8 +628,13 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def _error_record(e: BaseException) -> dict:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return {"error": f"{type(e).__name__}: {first}"[:500],
+    """{"error": one line, "traceback": its tail}. Ray's errors carry the remote traceback in their
+    message: the line kept is their first and their last (the remote exception)."""
+    lines = [line for line in _ANSI.sub("", str(e)).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1 and type(e).__module__.startswith("ray."):
+        text = f"{text[:200]} ... {lines[-1].strip()}"
+    return {"error": f"{type(e).__name__}: {text}"[:600],
             "traceback": "".join(traceback.format_exception(e))[-MAX_ERROR:]}
 
 
@@ -794,7 +802,7 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
 
             def finished(cell: Cell, rec: dict) -> None:
                 nonlocal done
-                records[cell.id].update(rec)
+                records[cell.id] = {**cell.describe(), **rec}  # this attempt's record only
                 counts["done" if rec["status"] == "done" else "failed"] += 1
                 done += 1
                 manifest["cells"] = list(records.values())
@@ -886,15 +894,18 @@ def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], ac
             rec["error"] = f"the worker died while running this cell ({rec['error']})"
             model = actors.pop(actor)
             ray.kill(actor, no_restart=True)
-            actor = start(model)  # a fresh worker takes its place
-            actors[actor] = model
+            actor = None
+            if queues[model]:  # a fresh worker takes its place while its model has cells left
+                actor = start(model)
+                actors[actor] = model
         if rec["status"] == "done":
             try:
                 kind, record, kwargs = rec.pop("content")
                 store.write(kind, record, name=cell.run, **kwargs)
             except (AttnlabError, OSError) as e:
                 rec.update(status="failed", **_error_record(e))
-        submit(actor)
+        if actor is not None:
+            submit(actor)
         finished(cell, rec)
     for actor in actors:
         ray.kill(actor)
