@@ -498,7 +498,8 @@ def _method_cells(sweep, key, name, entry, models, inputs, c) -> list[Cell]:
         need = "span_qa" if method.needs_spans else "sst2, ..., span_qa"
         raise c.fail("inputs", f"holds no task that {key} ({name}) is evaluated on: add {{task: "
                                f"{need.split(',')[0]}}}")
-    hyper = list(method.estimator().get_params())
+    # n, batch_size and progress of the estimator are set by `run_method` (from the run options)
+    hyper = [h for h in method.estimator().get_params() if h not in ("n", "batch_size", "progress")]
     cells = []
     for fixed, point in _grid(entry, key, c):
         values = {**fixed, **point}
