@@ -59,7 +59,8 @@ given as .py files must be readable on every node.
 
 The sweep manifest, `<store>/sweeps/<name>.json` (written atomically after every cell): the spec's
 path and hash, each cell (id, model, input, job, parameters, status, run, worker: node, actor,
-host, pid, device; wall seconds, retries, error and traceback of a failure), and every invocation
+host, pid, device; start and end time, wall seconds, retries, error and traceback of a failure), and
+every invocation
 (when, cluster address, workers, cells run / skipped / failed, wall time).
 """
 
@@ -176,6 +177,16 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"sweep spec {path} is not UTF-8 text: save it as UTF-8") from None
     data = _parse(path, text)
     return _check(path, data, hashlib.sha256(raw).hexdigest())
+
+
+def spec_from_dict(data: dict, where: str | Path = "sweep.yaml") -> Spec:
+    """A spec built in Python (the keys of a spec file), checked as `load_spec` checks a file; `where`
+    names it in errors and anchors relative paths (its folder)."""
+    path = Path(where).expanduser()
+    body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str).encode()
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec is a mapping of keys (got {type(data).__name__}): start with 'models'")
+    return _check(path, data, hashlib.sha256(body).hexdigest())
 
 
 def _parse(path: Path, text: str) -> dict:
@@ -663,7 +674,7 @@ class Worker:
         """One cell: {"status": "done", "content": ...} or {"status": "failed", "error", "traceback"};
         an out-of-memory error is retried once with half the batch size (module docstring)."""
         started = time.perf_counter()
-        record: dict = {"worker": self.where(), "retries": []}
+        record: dict = {"worker": self.where(), "retries": [], "started": time.time()}
         batch = None
         for attempt in range(2):
             try:
@@ -680,6 +691,7 @@ class Worker:
                 record.update(status="failed", **_error_record(e))
                 break
         record["seconds"] = round(time.perf_counter() - started, 3)
+        record["finished"] = time.time()  # seconds since the epoch on the worker's clock, as "started"
         return record
 
     def _free_memory(self) -> None:
