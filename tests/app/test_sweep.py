@@ -6,6 +6,7 @@ out-of-memory cell is retried once with half its batch size."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 
 import pandas as pd
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from attnlab.analyses import ANALYSES
-from attnlab.app import sweep
+from attnlab.app import cli, sweep
 from attnlab.probe import RunStore
 
 ray = pytest.importorskip("ray")  # in the `test` extra: the import never fails where the lock is installed
@@ -107,7 +108,7 @@ def assert_same_run(a, b) -> None:
 
 @pytest.mark.slow
 def test_a_sweep_equals_its_cells_run_one_by_one_and_a_rerun_runs_nothing(cluster, tmp_path, tiny_models,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     spec = sweep.load_spec(main_spec(tmp_path))
     assert len(spec.cells) == 2 * 3 * 2
     seen = []
@@ -137,6 +138,16 @@ def test_a_sweep_equals_its_cells_run_one_by_one_and_a_rerun_runs_nothing(cluste
     assert (again.done, again.skipped, again.failed) == (0, 12, 0)
     assert report.manifest.read_bytes() == before
     assert len(store.list()) == 12
+    # the same through the command line: its summary table says so
+    monkeypatch.setenv("COLUMNS", "150")
+    monkeypatch.setattr(sys, "argv", ["attnlab", "sweep", str(main_spec(tmp_path)), "--store", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out = capsys.readouterr().out
+    assert exited.value.code == 0, out
+    row = next(line for line in out.splitlines() if "│" in line and "s" in line and "12" in line)
+    assert [cell.strip() for cell in row.strip("│ ").split("│")][:3] == ["0", "12", "0"], out
+    assert report.manifest.read_bytes() == before
 
 
 @pytest.mark.slow
