@@ -60,8 +60,8 @@ given as .py files must be readable on every node.
 The sweep manifest, `<store>/sweeps/<name>.json` (written atomically after every cell): the spec's
 path and hash, each cell (id, model, input, job, parameters, status, run, worker: node, actor,
 host, pid, device; start and end time, wall seconds, retries, error and traceback of a failure), and
-every invocation
-(when, cluster address, workers, cells run / skipped / failed, wall time).
+every invocation (when, cluster address, workers, cells run / skipped / failed, wall time). Two
+invocations of the same sweep on the same store at the same time are not coordinated: run one.
 """
 
 from __future__ import annotations
@@ -477,11 +477,12 @@ def _analysis_cells(sweep, key, name, entry, models, inputs, c) -> list[Cell]:
             raise c.fail(_where(key, fixed, point, bad) if bad else f"{key}.params", f"is wrong: {e}") from None
         plain = {k: _plain(v) for k, v in dataclasses.asdict(params).items()}
         for inp in readable or [None]:
-            if analysis.check is not None and inp is not None:
+            if analysis.check is not None:
                 try:
                     analysis.check(_analysis_inputs(analysis, inp), params)
                 except AttnlabError as e:
-                    raise c.fail(key, f"cannot run on input {inp.name!r}: {e}") from None
+                    on = f" on input {inp.name!r}" if inp is not None else ""
+                    raise c.fail(key, f"cannot run{on}: {e}") from None
             cells += [_cell(sweep, model, "analysis", name, plain, inp) for model in models]
     return cells
 
@@ -775,7 +776,8 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
     report = as_progress(progress, f"sweep {spec.name}", "cell")
     started = time.perf_counter()
     path = manifest_path(store, spec.name)
-    old = {c.get("id"): c for c in _read_manifest(path).get("cells", []) if isinstance(c, dict)}
+    previous = _read_manifest(path)
+    old = {c.get("id"): c for c in previous.get("cells", []) if isinstance(c, dict)}
     records: dict[str, dict] = {}
     for cell in spec.cells:
         rec = {**old.get(cell.id, {}), **cell.describe()}
@@ -792,7 +794,7 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
     if report is not None:
         report(skipped, total)
     manifest = {"name": spec.name, "spec": str(spec.path.resolve()), "spec_sha256": spec.sha256,
-                "invocations": _read_manifest(path).get("invocations", []), "cells": list(records.values())}
+                "invocations": list(previous.get("invocations", [])), "cells": list(records.values())}
     counts = {"done": 0, "failed": 0}
     invocation = {"started": dt.datetime.now(dt.timezone.utc).isoformat(), "address": address,
                   "workers": workers, "skipped": skipped}
@@ -903,8 +905,11 @@ def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], ac
         try:
             rec = ray.get(ref)
         except died as e:
-            rec = {"status": "failed", **_error_record(e)}
-            rec["error"] = f"the worker died while running this cell ({rec['error']})"
+            rec = {"status": "failed", **_error_record(e)}  # Ray's whole message stays in "traceback"
+            exit_type = re.search(r"Worker exit type: (\w+)", str(e))
+            rec["error"] = (f"the worker died while running this cell ({type(e).__name__}"
+                            f"{f', exit type {exit_type.group(1)}' if exit_type else ''})")
+            rec["traceback"] = _ANSI.sub("", str(e))[-MAX_ERROR:]
             model = actors.pop(actor)
             ray.kill(actor, no_restart=True)
             actor = None
