@@ -645,9 +645,9 @@ def sweep(
                                "sweep's manifest goes to STORE/sweeps/NAME.json."),
     address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster (e.g. ray://head:10001 "
                                           "or auto); default: start a local one."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Workers per model, each holding the model once "
-                                          "(default: one per GPU of the cluster, else one per CPU core). Also the "
-                                          "CPU count of a local cluster."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Workers at once, each a Ray actor holding one "
+                                          "loaded model (default: one per GPU of the cluster, else one per CPU core). "
+                                          "Also the CPU count of a local cluster."),
 ) -> None:
     """Run a sweep on Ray: every cell (model x input x analysis or method x parameters) as an ordinary run.
 

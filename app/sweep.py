@@ -45,9 +45,10 @@ its full parameters (the analysis' Params with defaults filled in), and its run 
 rerun skips it, and a rerun of a finished sweep starts no Ray cluster and loads no model. Failed
 cells run again on a rerun.
 
-Workers (Ray's machinery: actors, `ray.wait`): per model, up to `workers` actors each hold one
+Workers (Ray's machinery: actors, `ray.wait`): up to `workers` actors at once, each holding one
 loaded probe (one GPU each, `num_gpus=1`, where the cluster has GPUs; one CPU slot each
-otherwise), so a model loads once per worker, not once per cell. Each actor has one cell in flight
+otherwise), so a model loads once per worker, not once per cell; up to `workers` models run side by
+side with the slots shared out among them, the next models when they are done. Each actor has one cell in flight
 at a time, so a worker that dies (`RayActorError`, `WorkerCrashedError`, Ray's memory monitor)
 loses only that cell, which is recorded as failed; a fresh actor replaces it. A cell that raises
 is recorded with its error and the sweep goes on. An out-of-memory error (torch's, or CUDA's as a
@@ -766,7 +767,8 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
     store: the RunStore (or its folder) that receives the runs and `sweeps/<name>.json`. address:
     an existing Ray cluster (`ray.init(address=...)`); None starts a local one with `workers` CPUs
     (default: all cores), unless Ray is already initialised in this process (then that is used and
-    left running). workers: actors per model (default: the cluster's GPUs, else its CPUs).
+    left running). workers: actors at once (default: the cluster's GPUs, else its CPUs), shared out
+    among up to `workers` models that run side by side.
     progress (`attnlab.probe.progress`): one count over all cells, skipped ones included."""
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     store = store if isinstance(store, RunStore) else RunStore(store)
@@ -916,14 +918,14 @@ def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], ac
             if queues[model]:  # a fresh worker takes its place while its model has cells left
                 actor = start(model)
                 actors[actor] = model
+        if actor is not None:
+            submit(actor)  # before writing this cell's run: the worker computes while the driver writes
         if rec["status"] == "done":
             try:
                 kind, record, kwargs = rec.pop("content")
                 store.write(kind, record, name=cell.run, **kwargs)
             except (AttnlabError, OSError) as e:
                 rec.update(status="failed", **_error_record(e))
-        if actor is not None:
-            submit(actor)
         finished(cell, rec)
     for actor in actors:
         ray.kill(actor)
