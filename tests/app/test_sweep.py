@@ -214,3 +214,18 @@ def test_an_out_of_memory_cell_is_retried_once_with_half_the_batch(cluster, tmp_
                      cell.input)
     rec = worker.run(big)
     assert rec["status"] == "failed" and "OutOfMemoryError" in rec["error"] and len(rec["retries"]) == 1
+
+
+def test_models_share_the_worker_slots_and_never_get_more_actors_than_cells():
+    cells = {m: [object()] * k for m, k in (("a", 5), ("b", 1), ("c", 4))}
+    assert sweep._groups(cells, 2) == [{"a": 1, "b": 1}, {"c": 2}]
+    assert sweep._groups(cells, 4) == [{"a": 2, "b": 1, "c": 1}]
+    assert sweep._groups({"a": [object()] * 3}, 8) == [{"a": 3}]
+
+
+def test_a_spec_built_in_python_plans_the_cells_of_the_same_file(tmp_path):
+    path = main_spec(tmp_path)
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    assert [c.id for c in sweep.spec_from_dict(data, path).cells] == [c.id for c in sweep.load_spec(path).cells]
