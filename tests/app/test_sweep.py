@@ -151,7 +151,8 @@ def test_a_sweep_equals_its_cells_run_one_by_one_and_a_rerun_runs_nothing(cluste
 
 
 @pytest.mark.slow
-def test_a_dead_worker_loses_only_its_cell_and_the_rerun_completes_it(cluster, tmp_path, faults_plugin):
+def test_a_dead_worker_loses_only_its_cell_and_the_rerun_completes_it(cluster, tmp_path, faults_plugin, monkeypatch,
+                                                                      capsys):
     flag = tmp_path / "crash.flag"
     flag.write_text("while this file exists, the exit cell kills its worker")
     path = write_spec(tmp_path, f"""\
@@ -177,9 +178,15 @@ def test_a_dead_worker_loses_only_its_cell_and_the_rerun_completes_it(cluster, t
     assert len(RunStore(tmp_path / "runs").list()) == 1
 
     flag.unlink()
-    second = sweep.run_sweep(path, tmp_path / "runs", workers=1)
-    assert (second.done, second.skipped, second.failed) == (1, 1, 1)  # the exit cell now finishes
-    manifest = json.loads(second.manifest.read_text())
+    # the rerun through the command line: the exit cell now finishes, the raise cell fails again (exit code 1)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["attnlab", "sweep", str(path), "--store", str(tmp_path / "runs"), "--workers", "1"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out = capsys.readouterr().out
+    assert exited.value.code == 1, out
+    assert "failed cells (a rerun retries them)" in out and "RuntimeError: this cell fails on purpose" in out
+    manifest = json.loads(first.manifest.read_text())
     status = {mode[c["id"]]: c["status"] for c in manifest["cells"]}
     assert status == {"raise": "failed", "exit": "done", "ok": "done"}
     exit_record = next(c for c in manifest["cells"] if mode[c["id"]] == "exit")
