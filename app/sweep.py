@@ -55,8 +55,9 @@ is recorded with its error and the sweep goes on. An out-of-memory error (torch'
 RuntimeError) is retried once with half the batch size where the cell has one (a method's
 `batch_size`, an analysis parameter named `batch_size`); a cell without a batch size is retried
 once as it is, after the allocator's cache is emptied. The driver writes every run (the worker
-returns the run's content), so the store need not be shared with the cluster's nodes; plugins
-given as .py files must be readable on every node.
+returns the run's content), so the store need not be shared with the cluster's nodes; every node
+needs attnlab installed (and the models: a registry model's package, or a folder at the same path),
+and plugins given as .py files must be readable on every node.
 
 The sweep manifest, `<store>/sweeps/<name>.json` (written atomically after every cell): the spec's
 path and hash, each cell (id, model, input, job, parameters, status, run, worker: node, actor,
@@ -806,7 +807,12 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
         own = not ray.is_initialized()
         if own:
             kwargs = {"address": address} if address else {"num_cpus": workers}
-            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            try:
+                ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = f"at --address {address}" if address else "locally"
+                raise AttnlabError(f"Ray could not start {where} ({_error_record(e)['error']}): check the address "
+                                   "(`ray status` on the head node), or leave --address out for a local cluster") from None
         try:
             resources = ray.cluster_resources()
             gpus = int(resources.get("GPU", 0)) if spec.device != "cpu" else 0

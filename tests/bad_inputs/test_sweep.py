@@ -152,3 +152,17 @@ def test_a_sweep_without_ray_names_the_extra_to_install(monkeypatch, capsys, tmp
                                                      str(tmp_path / "runs")])
     assert code == 2 and "pip install 'attnlab[sweep]'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_address_without_a_ray_cluster_is_one_line(monkeypatch, capsys, tmp_path, no_model_load):
+    ray = pytest.importorskip("ray")
+
+    def no_cluster(*args, **kwargs):  # what ray.init raises where no cluster answers (without waiting for it)
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    (tmp_path / "good.yaml").write_text(GOOD)
+    code, out, err = run_main(monkeypatch, capsys, ["sweep", str(tmp_path / "good.yaml"), "--store",
+                                                     str(tmp_path / "runs"), "--address", "auto"])
+    assert code == 2 and "Ray could not start at --address auto" in err and len(err.strip().splitlines()) == 1, err
