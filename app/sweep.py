@@ -83,7 +83,7 @@ import tempfile
 import time
 import tomllib
 import traceback
-from collections.abc import Mapping
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,8 +278,7 @@ def _check(path: Path, data: dict, sha: str) -> Spec:
         raise c.fail("models", f"names a model twice ({models}): list each model once")
     inputs = [_input(path, entry, f"inputs[{i}]", c)
               for i, entry in enumerate(c.items(data.get("inputs"), "inputs", "[{text: 'The cat sat.'}]"))]
-    names = [i.name for i in inputs]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, k in Counter(i.name for i in inputs).items() if k > 1)
     if twice:
         raise c.fail("inputs", f"names the input {twice[0]!r} twice: give each input its own name")
     jobs = []
@@ -292,9 +291,9 @@ def _check(path: Path, data: dict, sha: str) -> Spec:
     cells = []
     for kind, key, entry in jobs:
         cells += _job_cells(name, kind, key, entry, models, inputs, c)
-    ids = [cell.id for cell in cells]
-    if len(set(ids)) != len(ids):
-        dup = next(cell for cell in cells if ids.count(cell.id) > 1)
+    counts = Counter(cell.id for cell in cells)
+    if len(counts) != len(cells):
+        dup = next(cell for cell in cells if counts[cell.id] > 1)
         raise c.fail(f"{dup.job}s" if dup.job != "analysis" else "analyses",
                      f"holds the same cell twice ({dup.name} on {dup.model}, input "
                      f"{dup.input.name if dup.input else 'none'}, {dup.params}): list each combination once")
@@ -624,7 +623,10 @@ def run_cell(probe, cell: Cell, batch_size: int | None = None) -> tuple[str, dic
     else:
         raise AttnlabError(f"cell {cell.id}: unknown job {cell.job!r}")
     kind, model, kwargs = content.content
-    kwargs.setdefault("manifest", {})["sweep"] = {"name": cell.sweep, "cell": cell.id, "input": cell.describe()["input"]}
+    record = {"name": cell.sweep, "cell": cell.id, "input": cell.describe()["input"]}
+    if batch_size is not None:
+        record["batch_size"] = batch_size  # the out-of-memory retry's, not the cell's own
+    kwargs.setdefault("manifest", {})["sweep"] = record
     return kind, model, kwargs
 
 

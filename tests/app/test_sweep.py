@@ -215,6 +215,7 @@ def test_an_out_of_memory_cell_is_retried_once_with_half_the_batch(cluster, tmp_
     assert "OutOfMemoryError" in rec["retries"][0]["error"]
     kind, _, content = rec["content"]
     assert kind == "test_faults" and content["tables"]["heads"]["batch_size"].tolist() == [2]
+    assert content["manifest"]["sweep"] == {"name": "oom", "cell": cell.id, "input": "text0", "batch_size": 2}
 
     # a second out-of-memory error is recorded, not retried again
     big = sweep.Cell(cell.id, cell.sweep, cell.model, cell.job, cell.name, {**cell.params, "batch_size": 8},
