@@ -46,8 +46,8 @@ rerun skips it, and a rerun of a finished sweep starts no Ray cluster and loads 
 cells run again on a rerun.
 
 Workers (Ray's machinery: actors, `ray.wait`): up to `workers` actors at once, each holding one
-loaded probe (one GPU each, `num_gpus=1`, where the cluster has GPUs; one CPU slot each
-otherwise), so a model loads once per worker, not once per cell; up to `workers` models run side by
+loaded probe (one GPU each, `num_gpus=1`, with its share of the node's CPU cores, where the cluster
+has GPUs; one CPU slot each otherwise), so a model loads once per worker, not once per cell; up to `workers` models run side by
 side with the slots shared out among them, the next models when they are done. Each actor has one cell in flight
 at a time, so a worker that dies (`RayActorError`, `WorkerCrashedError`, Ray's memory monitor)
 loses only that cell, which is recorded as failed; a fresh actor replaces it. A cell that raises
@@ -866,6 +866,15 @@ def _groups(work: dict[str, list[Cell]], n_workers: int) -> list[dict[str, int]]
     return groups
 
 
+def _cpus_per_gpu(ray) -> int:
+    """The CPU cores each GPU worker takes: its share of a GPU node's cores (the smallest share over
+    the cluster's GPU nodes, so that a worker fits on any of them). Ray sets the worker's thread
+    count (OMP_NUM_THREADS) to it, so a GPU worker has the host-side threads a plain process would."""
+    shares = [int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"]) for node in ray.nodes()
+              if node.get("Alive") and node["Resources"].get("GPU")]
+    return max(1, min(shares)) if shares else 1
+
+
 def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], actors_per_model: dict[str, int],
                gpu: bool, finished) -> None:
     """The cells of a few models at once, each model on its own actors, one cell in flight per actor.
@@ -875,7 +884,7 @@ def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], ac
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
     died = (RayActorError, WorkerCrashedError, RayMemoryError)
-    options = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
+    options = {"num_gpus": 1, "num_cpus": _cpus_per_gpu(ray)} if gpu else {"num_cpus": 1}
     actor_class = ray.remote(**options)(Worker)
     device = "cuda" if gpu else "cpu"
 
