@@ -891,58 +891,63 @@ def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], ac
     def start(model: str):
         return actor_class.remote(model, device, spec.plugins)
 
-    starting = [(model, start(model)) for model, k in actors_per_model.items() for _ in range(k)]
     actors: dict = {}  # actor -> model
-    errors: dict[str, dict] = {}
-    for model, actor in starting:
-        try:
-            ray.get(actor.where.remote())
-            actors[actor] = model
-        except (*died, RayTaskError) as e:
-            errors[model] = _error_record(e)
-            ray.kill(actor)
-    queues = {model: list(reversed(cells)) for model, cells in work.items()}  # pop() keeps the spec's order
-    for model in work:
-        if model not in actors.values():
-            for cell in work[model]:
-                finished(cell, {"status": "failed", **errors[model],
-                                "error": f"no worker could load {model}: {errors[model]['error']}"})
-            queues[model] = []
-    in_flight: dict = {}  # ObjectRef -> (actor, cell)
-
-    def submit(actor) -> None:
-        queue = queues[actors[actor]]
-        if queue:
-            cell = queue.pop()
-            in_flight[actor.run.remote(cell)] = (actor, cell)
-
-    for actor in list(actors):
-        submit(actor)
-    while in_flight:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        actor, cell = in_flight.pop(ref)
-        try:
-            rec = ray.get(ref)
-        except died as e:
-            rec = {"status": "failed", **_error_record(e)}  # Ray's whole message stays in "traceback"
-            exit_type = re.search(r"Worker exit type: (\w+)", str(e))
-            rec["error"] = (f"the worker died while running this cell ({type(e).__name__}"
-                            f"{f', exit type {exit_type.group(1)}' if exit_type else ''})")
-            rec["traceback"] = _ANSI.sub("", str(e))[-MAX_ERROR:]
-            model = actors.pop(actor)
-            ray.kill(actor, no_restart=True)
-            actor = None
-            if queues[model]:  # a fresh worker takes its place while its model has cells left
-                actor = start(model)
-                actors[actor] = model
-        if actor is not None:
-            submit(actor)  # before writing this cell's run: the worker computes while the driver writes
-        if rec["status"] == "done":
+    try:
+        for model, k in actors_per_model.items():
+            actors.update({start(model): model for _ in range(k)})
+        errors: dict[str, dict] = {}
+        for actor, model in list(actors.items()):  # they load their models side by side
             try:
-                kind, record, kwargs = rec.pop("content")
-                store.write(kind, record, name=cell.run, **kwargs)
-            except (AttnlabError, OSError) as e:
-                rec.update(status="failed", **_error_record(e))
-        finished(cell, rec)
-    for actor in actors:
-        ray.kill(actor)
+                ray.get(actor.where.remote())
+            except (*died, RayTaskError) as e:
+                errors[model] = _error_record(e)
+                ray.kill(actor)
+                del actors[actor]
+        queues = {model: list(reversed(cells)) for model, cells in work.items()}  # pop() keeps the spec's order
+        for model in work:
+            if model not in actors.values():
+                for cell in work[model]:
+                    finished(cell, {"status": "failed", **errors[model],
+                                    "error": f"no worker could load {model}: {errors[model]['error']}"})
+                queues[model] = []
+        in_flight: dict = {}  # ObjectRef -> (actor, cell)
+
+        def submit(actor) -> None:
+            queue = queues[actors[actor]]
+            if queue:
+                cell = queue.pop()
+                in_flight[actor.run.remote(cell)] = (actor, cell)
+
+        for actor in list(actors):
+            submit(actor)
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, cell = in_flight.pop(ref)
+            try:
+                rec = ray.get(ref)
+            except RayTaskError as e:  # something a cell raised that Worker.run does not catch
+                rec = {"status": "failed", **_error_record(e)}
+            except died as e:
+                rec = {"status": "failed", **_error_record(e)}  # Ray's whole message stays in "traceback"
+                exit_type = re.search(r"Worker exit type: (\w+)", str(e))
+                rec["error"] = (f"the worker died while running this cell ({type(e).__name__}"
+                                f"{f', exit type {exit_type.group(1)}' if exit_type else ''})")
+                rec["traceback"] = _ANSI.sub("", str(e))[-MAX_ERROR:]
+                model = actors.pop(actor)
+                ray.kill(actor, no_restart=True)
+                actor = None
+                if queues[model]:  # a fresh worker takes its place while its model has cells left
+                    actor = start(model)
+                    actors[actor] = model
+            if actor is not None:
+                submit(actor)  # before writing this cell's run: the worker computes while the driver writes
+            if rec["status"] == "done":
+                try:
+                    kind, record, kwargs = rec.pop("content")
+                    store.write(kind, record, name=cell.run, **kwargs)
+                except (AttnlabError, OSError) as e:
+                    rec.update(status="failed", **_error_record(e))
+            finished(cell, rec)
+    finally:  # also when the sweep is interrupted: the workers give their slots back
+        for actor in actors:
+            ray.kill(actor)
