@@ -47,8 +47,8 @@ cells run again on a rerun.
 
 Workers (Ray's machinery: actors, `ray.wait`): up to `workers` actors at once, each holding one
 loaded probe (one GPU each, `num_gpus=1`, with its share of the node's CPU cores, where the cluster
-has GPUs; one CPU slot each otherwise), so a model loads once per worker, not once per cell; up to `workers` models run side by
-side with the slots shared out among them, the next models when they are done. Each actor has one cell in flight
+has GPUs; one CPU slot each otherwise), so a model loads once per worker, not once per cell. Up to
+`workers` models run side by side with the slots shared out among them, the next ones after them. Each actor has one cell in flight
 at a time, so a worker that dies (`RayActorError`, `WorkerCrashedError`, Ray's memory monitor)
 loses only that cell, which is recorded as failed; a fresh actor replaces it. A cell that raises
 is recorded with its error and the sweep goes on. An out-of-memory error (torch's, or CUDA's as a
@@ -98,6 +98,7 @@ SPEC_KEYS = ("name", "models", "inputs", "analyses", "methods", "captures", "dev
 INPUT_KINDS = ("text", "texts", "file", "task")
 METHOD_RUN_OPTIONS = {"n": 200, "n_tune": 64, "seed": 0, "batch_size": 16}  # `run_method`'s defaults
 CAPTURE_KEYS = ("stats", "backend", "prepend_bos")
+MANIFEST_FORMAT = 1  # the sweep manifest's layout (module docstring)
 ID_CHARS = 16  # hex digits of a cell id (64 bits)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its remote tracebacks
 MAX_ERROR = 4000  # characters of a failure's traceback kept in the manifest
@@ -798,7 +799,8 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
     total = len(spec.cells)
     if report is not None:
         report(skipped, total)
-    manifest = {"name": spec.name, "spec": str(spec.path.resolve()), "spec_sha256": spec.sha256,
+    manifest = {"format": MANIFEST_FORMAT, "name": spec.name, "spec": str(spec.path.resolve()),
+                "spec_sha256": spec.sha256,
                 "invocations": list(previous.get("invocations", [])), "cells": list(records.values())}
     counts = {"done": 0, "failed": 0}
     invocation = {"started": dt.datetime.now(dt.timezone.utc).isoformat(), "address": address,
@@ -813,8 +815,9 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
                 ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"at --address {address}" if address else "locally"
-                raise AttnlabError(f"Ray could not start {where} ({_error_record(e)['error']}): check the address "
-                                   "(`ray status` on the head node), or leave --address out for a local cluster") from None
+                raise AttnlabError(f"Ray could not start {where} ({_error_record(e)['error']}): check the "
+                                   "address (`ray status` on the head node), or leave --address out for a local "
+                                   "cluster") from None
         try:
             resources = ray.cluster_resources()
             gpus = int(resources.get("GPU", 0)) if spec.device != "cpu" else 0

@@ -155,7 +155,8 @@ def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device:
     finally:
         ray.shutdown()
     if report.failed:
-        raise SystemExit(f"the sweep failed {report.failed} cells: {report.cells[report.cells.status == 'failed'].error.tolist()[:3]}")
+        errors = report.cells[report.cells.status == "failed"].error.tolist()
+        raise SystemExit(f"the sweep failed {report.failed} cells: {errors[:3]}")
     cells = {c["input"]: c for c in json.loads(report.manifest.read_text())["cells"]}
     first = cells["bucket-0000"]
     tokens = sum(lengths[i] for b in batches[1:] for i in b)

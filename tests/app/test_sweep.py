@@ -112,7 +112,8 @@ def test_a_sweep_equals_its_cells_run_one_by_one_and_a_rerun_runs_nothing(cluste
     spec = sweep.load_spec(main_spec(tmp_path))
     assert len(spec.cells) == 2 * 3 * 2
     seen = []
-    report = sweep.run_sweep(spec, tmp_path / "runs", workers=2, progress=lambda done, total: seen.append((done, total)))
+    report = sweep.run_sweep(spec, tmp_path / "runs", workers=2,
+                             progress=lambda done, total: seen.append((done, total)))
     assert (report.done, report.skipped, report.failed) == (12, 0, 0), report.cells
     assert seen[0] == (0, 12) and seen[-1] == (12, 12) and len(seen) == 13
 
@@ -180,7 +181,8 @@ def test_a_dead_worker_loses_only_its_cell_and_the_rerun_completes_it(cluster, t
     flag.unlink()
     # the rerun through the command line: the exit cell now finishes, the raise cell fails again (exit code 1)
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr(sys, "argv", ["attnlab", "sweep", str(path), "--store", str(tmp_path / "runs"), "--workers", "1"])
+    monkeypatch.setattr(sys, "argv", ["attnlab", "sweep", str(path), "--store", str(tmp_path / "runs"),
+                                      "--workers", "1"])
     with pytest.raises(SystemExit) as exited:
         cli.main()
     out = capsys.readouterr().out

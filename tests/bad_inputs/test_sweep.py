@@ -48,7 +48,8 @@ CASES = [
      "'inputs[0]'", "exactly one of"),
     ("unknown task", GOOD.replace('{text: "The cat sat on the mat."}', "{task: poetry}"),
      "'inputs[0].task'", "no known task"),
-    ("an input name twice", GOOD.replace('[{text: "The cat sat on the mat."}]', "[{name: a, text: x}, {name: a, text: y}]"),
+    ("an input name twice",
+     GOOD.replace('[{text: "The cat sat on the mat."}]', "[{name: a, text: x}, {name: a, text: y}]"),
      "'inputs'", "twice"),
     ("unknown hyperparameter", "models: [tiny-llama]\ninputs: [{task: span_qa}]\n"
                                "methods: [{name: zerotuning, params: {gama: 2}}]\n",
