@@ -194,6 +194,8 @@ def main() -> None:
     budget = args.token_budget or (1024 if small else 65536)
     batch = args.batch or (4 if small else 16)
     device = "cpu" if small or not torch.cuda.is_available() else "cuda"
+    if device == "cpu":
+        torch.set_num_threads(1)  # the Ray CPU worker holds one core (one thread): the plain process gets the same
     from attnlab.probe import load, stats as catalogue
 
     stats = [s.label() for s in catalogue.parse_list(args.stats)]
