@@ -672,9 +672,12 @@ class Worker:
         """Where this worker runs: Ray node and actor ids, host, process, device."""
         import ray
 
-        ctx = ray.get_runtime_context()
-        return {"node": ctx.get_node_id(), "actor": ctx.get_actor_id(), "host": socket.gethostname(),
-                "pid": os.getpid(), "device": str(self.probe.device)}
+        node = actor = None
+        if ray.is_initialized():  # the runtime context would start Ray in a plain process
+            ctx = ray.get_runtime_context()
+            node, actor = ctx.get_node_id(), ctx.get_actor_id()
+        return {"node": node, "actor": actor, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": str(self.probe.device)}
 
     def run(self, cell: Cell) -> dict:
         """One cell: {"status": "done", "content": ...} or {"status": "failed", "error", "traceback"};

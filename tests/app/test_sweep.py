@@ -200,7 +200,7 @@ def test_a_dead_worker_loses_only_its_cell_and_the_rerun_completes_it(cluster, t
         [float(len("One short text.") + 1)]  # bytes + BOS
 
 
-def test_an_out_of_memory_cell_is_retried_once_with_half_the_batch(cluster, tmp_path, faults_plugin, tiny_models):
+def test_an_out_of_memory_cell_is_retried_once_with_half_the_batch(tmp_path, faults_plugin, tiny_models):
     path = write_spec(tmp_path, f"""\
         name: oom
         plugins: [{faults_plugin.name}]
@@ -211,8 +211,11 @@ def test_an_out_of_memory_cell_is_retried_once_with_half_the_batch(cluster, tmp_
     [cell] = sweep.load_spec(path).cells
     worker = sweep.Worker.__new__(sweep.Worker)  # the actor's body, in this process
     worker.probe = tiny_models("tiny-llama")
+    ray_was_up = ray.is_initialized()  # the module's cluster, when the tests before this one started it
     rec = worker.run(cell)
     assert rec["status"] == "done"
+    assert ray.is_initialized() == ray_was_up  # the actor's body in a plain process starts no Ray
+    assert (rec["worker"]["node"] is None) == (not ray_was_up)
     assert [r["batch_size"] for r in rec["retries"]] == [2]
     assert "OutOfMemoryError" in rec["retries"][0]["error"]
     kind, _, content = rec["content"]
@@ -239,3 +242,26 @@ def test_a_spec_built_in_python_plans_the_cells_of_the_same_file(tmp_path):
 
     data = yaml.safe_load(path.read_text())
     assert [c.id for c in sweep.spec_from_dict(data, path).cells] == [c.id for c in sweep.load_spec(path).cells]
+
+
+def test_a_capture_cell_writes_the_run_of_the_same_capture(tmp_path, tiny_models):
+    path = write_spec(tmp_path, f"""\
+        name: caps
+        models: [tiny-gpt2]
+        inputs: [{{texts: {json.dumps(TEXTS[:2])}}}]
+        captures: [{{stats: ["sink_mass(2)", entropy], grid: {{backend: [chunked, eager]}}}}]
+        """)
+    cells = sweep.load_spec(path).cells
+    assert [c.params["backend"] for c in cells] == ["chunked", "eager"]
+    probe = tiny_models("tiny-gpt2")
+    worker = sweep.Worker.__new__(sweep.Worker)
+    worker.probe = probe
+    swept, alone = RunStore(tmp_path / "swept"), RunStore(tmp_path / "alone")
+    for cell in cells:
+        rec = worker.run(cell)
+        assert rec["status"] == "done", rec.get("traceback")
+        kind, model, content = rec["content"]
+        run = swept.load(swept.write(kind, model, name=cell.run, **content))
+        cap = probe.capture(TEXTS[:2], stats=["sink_mass(2)", "entropy"], backend=cell.params["backend"])
+        assert_same_run(run, alone.load(alone.save_capture(cap, probe)))
+        assert run.manifest["sweep"] == {"name": "caps", "cell": cell.id, "input": "texts0"}
