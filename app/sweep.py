@@ -48,9 +48,10 @@ cells run again on a rerun.
 Workers (Ray's machinery: actors, `ray.wait`): up to `workers` actors at once, each holding one
 loaded probe (one GPU each, `num_gpus=1`, with its share of the node's CPU cores, where the cluster
 has GPUs; one CPU slot each otherwise), so a model loads once per worker, not once per cell. Up to
-`workers` models run side by side with the slots shared out among them, the next ones after them. Each actor has one cell in flight
-at a time, so a worker that dies (`RayActorError`, `WorkerCrashedError`, Ray's memory monitor)
-loses only that cell, which is recorded as failed; a fresh actor replaces it. A cell that raises
+`workers` models run side by side with the slots shared out among them, the next ones after them.
+Each actor has one cell in flight at a time, so a worker that dies (`RayActorError`,
+`WorkerCrashedError`, Ray's memory monitor) loses only that cell, which is recorded as failed; a
+fresh actor replaces it. A cell that raises
 is recorded with its error and the sweep goes on. An out-of-memory error (torch's, or CUDA's as a
 RuntimeError) is retried once with half the batch size where the cell has one (a method's
 `batch_size`, an analysis parameter named `batch_size`); a cell without a batch size is retried
@@ -407,8 +408,9 @@ def _read_text(file: Path, key: str, c: _Checker) -> str:
     return body
 
 
-def _grid(entry: dict, key: str, c: _Checker) -> list[tuple[dict, dict]]:
-    """(fixed params, one grid point) for every point of the entry's grid (the product of its keys)."""
+def _grid(entry: dict, key: str, c: _Checker, fixed_at: str = ".params") -> list[tuple[dict, dict, dict]]:
+    """(fixed params, one grid point, where each value sits in the file) for every point of the
+    entry's grid (the product of its keys); fixed values sit at `key + fixed_at + '.' + name`."""
     fixed = c.mapping(entry.get("params", {}), f"{key}.params", example="{eps: 0.5}")
     grid = c.mapping(entry.get("grid", {}), f"{key}.grid", example="{eps: [0.3, 0.5]}")
     for k, values in grid.items():
@@ -417,14 +419,13 @@ def _grid(entry: dict, key: str, c: _Checker) -> list[tuple[dict, dict]]:
         if k in fixed:
             raise c.fail(f"{key}.grid.{k}", f"is also in {key}.params: give it in one place")
     keys = list(grid)
-    return [(fixed, dict(zip(keys, point))) for point in itertools.product(*(grid[k] for k in keys))]
-
-
-def _where(key: str, fixed: dict, point: dict, name: str) -> str:
-    """The key path of parameter `name` within a job entry."""
-    if name in point:
-        return f"{key}.grid.{name}"
-    return f"{key}.params.{name}" if name in fixed else f"{key}.params"
+    out = []
+    for indices in itertools.product(*(range(len(grid[k])) for k in keys)):
+        point = {k: grid[k][i] for k, i in zip(keys, indices)}
+        where = {**{k: f"{key}{fixed_at}.{k}" for k in fixed},
+                 **{k: f"{key}.grid.{k}[{i}]" for k, i in zip(keys, indices)}}
+        out.append((fixed, point, where))
+    return out
 
 
 def _job_cells(sweep: str, kind: str, key: str, entry, models: list[str], inputs: list[Input],
@@ -465,18 +466,18 @@ def _analysis_cells(sweep, key, name, entry, models, inputs, c) -> list[Cell]:
         raise c.fail("inputs", f"holds no text input, which {key} ({name}) reads: add e.g. {{text: 'The cat "
                                "sat.'}, {file: notes.txt} or {task: prose}")
     cells = []
-    for fixed, point in _grid(entry, key, c):
+    for fixed, point, where in _grid(entry, key, c):
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in {**fixed, **point}.items()}
         for k in values:
             if k not in {f.name for f in analysis.fields()}:
-                raise c.fail(_where(key, fixed, point, k), f"is no parameter of {name}: choose from "
+                raise c.fail(where[k], f"is no parameter of {name}: choose from "
                                                            f"{', '.join(f.name for f in analysis.fields())}")
         try:
             params = analysis.make_params(values)
             check_params(params)
         except AttnlabError as e:
             bad = next((k for k in values if str(e).startswith(k)), None)
-            raise c.fail(_where(key, fixed, point, bad) if bad else f"{key}.params", f"is wrong: {e}") from None
+            raise c.fail(where[bad] if bad else f"{key}.params", f"is wrong: {e}") from None
         plain = {k: _plain(v) for k, v in dataclasses.asdict(params).items()}
         for inp in readable or [None]:
             if analysis.check is not None:
@@ -515,21 +516,21 @@ def _method_cells(sweep, key, name, entry, models, inputs, c) -> list[Cell]:
     # n, batch_size and progress of the estimator are set by `run_method` (from the run options)
     hyper = [h for h in method.estimator().get_params() if h not in ("n", "batch_size", "progress")]
     cells = []
-    for fixed, point in _grid(entry, key, c):
+    for fixed, point, where in _grid(entry, key, c):
         values = {**fixed, **point}
         run = dict(METHOD_RUN_OPTIONS)
         estimator = {}
         for k, v in values.items():
-            where = _where(key, fixed, point, k)
             if k in METHOD_RUN_OPTIONS:
                 low = 0 if k == "seed" else 1
                 if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                    raise c.fail(where, f"must be a whole number of at least {low} (got {v!r})")
+                    raise c.fail(where[k], f"must be a whole number of at least {low} (got {v!r})")
                 run[k] = v
             elif k in hyper:
                 estimator[k] = v
             else:
-                raise c.fail(where, f"is no option of {name}: choose from {', '.join([*METHOD_RUN_OPTIONS, *hyper])}")
+                raise c.fail(where[k], f"is no option of {name}: choose from "
+                                       f"{', '.join([*METHOD_RUN_OPTIONS, *hyper])}")
         try:
             method.make(**estimator)
         except (AttnlabError, TypeError, ValueError) as e:
@@ -552,13 +553,13 @@ def _capture_cells(sweep, key, entry, models, inputs, c) -> list[Cell]:
     if not readable:
         raise c.fail("inputs", f"holds no text input, which {key} reads: add e.g. {{text: 'The cat sat.'}}")
     cells = []
-    for fixed, point in _grid({"params": {k: v for k, v in entry.items() if k != "grid"},
-                               "grid": entry.get("grid", {})}, key, c):
+    for fixed, point, at in _grid({"params": {k: v for k, v in entry.items() if k != "grid"},
+                                   "grid": entry.get("grid", {})}, key, c, fixed_at=""):
         values = {**fixed, **point}
         for k in values:
             if k not in CAPTURE_KEYS:
                 raise c.fail(f"{key}.grid.{k}", f"is no capture option: use {', '.join(CAPTURE_KEYS)}")
-        where = lambda k: f"{key}.grid.{k}" if k in point else f"{key}.{k}"  # noqa: E731
+        where = lambda k: at.get(k, key)  # noqa: E731
         stats = values.get("stats", ["received"])
         try:
             parsed = catalogue.parse(stats if isinstance(stats, list) else [stats])
