@@ -265,3 +265,17 @@ def test_a_capture_cell_writes_the_run_of_the_same_capture(tmp_path, tiny_models
         cap = probe.capture(TEXTS[:2], stats=["sink_mass(2)", "entropy"], backend=cell.params["backend"])
         assert_same_run(run, alone.load(alone.save_capture(cap, probe)))
         assert run.manifest["sweep"] == {"name": "caps", "cell": cell.id, "input": "texts0"}
+
+
+def test_the_readme_sink_census_plans_18_cells_over_the_three_registry_models(monkeypatch):
+    from pathlib import Path
+
+    from attnlab.probe import registry
+
+    monkeypatch.setattr(registry.ModelSpec, "missing_reason", lambda self: None)  # as if all three were installed
+    spec = sweep.load_spec(Path(__file__).resolve().parents[2] / "docs" / "sink_census.yaml")
+    trained = [name for name, s in registry.REGISTRY.items() if s.trained]
+    assert spec.models == trained and len(trained) == 3
+    assert len(spec.cells) == 18 and {c.name for c in spec.cells} == {"sinks"}
+    assert {c.input.name for c in spec.cells} == {"prose", "code", "lists"}
+    assert sorted({c.params["eps"] for c in spec.cells}) == [0.3, 0.5]
