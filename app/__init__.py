@@ -1,4 +1,5 @@
-"""attnlab.app: where people meet attnlab — the `attnlab` CLI, the Dash dashboard, HTML reports."""
+"""attnlab.app: where people meet attnlab — the `attnlab` CLI, the Dash dashboard, HTML reports, and sweeps
+on Ray (`attnlab.app.sweep`)."""
 
 if __name__ == "app":  # the bare name, from the repository root: hand over (README, "Layout")
     import _bare_names

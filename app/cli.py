@@ -3,6 +3,7 @@
     attnlab models                                   what is installed, what is missing, how to get it
     attnlab capture --example                        capture the built-in text on the default model
     attnlab capture --model smollm2-135m --text-file notes.txt --stats received,entropy,pooled(64)
+    attnlab sweep docs/sink_census.yaml --store runs         every cell of a grid as a run, on Ray
 
 Every user error is one line on stderr ("error: ...", naming the option and the fix) and exit code
 2, found before any model loads wherever the model is not needed to judge it (the output folder is
@@ -634,6 +635,61 @@ def intervene(
     chosen = ", ".join(f"{k}={v}" for k, v in res.params["chosen"].items() if k != "tuned_on")
     out.print(f"chosen: {chosen}", soft_wrap=True)
     out.print(f"{res.timings['seconds']:.0f} s; run written to [bold]{path}[/]")
+
+
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="The sweep spec, a .yaml or .toml file (models x inputs x analyses or "
+                                "methods x parameters; `attnlab.app.sweep` describes the keys).", show_default=False),
+    store: Path = typer.Option(Path("runs"), "--store", "-o", help="Runs directory: every cell becomes a run here, the "
+                               "sweep's manifest goes to STORE/sweeps/NAME.json."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster (e.g. ray://head:10001 "
+                                          "or auto); default: start a local one."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Workers at once, each a Ray actor holding one "
+                                          "loaded model (default: one per GPU of the cluster, else one per CPU core). "
+                                          "Also the CPU count of a local cluster."),
+) -> None:
+    """Run a sweep on Ray: every cell (model x input x analysis or method x parameters) as an ordinary run.
+
+    A rerun skips the cells already done and retries the failed ones; a finished sweep does
+    nothing. Exit code 1 when a cell failed (its error is in the table and the manifest)."""
+    from attnlab.app import sweep as sweeps
+    from attnlab.probe import AttnlabError, RunStore
+
+    if workers is not None:
+        _at_least(workers, "--workers")
+    if address is not None and not address.strip():
+        _fail("--address is empty: give a Ray address (e.g. --address auto) or leave it out for a local cluster")
+    try:
+        plan = sweeps.load_spec(spec)
+    except AttnlabError as e:
+        _fail(f"SPEC: {e}")
+    _check_out_dir(store, "--store")
+    try:
+        with Progress(TextColumn(f"sweep {plan.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("cells", total=len(plan.cells))
+            done = sweeps.run_sweep(plan, RunStore(store), address=address, workers=workers,
+                                    progress=_rich_progress(bar, task))
+    except AttnlabError as e:
+        _fail(str(e))
+    table = Table(title=f"attnlab sweep {plan.name}: {len(plan.cells)} cells")
+    for col in ("done", "skipped (already done)", "failed", "wall time"):
+        table.add_column(col, justify="right")
+    table.add_row(str(done.done), str(done.skipped), f"[red]{done.failed}[/]" if done.failed else "0",
+                  f"{done.seconds:.1f} s")
+    out.print(table)
+    failed = done.cells[done.cells.status == "failed"]
+    if len(failed):
+        errors = Table(title="failed cells (a rerun retries them)")
+        for col in ("cell", "model", "job", "input", "error"):
+            errors.add_column(col, overflow="fold")
+        for r in failed.head(20).itertuples():
+            errors.add_row(r.id, r.model, f"{r.job} {r.name}", str(r.input), escape(str(r.error)))
+        out.print(errors)
+    out.print(f"runs in [bold]{store}[/]; manifest [bold]{done.manifest}[/]")
+    if done.failed:
+        raise typer.Exit(code=1)
 
 
 def _print_summary(cap, probe, top: int) -> None:

@@ -1,0 +1,243 @@
+"""A capture sweep through Ray against the same captures in one plain process (issue 21).
+
+500 texts of mixed lengths (64-4,096 tokens, log-uniform, cut from the shipped prose and haystack
+texts) are sorted by length into buckets under a token budget (padded tokens per batch); each bucket
+is one capture (`probe.capture`, the statistics of `--stats`) saved as one run. Three ways, the same
+work (capture and run write):
+
+  ray      `attnlab.app.sweep.run_sweep`: one cell per bucket, one worker (one GPU, or one CPU slot),
+           the runs written by the driver
+  plain    the same buckets in this process, one after another
+  fixed    this process with fixed batches of `--batch` texts in their original order (what
+           bucketing saves: padding share and tokens per second)
+
+Tokens per second count real (unpadded) tokens; the first bucket (batch) of each way is a warm-up
+(kernel compilation, allocator) and is left out of its rate. ray's rate is from the end of its first
+cell to the end of the sweep (the startup of Ray and of the worker's model load are reported apart);
+the acceptance asks ray >= 0.9 x plain.
+
+    python bench/sweep_throughput.py                 # the GPU machine: SmolLM2, 500 texts
+    python bench/sweep_throughput.py --small         # CPU, tiny-llama, 24 texts of 16-256 tokens (< 1 min)
+
+Prints a table and writes bench/results/sweep_throughput[_small].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def corpus() -> str:
+    """Plain English to cut texts from: the shipped prose domain and the haystack filler."""
+    data = resources.files("attnlab.probe").joinpath("data")
+    prose = data.joinpath("domains/prose.txt").read_text()
+    return " ".join((prose + "\n" + data.joinpath("haystack.txt").read_text()).split())
+
+
+def make_texts(tokenizer, n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
+    """n texts whose token counts (BOS not counted) are log-uniform in [lo, hi], each starting at a
+    random point of the corpus (repeated as needed)."""
+    rng = random.Random(seed)
+    words = corpus().split(" ")
+    ids_per_word = len(tokenizer(" ".join(words[:2000]), add_special_tokens=False)["input_ids"]) / 2000
+    texts = []
+    for _ in range(n):
+        target = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        start = rng.randrange(len(words))
+        count = int(target / ids_per_word) + 8
+        chunk = (words * (2 + count // len(words)))[start:start + count]
+        ids = tokenizer(" ".join(chunk), add_special_tokens=False)["input_ids"][:target]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens of each text as the probe captures it (BOS prepended)."""
+    return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+
+
+# ----- batching -----
+def bucket_by_length(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Indices of the texts sorted by length, cut into batches whose padded size (texts x longest)
+    stays within `token_budget` (a longer text than the budget goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def fixed_batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+
+
+def batches_for_capture(lengths: list[int], token_budget: int) -> list[list[int]]:
+    # ---- SWITCH (#21 part 2): the one call site of the bucketing. When `attnlab.probe` buckets by
+    # length with a token budget itself, call its bucketing here (or pass each cell's texts to
+    # `probe.capture(..., token_budget=...)`) so that both ways use the library's batches. ----
+    return bucket_by_length(lengths, token_budget)
+
+
+def padding(batches: list[list[int]], lengths: list[int]) -> dict:
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return {"batches": len(batches), "real_tokens": real, "padded_tokens": padded,
+            "padding_share": round(1 - real / padded, 4)}
+
+
+# ----- the three ways -----
+def run_plain(probe, texts, batches, lengths, stats, store_dir: Path) -> dict:
+    from attnlab.probe import RunStore
+
+    store = RunStore(store_dir)
+    capture_s, per_batch = 0.0, []
+    for k, batch in enumerate(batches):
+        sync(probe.device)
+        t0 = time.perf_counter()
+        cap = probe.capture([texts[i] for i in batch], stats=stats)
+        sync(probe.device)
+        t1 = time.perf_counter()
+        store.save_capture(cap, probe)
+        t2 = time.perf_counter()
+        per_batch.append((t2 - t0, t1 - t0))
+        if k:
+            capture_s += t1 - t0
+    tokens = sum(lengths[i] for b in batches[1:] for i in b)
+    wall = sum(total for total, _ in per_batch[1:])
+    return {"seconds": round(wall, 3), "capture_seconds": round(capture_s, 3), "tokens": tokens,
+            "tokens_per_second": round(tokens / wall, 1) if wall else None,
+            "warmup_seconds": round(per_batch[0][0], 3)}
+
+
+def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device: str) -> dict:
+    import ray
+
+    from attnlab.app import sweep
+
+    spec = sweep.spec_from_dict({
+        "name": "throughput",
+        "models": [model],
+        "device": device,
+        "inputs": [{"name": f"bucket-{k:04d}", "texts": [texts[i] for i in batch]} for k, batch in enumerate(batches)],
+        "captures": [{"stats": stats}],
+    })
+    started = time.perf_counter()
+    if device == "cuda":
+        ray.init(include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray_up = time.perf_counter() - started
+    try:
+        t0_epoch, t0 = time.time(), time.perf_counter()
+        report = sweep.run_sweep(spec, store_dir, workers=1)
+        end_epoch = time.time()
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    if report.failed:
+        errors = report.cells[report.cells.status == "failed"].error.tolist()
+        raise SystemExit(f"the sweep failed {report.failed} cells: {errors[:3]}")
+    cells = {c["input"]: c for c in json.loads(report.manifest.read_text())["cells"]}
+    first = cells["bucket-0000"]
+    tokens = sum(lengths[i] for b in batches[1:] for i in b)
+    steady = end_epoch - first["finished"]
+    return {"seconds": round(steady, 3), "tokens": tokens, "tokens_per_second": round(tokens / steady, 1),
+            "ray_init_seconds": round(ray_up, 3), "sweep_wall_seconds": round(wall, 3),
+            "worker_start_seconds": round(first["started"] - t0_epoch, 3),  # actor start + model load
+            "warmup_seconds": first["seconds"],
+            "cell_seconds": round(sum(c["seconds"] for c in cells.values() if c is not first), 3),
+            "worker": first["worker"]}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true", help="CPU, tiny-llama, 24 texts of 16-256 tokens")
+    ap.add_argument("--model", default=None, help="default: smollm2-135m (tiny-llama with --small)")
+    ap.add_argument("--n", type=int, default=None, help="texts (default 500; 24 with --small)")
+    ap.add_argument("--min-tokens", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per bucket (default 65536; "
+                    "1024 with --small)")
+    ap.add_argument("--batch", type=int, default=None, help="texts per fixed batch (default 16; 4 with --small)")
+    ap.add_argument("--stats", default="received,sink_mass(1),entropy")
+    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    args = ap.parse_args()
+    small = args.small
+    model = args.model or ("tiny-llama" if small else "smollm2-135m")
+    n = args.n or (24 if small else 500)
+    lo, hi = args.min_tokens or (16 if small else 64), args.max_tokens or (256 if small else 4096)
+    budget = args.token_budget or (1024 if small else 65536)
+    batch = args.batch or (4 if small else 16)
+    device = "cpu" if small or not torch.cuda.is_available() else "cuda"
+    if device == "cpu":
+        torch.set_num_threads(1)  # the Ray CPU worker holds one core (one thread): the plain process gets the same
+    from attnlab.probe import load, stats as catalogue
+
+    stats = [s.label() for s in catalogue.parse_list(args.stats)]
+    probe = load(model, device=device)
+    texts = make_texts(probe.tokenizer, n, lo, hi)
+    lengths = token_counts(probe.tokenizer, texts)
+    buckets = batches_for_capture(lengths, budget)
+    fixed = fixed_batches(n, batch)
+    scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-bench-"))
+    try:
+        results = {"plain": run_plain(probe, texts, buckets, lengths, stats, scratch / "plain"),
+                   "fixed": run_plain(probe, texts, fixed, lengths, stats, scratch / "fixed")}
+        del probe
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        results["ray"] = run_ray(model, texts, buckets, lengths, stats, scratch / "ray", device)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["plain"].update(padding(buckets, lengths))
+    results["ray"].update(padding(buckets, lengths))
+    results["fixed"].update(padding(fixed, lengths))
+    ratio = results["ray"]["tokens_per_second"] / results["plain"]["tokens_per_second"]
+    print(f"{model} on {device}: {n} texts of {min(lengths)}-{max(lengths)} tokens, stats {','.join(stats)}, "
+          f"bucket budget {budget} tokens, fixed batches of {batch}")
+    print(f"{'way':<6} {'batches':>8} {'padding':>8} {'tokens/s':>11} {'seconds':>9}  notes")
+    for way in ("ray", "plain", "fixed"):
+        r = results[way]
+        note = (f"ray.init {r['ray_init_seconds']:.1f} s, worker start + load {r['worker_start_seconds']:.1f} s"
+                if way == "ray" else f"capture alone {r['capture_seconds']:.1f} s")
+        print(f"{way:<6} {r['batches']:>8} {r['padding_share']:>8.1%} {r['tokens_per_second']:>11,.0f} "
+              f"{r['seconds']:>9.2f}  {note}")
+    print(f"ray / plain throughput: {ratio:.3f} (acceptance: >= 0.9); bucketing / fixed: "
+          f"{results['plain']['tokens_per_second'] / results['fixed']['tokens_per_second']:.2f}x")
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    record = {"model": model, "device": device, "gpu": gpu, "host": platform.node(), "n_texts": n,
+              "token_range": [lo, hi], "token_budget": budget, "fixed_batch": batch, "stats": stats,
+              "torch": torch.__version__, "ray_over_plain": round(ratio, 4), "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"sweep_throughput{'_small' if small else ''}.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

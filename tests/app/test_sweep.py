@@ -1,0 +1,281 @@
+"""Sweeps on a real local Ray cluster (2 CPU workers) with the tiny random-init models: the stored
+runs equal the same cells run one by one in this process, bit for bit; a worker killed mid-sweep
+loses only its cell, which the rerun completes; a rerun of a finished sweep runs nothing; an
+out-of-memory cell is retried once with half its batch size."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+
+from attnlab.analyses import ANALYSES
+from attnlab.app import cli, sweep
+from attnlab.probe import RunStore
+
+ray = pytest.importorskip("ray")  # in the `test` extra: the import never fails where the lock is installed
+
+TEXTS = [
+    "The harbour was quiet. Two boats came in before the rain.",
+    "A grey cat slept by the warm stove while the kettle sang.",
+    "Letters from distant towns were sorted twice, then shelved.",
+]
+MODELS = ["tiny-llama", "tiny-gpt2"]
+ANALYSIS_PARAMS = {"sinks": {"T": 32, "min_queries": 4}, "extreme_tokens": {"min_layer": 1}}
+
+# A test-only analysis that a sweep imports as a plugin on every worker: by its `mode` it returns a
+# table, raises, kills its worker process (while the flag file exists), or runs out of memory
+# unless its batch size is at most 2.
+FAULTS_PLUGIN = '''
+import os
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from attnlab.analyses import ANALYSES, Analysis, Result, register
+
+
+@dataclass(frozen=True)
+class FaultParams:
+    mode: str = field(default="ok", metadata={"choices": ("ok", "raise", "exit", "oom")})
+    flag: str = ""
+    batch_size: int = 4
+
+
+def compute(probe, inputs, p, progress):
+    if p.mode == "raise":
+        raise RuntimeError("this cell fails on purpose")
+    if p.mode == "exit" and os.path.exists(p.flag):
+        os._exit(3)
+    if p.mode == "oom" and p.batch_size > 2:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    n = probe.tokenize(list(inputs)).input_ids.numel()
+    return Result("test_faults", tables={"heads": pd.DataFrame({"layer": [0], "head": [0], "score": [float(n)],
+                                                                "batch_size": [p.batch_size]})})
+
+
+if "test_faults" not in ANALYSES:
+    register(Analysis("test_faults", "test faults", "A test-only analysis.", FaultParams, compute, cpu_minutes=0,
+                      inputs="texts"))
+'''
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster of 2 CPU slots for the module (run_sweep uses it and leaves it running)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def faults_plugin(tmp_path):
+    path = tmp_path / "faults.py"
+    path.write_text(FAULTS_PLUGIN)
+    yield path
+    # the plugin registered itself in this process too (the spec check imports it): leave no trace
+    ANALYSES.pop("test_faults", None)
+    sweep._PLUGINS.pop(str(path.resolve()), None)
+
+
+def write_spec(folder, body: str, name: str = "spec.yaml"):
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def main_spec(folder):
+    inputs = "\n".join(f"  - {{name: t{i}, text: {json.dumps(t)}}}" for i, t in enumerate(TEXTS))
+    analyses = "\n".join(f"  - {{name: {a}, params: {json.dumps(p)}}}" for a, p in ANALYSIS_PARAMS.items())
+    return write_spec(folder, f"name: grid\nmodels: {json.dumps(MODELS)}\ninputs:\n{inputs}\nanalyses:\n{analyses}\n")
+
+
+def assert_same_run(a, b) -> None:
+    """Two runs hold the same tables and tensors, bit for bit (NaN where NaN)."""
+    assert sorted(a.tables) == sorted(b.tables) and sorted(a.tensors) == sorted(b.tensors)
+    for name in a.tables:
+        pd.testing.assert_frame_equal(a.tables[name], b.tables[name], check_exact=True)
+    for name in a.tensors:
+        assert a.tensors[name].dtype == b.tensors[name].dtype
+        torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=0, equal_nan=True)
+    assert a.manifest["parameters"] == b.manifest["parameters"]
+
+
+@pytest.mark.slow
+def test_a_sweep_equals_its_cells_run_one_by_one_and_a_rerun_runs_nothing(cluster, tmp_path, tiny_models,
+                                                                          monkeypatch, capsys):
+    spec = sweep.load_spec(main_spec(tmp_path))
+    assert len(spec.cells) == 2 * 3 * 2
+    seen = []
+    report = sweep.run_sweep(spec, tmp_path / "runs", workers=2,
+                             progress=lambda done, total: seen.append((done, total)))
+    assert (report.done, report.skipped, report.failed) == (12, 0, 0), report.cells
+    assert seen[0] == (0, 12) and seen[-1] == (12, 12) and len(seen) == 13
+
+    store = RunStore(tmp_path / "runs")
+    alone = RunStore(tmp_path / "alone")
+    for cell in spec.cells:
+        probe = tiny_models(cell.model)
+        res = ANALYSES[cell.name].run(probe, list(cell.input.texts), ANALYSIS_PARAMS[cell.name])
+        assert_same_run(store.load(cell.run), alone.load(res.save(alone, probe)))
+
+    manifest = json.loads(report.manifest.read_text())
+    assert {c["status"] for c in manifest["cells"]} == {"done"}
+    assert {c["run"] for c in manifest["cells"]} == {c.run for c in spec.cells}
+    # which worker ran each cell: two actors per phase, a real node, a wall time
+    assert all(c["worker"]["node"] and c["worker"]["pid"] and c["seconds"] > 0 for c in manifest["cells"])
+    assert len({c["worker"]["pid"] for c in manifest["cells"]}) >= 2
+    assert manifest["invocations"][-1]["ran"] == 12
+
+    # a rerun of the finished sweep starts nothing: no Ray call, no model, no write
+    monkeypatch.setattr(sweep, "_ray", lambda: pytest.fail("a finished sweep started Ray"))
+    before = report.manifest.read_bytes()
+    again = sweep.run_sweep(main_spec(tmp_path), tmp_path / "runs", workers=2)
+    assert (again.done, again.skipped, again.failed) == (0, 12, 0)
+    assert report.manifest.read_bytes() == before
+    assert len(store.list()) == 12
+    # the same through the command line: its summary table says so
+    monkeypatch.setenv("COLUMNS", "150")
+    monkeypatch.setattr(sys, "argv", ["attnlab", "sweep", str(main_spec(tmp_path)), "--store", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out = capsys.readouterr().out
+    assert exited.value.code == 0, out
+    row = next(line for line in out.splitlines() if "│" in line and "s" in line and "12" in line)
+    assert [cell.strip() for cell in row.strip("│ ").split("│")][:3] == ["0", "12", "0"], out
+    assert report.manifest.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_dead_worker_loses_only_its_cell_and_the_rerun_completes_it(cluster, tmp_path, faults_plugin, monkeypatch,
+                                                                      capsys):
+    flag = tmp_path / "crash.flag"
+    flag.write_text("while this file exists, the exit cell kills its worker")
+    path = write_spec(tmp_path, f"""\
+        name: faults
+        plugins: [{faults_plugin.name}]
+        models: [tiny-llama]
+        inputs: [{{name: a, text: "One short text."}}]
+        analyses:
+          - name: test_faults
+            params: {{flag: {json.dumps(str(flag))}}}
+            grid: {{mode: [raise, exit, ok]}}
+        """)
+    spec = sweep.load_spec(path)
+    mode = {c.id: c.params["mode"] for c in spec.cells}
+    first = sweep.run_sweep(path, tmp_path / "runs", workers=2)
+    cells = first.cells.set_index("id")
+    status = {mode[i]: cells.loc[i, "status"] for i in mode}
+    assert status == {"raise": "failed", "exit": "failed", "ok": "done"}
+    errors = {mode[i]: cells.loc[i, "error"] for i in mode}
+    assert errors["exit"].startswith("the worker died while running this cell")
+    assert errors["raise"] == "RuntimeError: this cell fails on purpose"
+    assert (first.done, first.skipped, first.failed) == (1, 0, 2)
+    assert len(RunStore(tmp_path / "runs").list()) == 1
+
+    flag.unlink()
+    # the rerun through the command line: the exit cell now finishes, the raise cell fails again (exit code 1)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["attnlab", "sweep", str(path), "--store", str(tmp_path / "runs"),
+                                      "--workers", "1"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out = capsys.readouterr().out
+    assert exited.value.code == 1, out
+    assert "failed cells (a rerun retries them)" in out and "RuntimeError: this cell fails on purpose" in out
+    manifest = json.loads(first.manifest.read_text())
+    status = {mode[c["id"]]: c["status"] for c in manifest["cells"]}
+    assert status == {"raise": "failed", "exit": "done", "ok": "done"}
+    exit_record = next(c for c in manifest["cells"] if mode[c["id"]] == "exit")
+    assert "error" not in exit_record and exit_record["worker"]["pid"]
+    assert [(i["ran"], i["skipped"], i["failed"]) for i in manifest["invocations"]] == [(1, 0, 2), (1, 1, 1)]
+    runs = RunStore(tmp_path / "runs")
+    assert sorted(runs.list()["name"]) == sorted(c.run for c in spec.cells if mode[c.id] != "raise")
+    assert runs.load(next(c.run for c in spec.cells if mode[c.id] == "exit")).tables["heads"]["score"].tolist() == \
+        [float(len("One short text.") + 1)]  # bytes + BOS
+
+
+def test_an_out_of_memory_cell_is_retried_once_with_half_the_batch(tmp_path, faults_plugin, tiny_models):
+    path = write_spec(tmp_path, f"""\
+        name: oom
+        plugins: [{faults_plugin.name}]
+        models: [tiny-llama]
+        inputs: [{{text: "Some text."}}]
+        analyses: [{{name: test_faults, params: {{mode: oom, batch_size: 4}}}}]
+        """)
+    [cell] = sweep.load_spec(path).cells
+    worker = sweep.Worker.__new__(sweep.Worker)  # the actor's body, in this process
+    worker.probe = tiny_models("tiny-llama")
+    ray_was_up = ray.is_initialized()  # the module's cluster, when the tests before this one started it
+    rec = worker.run(cell)
+    assert rec["status"] == "done"
+    assert ray.is_initialized() == ray_was_up  # the actor's body in a plain process starts no Ray
+    assert (rec["worker"]["node"] is None) == (not ray_was_up)
+    assert [r["batch_size"] for r in rec["retries"]] == [2]
+    assert "OutOfMemoryError" in rec["retries"][0]["error"]
+    kind, _, content = rec["content"]
+    assert kind == "test_faults" and content["tables"]["heads"]["batch_size"].tolist() == [2]
+    assert content["manifest"]["sweep"] == {"name": "oom", "cell": cell.id, "input": "text0", "batch_size": 2}
+
+    # a second out-of-memory error is recorded, not retried again
+    big = sweep.Cell(cell.id, cell.sweep, cell.model, cell.job, cell.name, {**cell.params, "batch_size": 8},
+                     cell.input)
+    rec = worker.run(big)
+    assert rec["status"] == "failed" and "OutOfMemoryError" in rec["error"] and len(rec["retries"]) == 1
+
+
+def test_models_share_the_worker_slots_and_never_get_more_actors_than_cells():
+    cells = {m: [object()] * k for m, k in (("a", 5), ("b", 1), ("c", 4))}
+    assert sweep._groups(cells, 2) == [{"a": 1, "b": 1}, {"c": 2}]
+    assert sweep._groups(cells, 4) == [{"a": 2, "b": 1, "c": 1}]
+    assert sweep._groups({"a": [object()] * 3}, 8) == [{"a": 3}]
+
+
+def test_a_spec_built_in_python_plans_the_cells_of_the_same_file(tmp_path):
+    path = main_spec(tmp_path)
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    assert [c.id for c in sweep.spec_from_dict(data, path).cells] == [c.id for c in sweep.load_spec(path).cells]
+
+
+def test_a_capture_cell_writes_the_run_of_the_same_capture(tmp_path, tiny_models):
+    path = write_spec(tmp_path, f"""\
+        name: caps
+        models: [tiny-gpt2]
+        inputs: [{{texts: {json.dumps(TEXTS[:2])}}}]
+        captures: [{{stats: ["sink_mass(2)", entropy], grid: {{backend: [chunked, eager]}}}}]
+        """)
+    cells = sweep.load_spec(path).cells
+    assert [c.params["backend"] for c in cells] == ["chunked", "eager"]
+    probe = tiny_models("tiny-gpt2")
+    worker = sweep.Worker.__new__(sweep.Worker)
+    worker.probe = probe
+    swept, alone = RunStore(tmp_path / "swept"), RunStore(tmp_path / "alone")
+    for cell in cells:
+        rec = worker.run(cell)
+        assert rec["status"] == "done", rec.get("traceback")
+        kind, model, content = rec["content"]
+        run = swept.load(swept.write(kind, model, name=cell.run, **content))
+        cap = probe.capture(TEXTS[:2], stats=["sink_mass(2)", "entropy"], backend=cell.params["backend"])
+        assert_same_run(run, alone.load(alone.save_capture(cap, probe)))
+        assert run.manifest["sweep"] == {"name": "caps", "cell": cell.id, "input": "texts0"}
+
+
+def test_the_readme_sink_census_plans_18_cells_over_the_three_registry_models(monkeypatch):
+    from pathlib import Path
+
+    from attnlab.probe import registry
+
+    monkeypatch.setattr(registry.ModelSpec, "missing_reason", lambda self: None)  # as if all three were installed
+    spec = sweep.load_spec(Path(__file__).resolve().parents[2] / "docs" / "sink_census.yaml")
+    trained = [name for name, s in registry.REGISTRY.items() if s.trained]
+    assert spec.models == trained and len(trained) == 3
+    assert len(spec.cells) == 18 and {c.name for c in spec.cells} == {"sinks"}
+    assert {c.input.name for c in spec.cells} == {"prose", "code", "lists"}
+    assert sorted({c.params["eps"] for c in spec.cells}) == [0.3, 0.5]
