@@ -148,7 +148,8 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
     prompts as `niah.NiahPrompt`s, to score retrieval heads from the same generation. budgets: shares of
     each prompt (< 1) or token counts. window: prompt rows captured for the prefill statistics (default:
     the largest SnapKV window, at least 32).
-    Tables: `heads` (policy, budget, layer, head, kv_head, lost, oracle_lost, excess, kept), `curves`
+    Tables: `heads` (policy, budget, layer, head, kv_head, lost, oracle_lost, excess, kept), `worst_heads`
+    (layer, head, kv_head, score = mean excess over the policies at the smallest budget, excess_<policy>), `curves`
     (policy, budget, budget_tokens, lost, oracle_lost, kept: means over heads, steps and prompts; the
     oracle is the policy "oracle" at exactly b keys), `steps` (policy, budget, prompt, step, lost), `prompts` (prompt, tokens, generated). Tensors:
     `alpha0` [layer, head], `retrieval` [layer, head] (NIAH prompts only)."""
@@ -194,20 +195,27 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
         raise AttnlabError("kv replay: no decode step to replay (every generation stopped after its first token): "
                            "raise max_new_tokens or pass stop_at_newline=False")
     heads, curves, steps = _tables(rows, L, H, G, probe)
+    # the heads that pay most beyond the oracle at the smallest budget, whatever the policy (what surfaces list)
+    at = heads[(heads["budget"] == min(budgets)) & (heads["policy"] != "oracle")]
+    worst = at.pivot_table(index=["layer", "head", "kv_head"], columns="policy", values="excess").add_prefix("excess_")
+    worst.insert(0, "score", worst.mean(axis=1))
+    worst = worst.reset_index().sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     alpha0 /= len(prompts)
     tensors = {"alpha0": alpha0.float()}
     if niah_prompts is not None:
         tensors["retrieval"] = (retrieval / max(n_success, 1)).float()
     res = Result(
         "kv_eviction",
-        tables={"heads": heads, "curves": curves, "steps": steps, "prompts": pd.DataFrame(prompt_rows)},
+        tables={"heads": heads, "worst_heads": worst, "curves": curves, "steps": steps,
+                "prompts": pd.DataFrame(prompt_rows)},
         tensors=tensors, tensor_dims={k: ("layer", "head") for k in tensors},
         params={"model": probe.name, "budgets": list(budgets), "policies": {p.name: p.params() for p in policies},
                 "max_new_tokens": max_new_tokens, "window": W, "prompts": len(prompts),
                 "niah_successes": n_success if niah_prompts is not None else None},
         prepend_bos=True, timings={"seconds": round(time.perf_counter() - started, 2)},
     )
-    res.summary = _replay_summary(curves)
+    res.summary = _replay_summary(curves) + (
+        f" Retrieval scored on {n_success}/{len(prompts)} successful NIAH tests." if niah_prompts is not None else "")
     res.figures = kv_figures(res)
     return res
 
@@ -322,19 +330,20 @@ def explain(res: Result, induction: Result | None = None, *, retrieval_threshold
 
 
 def explain_sentence(classes: pd.DataFrame, table: pd.DataFrame) -> str:
-    """Numbers first: per policy at the smallest budget, retrieval heads' mean loss vs the other heads'."""
+    """Numbers first: per policy at the smallest budget, the mean loss of retrieval heads vs every other head."""
     if "is_retrieval" not in table or not table["is_retrieval"].any():
         return ("No retrieval head was found (no successful NIAH test or no head above the threshold): the "
                 "RazorAttention question cannot be answered from this run.")
-    b = classes["budget"].min()
-    c = classes[classes["budget"] == b].pivot_table(index="policy", columns="class", values="lost")
-    n_ret = int(table.drop_duplicates(["layer", "head"])["is_retrieval"].sum())
-    parts = [f"{p}: {r['retrieval heads']:.1%} vs {r['other heads']:.1%}" for p, r in c.iterrows()
-             if pd.notna(r.get("retrieval heads")) and pd.notna(r.get("other heads"))]
-    c = c.drop(index="oracle", errors="ignore")
-    first = [p for p, r in c.iterrows() if r.get("retrieval heads", 0) > r.get("other heads", np.inf)]
-    return (f"At budget {b:g}, attention mass lost by the {n_ret} retrieval heads vs the other heads: "
-            + "; ".join(parts) + f". Retrieval heads lose more under {len(first)} of {len(c)} policies"
+    b = table["budget"].min()
+    at = table[(table["budget"] == b) & (table["policy"] != "oracle")]
+    means = at.groupby(["policy", "is_retrieval"], sort=False)["lost"].mean().unstack()
+    n_ret = int(at.drop_duplicates(["layer", "head"])["is_retrieval"].sum())
+    n_all = int(at.drop_duplicates(["layer", "head"]).shape[0])
+    means = means.sort_values(True, ascending=False)
+    parts = [f"{p} {r[True]:.1%} vs {r[False]:.1%}" for p, r in means.iterrows()]
+    first = [p for p, r in means.iterrows() if r[True] > r[False]]
+    return (f"At budget {b:g}, the {n_ret} retrieval heads (of {n_all}) vs the other heads lose: " + "; ".join(parts)
+            + f" of their attention mass. Retrieval heads lose more under {len(first)} of {len(means)} policies"
             + (f" ({', '.join(first)})." if first else "."))
 
 
@@ -427,7 +436,7 @@ register(Analysis(
     "Jo &amp; Shin, <i>A2SF</i>; Tang et al., <i>RazorAttention</i>.",
     KVParams, lambda probe, inputs, p, progress: kv_eviction(probe, p, progress),
     cpu_minutes=0.5, needs=("causal LM (generation)", "statistics: received, rows"),
-    figures_of=kv_figures, unit="prompt", default_suite=False, check=_check,
+    figures_of=kv_figures, top_table="worst_heads", unit="prompt", default_suite=False, check=_check,
 ))
 
 __all__ = ["A2SF", "H2O", "KVParams", "Oracle", "Policy", "RazorAttention", "SnapKV", "StreamingLLM", "budget_tokens",
