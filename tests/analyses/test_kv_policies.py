@@ -177,3 +177,34 @@ def test_replay_on_tiny_llama_rows_equal_eager_attention(tiny_models):
         assert curves.loc[("snapkv", b), "kept"] > curves.loc[("h2o", b), "kept"]
     assert curves.loc[("oracle", 0.5), "budget_tokens"] == 16  # round(0.5 * 31 tokens)
     assert set(res.figures) >= {"loss_curves", "excess_map"}
+
+
+def test_explain_joins_scores_and_says_who_pays_first():
+    import pandas as pd
+
+    from attnlab.analyses.kv_eviction import explain
+    from attnlab.analyses.result import Result
+
+    # 1 layer x 4 heads; head 0 is a retrieval head (score 0.5), head 1 a sink head (alpha0 0.9)
+    rows = []
+    for policy, lost in (("h2o", [0.4, 0.1, 0.2, 0.3]), ("razor", [0.0, 0.2, 0.3, 0.4]),
+                         ("oracle", [0.05, 0.05, 0.05, 0.05])):
+        for h in range(4):
+            rows.append({"policy": policy, "budget": 8, "layer": 0, "head": h, "kv_head": h // 2, "lost": lost[h],
+                         "oracle_lost": 0.05, "excess": lost[h] - 0.05, "kept": 8.0, "score": lost[h]})
+    res = Result("kv_eviction", tables={"heads": pd.DataFrame(rows),
+                                        "curves": pd.DataFrame({"policy": ["h2o", "razor", "oracle"], "budget": 8,
+                                                                "budget_tokens": 8.0, "lost": [0.25, 0.225, 0.05],
+                                                                "oracle_lost": 0.05, "kept": 8.0})},
+                 tensors={"alpha0": torch.tensor([[0.1, 0.9, 0.2, 0.1]]), "retrieval": torch.tensor([[0.5, 0, 0, 0.05]])})
+    explain(res)
+    cls = res.tables["classes"].set_index(["policy", "class"])["lost"]
+    assert cls[("h2o", "retrieval heads")] == pytest.approx(0.4)
+    assert cls[("h2o", "sink heads")] == pytest.approx(0.1)
+    assert cls[("h2o", "other heads")] == pytest.approx(0.25)  # heads 2 and 3
+    # h2o: retrieval 40.0% vs the mean of heads 1-3, 20.0%; razor: 0.0% vs 30.0%
+    assert "the 1 retrieval heads (of 4) vs the other heads lose: h2o 40.0% vs 20.0%; razor 0.0% vs 30.0%" in res.summary
+    assert "Retrieval heads lose more under 1 of 2 policies (h2o)." in res.summary
+    corr = res.tables["correlation"].set_index(["policy", "score"])["spearman"]
+    assert corr[("razor", "retrieval")] < 0 < corr[("h2o", "retrieval")]
+    assert "classes" in res.figures
