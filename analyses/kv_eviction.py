@@ -432,8 +432,9 @@ register(Analysis(
     "Replays KV-cache eviction policies (StreamingLLM, H2O, SnapKV, A2SF, RazorAttention) on one greedy "
     "needle-in-a-haystack generation and measures the attention mass each head would lose at each decode step, "
     "against an oracle that keeps each head's top keys; the losses are joined with sink, retrieval and "
-    "induction scores. Xiao et al., <i>StreamingLLM</i>; Zhang et al., <i>H2O</i>; Li et al., <i>SnapKV</i>; "
-    "Jo &amp; Shin, <i>A2SF</i>; Tang et al., <i>RazorAttention</i>.",
+    "induction scores. Xiao et al., <i>Efficient Streaming Language Models with Attention Sinks</i> (ICLR 2024); "
+    "Zhang et al., <i>H2O</i> (NeurIPS 2023); Li et al., <i>SnapKV</i> (NeurIPS 2024); Jo &amp; Shin, <i>A2SF</i> "
+    "(2024); Tang et al., <i>RazorAttention</i> (ICLR 2025).",
     KVParams, lambda probe, inputs, p, progress: kv_eviction(probe, p, progress),
     cpu_minutes=0.5, needs=("causal LM (generation)", "statistics: received, rows"),
     figures_of=kv_figures, top_table="worst_heads", unit="prompt", default_suite=False, check=_check,
