@@ -436,7 +436,7 @@ register(Analysis(
     "Zhang et al., <i>H2O</i> (NeurIPS 2023); Li et al., <i>SnapKV</i> (NeurIPS 2024); Jo &amp; Shin, <i>A2SF</i> "
     "(2024); Tang et al., <i>RazorAttention</i> (ICLR 2025).",
     KVParams, lambda probe, inputs, p, progress: kv_eviction(probe, p, progress),
-    cpu_minutes=0.5, needs=("causal LM (generation)", "statistics: received, rows"),
+    cpu_minutes=1.0, needs=("causal LM (generation)", "statistics: received, rows"),
     figures_of=kv_figures, top_table="worst_heads", unit="prompt", default_suite=False, check=_check,
 ))
 
