@@ -1,6 +1,6 @@
 """KV-cache eviction, replayed: the attention mass each head would lose under each policy and budget, and who pays.
 
-The policies (StreamingLLM, H2O, SnapKV, A2SF, RazorAttention, the oracle) and their equations are in
+The policies (StreamingLLM, H2O, Scissorhands, SnapKV, A2SF, RazorAttention, the oracle) and their equations are in
 `attnlab.analyses.kv_policies` (re-exported here). This module replays them on one captured
 generation per prompt (issue #22, part 1) and explains the losses with attnlab's head scores.
 
@@ -52,8 +52,8 @@ import plotly.graph_objects as go
 import torch
 
 from attnlab.analyses.base import Analysis, register, track
-from attnlab.analyses.kv_policies import (A2SF, H2O, Oracle, Policy, RazorAttention, SnapKV, StreamingLLM,
-                                          budget_tokens, expand_to_query_heads, razor_heads)
+from attnlab.analyses.kv_policies import (A2SF, H2O, Oracle, Policy, RazorAttention, Scissorhands, SnapKV,
+                                          StreamingLLM, budget_tokens, expand_to_query_heads, razor_heads)
 from attnlab.analyses.plots import head_heatmap
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
@@ -131,9 +131,10 @@ def _lost(row: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 def default_policies(probe=None, *, n_sink: int = 4, recent_share: float = 0.5, snap_window: int = 32,
                      snap_kernel: int = 7, snap_pooling: str = "max", forgetting: float = 0.9,
                      razor_full_heads: torch.Tensor | None = None) -> list[Policy]:
-    """StreamingLLM, H2O, SnapKV, A2SF and (given its head split) RazorAttention, with these parameters."""
-    out: list[Policy] = [StreamingLLM(n_sink), H2O(recent_share), SnapKV(snap_window, snap_kernel, snap_pooling),
-                         A2SF(forgetting, recent_share)]
+    """StreamingLLM, H2O, Scissorhands (history = the SnapKV window), SnapKV, A2SF and (given its head split)
+    RazorAttention, with these parameters."""
+    out: list[Policy] = [StreamingLLM(n_sink), H2O(recent_share), Scissorhands(snap_window, recent_share),
+                         SnapKV(snap_window, snap_kernel, snap_pooling), A2SF(forgetting, recent_share)]
     if razor_full_heads is not None:
         out.append(RazorAttention(razor_full_heads, n_sink))
     return out
@@ -162,10 +163,11 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
         raise AttnlabError(f"kv replay: policy names must be unique and not 'oracle' (got {names}); the oracle is "
                            "always replayed")
     prompts = _prompt_ids(probe, inputs) if niah_prompts is None else [list(p.input_ids) for p in niah_prompts]
-    snap = [p.window for p in policies if isinstance(p, SnapKV)]
+    snap = [p.window for p in policies if isinstance(p, SnapKV)] + [
+        p.history for p in policies if isinstance(p, Scissorhands)]
     W = window or max(snap + [32])
     if snap and W < max(snap):
-        raise AttnlabError(f"kv replay: window {W} is below SnapKV's observation window {max(snap)}")
+        raise AttnlabError(f"kv replay: window {W} is below the rows SnapKV or Scissorhands need ({max(snap)})")
     G = probe.info.n_kv_heads
     L, H = probe.info.n_layers, probe.info.n_heads
     rows, step_rows, prompt_rows = [], [], []
@@ -429,7 +431,7 @@ def _check(inputs, p: KVParams) -> None:
 
 register(Analysis(
     "kv_eviction", "KV-cache eviction: lost attention per policy and head",
-    "Replays KV-cache eviction policies (StreamingLLM, H2O, SnapKV, A2SF, RazorAttention) on one greedy "
+    "Replays KV-cache eviction policies (StreamingLLM, H2O, Scissorhands, SnapKV, A2SF, RazorAttention) on one greedy "
     "needle-in-a-haystack generation and measures the attention mass each head would lose at each decode step, "
     "against an oracle that keeps each head's top keys; the losses are joined with sink, retrieval and "
     "induction scores. Xiao et al., <i>Efficient Streaming Language Models with Attention Sinks</i> (ICLR 2024); "
@@ -440,6 +442,6 @@ register(Analysis(
     figures_of=kv_figures, top_table="worst_heads", unit="prompt", default_suite=False, check=_check,
 ))
 
-__all__ = ["A2SF", "H2O", "KVParams", "Oracle", "Policy", "RazorAttention", "SnapKV", "StreamingLLM", "budget_tokens",
+__all__ = ["A2SF", "H2O", "KVParams", "Oracle", "Policy", "RazorAttention", "Scissorhands", "SnapKV", "StreamingLLM", "budget_tokens",
            "capture_prompt", "default_policies", "explain", "explain_sentence", "kv_eviction", "kv_figures",
            "razor_heads", "replay", "replay_losses"]

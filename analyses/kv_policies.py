@@ -39,6 +39,12 @@ evicted per step (the lowest S_k outside the window), which is what taking the t
 not-yet-evicted keys does. GQA: S is summed over the query heads of a KV group (the A2SF authors'
 H2O code; H2O itself predates GQA).
 
+**Scissorhands** (Liu et al., arXiv 2305.17118), H2O's variant: the importance of key k is the
+number of queries in a history window (the last `history` queries, group-summed over GQA heads) that
+gave k more than the average attention, A[i, k] > 1 / (keys query i sees); same recent/heavy split
+and permanent evictions as H2O. attnlab's defaults (history 32, half recent) are not the paper's, and
+its batched eviction (m tokens at a time) is not modelled: one key goes per step, as in H2O.
+
 **A2SF** (Jo & Shin, arXiv 2407.20485): H2O with a forgetting factor alpha: S_k = sum_i
 alpha^(t - i) A[i, k] for the current query t, so S <- alpha * S + A[t, :] at each step; same
 recent/heavy split and group sum as H2O. The prompt part uses the observation window's rows: the
@@ -299,6 +305,59 @@ class A2SF(_Accumulated):
         self.score[..., :contribution.shape[-1]] += contribution
 
 
+class Scissorhands(_Accumulated):
+    """H2O's variant with the persistence of importance: count how often a key drew more than the average
+    attention over a history window (Liu et al., arXiv 2305.17118)."""
+
+    name = "scissorhands"
+    needs = ("window_rows", "row", "kept")
+
+    def __init__(self, history: int = 32, recent_share: float = 0.5):
+        if history < 1:
+            raise AttnlabError(f"scissorhands: history {history}: at least one query")
+        self.history = history
+        super().__init__(recent_share)
+
+    def params(self):
+        return {"history": self.history, "recent_share": self.recent_share}
+
+    def reset(self):
+        super().reset()
+        self.counts: list[torch.Tensor] = []  # per query in the history window: [L, Hkv, n] group counts
+
+    def _push(self, count: torch.Tensor) -> None:
+        self.counts = (self.counts + [count])[-self.history:]
+        n = max(c.shape[-1] for c in self.counts)
+        self.score = sum(F.pad(c, (0, n - c.shape[-1])) for c in self.counts)
+        if self.evicted is None:
+            self.evicted = torch.zeros(self.score.shape, dtype=torch.bool)
+        self._grow(n)
+
+    def _prefill(self, stats, G):
+        if "window_rows" not in stats:
+            raise AttnlabError("scissorhands: the prefill statistics need window_rows (the last prompt queries' rows)")
+        rows = stats["window_rows"].double()[:, :, -self.history:]  # [L, H, w, N]
+        N, w = rows.shape[-1], rows.shape[2]
+        visible = torch.arange(N - w + 1, N + 1, dtype=torch.float64)  # keys query N - w + r sees (causal)
+        above = (rows > 1 / visible[:, None]).double()
+        for r in range(w):
+            self._push(group_reduce(above[:, :, r], G, "sum"))
+
+    def update(self, stats):
+        if "row" not in stats:
+            return self._prefill(stats, _shape(stats)[1])
+        if self.score is None:
+            raise AttnlabError("scissorhands: update with the prefill statistics before the decode steps")
+        G = _shape(stats)[1]
+        row = stats["row"].double()
+        if "kept" in stats:  # under the evicted cache the step sees only the kept keys
+            row = renormalised(row, stats["kept"])
+            visible = expand_to_query_heads(stats["kept"].sum(-1, keepdim=True), row.shape[1]).double()
+        else:
+            visible = torch.full(row.shape[:2] + (1,), float(row.shape[-1]), dtype=torch.float64)
+        self._push(group_reduce((row > 1 / visible).double(), G, "sum"))
+
+
 class SnapKV(Policy):
     """Observation-window votes, pooled, top-k per KV head + the window; prompt only (Li et al., arXiv 2404.14469)."""
 
@@ -432,5 +491,5 @@ class Oracle(Policy):
         return _top(mass, counts, torch.ones(mass.shape, dtype=torch.bool))
 
 
-__all__ = ["A2SF", "H2O", "Oracle", "Policy", "RazorAttention", "SnapKV", "StreamingLLM", "budget_tokens",
+__all__ = ["A2SF", "H2O", "Oracle", "Policy", "RazorAttention", "Scissorhands", "SnapKV", "StreamingLLM", "budget_tokens",
            "expand_to_query_heads", "group_reduce", "razor_heads", "renormalised", "sink_window_mask"]

@@ -165,7 +165,8 @@ def test_replay_on_tiny_llama_rows_equal_eager_attention(tiny_models):
     pat = probe.capture([ids], stats=["pattern"], prepend_bos=False, backend="eager")["pattern"][0].double()
     torch.testing.assert_close(rep.received_sum, pat.sum(-2), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(rep.window_rows, pat[:, :, -8:, :], atol=1e-5, rtol=1e-4)
-    res = replay(probe, [ids], [kp.StreamingLLM(), kp.H2O(), kp.SnapKV(window=8), kp.A2SF()], [0.5, 12],
+    res = replay(probe, [ids], [kp.StreamingLLM(), kp.H2O(), kp.Scissorhands(8), kp.SnapKV(window=8), kp.A2SF()],
+                 [0.5, 12],
                  max_new_tokens=4, window=8, stop_at_newline=False)
     curves = res.tables["curves"].set_index(["policy", "budget"])
     heads = res.tables["heads"]
@@ -173,7 +174,7 @@ def test_replay_on_tiny_llama_rows_equal_eager_attention(tiny_models):
     for b in (0.5, 12):
         floor = curves.loc[("oracle", b), "lost"]
         # at exactly b keys (SnapKV keeps the generated ones too) the oracle is the floor
-        assert all(curves.loc[(p, b), "lost"] >= floor - 1e-9 for p in ("streaming_llm", "h2o", "a2sf"))
+        assert all(curves.loc[(p, b), "lost"] >= floor - 1e-9 for p in ("streaming_llm", "h2o", "scissorhands", "a2sf"))
         assert curves.loc[("snapkv", b), "kept"] > curves.loc[("h2o", b), "kept"]
     assert curves.loc[("oracle", 0.5), "budget_tokens"] == 16  # round(0.5 * 31 tokens)
     assert set(res.figures) >= {"loss_curves", "excess_map"}
@@ -208,3 +209,18 @@ def test_explain_joins_scores_and_says_who_pays_first():
     corr = res.tables["correlation"].set_index(["policy", "score"])["spearman"]
     assert corr[("razor", "retrieval")] < 0 < corr[("h2o", "retrieval")]
     assert "classes" in res.figures
+
+
+def test_scissorhands_counts_above_average_attention_over_a_history_window():
+    # prompt N = 4, history 2: queries 2 and 3 see 3 and 4 keys (thresholds 1/3 and 1/4)
+    rows = torch.tensor([[[[0.5, 0.1, 0.4, 0.0],      # above 1/3: keys 0, 2
+                           [0.3, 0.3, 0.1, 0.3]]]])   # above 1/4: keys 0, 1, 3
+    sh = kp.Scissorhands(history=2)
+    sh.update({**ONE, "window_rows": rows})
+    assert sh.score[0, 0].tolist() == [2, 1, 1, 1]
+    # budget 2 at n = 5: recent {4}, the most persistent older key: 0
+    m = sh.keep(ONE, n_keys=5, budget=2)
+    assert kept(m) == [0, 4]
+    # the step sees its 2 kept keys (threshold 1/2): only key 0 (0.6) is above; query 2 leaves the window
+    sh.update({**ONE, "row": torch.tensor([[[0.6, 0.0, 0.0, 0.0, 0.4]]]), "kept": m})
+    assert sh.score[0, 0].tolist() == [2, 1, 0, 1, 0]
