@@ -9,9 +9,9 @@ generation per prompt (issue #22, part 1) and explains the losses with attnlab's
    `rows(-W..-1)` (the last W prompt queries, W = the largest observation window a policy needs);
    `received_sum[k] = received[k] * (N - k)` (received is the mean over the N - k queries that see
    key k under causal attention);
-2. greedy generation with `rows(-1)` captured at every decode step (`probe.generate`: the statistics
-   kernels, or their torch twin on the CPU, give the exact row of the step's one query over the full
-   cache, at any length). Step 0 processes the prompt's last token, whose row the prefill already
+2. greedy generation with `rows(-1)` captured at every decode step (`probe.generate`: the backend
+   `auto` picks - the Triton statistics kernels on a GPU, the chunked torch twin on the CPU - gives the
+   exact row of the step's one query over the full cache, at any length; no eager pattern). Step 0 processes the prompt's last token, whose row the prefill already
    holds, so the lossy steps are t = 1..T-1 (the generated tokens' queries, n = N + t keys);
 3. for every policy and budget b (tokens per (layer, KV head); a share < 1 is of the prompt), the
    policy is reset, fed the prefill statistics, and at each step says which keys it keeps; the loss of
@@ -158,6 +158,8 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
     require_causal_full_attention(probe)
     if not policies or not budgets:
         raise AttnlabError("kv replay: give at least one policy and one budget")
+    if len(set(budgets)) != len(budgets):
+        raise AttnlabError(f"kv replay: budgets {list(budgets)} repeat a value: give each budget once")
     names = [p.name for p in policies]
     if len(set(names)) != len(names) or "oracle" in names:
         raise AttnlabError(f"kv replay: policy names must be unique and not 'oracle' (got {names}); the oracle is "
@@ -189,10 +191,9 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
         counts = [budget_tokens(b, len(ids)) for b in budgets]
         prompt_rows.append({"prompt": i, "tokens": len(ids), "generated": len(rep.new_ids),
                             "steps_replayed": len(rep.rows), "text": probe.tokenizer.decode(rep.new_ids)})
-        for rec in replay_losses(rep, policies, counts, G):
-            b = budgets[counts.index(rec["budget"])]
-            rows.append((rec["policy"], b, rec["budget"], i, rec["step"], rec["lost"], rec["oracle_lost"],
-                         rec["kept"]))
+        for b, count in zip(budgets, counts):  # a share and a count may give the same number of tokens
+            for rec in replay_losses(rep, policies, [count], G):
+                rows.append((rec["policy"], b, count, i, rec["step"], rec["lost"], rec["oracle_lost"], rec["kept"]))
     if not rows:
         raise AttnlabError("kv replay: no decode step to replay (every generation stopped after its first token): "
                            "raise max_new_tokens or pass stop_at_newline=False")
