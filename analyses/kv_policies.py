@@ -54,12 +54,14 @@ per model on a calibration set; `forgetting` = 0.9 here is attnlab's default, no
 
 **SnapKV** (Li et al., arXiv 2404.14469): at the end of the prefill, the last w prompt queries
 (the observation window) vote for the earlier keys: C_k = sum_{i in window} A[i, k] for k < N - w;
-C is pooled along the keys (1-D max pool of width `kernel`, stride 1, same padding: the paper's
-listing; kvpress uses avg pooling, `pooling="avg"`), and each head keeps the top b - w prefix keys
+C is pooled along the keys (1-D pool of width `kernel`, stride 1, same padding; max pooling as in
+the official LongBench configs, avg as in kvpress: `pooling="avg"`), and each head keeps the top b - w prefix keys
 plus the window itself. Decode steps add their keys and evict nothing (SnapKV compresses the
 prompt only), so its cache is b + (generated tokens). GQA: the pooled votes are averaged over the
 query heads of a KV group (kvpress, following SnapKV issue #22; the official code repeats the KV
-heads instead). Defaults w = 32, kernel = 7 (the paper's LongBench setting; kvpress: 64 and 5).
+heads instead). Defaults w = 32, kernel = 7, max pooling: the official repository's LongBench
+configs (FasterDecoding/SnapKV, `ablation_c*_w32_k7_maxpool.json`); its in-code defaults and
+kvpress's are 64, 5 and avg pooling.
 
 **RazorAttention** (Tang et al., arXiv 2407.15891): retrieval heads (echo and induction heads; here
 the KV groups `analyses.retrieval.induction_heads` selects - top 14% by induction + top 1% by echo -
