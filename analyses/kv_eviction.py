@@ -11,8 +11,9 @@ generation per prompt (issue #22, part 1) and explains the losses with attnlab's
    key k under causal attention);
 2. greedy generation with `rows(-1)` captured at every decode step (`probe.generate`: the backend
    `auto` picks - the Triton statistics kernels on a GPU, the chunked torch twin on the CPU - gives the
-   exact row of the step's one query over the full cache, at any length; no eager pattern). Step 0 processes the prompt's last token, whose row the prefill already
-   holds, so the lossy steps are t = 1..T-1 (the generated tokens' queries, n = N + t keys);
+   exact row of the step's one query over the full cache, at any length; no eager pattern). Step 0
+   processes the prompt's last token, whose row the prefill already holds, so the lossy steps are
+   t = 1..T-1 (the generated tokens' queries, n = N + t keys);
 3. for every policy and budget b (tokens per (layer, KV head); a share < 1 is of the prompt), the
    policy is reset, fed the prefill statistics, and at each step says which keys it keeps; the loss of
    query head h at step t is the full-cache attention it puts on evicted keys,
@@ -107,7 +108,8 @@ def replay_losses(rep: Replayed, policies: Sequence[Policy], budgets: Sequence[i
     for b in budgets:
         floor = [_lost(row, Oracle().keep({**shape, "row": row}, n_keys=row.shape[-1], budget=b)) for row in rep.rows]
         out += [{"policy": "oracle", "budget": b, "step": t + 1, "lost": f, "oracle_lost": f,
-                 "kept": torch.full((L, n_kv_heads), min(b, row.shape[-1]))} for t, (row, f) in enumerate(zip(rep.rows, floor))]
+                 "kept": torch.full((L, n_kv_heads), min(b, row.shape[-1]))}
+                for t, (row, f) in enumerate(zip(rep.rows, floor))]
         for policy in policies:
             policy.reset()
             policy.update(prefill)
@@ -152,7 +154,8 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
     Tables: `heads` (policy, budget, layer, head, kv_head, lost, oracle_lost, excess, kept), `worst_heads`
     (layer, head, kv_head, score = mean excess over the policies at the smallest budget, excess_<policy>), `curves`
     (policy, budget, budget_tokens, lost, oracle_lost, kept: means over heads, steps and prompts; the
-    oracle is the policy "oracle" at exactly b keys), `steps` (policy, budget, prompt, step, lost), `prompts` (prompt, tokens, generated). Tensors:
+    oracle is the policy "oracle" at exactly b keys), `steps` (policy, budget, prompt, step, lost), `prompts`
+    (prompt, tokens, generated). Tensors:
     `alpha0` [layer, head], `retrieval` [layer, head] (NIAH prompts only)."""
     started = time.perf_counter()
     require_causal_full_attention(probe)
@@ -276,7 +279,8 @@ def _replay_summary(curves: pd.DataFrame) -> str:
         g = g.set_index("policy")
         real = g.drop(index="oracle")
         best = real["lost"].idxmin()
-        parts.append(f"budget {b:g} (~{g['budget_tokens'].iloc[0]:.0f} tokens): oracle loses {g.loc['oracle', 'lost']:.1%} "
+        parts.append(f"budget {b:g} (~{g['budget_tokens'].iloc[0]:.0f} tokens): oracle loses "
+                     f"{g.loc['oracle', 'lost']:.1%} "
                      f"of the attention mass, best policy {best} {real.loc[best, 'lost']:.1%}, worst "
                      f"{real['lost'].idxmax()} {real['lost'].max():.1%}")
     return "; ".join(parts) + "."
@@ -386,7 +390,8 @@ class KVParams:
     """The NIAH grid replayed, the budgets, and the papers' policy parameters (kv_policies' docstring)."""
     lengths: tuple[int, ...] = field(default=(512,), metadata={"range": (64, 131072), "label": "lengths (tokens)"})
     depths: tuple[float, ...] = field(default=(25.0, 75.0), metadata={"range": (0, 100), "label": "depths (%)"})
-    needles: int = field(default=1, metadata={"range": (1, len(niah.NEEDLES)), "label": f"needles (1-{len(niah.NEEDLES)})"})
+    needles: int = field(default=1, metadata={"range": (1, len(niah.NEEDLES)),
+                                              "label": f"needles (1-{len(niah.NEEDLES)})"})
     budgets: tuple[float, ...] = field(default=(0.1, 0.25, 0.5), metadata={
         "range": (0.0, 1 << 20), "help": "below 1: a share of the prompt; from 1: tokens per KV head"})
     max_new_tokens: int = field(default=16, metadata={"range": (2, 256), "label": "max new tokens"})
@@ -443,6 +448,7 @@ register(Analysis(
     figures_of=kv_figures, top_table="worst_heads", unit="prompt", default_suite=False, check=_check,
 ))
 
-__all__ = ["A2SF", "H2O", "KVParams", "Oracle", "Policy", "RazorAttention", "Scissorhands", "SnapKV", "StreamingLLM", "budget_tokens",
+__all__ = ["A2SF", "H2O", "KVParams", "Oracle", "Policy", "RazorAttention", "Scissorhands", "SnapKV", "StreamingLLM",
+           "budget_tokens",
            "capture_prompt", "default_policies", "explain", "explain_sentence", "kv_eviction", "kv_figures",
            "razor_heads", "replay", "replay_losses"]

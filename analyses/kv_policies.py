@@ -23,7 +23,7 @@ head; `n_layers` and `n_kv_heads` are always present and give the output's shape
   `kept` [L, Hkv, n] (the mask `keep` returned), so accumulating policies add the attention the
   step *would have had* under their own cache: the row restricted to the kept keys, renormalised per
   query head (the softmax over fewer keys, with the same queries and keys).
-Stateful policies (H2O, A2SF, SnapKV's one selection) never bring back a position they evicted.
+Stateful policies (H2O, Scissorhands, A2SF, SnapKV's one selection) never bring back a position they evicted.
 Budgets: `budget_tokens` turns a share of the prompt into a count.
 
 Policies and their equations:
@@ -452,7 +452,8 @@ class RazorAttention(Policy):
         self._check_budget(budget, n_keys)
         L, G = _shape(stats)
         if tuple(self.full_heads.shape) != (L, G):
-            raise AttnlabError(f"razor: full_heads is {tuple(self.full_heads.shape)}, the model has [{L}, {G}] KV heads")
+            raise AttnlabError(f"razor: full_heads is {tuple(self.full_heads.shape)}, the model has [{L}, {G}] "
+                               "KV heads: build it with razor_heads for this model")
         return sink_window_mask(L, G, n_keys, budget, self.n_sink) | self.full_heads[..., None]
 
 
@@ -493,5 +494,6 @@ class Oracle(Policy):
         return _top(mass, counts, torch.ones(mass.shape, dtype=torch.bool))
 
 
-__all__ = ["A2SF", "H2O", "Oracle", "Policy", "RazorAttention", "Scissorhands", "SnapKV", "StreamingLLM", "budget_tokens",
+__all__ = ["A2SF", "H2O", "Oracle", "Policy", "RazorAttention", "Scissorhands", "SnapKV", "StreamingLLM",
+           "budget_tokens",
            "expand_to_query_heads", "group_reduce", "razor_heads", "renormalised", "sink_window_mask"]

@@ -4,7 +4,8 @@ kvpress 0.5.5 does not install beside attnlab's lock (it requires pandas<3), so 
 press modules from the wheel unpacked into a folder, without installing it and without running the
 package's __init__ (which imports every press, some of them needing packages attnlab does not have):
 
-    pip download --no-deps kvpress==0.5.5 -d /tmp/kvp && unzip -q /tmp/kvp/kvpress-0.5.5-py3-none-any.whl -d /tmp/kvp/src
+    pip download --no-deps kvpress==0.5.5 -d /tmp/kvp
+    unzip -q /tmp/kvp/kvpress-0.5.5-py3-none-any.whl -d /tmp/kvp/src
     python bench/kvpress_compare.py --kvpress-src /tmp/kvp/src [--model smollm2-135m --length 512]
 
 For one needle-in-a-haystack prompt it captures every layer's full prefill pattern (eager), gives it to
@@ -86,7 +87,8 @@ def main() -> None:
                 print(f"{name:<16}{ratio:>6}{n:>8}   attnlab refuses: {e}")
                 continue
             diff = ours ^ theirs
-            print(f"{name:<16}{ratio:>6}{n:>8}{int(diff.any(-1).sum()):>12} / {L * G:<4}{int(diff.sum()):>14} / {L * G * n}")
+            units, positions = int(diff.any(-1).sum()), int(diff.sum())
+            print(f"{name:<16}{ratio:>6}{n:>8}{units:>12} / {L * G:<4}{positions:>14} / {L * G * n}")
 
 
 if __name__ == "__main__":

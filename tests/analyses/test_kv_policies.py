@@ -197,14 +197,16 @@ def test_explain_joins_scores_and_says_who_pays_first():
                                         "curves": pd.DataFrame({"policy": ["h2o", "razor", "oracle"], "budget": 8,
                                                                 "budget_tokens": 8.0, "lost": [0.25, 0.225, 0.05],
                                                                 "oracle_lost": 0.05, "kept": 8.0})},
-                 tensors={"alpha0": torch.tensor([[0.1, 0.9, 0.2, 0.1]]), "retrieval": torch.tensor([[0.5, 0, 0, 0.05]])})
+                 tensors={"alpha0": torch.tensor([[0.1, 0.9, 0.2, 0.1]]),
+                          "retrieval": torch.tensor([[0.5, 0, 0, 0.05]])})
     explain(res)
     cls = res.tables["classes"].set_index(["policy", "class"])["lost"]
     assert cls[("h2o", "retrieval heads")] == pytest.approx(0.4)
     assert cls[("h2o", "sink heads")] == pytest.approx(0.1)
     assert cls[("h2o", "other heads")] == pytest.approx(0.25)  # heads 2 and 3
     # h2o: retrieval 40.0% vs the mean of heads 1-3, 20.0%; razor: 0.0% vs 30.0%
-    assert "the 1 retrieval heads (of 4) vs the other heads lose: h2o 40.0% vs 20.0%; razor 0.0% vs 30.0%" in res.summary
+    assert ("the 1 retrieval heads (of 4) vs the other heads lose: h2o 40.0% vs 20.0%; razor 0.0% vs 30.0%"
+            in res.summary)
     assert "Retrieval heads lose more under 1 of 2 policies (h2o)." in res.summary
     corr = res.tables["correlation"].set_index(["policy", "score"])["spearman"]
     assert corr[("razor", "retrieval")] < 0 < corr[("h2o", "retrieval")]
