@@ -215,7 +215,8 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
         tables={"heads": heads, "worst_heads": worst, "curves": curves, "steps": steps,
                 "prompts": pd.DataFrame(prompt_rows)},
         tensors=tensors, tensor_dims={k: ("layer", "head") for k in tensors},
-        params={"model": probe.name, "budgets": list(budgets), "policies": {p.name: p.params() for p in policies},
+        params={"model": probe.name, "budgets": list(budgets),
+                "policies": {p.name: {**p.params(), **_truncation(p, W)} for p in policies},
                 "max_new_tokens": max_new_tokens, "window": W, "prompts": len(prompts),
                 "niah_successes": n_success if niah_prompts is not None else None},
         prepend_bos=True, timings={"seconds": round(time.perf_counter() - started, 2)},
@@ -224,6 +225,13 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
         f" Retrieval scored on {n_success}/{len(prompts)} successful NIAH tests." if niah_prompts is not None else "")
     res.figures = kv_figures(res)
     return res
+
+
+def _truncation(policy: Policy, rows: int) -> dict:
+    """A2SF's prefill score from the last `rows` prompt queries only: the bound on what the older ones add."""
+    if isinstance(policy, A2SF) and policy.forgetting < 1:
+        return {"prefill_rows": rows, "prefill_bound": policy.forgetting ** rows / (1 - policy.forgetting)}
+    return {}
 
 
 def require_causal_full_attention(probe) -> None:
