@@ -143,11 +143,12 @@ def default_policies(probe=None, *, n_sink: int = 4, recent_share: float = 0.5, 
 
 
 def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], *, max_new_tokens: int = 16,
-           window: int | None = None, backend: str = "auto", stop_at_newline: bool = True,
+           window: int | None = None, backend: str = "auto", stop_at_newline: bool = True, prepend_bos: bool = True,
            niah_prompts: Sequence[niah.NiahPrompt] | None = None, progress=None) -> Result:
     """Replay `policies` at `budgets` on one greedy generation per prompt.
 
-    inputs: a text, a list of texts, or token-id lists (BOS prepended to texts); niah_prompts: the same
+    inputs: a text, a list of texts, or token-id lists (BOS prepended unless prepend_bos=False, as in
+    `probe.capture`); niah_prompts (then inputs=None): the
     prompts as `niah.NiahPrompt`s, to score retrieval heads from the same generation. budgets: shares of
     each prompt (< 1) or token counts. window: prompt rows captured for the prefill statistics (default:
     the largest SnapKV window, at least 32).
@@ -163,11 +164,16 @@ def replay(probe, inputs, policies: Sequence[Policy], budgets: Sequence[float], 
         raise AttnlabError("kv replay: give at least one policy and one budget")
     if len(set(budgets)) != len(budgets):
         raise AttnlabError(f"kv replay: budgets {list(budgets)} repeat a value: give each budget once")
+    for b in budgets:
+        budget_tokens(b, 1)  # refused before any capture: a share below 1 or a whole count
     names = [p.name for p in policies]
     if len(set(names)) != len(names) or "oracle" in names:
         raise AttnlabError(f"kv replay: policy names must be unique and not 'oracle' (got {names}); the oracle is "
                            "always replayed")
-    prompts = _prompt_ids(probe, inputs) if niah_prompts is None else [list(p.input_ids) for p in niah_prompts]
+    if (inputs is None) == (niah_prompts is None):
+        raise AttnlabError("kv replay: give either inputs (texts or token ids) or niah_prompts")
+    prompts = (_prompt_ids(probe, inputs, prepend_bos) if niah_prompts is None
+               else [list(p.input_ids) for p in niah_prompts])
     snap = [p.window for p in policies if isinstance(p, SnapKV)] + [
         p.history for p in policies if isinstance(p, Scissorhands)]
     W = window or max(snap + [32])
@@ -243,10 +249,10 @@ def require_causal_full_attention(probe) -> None:
                            "evicted; replay supports full causal attention only")
 
 
-def _prompt_ids(probe, inputs) -> list[list[int]]:
+def _prompt_ids(probe, inputs, prepend_bos: bool) -> list[list[int]]:
     if isinstance(inputs, str):
         inputs = [inputs]
-    tokens = probe.to_tokens(list(inputs))
+    tokens = probe.to_tokens(list(inputs), prepend_bos=prepend_bos)
     first = tokens.first_real()
     return [tokens.input_ids[b, int(first[b]):].tolist() for b in range(tokens.batch_size)]
 

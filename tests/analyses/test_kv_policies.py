@@ -166,8 +166,8 @@ def test_replay_on_tiny_llama_rows_equal_eager_attention(tiny_models):
     torch.testing.assert_close(rep.received_sum, pat.sum(-2), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(rep.window_rows, pat[:, :, -8:, :], atol=1e-5, rtol=1e-4)
     res = replay(probe, [ids], [kp.StreamingLLM(), kp.H2O(), kp.Scissorhands(8), kp.SnapKV(window=8), kp.A2SF()],
-                 [0.5, 12],
-                 max_new_tokens=4, window=8, stop_at_newline=False)
+                 [0.5, 12], max_new_tokens=4, window=8, stop_at_newline=False, prepend_bos=False)
+    assert res.tables["prompts"]["tokens"].tolist() == [31]
     curves = res.tables["curves"].set_index(["policy", "budget"])
     heads = res.tables["heads"]
     assert (heads["excess"] >= -1e-9).all()  # no policy beats the oracle at its own cache size
@@ -226,3 +226,18 @@ def test_scissorhands_counts_above_average_attention_over_a_history_window():
     # the step sees its 2 kept keys (threshold 1/2): only key 0 (0.6) is above; query 2 leaves the window
     sh.update({**ONE, "row": torch.tensor([[[0.6, 0.0, 0.0, 0.0, 0.4]]]), "kept": m})
     assert sh.score[0, 0].tolist() == [2, 1, 0, 1, 0]
+
+
+def test_replay_refuses_what_it_cannot_replay(tiny_models):
+    probe = tiny_models("tiny-llama")
+    text = "The cat sat on the mat. " * 4
+    for kwargs, message in [({"budgets": [8, 8]}, "repeat a value"),
+                            ({"policies": [kp.Oracle()]}, "not 'oracle'"),
+                            ({"policies": [kp.H2O(), kp.H2O()]}, "must be unique"),
+                            ({"policies": [kp.SnapKV(window=16)], "window": 8}, "below the rows SnapKV"),
+                            ({"budgets": [1.5]}, "whole number")]:
+        args = {"policies": [kp.StreamingLLM()], "budgets": [8], **kwargs}
+        with pytest.raises(AttnlabError, match=message):
+            replay(probe, text, args.pop("policies"), args.pop("budgets"), max_new_tokens=2, **args)
+    with pytest.raises(AttnlabError, match="either inputs"):
+        replay(probe, None, [kp.StreamingLLM()], [8])
