@@ -309,7 +309,8 @@ def load_all() -> dict[str, Analysis]:
     return ANALYSES
 
 
-MODULES = ("sinks", "retrieval", "thought_anchors", "active_dormant", "bigram_backcopy", "sae_circuits")
+MODULES = ("sinks", "retrieval", "thought_anchors", "active_dormant", "bigram_backcopy", "sae_circuits",
+           "kv_eviction")
 
 __all__ = ["ANALYSES", "Analysis", "Field", "MODULES", "Progress", "as_progress", "check_params", "example_text", "fields_of", "format_value",
            "load_all", "parse_params", "parse_value", "register", "stage", "tqdm_callback", "tqdm_progress", "track"]

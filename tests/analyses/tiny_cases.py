@@ -11,6 +11,8 @@ TINY = {
     "thought_anchors": ({"suppress": "apples", "n_rollouts": 0}, "apples"),
     "active_dormant": ({"n_texts": 1, "T": 16, "domains": ("prose", "code")}, None),
     "bigram_backcopy": ({"d_model": 16, "seq_len": 8, "steps": 12, "batch": 4}, None),
+    "kv_eviction": ({"lengths": (256,), "depths": (50.0,), "budgets": (0.5, 64), "max_new_tokens": 3,
+                     "snap_window": 8, "induction_seq_len": 12}, None),
     "sae_circuits": ({"task": "induction", "n": 3, "seeds": 1, "epochs": 3, "solved_only": False}, None),
 }
 
