@@ -74,28 +74,16 @@ def token_counts(tokenizer, texts: list[str]) -> list[int]:
 
 
 # ----- batching -----
-def bucket_by_length(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices of the texts sorted by length, cut into batches whose padded size (texts x longest)
-    stays within `token_budget` (a longer text than the budget goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > token_budget:
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + ([current] if current else [])
-
-
 def fixed_batches(n: int, size: int) -> list[list[int]]:
     return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
 
 
 def batches_for_capture(lengths: list[int], token_budget: int) -> list[list[int]]:
-    # ---- SWITCH (#21 part 2): the one call site of the bucketing. When `attnlab.probe` buckets by
-    # length with a token budget itself, call its bucketing here (or pass each cell's texts to
-    # `probe.capture(..., token_budget=...)`) so that both ways use the library's batches. ----
-    return bucket_by_length(lengths, token_budget)
+    """The library's length buckets (`attnlab.probe.buckets`, what `capture(max_batch_tokens=)` uses),
+    so the Ray cells and the plain process run the same batches."""
+    from attnlab.probe import buckets
+
+    return buckets.plan(lengths, max_batch_tokens=token_budget).batches
 
 
 def padding(batches: list[list[int]], lengths: list[int]) -> dict:
