@@ -1,7 +1,7 @@
 """GPU tests run the kernels compiled. tests/kernels/conftest.py sets TRITON_INTERPRET=1 for its own
 tests (the interpreter replaces the kernels at import), so run this folder in its own process:
 
-    PYTHONPATH=$PWD/.dev python -m pytest -q tests/gpu
+    .venv/bin/python -m pytest -q tests/gpu
 """
 
 import os

@@ -4,7 +4,7 @@ Skipped without a GPU (CI has none; the device results are in the closing notes 
 bench/RESULTS.md). Not under tests/kernels, whose conftest runs the Triton kernels under the
 interpreter: here they run compiled.
 
-    PYTHONPATH=$PWD/.dev python -m pytest -q tests/gpu
+    .venv/bin/python -m pytest -q tests/gpu
 """
 
 from __future__ import annotations
