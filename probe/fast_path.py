@@ -222,7 +222,11 @@ def attnlab_attention(
     if key_mask is not None:
         key_mask = key_mask[:, -key.shape[2] :].to(torch.bool)
     shape = _shape_of(module, key_mask, key, kwargs)
-    edits = _edits_for(state.edits if state is not None else (), layer, query, key, key_mask)
+    active = state.edits if state is not None else ()
+    edits = _edits_for(active, layer, query, key, key_mask)
+    key_keep = _key_keep_for(active, layer, query, key, key_mask, sliding_window, shape["causal"])
+    if key_keep is not None:
+        shape["key_keep"] = key_keep
     if session is not None and session.backend == "eager":
         from attnlab.probe.eager_path import eager_attention
 
@@ -231,7 +235,7 @@ def attnlab_attention(
         request = session.make_request(query.shape[2], key.shape[2]) if captured else None
         out, stats = eager_attention(
             module, query, key, value, key_mask, scaling, sliding_window, softcap, edits, request,
-            causal=shape["causal"], key_bias=shape["key_bias"], sinks=shape["sinks"],
+            causal=shape["causal"], key_bias=shape["key_bias"], sinks=shape["sinks"], key_keep=key_keep,
             dropout=dropout, **kwargs,
         )
         if captured:
@@ -239,10 +243,10 @@ def attnlab_attention(
             session.seconds += time.perf_counter() - started
             if session.on_layer is not None:
                 session.on_layer(layer)
-    elif (session is None or layer not in session.layers) and not edits:
+    elif (session is None or layer not in session.layers) and not edits and key_keep is None:
         out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap, **shape)
     elif session is None or layer not in session.layers:
-        # Edits without capture: the kernels apply them (SDPA cannot move mass).
+        # Edits without capture: the kernels apply them (SDPA cannot move mass or mask per KV head).
         out, _ = _edit_kernel(query)(query, key, value, scale=scaling, key_mask=key_mask,
                                      sliding_window=sliding_window, softcap=softcap, edits=edits,
                                      **_non_default(shape))
@@ -282,7 +286,7 @@ def _shape_of(module, key_mask, key, kwargs) -> dict:
 def _non_default(shape: dict) -> dict:
     """The kernels' keyword arguments for `shape`, leaving out the defaults (plain causal attention)."""
     out = {} if shape["causal"] else {"causal": False}
-    out.update({k: shape[k] for k in ("key_bias", "sinks") if shape[k] is not None})
+    out.update({k: shape[k] for k in ("key_bias", "sinks", "key_keep") if shape.get(k) is not None})
     return out
 
 
@@ -293,7 +297,30 @@ def _edits_for(edits: tuple, layer, query, key, key_mask) -> tuple:
         return ()
     mask = key_mask if key_mask is not None else torch.ones(key.shape[0], key.shape[2], dtype=torch.bool,
                                                             device=key.device)
-    return tuple(k for e in edits if (k := e.kernel_edit(layer, query.shape[1], mask)) is not None)
+    return tuple(k for e in edits if hasattr(e, "kernel_edit")  # KeyEvictions are the key_keep mask instead
+                 and (k := e.kernel_edit(layer, query.shape[1], mask)) is not None)
+
+
+def _key_keep_for(edits: tuple, layer, query, key, key_mask, sliding_window, causal) -> torch.Tensor | None:
+    """The active KeyEvictions' mask for this layer's call, [B|1, Hkv, Nk] bool (None without any); an
+    AttnlabError when it leaves a real query with no kept key to attend to."""
+    if not edits:
+        return None
+    from attnlab.kernels.reference import check_key_keep, keep_per_query_head
+    from attnlab.probe.edits import key_keep_for
+
+    keep = key_keep_for(edits, layer, key.shape[0], key.shape[2], key.device)
+    if keep is None:
+        return None
+    if keep.shape[1] != key.shape[1]:
+        raise AttnlabError(f"KeyEviction(keep): {keep.shape[1]} KV heads in the mask, {key.shape[1]} in layer {layer}; "
+                           "pass one mask per KV head")
+    try:
+        check_key_keep(keep_per_query_head(keep, query.shape[1]), key_mask, query.shape[2], key.shape[2],
+                       sliding_window, causal)
+    except ValueError as err:
+        raise AttnlabError(f"KeyEviction in layer {layer}: {err}") from None
+    return keep
 
 
 def _edit_kernel(query):
