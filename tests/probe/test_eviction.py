@@ -1,0 +1,145 @@
+"""Generation with KV-cache eviction (`attnlab.probe.eviction`): the loop against full forwards of
+transformers' eager attention with the equivalent per-query 4-D mask, the full-cache baseline against
+`probe.generate`, and the policy interface (statistics each step, evicted positions stay evicted, the
+budget). The policies here are stand-ins with the interface of `attnlab.analyses.kv_eviction`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.probe import AttnlabError, load
+from attnlab.probe.eviction import generate_with_eviction
+
+_spec = importlib.util.spec_from_file_location("attnlab_test_key_eviction",
+                                               Path(__file__).with_name("test_key_eviction.py"))
+_kk = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_kk)
+sharp = _kk.sharp  # the sharp tiny GQA Llama fixture
+TEXT = "The harbour was quiet that morning; two boats came in and the gulls followed them home."
+
+
+class SinksAndWindow:
+    """StreamingLLM-like stand-in: the first `sinks` positions and the most recent budget - sinks."""
+
+    needs = ()
+
+    def __init__(self, sinks: int = 2, n_layers: int = 2, n_kv: int = 2):
+        self.sinks, self.L, self.H = sinks, n_layers, n_kv
+
+    def reset(self):
+        pass
+
+    def update(self, step):
+        pass
+
+    def keep(self, step, *, n_keys, budget):
+        j = torch.arange(n_keys)
+        kept = (j < self.sinks) | (j >= n_keys - (budget - self.sinks))
+        return kept[None, None].expand(self.L, self.H, n_keys).clone()
+
+
+class Recording(SinksAndWindow):
+    """Records what it is given; per KV head a different window (head 1 keeps one key fewer)."""
+
+    needs = ("rows(-1)",)
+    prefill_needs = ("received",)
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def update(self, step):
+        self.steps.append(step)
+
+    def keep(self, step, *, n_keys, budget):
+        kept = super().keep(step, n_keys=n_keys, budget=budget)
+        kept[:, 1, n_keys - (budget - self.sinks)] = False
+        return kept
+
+
+class Greedy(SinksAndWindow):
+    """Breaks the budget."""
+
+    def keep(self, step, *, n_keys, budget):
+        return torch.ones(self.L, self.H, n_keys, dtype=torch.bool)
+
+
+def reference_logits(probe, ids, n_context, sinks, budget):
+    """Logits of one full forward of transformers' eager attention where query p >= n_context sees the
+    sinks, the last budget - sinks keys before it, and itself; queries before n_context see all."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(probe.info.folder, attn_implementation="eager").eval()
+    n = len(ids)
+    p = torch.arange(n)[:, None]
+    j = torch.arange(n)[None]
+    seen = j <= p
+    window = (j < sinks) | (j >= p - (budget - sinks))
+    seen = seen & torch.where(p >= n_context, window, True)
+    mask4 = torch.where(seen, 0.0, torch.finfo(torch.float32).min)[None, None]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), attention_mask=mask4).logits[0]
+
+
+@pytest.mark.parametrize("n_context_back", [1, 6])
+def test_eviction_matches_full_forwards_with_the_mask(sharp, n_context_back):
+    probe = load(sharp)
+    ids = probe.tokenize(TEXT).input_ids[0].tolist()
+    n_context = len(ids) - n_context_back
+    budget, sinks = 12, 2
+    got = generate_with_eviction(probe, ids, n_context=n_context, policy=SinksAndWindow(sinks), budget=budget,
+                                 max_new_tokens=8, stop_at_newline=False)
+    assert len(got.new_ids) == 8
+    full = ids + got.new_ids
+    ref = reference_logits(probe, full, n_context, sinks, budget)
+    # the token after each fed position is the greedy choice under the mask
+    assert ref[len(ids) - 1:-1].argmax(-1).tolist() == got.new_ids
+    torch.testing.assert_close(got.first_logits, ref[len(ids) - 1], rtol=1e-4, atol=1e-4)
+    assert max(got.cache) == budget + 1  # the kept keys plus the step's own
+    assert got.keep.shape == (2, 2, len(full) - 1) and int(got.keep.sum(-1).max()) == budget
+
+
+def test_full_cache_is_probe_generate(sharp):
+    probe = load(sharp)
+    ids = probe.tokenize(TEXT).input_ids[0].tolist()
+    base = generate_with_eviction(probe, ids, max_new_tokens=8, stop_at_newline=False)
+    ref = probe.generate(TEXT, max_new_tokens=8, stop_at_newline=False)
+    assert base.new_ids == ref.new_ids[0] and base.keep is None
+    big = generate_with_eviction(probe, ids, policy=SinksAndWindow(), budget=len(ids) + 10, max_new_tokens=8,
+                                 stop_at_newline=False)
+    assert big.new_ids == base.new_ids
+
+
+def test_policy_sees_its_statistics_and_evictions_stay(sharp):
+    probe = load(sharp)
+    ids = probe.tokenize(TEXT).input_ids[0].tolist()
+    n_context = len(ids) - 3
+    pol = Recording()
+    got = generate_with_eviction(probe, ids, n_context=n_context, policy=pol, budget=10, max_new_tokens=4,
+                                 stop_at_newline=False)
+    pre, dec = pol.steps[0], pol.steps[1:]
+    assert pre["phase"] == "prefill" and pre["received"].shape == (2, 4, n_context) and pre["group"] == 2
+    assert len(dec) == 3 + 4 - 1  # 3 suffix tokens, then every generated token but the last is fed
+    for s in dec:
+        n = s["n_keys"]
+        assert s["phase"] == "decode" and s["rows"].shape == (2, 4, 1, n)
+        evicted = ~s["kept"].repeat_interleave(2, dim=1)  # [L, Hq, n]
+        assert (s["rows"][:, :, 0][evicted] == 0).all()  # attention on evicted keys is zero
+        assert s["rows"][:, :, 0].sum(-1).sub(1).abs().max() < 1e-5
+    # head 1 dropped a key that head 0 kept, and it stays dropped though later windows would keep it
+    assert not torch.equal(got.keep[:, 0], got.keep[:, 1])
+    first = dec[0]["kept"]
+    assert (got.keep[..., : first.shape[-1]] <= first).all()
+
+
+def test_policy_over_budget_is_refused(sharp):
+    probe = load(sharp)
+    ids = probe.tokenize(TEXT).input_ids[0].tolist()
+    with pytest.raises(AttnlabError, match="over the budget"):
+        generate_with_eviction(probe, ids, policy=Greedy(), budget=4, max_new_tokens=2)
+    with pytest.raises(AttnlabError, match="budget"):
+        generate_with_eviction(probe, ids, policy=SinksAndWindow(), budget=0)
