@@ -23,54 +23,52 @@ TEXT = "The harbour was quiet that morning; two boats came in and the gulls foll
 
 
 class SinksAndWindow:
-    """StreamingLLM-like stand-in: the first `sinks` positions and the most recent budget - sinks."""
+    """StreamingLLM-like stand-in: the first `sinks` positions and the most recent budget - sinks of the
+    n_keys keys of the step about to run (its own included)."""
 
     needs = ()
 
-    def __init__(self, sinks: int = 2, n_layers: int = 2, n_kv: int = 2):
-        self.sinks, self.L, self.H = sinks, n_layers, n_kv
+    def __init__(self, sinks: int = 2):
+        self.sinks = sinks
 
     def reset(self):
         pass
 
-    def update(self, step):
+    def update(self, stats):
         pass
 
-    def keep(self, step, *, n_keys, budget):
+    def keep(self, stats, *, n_keys, budget):
         j = torch.arange(n_keys)
         kept = (j < self.sinks) | (j >= n_keys - (budget - self.sinks))
-        return kept[None, None].expand(self.L, self.H, n_keys).clone()
+        return kept[None, None].expand(stats["n_layers"], stats["n_kv_heads"], n_keys).clone()
 
 
 class Recording(SinksAndWindow):
-    """Records what it is given; per KV head a different window (head 1 keeps one key fewer)."""
+    """Records what it is given; KV head 1 drops one more key than head 0 at each step."""
 
-    needs = ("rows(-1)",)
-    prefill_needs = ("received",)
+    needs = ("received_sum", "window_rows", "row", "kept")
+    window = 4
 
     def __init__(self):
         super().__init__()
         self.steps = []
 
-    def update(self, step):
-        self.steps.append(step)
+    def update(self, stats):
+        self.steps.append(stats)
 
-    def keep(self, step, *, n_keys, budget):
-        kept = super().keep(step, n_keys=n_keys, budget=budget)
+    def keep(self, stats, *, n_keys, budget):
+        kept = super().keep(stats, n_keys=n_keys, budget=budget)
         kept[:, 1, n_keys - (budget - self.sinks)] = False
         return kept
 
 
-class Greedy(SinksAndWindow):
-    """Breaks the budget."""
-
-    def keep(self, step, *, n_keys, budget):
-        return torch.ones(self.L, self.H, n_keys, dtype=torch.bool)
+class Unknown(SinksAndWindow):
+    needs = ("pattern",)
 
 
 def reference_logits(probe, ids, n_context, sinks, budget):
     """Logits of one full forward of transformers' eager attention where query p >= n_context sees the
-    sinks, the last budget - sinks keys before it, and itself; queries before n_context see all."""
+    sinks and the last budget - sinks keys up to itself; queries before n_context see all."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(probe.info.folder, attn_implementation="eager").eval()
@@ -78,7 +76,7 @@ def reference_logits(probe, ids, n_context, sinks, budget):
     p = torch.arange(n)[:, None]
     j = torch.arange(n)[None]
     seen = j <= p
-    window = (j < sinks) | (j >= p - (budget - sinks))
+    window = (j < sinks) | (j > p - (budget - sinks))
     seen = seen & torch.where(p >= n_context, window, True)
     mask4 = torch.where(seen, 0.0, torch.finfo(torch.float32).min)[None, None]
     with torch.no_grad():
@@ -99,7 +97,7 @@ def test_eviction_matches_full_forwards_with_the_mask(sharp, n_context_back):
     # the token after each fed position is the greedy choice under the mask
     assert ref[len(ids) - 1:-1].argmax(-1).tolist() == got.new_ids
     torch.testing.assert_close(got.first_logits, ref[len(ids) - 1], rtol=1e-4, atol=1e-4)
-    assert max(got.cache) == budget + 1  # the kept keys plus the step's own
+    assert max(got.cache) == budget  # the step's own key included
     assert got.keep.shape == (2, 2, len(full) - 1) and int(got.keep.sum(-1).max()) == budget
 
 
@@ -122,24 +120,33 @@ def test_policy_sees_its_statistics_and_evictions_stay(sharp):
     got = generate_with_eviction(probe, ids, n_context=n_context, policy=pol, budget=10, max_new_tokens=4,
                                  stop_at_newline=False)
     pre, dec = pol.steps[0], pol.steps[1:]
-    assert pre["phase"] == "prefill" and pre["received"].shape == (2, 4, n_context) and pre["group"] == 2
+    assert pre["received_sum"].shape == (2, 4, n_context) and pre["window_rows"].shape == (2, 4, 4, n_context)
+    # received_sum: the column sums of the prompt's attention, so they add up to the number of queries
+    assert abs(float(pre["received_sum"].sum(-1)[0, 0]) - n_context) < 1e-4
+    assert torch.allclose(pre["window_rows"].sum(-1), torch.ones(2, 4, 4, dtype=torch.float64), atol=1e-5)
     assert len(dec) == 3 + 4 - 1  # 3 suffix tokens, then every generated token but the last is fed
-    for s in dec:
-        n = s["n_keys"]
-        assert s["phase"] == "decode" and s["rows"].shape == (2, 4, 1, n)
+    for n, s in enumerate(dec, start=n_context + 1):
+        assert s["row"].shape == (2, 4, n) and s["kept"].shape == (2, 2, n)
         evicted = ~s["kept"].repeat_interleave(2, dim=1)  # [L, Hq, n]
-        assert (s["rows"][:, :, 0][evicted] == 0).all()  # attention on evicted keys is zero
-        assert s["rows"][:, :, 0].sum(-1).sub(1).abs().max() < 1e-5
+        assert (s["row"][evicted] == 0).all()  # attention on evicted keys is zero
+        assert s["row"].sum(-1).sub(1).abs().max() < 1e-5
     # head 1 dropped a key that head 0 kept, and it stays dropped though later windows would keep it
     assert not torch.equal(got.keep[:, 0], got.keep[:, 1])
     first = dec[0]["kept"]
     assert (got.keep[..., : first.shape[-1]] <= first).all()
 
 
-def test_policy_over_budget_is_refused(sharp):
+def test_bad_policies_are_refused(sharp):
     probe = load(sharp)
     ids = probe.tokenize(TEXT).input_ids[0].tolist()
-    with pytest.raises(AttnlabError, match="over the budget"):
-        generate_with_eviction(probe, ids, policy=Greedy(), budget=4, max_new_tokens=2)
+    with pytest.raises(AttnlabError, match="needs names"):
+        generate_with_eviction(probe, ids, policy=Unknown(), budget=4, max_new_tokens=2)
     with pytest.raises(AttnlabError, match="budget"):
         generate_with_eviction(probe, ids, policy=SinksAndWindow(), budget=0)
+    with pytest.raises(AttnlabError, match="sees no kept key"):  # a policy that evicts everything
+        generate_with_eviction(probe, ids, policy=_Nothing(), budget=3, max_new_tokens=2)
+
+
+class _Nothing(SinksAndWindow):
+    def keep(self, stats, *, n_keys, budget):
+        return torch.zeros(stats["n_layers"], stats["n_kv_heads"], n_keys, dtype=torch.bool)
