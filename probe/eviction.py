@@ -89,6 +89,54 @@ def _check_keep(keep, n_layers: int, n_kv: int, n_keys: int, who: str) -> torch.
     return keep.cpu()
 
 
+@dataclass
+class Prefill:
+    """A context read once, shared by every policy and budget run on it: the KV cache after it (cut back to
+    the context after each run), the logits of its last token, and the statistics policies read
+    ("received_sum" [L, H, N] and/or "window_rows" [L, H, w, N], the vocabulary above)."""
+
+    ids: list[int]
+    n_context: int
+    cache: object
+    logits: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+def prefill_context(probe, ids: Sequence[int], n_context: int, *, needs=NEEDS, window: int = 32,
+                    backend: str = "auto") -> Prefill:
+    """Read ids[:n_context] in one forward with full attention, capturing what policies that need
+    `needs` read: `received` (-> "received_sum") and the last `window` rows (-> "window_rows")."""
+    ids = [int(i) for i in ids]
+    wanted = []
+    if "received_sum" in needs:
+        wanted.append("received")
+    if "window_rows" in needs:
+        w = min(int(window), n_context)
+        wanted.append(f"rows({','.join(str(-i) for i in range(w, 0, -1))})")
+    stat_list = catalogue.parse(wanted) if wanted else []
+    if stat_list:
+        backend = probe._resolve_backend(backend, stat_list)
+    L = probe.info.n_layers
+    args = dict(input_ids=torch.tensor([ids[:n_context]], device=probe.device),
+                position_ids=torch.arange(n_context, device=probe.device)[None], use_cache=True, logits_to_keep=1)
+    session = None
+    with torch.no_grad():
+        if stat_list:
+            session = probe._capture_session(stat_list, list(range(L)), backend, 1, None)
+            with probe.state.capturing(session):
+                res = probe.model(**args)
+        else:
+            res = probe.model(**args)
+    captured = _stats_of(session, list(range(L)))
+    stats = {}
+    if "received" in captured:  # received x the queries that see key k (N - k under causal attention)
+        seen = torch.arange(n_context, 0, -1, dtype=torch.float64)
+        stats["received_sum"] = torch.nan_to_num(captured["received"]) * seen
+    if "rows" in captured:
+        stats["window_rows"] = captured["rows"]
+    return Prefill(ids, n_context, returned_cache(res), res.logits[0, -1].float().cpu(), stats)
+
+
 def generate_with_eviction(
     probe,
     ids: Sequence[int],
@@ -101,19 +149,25 @@ def generate_with_eviction(
     stop: Callable[[str], bool] | None = None,
     window: int = 32,
     backend: str = "auto",
+    prefilled: Prefill | None = None,
 ) -> EvictedGeneration:
     """Greedy generation of one text (token ids, BOS included if wanted) under `policy` with a cache
     budget of `budget` keys per (layer, KV head); policy None: the full cache (the baseline, same loop).
 
     n_context: the prompt's first tokens, prefilled at once and then compressed (default: all but the
     last); the rest is fed one token per step under the mask. window: observation rows captured at the
-    prefill for a policy that reads "window_rows" and has no `window` of its own. Returns an
-    `EvictedGeneration`."""
+    prefill for a policy that reads "window_rows" and has no `window` of its own. prefilled: a
+    `prefill_context` of these ids to start from (its cache is cut back to the context afterwards, so
+    one prefill serves many runs). Returns an `EvictedGeneration`."""
     probe.require_causal_lm("generate_with_eviction")
     if probe.state.edits:
         raise AttnlabError("generate_with_eviction: other attention edits are active; run it outside probe.intervene")
     ids = [int(i) for i in ids]
     n = len(ids)
+    if prefilled is not None:
+        if prefilled.ids != ids:
+            raise AttnlabError("prefilled: it was made for other token ids; pass the prefill of these ids")
+        n_context = prefilled.n_context
     n_context = n - 1 if n_context is None else int(n_context)
     if not 1 <= n_context <= n:
         raise AttnlabError(f"n_context={n_context}: the context must be 1..{n} tokens of the {n}-token prompt")
@@ -124,32 +178,30 @@ def generate_with_eviction(
     unknown = needs - set(NEEDS)
     if unknown:
         raise AttnlabError(f"{type(policy).__name__}.needs names {sorted(unknown)}; this loop gives {', '.join(NEEDS)}")
+    w = int(getattr(policy, "window", window))
+    if prefilled is None:
+        prefilled = prefill_context(probe, ids, n_context, needs=needs, window=w, backend=backend)
+    elif "window_rows" in needs and prefilled.stats["window_rows"].shape[2] < min(w, n_context):
+        raise AttnlabError(f"prefilled: {prefilled.stats['window_rows'].shape[2]} observation rows, the policy's window "
+                           f"is {w}; prefill with window >= {w}")
     who = type(policy).__name__
     L, n_kv = probe.info.n_layers, probe.info.n_kv_heads
     shape = {"n_layers": L, "n_kv_heads": n_kv}
     layers = list(range(L))
     device = probe.device
-    prefill_stats = []
-    if "received_sum" in needs:
-        prefill_stats.append("received")
-    if "window_rows" in needs:
-        w = min(int(getattr(policy, "window", window)), n_context)
-        prefill_stats.append(f"rows({','.join(str(-i) for i in range(w, 0, -1))})")
-    prefill_stats = catalogue.parse(prefill_stats) if prefill_stats else []
     step_stats = catalogue.parse(["rows(-1)"]) if "row" in needs else []
-    if prefill_stats or step_stats:
-        backend = probe._resolve_backend(backend, prefill_stats + step_stats)
+    if step_stats:
+        backend = probe._resolve_backend(backend, step_stats)
     cache_name = cache_argument(probe.model)
     stop_ids = {probe.tokenizer.eos_token_id} - {None}
-    past = None
+    past = prefilled.cache
 
-    def forward(tokens: list[int], start: int, wanted, keep):
-        """One forward of `tokens` at positions start.. with the cache; (logits [V] of the last, stats)."""
+    def forward(token: int, at: int, wanted, keep):
+        """One decode step of `token` at position `at` under the mask; (logits [V], stats)."""
         nonlocal past
-        x = torch.tensor([tokens], device=device)
-        pos = torch.arange(start, start + len(tokens), device=device)[None]
+        args = dict(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[at]], device=device),
+                    use_cache=True, **{cache_name: past})
         session = None
-        args = dict(input_ids=x, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_name: past})
         with probe.state.editing(() if keep is None else (KeyEviction(keep[:, None]),)):
             if wanted:
                 session = probe._capture_session(wanted, layers, backend, 1, None)
@@ -162,54 +214,53 @@ def generate_with_eviction(
 
     out = EvictedGeneration(new_ids=[], text="", first_logits=torch.empty(0), keep=None)
     keep = None
-    with torch.no_grad():
-        logits, captured = forward(ids[:n_context], 0, prefill_stats, None)
-        if policy is not None:
-            policy.reset()
-            prefill = dict(shape)
-            if "received" in captured:  # received x the queries that see key k (N - k under causal attention)
-                seen = torch.arange(n_context, 0, -1, dtype=torch.float64)
-                prefill["received_sum"] = torch.nan_to_num(captured["received"]) * seen
-            if "rows" in captured:
-                prefill["window_rows"] = captured["rows"]
-            policy.update(prefill)
-        forced = ids[n_context:]
-        t = 0
-        while True:
-            if t == len(forced):
-                out.first_logits = logits
-            if t >= len(forced):
-                nxt = int(logits.argmax())
-                piece = probe.tokenizer.decode([nxt])
-                if nxt in stop_ids or (stop_at_newline and "\n" in piece):
-                    out.finished = True
-                    break
-                out.new_ids.append(nxt)
-                if stop is not None and stop(probe.tokenizer.decode(out.new_ids)):
-                    out.finished = True
-                    break
-                if len(out.new_ids) >= max_new_tokens:
-                    break
-                token = nxt
-            else:
-                token = forced[t]
-            n_keys = n_context + t + 1  # this step's token included
-            mask = None
-            if policy is not None:
-                asked = {**shape, "phase": "decode", "step": t + 1, "n_keys": n_keys}
-                mask = _check_keep(policy.keep(asked, n_keys=n_keys, budget=budget), L, n_kv, n_keys, who)
-                if keep is not None:  # evicted positions stay evicted
-                    mask = mask & torch.nn.functional.pad(keep, (0, n_keys - keep.shape[-1]), value=True)
-                keep = mask
-            out.cache.append(n_keys if mask is None else int(mask.sum(-1).max()))
-            out.mean_cache.append(float(n_keys) if mask is None else float(mask.sum(-1).float().mean()))
-            logits, captured = forward([token], n_keys - 1, step_stats if policy is not None else [], mask)
-            if policy is not None:
-                step = {**shape, "kept": mask}
-                if "rows" in captured:
-                    step["row"] = captured["rows"][:, :, 0]
-                policy.update(step)
-            t += 1
+    logits = prefilled.logits
+    if policy is not None:
+        policy.reset()
+        policy.update({**shape, **{k: v for k, v in prefilled.stats.items() if k in needs}})
+    forced = ids[n_context:]
+    t = 0
+    try:
+        with torch.no_grad():
+            while True:
+                if t == len(forced):
+                    out.first_logits = logits
+                if t >= len(forced):
+                    nxt = int(logits.argmax())
+                    piece = probe.tokenizer.decode([nxt])
+                    if nxt in stop_ids or (stop_at_newline and "\n" in piece):
+                        out.finished = True
+                        break
+                    out.new_ids.append(nxt)
+                    if stop is not None and stop(probe.tokenizer.decode(out.new_ids)):
+                        out.finished = True
+                        break
+                    if len(out.new_ids) >= max_new_tokens:
+                        break
+                    token = nxt
+                else:
+                    token = forced[t]
+                n_keys = n_context + t + 1  # this step's token included
+                mask = None
+                if policy is not None:
+                    asked = {**shape, "phase": "decode", "step": t + 1, "n_keys": n_keys}
+                    mask = _check_keep(policy.keep(asked, n_keys=n_keys, budget=budget), L, n_kv, n_keys, who)
+                    if keep is not None:  # evicted positions stay evicted
+                        mask = mask & torch.nn.functional.pad(keep, (0, n_keys - keep.shape[-1]), value=True)
+                    keep = mask
+                out.cache.append(n_keys if mask is None else int(mask.sum(-1).max()))
+                out.mean_cache.append(float(n_keys) if mask is None else float(mask.sum(-1).float().mean()))
+                logits, captured = forward(token, n_keys - 1, step_stats if policy is not None else [], mask)
+                if policy is not None:
+                    step = {**shape, "kept": mask}
+                    if "rows" in captured:
+                        step["row"] = captured["rows"][:, :, 0]
+                    policy.update(step)
+                t += 1
+    finally:
+        extra = past.get_seq_length() - n_context
+        if extra > 0:  # the prefill's cache again, ready for the next run (a negative count: tokens removed)
+            past.crop(-extra)
     out.keep = keep
     out.text = probe.tokenizer.decode(out.new_ids)
     return out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnlab.probe import AttnlabError, load
-from attnlab.probe.eviction import generate_with_eviction
+from attnlab.probe.eviction import generate_with_eviction, prefill_context
 
 _spec = importlib.util.spec_from_file_location("attnlab_test_key_eviction",
                                                Path(__file__).with_name("test_key_eviction.py"))
@@ -110,6 +110,24 @@ def test_full_cache_is_probe_generate(sharp):
     big = generate_with_eviction(probe, ids, policy=SinksAndWindow(), budget=len(ids) + 10, max_new_tokens=8,
                                  stop_at_newline=False)
     assert big.new_ids == base.new_ids
+
+
+def test_one_prefill_serves_many_runs(sharp):
+    """The prefill's cache is cut back to the context after each run: runs from one prefill are the runs
+    from their own prefills."""
+    probe = load(sharp)
+    ids = probe.tokenize(TEXT).input_ids[0].tolist()
+    n_context = len(ids) - 4
+    pre = prefill_context(probe, ids, n_context, window=4)
+    for budget in (8, 12, None):
+        pol = None if budget is None else Recording()
+        alone = generate_with_eviction(probe, ids, n_context=n_context, policy=pol, budget=budget,
+                                       max_new_tokens=5, stop_at_newline=False)
+        shared = generate_with_eviction(probe, ids, policy=pol, budget=budget, max_new_tokens=5,
+                                        stop_at_newline=False, prefilled=pre)
+        assert shared.new_ids == alone.new_ids
+        torch.testing.assert_close(shared.first_logits, alone.first_logits)
+        assert pre.cache.get_seq_length() == n_context
 
 
 def test_policy_sees_its_statistics_and_evictions_stay(sharp):
