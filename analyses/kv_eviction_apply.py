@@ -9,8 +9,9 @@ Protocol (one text at a time, greedy):
    read (`received`, the observation window's rows). Query-aware, as SnapKV, H2O and A2SF evaluate: the
    question is part of the compressed context, and only the answer cue after it ("\\nAnswer:" and the
    chat template's assistant turn) is fed token by token under the mask.
-2. Every policy x budget runs from that prefill (its cache is shared and cut back after each run), plus
-   the full cache (`policy None`, the same loop): the baseline from the same run.
+2. Every policy x budget runs from that prefill, plus the full cache (`policy None`, the same loop): the
+   baseline from the same run. The runs of one sample decode together, one batch row each with its own
+   key mask (`probe.eviction.generate_runs`).
 3. Scores: needle-in-a-haystack answers by ROUGE-1 recall of the needle's answer > 0.5 (`probe.tasks.niah`,
    Wu et al.'s retrieval-head protocol); multiple choice (OpenBookQA, PIQA, ... from the offline
    sae-probes data, `probe.tasks.classification`) by the option letter of highest logit after the cue
@@ -40,7 +41,7 @@ from scipy import stats as sps
 from attnlab.analyses.base import as_progress
 from attnlab.analyses.result import Result
 from attnlab.probe.errors import AttnlabError
-from attnlab.probe.eviction import NEEDS, generate_with_eviction, prefill_context
+from attnlab.probe.eviction import NEEDS, generate_runs, prefill_context
 from attnlab.probe.tasks import niah
 from attnlab.probe.tasks.classification import label_token_ids, load_task
 
@@ -154,13 +155,14 @@ def _named(policies) -> dict:
 
 
 def apply(probe, policies, budgets: Sequence[float], samples: Sequence[Sample], *, max_new_tokens: int = 24,
-          window: int = 32, backend: str = "auto", progress=None) -> Result:
+          window: int = 32, batch_size: int = 16, backend: str = "auto", progress=None) -> Result:
     """Generate every sample under every policy x budget and the full cache; score the answers.
 
     policies: a list of policy objects (named by their `name`) or a dict name -> policy (the interface of
     `attnlab.analyses.kv_policies`). budgets: shares of each context (< 1) or token counts. samples:
     `niah_samples` and/or `qa_samples`. window: observation rows captured at the prefill (at least any
-    policy's own `window`). Returns a Result with tables "runs" (one row per sample x policy x budget) and
+    policy's own `window`). batch_size: runs of one sample decoded together (one batch row each, from
+    one prefill; `probe.eviction.generate_runs`). Returns a Result with tables "runs" (one row per sample x policy x budget) and
     "accuracy" (per task, policy and budget, with 95% intervals and the full-cache baseline), and one
     accuracy-vs-budget figure per task."""
     policies = _named(policies)
@@ -169,7 +171,8 @@ def apply(probe, policies, budgets: Sequence[float], samples: Sequence[Sample], 
     for b in budgets:
         budget_tokens(b, 100)
     needs = set().union(*(set(getattr(p, "needs", ())) for p in policies.values()))
-    w = max([window] + [int(getattr(p, "window", 0)) for p in policies.values()])
+    w = max([int(getattr(p, "window", window)) for p in policies.values() if "window_rows" in getattr(p, "needs", ())],
+            default=int(window))
     report = as_progress(progress)
     total, done = len(samples) * (1 + len(policies) * len(budgets)), 0
     rows = []
@@ -178,26 +181,25 @@ def apply(probe, policies, budgets: Sequence[float], samples: Sequence[Sample], 
         new_tokens = 1 if sample.kind == "choice" else max_new_tokens
         pre = prefill_context(probe, sample.ids, sample.n_context, needs=needs & set(NEEDS), window=w,
                               backend=backend)
-        runs = [("full cache", None, None)] + [(name, pol, b) for name, pol in policies.items() for b in budgets]
-        for name, pol, b in runs:
-            row = {**sample.meta, "sample": s_idx, "n_context": sample.n_context, "policy": name,
-                   "budget": np.nan if b is None else float(b), "budget_tokens": np.nan, "correct": np.nan,
-                   "score": np.nan, "mean_cache": np.nan, "response": "", "skipped": ""}
-            try:
-                tokens = None if b is None else budget_tokens(b, sample.n_context)
-                row["budget_tokens"] = np.nan if tokens is None else tokens
-                gen = generate_with_eviction(probe, sample.ids, policy=pol, budget=tokens,
-                                             max_new_tokens=new_tokens, window=w, backend=backend, prefilled=pre)
-            except AttnlabError as err:
-                if pol is None:
-                    raise
-                row["skipped"] = str(err)
-            else:
-                row["correct"], row["score"] = _score(sample, gen)
-                row["mean_cache"] = float(np.mean(gen.mean_cache)) if gen.mean_cache else float(sample.n_context)
-                row["response"] = gen.text
-            rows.append(row)
-            done += 1
+        plan = [("full cache", None, None)] + [(name, pol, b) for name, pol in policies.items() for b in budgets]
+        for at in range(0, len(plan), batch_size):  # one batch row per (policy, budget) run
+            chunk = plan[at:at + batch_size]
+            gens = generate_runs(probe, sample.ids,
+                                 [(pol, None if b is None else budget_tokens(b, sample.n_context)) for _, pol, b in chunk],
+                                 max_new_tokens=new_tokens, window=w, backend=backend, prefilled=pre)
+            for (name, pol, b), gen in zip(chunk, gens):
+                row = {**sample.meta, "sample": s_idx, "n_context": sample.n_context, "policy": name,
+                       "budget": np.nan if b is None else float(b),
+                       "budget_tokens": np.nan if b is None else budget_tokens(b, sample.n_context),
+                       "correct": np.nan, "score": np.nan, "mean_cache": np.nan, "response": "", "skipped": ""}
+                if isinstance(gen, AttnlabError):
+                    row["skipped"] = str(gen)
+                else:
+                    row["correct"], row["score"] = _score(sample, gen)
+                    row["mean_cache"] = float(np.mean(gen.mean_cache)) if gen.mean_cache else float(sample.n_context)
+                    row["response"] = gen.text
+                rows.append(row)
+            done += len(chunk)
             if report is not None:
                 report(done, total)
     runs = pd.DataFrame(rows)

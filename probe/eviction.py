@@ -41,6 +41,7 @@ exists, so a policy that reads the current row in `keep` (the replay's oracle) c
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -72,12 +73,12 @@ class EvictedGeneration:
 NEEDS = ("received_sum", "window_rows", "row", "kept")
 
 
-def _stats_of(session, layers: list[int]) -> dict[str, torch.Tensor]:
-    """{output name: [L, Hq, ...]} of batch row 0 from a capture session's records."""
+def _stats_of(session, layers: list[int], row: int = 0) -> dict[str, torch.Tensor]:
+    """{output name: [L, Hq, ...]} of one batch row from a capture session's records."""
     if session is None:
         return {}
     names = session.records[layers[0]][0]
-    return {name: torch.stack([session.records[layer][0][name][0].double().cpu() for layer in layers])
+    return {name: torch.stack([session.records[layer][0][name][row].double().cpu() for layer in layers])
             for name in names}
 
 
@@ -91,8 +92,8 @@ def _check_keep(keep, n_layers: int, n_kv: int, n_keys: int, who: str) -> torch.
 
 @dataclass
 class Prefill:
-    """A context read once, shared by every policy and budget run on it: the KV cache after it (cut back to
-    the context after each run), the logits of its last token, and the statistics policies read
+    """A context read once, shared by every policy and budget run on it: the KV cache after it (each run
+    decodes from a copy), the logits of its last token, and the statistics policies read
     ("received_sum" [L, H, N] and/or "window_rows" [L, H, w, N], the vocabulary above)."""
 
     ids: list[int]
@@ -157,8 +158,35 @@ def generate_with_eviction(
     n_context: the prompt's first tokens, prefilled at once and then compressed (default: all but the
     last); the rest is fed one token per step under the mask. window: observation rows captured at the
     prefill for a policy that reads "window_rows" and has no `window` of its own. prefilled: a
-    `prefill_context` of these ids to start from (its cache is cut back to the context afterwards, so
-    one prefill serves many runs). Returns an `EvictedGeneration`."""
+    `prefill_context` of these ids to start from (left unchanged, so one prefill serves many runs).
+    Returns an `EvictedGeneration`; a policy's own AttnlabError (a budget it refuses) is raised."""
+    out = generate_runs(probe, ids, [(policy, budget)], n_context=n_context, max_new_tokens=max_new_tokens,
+                        stop_at_newline=stop_at_newline, stop=stop, window=window, backend=backend,
+                        prefilled=prefilled)[0]
+    if isinstance(out, AttnlabError):
+        raise out
+    return out
+
+
+def generate_runs(
+    probe,
+    ids: Sequence[int],
+    runs: Sequence[tuple[object, int | None]],
+    *,
+    n_context: int | None = None,
+    max_new_tokens: int = 32,
+    stop_at_newline: bool = True,
+    stop: Callable[[str], bool] | None = None,
+    window: int = 32,
+    backend: str = "auto",
+    prefilled: Prefill | None = None,
+) -> list[EvictedGeneration | AttnlabError]:
+    """`generate_with_eviction` for several (policy, budget) runs of one text at once: one prefill, its cache
+    repeated into one batch row per run, each row decoded under its own policy's mask (`KeyEviction` masks
+    per batch row). Each policy is copied (`copy.deepcopy`), so one object may serve several budgets. A run
+    whose policy refuses its budget (an AttnlabError from `update` or its first `keep`) comes back as that
+    error, and the other runs go on. Rows that finished decode padding until every row is done (their
+    tokens are not kept), as `probe.generate` does."""
     probe.require_causal_lm("generate_with_eviction")
     if probe.state.edits:
         raise AttnlabError("generate_with_eviction: other attention edits are active; run it outside probe.intervene")
@@ -171,20 +199,28 @@ def generate_with_eviction(
     n_context = n - 1 if n_context is None else int(n_context)
     if not 1 <= n_context <= n:
         raise AttnlabError(f"n_context={n_context}: the context must be 1..{n} tokens of the {n}-token prompt")
-    if policy is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise AttnlabError(f"budget={budget!r}: a policy needs a cache budget of at least 1 key per (layer, KV head), "
-                           "a whole number of tokens")
-    needs = set(getattr(policy, "needs", ())) if policy is not None else set()
-    unknown = needs - set(NEEDS)
-    if unknown:
-        raise AttnlabError(f"{type(policy).__name__}.needs names {sorted(unknown)}; this loop gives {', '.join(NEEDS)}")
-    w = int(getattr(policy, "window", window))
+    if not runs:
+        raise AttnlabError("runs: pass at least one (policy, budget) pair (policy None: the full cache)")
+    needs: set[str] = set()
+    for policy, budget in runs:
+        if policy is None:
+            continue
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise AttnlabError(f"budget={budget!r}: a policy needs a cache budget of at least 1 key per (layer, KV "
+                               "head), a whole number of tokens")
+        wanted = set(getattr(policy, "needs", ()))
+        unknown = wanted - set(NEEDS)
+        if unknown:
+            raise AttnlabError(f"{type(policy).__name__}.needs names {sorted(unknown)}; this loop gives "
+                               f"{', '.join(NEEDS)}")
+        needs |= wanted
+    w = max([int(getattr(p, "window", window)) for p, _ in runs
+             if p is not None and "window_rows" in getattr(p, "needs", ())], default=int(window))
     if prefilled is None:
         prefilled = prefill_context(probe, ids, n_context, needs=needs, window=w, backend=backend)
     elif "window_rows" in needs and prefilled.stats["window_rows"].shape[2] < min(w, n_context):
-        raise AttnlabError(f"prefilled: {prefilled.stats['window_rows'].shape[2]} observation rows, the policy's window "
+        raise AttnlabError(f"prefilled: {prefilled.stats['window_rows'].shape[2]} observation rows, a policy's window "
                            f"is {w}; prefill with window >= {w}")
-    who = type(policy).__name__
     L, n_kv = probe.info.n_layers, probe.info.n_kv_heads
     shape = {"n_layers": L, "n_kv_heads": n_kv}
     layers = list(range(L))
@@ -194,73 +230,117 @@ def generate_with_eviction(
         backend = probe._resolve_backend(backend, step_stats)
     cache_name = cache_argument(probe.model)
     stop_ids = {probe.tokenizer.eos_token_id} - {None}
-    past = prefilled.cache
-
-    def forward(token: int, at: int, wanted, keep):
-        """One decode step of `token` at position `at` under the mask; (logits [V], stats)."""
-        nonlocal past
-        args = dict(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[at]], device=device),
-                    use_cache=True, **{cache_name: past})
-        session = None
-        with probe.state.editing(() if keep is None else (KeyEviction(keep[:, None]),)):
-            if wanted:
-                session = probe._capture_session(wanted, layers, backend, 1, None)
-                with probe.state.capturing(session):
-                    res = probe.model(**args)
-            else:
-                res = probe.model(**args)
-        past = returned_cache(res)
-        return res.logits[0, -1].float().cpu(), _stats_of(session, layers)
-
-    out = EvictedGeneration(new_ids=[], text="", first_logits=torch.empty(0), keep=None)
-    keep = None
-    logits = prefilled.logits
-    if policy is not None:
-        policy.reset()
-        policy.update({**shape, **{k: v for k, v in prefilled.stats.items() if k in needs}})
     forced = ids[n_context:]
+
+    # Each run's own policy copy, fed the prefill and asked for the first step's mask; a refusal is its result.
+    results: list[EvictedGeneration | AttnlabError] = []
+    policies, first_masks = [], []
+    for policy, budget in runs:
+        results.append(EvictedGeneration(new_ids=[], text="", first_logits=torch.empty(0), keep=None))
+        if policy is None:
+            policies.append(None)
+            first_masks.append(None)
+            continue
+        pol = copy.deepcopy(policy)
+        try:
+            pol.reset()
+            pol.update({**shape, **{k: v for k, v in prefilled.stats.items() if k in getattr(pol, "needs", ())}})
+            asked = {**shape, "phase": "decode", "step": 1, "n_keys": n_context + 1}
+            first = _check_keep(pol.keep(asked, n_keys=n_context + 1, budget=budget), L, n_kv, n_context + 1,
+                                type(pol).__name__)
+        except AttnlabError as err:
+            results[-1] = err
+            pol, first = None, None
+        policies.append(pol)
+        first_masks.append(first)
+    live = [r for r, res in enumerate(results) if isinstance(res, EvictedGeneration)]
+    B = len(live)
+    if B == 0:
+        return results
+    past = copy.deepcopy(prefilled.cache)  # the prefill stays as it is for the next runs
+    if B > 1:
+        past.batch_repeat_interleave(B)
+    done = [False] * B
+    keeps: list[torch.Tensor | None] = [None] * B
+    logits = prefilled.logits[None].expand(B, -1)
     t = 0
-    try:
-        with torch.no_grad():
-            while True:
-                if t == len(forced):
-                    out.first_logits = logits
-                if t >= len(forced):
-                    nxt = int(logits.argmax())
-                    piece = probe.tokenizer.decode([nxt])
-                    if nxt in stop_ids or (stop_at_newline and "\n" in piece):
-                        out.finished = True
-                        break
-                    out.new_ids.append(nxt)
-                    if stop is not None and stop(probe.tokenizer.decode(out.new_ids)):
-                        out.finished = True
-                        break
-                    if len(out.new_ids) >= max_new_tokens:
-                        break
-                    token = nxt
+    with torch.no_grad():
+        while True:
+            if t == len(forced):
+                for i, r in enumerate(live):
+                    results[r].first_logits = logits[i].clone()
+            if t >= len(forced):
+                tokens = []
+                for i, r in enumerate(live):
+                    nxt = int(logits[i].argmax())
+                    if not done[i]:
+                        res = results[r]
+                        piece = probe.tokenizer.decode([nxt])
+                        if nxt in stop_ids or (stop_at_newline and "\n" in piece):
+                            done[i] = res.finished = True
+                        else:
+                            res.new_ids.append(nxt)
+                            if stop is not None and stop(probe.tokenizer.decode(res.new_ids)):
+                                done[i] = res.finished = True
+                            elif len(res.new_ids) >= max_new_tokens:
+                                done[i] = True
+                    tokens.append(nxt)
+                if all(done):
+                    break
+            else:
+                tokens = [forced[t]] * B
+            n_keys = n_context + t + 1  # this step's token included
+            masks = []
+            for i, r in enumerate(live):
+                pol, budget = policies[r], runs[r][1]
+                if pol is None:
+                    masks.append(torch.ones(L, n_kv, n_keys, dtype=torch.bool))
+                    continue
+                if done[i]:  # padding steps: nothing new is asked of the policy
+                    mask = torch.nn.functional.pad(keeps[i], (0, 1), value=True)
+                elif t == 0:
+                    mask = first_masks[r]
                 else:
-                    token = forced[t]
-                n_keys = n_context + t + 1  # this step's token included
-                mask = None
-                if policy is not None:
                     asked = {**shape, "phase": "decode", "step": t + 1, "n_keys": n_keys}
-                    mask = _check_keep(policy.keep(asked, n_keys=n_keys, budget=budget), L, n_kv, n_keys, who)
-                    if keep is not None:  # evicted positions stay evicted
-                        mask = mask & torch.nn.functional.pad(keep, (0, n_keys - keep.shape[-1]), value=True)
-                    keep = mask
-                out.cache.append(n_keys if mask is None else int(mask.sum(-1).max()))
-                out.mean_cache.append(float(n_keys) if mask is None else float(mask.sum(-1).float().mean()))
-                logits, captured = forward(token, n_keys - 1, step_stats if policy is not None else [], mask)
-                if policy is not None:
-                    step = {**shape, "kept": mask}
-                    if "rows" in captured:
-                        step["row"] = captured["rows"][:, :, 0]
-                    policy.update(step)
-                t += 1
-    finally:
-        extra = past.get_seq_length() - n_context
-        if extra > 0:  # the prefill's cache again, ready for the next run (a negative count: tokens removed)
-            past.crop(-extra)
-    out.keep = keep
-    out.text = probe.tokenizer.decode(out.new_ids)
-    return out
+                    mask = _check_keep(pol.keep(asked, n_keys=n_keys, budget=budget), L, n_kv, n_keys,
+                                       type(pol).__name__)
+                if keeps[i] is not None:  # evicted positions stay evicted
+                    mask = mask & torch.nn.functional.pad(keeps[i], (0, n_keys - keeps[i].shape[-1]), value=True)
+                keeps[i] = mask
+                masks.append(mask)
+                if not done[i]:
+                    results[r].cache.append(int(mask.sum(-1).max()))
+                    results[r].mean_cache.append(float(mask.sum(-1).float().mean()))
+            for i, r in enumerate(live):
+                if policies[r] is None and not done[i]:
+                    results[r].cache.append(n_keys)
+                    results[r].mean_cache.append(float(n_keys))
+            evicting = any(policies[r] is not None for r in live)
+            wanted = step_stats if evicting else []
+            args = dict(input_ids=torch.tensor(tokens, device=device)[:, None],
+                        position_ids=torch.full((B, 1), n_keys - 1, device=device), use_cache=True,
+                        **{cache_name: past})
+            edits = (KeyEviction(torch.stack(masks, dim=1)),) if evicting else ()
+            session = None
+            with probe.state.editing(edits):
+                if wanted:
+                    session = probe._capture_session(wanted, layers, backend, B, None)
+                    with probe.state.capturing(session):
+                        res = probe.model(**args)
+                else:
+                    res = probe.model(**args)
+            past = returned_cache(res)
+            logits = res.logits[:, -1].float().cpu()
+            for i, r in enumerate(live):
+                pol = policies[r]
+                if pol is None or done[i]:
+                    continue
+                step = {**shape, "kept": masks[i]}
+                if session is not None:
+                    step["row"] = _stats_of(session, layers, row=i)["rows"][:, :, 0]
+                pol.update(step)
+            t += 1
+    for i, r in enumerate(live):
+        results[r].keep = keeps[i]
+        results[r].text = probe.tokenizer.decode(results[r].new_ids)
+    return results

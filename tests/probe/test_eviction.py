@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnlab.probe import AttnlabError, load
-from attnlab.probe.eviction import generate_with_eviction, prefill_context
+from attnlab.probe.eviction import generate_runs, generate_with_eviction, prefill_context
 
 _spec = importlib.util.spec_from_file_location("attnlab_test_key_eviction",
                                                Path(__file__).with_name("test_key_eviction.py"))
@@ -43,6 +43,13 @@ class SinksAndWindow:
         return kept[None, None].expand(stats["n_layers"], stats["n_kv_heads"], n_keys).clone()
 
 
+class _Log(list):
+    """A list the loop's copy of a policy shares with the test's."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class Recording(SinksAndWindow):
     """Records what it is given; KV head 1 drops one more key than head 0 at each step."""
 
@@ -51,7 +58,7 @@ class Recording(SinksAndWindow):
 
     def __init__(self):
         super().__init__()
-        self.steps = []
+        self.steps = _Log()
 
     def update(self, stats):
         self.steps.append(stats)
@@ -113,8 +120,8 @@ def test_full_cache_is_probe_generate(sharp):
 
 
 def test_one_prefill_serves_many_runs(sharp):
-    """The prefill's cache is cut back to the context after each run: runs from one prefill are the runs
-    from their own prefills."""
+    """Runs decode from a copy of the prefill's cache: runs from one prefill are the runs from their own
+    prefills, and several runs batched together are the runs alone."""
     probe = load(sharp)
     ids = probe.tokenize(TEXT).input_ids[0].tolist()
     n_context = len(ids) - 4
@@ -128,6 +135,22 @@ def test_one_prefill_serves_many_runs(sharp):
         assert shared.new_ids == alone.new_ids
         torch.testing.assert_close(shared.first_logits, alone.first_logits)
         assert pre.cache.get_seq_length() == n_context
+    runs = [(None, None), (Recording(), 8), (SinksAndWindow(), 12), (_Refuses(), 12), (Recording(), 12)]
+    batched = generate_runs(probe, ids, runs, max_new_tokens=5, stop_at_newline=False, prefilled=pre)
+    assert isinstance(batched[3], AttnlabError) and "refuses" in str(batched[3])
+    for (pol, budget), got in zip(runs, batched):
+        if isinstance(got, AttnlabError):
+            continue
+        alone = generate_with_eviction(probe, ids, policy=pol, budget=budget, max_new_tokens=5,
+                                       stop_at_newline=False, prefilled=pre)
+        assert got.new_ids == alone.new_ids and got.cache == alone.cache
+        torch.testing.assert_close(got.first_logits, alone.first_logits, rtol=1e-4, atol=1e-4)
+        assert (got.keep is None and alone.keep is None) or torch.equal(got.keep, alone.keep)
+
+
+class _Refuses(SinksAndWindow):
+    def keep(self, stats, *, n_keys, budget):
+        raise AttnlabError("this policy refuses every budget")
 
 
 def test_policy_sees_its_statistics_and_evictions_stay(sharp):
