@@ -142,6 +142,14 @@ def _score(sample: Sample, gen) -> tuple[float, float]:
     return float(int(opts.argmax()) == sample.label), float(opts[sample.label] - others.max())
 
 
+def _answered(sample: Sample):
+    """A needle's stop rule: a row ends once its response holds every word of the answer (ROUGE-1 recall 1:
+    more tokens cannot lower a recall, so the score is the one a longer answer would get)."""
+    if sample.kind != "niah":
+        return None
+    return lambda text: niah.rouge1_recall(sample.answer, text) >= 1.0
+
+
 def _named(policies) -> dict:
     if isinstance(policies, Mapping):
         return dict(policies)
@@ -186,7 +194,8 @@ def apply(probe, policies, budgets: Sequence[float], samples: Sequence[Sample], 
             chunk = plan[at:at + batch_size]
             gens = generate_runs(probe, sample.ids,
                                  [(pol, None if b is None else budget_tokens(b, sample.n_context)) for _, pol, b in chunk],
-                                 max_new_tokens=new_tokens, window=w, backend=backend, prefilled=pre)
+                                 max_new_tokens=new_tokens, window=w, backend=backend, prefilled=pre,
+                                 stop=_answered(sample))
             for (name, pol, b), gen in zip(chunk, gens):
                 row = {**sample.meta, "sample": s_idx, "n_context": sample.n_context, "policy": name,
                        "budget": np.nan if b is None else float(b),
