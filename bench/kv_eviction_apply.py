@@ -34,7 +34,7 @@ FULL = dict(model="qwen2.5-coder-0.5b", device="cuda", dtype="bfloat16", lengths
             induction_seq_len=512, batch_size=16)
 SMALL = dict(model="smollm2-135m", device="cpu", dtype="float32", lengths="512,1024,2048", depths="25,75",
              needles=1, budgets="0.1,0.25,0.5", qa_n=12, shots=5, max_new_tokens=24, induction_seq_len=128,
-             batch_size=16)
+             batch_size=32)
 
 
 def policies(probe, seq_len: int) -> list:
