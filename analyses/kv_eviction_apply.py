@@ -287,11 +287,12 @@ def apply_figures(res: Result) -> dict:
 
 
 def summary(acc: pd.DataFrame) -> str:
-    """One numbers-first sentence per task: the full cache, and the best and worst policy at the smallest budget."""
+    """One numbers-first sentence per task: the full cache, and the best and worst policy at the smallest budget
+    (among the policies that ran on every sample there)."""
     parts = []
     for task, t in acc.groupby("task", sort=False):
         base = t[t["policy"] == "full cache"].iloc[0]
-        pol = t[(t["policy"] != "full cache") & t["accuracy"].notna()]
+        pol = t[(t["policy"] != "full cache") & t["accuracy"].notna() & (t["skipped"] == 0)]  # every sample
         if pol.empty:
             continue
         smallest = pol[pol["budget"] == pol["budget"].min()].sort_values("accuracy", ascending=False)
