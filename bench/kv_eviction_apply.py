@@ -31,7 +31,7 @@ from attnlab.probe import load
 
 FULL = dict(model="qwen2.5-coder-0.5b", device="cuda", dtype="bfloat16", lengths="4096,16384,32768",
             depths="10,50,90", needles=3, budgets="0.02,0.05,0.1,0.2,0.4", qa_n=200, shots=10, max_new_tokens=24,
-            induction_seq_len=512, batch_size=16)
+            induction_seq_len=512, batch_size=32)
 SMALL = dict(model="smollm2-135m", device="cpu", dtype="float32", lengths="512,1024,2048", depths="25,75",
              needles=1, budgets="0.1,0.25,0.5", qa_n=12, shots=5, max_new_tokens=24, induction_seq_len=128,
              batch_size=32)

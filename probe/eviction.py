@@ -32,8 +32,8 @@ Every dict has "n_layers" and "n_kv_heads"; the prefill's adds what the policy n
 - "received_sum" [L, H, N]: sum over the context's queries of A[i, k] (`received` x (N - k)),
 - "window_rows" [L, H, w, N]: the exact rows of the context's last w queries (`rows(-w..-1)`), w the
   policy's `window` (SnapKV) or `window` here (A2SF), at most N;
-and each decode step's, after its forward, "row" [L, H, n_keys] (its query's attention, under the
-mask: zero on evicted keys, each row summing to 1 over the kept ones) and "kept" [L, Hkv, n_keys] (the
+and each decode step's, after its forward, "row" [L, H, n_keys] fp32 (its query's attention, under the
+mask: zero on evicted keys, each row summing to 1 over the kept ones; to policies that need it) and "kept" [L, Hkv, n_keys] (the
 mask it ran with). All per *query* head, from the kernels' statistics of that forward. `keep` is given
 only the shape entries (and "phase", "step", "n_keys"): a real policy decides before the step's query
 exists, so a policy that reads the current row in `keep` (the replay's oracle) cannot run here.
@@ -73,12 +73,12 @@ class EvictedGeneration:
 NEEDS = ("received_sum", "window_rows", "row", "kept")
 
 
-def _stats_of(session, layers: list[int], row: int = 0) -> dict[str, torch.Tensor]:
-    """{output name: [L, Hq, ...]} of one batch row from a capture session's records."""
+def _stats_of(session, layers: list[int]) -> dict[str, torch.Tensor]:
+    """{output name: [L, Hq, ...]} fp64 of batch row 0 from a capture session's records (the prefill's)."""
     if session is None:
         return {}
     names = session.records[layers[0]][0]
-    return {name: torch.stack([session.records[layer][0][name][row].double().cpu() for layer in layers])
+    return {name: torch.stack([session.records[layer][0][name][0].double().cpu() for layer in layers])
             for name in names}
 
 
@@ -331,13 +331,16 @@ def generate_runs(
                     res = probe.model(**args)
             past = returned_cache(res)
             logits = res.logits[:, -1].float().cpu()
+            rows = None
+            if session is not None:  # one transfer for the batch: [B, L, H, n] fp32
+                rows = torch.stack([session.records[layer][0]["rows"][:, :, 0] for layer in layers], dim=1).float().cpu()
             for i, r in enumerate(live):
                 pol = policies[r]
                 if pol is None or done[i]:
                     continue
                 step = {**shape, "kept": masks[i]}
-                if session is not None:
-                    step["row"] = _stats_of(session, layers, row=i)["rows"][:, :, 0]
+                if rows is not None and "row" in getattr(pol, "needs", ()):
+                    step["row"] = rows[i]
                 pol.update(step)
             t += 1
     for i, r in enumerate(live):
