@@ -351,7 +351,7 @@ def validate(probe, edits: Sequence[AttentionEdit]) -> list[AttentionEdit]:
             out.append(e)
             continue
         if not isinstance(e, AttentionEdit):
-            raise AttnlabError(f"edits[{n}]: intervene takes AttentionEdit or KeyEviction objects, got "
+            raise AttnlabError(f"edits[{n}]: intervene takes AttentionEdit objects (or KeyEviction), got "
                                f"{type(e).__name__}; wrap it as AttentionEdit(keys, op, layers=..., heads=...)")
         for layer in e.layers or ():
             if not 0 <= layer < probe.info.n_layers:
