@@ -33,7 +33,8 @@ Every dict has "n_layers" and "n_kv_heads"; the prefill's adds what the policy n
 - "window_rows" [L, H, w, N]: the exact rows of the context's last w queries (`rows(-w..-1)`), w the
   policy's `window` (SnapKV) or `window` here (A2SF), at most N;
 and each decode step's, after its forward, "row" [L, H, n_keys] fp32 (its query's attention, under the
-mask: zero on evicted keys, each row summing to 1 over the kept ones; to policies that need it) and "kept" [L, Hkv, n_keys] (the
+mask: zero on evicted keys, each row summing to 1 over the kept ones; every decode step has it, the
+vocabulary's mark of a decode step) and "kept" [L, Hkv, n_keys] (the
 mask it ran with). All per *query* head, from the kernels' statistics of that forward. `keep` is given
 only the shape entries (and "phase", "step", "n_keys"): a real policy decides before the step's query
 exists, so a policy that reads the current row in `keep` (the replay's oracle) cannot run here.
@@ -225,7 +226,9 @@ def generate_runs(
     shape = {"n_layers": L, "n_kv_heads": n_kv}
     layers = list(range(L))
     device = probe.device
-    step_stats = catalogue.parse(["rows(-1)"]) if "row" in needs else []
+    # every decode step's dict carries "row": the vocabulary marks a decode step by it (SnapKV's update
+    # ignores steps by it), so the row is captured whenever a policy runs
+    step_stats = catalogue.parse(["rows(-1)"]) if any(p is not None for p, _ in runs) else []
     if step_stats:
         backend = probe._resolve_backend(backend, step_stats)
     cache_name = cache_argument(probe.model)
@@ -339,7 +342,7 @@ def generate_runs(
                 if pol is None or done[i]:
                     continue
                 step = {**shape, "kept": masks[i]}
-                if rows is not None and "row" in getattr(pol, "needs", ()):
+                if rows is not None:
                     step["row"] = rows[i]
                 pol.update(step)
             t += 1

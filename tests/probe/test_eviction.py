@@ -24,18 +24,21 @@ TEXT = "The harbour was quiet that morning; two boats came in and the gulls foll
 
 class SinksAndWindow:
     """StreamingLLM-like stand-in: the first `sinks` positions and the most recent budget - sinks of the
-    n_keys keys of the step about to run (its own included)."""
+    n_keys keys of the step about to run (its own included). Checks the vocabulary: a prefill dict has no
+    "row", a decode step's has one (SnapKV tells them apart by it)."""
 
     needs = ()
 
     def __init__(self, sinks: int = 2):
         self.sinks = sinks
+        self.updates = 0
 
     def reset(self):
-        pass
+        self.updates = 0
 
     def update(self, stats):
-        pass
+        assert ("row" in stats) == (self.updates > 0) and ("kept" in stats) == (self.updates > 0)
+        self.updates += 1
 
     def keep(self, stats, *, n_keys, budget):
         j = torch.arange(n_keys)
@@ -61,6 +64,7 @@ class Recording(SinksAndWindow):
         self.steps = _Log()
 
     def update(self, stats):
+        super().update(stats)
         self.steps.append(stats)
 
     def keep(self, stats, *, n_keys, budget):
