@@ -418,16 +418,21 @@ def kept_visible(keep_q: torch.Tensor, key_mask: torch.Tensor | None, n_queries:
     return cnt[..., hi + 1] - cnt[..., lo]
 
 
+class NoKeptKeyError(ValueError):
+    """A real query row sees no kept key under `key_keep` (the probe turns it into an AttnlabError)."""
+
+
 def check_key_keep(keep_q: torch.Tensor, key_mask: torch.Tensor | None, n_queries: int, n_keys: int,
                    sliding_window: int | None, causal: bool = True) -> None:
-    """ValueError when a real query row sees no kept key (its softmax would have nothing to normalise)."""
+    """NoKeptKeyError (a ValueError) when a real query row sees no kept key (its softmax would have
+    nothing to normalise)."""
     n = kept_visible(keep_q, key_mask, n_queries, n_keys, sliding_window, causal)
     dead = n == 0
     if key_mask is not None:
         dead = dead & key_mask.to(device=n.device, dtype=torch.bool)[:, None, n_keys - n_queries:]
     if bool(dead.any()):
         b, h, i = (int(x) for x in dead.nonzero()[0])
-        raise ValueError(f"key_keep: query {i} (key position {i + n_keys - n_queries}) of batch row {b}, query head "
+        raise NoKeptKeyError(f"key_keep: query {i} (key position {i + n_keys - n_queries}) of batch row {b}, query head "
                          f"{h}, sees no kept key: every key it may see is evicted; keep at least one visible key per "
                          "(layer, KV head), e.g. the most recent token")
 

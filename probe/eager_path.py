@@ -38,7 +38,7 @@ import sys
 import torch
 
 from attnlab.kernels import StatRequest, apply_edits, stats_from_pattern, visibility
-from attnlab.kernels.reference import keep_per_query_head
+from attnlab.kernels.reference import check_key_keep, keep_per_query_head
 from attnlab.probe.errors import AttnlabError
 
 
@@ -80,7 +80,9 @@ def eager_attention(
     vis = _visible(key_mask, B, Nq, Nk, sliding_window, causal, query.device)  # [B, 1, Nq, Nk]
     seen = vis  # [B, 1|Hq, Nq, Nk]: what each head's queries see (the evicted keys out)
     if key_keep is not None:
-        seen = vis & keep_per_query_head(key_keep.to(query.device), Hq)[:, :, None, :]
+        keep_q = keep_per_query_head(key_keep.to(query.device), Hq)
+        check_key_keep(keep_q, key_mask, Nq, Nk, sliding_window, causal)  # NoKeptKeyError, as the kernels
+        seen = vis & keep_q[:, :, None, :]
     mask = additive_mask(seen, key_bias, query.dtype)
     if softcap is not None:
         kwargs["softcap"] = softcap

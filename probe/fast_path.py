@@ -224,43 +224,44 @@ def attnlab_attention(
     shape = _shape_of(module, key_mask, key, kwargs)
     active = state.edits if state is not None else ()
     edits = _edits_for(active, layer, query, key, key_mask)
-    key_keep = _key_keep_for(active, layer, query, key, key_mask, sliding_window, shape["causal"])
+    key_keep = _key_keep_for(active, layer, query, key)
     if key_keep is not None:
         shape["key_keep"] = key_keep
-    if session is not None and session.backend == "eager":
-        from attnlab.probe.eager_path import eager_attention
+    with _no_kept_key(layer):  # a KeyEviction that leaves a query no key: an AttnlabError naming the layer
+        if session is not None and session.backend == "eager":
+            from attnlab.probe.eager_path import eager_attention
 
-        started = time.perf_counter()
-        captured = layer in session.layers
-        request = session.make_request(query.shape[2], key.shape[2]) if captured else None
-        out, stats = eager_attention(
-            module, query, key, value, key_mask, scaling, sliding_window, softcap, edits, request,
-            causal=shape["causal"], key_bias=shape["key_bias"], sinks=shape["sinks"], key_keep=key_keep,
-            dropout=dropout, **kwargs,
-        )
-        if captured:
+            started = time.perf_counter()
+            captured = layer in session.layers
+            request = session.make_request(query.shape[2], key.shape[2]) if captured else None
+            out, stats = eager_attention(
+                module, query, key, value, key_mask, scaling, sliding_window, softcap, edits, request,
+                causal=shape["causal"], key_bias=shape["key_bias"], sinks=shape["sinks"], key_keep=key_keep,
+                dropout=dropout, **kwargs,
+            )
+            if captured:
+                session.record(layer, stats)
+                session.seconds += time.perf_counter() - started
+                if session.on_layer is not None:
+                    session.on_layer(layer)
+        elif (session is None or layer not in session.layers) and not edits and key_keep is None:
+            out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap, **shape)
+        elif session is None or layer not in session.layers:
+            # Edits without capture: the kernels apply them (SDPA cannot move mass or mask per KV head).
+            out, _ = _edit_kernel(query)(query, key, value, scale=scaling, key_mask=key_mask,
+                                         sliding_window=sliding_window, softcap=softcap, edits=edits,
+                                         **_non_default(shape))
+        else:
+            started = time.perf_counter()
+            request = session.make_request(query.shape[2], key.shape[2])
+            out, stats = session.kernel(
+                query, key, value, scale=scaling, request=request, key_mask=key_mask,
+                sliding_window=sliding_window, softcap=softcap, edits=edits, **_non_default(shape),
+            )
             session.record(layer, stats)
             session.seconds += time.perf_counter() - started
             if session.on_layer is not None:
                 session.on_layer(layer)
-    elif (session is None or layer not in session.layers) and not edits and key_keep is None:
-        out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap, **shape)
-    elif session is None or layer not in session.layers:
-        # Edits without capture: the kernels apply them (SDPA cannot move mass or mask per KV head).
-        out, _ = _edit_kernel(query)(query, key, value, scale=scaling, key_mask=key_mask,
-                                     sliding_window=sliding_window, softcap=softcap, edits=edits,
-                                     **_non_default(shape))
-    else:
-        started = time.perf_counter()
-        request = session.make_request(query.shape[2], key.shape[2])
-        out, stats = session.kernel(
-            query, key, value, scale=scaling, request=request, key_mask=key_mask,
-            sliding_window=sliding_window, softcap=softcap, edits=edits, **_non_default(shape),
-        )
-        session.record(layer, stats)
-        session.seconds += time.perf_counter() - started
-        if session.on_layer is not None:
-            session.on_layer(layer)
     ablations = state.ablations if state is not None else None
     if ablations and layer in ablations:
         out = _ablate_heads(out, value, key_mask, ablations[layer], sliding_window, shape["causal"])
@@ -301,26 +302,29 @@ def _edits_for(edits: tuple, layer, query, key, key_mask) -> tuple:
                  and (k := e.kernel_edit(layer, query.shape[1], mask)) is not None)
 
 
-def _key_keep_for(edits: tuple, layer, query, key, key_mask, sliding_window, causal) -> torch.Tensor | None:
-    """The active KeyEvictions' mask for this layer's call, [B|1, Hkv, Nk] bool (None without any); an
-    AttnlabError when it leaves a real query with no kept key to attend to."""
+def _key_keep_for(edits: tuple, layer, query, key) -> torch.Tensor | None:
+    """The active KeyEvictions' mask for this layer's call, [B|1, Hkv, Nk] bool (None without any). A real
+    query left with no kept key is refused where the mask is applied (`_no_kept_key`)."""
     if not edits:
         return None
-    from attnlab.kernels.reference import check_key_keep, keep_per_query_head
     from attnlab.probe.edits import key_keep_for
 
     keep = key_keep_for(edits, layer, key.shape[0], key.shape[2], key.device)
-    if keep is None:
-        return None
-    if keep.shape[1] != key.shape[1]:
+    if keep is not None and keep.shape[1] != key.shape[1]:
         raise AttnlabError(f"KeyEviction(keep): {keep.shape[1]} KV heads in the mask, {key.shape[1]} in layer {layer}; "
                            "pass one mask per KV head")
-    try:
-        check_key_keep(keep_per_query_head(keep, query.shape[1]), key_mask, query.shape[2], key.shape[2],
-                       sliding_window, causal)
-    except ValueError as err:
-        raise AttnlabError(f"KeyEviction in layer {layer}: {err}") from None
     return keep
+
+
+@contextmanager
+def _no_kept_key(layer) -> Iterator[None]:
+    """The kernels' refusal of a query that sees no kept key, as the AttnlabError users get."""
+    from attnlab.kernels.reference import NoKeptKeyError
+
+    try:
+        yield
+    except NoKeptKeyError as err:
+        raise AttnlabError(f"KeyEviction in layer {layer}: {err}") from None
 
 
 def _edit_kernel(query):
