@@ -170,7 +170,8 @@ def apply(probe, policies, budgets: Sequence[float], samples: Sequence[Sample], 
     `attnlab.analyses.kv_policies`). budgets: shares of each context (< 1) or token counts. samples:
     `niah_samples` and/or `qa_samples`. window: observation rows captured at the prefill (at least any
     policy's own `window`). batch_size: runs of one sample decoded together (one batch row each, from
-    one prefill; `probe.eviction.generate_runs`). Returns a Result with tables "runs" (one row per sample x policy x budget) and
+    one prefill; `probe.eviction.generate_runs`). Returns a Result with tables "runs" (one row per sample x
+    policy x budget) and
     "accuracy" (per task, policy and budget, with 95% intervals and the full-cache baseline), and one
     accuracy-vs-budget figure per task."""
     policies = _named(policies)
@@ -192,8 +193,8 @@ def apply(probe, policies, budgets: Sequence[float], samples: Sequence[Sample], 
         plan = [("full cache", None, None)] + [(name, pol, b) for name, pol in policies.items() for b in budgets]
         for at in range(0, len(plan), batch_size):  # one batch row per (policy, budget) run
             chunk = plan[at:at + batch_size]
-            gens = generate_runs(probe, sample.ids,
-                                 [(pol, None if b is None else budget_tokens(b, sample.n_context)) for _, pol, b in chunk],
+            asked = [(pol, None if b is None else budget_tokens(b, sample.n_context)) for _, pol, b in chunk]
+            gens = generate_runs(probe, sample.ids, asked,
                                  max_new_tokens=new_tokens, window=w, backend=backend, prefilled=pre,
                                  stop=_answered(sample))
             for (name, pol, b), gen in zip(chunk, gens):
@@ -247,7 +248,8 @@ def accuracy_table(runs: pd.DataFrame) -> pd.DataFrame:
                 acc = float(ok["correct"].mean())
                 low, high = bootstrap_interval(ok["correct"].to_numpy())
             out.append({"task": task, "policy": policy, "budget": budget, "n": len(ok), "skipped": len(g) - len(ok),
-                        "accuracy": acc, "low": low, "high": high, "score": float(ok["score"].mean()) if len(ok) else np.nan,
+                        "accuracy": acc, "low": low, "high": high,
+                        "score": float(ok["score"].mean()) if len(ok) else np.nan,
                         "cache_share": float((ok["mean_cache"] / ok["n_context"]).mean()) if len(ok) else np.nan,
                         "full_cache_accuracy": base_acc})
     return pd.DataFrame(out)
@@ -266,7 +268,8 @@ def apply_figures(res: Result) -> dict:
         pol = t[t["policy"] != "full cache"].sort_values("budget")
         xs = sorted(pol["budget"].unique())
         if xs:
-            fig.add_trace(go.Scatter(x=[xs[0], xs[-1], xs[-1], xs[0]], y=[base["low"], base["low"], base["high"], base["high"]],
+            band = [base["low"], base["low"], base["high"], base["high"]]
+            fig.add_trace(go.Scatter(x=[xs[0], xs[-1], xs[-1], xs[0]], y=band,
                                      fill="toself", fillcolor="rgba(128,128,128,0.2)", line={"width": 0},
                                      hoverinfo="skip", showlegend=False))
             fig.add_trace(go.Scatter(x=[xs[0], xs[-1]], y=[base["accuracy"]] * 2, mode="lines",
@@ -297,7 +300,8 @@ def summary(acc: pd.DataFrame) -> str:
             continue
         smallest = pol[pol["budget"] == pol["budget"].min()].sort_values("accuracy", ascending=False)
         best, worst = smallest.iloc[0], smallest.iloc[-1]
-        parts.append(f"{task}: full cache {base['accuracy']:.2f} [{base['low']:.2f}, {base['high']:.2f}] (n={int(base['n'])}); "
+        parts.append(f"{task}: full cache {base['accuracy']:.2f} [{base['low']:.2f}, {base['high']:.2f}] "
+                     f"(n={int(base['n'])}); "
                      f"at budget {best['budget']:g} {best['policy']} keeps {best['accuracy']:.2f} "
                      f"[{best['low']:.2f}, {best['high']:.2f}], {worst['policy']} {worst['accuracy']:.2f} "
                      f"[{worst['low']:.2f}, {worst['high']:.2f}].")

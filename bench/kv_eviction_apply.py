@@ -6,7 +6,7 @@ from the same run (`attnlab.analyses.kv_eviction_apply`).
 Full size (the H100 run): Qwen2.5-0.5B (the registry's Qwen2.5-Coder-0.5B-Instruct, 32k context) on CUDA
 in bf16, haystacks up to 32k tokens, the Triton kernels masking the evicted keys:
 
-    python bench/kv_eviction_apply.py                       # writes $OUT or bench/results/kv_eviction_apply_*.json/.html
+    python bench/kv_eviction_apply.py      # writes $OUT or bench/results/kv_eviction_apply_*.json/.html
 
 On the CPU (SmolLM2-135M, haystacks up to 2k, a few samples; what docs/kv_eviction_apply.md shows):
 

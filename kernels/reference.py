@@ -4,8 +4,8 @@ Computes softmax(scale * q k^T + key_bias + mask) v for causal (or, with causal=
 attention with GQA, left padding, an optional sliding window, an optional per-key additive bias
 (ALiBi), optional learned sinks (GPT-OSS: one value-less logit per head in the normaliser) and an
 optional per-(batch, KV head) key mask `key_keep` (KV-cache eviction: an evicted key is invisible to
-every query head of its KV head; statistics over the kept keys, `apply_key_keep`), and reduces the attention A into the statistics of a `StatRequest`
-(see `request.py` for each definition) without ever holding more than one query chunk of A:
+every query head of its KV head; statistics over the kept keys, `apply_key_keep`), and reduces the
+attention A into the statistics of a `StatRequest` (see `request.py` for each definition) without ever holding more than one query chunk of A:
 memory is O(B * H * chunk * Nk) for the chunk plus O(B * H * (Nq + Nk)) for the statistics.
 
 This is the CPU path of `probe.capture(backend="chunked")` and the reference the Triton kernels
@@ -432,7 +432,8 @@ def check_key_keep(keep_q: torch.Tensor, key_mask: torch.Tensor | None, n_querie
         dead = dead & key_mask.to(device=n.device, dtype=torch.bool)[:, None, n_keys - n_queries:]
     if bool(dead.any()):
         b, h, i = (int(x) for x in dead.nonzero()[0])
-        raise NoKeptKeyError(f"key_keep: query {i} (key position {i + n_keys - n_queries}) of batch row {b}, query head "
+        raise NoKeptKeyError(f"key_keep: query {i} (key position {i + n_keys - n_queries}) of batch row {b}, "
+                             f"query head "
                          f"{h}, sees no kept key: every key it may see is evicted; keep at least one visible key per "
                          "(layer, KV head), e.g. the most recent token")
 

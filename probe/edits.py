@@ -347,7 +347,8 @@ def validate(probe, edits: Sequence[AttentionEdit]) -> list[AttentionEdit]:
             want = (probe.info.n_layers, probe.info.n_kv_heads)
             if (e.keep.shape[0], e.keep.shape[2]) != want:
                 raise AttnlabError(f"KeyEviction(keep): shape {tuple(e.keep.shape)}, but {probe.name} has {want[0]} "
-                                   f"layers and {want[1]} KV heads; pass a [{want[0]}, batch or 1, {want[1]}, keys] mask")
+                                   f"layers and {want[1]} KV heads; pass a [{want[0]}, batch or 1, {want[1]}, keys] "
+                                   "mask")
             out.append(e)
             continue
         if not isinstance(e, AttentionEdit):

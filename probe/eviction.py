@@ -9,11 +9,12 @@ One text at a time (no padding: cache slots are the text's own positions). The p
     suffix   [n_context, n)   the question, fed one token per step under the mask (teacher forcing);
     generated                 greedy tokens, one per step under the mask.
 
-Every step after the prefill is a decode step: before it runs, the policy says which of its n_keys
-keys (its own token included) each (layer, KV head) keeps (`keep`); the step runs under that mask, and
-the policy then sees the step's statistics (`update`). Evicted positions stay evicted: each mask is
-intersected with the previous one (a policy cannot bring a key back). Positions keep their original RoPE positions (as kvpress: the cache is masked, not
-re-indexed), so "evicted" is exactly "invisible", with the same numbers as a cache that dropped them.
+Every step after the prefill is a decode step: before it runs, the policy says which of its n_keys keys
+(its own token included) each (layer, KV head) keeps (`keep`); the step runs under that mask, and the
+policy then sees the step's statistics (`update`). Evicted positions stay evicted: each mask is
+intersected with the previous one (a policy cannot bring a key back). Positions keep their original RoPE
+positions (as kvpress: the cache is masked, not re-indexed), so "evicted" is exactly "invisible", with
+the same numbers as a cache that dropped them.
 
 The policy interface and the statistics vocabulary are those of `attnlab.analyses.kv_policies` (#22
 part 1; the replay there and this loop feed policies the same dicts):
@@ -336,7 +337,8 @@ def generate_runs(
             logits = res.logits[:, -1].float().cpu()
             rows = None
             if session is not None:  # one transfer for the batch: [B, L, H, n] fp32
-                rows = torch.stack([session.records[layer][0]["rows"][:, :, 0] for layer in layers], dim=1).float().cpu()
+                rows = torch.stack([session.records[layer][0]["rows"][:, :, 0] for layer in layers], dim=1)
+                rows = rows.float().cpu()
             for i, r in enumerate(live):
                 pol = policies[r]
                 if pol is None or done[i]:
