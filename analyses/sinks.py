@@ -105,6 +105,10 @@ def find_sink_dims(first_resid: torch.Tensor, min_layer: int = 2, dim_threshold:
     """first_resid [S, L, d]: residual of the first token per sample and layer -> D_sink, the dims
     whose rms ratio exceeds dim_threshold in at least half of the layers >= min_layer (majority over
     samples first), strongest (median ratio) first."""
+    if first_resid.shape[1] <= min_layer:  # no layer to look at: a median over nothing is no answer
+        raise AttnlabError(
+            f"sink dimensions (VAR's D_sink) are found in layers >= {min_layer}, and this model has "
+            f"{first_resid.shape[1]} layers: give the dimensions explicitly (dims=[...]) or use a deeper model")
     r = rms_ratio(first_resid[:, min_layer:].float())  # [S, L', d]
     hit = ((r > dim_threshold).float().mean(dim=0) > 0.5).float().mean(dim=0) >= 0.5  # [d]
     strength = r.median(dim=0).values.median(dim=0).values

@@ -2,9 +2,10 @@
 
 Computes softmax(scale * q k^T + key_bias + mask) v for causal (or, with causal=False, bidirectional)
 attention with GQA, left padding, an optional sliding window, an optional per-key additive bias
-(ALiBi) and optional learned sinks (GPT-OSS: one value-less logit per head in the normaliser), and
-reduces the attention A into the statistics of a `StatRequest`
-(see `request.py` for each definition) without ever holding more than one query chunk of A:
+(ALiBi), optional learned sinks (GPT-OSS: one value-less logit per head in the normaliser) and an
+optional per-(batch, KV head) key mask `key_keep` (KV-cache eviction: an evicted key is invisible to
+every query head of its KV head; statistics over the kept keys, `apply_key_keep`), and reduces the
+attention A into the statistics of a `StatRequest` (see `request.py` for each definition) without ever holding more than one query chunk of A:
 memory is O(B * H * chunk * Nk) for the chunk plus O(B * H * (Nq + Nk)) for the statistics.
 
 This is the CPU path of `probe.capture(backend="chunked")` and the reference the Triton kernels
@@ -182,13 +183,16 @@ class StatAccumulator:
         for s in self._stats:
             getattr(self, f"_add_{s.name}")(c)
 
-    def finish(self) -> dict[str, torch.Tensor]:
-        """name -> tensor of every requested output (derived ones included), in the table's order."""
+    def finish(self, keep_q: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """name -> tensor of every requested output (derived ones included), in the table's order.
+        keep_q: [B|1, H, Nk] bool, the kept keys of each head (KV-cache eviction), or None."""
         for s in self._stats:
             fin = getattr(self, f"_finish_{s.name}", None)
             if fin is not None:
                 fin()
-        derive(self.r, self.out, self.key_mask, self.Nq, self.Nk, self.window, self.causal)
+        derive(self.r, self.out, self.key_mask, self.Nq, self.Nk, self.window, self.causal, keep_q)
+        if keep_q is not None:
+            apply_key_keep(self.out, keep_q)
         return {name: self.out[name] for name in self.r.outputs()}  # table order, as every backend
 
     # -- received: per-key column means over the queries that see the key
@@ -339,12 +343,17 @@ class _Chunk:
 # (outputs so far, key_mask, Nq, Nk, sliding_window, causal) -> the output.
 
 def entropy_norm(out: dict[str, torch.Tensor], key_mask: torch.Tensor | None, n_queries: int, n_keys: int,
-                 sliding_window: int | None, causal: bool = True) -> torch.Tensor:
+                 sliding_window: int | None, causal: bool = True, key_keep: torch.Tensor | None = None) -> torch.Tensor:
     """entropy / ln(number of keys query i may see); 0 where a query sees a single key; NaN at pads.
 
     Visible keys: the text's tokens up to query i (i - first + 1, at least 1), at most the window;
-    causal=False: the text's tokens within |pos_i - j| < window (all of them without a window)."""
+    causal=False: the text's tokens within |pos_i - j| < window (all of them without a window).
+    key_keep [B|1, Hq, Nk] (per query head): only the kept ones among those."""
     entropy = out["entropy"]
+    if key_keep is not None:
+        n_kept = kept_visible(key_keep, key_mask, n_queries, n_keys, sliding_window, causal).float()
+        log_n = torch.log(n_kept.clamp_min(1))
+        return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), entropy * 0)
     B, device = entropy.shape[0], entropy.device
     first = first_real_position(key_mask, B, device)
     pos = torch.arange(n_queries, device=device) + (n_keys - n_queries)
@@ -366,11 +375,74 @@ DERIVED: dict[str, Callable[..., torch.Tensor]] = {"entropy_norm": entropy_norm}
 
 
 def derive(request: StatRequest, out: dict[str, torch.Tensor], key_mask: torch.Tensor | None, n_queries: int,
-           n_keys: int, sliding_window: int | None, causal: bool = True) -> dict[str, torch.Tensor]:
-    """Add the derived outputs the request asks for to `out` (in place; also returned)."""
+           n_keys: int, sliding_window: int | None, causal: bool = True,
+           key_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Add the derived outputs the request asks for to `out` (in place; also returned). key_keep:
+    [B|1, Hq, Nk] bool per query head (`keep_per_query_head`), or None."""
     for s in request.statistics("derived"):
         for name in s.outputs:
-            out[name] = DERIVED[name](out, key_mask, n_queries, n_keys, sliding_window, causal)
+            extra = {} if key_keep is None else {"key_keep": key_keep}
+            out[name] = DERIVED[name](out, key_mask, n_queries, n_keys, sliding_window, causal, **extra)
+    return out
+
+
+# ----- the key mask (KV-cache eviction): key_keep [B|1, Hkv, Nk] bool, True = kept. An evicted key gets
+# a -inf logit for every query head of its KV head, in every query row of the call. Statistics are those
+# of the masked attention A (0 on evicted keys), over the kept keys: `received` is NaN at an evicted key
+# (no query of that head sees it), `entropy_norm` divides by ln of the kept keys a query sees; the other
+# statistics are sums, means or maxima of A and keep their definitions (request.py). A real query row
+# that sees no kept key is an error (`check_key_keep`), never a NaN or zero row.
+
+def keep_per_query_head(key_keep: torch.Tensor, n_query_heads: int) -> torch.Tensor:
+    """[B|1, Hkv, Nk] -> [B|1, Hq, Nk] bool: query head h reads KV head h // G."""
+    G = n_query_heads // key_keep.shape[1]
+    return key_keep.to(torch.bool).repeat_interleave(G, dim=1)
+
+
+def kept_visible(keep_q: torch.Tensor, key_mask: torch.Tensor | None, n_queries: int, n_keys: int,
+                 sliding_window: int | None, causal: bool = True) -> torch.Tensor:
+    """[B, Hq, Nq] long: how many kept keys each query sees (causal, padding, window); keep_q
+    [B|1, Hq, Nk] bool. Pad queries count the keys of their position (they are masked elsewhere)."""
+    B = keep_q.shape[0] if key_mask is None else key_mask.shape[0]
+    device = keep_q.device
+    keep = keep_q.to(torch.bool)
+    if key_mask is not None:
+        keep = keep & key_mask.to(device=device, dtype=torch.bool)[:, None, :]
+    keep = keep.expand(B, -1, -1)
+    cnt = torch.nn.functional.pad(keep.long().cumsum(dim=-1), (1, 0))  # cnt[..., j] = kept keys before j
+    pos = torch.arange(n_queries, device=device) + n_keys - n_queries
+    lo = torch.zeros_like(pos) if sliding_window is None else (pos - sliding_window + 1).clamp_min(0)
+    hi = pos
+    if not causal:
+        hi = torch.full_like(pos, n_keys - 1) if sliding_window is None else (pos + sliding_window - 1).clamp(
+            max=n_keys - 1)
+    return cnt[..., hi + 1] - cnt[..., lo]
+
+
+class NoKeptKeyError(ValueError):
+    """A real query row sees no kept key under `key_keep` (the probe turns it into an AttnlabError)."""
+
+
+def check_key_keep(keep_q: torch.Tensor, key_mask: torch.Tensor | None, n_queries: int, n_keys: int,
+                   sliding_window: int | None, causal: bool = True) -> None:
+    """NoKeptKeyError (a ValueError) when a real query row sees no kept key (its softmax would have
+    nothing to normalise)."""
+    n = kept_visible(keep_q, key_mask, n_queries, n_keys, sliding_window, causal)
+    dead = n == 0
+    if key_mask is not None:
+        dead = dead & key_mask.to(device=n.device, dtype=torch.bool)[:, None, n_keys - n_queries:]
+    if bool(dead.any()):
+        b, h, i = (int(x) for x in dead.nonzero()[0])
+        raise NoKeptKeyError(f"key_keep: query {i} (key position {i + n_keys - n_queries}) of batch row {b}, "
+                             f"query head "
+                         f"{h}, sees no kept key: every key it may see is evicted; keep at least one visible key per "
+                         "(layer, KV head), e.g. the most recent token")
+
+
+def apply_key_keep(out: dict[str, torch.Tensor], keep_q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`received` over the kept keys: NaN at an evicted key (no query of that head sees it). In place."""
+    if "received" in out:
+        out["received"] = out["received"].masked_fill(~keep_q.to(out["received"].device), float("nan"))
     return out
 
 
@@ -394,9 +466,15 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"fewer keys ({Nk}) than queries ({Nq})")
 
 
-def check_features(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None, sinks: torch.Tensor | None) -> None:
+def check_features(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None, sinks: torch.Tensor | None,
+                   key_keep: torch.Tensor | None = None) -> None:
     """The shapes of the optional attention features every attention_stats implementation shares."""
     B, Hq, Nk = q.shape[0], q.shape[1], k.shape[2]
+    Hkv = k.shape[1]
+    if key_keep is not None and (key_keep.dtype != torch.bool or key_keep.dim() != 3
+                                 or key_keep.shape[0] not in (1, B) or tuple(key_keep.shape[1:]) != (Hkv, Nk)):
+        raise ValueError(f"key_keep must be a [B={B} or 1, Hkv={Hkv}, Nk={Nk}] bool tensor, got "
+                         f"{tuple(key_keep.shape)} {key_keep.dtype}")
     if key_bias is not None and (key_bias.dim() != 3 or key_bias.shape[0] not in (1, B)
                                  or tuple(key_bias.shape[1:]) != (Hq, Nk)):
         raise ValueError(f"key_bias must be [B={B} or 1, Hq={Hq}, Nk={Nk}], got {tuple(key_bias.shape)}")
@@ -419,6 +497,7 @@ def attention_stats(
     causal: bool = True,
     key_bias: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    key_keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GQA attention with statistics, streamed over query chunks (fp32 math).
 
@@ -426,13 +505,15 @@ def attention_stats(
     (causal or, with causal=False, bidirectional; padding; window); with `sinks` [Hq] the softmax
     normaliser has one more term exp(sinks[h]) with no value (GPT-OSS), so rows sum to < 1 and the
     sink's share is the `learned_sink` statistic. key_bias: [B|1, Hq, Nk] fp32, natural-log units.
+    key_keep: [B|1, Hkv, Nk] bool, the keys each KV head keeps (False: evicted, a -inf logit for its
+    query heads; statistics over the kept keys); a real query that sees no kept key is a ValueError.
 
     `edits` (see `edits.py`) change the attention before the output and the statistics are
     taken: the statistics describe the edited attention. Returns (out [B, Hq, Nq, Dv] in q's dtype, {name: [B, Hq, ...] statistics}). Pad queries
     get a zero output (never NaN: their hidden states flow on as masked keys).
     """
     check_shapes(q, k)
-    check_features(q, k, key_bias, sinks)
+    check_features(q, k, key_bias, sinks, key_keep)
     dispatch.note(**{name: "twin" for name in ("forward", "columns") if name == "forward" or request.outputs(name)})
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -446,6 +527,10 @@ def attention_stats(
     vf = v.float()
     bias = None if key_bias is None else key_bias.to(device=q.device, dtype=torch.float32)
     sink_logit = None if sinks is None else sinks.to(device=q.device, dtype=torch.float32).view(1, Hq, 1, 1)
+    keep_q = None
+    if key_keep is not None:
+        keep_q = keep_per_query_head(key_keep.to(q.device), Hq)
+        check_key_keep(keep_q, key_mask, Nq, Nk, sliding_window, causal)
     out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
     # Keys a chunk can see: none after its last query (causal), none before its first query's
     # window. Scoring only those halves the work of a causal capture; pooled tiles need the range
@@ -471,6 +556,8 @@ def attention_stats(
         vis = visibility(key_mask, B, q_start, q_end, k_end, q_offset, sliding_window, q.device, k_start, causal)
         # In place from here on: a chunk's scores become its probabilities in the same buffer.
         s.masked_fill_(~vis, float("-inf"))
+        if keep_q is not None:  # evicted keys: -inf for every query head of their KV head
+            s.masked_fill_(~keep_q[:, :, None, k_start:k_end], float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         sink = None
         if sink_logit is None:
@@ -489,7 +576,7 @@ def attention_stats(
         out[:, :, q_start:q_end] = o.to(q.dtype)
         if not request.empty:
             acc.add(p, vis, q_start, k_start, sink)
-    return out, acc.finish()
+    return out, acc.finish(keep_q)
 
 
 def default_chunk_size(batch: int, heads: int, n_keys: int, budget_bytes: int = 256 * 2**20) -> int:
@@ -507,15 +594,22 @@ def stats_from_pattern(
     *,
     causal: bool = True,
     sinks_present: bool = False,
+    key_keep: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The same statistics from a materialised pattern [B, H, Nq, Nk] (the eager backend).
 
     sinks_present: the model has learned sinks and `pattern` is its attention without the sink
-    column (rows sum to 1 - the sink's mass): `learned_sink` is 1 - the row sum over the visible keys."""
+    column (rows sum to 1 - the sink's mass): `learned_sink` is 1 - the row sum over the visible keys.
+    key_keep: [B|1, Hkv, Nk] bool, the keys each KV head kept (the pattern is zero on the others):
+    statistics over the kept keys, as `attention_stats`."""
     B, H, Nq, Nk = pattern.shape
     vis = visibility(key_mask, B, 0, Nq, Nk, Nk - Nq, sliding_window, pattern.device, causal=causal)
     p = pattern.float().masked_fill(~vis, 0.0)
     acc = StatAccumulator(request, B, H, Nq, Nk, key_mask, sliding_window, pattern.device, causal)
+    keep_q = None
+    if key_keep is not None:
+        keep_q = keep_per_query_head(key_keep.to(pattern.device), H)
+        p = p.masked_fill(~keep_q[:, :, None, :], 0.0)
     sink = (1.0 - p.sum(dim=-1, keepdim=True)) if sinks_present else None
     acc.add(p, vis, 0, sink=sink)
-    return acc.finish()
+    return acc.finish(keep_q)

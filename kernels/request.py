@@ -55,6 +55,14 @@ Attention features (arguments of `attention_stats`, every backend):
   `received`, `sink_mass`, `top_prob`, `distance`, `local_mass`, `pooled`, `segments`, `rows` are
   sums, means or maxima of this A. `learned_sink` is the sink's own mass per query (0 without
   sinks, NaN at pad queries).
+- `key_keep` [B|1, Hkv, Nk] bool (KV-cache eviction, `attnlab.probe.edits.KeyEviction`): key j is
+  evicted for the query heads of KV head g where key_keep[b, g, j] is False: a -inf logit in every
+  query row of the call, so A[i, j] = 0 there and the row is a softmax over the kept visible keys.
+  Statistics are over the kept keys: `received` is NaN at an evicted key (no query of that head sees
+  it), `entropy_norm` divides by ln of the number of kept keys query i sees; the others are sums,
+  means or maxima of A and keep their definitions (`pooled` and `segments` stay means over the tiles'
+  positions, evicted ones counting as 0). A real query that sees no kept key is refused (ValueError;
+  the probe's AttnlabError), never a NaN or zero row.
 
 The statistics table
 --------------------

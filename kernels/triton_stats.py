@@ -34,6 +34,13 @@ without materialising A. Same signature and outputs as the torch twin (`referenc
   max(m, sink); the log-sum-exp then carries the sink, so pass 2 and `rows` need nothing more;
   entropy, top_prob and causal distance use the keys' share l_keys / l; `learned_sink` is
   2^(sink - m) / l). With sinks no row is dead: removed keys leave their mass to the sink.
+- `key_keep` [B|1, Hkv, Nk] bool (KV-cache eviction, `reference.apply_key_keep`) rides on the key-bias
+  path: the wrapper folds it into a [B|1, Hq, Nk] bias of -1e30 on each evicted key of the G query
+  heads of its KV head (exp2 gives exactly 0, and 0 * -1e30 stays finite in the entropy sums, unlike
+  -inf), so it adds no kernel variant and a call without it compiles to the same kernels. A row that
+  sees no kept key is refused before launch (`reference.check_key_keep`); `received` is NaN at evicted
+  keys and `entropy_norm` counts the kept keys, as on the twin. With an edit that removes keys the call
+  goes to the twin (the removal's finite bias would outweigh the eviction's).
 
 Measured on one H100 (bench/kernel_stats.py; 32 q / 8 kv heads, d 128, bf16, causal, batch 1), as
 multiples of SDPA's default (cuDNN) forward at 32k / 128k: our plain forward 1.29x / 1.16x, forward
@@ -117,7 +124,8 @@ def _split():
 # ----------------------------------------------------------------------------- wrapper
 
 
-def _unsupported(q, k, v, request, key_mask, edits, causal=True, key_bias=None, sinks=None) -> str | None:
+def _unsupported(q, k, v, request, key_mask, edits, causal=True, key_bias=None, sinks=None,
+                 key_keep=None) -> str | None:
     """Why this call goes to the torch twin, or None. (Bidirectional attention, key bias and learned
     sinks are in the kernels, with every statistic and edit.)"""
     if not (q.is_cuda or _interpret()):
@@ -136,6 +144,8 @@ def _unsupported(q, k, v, request, key_mask, edits, causal=True, key_bias=None, 
         return "a key bias with infinite entries (the kernels' masked-score arithmetic needs finite biases)"
     if len(edits) > 1:
         return "more than one edit"
+    if key_keep is not None and any(e.removes for e in edits):
+        return "a key mask with an edit that removes keys"
     if any(e.span_gate is not None for e in edits):
         return "a dynamic span gate (VAR)"
     if key_mask is not None:
@@ -161,6 +171,7 @@ def attention_stats(
     causal: bool = True,
     key_bias: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    key_keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Same contract as `reference.attention_stats` (chunk_size is ignored: nothing is chunked).
 
@@ -168,8 +179,8 @@ def attention_stats(
     """
     edits = tuple(edits)
     reference.check_shapes(q, k)
-    reference.check_features(q, k, key_bias, sinks)
-    why = _unsupported(q, k, v, request, key_mask, edits, causal, key_bias, sinks)
+    reference.check_features(q, k, key_bias, sinks, key_keep)
+    why = _unsupported(q, k, v, request, key_mask, edits, causal, key_bias, sinks, key_keep)
     if why is not None:
         if q.is_cuda and k.shape[2] > dispatch.TWIN_WARN_KEYS:
             warnings.warn(
@@ -180,17 +191,35 @@ def attention_stats(
                 dispatch.TwinOnGPUWarning, stacklevel=2)
         out = reference.attention_stats(q, k, v, scale=scale, request=request, key_mask=key_mask,
                                         sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
-                                        edits=edits, causal=causal, key_bias=key_bias, sinks=sinks)
+                                        edits=edits, causal=causal, key_bias=key_bias, sinks=sinks,
+                                        key_keep=key_keep)
         dispatch.note(**{name: f"twin ({why})" for name in ("forward", "columns")
                          if name == "forward" or request.outputs(name)})
         return out
+    keep_q = None
+    if key_keep is not None:
+        keep_q = reference.keep_per_query_head(key_keep.to(q.device), q.shape[1])
+        reference.check_key_keep(keep_q, key_mask, q.shape[2], k.shape[2], sliding_window, causal)
+        key_bias = _fold_key_keep(key_bias, keep_q)
     run = _Call(q, k, v, scale, key_mask, sliding_window, softcap, causal, key_bias, sinks)
+    run.keep_q = keep_q
     edit = edits[0] if edits else None
     if edit is not None:
         run.set_edit(edit)
     result = run.forward(request)
     dispatch.note(forward=run.output_from, **run.kernels)
     return result
+
+
+EVICTED_BIAS = -1.0e30  # natural-log units; * log2 e is still finite in fp32
+
+
+def _fold_key_keep(key_bias: torch.Tensor | None, keep_q: torch.Tensor) -> torch.Tensor:
+    """key_bias [B|1, Hq, Nk] (or None) plus -1e30 on each query head's evicted keys ([B|1, Hq, Nk] keep)."""
+    evicted = torch.where(keep_q, 0.0, EVICTED_BIAS).to(torch.float32)
+    if key_bias is None:
+        return evicted.contiguous()
+    return (key_bias.to(device=evicted.device, dtype=torch.float32) + evicted).contiguous()
 
 
 class _Call:
@@ -223,6 +252,7 @@ class _Call:
         self.kernels: dict[str, str] = {}  # pass -> which kernel ran it (and why not the faster one)
         self.src = self.tgt = torch.zeros(1, dtype=torch.int8, device=q.device)
         self.bias_s = self.bias_t = torch.zeros(1, dtype=torch.float32, device=q.device)
+        self.keep_q = None  # [B|1, Hq, Nk] kept keys (KV-cache eviction), already folded into key_bias
 
     # -- edits as per-row biases (log2 units) on the source and target key classes
     def set_edit(self, e: KernelEdit) -> None:
@@ -347,7 +377,9 @@ class _Call:
                 stats.update(self._columns(request, lse2))
         if request.row_positions is not None:
             stats["rows"] = self._rows(request.row_positions, lse2)
-        reference.derive(request, stats, self.key_mask, Nq, Nk, self.window, self.causal)
+        reference.derive(request, stats, self.key_mask, Nq, Nk, self.window, self.causal, self.keep_q)
+        if self.keep_q is not None:
+            reference.apply_key_keep(stats, self.keep_q)
         return out, {name: stats[name] for name in request.outputs()}
 
     def _cudnn_output(self, out, lse2) -> bool:

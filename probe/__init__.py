@@ -12,7 +12,8 @@ if __name__ == "probe":  # the bare name, from the repository root: hand over (R
     _bare_names.hand_over(__name__, __file__)
 else:
     from attnlab.probe.capture import Capture
-    from attnlab.probe.edits import AttentionEdit, FirstToken, LogitBias, MassTransfer, Positions, RowPositions, SpanGate
+    from attnlab.probe.edits import (AttentionEdit, FirstToken, KeyEviction, LogitBias, MassTransfer, Positions,
+                                     RowPositions, SpanGate)
     from attnlab.probe.errors import AttnlabError
     from attnlab.probe.probe import BACKENDS, ModelInfo, Probe, load
     from attnlab.probe.attach import attach
@@ -22,6 +23,6 @@ else:
     from attnlab.probe.tokens import Tokens
 
     __all__ = [
-        "BACKENDS", "CATALOGUE", "AttentionEdit", "FirstToken", "LogitBias", "MassTransfer", "Positions", "RowPositions", "SpanGate", "DEFAULT_MODEL", "REGISTRY", "AttnlabError", "Capture", "ModelInfo", "Probe",
+        "BACKENDS", "CATALOGUE", "AttentionEdit", "FirstToken", "KeyEviction", "LogitBias", "MassTransfer", "Positions", "RowPositions", "SpanGate", "DEFAULT_MODEL", "REGISTRY", "AttnlabError", "Capture", "ModelInfo", "Probe",
         "Run", "RunStore", "Stat", "Tokens", "attach", "load",
     ]

@@ -38,6 +38,7 @@ import sys
 import torch
 
 from attnlab.kernels import StatRequest, apply_edits, stats_from_pattern, visibility
+from attnlab.kernels.reference import check_key_keep, keep_per_query_head
 from attnlab.probe.errors import AttnlabError
 
 
@@ -56,6 +57,7 @@ def eager_attention(
     causal: bool = True,
     key_bias: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    key_keep: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One layer's attention through the modelling file's own `eager_attention_forward`.
@@ -65,7 +67,9 @@ def eager_attention(
     KernelEdits for this call; request: the statistics to compute (None: none). causal: False for
     bidirectional attention; key_bias: [B, Hq, Nk] fp32 additive logit bias per key (natural-log
     units, ALiBi's per-key form) or None; sinks: [Hq] learned sink logits (the modelling file
-    applies them itself; here they only mark that rows sum to < 1). kwargs: the other arguments
+    applies them itself; here they only mark that rows sum to < 1). key_keep: [B|1, Hkv, Nk] bool, the
+    keys each KV head keeps (KV-cache eviction: the others are masked in the 4-D mask of every query head
+    of that KV head, and the statistics are over the kept keys), or None. kwargs: the other arguments
     transformers gave the attention function (dropout, s_aux, ...), passed on unchanged.
 
     Returns (out [B, Hq, Nq, Dv] in query's dtype, {name: [B, Hq, ...]} statistics of the (edited)
@@ -74,7 +78,12 @@ def eager_attention(
     B, Hq, Nq, _ = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     vis = _visible(key_mask, B, Nq, Nk, sliding_window, causal, query.device)  # [B, 1, Nq, Nk]
-    mask = additive_mask(vis, key_bias, query.dtype)
+    seen = vis  # [B, 1|Hq, Nq, Nk]: what each head's queries see (the evicted keys out)
+    if key_keep is not None:
+        keep_q = keep_per_query_head(key_keep.to(query.device), Hq)
+        check_key_keep(keep_q, key_mask, Nq, Nk, sliding_window, causal)  # NoKeptKeyError, as the kernels
+        seen = vis & keep_q[:, :, None, :]
+    mask = additive_mask(seen, key_bias, query.dtype)
     if softcap is not None:
         kwargs["softcap"] = softcap
     if sliding_window is not None:
@@ -86,7 +95,7 @@ def eager_attention(
                            f"{got}, not the [batch, heads, queries, keys] pattern the eager backend reads; use "
                            "backend='chunked'")
     # Zero outside the visible keys: a pad query row (all-masked) comes back uniform, not zero.
-    pattern = weights.float().masked_fill(~vis, 0.0)
+    pattern = weights.float().masked_fill(~seen, 0.0)
     if edits:
         edited = _edit(pattern, edits, vis, learned_sink=sinks is not None)
         if not torch.equal(edited, pattern):
@@ -102,7 +111,7 @@ def eager_attention(
     out = torch.where(real_rows, out, torch.zeros((), dtype=out.dtype, device=out.device))
     if request is None:
         return out, {}
-    return out, _pattern_stats(pattern, request, key_mask, sliding_window, causal, sinks is not None, module)
+    return out, _pattern_stats(pattern, request, key_mask, sliding_window, causal, sinks is not None, module, key_keep)
 
 
 def modelling_eager_forward(module: torch.nn.Module):
@@ -169,7 +178,8 @@ def _with_sink_column(edit):
     return dataclasses.replace(edit, source=pad(edit.source), target=pad(target), span_gate=gate)
 
 
-def _pattern_stats(pattern, request, key_mask, sliding_window, causal: bool, learned_sink: bool, module):
+def _pattern_stats(pattern, request, key_mask, sliding_window, causal: bool, learned_sink: bool, module,
+                   key_keep=None):
     """stats_from_pattern, told about bidirectional attention and learned sinks where the kernels
     take them (keywords `causal`, `sinks_present`); refused where they do not, never statistics of
     the wrong visibility or a learned sink counted as missing mass."""
@@ -182,6 +192,8 @@ def _pattern_stats(pattern, request, key_mask, sliding_window, causal: bool, lea
                 raise AttnlabError(f"backend: {_model_type(module)} {feature}, which attnlab's statistics here do "
                                    "not support; no statistics were computed")
             extra[keyword] = value
+    if key_keep is not None:
+        extra["key_keep"] = key_keep
     return stats_from_pattern(pattern, request, key_mask, sliding_window, **extra)
 
 

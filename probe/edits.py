@@ -28,6 +28,17 @@ into positions. On the fast path the edits run inside the attention kernels (the
 twin, or Triton on CUDA); on the eager backend `attnlab.probe.eager_path` applies the same torch
 twin to transformers' eager pattern; on the hooked path `bridge_hooks` applies it to
 `hook_pattern`.
+
+KV-cache eviction is a third kind of edit, `KeyEviction(keep)`: a per-(layer, KV head) key mask
+(keep [L, B|1, Hkv, N] bool, True = kept) on the cache's key axis. An evicted key gets a -inf logit
+for every query head of its KV head, inside the kernels (`key_keep`, the twin and Triton) and in the
+eager backend's 4-D mask; statistics are then taken over the kept keys. A query that would see no
+kept key is an AttnlabError, never a NaN row. It runs on the fast path and the eager backend (not on
+the TransformerLens bridge) and carries into `probe.generate`; `attnlab.probe.eviction` generates
+with a policy that evicts as it goes:
+
+    with probe.intervene(KeyEviction(keep)):      # keep [n_layers, 1, n_kv_heads, n_keys]
+        logits = probe.run(tokens).logits
 """
 
 from __future__ import annotations
@@ -276,6 +287,50 @@ class AttentionEdit:
         return KernelEdit.mass_transfer(heads, source, self.op.keep, target, span_gate=span_gate)
 
 
+class KeyEviction:
+    """Evict keys per (layer, KV head): keep [L, B|1, Hkv, N] bool, True = kept, for every layer of
+    the model (L = n_layers, Hkv = n_kv_heads), on the key axis of the attention calls it edits: the
+    cache slots, left pads included (row b's real tokens start at its number of pads). Key positions
+    >= N (tokens that came after the mask was made, e.g. generated later) are kept. The mask holds for
+    every query of a call: an evicted key is invisible to all of them (-inf logits for the KV head's
+    query heads). Several KeyEvictions intersect (a key is kept only if every one keeps it)."""
+
+    def __init__(self, keep):
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 4:
+            got = f"a {keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) \
+                else type(keep).__name__
+            raise AttnlabError(f"KeyEviction(keep): got {got}; pass a [layers, batch or 1, kv_heads, keys] bool "
+                               "tensor, True where a (layer, KV head) keeps a key")
+        if keep.shape[3] == 0:
+            raise AttnlabError("KeyEviction(keep): the key axis is empty; pass the mask of at least one key position")
+        self.keep = keep
+
+    def __repr__(self) -> str:
+        kept = float(self.keep.float().mean())
+        return f"KeyEviction(keep={tuple(self.keep.shape)}, {kept:.0%} kept)"
+
+    def key_keep(self, layer: int, batch: int, n_keys: int, device) -> torch.Tensor:
+        """[B|1, Hkv, n_keys] bool: this layer's mask for a call of n_keys keys (keys past the mask kept)."""
+        keep = self.keep[layer]
+        if keep.shape[0] not in (1, batch):
+            raise AttnlabError(f"KeyEviction(keep): a mask for a batch of {keep.shape[0]} on a call of batch {batch}; "
+                               f"pass one mask row per batch row (or one for all)")
+        n = keep.shape[-1]
+        keep = keep[..., :n_keys] if n >= n_keys else torch.nn.functional.pad(keep, (0, n_keys - n), value=True)
+        return keep.to(device=device)
+
+
+def key_keep_for(edits: Sequence, layer: int, batch: int, n_keys: int, device) -> torch.Tensor | None:
+    """The intersection of the active KeyEvictions' masks for one layer's call, [B|1, Hkv, n_keys] bool,
+    or None when there are none."""
+    keep = None
+    for e in edits:
+        if isinstance(e, KeyEviction):
+            k = e.key_keep(layer, batch, n_keys, device)
+            keep = k if keep is None else keep & k
+    return keep
+
+
 def _check_selector(keys, arg: str, allow_none: bool = False) -> None:
     if keys is None and allow_none:
         return
@@ -288,9 +343,17 @@ def validate(probe, edits: Sequence[AttentionEdit]) -> list[AttentionEdit]:
     """Edits for this probe: AttentionEdit objects whose layers and heads the model has."""
     out = []
     for n, e in enumerate(edits):
+        if isinstance(e, KeyEviction):
+            want = (probe.info.n_layers, probe.info.n_kv_heads)
+            if (e.keep.shape[0], e.keep.shape[2]) != want:
+                raise AttnlabError(f"KeyEviction(keep): shape {tuple(e.keep.shape)}, but {probe.name} has {want[0]} "
+                                   f"layers and {want[1]} KV heads; pass a [{want[0]}, batch or 1, {want[1]}, keys] "
+                                   "mask")
+            out.append(e)
+            continue
         if not isinstance(e, AttentionEdit):
-            raise AttnlabError(f"edits[{n}]: intervene takes AttentionEdit objects, got {type(e).__name__}; wrap it "
-                               "as AttentionEdit(keys, op, layers=..., heads=...)")
+            raise AttnlabError(f"edits[{n}]: intervene takes AttentionEdit objects (or KeyEviction), got "
+                               f"{type(e).__name__}; wrap it as AttentionEdit(keys, op, layers=..., heads=...)")
         for layer in e.layers or ():
             if not 0 <= layer < probe.info.n_layers:
                 raise AttnlabError(f"AttentionEdit(layers): edit layer {layer} is out of range: {probe.name} has "
@@ -314,6 +377,11 @@ def check_positions(edits: Sequence[AttentionEdit], tokens: Tokens) -> None:
     later are never selected."""
     lengths = tokens.attention_mask.sum(dim=1).tolist()
     for e in edits:
+        if isinstance(e, KeyEviction):
+            if e.keep.shape[1] not in (1, tokens.batch_size):
+                raise AttnlabError(f"KeyEviction(keep): a mask for a batch of {e.keep.shape[1]} on {tokens.batch_size} "
+                                   "texts; pass one mask row per text (or one for all)")
+            continue
         named = [("AttentionEdit(keys)", e.keys)]
         if isinstance(e.op, MassTransfer) and e.op.to is not None:
             named.append(("MassTransfer(to)", e.op.to))
@@ -339,7 +407,8 @@ def check_positions(edits: Sequence[AttentionEdit], tokens: Tokens) -> None:
 def kernel_edits(edits: Sequence[AttentionEdit], layer: int, n_heads: int, key_mask: torch.Tensor) -> tuple:
     """The edits that touch `layer`, as KernelEdits for one attention call (key_mask [B, Nk]);
     edits not on the layer are left out."""
-    return tuple(k for e in edits if (k := e.kernel_edit(layer, n_heads, key_mask)) is not None)
+    return tuple(k for e in edits if isinstance(e, AttentionEdit)
+                 and (k := e.kernel_edit(layer, n_heads, key_mask)) is not None)
 
 
 @contextmanager
@@ -354,6 +423,9 @@ def intervene(probe, *edits: AttentionEdit) -> Iterator[list[AttentionEdit]]:
 def bridge_hooks(probe, edits: Sequence[AttentionEdit], tokens: Tokens) -> list:
     """fwd_hooks for the hooked path: the same edits applied to each layer's `hook_pattern`."""
     checked = validate(probe, edits)
+    if any(isinstance(e, KeyEviction) for e in checked):
+        raise AttnlabError("KeyEviction: the hooked path (TransformerLens bridge) does not evict keys; use the fast "
+                           "path (probe.run, capture with backend='chunked', 'triton' or 'eager', generate)")
     check_positions(checked, tokens)
     key_mask = tokens.attention_mask
 

@@ -244,44 +244,49 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
     if key_mask is not None:
         key_mask = key_mask[:, -key.shape[2] :].to(torch.bool)
     shape = _shape_of(module, key_mask, key, kwargs)
-    edits = _edits_for(state.edits if state is not None else (), layer, query, key, key_mask)
-    if session is not None and session.backend == "eager":
-        from attnlab.probe.eager_path import eager_attention
+    active = state.edits if state is not None else ()
+    edits = _edits_for(active, layer, query, key, key_mask)
+    key_keep = _key_keep_for(active, layer, query, key)
+    if key_keep is not None:
+        shape["key_keep"] = key_keep
+    with _no_kept_key(layer):  # a KeyEviction that leaves a query no key: an AttnlabError naming the layer
+        if session is not None and session.backend == "eager":
+            from attnlab.probe.eager_path import eager_attention
 
-        started = time.perf_counter()
-        captured = layer in session.layers
-        request = session.make_request(query.shape[2], key.shape[2]) if captured else None
-        out, stats = eager_attention(
-            module, query, key, value, key_mask, scaling, sliding_window, softcap, edits, request,
-            causal=shape["causal"], key_bias=shape["key_bias"], sinks=shape["sinks"],
-            dropout=dropout, **kwargs,
-        )
-        if captured:
-            session.note_kernels({"forward": "eager (transformers' eager_attention_forward)"})
+            started = time.perf_counter()
+            captured = layer in session.layers
+            request = session.make_request(query.shape[2], key.shape[2]) if captured else None
+            out, stats = eager_attention(
+                module, query, key, value, key_mask, scaling, sliding_window, softcap, edits, request,
+                causal=shape["causal"], key_bias=shape["key_bias"], sinks=shape["sinks"], key_keep=key_keep,
+                dropout=dropout, **kwargs,
+            )
+            if captured:
+                session.note_kernels({"forward": "eager (transformers' eager_attention_forward)"})
+                session.record(layer, stats)
+                session.seconds += time.perf_counter() - started
+                if session.on_layer is not None:
+                    session.on_layer(layer)
+        elif (session is None or layer not in session.layers) and not edits and key_keep is None:
+            out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap, **shape)
+        elif session is None or layer not in session.layers:
+            # Edits without capture: the kernels apply them (SDPA cannot move mass or mask per KV head).
+            out, _ = _edit_kernel(query)(query, key, value, scale=scaling, key_mask=key_mask,
+                                         sliding_window=sliding_window, softcap=softcap, edits=edits,
+                                         **_non_default(shape))
+        else:
+            started = time.perf_counter()
+            request = session.make_request(query.shape[2], key.shape[2])
+            kernels.last_kernels()  # a record left by an earlier call (an edit without capture) is not this one's
+            out, stats = session.kernel(
+                query, key, value, scale=scaling, request=request, key_mask=key_mask,
+                sliding_window=sliding_window, softcap=softcap, edits=edits, **_non_default(shape),
+            )
+            session.note_kernels(kernels.last_kernels())
             session.record(layer, stats)
             session.seconds += time.perf_counter() - started
             if session.on_layer is not None:
                 session.on_layer(layer)
-    elif (session is None or layer not in session.layers) and not edits:
-        out = _sdpa(query, key, value, key_mask, scaling, sliding_window, softcap, **shape)
-    elif session is None or layer not in session.layers:
-        # Edits without capture: the kernels apply them (SDPA cannot move mass).
-        out, _ = _edit_kernel(query)(query, key, value, scale=scaling, key_mask=key_mask,
-                                     sliding_window=sliding_window, softcap=softcap, edits=edits,
-                                     **_non_default(shape))
-    else:
-        started = time.perf_counter()
-        request = session.make_request(query.shape[2], key.shape[2])
-        kernels.last_kernels()  # a record left by an earlier call (an edit without capture) is not this one's
-        out, stats = session.kernel(
-            query, key, value, scale=scaling, request=request, key_mask=key_mask,
-            sliding_window=sliding_window, softcap=softcap, edits=edits, **_non_default(shape),
-        )
-        session.note_kernels(kernels.last_kernels())
-        session.record(layer, stats)
-        session.seconds += time.perf_counter() - started
-        if session.on_layer is not None:
-            session.on_layer(layer)
     ablations = state.ablations if state is not None else None
     if ablations and layer in ablations:
         out = _ablate_heads(out, value, key_mask, ablations[layer], sliding_window, shape["causal"])
@@ -307,7 +312,7 @@ def _shape_of(module, key_mask, key, kwargs) -> dict:
 def _non_default(shape: dict) -> dict:
     """The kernels' keyword arguments for `shape`, leaving out the defaults (plain causal attention)."""
     out = {} if shape["causal"] else {"causal": False}
-    out.update({k: shape[k] for k in ("key_bias", "sinks") if shape[k] is not None})
+    out.update({k: shape[k] for k in ("key_bias", "sinks", "key_keep") if shape.get(k) is not None})
     return out
 
 
@@ -318,7 +323,33 @@ def _edits_for(edits: tuple, layer, query, key, key_mask) -> tuple:
         return ()
     mask = key_mask if key_mask is not None else torch.ones(key.shape[0], key.shape[2], dtype=torch.bool,
                                                             device=key.device)
-    return tuple(k for e in edits if (k := e.kernel_edit(layer, query.shape[1], mask)) is not None)
+    return tuple(k for e in edits if hasattr(e, "kernel_edit")  # KeyEvictions are the key_keep mask instead
+                 and (k := e.kernel_edit(layer, query.shape[1], mask)) is not None)
+
+
+def _key_keep_for(edits: tuple, layer, query, key) -> torch.Tensor | None:
+    """The active KeyEvictions' mask for this layer's call, [B|1, Hkv, Nk] bool (None without any). A real
+    query left with no kept key is refused where the mask is applied (`_no_kept_key`)."""
+    if not edits:
+        return None
+    from attnlab.probe.edits import key_keep_for
+
+    keep = key_keep_for(edits, layer, key.shape[0], key.shape[2], key.device)
+    if keep is not None and keep.shape[1] != key.shape[1]:
+        raise AttnlabError(f"KeyEviction(keep): {keep.shape[1]} KV heads in the mask, {key.shape[1]} in layer {layer}; "
+                           "pass one mask per KV head")
+    return keep
+
+
+@contextmanager
+def _no_kept_key(layer) -> Iterator[None]:
+    """The kernels' refusal of a query that sees no kept key, as the AttnlabError users get."""
+    from attnlab.kernels.reference import NoKeptKeyError
+
+    try:
+        yield
+    except NoKeptKeyError as err:
+        raise AttnlabError(f"KeyEviction in layer {layer}: {err}") from None
 
 
 def _edit_kernel(query):

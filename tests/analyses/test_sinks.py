@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+from attnlab.probe.errors import AttnlabError
 from attnlab.analyses import sinks
 from attnlab.analyses.result import Result
 from attnlab.probe import RunStore
@@ -55,6 +56,9 @@ def test_var_phi_and_sink_dims_on_a_planted_massive_dimension():
     assert sinks.var_phi(x, [1]).item() == pytest.approx(4.0 / 2.5)
     assert sinks.var_phi(x, [0, 1]).item() == pytest.approx(4.0 / 2.5)
     assert sinks.var_phi(x, []).item() == 0.0
+    # a model with no layer >= min_layer (the 2-layer tiny configs): a named refusal, not a median of nothing
+    with pytest.raises(AttnlabError, match="dims="):
+        sinks.find_sink_dims(first[:, :2], min_layer=2)
 
 
 def test_value_output_norm_is_gqa_aware():

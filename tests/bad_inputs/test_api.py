@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from attnlab.probe import (
-    AttentionEdit, AttnlabError, FirstToken, LogitBias, MassTransfer, Positions, RowPositions, SpanGate, Stat, load,
+    AttentionEdit, AttnlabError, FirstToken, KeyEviction, LogitBias, MassTransfer, Positions, RowPositions, SpanGate, Stat,
+    load,
 )
 from attnlab.probe.stats import SEGMENT_LIMIT, parse
 
@@ -156,6 +157,11 @@ CASES = [
      r"^AttentionEdit\(heads\): edit head 4 is out of range"),
     ("intervene-not-edit", lambda p, t: p.intervene(LogitBias(2.0)).__enter__(), r"^edits\[0\]: intervene takes AttentionEdit objects"),
     ("intervene-nothing", lambda p, t: p.intervene().__enter__(), r"^edits: intervene needs at least one AttentionEdit"),
+    ("key-eviction-float", lambda p, t: KeyEviction(torch.ones(2, 1, 2, 5)),
+     r"^KeyEviction\(keep\): got a torch.float32 tensor of shape \(2, 1, 2, 5\); pass a \[layers, batch or 1, kv_heads"),
+    ("key-eviction-list", lambda p, t: KeyEviction([[True]]), r"^KeyEviction\(keep\): got list"),
+    ("key-eviction-shape", lambda p, t: p.intervene(KeyEviction(torch.ones(1, 1, 1, 5, dtype=torch.bool))).__enter__(),
+     r"^KeyEviction\(keep\): shape \(1, 1, 1, 5\), but .* has \d+ layers and \d+ KV heads"),
     ("positions-outside-text", lambda p, t: _edit_run(p, t, AttentionEdit(Positions([999]), LogitBias(2.0))),
      r"^AttentionEdit\(keys\): Positions\(999\) is outside the text, whose shortest row has \d+ tokens"),
     ("positions-outside-capture", lambda p, t: _edit_run(p, t, AttentionEdit(Positions([999]), LogitBias(2.0)), "capture"),

@@ -1,0 +1,108 @@
+"""Accuracy vs cache budget with eviction applied (`attnlab.analyses.kv_eviction_apply`) on a tiny model:
+the context/cue split of both tasks, the tables (full-cache baseline from the same run, intervals,
+skipped runs), that a budget keeping everything reproduces the baseline, and the figures. The policy is
+a stand-in with the interface of `attnlab.analyses.kv_policies`; the model is SmolLM2 (a real tokenizer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attnlab.analyses import kv_eviction_apply as kva
+from attnlab.probe import AttnlabError
+
+
+class SinksAndWindow:
+    name = "sinks_window"
+    needs = ()
+
+    def __init__(self, sinks: int = 2):
+        self.sinks = sinks
+
+    def reset(self):
+        pass
+
+    def update(self, stats):
+        pass
+
+    def keep(self, stats, *, n_keys, budget):
+        j = torch.arange(n_keys)
+        kept = (j < self.sinks) | (j >= n_keys - (budget - self.sinks))
+        return kept[None, None].expand(stats["n_layers"], stats["n_kv_heads"], n_keys).clone()
+
+
+class NeedsWindow(SinksAndWindow):
+    """Reads the observation window (like SnapKV) and refuses budgets below it."""
+
+    name = "window_votes"
+    needs = ("window_rows",)
+    window = 8
+
+    def update(self, stats):
+        if "window_rows" in stats:
+            assert stats["window_rows"].shape[2] >= self.window  # the prefill's rows: the largest window asked
+
+    def keep(self, stats, *, n_keys, budget):
+        if budget < self.window:
+            raise AttnlabError(f"budget {budget} is below the observation window ({self.window})")
+        return super().keep(stats, n_keys=n_keys, budget=budget)
+
+
+@pytest.fixture(scope="module")
+def probe(smollm2):
+    return smollm2  # a real tokenizer: the option letters are single tokens
+
+
+def test_samples_split_before_the_answer_cue(probe):
+    tok = probe.tokenizer
+    niah = kva.niah_samples(probe, lengths=(256,), depths=(50,), needles=1)
+    s = niah[0]
+    assert len(s.ids) == 256 and tok.decode(s.ids[s.n_context:]).startswith(kva.ANSWER_CUE)  # + chat turn
+    assert "Question:" in tok.decode(s.ids[:s.n_context])  # query-aware: the question is compressed too
+    qa = kva.qa_samples(probe, "openbookqa", n=2, shots=1)
+    assert tok.decode(qa[0].ids[qa[0].n_context:]) == kva.ANSWER_CUE and len(qa[0].label_ids) == 4
+
+
+def test_apply_tables_baseline_and_figures(probe):
+    samples = kva.niah_samples(probe, lengths=(240,), depths=(20, 80), needles=1) \
+        + kva.qa_samples(probe, "openbookqa", n=3, shots=1)
+    res = kva.apply(probe, [SinksAndWindow(), NeedsWindow()], [4, 0.5, 10_000], samples, max_new_tokens=4)
+    runs, acc = res.tables["runs"], res.tables["accuracy"]
+    assert len(runs) == len(samples) * (1 + 2 * 3)
+    # a budget that keeps every key is the full cache: the same answers and scores, sample by sample
+    full = runs[runs["policy"] == "full cache"].set_index("sample")
+    for name in ("sinks_window", "window_votes"):
+        big = runs[(runs["policy"] == name) & (runs["budget"] == 10_000)].set_index("sample")
+        assert (big["response"] == full["response"]).all()
+        np.testing.assert_allclose(big["score"], full["score"], atol=1e-5)
+    # a small budget really changes the choice logits (the scores move)
+    small = runs[(runs["policy"] == "sinks_window") & (runs["budget"] == 4) & (runs["task"] == "openbookqa")]
+    assert not np.allclose(small["score"].to_numpy(), full.loc[small["sample"], "score"].to_numpy())
+    # a budget the policy refuses is skipped with its reason, not scored
+    skipped = runs[(runs["policy"] == "window_votes") & (runs["budget"] == 4)]
+    assert (skipped["skipped"].str.contains("observation window")).all() and skipped["correct"].isna().all()
+    row = acc[(acc["task"] == "openbookqa") & (acc["policy"] == "window_votes") & (acc["budget"] == 4)].iloc[0]
+    assert row["n"] == 0 and row["skipped"] == 3
+    # intervals bracket the accuracy; the baseline is in every row of its task
+    ok = acc[acc["n"] > 0]
+    assert ((ok["low"] <= ok["accuracy"] + 1e-12) & (ok["accuracy"] <= ok["high"] + 1e-12)).all()
+    base = acc[acc["policy"] == "full cache"].set_index("task")["accuracy"]
+    assert (acc["full_cache_accuracy"] == acc["task"].map(base)).all()
+    # cache used: the share of the context a budget of 4 tokens keeps
+    c = acc[(acc["policy"] == "sinks_window") & (acc["budget"] == 4) & (acc["task"] == "niah")].iloc[0]
+    assert 0 < c["cache_share"] < 0.1
+    assert set(res.figures) == {"accuracy_niah", "accuracy_openbookqa"}
+    names = {t.name for t in res.figures["accuracy_niah"].data}
+    assert {"sinks_window", "window_votes"} <= names and any(str(n).startswith("full cache") for n in names)
+    assert res.summary.startswith("niah: full cache")
+
+
+def test_bootstrap_interval_and_budget_rule():
+    low, high = kva.bootstrap_interval([0, 1] * 20)
+    assert low < 0.5 < high and high - low < 0.4
+    assert kva.bootstrap_interval([1, 1, 1]) == (1.0, 1.0)
+    assert kva.budget_tokens(0.25, 100) == 25 and kva.budget_tokens(64, 100) == 64 and kva.budget_tokens(0.001, 10) == 1
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(AttnlabError, match="budget"):
+            kva.budget_tokens(bad, 100)
