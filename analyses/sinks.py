@@ -176,7 +176,7 @@ def sink_metric(
     # A model with learned sinks (GPT-OSS): their mass per head sits next to the emergent first-token sink.
     stats = ["received", "learned_sink"] if "learned_sinks" in probe.capabilities.features else ["received"]
     for start in track(range(0, tokens.batch_size, batch_size), progress, desc="sink metric", unit="batch"):
-        chunk = _slice(tokens, start, start + batch_size)
+        chunk = tokens.take(list(range(start, min(start + batch_size, tokens.batch_size))))
         cap = probe.capture(chunk, stats=stats, backend=backend)
         seconds += cap.timings["capture_seconds"]
         rec = cap["received"]
@@ -427,15 +427,6 @@ def _value_drain(values: pd.DataFrame) -> pd.DataFrame:
             ranks.append(int((n[1:] < n[0]).sum()))
         rows.append((layer, head, kv, float(np.median(ratios)), float(np.mean(ranks))))
     return pd.DataFrame(rows, columns=["layer", "head", "kv_head", "score", "rank"])
-
-
-def _slice(tokens: Tokens, a: int, b: int) -> Tokens:
-    """Rows a:b of a batch, with columns that are pad in every kept row dropped."""
-    mask = tokens.attention_mask[a:b]
-    drop = int((~mask).all(dim=0).sum())
-    return Tokens(tokens.input_ids[a:b, drop:], mask[:, drop:], [s[drop:] for s in tokens.strings[a:b]],
-                  [o[drop:] for o in tokens.offsets[a:b]], tokens.texts[a:b] if tokens.texts else None,
-                  tokens.prepend_bos)
 
 
 def _first_strings(tokens: Tokens, b: int, k: int) -> list[str]:

@@ -29,8 +29,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from attnlab.probe import fast_path, placement
 from attnlab.probe.errors import AttnlabError
 from attnlab.probe.probe import Probe
