@@ -15,6 +15,7 @@ exits with 130.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import sys
@@ -204,7 +205,57 @@ def _check_model(model: str) -> None:
           "shows which are installed), or the path of a local Hugging Face model folder")
 
 
-def _load(model: str, device: Optional[str]):
+DEVICE_MAP_HELP = ("Split the model over devices (transformers/accelerate): auto, balanced, sequential, one device, "
+                   "or a JSON object {module: device} (devices: cpu, cuda:N, disk).")
+MAX_MEMORY_HELP = "With --device-map: a budget per device, e.g. '0=20GiB,cpu=60GiB' (CUDA devices by index)."
+OFFLOAD_HELP = "With --device-map: a folder for the weights placed on disk."
+
+
+def _placement(device: Optional[str], device_map: Optional[str], max_memory: Optional[str],
+               offload_folder: Optional[Path]) -> dict:
+    """The CLI's --device-map / --max-memory / --offload-folder as `load`'s keyword arguments, checked
+    before any loading (each error names its option)."""
+    from attnlab.probe import AttnlabError, placement
+
+    if device_map is None:
+        for given, option in ((max_memory, "--max-memory"), (offload_folder, "--offload-folder")):
+            if given is not None:
+                _fail(f"{option} places a split model: give --device-map too (e.g. --device-map auto)")
+        return {}
+    if device is not None:
+        _fail("--device and --device-map: give one (--device-map places every module itself)")
+    text = device_map.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(f"--device-map: not a JSON object ({e.msg} at character {e.pos}); e.g. "
+                  "'{\"model.layers.0\": \"cpu\", \"lm_head\": \"cpu\"}'")
+    else:
+        parsed = text
+    budget = None
+    if max_memory is not None:
+        budget = {}
+        for item in filter(None, (part.strip() for part in max_memory.split(","))):
+            key, sep, size = item.partition("=")
+            if not sep or not key.strip() or not size.strip():
+                _fail(f"--max-memory: {item!r} is not device=size; e.g. '0=20GiB,cpu=60GiB'")
+            key = key.strip()
+            budget[int(key) if key.isdigit() else key] = size.strip()
+        if not budget:
+            _fail("--max-memory is empty: give device=size pairs, e.g. '0=20GiB,cpu=60GiB'")
+    try:
+        placement.check_device_map(parsed, offload_folder)
+        if budget is not None:
+            placement.check_max_memory(budget)
+    except AttnlabError as e:
+        message = str(e).replace("device_map", "--device-map").replace("max_memory", "--max-memory")
+        _fail(message.replace("offload_folder=", "--offload-folder"))
+    return {"device_map": parsed, "max_memory": budget,
+            "offload_folder": str(offload_folder) if offload_folder is not None else None}
+
+
+def _load(model: str, device: Optional[str], placement: Optional[dict] = None):
     from attnlab.probe import AttnlabError, load
 
     with err.status(f"loading {model}"):
@@ -212,7 +263,7 @@ def _load(model: str, device: Optional[str]):
 
         hf_logging.disable_progress_bar()
         try:
-            return load(model, device=device, log=lambda msg: err.print(msg))
+            return load(model, device=device, log=lambda msg: err.print(msg), **(placement or {}))
         except AttnlabError as e:
             _fail(f"--model {model}: {e}")
 
@@ -256,6 +307,9 @@ def capture(
     backend: str = typer.Option("auto", help="auto, chunked, eager or triton."),
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Prepend the model's BOS token (sinks depend on it)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
     out_dir: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs directory; the run is a new folder inside it."),
     top: int = typer.Option(2, help="Sink heads to show per layer."),
 ) -> None:
@@ -292,12 +346,13 @@ def capture(
             _fail("--backend triton needs a CUDA GPU and the triton package: use --backend chunked (any device) "
                   "or auto")
     _check_model(model)
+    place = _placement(device, device_map, max_memory, offload_folder)
     _check_out_dir(out_dir, "--out")
     if text_file is not None:
         body = _read_text_file(text_file, "--text-file")
     else:
         body = example_text() if example else text
-    probe = _load(model, device)
+    probe = _load(model, device, place)
     _check_indices(layer_list, probe.info.n_layers, "--layers", "layer", probe.name)
     _check_indices(head_list, probe.info.n_heads, "--heads", "head", probe.name)
     input_option = "--text-file" if text_file is not None else "--example" if example else "--text"
@@ -354,6 +409,9 @@ def analyze(
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="A parameter, key=value (repeatable), "
                                               "e.g. --param eps=0.5 --param lengths=256,512."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
     out_dir: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs directory; the result is a new run in it."),
 ) -> None:
     """Run one analysis (its parameters named as in its paper) and save the result as a run.
@@ -393,8 +451,9 @@ def analyze(
             _fail(f"--text-file: {e}" if text_file is not None else str(e))
     _check_device(device)
     _check_model(model)
+    place = _placement(device, device_map, max_memory, offload_folder)
     _check_out_dir(out_dir, "--out")
-    probe = _load(model, device)
+    probe = _load(model, device, place)
     try:
         with Progress(TextColumn(f"{name}: {{task.description}}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=True) as bar:

@@ -95,6 +95,19 @@ PRE_LOAD = [
     (["capture", "--example", "--backend", "magic"], "--backend", "unknown backend 'magic'"),
     pytest.param(["capture", "--example", "--backend", "triton"], "--backend", "needs a CUDA GPU", marks=no_cuda),
     (["capture", "--example", "--stats", "pattern", "--backend", "chunked"], "--backend", "--backend eager"),
+    # capture / analyze: a split model's placement (--device-map, --max-memory, --offload-folder)
+    (["capture", "--example", "--max-memory", "cpu=1GiB"], "--max-memory", "give --device-map too"),
+    (["capture", "--example", "--offload-folder", "{tmp}/off"], "--offload-folder", "give --device-map too"),
+    (["capture", "--example", "--device-map", "auto", "--device", "cpu"], "--device", "give one"),
+    (["capture", "--example", "--device-map", "{bad"], "--device-map", "not a JSON object"),
+    (["capture", "--example", "--device-map", "[1, 2]"], "--device-map", "is not a placement"),
+    (["capture", "--example", "--device-map", "tpu"], "--device-map", "is not a placement"),
+    (["capture", "--example", "--device-map", '{"model.layers.1": "disk"}'], "--device-map", "--offload-folder"),
+    (["capture", "--example", "--device-map", "auto", "--max-memory", "cpu"], "--max-memory", "is not device=size"),
+    (["capture", "--example", "--device-map", "auto", "--max-memory", ","], "--max-memory", "is empty"),
+    (["capture", "--example", "--device-map", "auto", "--max-memory", "cpu=lots"], "--max-memory", "is not a size"),
+    (["analyze", "sinks", "--device-map", "{bad"], "--device-map", "not a JSON object"),
+    (["analyze", "sinks", "--max-memory", "cpu=1GiB"], "--max-memory", "give --device-map too"),
     # capture: statistics
     (["capture", "--example", "--stats", "received,bogus"], "--stats", "unknown statistic 'bogus'"),
     (["capture", "--example", "--stats", "pooled(1,2)"], "--stats", "'pooled(1,2)' takes one integer"),
@@ -341,6 +354,30 @@ def test_a_good_capture_still_writes_its_run(monkeypatch, capsys, tmp_path, tiny
     assert len(listed) == 1
     cap = RunStore(runs).load(listed.path[0]).capture()
     assert cap.layers == [1] and cap.heads == [0, 3] and cap.tokens.texts == [text.read_text(encoding="utf-8")]
+
+
+def test_a_capture_split_over_cpu_and_disk_matches_the_whole_model(monkeypatch, capsys, tmp_path):
+    """--device-map / --offload-folder reach `load` (a layer on disk) and give the statistics of the whole
+    model; the run records the placement."""
+    runs = tmp_path / "runs"
+    split = ('{"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", '
+             '"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}')
+    common = ["capture", "--text", "the cat sat on the mat", "--model", "tiny-llama", "--out", str(runs)]
+    code, _, stderr = run_main(monkeypatch, capsys, common + ["--device-map", split, "--offload-folder",
+                                                              str(tmp_path / "off")])
+    assert code == 0, stderr
+    code, _, stderr = run_main(monkeypatch, capsys, common + ["--device", "cpu"])
+    assert code == 0, stderr
+    store = RunStore(runs)
+    listed = store.list().sort_values("path")
+    split_run, whole_run = (store.load(p) for p in listed.path)
+    if "placement" not in split_run.manifest["model"]:
+        split_run, whole_run = whole_run, split_run
+    assert split_run.manifest["model"]["placement"]["model.layers.1"] == "disk"
+    assert "placement" not in whole_run.manifest["model"]
+    a, b = split_run.capture(), whole_run.capture()
+    for name in a.stats:
+        assert torch.allclose(a[name], b[name], atol=1e-6, equal_nan=True), name
 
 
 def test_analyze_lists_every_analysis_with_its_cost_and_needs(monkeypatch, capsys):
