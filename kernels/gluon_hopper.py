@@ -302,15 +302,4 @@ def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
         NG=G, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=call.D, KSUB=ksub, RECV=request.received, POOL=bool(pool),
         CAUSAL=call.causal, STAGES=stages, CONSUMER_REGS=consumer_regs, K_REG=k_reg, num_warps=4, maxnreg=maxnreg,
     )
-    res = {}
-    if request.received:
-        seen = call._seen_by()
-        res["received"] = torch.where(seen > 0, recv / seen.clamp_min(1), float("nan"))
-    if pool:
-        n_kc = triton.cdiv(Nk, pool)
-        per = pool // ksub
-        part = torch.nn.functional.pad(part, (0, n_kc * per - n_ksub)).view(B, Hq, n_qc, n_kc, per).sum(-1)
-        qsize = torch.clamp(Nq - torch.arange(n_qc, device=call.device) * pool, max=pool).float()
-        ksize = torch.clamp(Nk - torch.arange(n_kc, device=call.device) * pool, max=pool).float()
-        res["pooled"] = part / (qsize[:, None] * ksize[None, :])
-    return res
+    return call.finish_columns(request, recv, part, ksub)

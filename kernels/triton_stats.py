@@ -458,19 +458,28 @@ class _Call:
             POOL=bool(pool), SP=sp, SPLIT=_split(), LO=EXACT_SUMS, TMA=tma, CAUSAL=self.causal,
             KEY_BIAS=self.key_bias is not None, num_warps=warps, num_stages=stages,
         )
+        res = self.finish_columns(request, recv, part, BN)
+        if segments:
+            res["segments"] = self._segments(request, seg_part)
+        return res
+
+    def finish_columns(self, request, recv, part, block: int) -> dict[str, torch.Tensor]:
+        """Pass 2's sums -> statistics (both pass-2 kernels): received = recv [B, Hq, Nk] / the queries
+        that see each key (NaN where none does); pooled = part [B, Hq, query cells, key blocks of `block`
+        keys] summed into pooled cells and divided by each cell's size."""
         res = {}
         if request.received:
             seen = self._seen_by()
             res["received"] = torch.where(seen > 0, recv / seen.clamp_min(1), float("nan"))
+        pool = request.pooled_block
         if pool:
-            n_kc = triton.cdiv(Nk, pool)
-            per = pool // BN
-            part = torch.nn.functional.pad(part, (0, n_kc * per - n_kb)).view(B, Hq, n_qc, n_kc, per).sum(-1)
-            qsize = torch.clamp(Nq - torch.arange(n_qc, device=self.device) * pool, max=pool).float()
-            ksize = torch.clamp(Nk - torch.arange(n_kc, device=self.device) * pool, max=pool).float()
+            B, Hq, n_qc, n_blocks = part.shape
+            n_kc = triton.cdiv(self.Nk, pool)
+            per = pool // block
+            part = torch.nn.functional.pad(part, (0, n_kc * per - n_blocks)).view(B, Hq, n_qc, n_kc, per).sum(-1)
+            qsize = torch.clamp(self.Nq - torch.arange(n_qc, device=self.device) * pool, max=pool).float()
+            ksize = torch.clamp(self.Nk - torch.arange(n_kc, device=self.device) * pool, max=pool).float()
             res["pooled"] = part / (qsize[:, None] * ksize[None, :])
-        if segments:
-            res["segments"] = self._segments(request, seg_part)
         return res
 
     def _zero_dead_rows(self, request, out, lse2, stats) -> None:
