@@ -63,6 +63,16 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
+def cue_ids(full: list[int], head: list[int]) -> list[int]:
+    """The answer cue's tokens: what tokenising text + cue (`full`) has beyond the common prefix with the text
+    alone (`head`). Where the tokenizer merges the text's last token with the cue's first (Qwen2.5's BPE
+    joins "?" and "\n"), that token moves into the cue, so the context never ends on a token the prompt lacks."""
+    same = next((i for i, (a, b) in enumerate(zip(full, head)) if a != b), min(len(full), len(head)))
+    if same == len(full):
+        raise AttnlabError("the answer cue adds no token to the prompt: use a cue that tokenises to something")
+    return list(full[same:])
+
+
 def _context_length(tokenizer, ids: list[int], cue_ids: list[int]) -> int:
     """Where the answer cue starts: ids end with cue_ids (an AttnlabError if they do not)."""
     n = len(cue_ids)
@@ -87,9 +97,7 @@ def niah_samples(probe, lengths: Sequence[int] = (512, 1024, 2048), depths: Sequ
                 q_full = tok(niah.TEMPLATE.format(question=needle.question), add_special_tokens=False).input_ids
                 q_head = tok(niah.TEMPLATE.format(question=needle.question)[:-len(ANSWER_CUE)],
                              add_special_tokens=False).input_ids
-                if q_full[:len(q_head)] != q_head:
-                    raise AttnlabError("niah: the question template's answer cue does not tokenise on its own")
-                n_context = _context_length(tok, p.input_ids, q_full[len(q_head):] + after)
+                n_context = _context_length(tok, p.input_ids, cue_ids(q_full, q_head) + after)
                 out.append(Sample(p.input_ids, n_context, "niah", answer=needle.answer,
                                   meta={"task": "niah", "length": int(length), "depth": float(depth),
                                         "needle": niah.NEEDLES.index(needle), "chat": chat}))
@@ -111,11 +119,10 @@ def qa_samples(probe, task: str = "openbookqa", n: int = 40, shots: int = 5, spl
         text = t.prompt(ex, shots=shots)
         if not text.endswith(ANSWER_CUE):
             raise AttnlabError(f"{task}: the prompt does not end with '{ANSWER_CUE.strip()}'")
-        ids = probe.tokenize(text).input_ids[0].tolist()
-        head = probe.tokenize(text[:-len(ANSWER_CUE)]).input_ids[0].tolist()
-        if ids[:len(head)] != head:
-            raise AttnlabError(f"{task}: the answer cue does not tokenise on its own")
-        out.append(Sample(ids, len(head), "choice", label=ex.label, label_ids=labels,
+        bos = tok.bos_token_id is not None  # Qwen2.5 has none
+        ids = probe.tokenize(text, prepend_bos=bos).input_ids[0].tolist()
+        head = probe.tokenize(text[:-len(ANSWER_CUE)], prepend_bos=bos).input_ids[0].tolist()
+        out.append(Sample(ids, len(ids) - len(cue_ids(ids, head)), "choice", label=ex.label, label_ids=labels,
                           meta={"task": task, "example": ex.id, "shots": shots, "length": len(ids)}))
     return out
 

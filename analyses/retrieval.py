@@ -224,8 +224,11 @@ def induction_heads(
     special = set(probe.tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(min(len(probe.tokenizer), 32000)) if i not in special])
     block = vocab[torch.randint(len(vocab), (seq_len,), generator=g)]
-    ids = torch.cat([torch.tensor([probe.tokenizer.bos_token_id]), block.repeat(repeats)])
-    queries = torch.arange(1 + seq_len, len(ids))
+    # A model without a BOS token (Qwen2.5) starts with the first block: its first token takes the sink's role.
+    bos = probe.tokenizer.bos_token_id
+    start = [] if bos is None else [bos]
+    ids = torch.cat([torch.tensor(start, dtype=block.dtype), block.repeat(repeats)])
+    queries = torch.arange(len(start) + seq_len, len(ids))
     if max_queries is not None and len(queries) > max_queries:
         queries = queries[torch.randperm(len(queries), generator=g)[:max_queries]].sort().values
     cap = probe.capture(ids[None], stats=[f"rows({','.join(map(str, queries.tolist()))})"], prepend_bos=False,
@@ -234,7 +237,7 @@ def induction_heads(
     echo = torch.zeros(rows.shape[:2], dtype=torch.float64)
     induction = torch.zeros_like(echo)
     for p, i in enumerate(queries.tolist()):
-        copies = torch.arange(i - seq_len, 0, -seq_len)  # earlier copies of the current token
+        copies = torch.arange(i - seq_len, len(start) - 1, -seq_len)  # earlier copies of the current token
         echo += rows[:, :, p, copies].sum(-1).double()
         induction += rows[:, :, p, copies + 1].sum(-1).double()
     echo /= len(queries)

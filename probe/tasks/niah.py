@@ -104,7 +104,7 @@ def build(tokenizer, needle: Needle, length: int, depth: float, *, prepend_bos: 
         raise AttnlabError(f"depth {depth} must be a percentage between 0 and 100")
     needle_ids = tokenizer(" " + needle.sentence, add_special_tokens=False).input_ids
     question_ids = tokenizer(TEMPLATE.format(question=needle.question), add_special_tokens=False).input_ids
-    bos = [tokenizer.bos_token_id] if prepend_bos else []
+    bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []  # none: Qwen2.5
     if chat:
         frame = chat_frame(tokenizer)
         if frame is None:

@@ -106,3 +106,42 @@ def test_bootstrap_interval_and_budget_rule():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(AttnlabError, match="budget"):
             kva.budget_tokens(bad, 100)
+
+
+def test_cue_ids_takes_a_merged_token_into_the_cue():
+    assert kva.cue_ids([5, 6, 7, 8], [5, 6]) == [7, 8]  # the cue tokenises on its own
+    assert kva.cue_ids([5, 6, 9, 8], [5, 6, 7]) == [9, 8]  # "7" + cue merged into "9": it joins the cue
+    with pytest.raises(AttnlabError, match="adds no token"):
+        kva.cue_ids([5, 6], [5, 6])
+
+
+@pytest.fixture
+def no_bos(probe):
+    """The probe with a tokenizer that has no BOS token (Qwen2.5's), restored afterwards."""
+    tok = probe.tokenizer
+    saved = tok.bos_token
+    tok.bos_token = None
+    assert tok.bos_token_id is None
+    try:
+        yield probe
+    finally:
+        tok.bos_token = saved
+
+
+def test_samples_of_a_model_without_bos(no_bos):
+    """Qwen2.5 has no BOS token: the prompts start with the text (no None id), the cue split still holds."""
+    probe, tok = no_bos, no_bos.tokenizer
+    samples = kva.niah_samples(probe, lengths=(256,), depths=(50,), needles=1)
+    samples += kva.qa_samples(probe, "openbookqa", n=2, shots=1)
+    for s in samples:
+        assert all(isinstance(i, int) for i in s.ids)
+        assert tok.decode(s.ids[s.n_context:]).strip().startswith("Answer:")  # the cue (then a chat frame)
+    niah = samples[0]
+    assert niah.ids[0] == tok(tok.decode(niah.ids[:8]), add_special_tokens=False).input_ids[0]  # no BOS in front
+
+
+def test_induction_probe_of_a_model_without_bos(no_bos):
+    from attnlab.analyses.retrieval import induction_heads
+
+    heads = induction_heads(no_bos, seq_len=16, repeats=3).tables["heads"]
+    assert heads["induction"].between(0, 1).all() and heads["induction"].max() > 0.2  # SmolLM2 has induction heads
