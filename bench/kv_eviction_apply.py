@@ -8,6 +8,10 @@ in bf16, haystacks up to 32k tokens, the Triton kernels masking the evicted keys
 
     python bench/kv_eviction_apply.py      # writes $OUT or bench/results/kv_eviction_apply_*.json/.html
 
+(~5.5 min on an H100: 9 haystacks x 25 runs, ~55 s per 32k haystack, and 60 OpenBookQA questions;
+docs/kv_eviction_apply.md shows it, run as --lengths 4096,16384 then --lengths 32768 --qa-n 0 to fit
+the device's 10-minute calls.)
+
 On the CPU (SmolLM2-135M, haystacks up to 2k, a few samples; what docs/kv_eviction_apply.md shows):
 
     python bench/kv_eviction_apply.py --small
@@ -30,7 +34,7 @@ from attnlab.analyses import kv_eviction_apply as kva
 from attnlab.probe import load
 
 FULL = dict(model="qwen2.5-coder-0.5b", device="cuda", dtype="bfloat16", lengths="4096,16384,32768",
-            depths="10,50,90", needles=3, budgets="0.02,0.05,0.1,0.2,0.4", qa_n=200, shots=10, max_new_tokens=24,
+            depths="10,50,90", needles=1, budgets="0.02,0.05,0.1,0.2", qa_n=60, shots=5, max_new_tokens=24,
             induction_seq_len=512, batch_size=32)
 SMALL = dict(model="smollm2-135m", device="cpu", dtype="float32", lengths="512,1024,2048", depths="25,75",
              needles=1, budgets="0.1,0.25,0.5", qa_n=12, shots=5, max_new_tokens=24, induction_seq_len=128,
