@@ -9,7 +9,7 @@ activation frequency the share of successful tests in which it scored; retrieval
 Only the decode steps' top keys are captured (`top_key` on one query row), never a pattern; the
 prompt prefill runs on the fast path.
 
-Echo / induction: on BOS + n random tokens repeated r times, for queries in repeats 2..r,
+Echo / induction: on BOS (where the tokenizer has one) + n random tokens repeated r times, for queries in repeats 2..r,
 echo mass = attention to earlier copies of the current token, induction mass = attention to the
 token after an earlier copy. Keep the top 14% of heads by induction plus the top 1% by echo; for
 GQA models the unit is the KV group, scored by the max over its query heads.
@@ -258,7 +258,8 @@ def induction_heads(
     groups["selected"] = [tuple(r) in chosen for r in groups[unit].values]
     top = heads.nlargest(3, "induction")
     summary = (f"{len(chosen)} {'KV groups' if unit[1] == 'kv_head' else 'heads'} kept (top {induction_share:.0%} "
-               f"by induction + top {echo_share:.0%} by echo) on BOS + {seq_len} random tokens x {repeats}. "
+               f"by induction + top {echo_share:.0%} by echo) on {'BOS + ' if start else ''}{seq_len} random tokens "
+               f"x {repeats}. "
                "Strongest induction heads: " + ", ".join(f"{r.layer}.{r.head} ({r.induction:.2f})" for r in top.itertuples()))
     res = Result("induction", tables={"heads": heads, "groups": groups},
                  tensors={"induction": induction.float(), "echo": echo.float()},
