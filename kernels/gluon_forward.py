@@ -89,7 +89,7 @@ if importable():
                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                  SINK: gl.constexpr):
         """One tile's scores s [BLOCK_M, BLOCK_N] (raw q.k) -> p (fp32) and the updated running row state.
-        mask_pos: the largest query position of this warpgroup (the causal mask is needed past it)."""
+        mask_pos: the smallest query position of this warpgroup (a tile with a key past it needs the causal mask)."""
         cols = n0 + offs_n
         s = s * c2
         if CAUSAL:
@@ -139,7 +139,7 @@ if importable():
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_mma))
         pos = offs_m + q_off
-        mask_pos = m0 + BLOCK_M - 1 + q_off
+        mask_pos = m0 + q_off
         sink_hi = first + sink_k
 
         acc0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_mma)
@@ -201,7 +201,8 @@ if importable():
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
         scale_o = gl.convert_layout(gl.where(real, inv_l, 0.0), row_o)
         o = (o * scale_o[:, None]).to(Out.dtype.element_ty)
-        dst = Out + ((b * Hq + h) * Nq + offs_mo)[:, None] * HEAD_DIM + offs_d[None, :]
+        # int64: B * Hq * Nq * D passes 2^31 at 128k keys, 32 heads, batch 4
+        dst = Out + ((b * Hq + h) * Nq + offs_mo).to(gl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
         gl.store(dst, o, mask=(offs_mo < Nq)[:, None])
 
     @gluon.jit
