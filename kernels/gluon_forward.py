@@ -268,9 +268,11 @@ if importable():
 # Tiles by head dim: (BLOCK_M queries per consumer warpgroup, BLOCK_N keys per tile, STAGES of the K and V
 # rings, maxnreg of the launch, registers of each consumer warpgroup after setmaxnreg). FlashAttention-3's
 # d 128 forward: 128 queries per CTA (two warpgroups of 64), 128-key tiles, two stages (shared memory: Q 32 KB
-# + K and V 2 x 2 x 32 KB). 9 warps x maxnreg must fit the 64K registers; the producer gives its registers
-# back (24) and the consumers take 240. Not yet timed on a GPU.
-FORWARD_CONFIG = {128: (64, 128, 2, 224, 240), 64: (64, 128, 2, 224, 240)}
+# + K and V 2 x 2 x 32 KB). The launch has 12 warps (the producer's warp is padded to a warpgroup, which
+# setmaxnreg works on), so maxnreg x 384 threads must fit the 64K registers: 168. Then the producer gives its
+# registers back (24) and the consumers take 240 each (24 + 240 + 240 = 504 <= 512 per thread of a warpgroup).
+# Not yet timed on a GPU.
+FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
 STATS = ("entropy", "top_key", "top_prob", "sink_mass")
 

@@ -112,7 +112,7 @@ for combo in json.loads(sys.argv[1]):
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
     path = sys.argv[2] + f"/combo{len(out)}.ptx"
     open(path, "w").write(kern.asm["ptx"])
-    out[json.dumps(combo)] = dict(ptx=path, block_n=bn)
+    out[json.dumps(combo)] = dict(ptx=path, block_n=bn, regs=regs)
 print(json.dumps(out))
 """
 
@@ -133,6 +133,13 @@ def test_forward_compiles_for_sm90_with_overlapped_wgmma_and_no_spills(tmp_path)
         ptx = Path(made["ptx"]).read_text()
         for instruction in ("cp.async.bulk.tensor", "wgmma.mma_async", "wgmma.wait_group", "setmaxnreg.inc"):
             assert instruction in ptx, (combo, instruction)
+        # the launch fits the register file (65536 per SM): threads x maxnreg, else it fails to launch
+        threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
+        assert threads * int(re.search(r"\.maxnreg (\d+)", ptx).group(1)) <= 65536, combo
+        # and so do the partitions' budgets after setmaxnreg: two consumer warpgroups and the producer's
+        incs = {int(n) for n in re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+);", ptx)}
+        decs = {int(n) for n in re.findall(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+);", ptx)}
+        assert made["regs"] in incs and 24 in decs and 2 * made["regs"] + 24 <= 65536 // 128, (combo, incs, decs)
         cubin = tmp_path / "k.cubin"
         info = subprocess.run([str(bin_dir / "ptxas"), "-arch=sm_90a", "-v", made["ptx"], "-o", str(cubin)],
                               capture_output=True, text=True, timeout=300)
