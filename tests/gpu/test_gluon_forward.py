@@ -22,25 +22,26 @@ HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] ==
           and importlib.util.find_spec("triton") is not None)
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90): the Gluon forward runs there")
 
-CASES = [  # (batch, q heads, kv heads, queries, keys, head dim, causal, left pad of the last text)
-    (1, 8, 8, 1001, 1001, 128, True, 0),  # GQA 1, odd length
-    (1, 12, 3, 1001, 1001, 128, True, 0),  # GQA 4
-    (1, 14, 2, 777, 777, 128, True, 0),  # GQA 7
-    (1, 16, 2, 777, 777, 128, False, 0),  # bidirectional
-    (2, 8, 2, 640, 640, 128, True, 37),  # left padding
-    (2, 7, 1, 513, 513, 128, False, 200),  # bidirectional, padding past a key tile, GQA 7
-    (1, 8, 2, 300, 1300, 128, True, 0),  # queries after a prefix of keys
-    (1, 8, 2, 1001, 1001, 64, True, 0),
-    (2, 8, 2, 640, 640, 64, False, 37),
-    (1, 32, 8, 8192, 8192, 128, True, 0),
+BF16, FP16 = torch.bfloat16, torch.float16
+CASES = [  # (batch, q heads, kv heads, queries, keys, head dim, causal, left pad of the last text, dtype)
+    (1, 8, 8, 1001, 1001, 128, True, 0, BF16),  # GQA 1, odd length
+    (1, 12, 3, 1001, 1001, 128, True, 0, BF16),  # GQA 4
+    (1, 14, 2, 777, 777, 128, True, 0, BF16),  # GQA 7
+    (1, 16, 2, 777, 777, 128, False, 0, BF16),  # bidirectional
+    (2, 8, 2, 640, 640, 128, True, 37, BF16),  # left padding
+    (2, 7, 1, 513, 513, 128, False, 200, BF16),  # bidirectional, padding past a key tile, GQA 7
+    (1, 8, 2, 300, 1300, 128, True, 0, BF16),  # queries after a prefix of keys
+    (1, 8, 2, 1001, 1001, 64, True, 0, BF16),
+    (2, 8, 4, 515, 515, 128, True, 21, FP16),  # fp16, padding
+    (2, 8, 2, 640, 640, 64, False, 37, BF16),
+    (1, 32, 8, 8192, 8192, 128, True, 0, BF16),
 ]
 
 
-def _inputs(b, hq, hkv, nq, nk, d, pad):
+def _inputs(b, hq, hkv, nq, nk, d, pad, dtype=BF16):
     g = torch.Generator(device="cuda").manual_seed(nq + hq + d)
-    q = torch.randn(b, hq, nq, d, generator=g, device="cuda").bfloat16()
-    k = torch.randn(b, hkv, nk, d, generator=g, device="cuda").bfloat16()
-    v = torch.randn(b, hkv, nk, d, generator=g, device="cuda").bfloat16()
+    q, k, v = (torch.randn(b, h, n, d, generator=g, device="cuda").to(dtype)
+               for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
     k[:, :, :1] *= 4.0  # a planted sink
     key_mask = None
     if pad:
@@ -55,12 +56,12 @@ def _rel(got, want):
 
 
 @needs_hopper
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad", CASES)
-def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad):
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES)
+def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype):
     from attnlab.kernels import triton_stats as ts
 
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
-    q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad)
+    q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
     req = StatRequest(sink_k=4, entropy=True, top_key=True, received=True)  # received: pass 2 on its lse2
     kernels.last_kernels()
     out, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=causal)
@@ -86,13 +87,13 @@ def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, 
 
 
 @needs_hopper
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad", CASES[:7:2])
-def test_gluon_forward_agrees_with_the_triton_forward_without_statistics(b, hq, hkv, nq, nk, d, causal, pad):
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES[:7:2] + [c for c in CASES if c[-1] is FP16])
+def test_gluon_forward_agrees_with_the_triton_forward_without_statistics(b, hq, hkv, nq, nk, d, causal, pad, dtype):
     """No statistic asked (the cuDNN route is bypassed: the kernels are called directly): out and lse2."""
     from attnlab.kernels import gluon_forward
     from attnlab.kernels import triton_stats as ts
 
-    q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad)
+    q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
     call = ts._Call(q, k, v, None, key_mask, None, None, causal)
     req = StatRequest()
     assert gluon_forward.unsupported(call, req) is None

@@ -99,11 +99,12 @@ out = {}
 for combo in json.loads(sys.argv[1]):
     d, causal, ent, top, sink = combo["d"], combo["causal"], combo["ent"], combo["top"], combo["sink"]
     bm, bn, stages, maxnreg, regs = gf.FORWARD_CONFIG[d]
-    q = torch.empty(1, 8, 1024, d, dtype=torch.bfloat16)
-    k = torch.empty(1, 2, 1024, d, dtype=torch.bfloat16)
+    dtype = getattr(torch, combo.get("dtype", "bfloat16"))
+    q = torch.empty(1, 8, 1024, d, dtype=dtype)
+    k = torch.empty(1, 2, 1024, d, dtype=dtype)
     f, i32, i64 = torch.empty(4), torch.empty(1, dtype=torch.int32), torch.empty(4, dtype=torch.int64)
     args = dict(desc_q=gf._descriptor(q, bm, d), desc_k=gf._descriptor(k, bn, d), desc_v=gf._descriptor(k, bn, d),
-                Out=torch.empty(4, dtype=torch.bfloat16), Lse2=f, First=i32, Ent=f, Top=i64, TopP=f, Sink=f,
+                Out=torch.empty(4, dtype=dtype), Lse2=f, First=i32, Ent=f, Top=i64, TopP=f, Sink=f,
                 Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, sink_k=4, n_mblocks=8)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, STAGES=stages, CAUSAL=causal, ENT=ent, TOP=top, SINK=sink,
                   CONSUMER_REGS=regs, num_warps=4)
@@ -118,7 +119,7 @@ print(json.dumps(out))
 
 COMBOS = [dict(d=128, causal=True, ent=True, top=True, sink=True),
           dict(d=128, causal=False, ent=False, top=False, sink=False),
-          dict(d=128, causal=True, ent=False, top=True, sink=False),
+          dict(d=128, causal=True, ent=False, top=True, sink=False, dtype="float16"),
           dict(d=64, causal=True, ent=True, top=True, sink=True)]
 
 
