@@ -1,5 +1,5 @@
-"""The Gluon Hopper kernels (kernels/gluon_hopper.py, issue 20) in one call on an H100: correctness,
-then times side by side.
+"""The Gluon Hopper kernels (kernels/gluon_hopper.py: pass 2; kernels/gluon_forward.py: the forward, issue 20)
+in one call on an H100: correctness, then times side by side.
 
 1. Correctness: pass 2 (received + pooled) through the Gluon kernel against the Triton kernel and an
    fp64 twin on the same bf16 inputs, over odd lengths, GQA ratios 1/3/4/7/8, head dims 64/128,
@@ -9,7 +9,13 @@ then times side by side.
    128k for d 128 and d 64: SDPA's default forward (cuDNN on an H100), pass 2 (received + pooled(128))
    in Triton and in Gluon from the same log-sum-exp, as ratios to SDPA's default.
 
+3. The forward (section `forward`): the Gluon forward against the Triton forward and an fp64 twin on the
+   same inputs (odd lengths, GQA 1/4/7, padding, causal and bidirectional), then times at 32k and 128k, d 128
+   (batch 1, 32 query / 8 KV heads, bf16, causal): SDPA's default forward, the Triton forward and the Gluon
+   forward, each plain and with the per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA.
+
     PYTHONPATH=<folder holding attnlab> python bench/gluon_hopper.py [--sizes 32768,131072] [--dims 128,64]
+        [--sections columns,forward] [--forward-dims 128]
 
 Writes JSON to $OUT (when set) or bench/results/gluon_hopper.json.
 """
@@ -26,8 +32,10 @@ import torch.nn.functional as F
 import triton
 
 from attnlab.kernels import StatRequest, reference
+from attnlab.kernels import gluon_forward as gf
 from attnlab.kernels import gluon_hopper as gh
 from attnlab.kernels import triton_stats as ts
+from attnlab.kernels.request import OUTPUTS
 
 # Gluon pass-2 tiles timed beside the default (gluon_hopper.COLUMNS_CONFIG's tuple; the RESULTS.md table has
 # the variants measured while choosing it, including the single-partition kernel it replaced)
@@ -137,11 +145,108 @@ def timings(n, d, log):
     return res
 
 
+# ----------------------------------------------------------------------------- the forward
+
+FORWARD_STATS = StatRequest(sink_k=4, entropy=True, top_key=True)
+
+
+def _forward_outputs(call, request, gluon):
+    """(out, lse2, stats) of one forward through the Gluon or the Triton kernel (called directly: no cuDNN)."""
+    f32 = dict(dtype=torch.float32, device=call.device)
+    out = torch.empty(call.B, call.Hq, call.Nq, call.D, dtype=call.q.dtype, device=call.device)
+    lse2 = torch.empty(call.B, call.Hq, call.Nq, **f32)
+    stats = {name: torch.empty(request.output_shape(name, call.B, call.Hq, call.Nq, call.Nk),
+                               dtype=OUTPUTS[name].dtype, device=call.device)
+             for name in request.outputs("forward")}
+    if gluon:
+        gf.forward(call, request, out, lse2, stats)
+    else:
+        call._launch_fwd(request, out, lse2, stats)
+    return out, lse2, stats
+
+
+def forward_correctness(log):
+    cases = [dict(b=1, hq=8, hkv=8, n=1001, d=128, causal=True, pad=0), dict(b=1, hq=12, hkv=3, n=1001, d=128,
+             causal=True, pad=0), dict(b=1, hq=14, hkv=2, n=777, d=128, causal=False, pad=0),
+             dict(b=2, hq=8, hkv=2, n=640, d=128, causal=True, pad=37), dict(b=1, hq=8, hkv=2, n=4096, d=128,
+             causal=True, pad=0), dict(b=2, hq=8, hkv=2, n=640, d=64, causal=False, pad=37)]
+    rows = []
+    for c in cases:
+        q, k, v = inputs(c["b"], c["hq"], c["hkv"], c["n"], c["n"], c["d"])
+        key_mask = None
+        if c["pad"]:
+            key_mask = torch.ones(c["b"], c["n"], dtype=torch.bool, device="cuda")
+            key_mask[1, : c["pad"]] = False
+        call = ts._Call(q, k, v, None, key_mask, None, None, c["causal"])
+        row = dict(c, unsupported=gf.unsupported(call, FORWARD_STATS))
+        ref_out, ref = reference.attention_stats(q.double(), k.double(), v.double(), request=FORWARD_STATS,
+                                                 key_mask=key_mask, causal=c["causal"], chunk_size=1024)
+        real = ~torch.isnan(ref["entropy"])
+        for label, gluon in (("gluon", True), ("triton", False)):
+            if gluon and row["unsupported"]:
+                continue
+            out, lse2, st = _forward_outputs(call, FORWARD_STATS, gluon)
+            torch.cuda.synchronize()
+            row[f"{label}_out_vs_fp64"] = rel_err(out[real].float(), ref_out[real].float())
+            for name in ("sink_mass", "entropy", "top_prob"):
+                row[f"{label}_{name}_vs_fp64"] = rel_err(st[name], ref[name].float())
+            row[f"{label}_top_key_agree"] = float((st["top_key"] == ref["top_key"]).double().mean())
+            if gluon:
+                lse_g = lse2
+            elif not row["unsupported"]:
+                fin = torch.isfinite(lse2)
+                row["lse2_gluon_vs_triton"] = float((lse_g[fin] - lse2[fin]).abs().max()) if bool(
+                    torch.equal(torch.isinf(lse_g), torch.isinf(lse2))) else float("inf")
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def forward_timings(n, d, log):
+    hq, hkv = 32, 8
+    q, k, v = inputs(1, hq, hkv, n, n, d)
+    kr, vr = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, v))
+    flops = 4 * hq * d * n * n / 2  # causal forward: two products over half the tiles
+    sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), n * n / 6e7)
+    del kr, vr
+    call = ts._Call(q, k, v, None, None, None, None, True)
+    res = {"n": n, "d": d, "sdpa_default_ms": sdpa, "sdpa_tflops": flops / (sdpa * 1e-3) / 1e12,
+           "gluon_unsupported": gf.unsupported(call, FORWARD_STATS)}
+    ref = {}
+    for name, gluon, request in (("triton_fwd", False, StatRequest()), ("gluon_fwd", True, StatRequest()),
+                                 ("triton_fwd_stats", False, FORWARD_STATS), ("gluon_fwd_stats", True, FORWARD_STATS)):
+        if gluon and res["gluon_unsupported"]:
+            continue
+        got = _forward_outputs(call, request, gluon)
+        key = bool(request.outputs())
+        if key not in ref:
+            ref[key] = got
+        else:  # the Gluon forward against the Triton one on the same inputs
+            res[f"{name}_out_vs_triton"] = rel_err(got[0].float(), ref[key][0].float())
+            fin = torch.isfinite(ref[key][1])
+            res[f"{name}_lse2_vs_triton"] = float((got[1][fin] - ref[key][1][fin]).abs().max())
+            for s in ("sink_mass", "entropy", "top_prob"):
+                if s in got[2]:
+                    res[f"{name}_{s}_vs_triton"] = rel_err(got[2][s], ref[key][2][s])
+            if "top_key" in got[2]:
+                res[f"{name}_top_key_agree"] = float((got[2]["top_key"] == ref[key][2]["top_key"]).double().mean())
+        del got
+        ms = bench_ms(lambda: _forward_outputs(call, request, gluon), sdpa)
+        res[f"{name}_ms"] = ms
+        res[f"{name}_x_sdpa"] = ms / sdpa
+        res[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
+        print(f"  {n} d{d} {name}: {ms:.2f} ms ({ms / sdpa:.2f}x)", flush=True)
+    log(json.dumps(res))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sections", default="columns,forward", help="columns (pass 2), forward, or both")
+    ap.add_argument("--forward-dims", default="128")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,11 +255,19 @@ def main():
         print(msg, flush=True)
 
     result = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
-    if not args.skip_check:
-        result["correctness"] = correctness(log)
-    result["timings"] = [timings(n, d, log) for d in map(int, args.dims.split(",")) for n in map(int, args.sizes.split(","))]
+    sections = args.sections.split(",")
+    sizes = list(map(int, args.sizes.split(",")))
+    if "forward" in sections:  # first: a short run tells whether the new kernel works at all
+        if not args.skip_check:
+            result["forward_correctness"] = forward_correctness(log)
+        result["forward_timings"] = [forward_timings(n, d, log) for d in map(int, args.forward_dims.split(","))
+                                     for n in sizes]
+    if "columns" in sections:
+        if not args.skip_check:
+            result["correctness"] = correctness(log)
+        result["timings"] = [timings(n, d, log) for d in map(int, args.dims.split(",")) for n in sizes]
     print(f"\n{'n':>7} {'d':>4} {'kernel':>24} {'ms':>9} {'x sdpa':>7}")
-    for r in result["timings"]:
+    for r in result.get("forward_timings", []) + result.get("timings", []):
         print(f"{r['n']:>7} {r['d']:>4} {'sdpa_default':>24} {r['sdpa_default_ms']:>9.2f} {1:>6.2f}x")
         for key in r:
             if key.endswith("_x_sdpa"):

@@ -38,6 +38,8 @@ without any exponential the kernel still takes 0.65x (products, the query stream
 bookkeeping), so a polynomial exp2 on the FMA units (FlashAttention-4) would not help; the query
 stream from L2 is the next suspect (a 64-key block per CTA is 1.33x slower than 128 keys).
 
+The forward (pass 1) in the same style is `gluon_forward.py`.
+
 What it covers (`unsupported` says why not, and the Triton kernel runs instead, recorded in
 `_Call.kernels`): bf16/fp16, head dim 128, causal and bidirectional attention, left padding, any GQA
 ratio, `received` and `pooled` (blocks that are multiples of 64). Softcap, windows, key biases,

@@ -55,6 +55,10 @@ these two passes' 44 ms: the per-tile column sums need a reduction across warps)
 ahead of the softmax by hand, and pass 2's sums chained inside the one-hot products (all slower;
 branch experiment/pipelined-qk, bench/RESULTS.md).
 
+On Hopper, pass 1 can run as a warp-specialised Gluon kernel (`gluon_forward.py`: FlashAttention-3's
+structure, with entropy, top_key and sink_mass) behind the switch `GLUON_FORWARD`, off until it is measured
+on an H100; the record then says "gluon-hopper", or "triton (why not)".
+
 All scores live in log2 units (s * log2 e) so the kernels use exp2. Not supported here, and so
 computed by the torch twin instead (never a wrong number): fp32 inputs, head dims other than
 64/128/256, `pattern`, `pooled` blocks that are not a multiple of 16, more than 64 segments, a
@@ -73,7 +77,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from attnlab.kernels import dispatch, gluon_hopper, reference
+from attnlab.kernels import dispatch, gluon_forward, gluon_hopper, reference
 from attnlab.kernels.triton_kernels import _col_kernel, _fwd_kernel
 from attnlab.kernels.edits import MIN_LOG, KernelEdit
 from attnlab.kernels.request import OUTPUTS, StatRequest
@@ -106,6 +110,10 @@ EXACT_SUMS = False
 # Pass 2 on Hopper through the Gluon kernel (gluon_hopper.py) where it covers the call (False: always
 # the Triton kernel; benchmarks time both).
 GLUON = True
+# Pass 1 on Hopper through the Gluon forward (gluon_forward.py) where it covers the call. Off: it is written
+# and compiled for sm_90 but not yet run on a GPU; on once an H100 shows it is correct (tests/gpu) and beats the
+# Triton forward (bench/gluon_hopper.py's forward section).
+GLUON_FORWARD = False
 # Use cuDNN's output and log-sum-exp when a call asks only for pass 2's statistics (set False to time
 # our forward instead).
 CUDNN = True
@@ -366,8 +374,7 @@ class _Call:
         if not stats and self._cudnn_output(out, lse2):
             self.output_from = "cudnn"  # only pass 2's statistics: cuDNN's output and log-sum-exp
         else:  # per-query statistics ride along with our forward at ~15% extra: cheaper than a cuDNN call + more
-            self._launch_fwd(request, out, lse2, stats)
-            self.output_from = "triton"
+            self._forward_pass(request, out, lse2, stats)
         if self.edit is not None:
             self._zero_dead_rows(request, out, lse2, stats)
         if request.outputs("columns"):
@@ -381,6 +388,21 @@ class _Call:
         if self.keep_q is not None:
             reference.apply_key_keep(stats, self.keep_q)
         return out, {name: stats[name] for name in request.outputs()}
+
+    def _forward_pass(self, request, out, lse2, stats) -> None:
+        """Pass 1 into out, lse2 and stats: the Gluon forward on Hopper where it covers the call and
+        GLUON_FORWARD is on, else the Triton kernel (`self.output_from` says which, and with the switch on,
+        why not the Gluon one)."""
+        if GLUON_FORWARD:
+            why = gluon_forward.unsupported(self, request)
+            if why is None:
+                gluon_forward.forward(self, request, out, lse2, stats)
+                self.output_from = "gluon-hopper"
+                return
+            self.output_from = f"triton ({why})"
+        else:
+            self.output_from = "triton"
+        self._launch_fwd(request, out, lse2, stats)
 
     def _cudnn_output(self, out, lse2) -> bool:
         """cuDNN's fused attention (SDPA's default on Hopper) for the output and the log-sum-exp, when

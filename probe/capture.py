@@ -46,7 +46,7 @@ class Capture:
         (length H); kv_heads[i]: the KV head of query head heads[i] (length H, GQA).
     params: catalogue parameters of the statistics, e.g. {"sink_mass": 1, "pooled": 64}.
     backend: the backend that computed them; kernels: pass -> the kernels that computed it
-        ("forward": "triton" / "cudnn" / "twin (why)" / "eager ..."; "columns": "gluon-hopper" /
+        ("forward": "triton" / "gluon-hopper" / "cudnn" / "twin (why)" / "eager ..."; "columns": "gluon-hopper" /
         "triton (why not Gluon)" / ...); timings: seconds per phase.
 
     `cap["received"]` is a statistic (a KeyError that names the fix when it was not captured),

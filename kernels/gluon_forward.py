@@ -1,0 +1,330 @@
+"""The forward pass (pass 1) on Hopper in Gluon: FlashAttention-3's structure with per-query statistics.
+
+`_forward_ws_kernel` computes what `triton_kernels._fwd_kernel` computes for the calls it covers
+(`call_reason`): the output `out` [B, Hq, Nq, D] in the query dtype, the row log-sum-exp `lse2` in log2
+units (+inf on pad and absent rows) and, when asked, `sink_mass(k)`, `entropy` and `top_key` /
+`top_prob`, with the same definitions and NaN / -1 conventions (request.py, reference.py).
+
+Structure (Shah et al. 2024, FlashAttention-3; the Gluon pass 2 in gluon_hopper.py is its sibling):
+
+- one CTA owns 2 x BLOCK_M queries of one query head (one CTA per query head, as the Triton forward:
+  the G heads of a KV head are adjacent in the grid, so their K/V tiles come from L2; packing them into
+  one CTA's rows would need a [G * BLOCK_M] query tile per warpgroup and buys nothing the L2 does not);
+- a producer warp loads the two query tiles once, then streams the key and value tiles [BLOCK_N, D] by
+  TMA through rings of STAGES shared buffers, keys and values on separate barriers (`k_ready`,
+  `v_ready`), so S = Q K^T can start before the values arrive; both consumers release a buffer
+  (`k_empty` / `v_empty`, count 2) once their product on it has completed;
+- two consumer warpgroups each own BLOCK_M queries and read every key tile. Per tile j (from 1):
+  issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} (both asynchronous wgmma, P from registers), wait for
+  S_j only (`num_outstanding=1`: wgmma groups retire in order), run the online softmax of S_j while
+  the P V product runs, then wait for it and rescale O by the new alpha. So the exponentials of one
+  tile overlap the tensor cores' work on the previous one inside a warpgroup, and the two warpgroups
+  overlap each other (no CTA-wide barrier between them). Nothing is in flight at the loop's back edge
+  (the C7514 lesson of pass 2: an in-flight loop-carried accumulator makes ptxas serialise every
+  wgmma): S is waited in its iteration, and so is the P V product; the old P is passed to that wait
+  as a dependency, so the registers the product reads are not reused by the next P while it runs.
+- masks (keys before the row's text starts, past Nk, causal) are applied only on the tiles that need
+  them (a uniform branch per tile); a masked score is -1e30 as in the Triton kernel (0 * -1e30 stays
+  finite in the entropy sum).
+- per-query statistics ride on the online softmax, none costs an extra pass:
+  entropy: t = alpha (t + (m_old - m_new) l) + sum p (s - m_new), entropy = ln l - ln 2 * t / l;
+  top_key: the leftmost maximum of each tile (a max and a min-of-index reduction), kept where the
+  row maximum strictly grows (so the leftmost over the row), top_prob = 1 / l;
+  sink_mass(k): the mass on keys < first + k rescaled with l (`ms = alpha ms + sum p [key < first + k]`,
+  the sum only on tiles that start below first + k). The Triton kernel re-streams those tiles after its
+  loop with the final log-sum-exp; here the same sum is carried online, at one multiply per row per tile.
+
+What it covers (`unsupported` says why not, and the Triton forward runs): bf16/fp16, head dims of
+`FORWARD_CONFIG` (128, 64), causal and bidirectional attention, left padding, any GQA ratio, the
+statistics sink_mass, entropy (+ entropy_norm, derived after it), top_key. distance / local_mass,
+learned sinks, softcap, windows, key biases (ALiBi, key_keep), edits stay on the Triton kernel.
+
+Not yet run on a GPU: written and compiled for sm_90 on a CPU (tests/kernels/test_gluon_forward.py);
+tests/gpu/test_gluon_forward.py and bench/gluon_hopper.py's forward section are for the first device
+session. triton_stats.GLUON_FORWARD stays False until an H100 shows this kernel beats the Triton forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnlab.kernels.gluon_hopper import LOG2E, importable
+
+if importable():
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    @gluon.jit
+    def _fwd_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                      b, h, hk, m0, lo, T, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """One warp: the two query tiles once, then key and value tiles lo, lo + BLOCK_N, ... (T of them)."""
+        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [b, h, m0, 0], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(desc_q, [b, h, m0 + BLOCK_M, 0], q_bar, q_smem.index(1))
+        for j in range(T):
+            slot = j % STAGES
+            free = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes phase 1
+            n0 = lo + j * BLOCK_N
+            mbarrier.wait(k_empty.index(slot), free)
+            mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_k, [b, hk, n0, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), free)
+            mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_v, [b, hk, n0, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _issue_s(q_tile, k_smem, k_ready, acc0, j, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr):
+        """Wait for key tile j and start S = Q K^T on it (asynchronous; a fresh accumulator)."""
+        slot = j % STAGES
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        kt = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        return warpgroup_mma(q_tile, kt, acc0, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, mask_pos,
+                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
+                 SINK: gl.constexpr):
+        """One tile's scores s [BLOCK_M, BLOCK_N] (raw q.k) -> p (fp32) and the updated running row state.
+        mask_pos: the smallest query position of this warpgroup (a tile with a key past it needs the causal mask)."""
+        cols = n0 + offs_n
+        s = s * c2
+        if CAUSAL:
+            need = (n0 < first) | (n0 + BLOCK_N > Nk) | (n0 + BLOCK_N - 1 > mask_pos)
+        else:
+            need = (n0 < first) | (n0 + BLOCK_N > Nk)
+        if need:
+            vis = ((cols >= first) & (cols < Nk))[None, :]
+            if CAUSAL:
+                vis = vis & (cols[None, :] <= pos[:, None])
+            s = gl.where(vis, s, -1.0e30)
+        m_blk = gl.max(s, axis=1)
+        if TOP:  # the leftmost maximum of the tile, kept where the row maximum strictly grows
+            idx = gl.min(gl.where(s == m_blk[:, None], cols[None, :], 2147483647), axis=1)
+            top_i = gl.where(m_blk > m_i, idx, top_i)
+        m_new = gl.maximum(m_i, m_blk)
+        z = s - m_new[:, None]
+        p = gl.exp2(z)
+        alpha = gl.exp2(m_i - m_new)
+        if ENT:
+            t_i = alpha * (t_i + (m_i - m_new) * l_i) + gl.sum(p * z, axis=1)
+        if SINK:
+            if n0 < sink_hi:
+                ms_i = alpha * ms_i + gl.sum(gl.where((cols < sink_hi)[None, :], p, 0.0), axis=1)
+            else:
+                ms_i = alpha * ms_i
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l_i, t_i, top_i, ms_i
+
+    @gluon.jit
+    def _fwd_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                      Out, Lse2, Ent, Top, TopP, Sink, b, h, Hq, Nq, Nk, q_off, m0_cta, first, lo, T, c2, sink_k,
+                      WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
+                      SINK: gl.constexpr):
+        """One warpgroup: queries [m0_cta + WG * BLOCK_M, + BLOCK_M) against every streamed key tile."""
+        s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+        o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+        p_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_mma)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_mma)
+        dtype: gl.constexpr = q_smem.dtype
+
+        m0 = m0_cta + WG * BLOCK_M
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_mma))
+        pos = offs_m + q_off
+        mask_pos = m0 + q_off
+        sink_hi = first + sink_k
+
+        acc0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_mma)
+        m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        t_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        ms_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        top_i = gl.full([BLOCK_M], -1, gl.int32, layout=row_s)
+        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_mma)
+
+        mbarrier.wait(q_bar, 0)
+        q_tile = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
+
+        # tile 0: its scores, softmax and P (its P V product is issued with tile 1's scores)
+        s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, 0, STAGES, BLOCK_N, HEAD_DIM)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi,
+                                                        pos, offs_n, mask_pos, BLOCK_N, CAUSAL, ENT, TOP, SINK)
+        p_op = gl.convert_layout(p.to(dtype), p_dot)
+        for j in range(1, T):
+            s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, j, STAGES, BLOCK_N, HEAD_DIM)
+            vslot = (j - 1) % STAGES
+            mbarrier.wait(v_ready.index(vslot), ((j - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))  # S_j done; P_{j-1} V_{j-1} may run on
+            mbarrier.arrive(k_empty.index(j % STAGES), count=1)
+            p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, c2,
+                                                            first, Nk, sink_hi, pos, offs_n, mask_pos, BLOCK_N,
+                                                            CAUSAL, ENT, TOP, SINK)
+            p_new = p.to(dtype)
+            # the old P stays a dependency until its product completes (its registers are being read)
+            o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+            mbarrier.arrive(v_empty.index(vslot), count=1)
+            o = o * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p_new, p_dot)
+        vslot = (T - 1) % STAGES
+        mbarrier.wait(v_ready.index(vslot), ((T - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+        o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+        mbarrier.arrive(v_empty.index(vslot), count=1)
+
+        # epilogue: the Triton forward's conventions (pad rows: output 0, lse2 +inf, statistics NaN / -1)
+        row_ok = offs_m < Nq
+        real = row_ok & (pos >= first)
+        l_safe = gl.where(real, l_i, 1.0)
+        inv_l = 1.0 / l_safe
+        row = (b * Hq + h) * Nq + offs_m
+        gl.store(Lse2 + row, gl.where(real, m_i + gl.log2(l_safe), float("inf")), mask=row_ok)
+        nan = float("nan")
+        if ENT:
+            gl.store(Ent + row, gl.where(real, gl.log(l_safe) - 0.6931471805599453 * t_i * inv_l, nan), mask=row_ok)
+        if TOP:  # in the text's own positions
+            gl.store(Top + row, gl.where(real, top_i - first, -1).to(gl.int64), mask=row_ok)
+            gl.store(TopP + row, gl.where(real, inv_l, nan), mask=row_ok)
+        if SINK:
+            gl.store(Sink + row, gl.where(real, ms_i * inv_l, nan), mask=row_ok)
+        offs_mo = m0 + gl.arange(0, BLOCK_M, layout=row_o)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+        scale_o = gl.convert_layout(gl.where(real, inv_l, 0.0), row_o)
+        o = (o * scale_o[:, None]).to(Out.dtype.element_ty)
+        # int64: B * Hq * Nq * D passes 2^31 at 128k keys, 32 heads, batch 4
+        dst = Out + ((b * Hq + h) * Nq + offs_mo).to(gl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+        gl.store(dst, o, mask=(offs_mo < Nq)[:, None])
+
+    @gluon.jit
+    def _forward_ws_kernel(desc_q, desc_k, desc_v, Out, Lse2, First, Ent, Top, TopP, Sink,
+                           Hq, G, Nq, Nk, q_off, c2, sink_k, n_mblocks,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
+                           SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        bh = gl.program_id(0)
+        m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // G
+        first = gl.load(First + b)
+        # key tiles [lo, hi): from the text's first real key (tile-aligned), to the last query's position
+        lo = (first // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            hi = gl.minimum(Nk, q_off + m0 + 2 * BLOCK_M)
+        else:
+            hi = Nk + 0 * m0
+        T = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)  # a block of pad queries still runs one (masked) tile
+
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [2] + desc_q.block_type.shape, desc_q.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a buffer
+            mbarrier.init(v_empty.index(i), count=2)
+
+        # (kernel arguments equal to 1 arrive as constexprs: partitions take tensors)
+        Hq_t, Nq_t, Nk_t, q_off_t = gl.to_tensor(Hq), gl.to_tensor(Nq), gl.to_tensor(Nk), gl.to_tensor(q_off)
+        c2_t, sink_k_t = gl.to_tensor(c2), gl.to_tensor(sink_k)
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        gl.warp_specialize([
+            (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
+                             Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
+                             WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK)),
+            (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
+                             Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
+                             WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK)),
+            (_fwd_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                             v_empty, b, h, hk, m0, lo, T, STAGES, BLOCK_M, BLOCK_N)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_ready.index(i))
+            mbarrier.invalidate(v_ready.index(i))
+            mbarrier.invalidate(k_empty.index(i))
+            mbarrier.invalidate(v_empty.index(i))
+
+
+# ----------------------------------------------------------------------------- host side
+
+# Tiles by head dim: (BLOCK_M queries per consumer warpgroup, BLOCK_N keys per tile, STAGES of the K and V
+# rings, maxnreg of the launch, registers of each consumer warpgroup after setmaxnreg). FlashAttention-3's
+# d 128 forward: 128 queries per CTA (two warpgroups of 64), 128-key tiles, two stages (shared memory: Q 32 KB
+# + K and V 2 x 2 x 32 KB). The launch has 12 warps (the producer's warp is padded to a warpgroup, which
+# setmaxnreg works on), so maxnreg x 384 threads must fit the 64K registers: 168. Then the producer gives its
+# registers back (24) and the consumers take 240 each (24 + 240 + 240 = 504 <= 512 per thread of a warpgroup).
+# Not yet timed on a GPU.
+FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
+# The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
+STATS = ("entropy", "top_key", "top_prob", "sink_mass")
+
+
+def unsupported(call, request) -> str | None:
+    """Why the Gluon forward does not take this call (the Triton forward then does), or None."""
+    if not importable():
+        return "this triton has no Gluon Hopper language"
+    if not call.q.is_cuda or torch.cuda.get_device_capability(call.q.device)[0] != 9:
+        return "not a Hopper GPU (sm_90)"
+    return call_reason(call, request)
+
+
+def call_reason(call, request) -> str | None:
+    """What in the call itself (not the device) the Gluon forward does not cover, or None."""
+    if call.D not in FORWARD_CONFIG:
+        return f"head dim {call.D} (the Gluon forward has tiles for {sorted(FORWARD_CONFIG)})"
+    reasons = [what for what, present in (
+        ("a softcap", call.softcap is not None), ("a sliding window", call.window is not None),
+        ("a key bias", call.key_bias is not None), ("an edit", call.edit is not None),
+        ("learned sinks", call.sinks is not None)) if present]
+    if reasons:
+        return ", ".join(reasons) + " (on the Triton forward)"
+    others = [name for name in request.outputs("forward") if name not in STATS]
+    if others:
+        return ", ".join(others) + " (on the Triton forward)"
+    for t in (call.q, call.k, call.v):
+        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return "query/key/value strides or base not 16-byte aligned (TMA)"
+    return None
+
+
+def _descriptor(t: torch.Tensor, rows: int, d: int):
+    block = [1, 1, rows, d]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor.from_tensor(t, block, layout)
+
+
+def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+    """Pass 1 on Hopper: fills out [B, Hq, Nq, D] (contiguous, the query dtype), lse2 [B, Hq, Nq] (log2 units)
+    and the forward statistics of `stats` ([B, Hq, Nq] each, allocated by `triton_stats._Call.forward`),
+    as `triton_stats._Call._launch_fwd` does for the calls `call_reason` accepts."""
+    assert out.is_contiguous() and lse2.is_contiguous()
+    BM, BN, stages, maxnreg, consumer_regs = FORWARD_CONFIG[call.D]
+    n_mblocks = triton.cdiv(call.Nq, 2 * BM)
+    dummy = lse2
+    _forward_ws_kernel[(call.B * call.Hq, n_mblocks)](
+        _descriptor(call.q, BM, call.D), _descriptor(call.k, BN, call.D), _descriptor(call.v, BN, call.D),
+        out, lse2, call.first, stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
+        stats.get("sink_mass", dummy), call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E,
+        int(request.sink_k or 0), n_mblocks,
+        BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
+        TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
+        maxnreg=maxnreg,
+    )

@@ -1,0 +1,120 @@
+"""The Gluon forward (kernels/gluon_forward.py) on a Hopper GPU against the fp64 twin and the Triton forward.
+
+Written before the kernel ever ran on a device (the CPU checks its sm_90 compile: tests/kernels/
+test_gluon_forward.py): odd lengths, GQA 1 / 4 / 7, left padding, causal and bidirectional attention,
+queries shorter than the keys, head dims 128 and 64, each statistic it computes (sink_mass, entropy and
+entropy_norm, top_key / top_prob), the log-sum-exp through pass 2 (received), and the dispatch record.
+
+Skipped without a Hopper GPU; run in its own process: `.venv/bin/python -m pytest -q tests/gpu`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from attnlab import kernels
+from attnlab.kernels import StatRequest, reference
+
+HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+          and importlib.util.find_spec("triton") is not None)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90): the Gluon forward runs there")
+
+BF16, FP16 = torch.bfloat16, torch.float16
+CASES = [  # (batch, q heads, kv heads, queries, keys, head dim, causal, left pad of the last text, dtype)
+    (1, 8, 8, 1001, 1001, 128, True, 0, BF16),  # GQA 1, odd length
+    (1, 12, 3, 1001, 1001, 128, True, 0, BF16),  # GQA 4
+    (1, 14, 2, 777, 777, 128, True, 0, BF16),  # GQA 7
+    (1, 16, 2, 777, 777, 128, False, 0, BF16),  # bidirectional
+    (2, 8, 2, 640, 640, 128, True, 37, BF16),  # left padding
+    (2, 7, 1, 513, 513, 128, False, 200, BF16),  # bidirectional, padding past a key tile, GQA 7
+    (1, 8, 2, 300, 1300, 128, True, 0, BF16),  # queries after a prefix of keys
+    (1, 8, 2, 1001, 1001, 64, True, 0, BF16),
+    (2, 8, 4, 515, 515, 128, True, 21, FP16),  # fp16, padding
+    (2, 8, 2, 640, 640, 64, False, 37, BF16),
+    (1, 32, 8, 8192, 8192, 128, True, 0, BF16),
+]
+
+
+def _inputs(b, hq, hkv, nq, nk, d, pad, dtype=BF16):
+    g = torch.Generator(device="cuda").manual_seed(nq + hq + d)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, device="cuda").to(dtype)
+               for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
+    k[:, :, :1] *= 4.0  # a planted sink
+    key_mask = None
+    if pad:
+        key_mask = torch.ones(b, nk, dtype=torch.bool, device="cuda")
+        key_mask[-1, :pad] = False
+    return q, k, v, key_mask
+
+
+def _rel(got, want):
+    ok = ~torch.isnan(want)
+    return float((got[ok].double() - want[ok].double()).abs().max() / want[ok].double().abs().max().clamp_min(1e-30))
+
+
+@needs_hopper
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES)
+def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype):
+    from attnlab.kernels import triton_stats as ts
+
+    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
+    req = StatRequest(sink_k=4, entropy=True, top_key=True, received=True)  # received: pass 2 on its lse2
+    kernels.last_kernels()
+    out, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=causal)
+    assert kernels.last_kernels()["forward"] == "gluon-hopper"
+    ref_out, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req, key_mask=key_mask,
+                                              causal=causal, chunk_size=512)
+    real = ~torch.isnan(want["entropy"])
+    assert out.dtype == q.dtype and not out.isnan().any()
+    assert (out[~real] == 0).all(), "pad queries get a zero output"
+    # bf16 output: within the Triton forward's own error (P rounded to bf16 for the product) and 2e-2
+    monkeypatch.setattr(ts, "GLUON_FORWARD", False)
+    out_triton, _ = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=causal)
+    err, err_triton = _rel(out[real], ref_out[real]), _rel(out_triton[real], ref_out[real])
+    assert err < 2e-2 and err < 1.5 * err_triton + 1e-3, ("output", err, err_triton)
+    for name in req.outputs():
+        w, x = want[name], got[name]
+        if name == "top_key":  # an argmax up to near-ties; -1 exactly on pad queries
+            assert torch.equal(x[~real], w[~real]) and (x[~real] == -1).all()
+            assert (x[real] == w[real]).double().mean() > 0.999, name
+            continue
+        assert torch.equal(torch.isnan(x), torch.isnan(w)), name
+        assert _rel(x.float(), w.float()) < 2e-3, (name, _rel(x.float(), w.float()))
+
+
+@needs_hopper
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES[:7:2] + [c for c in CASES if c[-1] is FP16])
+def test_gluon_forward_agrees_with_the_triton_forward_without_statistics(b, hq, hkv, nq, nk, d, causal, pad, dtype):
+    """No statistic asked (the cuDNN route is bypassed: the kernels are called directly): out and lse2."""
+    from attnlab.kernels import gluon_forward
+    from attnlab.kernels import triton_stats as ts
+
+    q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
+    call = ts._Call(q, k, v, None, key_mask, None, None, causal)
+    req = StatRequest()
+    assert gluon_forward.unsupported(call, req) is None
+    out_g, out_t = torch.empty_like(q), torch.empty_like(q)
+    lse_g, lse_t = (torch.empty(b, hq, nq, device="cuda") for _ in range(2))
+    gluon_forward.forward(call, req, out_g, lse_g, {})
+    call._launch_fwd(req, out_t, lse_t, {})
+    assert torch.equal(torch.isinf(lse_g), torch.isinf(lse_t))
+    fin = torch.isfinite(lse_t)
+    assert (lse_g[fin] - lse_t[fin]).abs().max() < 1e-3  # log2 units, both fp32 accumulations
+    assert _rel(out_g.float(), out_t.float()) < 1e-2
+
+
+@needs_hopper
+def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
+    from attnlab.kernels import triton_stats as ts
+
+    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    q, k, v, _ = _inputs(1, 8, 2, 257, 257, 128, 0)
+    kernels.last_kernels()
+    ts.attention_stats(q, k, v, request=StatRequest(entropy=True, distance_window=16))
+    assert kernels.last_kernels()["forward"] == "triton (distance, local_mass (on the Triton forward))"
+    ts.attention_stats(q, k, v, request=StatRequest(entropy=True), softcap=30.0)
+    assert kernels.last_kernels()["forward"] == "triton (a softcap (on the Triton forward))"

@@ -1,0 +1,158 @@
+"""The Gluon forward for Hopper (kernels/gluon_forward.py): dispatch and the sm_90 compile, on the CPU.
+
+- what the dispatcher would give to the Gluon forward and what it leaves to the Triton one (each with
+  its reason); the switch `triton_stats.GLUON_FORWARD` (off by default: the record stays "triton"; on, a
+  CPU call says why the Gluon forward did not run, and computes exactly what the Triton forward computes);
+- the kernel compiled for sm_90 through the ptxas in triton's wheel: TMA loads, asynchronous wgmma,
+  setmaxnreg budgets, no serialised wgmma (ptxas C7514), no real spills, and in the SASS the structure
+  FlashAttention-3 needs: the P V product still in flight while the softmax runs (a wait that leaves one
+  wgmma group outstanding) and exactly the products the schedule issues.
+Its numbers on a Hopper GPU are tests/gpu/test_gluon_forward.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from attnlab import kernels  # noqa: E402
+from attnlab.kernels import StatRequest, gluon_forward, gluon_hopper  # noqa: E402
+from attnlab.kernels import triton_stats as ts  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not gluon_hopper.importable(), reason="this triton has no Gluon (triton >= 3.6)")
+
+STATS = StatRequest(sink_k=4, entropy=True, top_key=True)
+
+
+def _call(d=128, dtype=torch.bfloat16, q=None, **kw):
+    q = torch.zeros(1, 8, 64, d, dtype=dtype) if q is None else q
+    k = torch.zeros(1, 2, 64, q.shape[-1], dtype=dtype)
+    return ts._Call(q, k, k, None, None, kw.get("window"), kw.get("softcap"), kw.get("causal", True),
+                    kw.get("key_bias"), kw.get("sinks"))
+
+
+# ----------------------------------------------------------------------------- dispatch (CPU)
+
+
+def test_gluon_forward_takes_plain_calls_and_names_what_it_leaves():
+    assert gluon_forward.call_reason(_call(), STATS) is None
+    assert gluon_forward.call_reason(_call(causal=False), STATS) is None
+    assert gluon_forward.call_reason(_call(d=64, dtype=torch.float16), StatRequest()) is None
+    assert "head dim 256" in gluon_forward.call_reason(_call(d=256), STATS)
+    assert "softcap" in gluon_forward.call_reason(_call(softcap=30.0), STATS)
+    assert "sliding window" in gluon_forward.call_reason(_call(window=16), STATS)
+    assert "key bias" in gluon_forward.call_reason(_call(key_bias=torch.zeros(1, 8, 64)), STATS)
+    assert "learned sinks" in gluon_forward.call_reason(_call(sinks=torch.zeros(8)), STATS)
+    # forward statistics it does not compute
+    assert gluon_forward.call_reason(_call(), StatRequest(distance_window=8)) == \
+        "distance, local_mass (on the Triton forward)"
+    assert "learned_sink" in gluon_forward.call_reason(_call(), StatRequest(learned_sink=True, entropy=True))
+    # pass 2's statistics are not its business
+    assert gluon_forward.call_reason(_call(), StatRequest(received=True, pooled_block=64)) is None
+    # TMA needs 16-byte strides: a query view into a wider buffer (row stride 130 x 2 bytes) is refused
+    wide = torch.zeros(1, 8, 64, 130, dtype=torch.bfloat16)[..., :128]
+    assert "16-byte" in gluon_forward.call_reason(_call(q=wide), STATS)
+    # the device comes first: on the CPU the Triton kernel (or the twin) runs, never the Gluon one
+    assert gluon_forward.unsupported(_call(), STATS) == "not a Hopper GPU (sm_90)"
+
+
+def test_switch_is_off_by_default_and_on_a_cpu_falls_back_to_the_same_numbers(monkeypatch):
+    assert ts.GLUON_FORWARD is False  # on only once an H100 shows it beats the Triton forward
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 40, 64, generator=g).half()
+    k = torch.randn(2, 2, 40, 64, generator=g).half()
+    v = torch.randn(2, 2, 40, 64, generator=g).half()
+    key_mask = torch.ones(2, 40, dtype=torch.bool)
+    key_mask[1, :7] = False
+    kernels.last_kernels()
+    out_off, st_off = ts.attention_stats(q, k, v, request=STATS, key_mask=key_mask)
+    assert kernels.last_kernels() == {"forward": "triton"}
+    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    out_on, st_on = ts.attention_stats(q, k, v, request=STATS, key_mask=key_mask)
+    assert kernels.last_kernels() == {"forward": "triton (not a Hopper GPU (sm_90))"}
+    assert torch.equal(out_on, out_off)
+    for name in STATS.outputs():
+        assert torch.equal(st_on[name].nan_to_num(-7.0), st_off[name].nan_to_num(-7.0)), name
+
+
+# ----------------------------------------------------------------------------- sm_90 compile (CPU)
+
+COMPILE = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import mangle_type
+from triton.experimental.gluon._runtime import GluonASTSource
+from attnlab.kernels import gluon_forward as gf
+
+fn = gf._forward_ws_kernel
+out = {}
+for combo in json.loads(sys.argv[1]):
+    d, causal, ent, top, sink = combo["d"], combo["causal"], combo["ent"], combo["top"], combo["sink"]
+    bm, bn, stages, maxnreg, regs = gf.FORWARD_CONFIG[d]
+    dtype = getattr(torch, combo.get("dtype", "bfloat16"))
+    q = torch.empty(1, 8, 1024, d, dtype=dtype)
+    k = torch.empty(1, 2, 1024, d, dtype=dtype)
+    f, i32, i64 = torch.empty(4), torch.empty(1, dtype=torch.int32), torch.empty(4, dtype=torch.int64)
+    args = dict(desc_q=gf._descriptor(q, bm, d), desc_k=gf._descriptor(k, bn, d), desc_v=gf._descriptor(k, bn, d),
+                Out=torch.empty(4, dtype=dtype), Lse2=f, First=i32, Ent=f, Top=i64, TopP=f, Sink=f,
+                Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, sink_k=4, n_mblocks=8)
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, STAGES=stages, CAUSAL=causal, ENT=ent, TOP=top, SINK=sink,
+                  CONSUMER_REGS=regs, num_warps=4)
+    sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+    path = sys.argv[2] + f"/combo{len(out)}.ptx"
+    open(path, "w").write(kern.asm["ptx"])
+    out[json.dumps(combo)] = dict(ptx=path, block_n=bn, regs=regs)
+print(json.dumps(out))
+"""
+
+COMBOS = [dict(d=128, causal=True, ent=True, top=True, sink=True),
+          dict(d=128, causal=False, ent=False, top=False, sink=False),
+          dict(d=128, causal=True, ent=False, top=True, sink=False, dtype="float16"),
+          dict(d=64, causal=True, ent=True, top=True, sink=True)]
+
+
+@pytest.mark.slow
+def test_forward_compiles_for_sm90_with_overlapped_wgmma_and_no_spills(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(COMBOS), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for combo, made in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        ptx = Path(made["ptx"]).read_text()
+        for instruction in ("cp.async.bulk.tensor", "wgmma.mma_async", "wgmma.wait_group", "setmaxnreg.inc"):
+            assert instruction in ptx, (combo, instruction)
+        # the launch fits the register file (65536 per SM): threads x maxnreg, else it fails to launch
+        threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
+        assert threads * int(re.search(r"\.maxnreg (\d+)", ptx).group(1)) <= 65536, combo
+        # and so do the partitions' budgets after setmaxnreg: two consumer warpgroups and the producer's
+        incs = {int(n) for n in re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+);", ptx)}
+        decs = {int(n) for n in re.findall(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+);", ptx)}
+        assert made["regs"] in incs and 24 in decs and 2 * made["regs"] + 24 <= 65536 // 128, (combo, incs, decs)
+        cubin = tmp_path / "k.cubin"
+        info = subprocess.run([str(bin_dir / "ptxas"), "-arch=sm_90a", "-v", made["ptx"], "-o", str(cubin)],
+                              capture_output=True, text=True, timeout=300)
+        assert info.returncode == 0, info.stderr
+        assert "C7514" not in info.stderr, (combo, info.stderr)  # wgmma serialised: the overlap is gone
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", info.stderr)]
+        assert spills and max(spills) <= 16, (combo, info.stderr)
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              timeout=300).stdout
+        # per consumer: S of tile 0, then per loop iteration S_j and P_{j-1} V_{j-1}, then the last P V
+        d = json.loads(combo)["d"]
+        per_consumer = 2 * (d // 16) + 2 * (made["block_n"] // 16)
+        assert len(re.findall(r"\bHGMMA\.", sass)) == 2 * per_consumer, combo
+        # the softmax of tile j runs while P_{j-1} V_{j-1} is in flight: a wait that leaves one group
+        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, combo
