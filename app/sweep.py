@@ -55,16 +55,33 @@ fresh actor replaces it. A cell that raises
 is recorded with its error and the sweep goes on. An out-of-memory error (torch's, or CUDA's as a
 RuntimeError) is retried once with half the batch size where the cell has one (a method's
 `batch_size`, an analysis parameter named `batch_size`); a cell without a batch size is retried
-once as it is, after the allocator's cache is emptied. The driver writes every run (the worker
-returns the run's content), so the store need not be shared with the cluster's nodes; every node
-needs attnlab installed (and the models: a registry model's package, or a folder at the same path),
-and plugins given as .py files must be readable on every node.
+once as it is, after the allocator's cache is emptied.
+
+Who writes a cell's run (`writer`, chosen per cell, recorded in the manifest): a worker that sees the
+store writes it itself, through the same atomic `RunStore.write` (a worker killed mid-write leaves no
+run, only a temporary folder that `RunStore` cleans up), and returns only its record. "Sees" is
+tested, not assumed: the driver puts a hidden marker file of random content in `<store>/sweeps/`
+for the invocation, and a worker writes where it reads that content at that path and may write the
+folder (a worker on the driver's machine; on another node only through a shared file system).
+Elsewhere the worker returns the run's content (tables and tensors: a 64k-token capture bucket of
+SmolLM2 is ~200 MB) through Ray's object store and the driver writes it while that worker runs its
+next cell, so the store need not be shared with the cluster's nodes. Measured (bench/
+sweep_throughput.py): on one machine, a run through the driver costs a serial handoff per cell
+(serialise, object store, `ray.get`) that the worker's own write does not; `run_sweep(...,
+writer="driver")` forces the driver path. Every node needs attnlab installed (and the models: a
+registry model's package, or a folder at the same path), and plugins given as .py files must be
+readable on every node.
 
 The sweep manifest, `<store>/sweeps/<name>.json` (written atomically after every cell): the spec's
 path and hash, each cell (id, model, input, job, parameters, status, run, worker: node, actor,
-host, pid, device; start and end time, wall seconds, retries, error and traceback of a failure), and
-every invocation (when, cluster address, workers, cells run / skipped / failed, wall time). Two
-invocations of the same sweep on the same store at the same time are not coordinated: run one.
+host, pid, device; start and end time, wall seconds on the worker, retries, error and traceback of a
+failure; writer: "worker" or "driver"; timings: seconds of wait (the driver's submission to the
+worker's start), compute (the analysis, method or capture), content (the run's tables and tensors),
+write (`RunStore.write`, by whichever wrote it) and handoff (the worker's end to the driver holding
+the result); wait and handoff span two processes' clocks, exact on one node), and every invocation
+(when, cluster address, workers, writer option, cells run / skipped / failed, runs written by
+workers and by the driver, wall time). Two invocations of the same sweep on the same store at the
+same time are not coordinated: run one.
 """
 
 from __future__ import annotations
