@@ -26,7 +26,12 @@ rename), and for the Ray ways wait (from the driver's submission to the worker's
 
     python bench/sweep_throughput.py                 # the GPU machine: SmolLM2, 500 texts
     python bench/sweep_throughput.py --small         # CPU, tiny-llama, 24 texts of 16-256 tokens (< 1 min)
-    python bench/sweep_throughput.py --small --model smollm2-135m --max-tokens 1024 --token-budget 4096
+    python bench/sweep_throughput.py --small --wide --n 3000 --min-tokens 8 --max-tokens 64 --token-budget 32768
+
+`--wide` sweeps a random-init Llama with SmolLM2's heads (30 layers x 9 heads, 3 KV heads, its
+tokenizer) at a tiny width, built into a temporary folder: statistics of SmolLM2's size per token
+(the stored bytes, the handoff) at a fraction of its compute, so that on a CPU storing weighs about
+what it weighs beside a GPU's capture.
 
 Prints a table and writes bench/results/sweep_throughput[_small].json.
 """
@@ -82,6 +87,23 @@ def make_texts(tokenizer, n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
 def token_counts(tokenizer, texts: list[str]) -> list[int]:
     """Tokens of each text as the probe captures it (BOS prepended)."""
     return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+
+
+def wide_model(folder: Path) -> Path:
+    """A random-init Llama folder with SmolLM2's head layout and tokenizer at a tiny width (`--wide`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attnlab.probe import load
+
+    tokenizer = load("smollm2-135m", device="cpu").tokenizer
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=72, intermediate_size=128, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=8192,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
 
 
 # ----- batching -----
@@ -190,6 +212,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="CPU, tiny-llama, 24 texts of 16-256 tokens")
     ap.add_argument("--model", default=None, help="default: smollm2-135m (tiny-llama with --small)")
+    ap.add_argument("--wide", action="store_true", help="a random-init model of SmolLM2's heads at a tiny width "
+                    "(module docstring)")
     ap.add_argument("--n", type=int, default=None, help="texts (default 500; 24 with --small)")
     ap.add_argument("--min-tokens", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
@@ -202,7 +226,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     small = args.small
-    model = args.model or ("tiny-llama" if small else "smollm2-135m")
+    if args.wide and args.model:
+        raise SystemExit("--wide builds its own model: leave --model out")
+    scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-bench-"))
+    model = (str(wide_model(scratch / "wide-llama")) if args.wide
+             else args.model or ("tiny-llama" if small else "smollm2-135m"))
+    label = "wide-llama (--wide: SmolLM2's heads, tiny width)" if args.wide else model
     n = args.n or (24 if small else 500)
     lo, hi = args.min_tokens or (16 if small else 64), args.max_tokens or (256 if small else 4096)
     budget = args.token_budget or (1024 if small else 65536)
@@ -221,7 +250,6 @@ def main() -> None:
     lengths = token_counts(probe.tokenizer, texts)
     buckets = batches_for_capture(lengths, budget)
     fixed = fixed_batches(n, batch)
-    scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-bench-"))
     try:
         results = {"plain": run_plain(probe, texts, buckets, lengths, stats, scratch / "plain")}
         if "fixed" in ways:
@@ -239,7 +267,7 @@ def main() -> None:
         r.update(padding(fixed if way == "fixed" else buckets, lengths))
     ratios = {way: round(results[way]["tokens_per_second"] / results["plain"]["tokens_per_second"], 4)
               for way in ("ray", "ray-driver") if way in results}
-    print(f"{model} on {device}: {n} texts of {min(lengths)}-{max(lengths)} tokens, stats {','.join(stats)}, "
+    print(f"{label} on {device}: {n} texts of {min(lengths)}-{max(lengths)} tokens, stats {','.join(stats)}, "
           f"bucket budget {budget} tokens, fixed batches of {batch}")
     print(f"{'way':<10} {'batches':>8} {'padding':>8} {'tokens/s':>11} {'seconds':>9}  notes")
     for way in (w for w in WAYS if w in results):
@@ -261,12 +289,12 @@ def main() -> None:
     if "fixed" in results:
         print(f"bucketing / fixed: {results['plain']['tokens_per_second'] / results['fixed']['tokens_per_second']:.2f}x")
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    record = {"model": model, "device": device, "gpu": gpu, "host": platform.node(), "n_texts": n,
+    record = {"model": label, "device": device, "gpu": gpu, "host": platform.node(), "n_texts": n,
               "token_range": [lo, hi], "token_budget": budget, "fixed_batch": batch, "stats": stats,
               "torch": torch.__version__, "ray_over_plain": ratios.get("ray"),
               "ray_driver_over_plain": ratios.get("ray-driver"), "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sweep_throughput{'_small' if small else ''}{args.tag}.json"
+    path = args.out / f"sweep_throughput{'_small' if small else ''}{'_wide' if args.wide else ''}{args.tag}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"written to {path}")
 
