@@ -287,7 +287,8 @@ def main() -> None:
     for way, ratio in ratios.items():
         print(f"{way} / plain throughput: {ratio:.3f}" + (" (acceptance: >= 0.9)" if way == "ray" else ""))
     if "fixed" in results:
-        print(f"bucketing / fixed: {results['plain']['tokens_per_second'] / results['fixed']['tokens_per_second']:.2f}x")
+        gain = results["plain"]["tokens_per_second"] / results["fixed"]["tokens_per_second"]
+        print(f"bucketing / fixed: {gain:.2f}x")
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     record = {"model": label, "device": device, "gpu": gpu, "host": platform.node(), "n_texts": n,
               "token_range": [lo, hi], "token_budget": budget, "fixed_batch": batch, "stats": stats,
