@@ -55,20 +55,38 @@ fresh actor replaces it. A cell that raises
 is recorded with its error and the sweep goes on. An out-of-memory error (torch's, or CUDA's as a
 RuntimeError) is retried once with half the batch size where the cell has one (a method's
 `batch_size`, an analysis parameter named `batch_size`); a cell without a batch size is retried
-once as it is, after the allocator's cache is emptied. The driver writes every run (the worker
-returns the run's content), so the store need not be shared with the cluster's nodes; every node
-needs attnlab installed (and the models: a registry model's package, or a folder at the same path),
-and plugins given as .py files must be readable on every node.
+once as it is, after the allocator's cache is emptied.
+
+Who writes a cell's run (`writer`, chosen per cell, recorded in the manifest): a worker that sees the
+store writes it itself, through the same atomic `RunStore.write` (a worker killed mid-write leaves no
+run, only a temporary folder that `RunStore` cleans up), and returns only its record. "Sees" is
+tested, not assumed: the driver puts a hidden marker file of random content in `<store>/sweeps/`
+for the invocation, and a worker writes where it reads that content at that path and may write the
+folder (a worker on the driver's machine; on another node only through a shared file system).
+Elsewhere the worker returns the run's content (tables and tensors: a 64k-token capture bucket of
+SmolLM2 is ~200 MB) through Ray's object store and the driver writes it while that worker runs its
+next cell, so the store need not be shared with the cluster's nodes. Measured (bench/
+sweep_throughput.py): on one machine, a run through the driver costs a serial handoff per cell
+(serialise, object store, `ray.get`) that the worker's own write does not; `run_sweep(...,
+writer="driver")` forces the driver path. Every node needs attnlab installed (and the models: a
+registry model's package, or a folder at the same path), and plugins given as .py files must be
+readable on every node.
 
 The sweep manifest, `<store>/sweeps/<name>.json` (written atomically after every cell): the spec's
 path and hash, each cell (id, model, input, job, parameters, status, run, worker: node, actor,
-host, pid, device; start and end time, wall seconds, retries, error and traceback of a failure), and
-every invocation (when, cluster address, workers, cells run / skipped / failed, wall time). Two
-invocations of the same sweep on the same store at the same time are not coordinated: run one.
+host, pid, device; start and end time, wall seconds on the worker, retries, error and traceback of a
+failure; writer: "worker" or "driver"; timings: seconds of wait (the driver's submission to the
+worker's start), compute (the analysis, method or capture), content (the run's tables and tensors),
+write (`RunStore.write`, by whichever wrote it) and handoff (the worker's end to the driver holding
+the result); wait and handoff span two processes' clocks, exact on one node), and every invocation
+(when, cluster address, workers, writer option, cells run / skipped / failed, runs written by
+workers and by the driver, wall time). Two invocations of the same sweep on the same store at the
+same time are not coordinated: run one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -84,6 +102,7 @@ import tempfile
 import time
 import tomllib
 import traceback
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +118,7 @@ SPEC_KEYS = ("name", "models", "inputs", "analyses", "methods", "captures", "dev
 INPUT_KINDS = ("text", "texts", "file", "task")
 METHOD_RUN_OPTIONS = {"n": 200, "n_tune": 64, "seed": 0, "batch_size": 16}  # `run_method`'s defaults
 CAPTURE_KEYS = ("stats", "backend", "prepend_bos")
+WRITERS = ("auto", "driver")  # who writes a cell's run (run_sweep's `writer`)
 MANIFEST_FORMAT = 1  # the sweep manifest's layout (module docstring)
 ID_CHARS = 16  # hex digits of a cell id (64 bits)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its remote tracebacks
@@ -595,12 +615,15 @@ class _RunContent(RunStore):
         return self.root
 
 
-def run_cell(probe, cell: Cell, batch_size: int | None = None) -> tuple[str, dict, dict]:
+def run_cell(probe, cell: Cell, batch_size: int | None = None, timings: dict | None = None) -> tuple[str, dict, dict]:
     """Run one cell on a loaded probe; returns the run's content (kind, model record, `RunStore.write`
-    keyword arguments). batch_size overrides the cell's own (the out-of-memory retry)."""
+    keyword arguments). batch_size overrides the cell's own (the out-of-memory retry). timings, when
+    given, receives the seconds of "compute" (the analysis, method or capture) and of "content"
+    (building the run's tables and tensors from its result)."""
     from attnlab.analyses import ANALYSES
 
     content = _RunContent()
+    started = time.perf_counter()
     if cell.job == "analysis":
         analysis = ANALYSES[cell.name]
         # the checked values as they are (JSON lists back to tuples), never re-parsed as typed text
@@ -608,6 +631,7 @@ def run_cell(probe, cell: Cell, batch_size: int | None = None) -> tuple[str, dic
         if batch_size is not None:
             values["batch_size"] = batch_size
         res = analysis.run(probe, _analysis_inputs(analysis, cell.input), analysis.params(**values))
+        computed = time.perf_counter()
         res.save(content, probe)
     elif cell.job == "method":
         from attnlab.interventions.run import run_method
@@ -617,10 +641,12 @@ def run_cell(probe, cell: Cell, batch_size: int | None = None) -> tuple[str, dic
             run["batch_size"] = batch_size
         res = run_method(probe, cell.name, cell.input.task, params=dict(cell.params["hyperparameters"]),
                          progress=None, **run)
+        computed = time.perf_counter()
         res.save(content, probe)
     elif cell.job == "capture":
         cap = probe.capture(list(cell.input.texts), stats=cell.params["stats"], backend=cell.params["backend"],
                             prepend_bos=cell.params["prepend_bos"])
+        computed = time.perf_counter()
         content.save_capture(cap, probe)
     else:
         raise AttnlabError(f"cell {cell.id}: unknown job {cell.job!r}")
@@ -629,6 +655,8 @@ def run_cell(probe, cell: Cell, batch_size: int | None = None) -> tuple[str, dic
     if batch_size is not None:
         record["batch_size"] = batch_size  # the out-of-memory retry's, not the cell's own
     kwargs.setdefault("manifest", {})["sweep"] = record
+    if timings is not None:
+        timings.update(compute=round(computed - started, 3), content=round(time.perf_counter() - computed, 3))
     return kind, model, kwargs
 
 
@@ -680,15 +708,23 @@ class Worker:
         return {"node": node, "actor": actor, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.probe.device)}
 
-    def run(self, cell: Cell) -> dict:
-        """One cell: {"status": "done", "content": ...} or {"status": "failed", "error", "traceback"};
-        an out-of-memory error is retried once with half the batch size (module docstring)."""
+    def run(self, cell: Cell, store: dict | None = None) -> dict:
+        """One cell: {"status": "done", "writer": "worker"} when this worker wrote its run into the
+        store, {"status": "done", "writer": "driver", "content": ...} when the driver is to write it,
+        or {"status": "failed", "error", "traceback"}; "timings" holds the seconds of each step. An
+        out-of-memory error is retried once with half the batch size (module docstring).
+
+        store: {"root", "marker", "token"} (`_store_marker`): where the store the driver writes to
+        sits; the worker writes the run itself when it sees that folder (`reaches`), else (or when None)
+        it returns the content."""
         started = time.perf_counter()
         record: dict = {"worker": self.where(), "retries": [], "started": time.time()}
         batch = None
+        timings: dict = {}
         for attempt in range(2):
             try:
-                record["content"] = run_cell(self.probe, cell, batch)
+                timings = {}
+                record["content"] = run_cell(self.probe, cell, batch, timings)
                 record["status"] = "done"
                 break
             except Exception as e:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
@@ -700,9 +736,30 @@ class Worker:
                     continue
                 record.update(status="failed", **_error_record(e))
                 break
+        if record["status"] == "done":
+            record["writer"] = "driver"
+            if store is not None and self.reaches(**store):
+                kind, model, kwargs = record.pop("content")
+                record["writer"] = "worker"
+                wrote = time.perf_counter()
+                try:  # the same atomic RunStore.write as the driver's: a worker that dies here leaves no run
+                    RunStore(store["root"]).write(kind, model, name=cell.run, **kwargs)
+                except (AttnlabError, OSError) as e:
+                    record.update(status="failed", **_error_record(e))
+                timings["write"] = round(time.perf_counter() - wrote, 3)
+        record["timings"] = timings
         record["seconds"] = round(time.perf_counter() - started, 3)
         record["finished"] = time.time()  # seconds since the epoch on the worker's clock, as "started"
         return record
+
+    @staticmethod
+    def reaches(root: str, marker: str, token: str) -> bool:
+        """Whether this process sees the driver's store: the marker file the driver wrote there holds
+        `token` (the same folder, not one of the same name on another machine) and `root` is writable."""
+        try:
+            return Path(marker).read_text(encoding="utf-8") == token and os.access(root, os.W_OK)
+        except (OSError, UnicodeDecodeError):
+            return False
 
     def _free_memory(self) -> None:
         import gc
@@ -764,25 +821,47 @@ def _write_manifest(path: Path, data: dict) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _store_marker(store: RunStore, writer: str):
+    """What `Worker.run` is given to find the store: {"root", "marker", "token"}, the marker being a
+    hidden file of random content in `<store>/sweeps/` (removed at the end); None when `writer` is
+    "driver" (every run goes through the driver)."""
+    if writer == "driver":
+        yield None
+        return
+    token = uuid.uuid4().hex
+    marker = store.root / "sweeps" / f".reach-{token}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token, encoding="utf-8")
+    try:
+        yield {"root": str(store.root), "marker": str(marker), "token": token}
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def _is_done(store: RunStore, cell: Cell) -> bool:
     return (store.root / cell.run / "manifest.json").is_file()
 
 
 def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *, address: str | None = None,
-              workers: int | None = None, progress=None) -> SweepReport:
+              workers: int | None = None, writer: str = "auto", progress=None) -> SweepReport:
     """Run every cell of `spec` that is not done yet (module docstring) and return what happened.
 
     store: the RunStore (or its folder) that receives the runs and `sweeps/<name>.json`. address:
     an existing Ray cluster (`ray.init(address=...)`); None starts a local one with `workers` CPUs
     (default: all cores), unless Ray is already initialised in this process (then that is used and
     left running). workers: actors at once (default: the cluster's GPUs, else its CPUs), shared out
-    among up to `workers` models that run side by side.
+    among up to `workers` models that run side by side. writer: "auto" (a worker that sees the store's
+    folder writes its cells' runs itself, others return them to the driver) or "driver" (the driver
+    writes every run).
     progress (`attnlab.probe.progress`): one count over all cells, skipped ones included."""
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     store = store if isinstance(store, RunStore) else RunStore(store)
     store = RunStore(store.root.expanduser().resolve())
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise AttnlabError(f"workers must be a whole number of at least 1 (got {workers!r})")
+    if writer not in WRITERS:
+        raise AttnlabError(f"writer is {writer!r}: use {' or '.join(WRITERS)}")
     report = as_progress(progress, f"sweep {spec.name}", "cell")
     started = time.perf_counter()
     path = manifest_path(store, spec.name)
@@ -806,9 +885,9 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
     manifest = {"format": MANIFEST_FORMAT, "name": spec.name, "spec": str(spec.path.resolve()),
                 "spec_sha256": spec.sha256,
                 "invocations": list(previous.get("invocations", [])), "cells": list(records.values())}
-    counts = {"done": 0, "failed": 0}
+    counts = Counter(done=0, failed=0, by_worker=0, by_driver=0)
     invocation = {"started": dt.datetime.now(dt.timezone.utc).isoformat(), "address": address,
-                  "workers": workers, "skipped": skipped}
+                  "workers": workers, "writer": writer, "skipped": skipped}
     if pending:
         ray = _ray()
         store.root.mkdir(parents=True, exist_ok=True)
@@ -836,6 +915,8 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
                 nonlocal done
                 records[cell.id] = {**cell.describe(), **rec}  # this attempt's record only
                 counts["done" if rec["status"] == "done" else "failed"] += 1
+                if rec["status"] == "done":
+                    counts[f"by_{rec['writer']}"] += 1
                 done += 1
                 manifest["cells"] = list(records.values())
                 _write_manifest(path, manifest)
@@ -844,12 +925,14 @@ def run_sweep(spec: Spec | str | Path, store: RunStore | str | Path = "runs", *,
 
             work = {m: [c for c in pending if c.model == m] for m in spec.models}
             work = {m: cells for m, cells in work.items() if cells}
-            for group in _groups(work, n_workers):
-                _run_group(ray, spec, store, {m: work[m] for m in group}, group, bool(gpus), finished)
+            with _store_marker(store, writer) as where:
+                for group in _groups(work, n_workers):
+                    _run_group(ray, spec, store, where, {m: work[m] for m in group}, group, bool(gpus), finished)
         finally:
             if own:
                 ray.shutdown()
     invocation.update(ran=counts["done"], failed=counts["failed"],
+                      runs_written={"worker": counts["by_worker"], "driver": counts["by_driver"]},
                       wall_seconds=round(time.perf_counter() - started, 3))
     if pending or not path.exists():
         manifest["invocations"].append(invocation)
@@ -882,11 +965,13 @@ def _cpus_per_gpu(ray) -> int:
     return max(1, min(shares)) if shares else 1
 
 
-def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], actors_per_model: dict[str, int],
-               gpu: bool, finished) -> None:
+def _run_group(ray, spec: Spec, store: RunStore, where: dict | None, work: dict[str, list[Cell]],
+               actors_per_model: dict[str, int], gpu: bool, finished) -> None:
     """The cells of a few models at once, each model on its own actors, one cell in flight per actor.
     The actors load their model first; one that cannot is dropped, and when none of a model's can,
-    its cells fail with that error. A worker that dies running a cell loses that cell and is replaced."""
+    its cells fail with that error. A worker that dies running a cell loses that cell and is replaced.
+    where: the store's marker for the workers (`_store_marker`); a run a worker returns instead of
+    writing it, the driver writes while that worker runs its next cell."""
     from ray.exceptions import OutOfMemoryError as RayMemoryError
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
@@ -917,21 +1002,25 @@ def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], ac
                     finished(cell, {"status": "failed", **errors[model],
                                     "error": f"no worker could load {model}: {errors[model]['error']}"})
                 queues[model] = []
-        in_flight: dict = {}  # ObjectRef -> (actor, cell)
+        in_flight: dict = {}  # ObjectRef -> (actor, cell, when it was submitted)
 
         def submit(actor) -> None:
             queue = queues[actors[actor]]
             if queue:
                 cell = queue.pop()
-                in_flight[actor.run.remote(cell)] = (actor, cell)
+                in_flight[actor.run.remote(cell, where)] = (actor, cell, time.time())
 
         for actor in list(actors):
             submit(actor)
         while in_flight:
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, cell = in_flight.pop(ref)
+            actor, cell, submitted = in_flight.pop(ref)
             try:
                 rec = ray.get(ref)
+                received = time.time()
+                # seconds on the clocks of two processes: exact on one node, offset by the clocks' skew across nodes
+                rec["timings"] = {"wait": round(rec["started"] - submitted, 3), **rec["timings"],
+                                  "handoff": round(received - rec["finished"], 3)}
             except RayTaskError as e:  # something a cell raised that Worker.run does not catch
                 rec = {"status": "failed", **_error_record(e)}
             except died as e:
@@ -948,12 +1037,14 @@ def _run_group(ray, spec: Spec, store: RunStore, work: dict[str, list[Cell]], ac
                     actors[actor] = model
             if actor is not None:
                 submit(actor)  # before writing this cell's run: the worker computes while the driver writes
-            if rec["status"] == "done":
+            if rec["status"] == "done" and rec["writer"] == "driver":
+                wrote = time.perf_counter()
                 try:
                     kind, record, kwargs = rec.pop("content")
                     store.write(kind, record, name=cell.run, **kwargs)
                 except (AttnlabError, OSError) as e:
                     rec.update(status="failed", **_error_record(e))
+                rec["timings"]["write"] = round(time.perf_counter() - wrote, 3)
             finished(cell, rec)
     finally:  # also when the sweep is interrupted: the workers give their slots back
         for actor in actors:

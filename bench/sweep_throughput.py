@@ -5,8 +5,10 @@ texts) are sorted by length into buckets under a token budget (padded tokens per
 is one capture (`probe.capture`, the statistics of `--stats`) saved as one run. Three ways, the same
 work (capture and run write):
 
-  ray      `attnlab.app.sweep.run_sweep`: one cell per bucket, one worker (one GPU, or one CPU slot),
-           the runs written by the driver
+  ray      `attnlab.app.sweep.run_sweep`: one cell per bucket, one worker (one GPU, or one CPU slot)
+           that writes its runs itself (it sees the store: the same machine)
+  ray-driver  the same, with `writer="driver"`: the worker returns each run's content through Ray's
+           object store and the driver writes it (what a worker on a node without the store does)
   plain    the same buckets in this process, one after another
   fixed    this process with fixed batches of `--batch` texts in their original order (what
            bucketing saves: padding share and tokens per second)
@@ -16,8 +18,20 @@ Tokens per second count real (unpadded) tokens; the first bucket (batch) of each
 cell to the end of the sweep (the startup of Ray and of the worker's model load are reported apart);
 the acceptance asks ray >= 0.9 x plain.
 
+Where the time goes (seconds summed over the buckets after the first): compute (the capture),
+content (the run's tables and tensors built from it), write (`RunStore.write`: Parquet, safetensors,
+rename), and for the Ray ways wait (from the driver's submission to the worker's start), handoff
+(from the worker's end of a cell to the driver holding its result: serialisation, object store,
+`ray.get`) and other (the steady wall time less the worker's cell seconds and its waits).
+
     python bench/sweep_throughput.py                 # the GPU machine: SmolLM2, 500 texts
     python bench/sweep_throughput.py --small         # CPU, tiny-llama, 24 texts of 16-256 tokens (< 1 min)
+    python bench/sweep_throughput.py --small --wide --n 3000 --min-tokens 8 --max-tokens 64 --token-budget 32768
+
+`--wide` sweeps a random-init Llama with SmolLM2's heads (30 layers x 9 heads, 3 KV heads, its
+tokenizer) at a tiny width, built into a temporary folder: statistics of SmolLM2's size per token
+(the stored bytes, the handoff) at a fraction of its compute, so that on a CPU storing weighs about
+what it weighs beside a GPU's capture.
 
 Prints a table and writes bench/results/sweep_throughput[_small].json.
 """
@@ -33,6 +47,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -42,6 +57,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
+WAYS = ("ray", "ray-driver", "plain", "fixed")
 
 
 def corpus() -> str:
@@ -73,6 +89,23 @@ def token_counts(tokenizer, texts: list[str]) -> list[int]:
     return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
 
 
+def wide_model(folder: Path) -> Path:
+    """A random-init Llama folder with SmolLM2's head layout and tokenizer at a tiny width (`--wide`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attnlab.probe import load
+
+    tokenizer = load("smollm2-135m", device="cpu").tokenizer
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=72, intermediate_size=128, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=8192,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 # ----- batching -----
 def fixed_batches(n: int, size: int) -> list[list[int]]:
     return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
@@ -95,29 +128,36 @@ def padding(batches: list[list[int]], lengths: list[int]) -> dict:
 
 # ----- the three ways -----
 def run_plain(probe, texts, batches, lengths, stats, store_dir: Path) -> dict:
+    from attnlab.app.sweep import _RunContent
     from attnlab.probe import RunStore
 
     store = RunStore(store_dir)
-    capture_s, per_batch = 0.0, []
+    steps, per_batch = {"compute": 0.0, "content": 0.0, "write": 0.0}, []
     for k, batch in enumerate(batches):
         sync(probe.device)
         t0 = time.perf_counter()
         cap = probe.capture([texts[i] for i in batch], stats=stats)
         sync(probe.device)
         t1 = time.perf_counter()
-        store.save_capture(cap, probe)
+        # store.save_capture(cap, probe) in its two steps: the run's content, then its write
+        content = _RunContent()
+        content.save_capture(cap, probe)
         t2 = time.perf_counter()
-        per_batch.append((t2 - t0, t1 - t0))
+        kind, model, kwargs = content.content
+        store.write(kind, model, **kwargs)
+        t3 = time.perf_counter()
+        per_batch.append(t3 - t0)
         if k:
-            capture_s += t1 - t0
+            for step, seconds in zip(steps, (t1 - t0, t2 - t1, t3 - t2)):
+                steps[step] += seconds
     tokens = sum(lengths[i] for b in batches[1:] for i in b)
-    wall = sum(total for total, _ in per_batch[1:])
-    return {"seconds": round(wall, 3), "capture_seconds": round(capture_s, 3), "tokens": tokens,
+    wall = sum(per_batch[1:])
+    return {"seconds": round(wall, 3), "capture_seconds": round(steps["compute"], 3), "tokens": tokens,
             "tokens_per_second": round(tokens / wall, 1) if wall else None,
-            "warmup_seconds": round(per_batch[0][0], 3)}
+            "warmup_seconds": round(per_batch[0], 3), "steps": {k: round(v, 3) for k, v in steps.items()}}
 
 
-def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device: str) -> dict:
+def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device: str, writer: str) -> dict:
     import ray
 
     from attnlab.app import sweep
@@ -137,7 +177,7 @@ def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device:
     ray_up = time.perf_counter() - started
     try:
         t0_epoch, t0 = time.time(), time.perf_counter()
-        report = sweep.run_sweep(spec, store_dir, workers=1)
+        report = sweep.run_sweep(spec, store_dir, workers=1, writer=writer)
         end_epoch = time.time()
         wall = time.perf_counter() - t0
     finally:
@@ -149,7 +189,13 @@ def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device:
     first = cells["bucket-0000"]
     tokens = sum(lengths[i] for b in batches[1:] for i in b)
     steady = end_epoch - first["finished"]
-    return {"seconds": round(steady, 3), "tokens": tokens, "tokens_per_second": round(tokens / steady, 1),
+    later = [c for c in cells.values() if c is not first]
+    steps = {step: sum(c["timings"].get(step, 0.0) for c in later)
+             for step in ("compute", "content", "write", "wait", "handoff")}
+    steps["other"] = steady - sum(c["seconds"] + c["timings"]["wait"] for c in later)
+    return {"writer": writer, "runs_written": Counter(c["writer"] for c in cells.values()),
+            "steps": {k: round(v, 3) for k, v in steps.items()},
+            "seconds": round(steady, 3), "tokens": tokens, "tokens_per_second": round(tokens / steady, 1),
             "ray_init_seconds": round(ray_up, 3), "sweep_wall_seconds": round(wall, 3),
             "worker_start_seconds": round(first["started"] - t0_epoch, 3),  # actor start + model load
             "warmup_seconds": first["seconds"],
@@ -166,6 +212,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="CPU, tiny-llama, 24 texts of 16-256 tokens")
     ap.add_argument("--model", default=None, help="default: smollm2-135m (tiny-llama with --small)")
+    ap.add_argument("--wide", action="store_true", help="a random-init model of SmolLM2's heads at a tiny width "
+                    "(module docstring)")
     ap.add_argument("--n", type=int, default=None, help="texts (default 500; 24 with --small)")
     ap.add_argument("--min-tokens", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
@@ -173,14 +221,24 @@ def main() -> None:
                     "1024 with --small)")
     ap.add_argument("--batch", type=int, default=None, help="texts per fixed batch (default 16; 4 with --small)")
     ap.add_argument("--stats", default="received,sink_mass(1),entropy")
+    ap.add_argument("--ways", default=",".join(WAYS), help=f"which ways to run (default: {','.join(WAYS)})")
+    ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     small = args.small
-    model = args.model or ("tiny-llama" if small else "smollm2-135m")
+    if args.wide and args.model:
+        raise SystemExit("--wide builds its own model: leave --model out")
+    scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-bench-"))
+    model = (str(wide_model(scratch / "wide-llama")) if args.wide
+             else args.model or ("tiny-llama" if small else "smollm2-135m"))
+    label = "wide-llama (--wide: SmolLM2's heads, tiny width)" if args.wide else model
     n = args.n or (24 if small else 500)
     lo, hi = args.min_tokens or (16 if small else 64), args.max_tokens or (256 if small else 4096)
     budget = args.token_budget or (1024 if small else 65536)
     batch = args.batch or (4 if small else 16)
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if not ways or set(ways) - set(WAYS) or "plain" not in ways:
+        raise SystemExit(f"--ways {args.ways!r}: choose among {', '.join(WAYS)}, plain included (the baseline)")
     device = "cpu" if small or not torch.cuda.is_available() else "cuda"
     if device == "cpu":
         torch.set_num_threads(1)  # the Ray CPU worker holds one core (one thread): the plain process gets the same
@@ -192,37 +250,52 @@ def main() -> None:
     lengths = token_counts(probe.tokenizer, texts)
     buckets = batches_for_capture(lengths, budget)
     fixed = fixed_batches(n, batch)
-    scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-bench-"))
     try:
-        results = {"plain": run_plain(probe, texts, buckets, lengths, stats, scratch / "plain"),
-                   "fixed": run_plain(probe, texts, fixed, lengths, stats, scratch / "fixed")}
+        results = {"plain": run_plain(probe, texts, buckets, lengths, stats, scratch / "plain")}
+        if "fixed" in ways:
+            results["fixed"] = run_plain(probe, texts, fixed, lengths, stats, scratch / "fixed")
         del probe
         if device == "cuda":
             torch.cuda.empty_cache()
-        results["ray"] = run_ray(model, texts, buckets, lengths, stats, scratch / "ray", device)
+        for way in ("ray", "ray-driver"):
+            if way in ways:
+                results[way] = run_ray(model, texts, buckets, lengths, stats, scratch / way, device,
+                                       "driver" if way == "ray-driver" else "auto")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    results["plain"].update(padding(buckets, lengths))
-    results["ray"].update(padding(buckets, lengths))
-    results["fixed"].update(padding(fixed, lengths))
-    ratio = results["ray"]["tokens_per_second"] / results["plain"]["tokens_per_second"]
-    print(f"{model} on {device}: {n} texts of {min(lengths)}-{max(lengths)} tokens, stats {','.join(stats)}, "
+    for way, r in results.items():
+        r.update(padding(fixed if way == "fixed" else buckets, lengths))
+    ratios = {way: round(results[way]["tokens_per_second"] / results["plain"]["tokens_per_second"], 4)
+              for way in ("ray", "ray-driver") if way in results}
+    print(f"{label} on {device}: {n} texts of {min(lengths)}-{max(lengths)} tokens, stats {','.join(stats)}, "
           f"bucket budget {budget} tokens, fixed batches of {batch}")
-    print(f"{'way':<6} {'batches':>8} {'padding':>8} {'tokens/s':>11} {'seconds':>9}  notes")
-    for way in ("ray", "plain", "fixed"):
+    print(f"{'way':<10} {'batches':>8} {'padding':>8} {'tokens/s':>11} {'seconds':>9}  notes")
+    for way in (w for w in WAYS if w in results):
         r = results[way]
         note = (f"ray.init {r['ray_init_seconds']:.1f} s, worker start + load {r['worker_start_seconds']:.1f} s"
-                if way == "ray" else f"capture alone {r['capture_seconds']:.1f} s")
-        print(f"{way:<6} {r['batches']:>8} {r['padding_share']:>8.1%} {r['tokens_per_second']:>11,.0f} "
+                if way.startswith("ray") else f"capture alone {r['capture_seconds']:.1f} s")
+        print(f"{way:<10} {r['batches']:>8} {r['padding_share']:>8.1%} {r['tokens_per_second']:>11,.0f} "
               f"{r['seconds']:>9.2f}  {note}")
-    print(f"ray / plain throughput: {ratio:.3f} (acceptance: >= 0.9); bucketing / fixed: "
-          f"{results['plain']['tokens_per_second'] / results['fixed']['tokens_per_second']:.2f}x")
+    print("where the time goes (seconds, buckets after the first):")
+    columns = ("compute", "content", "write", "wait", "handoff", "other")
+    print(f"{'way':<10} " + " ".join(f"{c:>8}" for c in columns) + "  runs written by")
+    for way in (w for w in WAYS if w in results and w != "fixed"):
+        r = results[way]
+        written = ", ".join(f"{k} {v}" for k, v in r["runs_written"].items()) if "runs_written" in r else "this process"
+        print(f"{way:<10} " + " ".join(f"{r['steps'][c]:>8.2f}" if c in r["steps"] else f"{'':>8}" for c in columns)
+              + f"  {written}")
+    for way, ratio in ratios.items():
+        print(f"{way} / plain throughput: {ratio:.3f}" + (" (acceptance: >= 0.9)" if way == "ray" else ""))
+    if "fixed" in results:
+        gain = results["plain"]["tokens_per_second"] / results["fixed"]["tokens_per_second"]
+        print(f"bucketing / fixed: {gain:.2f}x")
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    record = {"model": model, "device": device, "gpu": gpu, "host": platform.node(), "n_texts": n,
+    record = {"model": label, "device": device, "gpu": gpu, "host": platform.node(), "n_texts": n,
               "token_range": [lo, hi], "token_budget": budget, "fixed_batch": batch, "stats": stats,
-              "torch": torch.__version__, "ray_over_plain": round(ratio, 4), "results": results}
+              "torch": torch.__version__, "ray_over_plain": ratios.get("ray"),
+              "ray_driver_over_plain": ratios.get("ray-driver"), "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sweep_throughput{'_small' if small else ''}.json"
+    path = args.out / f"sweep_throughput{'_small' if small else ''}{'_wide' if args.wide else ''}{args.tag}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"written to {path}")
 

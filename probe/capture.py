@@ -212,10 +212,12 @@ def head_summary(cap: Capture) -> pd.DataFrame:
         df[SINK] = alpha0.double().cpu().numpy().ravel()  # exact: float32 values as float64, as float() gave
     for name in PER_QUERY:
         if name in cap.stats:
-            t = cap[name]
-            # per (b, l, h) slice, as a 1-d nanmean: the same float32 sums as ever (bit for bit)
-            df[name] = [float(torch.nanmean(t[b, l, h].float())) for b in range(B) for l in range(L)
-                        for h in range(H)]
+            t = cap[name].float().reshape(B, L, H, -1)
+            # one nanmean along the rows of all (b, l, h) slices at once, not one call per slice (a
+            # 1000-text bucket of a 270-head model made 270k calls): each row is reduced as a 1-d
+            # nanmean of its slice reduces it, the same float32 sums bit for bit (rows of more than
+            # torch's 32k-element grain may split across threads either way)
+            df[name] = torch.nanmean(t, dim=-1).double().cpu().numpy().ravel()
     return df
 
 

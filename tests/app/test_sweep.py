@@ -15,7 +15,7 @@ import torch
 
 from attnlab.analyses import ANALYSES
 from attnlab.app import cli, sweep
-from attnlab.probe import RunStore
+from attnlab.probe import AttnlabError, RunStore
 
 ray = pytest.importorskip("ray")  # in the `test` extra: the import never fails where the lock is installed
 
@@ -131,6 +131,14 @@ def test_a_sweep_equals_its_cells_run_one_by_one_and_a_rerun_runs_nothing(cluste
     assert all(c["worker"]["node"] and c["worker"]["pid"] and c["seconds"] > 0 for c in manifest["cells"])
     assert len({c["worker"]["pid"] for c in manifest["cells"]}) >= 2
     assert manifest["invocations"][-1]["ran"] == 12
+    # the workers share this machine's store: each wrote its own runs, nothing went through the driver
+    assert {c["writer"] for c in manifest["cells"]} == {"worker"}
+    assert manifest["invocations"][-1]["runs_written"] == {"worker": 12, "driver": 0}
+    for c in manifest["cells"]:
+        assert list(c["timings"]) == ["wait", "compute", "content", "write", "handoff"], c["timings"]
+        assert all(v >= 0 for v in c["timings"].values()) and c["timings"]["compute"] > 0
+        assert c["timings"]["compute"] + c["timings"]["content"] + c["timings"]["write"] <= c["seconds"] + 0.003
+    assert not list((tmp_path / "runs" / "sweeps").glob(".reach-*"))  # the store's marker is gone
 
     # a rerun of the finished sweep starts nothing: no Ray call, no model, no write
     monkeypatch.setattr(sweep, "_ray", lambda: pytest.fail("a finished sweep started Ray"))
@@ -227,6 +235,68 @@ def test_an_out_of_memory_cell_is_retried_once_with_half_the_batch(tmp_path, fau
                      cell.input)
     rec = worker.run(big)
     assert rec["status"] == "failed" and "OutOfMemoryError" in rec["error"] and len(rec["retries"]) == 1
+
+
+@pytest.mark.slow
+def test_runs_the_driver_writes_equal_those_the_workers_write(cluster, tmp_path):
+    path = write_spec(tmp_path, f"""\
+        name: writers
+        models: [tiny-qwen2]
+        inputs: [{{texts: {json.dumps(TEXTS)}}}]
+        analyses: [{{name: sinks, params: {json.dumps(ANALYSIS_PARAMS["sinks"])}}}]
+        captures: [{{stats: [received, "sink_mass(1)", entropy]}}]
+        """)
+    spec = sweep.load_spec(path)
+    by = {}
+    for writer in ("driver", "auto"):
+        report = sweep.run_sweep(spec, tmp_path / writer, workers=1, writer=writer)
+        assert (report.done, report.failed) == (2, 0), report.cells
+        manifest = json.loads(report.manifest.read_text())
+        by[writer] = {c["writer"] for c in manifest["cells"]}
+        assert manifest["invocations"][-1]["writer"] == writer
+        assert all(c["timings"]["write"] > 0 for c in manifest["cells"])
+    assert by == {"driver": {"driver"}, "auto": {"worker"}}
+    driver, worker = RunStore(tmp_path / "driver"), RunStore(tmp_path / "auto")
+    for cell in spec.cells:
+        a, b = driver.load(cell.run), worker.load(cell.run)
+        assert_same_run(a, b)
+        assert a.manifest["sweep"] == b.manifest["sweep"] == {"name": "writers", "cell": cell.id, "input": "texts0"}
+    with pytest.raises(AttnlabError, match="writer is 'workers': use auto or driver"):
+        sweep.run_sweep(spec, tmp_path / "auto", writer="workers")
+
+
+def test_a_worker_writes_a_run_only_into_the_store_folder_it_sees(tmp_path, tiny_models):
+    path = write_spec(tmp_path, f"""\
+        name: reach
+        models: [tiny-gpt2]
+        inputs: [{{texts: {json.dumps(TEXTS[:2])}}}]
+        captures: [{{stats: [received, entropy]}}]
+        """)
+    [cell] = sweep.load_spec(path).cells
+    worker = sweep.Worker.__new__(sweep.Worker)
+    worker.probe = tiny_models("tiny-gpt2")
+    store = RunStore(tmp_path / "runs")
+    with sweep._store_marker(store, "auto") as where:
+        [marker] = (tmp_path / "runs" / "sweeps").glob(".reach-*")
+        # a folder of the same path whose marker holds another token: another machine's, not the driver's
+        elsewhere = {**where, "token": "0" * 32}
+        rec = worker.run(cell, elsewhere)
+        assert rec["status"] == "done" and rec["writer"] == "driver" and "write" not in rec["timings"]
+        assert not (tmp_path / "runs" / cell.run).exists()
+        kind, model, content = rec.pop("content")
+        returned = store.load(store.write(kind, model, name=f"{cell.run}-returned", **content))
+
+        rec = worker.run(cell, where)
+        assert rec["status"] == "done" and rec["writer"] == "worker" and "content" not in rec
+        assert set(rec["timings"]) == {"compute", "content", "write"}
+        assert_same_run(store.load(cell.run), returned)
+        assert store.load(cell.run).manifest["sweep"] == returned.manifest["sweep"]
+
+        rec = worker.run(cell, where)  # its run exists already: a failure of this cell, not of the worker
+        assert rec["status"] == "failed" and "already exists" in rec["error"]
+    assert not marker.exists()
+    with sweep._store_marker(store, "driver") as where:
+        assert where is None
 
 
 def test_models_share_the_worker_slots_and_never_get_more_actors_than_cells():

@@ -39,6 +39,23 @@ def test_capture_round_trip(tmp_path, smollm2, capture):
     pd.testing.assert_frame_equal(run.tables["heads"], capture.head_summary())
 
 
+def test_the_tokens_table_is_one_row_per_batch_and_position_as_the_row_by_row_definition(tiny_models):
+    from attnlab.probe.runs import TOKEN_COLUMNS, tokens_table
+
+    probe = tiny_models("tiny-llama")
+    tok = probe.tokenize(["A first text, a bit longer than the next.", "Second.", "Third one here."])
+    assert tok.padded  # pads: '' strings, (-1, -1) offsets, real False
+    B, N = tok.input_ids.shape
+    rows = [(b, i, int(tok.input_ids[b, i]), tok.strings[b][i], bool(tok.attention_mask[b, i]),
+             int(tok.offsets[b][i][0]), int(tok.offsets[b][i][1])) for b in range(B) for i in range(N)]
+    want = pd.DataFrame(rows, columns=list(TOKEN_COLUMNS))
+    pd.testing.assert_frame_equal(tokens_table(tok), want, check_exact=True)
+
+    tok.strings[1] = tok.strings[1][:-1]  # a row short of strings is refused, never shifted
+    with pytest.raises(AttnlabError, match=r"row 1 has .* strings"):
+        tokens_table(tok)
+
+
 def test_run_files_are_plain_formats_only(tmp_path, smollm2, capture):
     path = RunStore(tmp_path).save_capture(capture, smollm2)
     suffixes = {p.suffix for p in path.iterdir()}
