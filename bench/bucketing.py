@@ -75,7 +75,8 @@ STATS = ["received", "entropy", "sink_mass(1)"]
 NAMES = [s.split("(")[0] for s in STATS]  # the capture's tensor names
 UNITS = {"received": "share of attention", "entropy": "nats", "sink_mass": "attention mass"}
 # Agreement of a float32 run with itself in another batch shape: summation order only. Measured on the
-# CPU (SmolLM2, 24 texts of 64-1,024 tokens, twin): 1.7e-6, 3.1e-5 nats, 7.5e-6; a bug is far above.
+# CPU (SmolLM2, 24 texts of 64-1,024 tokens, twin): received 1.7e-6 (unweighted), entropy 3.1e-5 nats,
+# sink_mass 7.5e-6; a bug is far above.
 FLOAT32_TOLERANCE = {"received": 1e-4, "entropy": 1e-3, "sink_mass": 1e-4}
 # Slack of the range check (absolute, and relative on ln N): the eager backend's bf16 pattern rounds each
 # weight (a row may sum to 1 +- 0.5%); a kernel bug (a wrong normaliser, a lost tile) is far outside.
@@ -231,7 +232,7 @@ def print_where(row: dict) -> None:
               f"position {w['position']}: {w['values'][0]:.4g} vs {w['values'][1]:.4g}")
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="CPU-sized: tiny-llama, 48 texts of 8-384 tokens")
     ap.add_argument("--model", default=None, help="registry name (default smollm2-135m; tiny-llama with --small)")
@@ -288,7 +289,7 @@ def main() -> None:
         checked = checks(probe, rows[:n_check], batch_size, budget, args.backend, model, device, fixed_texts,
                          bucketed_texts, cap.layers, cap.heads, cap.backend)
     ranges = {"fixed": out_of_range(fixed_texts), "bucketed": out_of_range(bucketed_texts)}
-    failures = float32_failures({**agree, **checked}) + [
+    failures = float32_failures(agree) + float32_failures(checked) + [
         f"{mode}: {count} real positions of {name} out of range (or NaN)" for mode, counts in ranges.items()
         for name, count in counts.items() if count]
     results = {
