@@ -27,8 +27,9 @@ the two values), its 99.9th percentile and its mean over every real position.
 What to expect. A text's statistics do not depend on its batch in exact arithmetic (left padding,
 per-text positions; `attnlab.kernels.request`), so in float32 the runs agree to summation order. In
 bfloat16 they do not: another batch moves the chunk and tile boundaries of attention (its padding;
-on a GPU the matmul kernels may also change with the batch's size), fp32 sums change in the last bits, the bf16 output now and then rounds the other way (8 significant bits),
-and a deep model amplifies that. SmolLM2's layer 11 writes massive activations (the first token's
+on a GPU the matmul kernels may also change with the batch's size), fp32 sums change in the last
+bits, the bf16 output now and then rounds the other way (8 significant bits), and a deep model
+amplifies that. SmolLM2's layer 11 writes massive activations (the first token's
 residual reaches ~25,000); at some tokens it is a near-threshold case (text 0 below, position 1,750:
 largest residual entry 354 alone, 148 in a batch, 123 in float32), and every later layer then attends
 differently from that row (between the first-token sink and the other keys: sink_mass by up to 1,
@@ -297,8 +298,8 @@ def main() -> int:
         "dtype": str(probe.dtype).removeprefix("torch."), "backend": cap.backend, "texts": n,
         "lengths": [low, high], "real_tokens": real, "stats": STATS, "table": table,
         "speedup": round(t_fixed / t_bucket, 3), "batching": report,
-        "out_of_range": ranges, "agreement": agree, "check_texts": n_check, "checks": checked, "float32_tolerance": FLOAT32_TOLERANCE,
-        "float32_failures": failures,
+        "out_of_range": ranges, "agreement": agree, "check_texts": n_check, "checks": checked,
+        "float32_tolerance": FLOAT32_TOLERANCE, "float32_failures": failures,
     }
     print(f"{model} on {results['device']} ({results['dtype']}, {cap.backend}): {n} texts of {low}-{high} tokens, "
           f"{real:,} real tokens")
@@ -318,8 +319,8 @@ def main() -> int:
         print_agreement(checked)
     tolerance = ", ".join(f"{name} {tol:g}" for name, tol in FLOAT32_TOLERANCE.items())
     if probe.dtype != torch.float32:
-        print(f"\nexpected: {results['dtype']} rounds differently in another batch and a deep model amplifies it at a few "
-              "rows (a token near a massive-activation threshold moves between the first-token sink and the other "
+        print(f"\nexpected: {results['dtype']} rounds differently in another batch and a deep model amplifies it "
+              "at a few rows (a token near a massive-activation threshold moves between the first-token sink and the other "
               "keys): on SmolLM2 worst cases of order one (sink_mass up to ~1, entropy up to ln N nats), means ~1e-2 "
               f"nats. That is rounding, not a bug, when nothing is out of range, the float32 rows agree within "
               f"{tolerance}, and '{results['dtype']} alone vs float32 alone' is of the size of the batch differences "

@@ -45,7 +45,8 @@ def test_received_is_weighted_by_the_queries_that_see_the_key_and_the_worst_says
     assert got["received"]["where"] == {"text": 1, "length": 40, "layer": 4, "head": 1, "position": 0,
                                         "values": [float(a[1]["received"][0, 1, 0]), float(b[1]["received"][0, 1, 0])]}
     assert math.isclose(got["entropy"]["worst"], 2.0, rel_tol=1e-6)
-    assert (got["entropy"]["where"]["text"], got["entropy"]["where"]["layer"], got["entropy"]["where"]["position"]) == (0, 9, 7)
+    where = got["entropy"]["where"]
+    assert (where["text"], where["layer"], where["position"]) == (0, 9, 7)
     assert math.isclose(got["sink_mass"]["worst"], 0.25, rel_tol=1e-6)
     # a NaN on one side only is the worst difference there is
     b[0]["sink_mass"][0, 0, 3] = float("nan")
@@ -79,7 +80,8 @@ def test_the_small_bench_in_bf16_reports_every_statistic_and_its_float32_check(t
     result = json.loads((tmp_path / "bucketing_small.json").read_text())
     assert result["dtype"] == "bfloat16" and result["float32_failures"] == []
     assert set(result["agreement"]["bfloat16 fixed vs bucketed"]) == {"received", "entropy", "sink_mass"}
-    assert {"float32 fixed vs bucketed", "float32 fixed vs alone", "bfloat16 alone vs float32 alone"} <= set(result["checks"])
+    assert {"float32 fixed vs bucketed", "float32 fixed vs alone",
+            "bfloat16 alone vs float32 alone"} <= set(result["checks"])
     assert result["out_of_range"] == {"fixed": {"received": 0, "entropy": 0, "sink_mass": 0},
                                       "bucketed": {"received": 0, "entropy": 0, "sink_mass": 0}}
     assert "worst entropy: text" in done.stdout and "bfloat16 alone vs float32 alone" in done.stdout
