@@ -320,8 +320,8 @@ def main() -> int:
     tolerance = ", ".join(f"{name} {tol:g}" for name, tol in FLOAT32_TOLERANCE.items())
     if probe.dtype != torch.float32:
         print(f"\nexpected: {results['dtype']} rounds differently in another batch and a deep model amplifies it "
-              "at a few rows (a token near a massive-activation threshold moves between the first-token sink and the other "
-              "keys): on SmolLM2 worst cases of order one (sink_mass up to ~1, entropy up to ln N nats), means ~1e-2 "
+              "at a few rows (a token near a massive-activation threshold moves between the first-token sink and "
+              "the other keys): on SmolLM2 worst cases of order one (sink_mass up to ~1, entropy up to ln N nats), means ~1e-2 "
               f"nats. That is rounding, not a bug, when nothing is out of range, the float32 rows agree within "
               f"{tolerance}, and '{results['dtype']} alone vs float32 alone' is of the size of the batch differences "
               "(module docstring).")
