@@ -549,8 +549,9 @@ class Probe:
 
         max_batch_tokens / batch_size: many texts run as length buckets (`attnlab.probe.buckets`)
         instead of one padded batch: longest first, each forward within max_batch_tokens padded tokens
-        (rows x longest row) and batch_size rows. The capture is the same (rows in the caller's order,
-        on the whole batch's padded grid; `capture.batching` reports the padding avoided); logits are
+        (rows x longest row) and batch_size rows. The capture is the same, to the dtype's rounding (which a
+        deep model amplifies in bf16: `attnlab.probe.buckets`), with rows in the caller's order,
+        on the whole batch's padded grid (`capture.batching` reports the padding avoided); logits are
         the same at real positions and NaN at pads (a bucket computes no pads of other buckets); progress
         then counts batches."""
         return_logits = validate.flag(return_logits, "return_logits")
