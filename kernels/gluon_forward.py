@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.kernels.gluon_hopper import LOG2E, importable
+from attnlab.kernels.gluon_hopper import (LOG2E, device_reason, feature_reasons, importable,
+                                          tma_reason)
 
 if importable():
     import triton
@@ -279,30 +280,21 @@ STATS = ("entropy", "top_key", "top_prob", "sink_mass")
 
 def unsupported(call, request) -> str | None:
     """Why the Gluon forward does not take this call (the Triton forward then does), or None."""
-    if not importable():
-        return "this triton has no Gluon Hopper language"
-    if not call.q.is_cuda or torch.cuda.get_device_capability(call.q.device)[0] != 9:
-        return "not a Hopper GPU (sm_90)"
-    return call_reason(call, request)
+    return device_reason(call.q) or call_reason(call, request)
 
 
 def call_reason(call, request) -> str | None:
     """What in the call itself (not the device) the Gluon forward does not cover, or None."""
     if call.D not in FORWARD_CONFIG:
         return f"head dim {call.D} (the Gluon forward has tiles for {sorted(FORWARD_CONFIG)})"
-    reasons = [what for what, present in (
-        ("a softcap", call.softcap is not None), ("a sliding window", call.window is not None),
-        ("a key bias", call.key_bias is not None), ("an edit", call.edit is not None),
-        ("learned sinks", call.sinks is not None)) if present]
+    reasons = feature_reasons(call, ("learned sinks", call.sinks is not None))
     if reasons:
         return ", ".join(reasons) + " (on the Triton forward)"
     others = [name for name in request.outputs("forward") if name not in STATS]
     if others:
         return ", ".join(others) + " (on the Triton forward)"
-    for t in (call.q, call.k, call.v):
-        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
-            return "query/key/value strides or base not 16-byte aligned (TMA)"
-    return None
+    why = tma_reason(call.q, call.k, call.v)
+    return None if why is None else f"query/key/value {why}"
 
 
 def _descriptor(t: torch.Tensor, rows: int, d: int):

@@ -250,31 +250,47 @@ if importable():
 COLUMNS_CONFIG = {128: (128, 64, 4, False, 168, 232)}
 
 
-def unsupported(call, request) -> str | None:
-    """Why the Gluon pass 2 does not take this call (the Triton kernel then does), or None."""
+def device_reason(q: torch.Tensor) -> str | None:
+    """Why the GPU or the triton here cannot run a Gluon Hopper kernel, or None (both kernels' first check)."""
     if not importable():
         return "this triton has no Gluon Hopper language"
-    if not call.q.is_cuda or torch.cuda.get_device_capability(call.q.device)[0] != 9:
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not a Hopper GPU (sm_90)"
-    return call_reason(call, request)
+    return None
+
+
+def feature_reasons(call, *more: tuple[str, bool]) -> list[str]:
+    """The attention features of `call` the Gluon kernels leave to Triton, and those of `more` (name,
+    present) pairs that are present."""
+    return [what for what, present in (
+        ("a softcap", call.softcap is not None), ("a sliding window", call.window is not None),
+        ("a key bias", call.key_bias is not None), ("an edit", call.edit is not None), *more) if present]
+
+
+def tma_reason(*tensors: torch.Tensor) -> str | None:
+    """None when every tensor's strides (but the last) and base are 16-byte aligned, as TMA needs."""
+    for t in tensors:
+        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return "strides or base not 16-byte aligned (TMA)"
+    return None
+
+
+def unsupported(call, request) -> str | None:
+    """Why the Gluon pass 2 does not take this call (the Triton kernel then does), or None."""
+    return device_reason(call.q) or call_reason(call, request)
 
 
 def call_reason(call, request) -> str | None:
     """What in the call itself (not the device) the Gluon pass 2 does not cover, or None."""
     if call.D not in COLUMNS_CONFIG:
         return f"head dim {call.D} (the Gluon pass 2 is faster than the Triton one at d 128 only)"
-    reasons = [what for what, present in (
-        ("a softcap", call.softcap is not None), ("a sliding window", call.window is not None),
-        ("a key bias", call.key_bias is not None), ("an edit", call.edit is not None),
-        ("segments", request.segment_ids is not None)) if present]
+    reasons = feature_reasons(call, ("segments", request.segment_ids is not None))
     if reasons:
         return ", ".join(reasons) + " (on the Triton kernel)"
     if request.pooled_block is not None and request.pooled_block % 64:
         return "a pooled block that is not a multiple of 64"
-    for t in (call.q, call.k):
-        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
-            return "query/key strides or base not 16-byte aligned (TMA)"
-    return None
+    why = tma_reason(call.q, call.k)
+    return None if why is None else f"query/key {why}"
 
 
 def _descriptor(t: torch.Tensor, rows: int, d: int):
