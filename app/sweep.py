@@ -742,7 +742,7 @@ def retry_note(cell: Cell, smaller: dict | None) -> str:
     options = [f.name for f in ANALYSES[cell.name].fields() if f.name in BATCH_OPTIONS]
     if not options:
         return f"retried unchanged: {cell.name} has no batch option"
-    return f"retried unchanged: {cell.name}'s {' and '.join(options)} cannot be halved (1, or no limit, already)"
+    return f"retried unchanged: its {' and '.join(options)} cannot be halved (1 already, or no limit)"
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -1,7 +1,8 @@
 """Sweeps on a real local Ray cluster (2 CPU workers) with the tiny random-init models: the stored
 runs equal the same cells run one by one in this process, bit for bit; a worker killed mid-sweep
 loses only its cell, which the rerun completes; a rerun of a finished sweep runs nothing; an
-out-of-memory cell is retried once with half its batch size."""
+out-of-memory cell is retried once with half its batch (a capture: half the padded tokens of its
+largest batch), and one without a batch option says it was retried unchanged."""
 
 from __future__ import annotations
 
@@ -508,7 +509,7 @@ def test_an_analysis_without_a_batch_option_is_retried_unchanged_and_says_so(tmp
     assert_same_run(swept.load(swept.write(kind, model, name=cell.run, **content)), alone.load(res.save(alone, probe)))
 
 
-def test_a_methods_retry_halves_its_batch_size_down_to_one():
+def test_a_retry_halves_a_batch_size_down_to_one_and_then_says_it_cannot():
     def method(batch_size):
         params = {**sweep.METHOD_RUN_OPTIONS, "batch_size": batch_size, "hyperparameters": {}}
         return sweep.Cell("0" * 16, "s", "tiny-llama", "method", "act", params, None)
@@ -517,3 +518,13 @@ def test_a_methods_retry_halves_its_batch_size_down_to_one():
     assert sweep.smaller_batch(method(3)) == {"batch_size": 1}
     assert sweep.smaller_batch(method(1)) is None
     assert sweep.retry_note(method(1), None) == "retried unchanged: its batch_size is 1 already"
+
+    def sinks(texts, **params):
+        return sweep.Cell("0" * 16, "s", "tiny-llama", "analysis", "sinks", params,
+                          sweep.Input("t", "texts", tuple(texts)))
+
+    assert sweep.smaller_batch(sinks(TEXTS * 4)) == {"batch_size": 4}  # 12 texts: the default batch of 8 halved
+    assert sweep.smaller_batch(sinks(TEXTS * 4, batch_size=5)) == {"batch_size": 2}
+    assert sweep.smaller_batch(sinks(TEXTS[:1])) is None  # one text per batch already
+    assert sweep.retry_note(sinks(TEXTS[:1]), None) == \
+        "retried unchanged: its batch_size cannot be halved (1 already, or no limit)"
