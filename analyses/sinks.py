@@ -354,6 +354,9 @@ class SinkParams:
     k_max: int = field(default=10, metadata={"range": (1, 4096), "help": "first keys measured"})
     hidden_threshold: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
     min_queries: int = field(default=16, metadata={"range": (1, 1 << 20)})
+    # how many texts one capture holds: memory, not the numbers (a sweep's out-of-memory retry halves it)
+    batch_size: int = field(default=8, metadata={"range": (1, 1 << 20), "batch": "texts",
+                                                 "help": "texts captured together"})
 
 
 @dataclass(frozen=True)

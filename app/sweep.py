@@ -26,6 +26,8 @@ The spec (YAML, or TOML with the same keys; paths are relative to the spec file)
         grid: {supervised: [true, false]}  # estimator's hyperparameters
     captures:                          # plain captures (`attnlab capture`)
       - {stats: [received, entropy], backend: auto}
+      - {stats: [received], max_batch_tokens: 65536}  # optional batch options of `probe.capture`:
+                                       # max_batch_tokens (padded tokens per batch), batch_size (texts)
     device: cpu                        # optional: cpu forces CPU workers where GPUs exist
     plugins: [my_analyses.py]          # optional: modules (dotted names or .py files) every worker
                                        # imports first; they `register` their own analyses
@@ -41,9 +43,11 @@ before Ray starts; an error names the file and the key, e.g. `analyses[0].grid.e
 
 Identity and resuming: a cell's id is a hash of its model, the content of its input, its job and
 its full parameters (the analysis' Params with defaults filled in), and its run is named
-`<sweep>-<id>`. A cell whose run exists in the store is done (runs are written atomically): a
-rerun skips it, and a rerun of a finished sweep starts no Ray cluster and loads no model. Failed
-cells run again on a rerun.
+`<sweep>-<id>`. Batch options change memory, not results: a capture's, and an analysis parameter
+declared one (field metadata `batch`, e.g. sinks' `batch_size`), are among a cell's parameters only
+where the spec gives them, so adding one keeps the ids of earlier sweeps. A cell whose run exists
+in the store is done (runs are written atomically): a rerun skips it, and a rerun of a finished
+sweep starts no Ray cluster and loads no model. Failed cells run again on a rerun.
 
 Workers (Ray's machinery: actors, `ray.wait`): up to `workers` actors at once, each holding one
 loaded probe (one GPU each, `num_gpus=1`, with its share of the node's CPU cores, where the cluster
@@ -53,9 +57,15 @@ Each actor has one cell in flight at a time, so a worker that dies (`RayActorErr
 `WorkerCrashedError`, Ray's memory monitor) loses only that cell, which is recorded as failed; a
 fresh actor replaces it. A cell that raises
 is recorded with its error and the sweep goes on. An out-of-memory error (torch's, or CUDA's as a
-RuntimeError) is retried once with half the batch size where the cell has one (a method's
-`batch_size`, an analysis parameter named `batch_size`); a cell without a batch size is retried
-once as it is, after the allocator's cache is emptied.
+RuntimeError) is retried once, after the allocator's cache is emptied, with half the batch the first
+try ran (`smaller_batch`): a method's `batch_size`; an analysis parameter named `batch_size` or
+`max_batch_tokens` (sinks' `batch_size` counts texts, so it is halved from the texts its first
+batch held); a capture gets a token budget, `max_batch_tokens`, of half the padded tokens of its
+largest batch (the whole input as one batch, longest text x texts, where the cell gives no batch
+option). The retry's options are recorded in the retry record and the run's manifest (`sweep`). A
+cell with no batch option (most analyses) is retried as it is, and its retry record says so
+("retried unchanged: <analysis> has no batch option"), as does one whose batch cannot shrink (one
+text). A retry that fails too fails the cell, with both errors: the first in `retries`.
 
 Who writes a cell's run (`writer`, chosen per cell, recorded in the manifest): a worker that sees the
 store writes it itself, through the same atomic `RunStore.write` (a worker killed mid-write leaves no
@@ -117,7 +127,11 @@ INSTALL_RAY = "pip install 'attnlab[sweep]'"
 SPEC_KEYS = ("name", "models", "inputs", "analyses", "methods", "captures", "device", "plugins")
 INPUT_KINDS = ("text", "texts", "file", "task")
 METHOD_RUN_OPTIONS = {"n": 200, "n_tune": 64, "seed": 0, "batch_size": 16}  # `run_method`'s defaults
-CAPTURE_KEYS = ("stats", "backend", "prepend_bos")
+CAPTURE_KEYS = ("stats", "backend", "prepend_bos", "max_batch_tokens", "batch_size")
+# the batch options of a capture: in a cell's parameters (and so its id) only where the spec gives them
+CAPTURE_BATCH = {"max_batch_tokens": "the padded tokens (rows x longest row) one batch may hold, e.g. 65536",
+                 "batch_size": "the texts one batch may hold, e.g. 8"}
+BATCH_OPTIONS = ("max_batch_tokens", "batch_size")  # analysis parameters an out-of-memory retry halves
 WRITERS = ("auto", "driver")  # who writes a cell's run (run_sweep's `writer`)
 MANIFEST_FORMAT = 1  # the sweep manifest's layout (module docstring)
 ID_CHARS = 16  # hex digits of a cell id (64 bits)
@@ -498,7 +512,10 @@ def _analysis_cells(sweep, key, name, entry, models, inputs, c) -> list[Cell]:
         except AttnlabError as e:
             bad = next((k for k in values if str(e).startswith(k)), None)
             raise c.fail(where[bad] if bad else f"{key}.params", f"is wrong: {e}") from None
-        plain = {k: _plain(v) for k, v in dataclasses.asdict(params).items()}
+        # a declared batch option (field metadata "batch") changes memory, not the result: in the id only
+        # where the spec gives it, so adding one to an analysis keeps its sweeps' ids
+        batch = {f.name for f in dataclasses.fields(params) if f.metadata.get("batch") and f.name not in values}
+        plain = {k: _plain(v) for k, v in dataclasses.asdict(params).items() if k not in batch}
         for inp in readable or [None]:
             if analysis.check is not None:
                 try:
@@ -594,6 +611,12 @@ def _capture_cells(sweep, key, entry, models, inputs, c) -> list[Cell]:
         if not isinstance(bos, bool):
             raise c.fail(where("prepend_bos"), f"must be true or false (got {bos!r})")
         params = {"stats": [s.label() for s in parsed], "backend": backend, "prepend_bos": bos}
+        for k, hint in CAPTURE_BATCH.items():
+            if k in values:  # only when given: the ids of captures without them stay what they were
+                v = values[k]
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise c.fail(where(k), f"must be a whole number of at least 1 (got {v!r:.60}): {hint}")
+                params[k] = v
         for inp in readable:
             cells += [_cell(sweep, model, "capture", "capture", params, inp) for model in models]
     return cells
@@ -615,55 +638,111 @@ class _RunContent(RunStore):
         return self.root
 
 
-def run_cell(probe, cell: Cell, batch_size: int | None = None, timings: dict | None = None) -> tuple[str, dict, dict]:
+def run_cell(probe, cell: Cell, overrides: dict | None = None, timings: dict | None = None) -> tuple[str, dict, dict]:
     """Run one cell on a loaded probe; returns the run's content (kind, model record, `RunStore.write`
-    keyword arguments). batch_size overrides the cell's own (the out-of-memory retry). timings, when
-    given, receives the seconds of "compute" (the analysis, method or capture) and of "content"
-    (building the run's tables and tensors from its result)."""
+    keyword arguments). overrides: batch options that replace the cell's own (the out-of-memory
+    retry's, `smaller_batch`), recorded in the run's manifest. timings, when given, receives the
+    seconds of "compute" (the analysis, method or capture) and of "content" (building the run's
+    tables and tensors from its result)."""
     from attnlab.analyses import ANALYSES
 
+    overrides = dict(overrides or {})
     content = _RunContent()
     started = time.perf_counter()
     if cell.job == "analysis":
         analysis = ANALYSES[cell.name]
         # the checked values as they are (JSON lists back to tuples), never re-parsed as typed text
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in cell.params.items()}
-        if batch_size is not None:
-            values["batch_size"] = batch_size
-        res = analysis.run(probe, _analysis_inputs(analysis, cell.input), analysis.params(**values))
+        res = analysis.run(probe, _analysis_inputs(analysis, cell.input), analysis.params(**(values | overrides)))
         computed = time.perf_counter()
         res.save(content, probe)
     elif cell.job == "method":
         from attnlab.interventions.run import run_method
 
-        run = {k: cell.params[k] for k in METHOD_RUN_OPTIONS}
-        if batch_size is not None:
-            run["batch_size"] = batch_size
+        run = {k: cell.params[k] for k in METHOD_RUN_OPTIONS} | overrides
         res = run_method(probe, cell.name, cell.input.task, params=dict(cell.params["hyperparameters"]),
                          progress=None, **run)
         computed = time.perf_counter()
         res.save(content, probe)
     elif cell.job == "capture":
+        batching = {k: cell.params[k] for k in CAPTURE_BATCH if k in cell.params} | overrides
         cap = probe.capture(list(cell.input.texts), stats=cell.params["stats"], backend=cell.params["backend"],
-                            prepend_bos=cell.params["prepend_bos"])
+                            prepend_bos=cell.params["prepend_bos"], **batching)
         computed = time.perf_counter()
         content.save_capture(cap, probe)
     else:
         raise AttnlabError(f"cell {cell.id}: unknown job {cell.job!r}")
     kind, model, kwargs = content.content
     record = {"name": cell.sweep, "cell": cell.id, "input": cell.describe()["input"]}
-    if batch_size is not None:
-        record["batch_size"] = batch_size  # the out-of-memory retry's, not the cell's own
+    record.update(overrides)  # the out-of-memory retry's batch options, not the cell's own
     kwargs.setdefault("manifest", {})["sweep"] = record
     if timings is not None:
         timings.update(compute=round(computed - started, 3), content=round(time.perf_counter() - computed, 3))
     return kind, model, kwargs
 
 
-def batch_size_of(cell: Cell) -> int | None:
-    """The cell's batch size, where it has one (a method's, or an analysis parameter `batch_size`)."""
-    value = cell.params.get("batch_size")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def smaller_batch(cell: Cell, probe=None) -> dict | None:
+    """The batch options of a cell's out-of-memory retry, each half of what the first try ran: None
+    where the cell has none, or where halving changes no batch (`retry_note` says which).
+
+    A method: half its `batch_size`. An analysis: half of each parameter named max_batch_tokens or
+    batch_size (given or its default); one declared as counting texts (field metadata
+    `batch: "texts"`, e.g. sinks') is halved from the texts its first batch held, so that a batch of 8
+    over 3 texts retries with 1, not 4. A capture (`probe` tokenizes its texts): a token budget of
+    half the padded tokens of the largest batch the first try ran (the whole input as one batch
+    where the cell gives no batch option; never more than half the cell's own budget); a batch of
+    one text over budget stays one batch, since a text is never split."""
+    if cell.job == "capture":
+        return _capture_budget(cell, probe)
+    if cell.job == "method":
+        size = cell.params["batch_size"]
+        return {"batch_size": size // 2} if size > 1 else None
+    from attnlab.analyses import ANALYSES
+
+    analysis = ANALYSES[cell.name]
+    params = analysis.params(**{k: tuple(v) if isinstance(v, list) else v for k, v in cell.params.items()})
+    fields = {f.name: f for f in dataclasses.fields(params)}
+    smaller = {}
+    for name in BATCH_OPTIONS:
+        value = getattr(params, name, None)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue  # not an option of this analysis, or None (no limit, nothing to halve)
+        if fields[name].metadata.get("batch") == "texts" and cell.input is not None:
+            value = min(value, len(_analysis_inputs(analysis, cell.input)))  # the first batch's texts
+        if value > 1:
+            smaller[name] = value // 2
+    return smaller or None
+
+
+def _capture_budget(cell: Cell, probe) -> dict | None:
+    """`smaller_batch` of a capture cell: {"max_batch_tokens": half the first try's largest batch}."""
+    from attnlab.probe import buckets
+
+    given, rows = cell.params.get("max_batch_tokens"), cell.params.get("batch_size")
+    lengths = probe.to_tokens(list(cell.input.texts), prepend_bos=cell.params["prepend_bos"]).lengths()
+    first = buckets.plan(lengths, max_batch_tokens=given, batch_size=rows)  # no limit: one batch of all
+    largest = max(first.padded_tokens([batch]) for batch in first.batches)
+    # at most half the largest batch: half of a budget the input never filled would change nothing
+    budget = max(1, min(largest, given or largest) // 2)
+    if buckets.plan(lengths, max_batch_tokens=budget, batch_size=rows).batches == first.batches:
+        return None  # only a single text over budget is left, which no budget splits
+    return {"max_batch_tokens": budget}
+
+
+def retry_note(cell: Cell, smaller: dict | None) -> str:
+    """What the out-of-memory retry runs, for the retry record: the smaller batch, or why it is unchanged."""
+    if smaller:
+        return "retried with " + ", ".join(f"{k}={v}" for k, v in smaller.items())
+    if cell.job == "capture":
+        return "retried unchanged: its largest batch is a single text, which no token budget splits"
+    if cell.job == "method":
+        return "retried unchanged: its batch_size is 1 already"
+    from attnlab.analyses import ANALYSES
+
+    options = [f.name for f in ANALYSES[cell.name].fields() if f.name in BATCH_OPTIONS]
+    if not options:
+        return f"retried unchanged: {cell.name} has no batch option"
+    return f"retried unchanged: its {' and '.join(options)} cannot be halved (1 already, or no limit)"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -712,27 +791,27 @@ class Worker:
         """One cell: {"status": "done", "writer": "worker"} when this worker wrote its run into the
         store, {"status": "done", "writer": "driver", "content": ...} when the driver is to write it,
         or {"status": "failed", "error", "traceback"}; "timings" holds the seconds of each step. An
-        out-of-memory error is retried once with half the batch size (module docstring).
+        out-of-memory error is retried once with half the batch (`smaller_batch`, module docstring).
 
         store: {"root", "marker", "token"} (`_store_marker`): where the store the driver writes to
         sits; the worker writes the run itself when it sees that folder (`reaches`), else (or when None)
         it returns the content."""
         started = time.perf_counter()
         record: dict = {"worker": self.where(), "retries": [], "started": time.time()}
-        batch = None
+        smaller = None
         timings: dict = {}
         for attempt in range(2):
             try:
                 timings = {}
-                record["content"] = run_cell(self.probe, cell, batch, timings)
+                record["content"] = run_cell(self.probe, cell, smaller, timings)
                 record["status"] = "done"
                 break
             except Exception as e:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
                 if attempt == 0 and is_out_of_memory(e):
                     self._free_memory()
-                    size = batch_size_of(cell)
-                    batch = max(1, size // 2) if size is not None else None
-                    record["retries"].append({"reason": "out of memory", **_error_record(e), "batch_size": batch})
+                    smaller = smaller_batch(cell, self.probe)
+                    record["retries"].append({"reason": "out of memory", **_error_record(e),
+                                              "retry": retry_note(cell, smaller), **(smaller or {})})
                     continue
                 record.update(status="failed", **_error_record(e))
                 break

@@ -1,7 +1,8 @@
 """Sweeps on a real local Ray cluster (2 CPU workers) with the tiny random-init models: the stored
 runs equal the same cells run one by one in this process, bit for bit; a worker killed mid-sweep
 loses only its cell, which the rerun completes; a rerun of a finished sweep runs nothing; an
-out-of-memory cell is retried once with half its batch size."""
+out-of-memory cell is retried once with half its batch (a capture: half the padded tokens of its
+largest batch), and one without a batch option says it was retried unchanged."""
 
 from __future__ import annotations
 
@@ -349,3 +350,181 @@ def test_the_readme_sink_census_plans_18_cells_over_the_three_registry_models(mo
     assert len(spec.cells) == 18 and {c.name for c in spec.cells} == {"sinks"}
     assert {c.input.name for c in spec.cells} == {"prose", "code", "lists"}
     assert sorted({c.params["eps"] for c in spec.cells}) == [0.3, 0.5]
+
+
+# ----- out of memory: every job's retry runs a smaller batch (issue 21) -----
+def run_out_of_memory_over(probe, monkeypatch, limit: int) -> list[int]:
+    """Make `probe.run` raise torch's OutOfMemoryError for a forward of more than `limit` padded tokens
+    (rows x longest row), as a GPU would; returns the padded tokens of every forward, in order."""
+    real, forwards = probe.run, []
+
+    def run(inputs, stats=None, **kwargs):
+        if kwargs.get("max_batch_tokens") is None and kwargs.get("batch_size") is None:  # one forward
+            tokens = probe.to_tokens(inputs, prepend_bos=kwargs.get("prepend_bos", True))
+            forwards.append(tokens.batch_size * tokens.length)
+            if forwards[-1] > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated): {forwards[-1]} padded tokens")
+        return real(inputs, stats, **kwargs)
+
+    monkeypatch.setattr(probe, "run", run)
+    return forwards
+
+
+def local_worker(probe):
+    worker = sweep.Worker.__new__(sweep.Worker)  # the actor's body, in this process
+    worker.probe = probe
+    return worker
+
+
+OOM_TEXTS = [TEXTS[0], "Short.", TEXTS[1], "A line of middling length here."]
+
+
+def test_an_out_of_memory_capture_is_retried_with_half_the_padded_tokens_of_its_one_batch(tmp_path, tiny_models,
+                                                                                           monkeypatch):
+    path = write_spec(tmp_path, f"""\
+        name: oom-capture
+        models: [tiny-llama]
+        inputs: [{{texts: {json.dumps(OOM_TEXTS)}}}]
+        captures: [{{stats: [received, entropy]}}]
+        """)
+    [cell] = sweep.load_spec(path).cells
+    probe = tiny_models("tiny-llama")
+    lengths = probe.to_tokens(OOM_TEXTS).lengths()
+    whole = max(lengths) * len(OOM_TEXTS)  # the first try: every text in one padded batch
+    budget = whole // 2
+    forwards = run_out_of_memory_over(probe, monkeypatch, limit=budget)
+    rec = local_worker(probe).run(cell)
+    assert rec["status"] == "done", rec.get("traceback")
+    [retry] = rec["retries"]
+    assert retry["reason"] == "out of memory" and f"{whole} padded tokens" in retry["error"]
+    assert retry["max_batch_tokens"] == budget and retry["retry"] == f"retried with max_batch_tokens={budget}"
+    assert forwards[0] == whole and len(forwards) > 2 and max(forwards[1:]) <= budget  # really smaller
+    kind, model, content = rec["content"]
+    assert content["manifest"]["sweep"] == {"name": "oom-capture", "cell": cell.id, "input": "texts0",
+                                            "max_batch_tokens": budget}
+    swept, alone = RunStore(tmp_path / "swept"), RunStore(tmp_path / "alone")
+    run = swept.load(swept.write(kind, model, name=cell.run, **content))
+    direct = probe.capture(OOM_TEXTS, stats=["received", "entropy"], max_batch_tokens=budget)
+    assert_same_run(run, alone.load(alone.save_capture(direct, probe)))
+
+
+def test_a_capture_retry_halves_the_cells_own_budget_and_a_second_failure_fails_the_cell(tmp_path, tiny_models,
+                                                                                        monkeypatch):
+    probe = tiny_models("tiny-llama")
+    lengths = sorted(probe.to_tokens(OOM_TEXTS).lengths(), reverse=True)
+    given = 2 * lengths[0]  # two texts per batch at most
+    path = write_spec(tmp_path, f"""\
+        name: oom-budget
+        models: [tiny-llama]
+        inputs: [{{texts: {json.dumps(OOM_TEXTS)}}}]
+        captures: [{{stats: [received], max_batch_tokens: {given}}}]
+        """)
+    [cell] = sweep.load_spec(path).cells
+    assert cell.params["max_batch_tokens"] == given
+    forwards = run_out_of_memory_over(probe, monkeypatch, limit=lengths[0])
+    rec = local_worker(probe).run(cell)
+    assert rec["status"] == "done" and rec["retries"][0]["max_batch_tokens"] == given // 2
+    assert forwards[0] == given and max(forwards[1:]) <= given // 2  # the first try ran the cell's own budget
+
+    # the retry runs out of memory too: the cell fails, with both errors
+    forwards = run_out_of_memory_over(probe, monkeypatch, limit=1)
+    rec = local_worker(probe).run(cell)
+    assert rec["status"] == "failed" and len(rec["retries"]) == 1
+    assert f"OutOfMemoryError: CUDA out of memory (simulated): {given} padded tokens" in rec["retries"][0]["error"]
+    assert f"OutOfMemoryError: CUDA out of memory (simulated): {forwards[-1]} padded tokens" == rec["error"]
+    assert forwards[-1] <= given // 2 and rec["retries"][0]["max_batch_tokens"] == given // 2
+
+
+def test_a_capture_of_one_text_is_retried_unchanged_and_says_why(tmp_path, tiny_models, monkeypatch):
+    path = write_spec(tmp_path, f"""\
+        name: oom-one
+        models: [tiny-llama]
+        inputs: [{{text: {json.dumps(TEXTS[0])}}}]
+        captures: [{{stats: [received]}}]
+        """)
+    [cell] = sweep.load_spec(path).cells
+    probe = tiny_models("tiny-llama")
+    assert sweep.smaller_batch(cell, probe) is None  # a text is never split
+    forwards = run_out_of_memory_over(probe, monkeypatch, limit=1)
+    rec = local_worker(probe).run(cell)
+    assert rec["status"] == "failed" and forwards[0] == forwards[1]
+    assert rec["retries"][0]["retry"] == "retried unchanged: its largest batch is a single text, which no token " \
+                                         "budget splits"
+    assert "max_batch_tokens" not in rec["retries"][0]
+
+
+def test_an_out_of_memory_sinks_cell_is_retried_with_half_its_texts_per_batch(tmp_path, tiny_models, monkeypatch):
+    params = ANALYSIS_PARAMS["sinks"]
+    path = write_spec(tmp_path, f"""\
+        name: oom-sinks
+        models: [tiny-llama]
+        inputs: [{{texts: {json.dumps(TEXTS)}}}]
+        analyses: [{{name: sinks, params: {json.dumps(params)}}}]
+        """)
+    [cell] = sweep.load_spec(path).cells
+    assert "batch_size" not in cell.params  # its default (8) is not in the id
+    probe = tiny_models("tiny-llama")
+    # the first try captures the 3 texts in one batch of 8 at most: the retry holds half of 3
+    forwards = run_out_of_memory_over(probe, monkeypatch, limit=max(probe.to_tokens(TEXTS).lengths()))
+    rec = local_worker(probe).run(cell)
+    assert rec["status"] == "done", rec.get("traceback")
+    assert rec["retries"][0]["batch_size"] == 1 and rec["retries"][0]["retry"] == "retried with batch_size=1"
+    assert len(forwards) == 1 + 3
+    kind, model, content = rec["content"]
+    assert content["manifest"]["sweep"]["batch_size"] == 1
+    swept, alone = RunStore(tmp_path / "swept"), RunStore(tmp_path / "alone")
+    res = ANALYSES["sinks"].run(probe, TEXTS, {**params, "batch_size": 1})
+    assert_same_run(swept.load(swept.write(kind, model, name=cell.run, **content)), alone.load(res.save(alone, probe)))
+
+
+def test_an_analysis_without_a_batch_option_is_retried_unchanged_and_says_so(tmp_path, tiny_models, monkeypatch):
+    params = ANALYSIS_PARAMS["extreme_tokens"]
+    path = write_spec(tmp_path, f"""\
+        name: oom-extreme
+        models: [tiny-llama]
+        inputs: [{{texts: {json.dumps(TEXTS[:2])}}}]
+        analyses: [{{name: extreme_tokens, params: {json.dumps(params)}}}]
+        """)
+    [cell] = sweep.load_spec(path).cells
+    probe = tiny_models("tiny-llama")
+    bridge = probe.bridge
+    real, calls = bridge.run_with_cache, []
+
+    def out_of_memory_once(*args, **kwargs):  # the first text's forward runs out of memory, once
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bridge, "run_with_cache", out_of_memory_once)
+    rec = local_worker(probe).run(cell)
+    assert rec["status"] == "done", rec.get("traceback")
+    [retry] = rec["retries"]
+    assert retry["retry"] == "retried unchanged: extreme_tokens has no batch option"
+    assert not set(retry) & {"batch_size", "max_batch_tokens"}
+    kind, model, content = rec["content"]
+    assert set(content["manifest"]["sweep"]) == {"name", "cell", "input"}
+    swept, alone = RunStore(tmp_path / "swept"), RunStore(tmp_path / "alone")
+    res = ANALYSES["extreme_tokens"].run(probe, TEXTS[:2], params)
+    assert_same_run(swept.load(swept.write(kind, model, name=cell.run, **content)), alone.load(res.save(alone, probe)))
+
+
+def test_a_retry_halves_a_batch_size_down_to_one_and_then_says_it_cannot():
+    def method(batch_size):
+        params = {**sweep.METHOD_RUN_OPTIONS, "batch_size": batch_size, "hyperparameters": {}}
+        return sweep.Cell("0" * 16, "s", "tiny-llama", "method", "act", params, None)
+
+    assert sweep.smaller_batch(method(16)) == {"batch_size": 8}
+    assert sweep.smaller_batch(method(3)) == {"batch_size": 1}
+    assert sweep.smaller_batch(method(1)) is None
+    assert sweep.retry_note(method(1), None) == "retried unchanged: its batch_size is 1 already"
+
+    def sinks(texts, **params):
+        return sweep.Cell("0" * 16, "s", "tiny-llama", "analysis", "sinks", params,
+                          sweep.Input("t", "texts", tuple(texts)))
+
+    assert sweep.smaller_batch(sinks(TEXTS * 4)) == {"batch_size": 4}  # 12 texts: the default batch of 8 halved
+    assert sweep.smaller_batch(sinks(TEXTS * 4, batch_size=5)) == {"batch_size": 2}
+    assert sweep.smaller_batch(sinks(TEXTS[:1])) is None  # one text per batch already
+    assert sweep.retry_note(sinks(TEXTS[:1]), None) == \
+        "retried unchanged: its batch_size cannot be halved (1 already, or no limit)"

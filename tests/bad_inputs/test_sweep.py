@@ -64,6 +64,12 @@ CASES = [
     ("a bad capture option in a grid", GOOD.replace("analyses: [{name: sinks}]",
                                                     "captures: [{grid: {backend: [auto, fast]}}]"),
      "'captures[0].grid.backend[1]'", "choose from"),
+    ("a zero token budget for a capture",
+     GOOD.replace("analyses: [{name: sinks}]", "captures: [{max_batch_tokens: 0}]"),
+     "'captures[0].max_batch_tokens'", "whole number of at least 1 (got 0): the padded tokens"),
+    ("a capture batch size that is no number", GOOD.replace("analyses: [{name: sinks}]",
+                                                            "captures: [{grid: {batch_size: [4, true]}}]"),
+     "'captures[0].grid.batch_size[1]'", "whole number of at least 1 (got True): the texts one batch"),
     ("unknown statistic", GOOD.replace("analyses: [{name: sinks}]", "captures: [{stats: [recieved]}]"),
      "'captures[0].stats'", "unknown statistic"),
     ("a bad sweep name", "name: my sweep\n" + GOOD, "'name'", "cannot name a sweep"),
@@ -123,6 +129,22 @@ def test_a_cell_id_follows_the_input_content_and_the_full_parameters(tmp_path):
     assert sweep.load_spec(spec).cells[0].id != base
     spec.write_text(GOOD.replace("mat.", "hat."))
     assert sweep.load_spec(spec).cells[0].id != base
+
+
+def test_batch_options_enter_a_cell_id_only_where_the_spec_gives_them(tmp_path):
+    spec = tmp_path / "ids.yaml"
+    plain = GOOD.replace("[{name: sinks}]", "[{name: sinks, params: {T: 32}}]") + \
+        "captures: [{stats: [received, entropy]}]\n"
+    spec.write_text(plain)
+    # the ids these cells had before sinks' batch_size and the capture's batch options existed
+    assert [c.id for c in sweep.load_spec(spec).cells] == ["25716a54dc20827a", "fc2a8884474b98b2"]
+    assert "batch_size" not in sweep.load_spec(spec).cells[0].params
+    spec.write_text(plain.replace("T: 32}", "T: 32, batch_size: 2}").replace("entropy]", "entropy], batch_size: 2"))
+    given = sweep.load_spec(spec).cells
+    assert [c.params["batch_size"] for c in given] == [2, 2]
+    assert "25716a54dc20827a" != given[0].id and "fc2a8884474b98b2" != given[1].id
+    spec.write_text(plain.replace("entropy]", "entropy], max_batch_tokens: 4096"))
+    assert sweep.load_spec(spec).cells[1].params["max_batch_tokens"] == 4096
 
 
 # ----- the command line -----
