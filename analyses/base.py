@@ -23,7 +23,8 @@ raises to cancel. `as_progress` turns a value into a callable or None; `track` i
 Parameter fields may declare, in `dataclasses.field(metadata=...)`: `range` (lo, hi) for numbers
 (each element of a tuple), `choices` (a tuple, or a function returning one), `label` and `help`;
 `batch: "texts"` marks a batch option, the texts run together, which changes memory, not the result
-(a sweep leaves it out of a cell's id unless the spec sets it, and halves it on out of memory).
+beyond the dtype's rounding (a sweep leaves it out of a cell's id unless the spec sets it, and halves
+it on out of memory).
 `parse_params(Params, {"name": "typed text"})` reads them from strings (CLI `--param`, the
 dashboard's form) with errors that name the field.
 """
