@@ -296,6 +296,48 @@ def apply_figures(res: Result) -> dict:
     return figs
 
 
+def replay_vs_apply(replay: Result, applied: Result, task: str = "niah") -> pd.DataFrame:
+    """Does the replay's attention mass lost rank the policies as their accuracy does when they evict for
+    real? Per budget both ran and per head set ("all heads", then each class of the replay's `explain`:
+    retrieval, induction/echo, other heads, ...): Spearman's rho between minus the mass lost and the
+    accuracy on `task`, over the policies both ran (the oracle and the full cache left out; a policy
+    skipped on some sample of that budget left out), with the policy that lost the least and those that
+    kept the most accuracy (ties joined by " = "). rho is NaN where either side has no spread.
+
+    replay: a `kv_eviction` Result (tables "curves" and "classes"); applied: a `kv_eviction_apply` Result
+    (table "accuracy"), with the same budgets (shares or token counts)."""
+    curves, classes, acc = replay.tables.get("curves"), replay.tables.get("classes"), applied.tables.get("accuracy")
+    if curves is None or classes is None or acc is None:
+        raise AttnlabError("replay_vs_apply needs a kv_eviction replay Result (tables curves, classes) and a "
+                           "kv_eviction_apply Result (table accuracy), in that order")
+    acc = acc[(acc["task"] == task) & (acc["policy"] != "full cache") & (acc["skipped"] == 0)]
+    if acc.empty:
+        raise AttnlabError(f"replay_vs_apply: the applied result has no task {task!r} with a policy that ran on "
+                           f"every sample; its tasks: {sorted(applied.tables['accuracy']['task'].unique())}")
+    budgets = sorted(set(curves["budget"]) & set(acc["budget"]))
+    if not budgets:
+        raise AttnlabError(f"replay_vs_apply: no budget in both results (replay {sorted(set(curves['budget']))}, "
+                           f"apply {sorted(set(acc['budget']))}): rerun one with the other's budgets")
+    lost = pd.concat([curves.assign(heads="all heads")[["heads", "policy", "budget", "lost"]],
+                      classes[classes["heads"] > 0].rename(columns={"class": "cls"})
+                      .assign(heads=lambda t: t["cls"])[["heads", "policy", "budget", "lost"]]])
+    rows = []
+    for b in budgets:
+        a = acc[acc["budget"] == b].set_index("policy")["accuracy"]
+        for heads, g in lost[lost["budget"] == b].groupby("heads", sort=False):
+            g = g[g["policy"].isin(a.index) & (g["policy"] != "oracle")].set_index("policy")["lost"].dropna()
+            if len(g) < 2:
+                continue
+            x, y = -g.to_numpy(), a[g.index].to_numpy()
+            rho = float(sps.spearmanr(x, y).statistic) if np.ptp(x) > 0 and np.ptp(y) > 0 else np.nan
+            top = a[g.index]
+            rows.append({"budget": b, "heads": heads, "policies": len(g), "rho": rho,
+                         "least_lost": g.idxmin(), "lost": float(g.min()),
+                         "most_accurate": " = ".join(sorted(top[top == top.max()].index)),
+                         "accuracy": float(top.max())})
+    return pd.DataFrame(rows)
+
+
 def summary(acc: pd.DataFrame) -> str:
     """One numbers-first sentence per task: the full cache, and the best and worst policy at the smallest budget
     (among the policies that ran on every sample there)."""
@@ -316,4 +358,4 @@ def summary(acc: pd.DataFrame) -> str:
 
 
 __all__ = ["Sample", "accuracy_table", "apply", "apply_figures", "bootstrap_interval", "budget_tokens",
-           "niah_samples", "qa_samples", "summary"]
+           "niah_samples", "qa_samples", "replay_vs_apply", "summary"]

@@ -145,3 +145,37 @@ def test_induction_probe_of_a_model_without_bos(no_bos):
 
     heads = induction_heads(no_bos, seq_len=16, repeats=3).tables["heads"]
     assert heads["induction"].between(0, 1).all() and heads["induction"].max() > 0.2  # SmolLM2 has induction heads
+
+
+def test_replay_vs_apply_ranks_by_hand():
+    """Three policies, one budget: all heads' mass lost a < b < c, accuracy b > a > c (rho 0.5 by hand:
+    ranks of -lost 3,2,1 against accuracy ranks 2,3,1, d^2 = 1 + 1 + 0, 1 - 6 * 2 / (3 * 8) = 0.5);
+    retrieval heads' loss b < a < c ranks them exactly as accuracy does (rho 1). The oracle, the full cache,
+    a policy skipped on a sample and a budget only one side ran are left out."""
+    import pandas as pd
+
+    from attnlab.analyses.result import Result
+
+    curves = pd.DataFrame({"policy": ["oracle", "a", "b", "c", "a"], "budget": [0.1, 0.1, 0.1, 0.1, 0.5],
+                           "lost": [0.05, 0.10, 0.20, 0.40, 0.01]})
+    classes = pd.DataFrame({"policy": ["a", "b", "c", "a", "b", "c"], "budget": [0.1] * 6,
+                            "class": ["retrieval heads"] * 3 + ["sink heads"] * 3, "heads": [4] * 3 + [0] * 3,
+                            "lost": [0.30, 0.20, 0.60, np.nan, np.nan, np.nan]})
+    acc = pd.DataFrame({"task": "niah", "policy": ["full cache", "a", "b", "c", "d"],
+                        "budget": [np.nan, 0.1, 0.1, 0.1, 0.1], "skipped": [0, 0, 0, 0, 1],
+                        "accuracy": [1.0, 0.5, 0.75, 0.0, 1.0]})
+    replay = Result("kv_eviction", tables={"curves": curves, "classes": classes})
+    applied = Result("kv_eviction_apply", tables={"accuracy": acc})
+    t = kva.replay_vs_apply(replay, applied).set_index("heads")
+    assert list(t.index) == ["all heads", "retrieval heads"]  # the sink class has no heads: no row
+    assert t.loc["all heads", "rho"] == pytest.approx(0.5)
+    assert t.loc["retrieval heads", "rho"] == pytest.approx(1.0)
+    assert t.loc["all heads", "least_lost"] == "a" and t.loc["all heads", "most_accurate"] == "b"
+    assert (t["policies"] == 3).all() and (t["budget"] == 0.1).all()
+    with pytest.raises(AttnlabError, match="no budget in both"):
+        kva.replay_vs_apply(Result("kv_eviction", tables={"curves": curves.assign(budget=0.3), "classes": classes}),
+                            applied)
+    with pytest.raises(AttnlabError, match="no task 'openbookqa'"):
+        kva.replay_vs_apply(replay, applied, task="openbookqa")
+    with pytest.raises(AttnlabError, match="in that order"):
+        kva.replay_vs_apply(applied, replay)
