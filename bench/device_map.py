@@ -25,8 +25,8 @@ For each comparison the max |split - whole| over real positions: logits, every c
 (`--tokens` per text), logits under an edit and under an ablation, and whether greedy generation gives the
 same tokens. Each model is loaded, measured and freed in turn (the whole model on cuda:0 first), so that
 each one's memory is its own: per GPU, the memory allocated after the load and the peak while it ran
-(torch.cuda.max_memory_allocated). Seconds of the load, of each step (after one untimed warm-up capture
-and generation: kernel compilation), whole and split.
+(torch.cuda.max_memory_allocated). Seconds of the load and of each step (the steps' second pass: the first
+compiles and autotunes), whole and split.
 
 Options are checked before anything loads: --gpus more than the GPUs here, --gpus > 1 with --small, a
 --max-memory that is not a size, are refused naming the option (AttnlabError).
@@ -242,13 +242,22 @@ def memory_now() -> dict[str, int]:
 
 
 def measure(probe, long: list[str]) -> dict:
-    """Everything compared (on the host) and the seconds of each step; the peak memory per GPU while it ran."""
-    from attnlab.probe import AttentionEdit, FirstToken, LogitBias
-
-    probe.run(TEXTS[:1], stats=STATS)  # warm-up: kernel compilation, allocator
-    probe.generate(TEXTS[:1], max_new_tokens=2, stop_at_newline=False)
+    """Everything compared (on the host) and the seconds of each step, and the peak memory per GPU while it
+    ran. The steps run twice and the second pass counts: the first compiles and autotunes the kernels for
+    every shape and warms the allocator (else the model measured first would pay for it)."""
+    steps(probe, long)
     for i in range(gpus_here()):
         torch.cuda.reset_peak_memory_stats(i)
+    out, seconds = steps(probe, long)
+    peak = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(gpus_here())}
+    return {"out": out, "seconds": seconds, "peak": peak,
+            "layer_devices": sorted({str(d) for d in probe.layer_devices.values()})}
+
+
+def steps(probe, long: list[str]) -> tuple[dict, dict]:
+    """capture (short texts, then the long batch), edit, ablation, greedy generation: (outputs, seconds)."""
+    from attnlab.probe import AttentionEdit, FirstToken, LogitBias
+
     out, seconds = {}, {}
     (logits, cap), seconds["capture"] = timed(lambda: probe.run(TEXTS, stats=STATS))
     out["logits"], out["stats"], out["backend"] = logits.cpu(), {k: v.cpu() for k, v in cap.stats.items()}, cap.backend
@@ -264,9 +273,7 @@ def measure(probe, long: list[str]) -> dict:
         lambda: probe.generate(TEXTS, max_new_tokens=GEN_TOKENS, stop_at_newline=False, step_stats=["top_key"]))
     out["new ids"] = gen.new_ids
     out["mask"] = probe.tokenize(TEXTS).attention_mask.cpu()
-    peak = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(gpus_here())}
-    return {"out": out, "seconds": seconds, "peak": peak, "layer_devices": sorted({str(d) for d in
-                                                                                  probe.layer_devices.values()})}
+    return out, seconds
 
 
 def worst(a: torch.Tensor, b: torch.Tensor) -> float:
