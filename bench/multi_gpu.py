@@ -104,7 +104,7 @@ def machine() -> dict:
     smi = shutil.which("nvidia-smi")
     for key, argv in (("nvidia-smi", ["-L"]), ("topology", ["topo", "-m"])):
         if smi:
-            done = subprocess.run([smi, *argv], capture_output=True, text=True, timeout=60)
+            done = subprocess.run([smi, *argv], check=False, capture_output=True, text=True, timeout=60)
             info[key] = done.stdout.strip() or done.stderr.strip()
         else:
             info[key] = None
@@ -145,16 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {step['name']}\n{shown(step['argv'])}")
         return 0
     env = {**os.environ, **MULTICAST_OFF, "HF_HUB_OFFLINE": "1"}
-    record = {"started": dt.datetime.now(dt.timezone.utc).isoformat(), "small": args.small, "machine": machine(),
+    record = {"started": dt.datetime.now(dt.UTC).isoformat(), "small": args.small, "machine": machine(),
               "environment": MULTICAST_OFF, "steps": []}
     print(f"{len(plan)} steps on {', '.join(record['machine']['gpus']) or 'the CPU'}")
     for step in plan:
         print(f"\n## {step['name']}\n$ {shown(step['argv'])}", flush=True)
         started, wall = time.perf_counter(), time.time()
-        done = subprocess.run(step["argv"], env=env, cwd=ROOT.parent)  # its tables go straight to this output
+        done = subprocess.run(step["argv"], check=False, env=env, cwd=ROOT.parent)  # its tables: to this output
+        wrote = [w for w in step["writes"] if Path(w).exists() and Path(w).stat().st_mtime >= wall]  # not stale
         record["steps"].append({"name": step["name"], "command": shown(step["argv"]), "exit": done.returncode,
-                                "seconds": round(time.perf_counter() - started, 1),
-                                "wrote": [w for w in step["writes"] if Path(w).exists() and Path(w).stat().st_mtime >= wall]})
+                                "seconds": round(time.perf_counter() - started, 1), "wrote": wrote})
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"multi_gpu{'_small' if args.small else ''}.json"
     path.write_text(json.dumps(record, indent=2))

@@ -10,7 +10,6 @@ import json
 import sys
 import textwrap
 
-import pandas as pd
 import pytest
 import torch
 
@@ -333,7 +332,7 @@ def test_a_capture_cell_writes_the_run_of_the_same_capture(tmp_path, tiny_models
         assert run.manifest["sweep"] == {"name": "caps", "cell": cell.id, "input": "texts0"}
     # the equality is bit for bit: one ulp in one tensor, one table value, or a dtype is a difference
     other = alone.load(alone.save_capture(cap, probe))
-    name = sorted(other.tensors)[0]
+    name = min(other.tensors)
     nudged = other.tensors[name].clone()
     nudged.view(-1)[0] = torch.nextafter(nudged.view(-1)[0].nan_to_num(), torch.tensor(2.0, dtype=nudged.dtype))
     assert sweep.run_differences(run, other) == []
