@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## {step['name']}\n$ {shown(step['argv'])}", flush=True)
         started, wall = time.perf_counter(), time.time()
         done = subprocess.run(step["argv"], check=False, env=env, cwd=ROOT.parent)  # its tables: to this output
-        wrote = [w for w in step["writes"] if Path(w).exists() and Path(w).stat().st_mtime >= wall]  # not stale
+        wrote = [os.path.relpath(w, ROOT.parent) for w in step["writes"]
+                 if Path(w).exists() and Path(w).stat().st_mtime >= wall]  # written by this step, not stale
         record["steps"].append({"name": step["name"], "command": shown(step["argv"]), "exit": done.returncode,
                                 "seconds": round(time.perf_counter() - started, 1), "wrote": wrote})
     args.out.mkdir(parents=True, exist_ok=True)
