@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> None:
         f"device_map='auto', max_memory {args.max_memory} per GPU over {args.gpus} GPU(s)" if not args.small
         else f"device_map='auto', max_memory {args.max_memory} on the CPU, the rest on disk")
     results["command"] = " ".join(["python", "bench/device_map.py", *(sys.argv[1:] if argv is None else argv)])
+    from attnlab.probe import registry
+
+    registry.ensure_folder(model)  # a random-init model's cache is built here, not inside the timed first load
     for label, dtype in dtypes.items():
         meta = meta_model(model, dtype)
         total, layer = weight_bytes(meta)

@@ -3,6 +3,11 @@
     python bench/multi_gpu.py              # the machine with several GPUs: every step below
     python bench/multi_gpu.py --dry-run    # print the steps' commands for this machine, run nothing
     python bench/multi_gpu.py --small      # CPU check of the same steps: tiny-llama, CPU slots, disk offload
+    python bench/multi_gpu.py --only sweep; python bench/multi_gpu.py --only split   # the same in two calls
+
+Expected time on 8 GPUs: a few minutes for the sweep (1 + 2 + 4 + 8 workers, Ray start and model loads
+included) and about a minute or two per split (bf16 and fp32, whole and split, two passes each; Triton
+compiles on the first); where one call may run 10 minutes at most, use the two `--only` calls.
 
 Steps, each its own process (its own CUDA context and Ray cluster), NVLink multicast left off in their
 environment (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1; nothing here
@@ -20,7 +25,7 @@ plain copies):
    equal, seconds of each, memory per GPU
        python bench/device_map.py --model random-llama-1b --gpus k --max-memory auto --tag _multigpu_<k>gpus
    -> bench/results/device_map_multigpu_<k>gpus.json
-3. bench/results/multi_gpu.json: the machine (GPU names, `nvidia-smi topo -m`), each step's command, exit
+3. bench/results/multi_gpu[_sweep|_split].json: the machine (GPU names, `nvidia-smi topo -m`), each step's command, exit
    status and seconds, and the files it wrote. The exit status is non-zero when a step failed (a run that
    differs from the 1-worker run fails step 1).
 
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-model", default=SPLIT_MODEL, help=f"the model split over GPUs (default {SPLIT_MODEL})")
     ap.add_argument("--gpus", type=int, default=None, help="with --dry-run: the commands for a machine with this "
                     "many GPUs (default: the GPUs here, at least 2)")
+    ap.add_argument("--only", choices=("sweep", "split"), default=None, help="run only the sweep's step, or only "
+                    "the split model's (two calls where one call's time is limited)")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args(argv)
     if args.gpus is not None and (not args.dry_run or args.small or args.gpus < 2):
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run and not args.small:
         gpus = args.gpus or max(gpus, 2)
     plan = steps(gpus, args.small, args.out, args.sweep_model, args.split_model)
+    if args.only:
+        plan = [step for step in plan if step["name"].startswith("sweep") == (args.only == "sweep")]
     if args.dry_run:
         for step in plan:
             print(f"# {step['name']}\n{shown(step['argv'])}")
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         record["steps"].append({"name": step["name"], "command": shown(step["argv"]), "exit": done.returncode,
                                 "seconds": round(time.perf_counter() - started, 1), "wrote": wrote})
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"multi_gpu{'_small' if args.small else ''}.json"
+    path = args.out / f"multi_gpu{'_small' if args.small else ''}{f'_{args.only}' if args.only else ''}.json"
     path.write_text(json.dumps(record, indent=2))
     failed = [s["name"] for s in record["steps"] if s["exit"]]
     print(f"\nwrote {path}" + (f"; FAILED: {', '.join(failed)}" if failed else "; every step passed"))

@@ -173,4 +173,7 @@ def test_the_driver_prints_the_multi_gpu_commands_and_refuses_to_run_without_gpu
         assert bench.main([]) == 2
         assert "needs 2 or more" in capsys.readouterr().err
     assert bench.main(["--gpus", "4"]) == 2  # --gpus only plans a dry run
+    assert bench.main(["--dry-run", "--gpus", "8", "--only", "split"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
+    assert [c.split("--gpus ")[1].split()[0] for c in commands] == ["2", "4", "8"]
     assert bench.MULTICAST_OFF["NCCL_NVLS_ENABLE"] == "0"
