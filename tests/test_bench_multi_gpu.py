@@ -28,6 +28,7 @@ def _bench(name: str):
 
 
 # ----- the sweep over worker counts -----
+@pytest.mark.slow  # ~25-40 s on 2 cores: Ray and two worker counts / two models, two passes
 def test_the_scaling_mode_with_1_and_2_workers_gives_equal_runs_and_a_well_formed_report(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep_throughput.py"), "--small", "--workers", "1,2",
                            "--n", "32", "--out", str(tmp_path), "--tag", "_t"],
@@ -143,6 +144,7 @@ def test_a_budget_too_small_for_the_gpus_is_refused_before_loading():
     assert dm["lm_head"] == dm["model.embed_tokens"] == "cuda:0"
 
 
+@pytest.mark.slow  # ~25-40 s on 2 cores: Ray and two worker counts / two models, two passes
 def test_the_cpu_check_of_auto_with_max_memory_equals_the_whole_model_and_writes_its_report(tmp_path, capsys):
     bench = _bench("device_map")
     bench.main(["--small", "--max-memory", "auto", "--out", str(tmp_path), "--tag", "_t"])
