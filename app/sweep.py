@@ -84,8 +84,8 @@ readable on every node.
 
 The sweep manifest, `<store>/sweeps/<name>.json` (written atomically after every cell): the spec's
 path and hash, each cell (id, model, input, job, parameters, status, run, worker: node, actor,
-host, pid, device; start and end time, wall seconds on the worker, retries, error and traceback of a
-failure; writer: "worker" or "driver"; timings: seconds of wait (the driver's submission to the
+host, pid, device, gpu_ids (the GPUs Ray assigned it); start and end time, wall seconds on the worker,
+retries, error and traceback of a failure; writer: "worker" or "driver"; timings: seconds of wait (the driver's submission to the
 worker's start), compute (the analysis, method or capture), content (the run's tables and tensors),
 write (`RunStore.write`, by whichever wrote it) and handoff (the worker's end to the driver holding
 the result); wait and handoff span two processes' clocks, exact on one node), and every invocation
@@ -784,8 +784,11 @@ class Worker:
         if ray.is_initialized():  # the runtime context would start Ray in a plain process
             ctx = ray.get_runtime_context()
             node, actor = ctx.get_node_id(), ctx.get_actor_id()
+        # Ray gives each GPU actor one card and shows it as cuda:0 (CUDA_VISIBLE_DEVICES): the ids it assigned
+        # say which physical GPU ran the cell (several GPUs of a node otherwise all read "cuda:0").
+        gpus = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         return {"node": node, "actor": actor, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.probe.device)}
+                "device": str(self.probe.device), "gpu_ids": gpus}
 
     def run(self, cell: Cell, store: dict | None = None) -> dict:
         """One cell: {"status": "done", "writer": "worker"} when this worker wrote its run into the
@@ -875,6 +878,34 @@ def _ray():
 def manifest_path(store: RunStore, name: str) -> Path:
     """Where the sweep `name` keeps its manifest in `store`."""
     return store.root / "sweeps" / f"{name}.json"
+
+
+def run_differences(a, b) -> list[str]:
+    """What differs between two runs (`RunStore.load`), bit for bit: table names, each table's values
+    and dtypes (exact), tensor names, dtypes and values (NaN equal to NaN), and the parameters; [] when
+    they are the same run. How a sweep's runs are checked against the same cells run otherwise (one by
+    one, another worker count, another writer)."""
+    import torch
+
+    out = []
+    if sorted(a.tables) != sorted(b.tables):
+        out.append(f"tables {sorted(a.tables)} vs {sorted(b.tables)}")
+    if sorted(a.tensors) != sorted(b.tensors):
+        out.append(f"tensors {sorted(a.tensors)} vs {sorted(b.tensors)}")
+    for name in sorted(set(a.tables) & set(b.tables)):
+        try:
+            pd.testing.assert_frame_equal(a.tables[name], b.tables[name], check_exact=True)
+        except AssertionError as e:
+            out.append(f"table {name}: {str(e).splitlines()[0]}")
+    for name in sorted(set(a.tensors) & set(b.tensors)):
+        x, y = a.tensors[name], b.tensors[name]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            out.append(f"tensor {name}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}")
+        elif not torch.equal(x.isnan(), y.isnan()) or not torch.equal(x.nan_to_num(), y.nan_to_num()):
+            out.append(f"tensor {name}: values differ")
+    if a.manifest.get("parameters") != b.manifest.get("parameters"):
+        out.append("parameters differ")
+    return out
 
 
 def _read_manifest(path: Path) -> dict:

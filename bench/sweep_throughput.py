@@ -34,6 +34,24 @@ tokenizer) at a tiny width, built into a temporary folder: statistics of SmolLM2
 what it weighs beside a GPU's capture.
 
 Prints a table and writes bench/results/sweep_throughput[_small].json.
+
+Scaling over GPUs (issue 23), `--workers 1,2,4,8`: the same Ray sweep (the buckets above, 16,384 padded
+tokens each by default so that 8 workers have several cells each) once per worker count, each into its own
+store, with one actor per GPU (one CPU slot each on a CPU, `--small`). Per count: tokens per second, speedup
+over 1 worker, scaling efficiency (speedup / workers), the actors and the GPUs that ran the cells (the sweep
+manifest's worker records), and whether every run equals the 1-worker run bit for bit
+(`attnlab.app.sweep.run_differences`: every table and tensor). Without a value, --workers is 1 and every
+power of two up to the GPUs here (the cores with --small). The bench exits non-zero when a run differs.
+
+A worker's first cell is its warm-up (model on the device, kernel compilation); the steady rate counts
+the tokens computed between the moment the last worker finished its warm-up and the sweep's end, a cell
+that straddles that moment counted by the share of its seconds after it (with 1 worker: the rate of the
+`ray` way above). Speedup and efficiency are of that rate; the sweep's whole wall time is reported too.
+
+    python bench/sweep_throughput.py --workers               # GPU machine: 1, 2, 4, ... up to its GPUs
+    python bench/sweep_throughput.py --small --workers 1,2   # CPU check: 2 CPU slots
+
+Writes bench/results/sweep_scaling[_small][tag].json.
 """
 
 from __future__ import annotations
@@ -157,18 +175,25 @@ def run_plain(probe, texts, batches, lengths, stats, store_dir: Path) -> dict:
             "warmup_seconds": round(per_batch[0], 3), "steps": {k: round(v, 3) for k, v in steps.items()}}
 
 
-def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device: str, writer: str) -> dict:
-    import ray
-
+def sweep_spec(model: str, texts, batches, stats, device: str):
+    """One capture cell per bucket, named bucket-NNNN in bucket order."""
     from attnlab.app import sweep
 
-    spec = sweep.spec_from_dict({
+    return sweep.spec_from_dict({
         "name": "throughput",
         "models": [model],
         "device": device,
         "inputs": [{"name": f"bucket-{k:04d}", "texts": [texts[i] for i in batch]} for k, batch in enumerate(batches)],
         "captures": [{"stats": stats}],
     })
+
+
+def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device: str, writer: str) -> dict:
+    import ray
+
+    from attnlab.app import sweep
+
+    spec = sweep_spec(model, texts, batches, stats, device)
     started = time.perf_counter()
     if device == "cuda":
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -203,6 +228,134 @@ def run_ray(model: str, texts, batches, lengths, stats, store_dir: Path, device:
             "worker": first["worker"]}
 
 
+# ----- scaling over workers (--workers) -----
+def worker_slots(device: str) -> int:
+    """How many workers this machine can give one slot each: its GPUs, or its CPU cores."""
+    if device == "cuda":
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+def parse_workers(value: str | None, device: str) -> list[int]:
+    """--workers: worker counts, 1 (the baseline every count is compared to) included; None: 1 and every
+    power of two up to the slots here. AttnlabError, naming --workers, for a count that is not a whole
+    number >= 1 or exceeds the GPUs (cores) here: checked before anything loads."""
+    from attnlab.probe import AttnlabError
+
+    slots = worker_slots(device)
+    what = "GPU(s)" if device == "cuda" else "CPU core(s) (--small: one CPU slot per worker)"
+    if value is None:
+        counts = [1]
+        while counts[-1] * 2 <= slots:
+            counts.append(counts[-1] * 2)
+        return counts
+    try:
+        counts = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise AttnlabError(f"--workers {value!r}: give worker counts as whole numbers >= 1 separated by commas, "
+                           "e.g. --workers 1,2,4,8 (or --workers alone: 1 and the powers of two up to the GPUs)")
+    if 1 not in counts:
+        raise AttnlabError(f"--workers {value}: include 1, the run every count's speedup and bits are compared to, "
+                           f"e.g. --workers 1,{value}")
+    if max(counts) > slots:
+        raise AttnlabError(f"--workers {value}: {max(counts)} workers, but this machine has {slots} {what}; give at "
+                           f"most {slots} (one worker per slot)")
+    return sorted(set(counts))
+
+
+def steady_rate(cells: list[dict], tokens: dict[str, int], end: float) -> dict:
+    """The steady throughput of one sweep from its manifest's cells (module docstring): each worker's first
+    cell is its warm-up; the window runs from the last warm-up's end to `end` (epoch seconds), and a cell
+    counts the tokens of its share of seconds inside the window."""
+    by_actor: dict[str, list[dict]] = {}
+    for cell in sorted(cells, key=lambda c: c["started"]):
+        by_actor.setdefault(cell["worker"]["actor"] or str(cell["worker"]["pid"]), []).append(cell)
+    warm = max(c[0]["finished"] for c in by_actor.values())
+    counted = 0.0
+    for actor_cells in by_actor.values():
+        for cell in actor_cells[1:]:
+            inside = max(0.0, min(cell["finished"], end) - max(cell["started"], warm))
+            span = cell["finished"] - cell["started"]
+            counted += tokens[cell["input"]] * (inside / span if span > 0 else 1.0)
+    seconds = end - warm
+    return {"tokens": round(counted), "seconds": round(seconds, 3),
+            "tokens_per_second": round(counted / seconds, 1) if seconds > 0 else None,
+            "cells_per_actor": sorted(len(c) for c in by_actor.values())}
+
+
+def cell_device(worker: dict) -> str:
+    """Where a cell ran, as the manifest's worker record says: the device, and the GPU Ray assigned."""
+    gpus = worker.get("gpu_ids") or []
+    return f"{worker.get('device')} (GPU {','.join(gpus)})" if gpus else str(worker.get("device"))
+
+
+def run_scaling(model: str, texts, batches, lengths, stats, scratch: Path, device: str, counts: list[int]) -> dict:
+    """The same sweep once per worker count, each into its own store (module docstring); every run compared
+    bit for bit with the 1-worker run."""
+    import ray
+
+    from attnlab.app import sweep
+    from attnlab.probe import RunStore
+
+    spec = sweep_spec(model, texts, batches, stats, device)
+    tokens = {f"bucket-{k:04d}": sum(lengths[i] for i in batch) for k, batch in enumerate(batches)}
+    started = time.perf_counter()
+    if device == "cuda":
+        ray.init(include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(counts), include_dashboard=False, log_to_driver=False)
+    ray_up = time.perf_counter() - started
+    out: dict = {"ray_init_seconds": round(ray_up, 3), "cells": len(spec.cells), "counts": {}}
+    try:
+        for k in counts:
+            store = scratch / f"workers-{k}"
+            t0_epoch, t0 = time.time(), time.perf_counter()
+            report = sweep.run_sweep(spec, store, workers=k)
+            end_epoch, wall = time.time(), time.perf_counter() - t0
+            if report.failed:
+                errors = report.cells[report.cells.status == "failed"].error.tolist()
+                raise SystemExit(f"the sweep with {k} workers failed {report.failed} cells: {errors[:3]}")
+            cells = json.loads(report.manifest.read_text())["cells"]
+            first = min(c["started"] for c in cells)
+            out["counts"][k] = {
+                **steady_rate(cells, tokens, end_epoch),
+                "sweep_wall_seconds": round(wall, 3),
+                "worker_start_seconds": round(first - t0_epoch, 3),  # actors started, models loaded
+                "actors": len({c["worker"]["actor"] for c in cells}),
+                "devices": dict(Counter(cell_device(c["worker"]) for c in cells)),
+                "cells_by_device": {c["input"]: cell_device(c["worker"]) for c in cells},
+            }
+    finally:
+        ray.shutdown()
+    base = RunStore(scratch / "workers-1")
+    for k, r in out["counts"].items():
+        other = RunStore(scratch / f"workers-{k}")
+        differing = {}
+        for cell in spec.cells:
+            found = sweep.run_differences(base.load(cell.run), other.load(cell.run))
+            if found:
+                differing[cell.input.name] = found
+        r["runs_compared"] = len(spec.cells)
+        r["runs_differing"] = differing
+        r["bit_equal_to_1_worker"] = not differing
+        r["speedup"] = round(r["tokens_per_second"] / out["counts"][1]["tokens_per_second"], 4)
+        r["efficiency"] = round(r["speedup"] / k, 4)
+    return out
+
+
+def print_scaling(label: str, device: str, scaling: dict) -> None:
+    print(f"{label} on {device}: {scaling['cells']} cells (buckets); ray.init {scaling['ray_init_seconds']:.1f} s")
+    print(f"{'workers':>7} {'actors':>6} {'tokens/s':>11} {'speedup':>8} {'efficiency':>10} {'wall s':>8} "
+          f"{'start s':>8}  {'bit-equal':<9}  cells per device")
+    for k, r in scaling["counts"].items():
+        devices = ", ".join(f"{d}: {n}" for d, n in sorted(r["devices"].items()))
+        print(f"{k:>7} {r['actors']:>6} {r['tokens_per_second']:>11,.0f} {r['speedup']:>8.3f} {r['efficiency']:>10.3f} "
+              f"{r['sweep_wall_seconds']:>8.2f} {r['worker_start_seconds']:>8.2f}  "
+              f"{'yes' if r['bit_equal_to_1_worker'] else 'NO':<9}  {devices}")
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -222,12 +375,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="texts per fixed batch (default 16; 4 with --small)")
     ap.add_argument("--stats", default="received,sink_mass(1),entropy")
     ap.add_argument("--ways", default=",".join(WAYS), help=f"which ways to run (default: {','.join(WAYS)})")
+    ap.add_argument("--workers", nargs="?", const="auto", default=None,
+                    help="scaling mode: worker counts, e.g. 1,2,4,8 (alone: 1 and every power of two up to the GPUs; "
+                    "the cores with --small); runs only the Ray sweep, once per count (module docstring)")
     ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     small = args.small
     if args.wide and args.model:
         raise SystemExit("--wide builds its own model: leave --model out")
+    device = "cpu" if small or not torch.cuda.is_available() else "cuda"
+    if args.workers is not None:
+        from attnlab.probe import AttnlabError
+
+        try:  # before anything loads: a count this machine cannot give is refused at once
+            counts = parse_workers(None if args.workers == "auto" else args.workers, device)
+            return scaling_main(args, device, counts)
+        except AttnlabError as e:
+            raise SystemExit(f"error: {e}") from None
     scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-bench-"))
     model = (str(wide_model(scratch / "wide-llama")) if args.wide
              else args.model or ("tiny-llama" if small else "smollm2-135m"))
@@ -239,7 +404,6 @@ def main() -> None:
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     if not ways or set(ways) - set(WAYS) or "plain" not in ways:
         raise SystemExit(f"--ways {args.ways!r}: choose among {', '.join(WAYS)}, plain included (the baseline)")
-    device = "cpu" if small or not torch.cuda.is_available() else "cuda"
     if device == "cpu":
         torch.set_num_threads(1)  # the Ray CPU worker holds one core (one thread): the plain process gets the same
     from attnlab.probe import load, stats as catalogue
@@ -298,6 +462,54 @@ def main() -> None:
     path = args.out / f"sweep_throughput{'_small' if small else ''}{'_wide' if args.wide else ''}{args.tag}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"written to {path}")
+
+
+def scaling_main(args, device: str, counts: list[int]) -> None:
+    """--workers: the scaling runs (module docstring), their table and JSON."""
+    from attnlab.probe import AttnlabError, load, stats as catalogue
+
+    small = args.small
+    scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-scaling-"))
+    try:
+        model = (str(wide_model(scratch / "wide-llama")) if args.wide
+                 else args.model or ("tiny-llama" if small else "smollm2-135m"))
+        label = "wide-llama (--wide: SmolLM2's heads, tiny width)" if args.wide else model
+        n = args.n or (48 if small else 500)
+        lo, hi = args.min_tokens or (16 if small else 64), args.max_tokens or (256 if small else 4096)
+        budget = args.token_budget or (512 if small else 16384)
+        stats = [s.label() for s in catalogue.parse_list(args.stats)]
+        tokenizer = load(model, device="cpu").tokenizer  # the texts only: the GPUs stay free for the workers
+        texts = make_texts(tokenizer, n, lo, hi)
+        lengths = token_counts(tokenizer, texts)
+        buckets = batches_for_capture(lengths, budget)
+        if len(buckets) < 2 * max(counts):
+            raise AttnlabError(f"--workers {','.join(map(str, counts))}: {len(buckets)} buckets (cells) for up to "
+                               f"{max(counts)} workers, and each worker needs a warm-up cell and at least one more; "
+                               f"lower --token-budget (now {budget}) or raise --n (now {n})")
+        scaling = run_scaling(model, texts, buckets, lengths, stats, scratch, device, counts)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"{n} texts of {min(lengths)}-{max(lengths)} tokens, stats {','.join(stats)}, bucket budget {budget} tokens")
+    print_scaling(label, device, scaling)
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    record = {"model": label, "device": device, "gpu": gpu, "gpus_here": worker_slots(device) if gpu else 0,
+              "host": platform.node(), "n_texts": n, "token_range": [lo, hi], "token_budget": budget, "stats": stats,
+              "workers": counts, "torch": torch.__version__, "ray": _ray_version(), **padding(buckets, lengths),
+              "scaling": {k: v for k, v in scaling.items() if k != "counts"},
+              "counts": {str(k): v for k, v in scaling["counts"].items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"sweep_scaling{'_small' if small else ''}{'_wide' if args.wide else ''}{args.tag}.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(f"written to {path}")
+    differing = [k for k, r in scaling["counts"].items() if not r["bit_equal_to_1_worker"]]
+    if differing:
+        raise SystemExit(f"runs differ from the 1-worker runs at {differing} workers: see runs_differing in {path}")
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ largest batch), and one without a batch option says it was retried unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import textwrap
 
-import pandas as pd
 import pytest
 import torch
 
@@ -97,14 +97,9 @@ def main_spec(folder):
 
 
 def assert_same_run(a, b) -> None:
-    """Two runs hold the same tables and tensors, bit for bit (NaN where NaN)."""
-    assert sorted(a.tables) == sorted(b.tables) and sorted(a.tensors) == sorted(b.tensors)
-    for name in a.tables:
-        pd.testing.assert_frame_equal(a.tables[name], b.tables[name], check_exact=True)
-    for name in a.tensors:
-        assert a.tensors[name].dtype == b.tensors[name].dtype
-        torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=0, equal_nan=True)
-    assert a.manifest["parameters"] == b.manifest["parameters"]
+    """Two runs hold the same tables and tensors, bit for bit (NaN where NaN): `sweep.run_differences`, which
+    the multi-GPU bench uses too."""
+    assert sweep.run_differences(a, b) == []
 
 
 @pytest.mark.slow
@@ -336,6 +331,21 @@ def test_a_capture_cell_writes_the_run_of_the_same_capture(tmp_path, tiny_models
         cap = probe.capture(TEXTS[:2], stats=["sink_mass(2)", "entropy"], backend=cell.params["backend"])
         assert_same_run(run, alone.load(alone.save_capture(cap, probe)))
         assert run.manifest["sweep"] == {"name": "caps", "cell": cell.id, "input": "texts0"}
+    # the equality is bit for bit: one ulp in one tensor, one table value, or a dtype is a difference
+    other = alone.load(alone.save_capture(cap, probe))
+    name = min(other.tensors)
+    nudged = other.tensors[name].clone()
+    nudged.view(-1)[0] = torch.nextafter(nudged.view(-1)[0].nan_to_num(), torch.tensor(2.0, dtype=nudged.dtype))
+    assert sweep.run_differences(run, other) == []
+    assert sweep.run_differences(run, dataclasses.replace(other, tensors={**other.tensors, name: nudged})) == [
+        f"tensor {name}: values differ"]
+    assert sweep.run_differences(run, dataclasses.replace(
+        other, tensors={**other.tensors, name: other.tensors[name].double()}))[0].startswith(f"tensor {name}: ")
+    table = "tokens"
+    changed = other.tables[table].copy()
+    changed.loc[0, "token_id"] += 1
+    differences = sweep.run_differences(run, dataclasses.replace(other, tables={**other.tables, table: changed}))
+    assert len(differences) == 1 and differences[0].startswith("table tokens: "), differences
 
 
 def test_the_readme_sink_census_plans_18_cells_over_the_three_registry_models(monkeypatch):
