@@ -87,9 +87,9 @@ path and hash, each cell (id, model, input, job, parameters, status, run, worker
 host, pid, device, gpu_ids (the GPUs Ray assigned it); start and end time, wall seconds on the
 worker, retries, error and traceback of a failure; writer: "worker" or "driver"; timings: seconds of
 wait (the driver's submission to the worker's start), compute (the analysis, method or capture),
-content (the run's tables and tensors),
-write (`RunStore.write`, by whichever wrote it) and handoff (the worker's end to the driver holding
-the result); wait and handoff span two processes' clocks, exact on one node), and every invocation
+content (the run's tables and tensors), write (`RunStore.write`, by whichever wrote it) and handoff
+(the worker's end to the driver holding the result); wait and handoff span two processes' clocks,
+exact on one node), and every invocation
 (when, cluster address, workers, writer option, cells run / skipped / failed, runs written by
 workers and by the driver, wall time). Two invocations of the same sweep on the same store at the
 same time are not coordinated: run one.
