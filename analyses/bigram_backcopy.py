@@ -17,13 +17,15 @@ FFN of width 4 d, no biases anywhere. ReLU attention (attnlab's reading of the p
 A[i, j] = ReLU(q_i . k_j / sqrt(d_h)) / (i + 1), causal (normalised by the number of visible keys,
 as in ReLU-attention vision transformers), so nothing forces the row to sum to 1.
 
-CPU defaults (`ToyConfig()`, `TrainConfig()`): width 64, sequences of 32, batch 64, 6000 steps,
-AdamW lr 3e-3, ~90 s per variant on one idle CPU core. Measured with them (seed 0): the softmax
-head is dormant on 95% of non-trigger positions (BOS attention 0.97), attends to the previous
-token on triggers (0.97, BOS 0.00), excess loss 0.008 nats; the BOS logit gap grows 3 -> 23 from
-step 1.4k to 6k while the BOS value norm falls to 0.09 of the others'. The sink needs the steps:
-after 500 steps the head already copies on triggers but only 4-13% of non-triggers are dormant,
-after 3k steps 25%. The paper's settings (width 256, 256 tokens, batch 512, 10k steps, lr 3e-4):
+CPU defaults (`ToyConfig()`, `TrainConfig()`): width 64, sequences of 32, batch 64, 10,000 steps
+(the paper's count), AdamW lr 3e-3, 2.5-6 min per variant on one CPU core. Measured with them (seeds 0
+and 1, AMD EPYC, AVX2): the softmax head is dormant on 97% / 98% of non-trigger positions (BOS
+attention 0.97 / 0.99), attends to the previous token on triggers (0.94 / 0.97, BOS 0.00), excess loss
+0.006 / 0.005 nats; the BOS value norm falls to 0.11 / 0.13 of the others' and the BOS logit gap grows
+from ~4 in the first 500 steps to 13 / 36. The sink needs the steps, and when it completes depends on
+the seed and on the CPU's float kernels: at 6,000 steps the same seeds gave 44% / 77% dormant on this
+CPU (BOS attention 0.75 / 0.90), 95% for seed 0 on an earlier machine; after 500 steps the head already
+copies on triggers but only 4-13% of non-triggers are dormant. The paper's settings (width 256, 256 tokens, batch 512, 10k steps, lr 3e-4):
 `ToyConfig.paper()`, `TrainConfig.paper()`. The probe is read on sampled BB sequences: every
 position i >= 1 is one probe [BOS, x_1..x_i], classified by whether x_i is a trigger.
 """
@@ -71,7 +73,7 @@ class TrainConfig:
     """How a toy model trains: steps, batch, optimizer (AdamW or SGD), learning rate, seed, and how many log-spaced
     steps record the dynamics."""
 
-    steps: int = 6000
+    steps: int = 10_000  # 6,000 left the sink half-formed on some CPUs (module docstring)
     batch: int = 64
     optimizer: str = "adamw"  # or "sgd"
     lr: float | None = None  # None: 3e-3 for AdamW (paper 3e-4), 0.03 for SGD (paper)
@@ -346,6 +348,6 @@ register(Analysis(
     "grows and its value norm shrinks; ReLU attention or SGD largely remove the sink. Guo et al., "
     "<i>Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs</i> (2024), "
     "sections 2-3.",
-    BigramBackcopyParams, _run, cpu_minutes=4.5, needs=("nothing: trains its own toy models (the model is unused)",),
+    BigramBackcopyParams, _run, cpu_minutes=8, needs=("nothing: trains its own toy models (the model is unused)",),
     figures_of=figures, top_table="dormancy", unit="variant trained",
 ))

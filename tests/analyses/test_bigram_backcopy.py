@@ -78,15 +78,20 @@ def test_dynamics_are_tracked_plotted_and_saved(trained, tmp_path):
 
 @pytest.mark.slow
 def test_long_training_makes_most_non_triggers_dormant():
-    """The acceptance run at the CPU defaults (6000 steps, ~90 s on one idle core)."""
+    """The acceptance run at the CPU defaults (10,000 steps, 2.5-6 min on one core). At 6,000 steps the sink
+    was still forming on some CPUs (44% dormant for seed 0 on an AVX2 EPYC, 95% elsewhere): the float
+    kernels change when it completes, so the run goes to the paper's step count."""
+    assert bb.TrainConfig().steps == 10_000
     with torch_threads(1):
         model, history = bb.train(bb.ToyConfig(), bb.TrainConfig())
     task = BigramBackcopy(seq_len=bb.ToyConfig().seq_len)
     d = bb.dormancy(model, task).iloc[0]
-    assert d.dormant_nontrigger > 0.8, f"measured 0.95, got {d.dormant_nontrigger:.2f}"
+    assert d.dormant_nontrigger > 0.8, f"measured 0.97 (seed 0), got {d.dormant_nontrigger:.2f}"
     assert d.bos_attn_trigger < 0.05 and d.prev_attn_trigger > 0.9 and d.excess < 0.02
     s = history.set_index("step")
-    assert s.bos_logit_gap.iloc[-1] > 10 and s.value_norm_ratio.iloc[-1] < 0.2
+    # the BOS logit gap grows (it wanders on the way: 13.1 -> 8.2 -> 12.7 over seed 0's last logged steps)
+    assert s.bos_logit_gap.iloc[-1] > 2 * s.bos_logit_gap.iloc[:10].mean()
+    assert s.value_norm_ratio.iloc[-1] < 0.2
 
 
 def test_paper_settings_are_available():
