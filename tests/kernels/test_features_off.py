@@ -1,8 +1,13 @@
 """With the attention features off (causal=True, key_bias=None, sinks=None) both backends give
 bit-identical results to the code before they existed (issue 18).
 
-`data/features_off.pt` holds the outputs of the twin and of the Triton kernels (interpreter) at
-commit 07c1bf9, on the fixed inputs of `cases()`; regenerate it only from that commit's code:
+`data/features_off*.pt` hold the outputs of the twin and of the Triton kernels (interpreter) at
+commit 07c1bf9, on the fixed inputs of `cases()`. The interpreter computes with NumPy, whose float32
+loops (exp, sums) take other code paths, and other last bits, on CPUs with AVX-512 than on CPUs with
+AVX2 only: `features_off.pt` was written where NumPy dispatches AVX-512, `features_off_avx2.pt` on an
+AVX2 CPU (AMD EPYC, 2026-12-06; today's kernels equal it there in all 100 outputs). A CPU of neither
+class is compared within a few units in the last place. Regenerate only from that commit's code; the
+file for this machine's class is written by
     PYTHONPATH=<a folder with that commit's attnlab/kernels> python tests/kernels/test_features_off.py
 """
 
@@ -16,7 +21,19 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import (conftest does too)
 
-DATA = pathlib.Path(__file__).parent / "data" / "features_off.pt"
+DATA = {"avx512": pathlib.Path(__file__).parent / "data" / "features_off.pt",
+        "avx2": pathlib.Path(__file__).parent / "data" / "features_off_avx2.pt"}
+
+
+def cpu_class() -> str | None:
+    """"avx512" or "avx2": which of NumPy's float32 code paths this CPU takes (None: neither, or unknown)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as cpu
+    except ImportError:
+        return None
+    if cpu.get("AVX512F"):
+        return "avx512"
+    return "avx2" if cpu.get("AVX2") and cpu.get("FMA3") else None
 
 
 def cases():
@@ -55,9 +72,20 @@ def run(backend, kwargs):
     return {"out": out, **st}
 
 
+def _same(got: torch.Tensor, want: torch.Tensor, exact: bool) -> bool:
+    if not torch.equal(got.isnan(), want.isnan()):
+        return False
+    if exact or not got.is_floating_point():
+        return torch.equal(got.nan_to_num(1234.5), want.nan_to_num(1234.5))
+    # a few units in the last place (1 fp16 ulp at 0.5 is 2.4e-4; fp32 sums reordered: ~1e-6)
+    tol = {torch.float16: (2e-3, 1e-3)}.get(got.dtype, (1e-5, 1e-5))
+    return torch.allclose(got.nan_to_num(1234.5), want.nan_to_num(1234.5), rtol=tol[0], atol=tol[1])
+
+
 def test_features_off_are_bit_identical_to_before():
     pytest.importorskip("triton")
-    want = torch.load(DATA)
+    cls = cpu_class()
+    want = torch.load(DATA[cls or "avx512"])
     got_cases = cases()
     assert set(want) == set(got_cases)
     for name, (backend, kwargs) in got_cases.items():
@@ -66,12 +94,14 @@ def test_features_off_are_bit_identical_to_before():
             kwargs[key] = {"causal": True}.get(key)
         spelled = run(backend, kwargs)
         for out_name, w in want[name].items():
-            for res in (got, spelled):
-                assert torch.equal(res[out_name].nan_to_num(1234.5), w.nan_to_num(1234.5)), (name, out_name)
-                assert torch.equal(res[out_name].isnan(), w.isnan()), (name, out_name)
+            assert _same(spelled[out_name], got[out_name], exact=True), (name, out_name, "spelled out")
+            assert _same(got[out_name], w, exact=cls is not None), (name, out_name, cls)
 
 
 if __name__ == "__main__":  # regenerate from the pre-feature code (module docstring)
-    DATA.parent.mkdir(exist_ok=True)
-    torch.save({name: run(b, kw) for name, (b, kw) in cases().items()}, DATA)
-    print("wrote", DATA)
+    if cpu_class() is None:
+        raise SystemExit("this CPU is neither of the classes in DATA: add one before writing its reference")
+    path = DATA[cpu_class()]
+    path.parent.mkdir(exist_ok=True)
+    torch.save({name: run(b, kw) for name, (b, kw) in cases().items()}, path)
+    print("wrote", path)
