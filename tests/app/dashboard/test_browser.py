@@ -396,7 +396,8 @@ def test_long_text_runs_in_the_background_with_progress_cancel_and_a_pooled_heat
     path.write_text(text)
 
     dash_duo.start_server(create_app(tmp_path / "runs"))
-    dash_duo.find_element(f"#{ids.UPLOAD} input[type=file]").send_keys(str(path))
+    # wait for the page to render the upload box (a busy machine renders it after start_server returns)
+    dash_duo.wait_for_element(f"#{ids.UPLOAD} input[type=file]", timeout=30).send_keys(str(path))
     _wait(lambda: len(dash_duo.find_element(f"#{ids.TEXT}").get_attribute("value")) == len(text), 15,
           "the uploaded text in the text box")
 

@@ -71,7 +71,8 @@ def test_a_reload_and_a_second_browser_see_the_running_job_cancel_it_and_open_it
     path.write_text(text)
     runs = tmp_path / "runs"
     dash_duo.start_server(create_app(runs))
-    dash_duo.find_element(f"#{ids.UPLOAD} input[type=file]").send_keys(str(path))
+    # wait for the page to render the upload box (a busy machine renders it after start_server returns)
+    dash_duo.wait_for_element(f"#{ids.UPLOAD} input[type=file]", timeout=30).send_keys(str(path))
     _wait(lambda: len(dash_duo.find_element(f"#{ids.TEXT}").get_attribute("value")) == len(text), 15, "the text")
     dash_duo.find_element(f"#{ids.RUN}").click()  # every layer: ~30 steps of one layer each
     _wait(lambda: (p := _layer_progress(_text(dash_duo.driver, ids.PROGRESS_TEXT))) and p[0] >= 1, 120,
