@@ -105,13 +105,19 @@ def bench_ms(fn, est_ms):
     return triton.testing.do_bench(fn, warmup=max(25, 3 * est_ms), rep=max(100, 12 * est_ms), return_mode="median")
 
 
-def timings(n, d, log):
-    hq, hkv = 32, 8
+def sdpa_baseline(n, d, hq=32, hkv=8):
+    """The timed layer's inputs (batch 1, hq query / hkv KV heads, causal, bf16) and SDPA's default forward
+    on them: (q, k, v, causal forward FLOPs, SDPA milliseconds)."""
     q, k, v = inputs(1, hq, hkv, n, n, d)
     kr, vr = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, v))
     flops = 4 * hq * d * n * n / 2  # causal forward: two products over half the tiles
     sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), n * n / 6e7)
-    del kr, vr
+    return q, k, v, flops, sdpa
+
+
+def timings(n, d, log):
+    q, k, v, flops, sdpa = sdpa_baseline(n, d)
+    hq = q.shape[1]
     req = StatRequest(received=True, pooled_block=128)
     call = ts._Call(q, k, v, None, None, None, None, True)
     lse2 = torch.empty(1, hq, n, dtype=torch.float32, device="cuda")
@@ -203,12 +209,7 @@ def forward_correctness(log):
 
 
 def forward_timings(n, d, log):
-    hq, hkv = 32, 8
-    q, k, v = inputs(1, hq, hkv, n, n, d)
-    kr, vr = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, v))
-    flops = 4 * hq * d * n * n / 2  # causal forward: two products over half the tiles
-    sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), n * n / 6e7)
-    del kr, vr
+    q, k, v, flops, sdpa = sdpa_baseline(n, d)
     call = ts._Call(q, k, v, None, None, None, None, True)
     res = {"n": n, "d": d, "sdpa_default_ms": sdpa, "sdpa_tflops": flops / (sdpa * 1e-3) / 1e12,
            "gluon_unsupported": gf.unsupported(call, FORWARD_STATS)}

@@ -361,6 +361,19 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def workload(args, scratch: Path, n_small: int, budgets: tuple[int, int]):
+    """(model, its label, texts, min and max tokens, padded tokens per bucket) from the options, with the
+    defaults of --small (tiny-llama, 16-256 tokens, n_small texts, budgets[0]) or of the GPU machine
+    (SmolLM2, 64-4,096 tokens, 500 texts, budgets[1]); --wide builds its model into scratch."""
+    small = args.small
+    model = (str(wide_model(scratch / "wide-llama")) if args.wide
+             else args.model or ("tiny-llama" if small else "smollm2-135m"))
+    label = "wide-llama (--wide: SmolLM2's heads, tiny width)" if args.wide else model
+    n = args.n or (n_small if small else 500)
+    lo, hi = args.min_tokens or (16 if small else 64), args.max_tokens or (256 if small else 4096)
+    return model, label, n, lo, hi, args.token_budget or (budgets[0] if small else budgets[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="CPU, tiny-llama, 24 texts of 16-256 tokens")
@@ -394,12 +407,7 @@ def main() -> None:
         except AttnlabError as e:
             raise SystemExit(f"error: {e}") from None
     scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-bench-"))
-    model = (str(wide_model(scratch / "wide-llama")) if args.wide
-             else args.model or ("tiny-llama" if small else "smollm2-135m"))
-    label = "wide-llama (--wide: SmolLM2's heads, tiny width)" if args.wide else model
-    n = args.n or (24 if small else 500)
-    lo, hi = args.min_tokens or (16 if small else 64), args.max_tokens or (256 if small else 4096)
-    budget = args.token_budget or (1024 if small else 65536)
+    model, label, n, lo, hi, budget = workload(args, scratch, n_small=24, budgets=(1024, 65536))
     batch = args.batch or (4 if small else 16)
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     if not ways or set(ways) - set(WAYS) or "plain" not in ways:
@@ -471,12 +479,7 @@ def scaling_main(args, device: str, counts: list[int]) -> None:
     small = args.small
     scratch = Path(tempfile.mkdtemp(prefix="attnlab-sweep-scaling-"))
     try:
-        model = (str(wide_model(scratch / "wide-llama")) if args.wide
-                 else args.model or ("tiny-llama" if small else "smollm2-135m"))
-        label = "wide-llama (--wide: SmolLM2's heads, tiny width)" if args.wide else model
-        n = args.n or (48 if small else 500)
-        lo, hi = args.min_tokens or (16 if small else 64), args.max_tokens or (256 if small else 4096)
-        budget = args.token_budget or (512 if small else 16384)
+        model, label, n, lo, hi, budget = workload(args, scratch, n_small=48, budgets=(512, 16384))
         stats = [s.label() for s in catalogue.parse_list(args.stats)]
         tokenizer = load(model, device="cpu").tokenizer  # the texts only: the GPUs stay free for the workers
         texts = make_texts(tokenizer, n, lo, hi)
