@@ -305,11 +305,16 @@ def replay_vs_apply(replay: Result, applied: Result, task: str = "niah") -> pd.D
     kept the most accuracy (ties joined by " = "). rho is NaN where either side has no spread.
 
     replay: a `kv_eviction` Result (tables "curves" and "classes"); applied: a `kv_eviction_apply` Result
-    (table "accuracy"), with the same budgets (shares or token counts)."""
+    (table "accuracy"), of the same model (their params' "model", where both record one) with the same
+    budgets (shares or token counts)."""
     curves, classes, acc = replay.tables.get("curves"), replay.tables.get("classes"), applied.tables.get("accuracy")
     if curves is None or classes is None or acc is None:
         raise AttnlabError("replay_vs_apply needs a kv_eviction replay Result (tables curves, classes) and a "
                            "kv_eviction_apply Result (table accuracy), in that order")
+    models = replay.params.get("model"), applied.params.get("model")
+    if None not in models and models[0] != models[1]:
+        raise AttnlabError(f"replay_vs_apply: the replay ran on {models[0]!r}, the apply on {models[1]!r}: "
+                           "compare runs of one model")
     acc = acc[(acc["task"] == task) & (acc["policy"] != "full cache") & (acc["skipped"] == 0)]
     if acc.empty:
         raise AttnlabError(f"replay_vs_apply: the applied result has no task {task!r} with a policy that ran on "

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     from attnlab.analyses.kv_eviction_apply import accuracy_table, replay_vs_apply
     from attnlab.analyses.result import Result
-    from attnlab.probe import RunStore
+    from attnlab.probe import AttnlabError, RunStore
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("replay_run", help="a kv_eviction run folder")
@@ -42,10 +42,18 @@ def main(argv=None) -> int:
 
     run = Path(args.replay_run)
     replay = Result.load(RunStore(run.parent).load(run))
-    runs = pd.concat([pd.DataFrame(json.loads(Path(f).read_text())["runs"]) for f in args.apply_json])
+    files = [json.loads(Path(f).read_text()) for f in args.apply_json]
+    models = {d["config"].get("model") for d in files}
+    if len(models) != 1:
+        raise SystemExit(f"error: the apply files come from several models {sorted(map(str, models))}: give one model's")
+    runs = pd.concat([pd.DataFrame(d["runs"]) for d in files])
     runs["skipped"] = runs["skipped"].fillna("")
-    applied = Result("kv_eviction_apply", tables={"runs": runs, "accuracy": accuracy_table(runs)})
-    table = replay_vs_apply(replay, applied, task=args.task)
+    applied = Result("kv_eviction_apply", tables={"runs": runs, "accuracy": accuracy_table(runs)},
+                     params={"model": models.pop()})
+    try:
+        table = replay_vs_apply(replay, applied, task=args.task)
+    except AttnlabError as e:
+        raise SystemExit(f"error: {e}") from None
     lost = replay.tables["curves"].pivot(index="budget", columns="policy", values="lost")
     acc = applied.tables["accuracy"]
     acc = acc[acc["task"] == args.task].pivot(index="budget", columns="policy", values="accuracy")

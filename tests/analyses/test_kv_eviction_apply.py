@@ -179,3 +179,6 @@ def test_replay_vs_apply_ranks_by_hand():
         kva.replay_vs_apply(replay, applied, task="openbookqa")
     with pytest.raises(AttnlabError, match="in that order"):
         kva.replay_vs_apply(applied, replay)
+    with pytest.raises(AttnlabError, match="replay ran on 'model-a', the apply on 'model-b'"):
+        kva.replay_vs_apply(Result("kv_eviction", tables=replay.tables, params={"model": "model-a"}),
+                            Result("kv_eviction_apply", tables=applied.tables, params={"model": "model-b"}))
