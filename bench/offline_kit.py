@@ -6,7 +6,7 @@ On a machine that reaches the package registry:
 
     python bench/offline_kit.py pack                      # -> .kit/: the lock's versions of DEFAULT_PACKAGES,
                                                           #    wheels for CPython 3.12 on x86-64 Linux, in
-                                                          #    pieces of <= 60 MB plus kit.json (sha256 each)
+                                                          #    pieces of <= 56 MiB plus kit.json (sha256 each)
     python bench/offline_kit.py pack --have freeze.txt    # leave out what `pip freeze` there printed
     python bench/offline_kit.py pack --python 3.11 --packages ray,plotly --piece-mb 40
 
@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--have", help="a `pip freeze` of the GPU machine: leave out what it lists")
     p.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
     p.add_argument("--platforms", default="manylinux_2_28_x86_64,manylinux2014_x86_64,manylinux_2_17_x86_64")
-    p.add_argument("--piece-mb", type=float, default=60.0)
+    # 56 MiB: a run carries the working tree too (about 5 MiB) within its 64 MiB
+    p.add_argument("--piece-mb", type=float, default=56.0)
     p.add_argument("--out", default=str(REPO / ".kit"))
     r = sub.add_parser("receive", help="on the GPU machine: collect the pieces; install when all are here")
     r.add_argument("--kit", default=str(REPO / ".kit"))
