@@ -46,13 +46,13 @@ def test_the_scaling_mode_with_1_and_2_workers_gives_equal_runs_and_a_well_forme
         assert sum(r["devices"].values()) == cells and set(r["devices"]) == {"cpu"}
         assert sorted(r["cells_by_device"]) == [f"bucket-{k:04d}" for k in range(cells)]
         assert sum(r["cells_per_actor"]) == cells and len(r["cells_per_actor"]) == r["actors"]
-        assert r["tokens_per_second"] > 0 and 0 < r["tokens"] <= result["real_tokens"]
+        assert r["tokens_per_second"] > 0 and 0 < r["tokens"] <= result["real_tokens"] and r["warmup_spread_seconds"] >= 0
         assert r["sweep_wall_seconds"] > r["seconds"] > 0
     assert one["speedup"] == 1.0 and one["efficiency"] == 1.0
     assert two["speedup"] == pytest.approx(two["tokens_per_second"] / one["tokens_per_second"], abs=1e-3)
     assert two["efficiency"] == pytest.approx(two["speedup"] / 2, abs=1e-3)
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] in (["1", "1"], ["2", "2"])]
-    assert [row[0] for row in rows] == ["1", "2"] and all(row[7] == "yes" for row in rows), done.stdout
+    assert [row[0] for row in rows] == ["1", "2"] and all(row[8] == "yes" for row in rows), done.stdout
 
 
 def test_worker_counts_default_to_powers_of_two_and_refuse_what_this_machine_cannot_give(monkeypatch):
@@ -70,19 +70,26 @@ def test_worker_counts_default_to_powers_of_two_and_refuse_what_this_machine_can
             bench.parse_workers(bad, "cuda")
 
 
-def test_the_steady_rate_counts_from_the_last_warm_up_and_shares_out_a_straddling_cell():
+def test_the_steady_rate_counts_every_cell_after_a_warm_up_from_the_first_warm_ups_end():
     bench = _bench("sweep_throughput")
 
     def cell(name, actor, started, finished):
         return {"input": name, "started": started, "finished": finished, "worker": {"actor": actor, "pid": 1}}
 
-    # actor a warms up in [0, 1], actor b in [0, 2]: the window is [2, 4]; a's cell of [1, 3] is half inside
+    # actor a warms up in [0, 1], actor b in [0, 2]: the window is [1, 4], b's warm-up inside it
     cells = [cell("a0", "a", 0, 1), cell("b0", "b", 0, 2), cell("a1", "a", 1, 3), cell("b1", "b", 2, 4)]
-    tokens = {"a0": 1000, "b0": 1000, "a1": 100, "b1": 60}
+    tokens = {"a0": 1000, "b0": 1000, "a1": 100, "b1": 50}
     got = bench.steady_rate(cells, tokens, end=4.0)
-    assert got == {"tokens": 110, "seconds": 2.0, "tokens_per_second": 55.0, "cells_per_actor": [2, 2]}
+    assert got == {"tokens": 150, "seconds": 3.0, "tokens_per_second": 50.0, "warmup_spread_seconds": 1.0,
+                   "cells_per_actor": [2, 2]}
     # one worker: the rate from its first cell's end, as the `ray` way has always counted it
     assert bench.steady_rate(cells[::2], tokens, end=3.0)["tokens_per_second"] == 50.0
+    # b warms up while a runs every other cell (a busy CI machine): a's cells still count
+    late = [cell("b0", "b", 0, 4), cell("a0", "a", 0, 1), cell("a1", "a", 1, 2), cell("a2", "a", 2, 4)]
+    got = bench.steady_rate(late, {"a0": 1000, "b0": 1000, "a1": 90, "a2": 60}, end=4.0)
+    assert (got["tokens"], got["tokens_per_second"], got["warmup_spread_seconds"]) == (150, 50.0, 3.0)
+    # no cell after a warm-up: no rate, not a rate of 0
+    assert bench.steady_rate(late[:2], tokens | {"a0": 1000}, end=4.0)["tokens_per_second"] is None
 
 
 # ----- one model over several GPUs -----
