@@ -61,6 +61,7 @@ def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, 
     from attnlab.kernels import triton_stats as ts
 
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
     req = StatRequest(sink_k=4, entropy=True, top_key=True, received=True)  # received: pass 2 on its lse2
     kernels.last_kernels()
@@ -112,6 +113,7 @@ def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
     from attnlab.kernels import triton_stats as ts
 
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, _ = _inputs(1, 8, 2, 257, 257, 128, 0)
     kernels.last_kernels()
     ts.attention_stats(q, k, v, request=StatRequest(entropy=True, distance_window=16))

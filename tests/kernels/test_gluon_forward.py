@@ -65,8 +65,10 @@ def test_gluon_forward_takes_plain_calls_and_names_what_it_leaves():
     assert gluon_forward.unsupported(_call(), STATS) == "not a Hopper GPU (sm_90)"
 
 
-def test_switch_is_off_by_default_and_on_a_cpu_falls_back_to_the_same_numbers(monkeypatch):
-    assert ts.GLUON_FORWARD is False  # on only once an H100 shows it beats the Triton forward
+def test_switch_takes_only_calls_without_statistics_and_on_a_cpu_falls_back_to_the_same_numbers(monkeypatch):
+    # measured on an H100: faster than the Triton forward for out + lse2, slower with per-query statistics
+    assert ts.GLUON_FORWARD is True and ts.GLUON_FORWARD_STATS is False
+    monkeypatch.setattr(ts, "GLUON_FORWARD", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 40, 64, generator=g).half()
@@ -83,6 +85,20 @@ def test_switch_is_off_by_default_and_on_a_cpu_falls_back_to_the_same_numbers(mo
     assert torch.equal(out_on, out_off)
     for name in STATS.outputs():
         assert torch.equal(st_on[name].nan_to_num(-7.0), st_off[name].nan_to_num(-7.0)), name
+
+    # where the device would take it (as on an H100): a call with statistics goes to Triton, naming why; a call
+    # for the output and log-sum-exp alone (here: received, pass 2's business) to the Gluon forward
+    taken = []
+    monkeypatch.setattr(gluon_forward, "unsupported", lambda call, request: None)
+    monkeypatch.setattr(gluon_forward, "forward", lambda call, request, out, lse2, stats: taken.append(request))
+    ts.attention_stats(q, k, v, request=STATS, key_mask=key_mask)
+    assert kernels.last_kernels() == {"forward": "triton (per-query statistics: faster on the Triton forward "
+                                                 "(triton_stats.GLUON_FORWARD_STATS))"} and taken == []
+    ts.attention_stats(q, k, v, request=StatRequest(received=True), key_mask=key_mask)
+    assert kernels.last_kernels()["forward"] == "gluon-hopper" and len(taken) == 1
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
+    ts.attention_stats(q, k, v, request=STATS, key_mask=key_mask)
+    assert kernels.last_kernels()["forward"] == "gluon-hopper" and len(taken) == 2
 
 
 # ----------------------------------------------------------------------------- sm_90 compile (CPU)
