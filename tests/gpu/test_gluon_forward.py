@@ -120,3 +120,30 @@ def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
     assert kernels.last_kernels()["forward"] == "triton (distance, local_mass (on the Triton forward))"
     ts.attention_stats(q, k, v, request=StatRequest(entropy=True), softcap=30.0)
     assert kernels.last_kernels()["forward"] == "triton (a softcap (on the Triton forward))"
+
+
+@needs_hopper
+def test_default_switches_give_pass_1_and_2_to_gluon_without_statistics_and_pass_1_to_triton_with_them():
+    """The switches as shipped (no monkeypatch): a padded batch (cuDNN does not apply) asking for pass 2's
+    statistics runs both passes in Gluon; asking for per-query statistics too keeps pass 1 on Triton."""
+    from attnlab.kernels import triton_stats as ts
+
+    assert ts.GLUON_FORWARD and not ts.GLUON_FORWARD_STATS and ts.GLUON
+    q, k, v, key_mask = _inputs(2, 8, 2, 777, 777, 128, 45)
+    slower = "triton (per-query statistics: faster on the Triton forward (triton_stats.GLUON_FORWARD_STATS))"
+    for req, forward in ((StatRequest(received=True, pooled_block=64), "gluon-hopper"),
+                         (StatRequest(received=True, entropy=True, top_key=True), slower)):
+        kernels.last_kernels()
+        out, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=True)
+        assert kernels.last_kernels() == {"forward": forward, "columns": "gluon-hopper"}
+        ref_out, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req,
+                                                  key_mask=key_mask, causal=True, chunk_size=512)
+        real = torch.isfinite(ref_out).all(-1) & (ref_out.abs().sum(-1) > 0)
+        assert _rel(out[real], ref_out[real]) < 2e-2
+        for name in req.outputs():
+            if name == "top_key":
+                assert (got[name] == want[name]).double().mean() > 0.999
+                continue
+            assert torch.equal(torch.isnan(got[name]), torch.isnan(want[name])), name
+            err = _rel(got[name].float(), want[name].float())
+            assert err < 2e-3, (name, err)
