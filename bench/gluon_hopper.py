@@ -11,11 +11,11 @@ in one call on an H100: correctness, then times side by side.
 
 3. The forward (section `forward`): the Gluon forward against the Triton forward and an fp64 twin on the
    same inputs (odd lengths, GQA 1/4/7, padding, causal and bidirectional), then times at 32k and 128k, d 128
-   (batch 1, 32 query / 8 KV heads, bf16, causal): SDPA's default forward, the Triton forward and the Gluon
+   and d 64 (the acceptance's two tables; session 10 timed d 128 only) (batch 1, 32 query / 8 KV heads, bf16, causal): SDPA's default forward, the Triton forward and the Gluon
    forward, each plain and with the per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA.
 
     PYTHONPATH=<folder holding attnlab> python bench/gluon_hopper.py [--sizes 32768,131072] [--dims 128,64]
-        [--sections columns,forward] [--forward-dims 128]
+        [--sections columns,forward] [--forward-dims 128,64]
 
 Writes JSON to $OUT (when set) or bench/results/gluon_hopper.json.
 """
@@ -247,7 +247,7 @@ def main():
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--sections", default="columns,forward", help="columns (pass 2), forward, or both")
-    ap.add_argument("--forward-dims", default="128")
+    ap.add_argument("--forward-dims", default="128,64")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
