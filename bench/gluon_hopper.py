@@ -15,7 +15,7 @@ in one call on an H100: correctness, then times side by side.
    forward, each plain and with the per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA.
 
     PYTHONPATH=<folder holding attnlab> python bench/gluon_hopper.py [--sizes 32768,131072] [--dims 128,64]
-        [--sections columns,forward] [--forward-dims 128,64]
+        [--sections columns,forward] [--forward-dims 128,64] [--forward-breakdown]
 
 Writes JSON to $OUT (when set) or bench/results/gluon_hopper.json.
 """
@@ -208,37 +208,48 @@ def forward_correctness(log):
     return rows
 
 
-def forward_timings(n, d, log):
+# --forward-breakdown: each statistic alone, to attribute the statistics' cost (session 10: with all three the
+# Gluon forward took 1.56x its plain time at 32k, the Triton forward 1.13x)
+FORWARD_ALONE = (("fwd_entropy", StatRequest(entropy=True)), ("fwd_top_key", StatRequest(top_key=True)),
+                 ("fwd_sink_mass", StatRequest(sink_k=4)))
+
+
+def forward_timings(n, d, log, breakdown=False):
     q, k, v, flops, sdpa = sdpa_baseline(n, d)
     call = ts._Call(q, k, v, None, None, None, None, True)
     res = {"n": n, "d": d, "sdpa_default_ms": sdpa, "sdpa_tflops": flops / (sdpa * 1e-3) / 1e12,
            "gluon_unsupported": gf.unsupported(call, FORWARD_STATS)}
-    ref = {}
-    for name, gluon, request in (("triton_fwd", False, StatRequest()), ("gluon_fwd", True, StatRequest()),
-                                 ("triton_fwd_stats", False, FORWARD_STATS), ("gluon_fwd_stats", True, FORWARD_STATS)):
-        if gluon and res["gluon_unsupported"]:
-            continue
-        got = _forward_outputs(call, request, gluon)
-        key = bool(request.outputs())
-        if key not in ref:
-            ref[key] = got
-        else:  # the Gluon forward against the Triton one on the same inputs
-            res[f"{name}_out_vs_triton"] = rel_err(got[0].float(), ref[key][0].float())
-            fin = torch.isfinite(ref[key][1])
-            res[f"{name}_lse2_vs_triton"] = float((got[1][fin] - ref[key][1][fin]).abs().max())
-            for s in ("sink_mass", "entropy", "top_prob"):
-                if s in got[2]:
-                    res[f"{name}_{s}_vs_triton"] = rel_err(got[2][s], ref[key][2][s])
-            if "top_key" in got[2]:
-                res[f"{name}_top_key_agree"] = float((got[2]["top_key"] == ref[key][2]["top_key"]).double().mean())
-        del got
-        ms = bench_ms(lambda: _forward_outputs(call, request, gluon), sdpa)
-        res[f"{name}_ms"] = ms
-        res[f"{name}_x_sdpa"] = ms / sdpa
-        res[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
-        print(f"  {n} d{d} {name}: {ms:.2f} ms ({ms / sdpa:.2f}x)", flush=True)
+    variants = (("fwd", StatRequest()), ("fwd_stats", FORWARD_STATS)) + (FORWARD_ALONE if breakdown else ())
+    for suffix, request in variants:
+        ref = None
+        for name, gluon in ((f"triton_{suffix}", False), (f"gluon_{suffix}", True)):
+            if gluon and res["gluon_unsupported"]:
+                continue
+            got = _forward_outputs(call, request, gluon)
+            if ref is None:
+                ref = got
+            else:  # the Gluon forward against the Triton one on the same inputs and request
+                _compare_forwards(res, name, got, ref)
+            del got
+            ms = bench_ms(lambda: _forward_outputs(call, request, gluon), sdpa)
+            res[f"{name}_ms"] = ms
+            res[f"{name}_x_sdpa"] = ms / sdpa
+            res[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
+            print(f"  {n} d{d} {name}: {ms:.2f} ms ({ms / sdpa:.2f}x)", flush=True)
     log(json.dumps(res))
     return res
+
+
+def _compare_forwards(res, name, got, ref):
+    """Differences of one forward's (out, lse2, stats) from the reference forward's, into res."""
+    res[f"{name}_out_vs_triton"] = rel_err(got[0].float(), ref[0].float())
+    fin = torch.isfinite(ref[1])
+    res[f"{name}_lse2_vs_triton"] = float((got[1][fin] - ref[1][fin]).abs().max())
+    for s in ("sink_mass", "entropy", "top_prob"):
+        if s in got[2]:
+            res[f"{name}_{s}_vs_triton"] = rel_err(got[2][s], ref[2][s])
+    if "top_key" in got[2]:
+        res[f"{name}_top_key_agree"] = float((got[2]["top_key"] == ref[2]["top_key"]).double().mean())
 
 
 def main():
@@ -248,6 +259,7 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--sections", default="columns,forward", help="columns (pass 2), forward, or both")
     ap.add_argument("--forward-dims", default="128,64")
+    ap.add_argument("--forward-breakdown", action="store_true", help="also time each forward statistic alone")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +273,7 @@ def main():
     if "forward" in sections:  # first: a short run tells whether the new kernel works at all
         if not args.skip_check:
             result["forward_correctness"] = forward_correctness(log)
-        result["forward_timings"] = [forward_timings(n, d, log) for d in map(int, args.forward_dims.split(","))
+        result["forward_timings"] = [forward_timings(n, d, log, args.forward_breakdown) for d in map(int, args.forward_dims.split(","))
                                      for n in sizes]
     if "columns" in sections:
         if not args.skip_check:
