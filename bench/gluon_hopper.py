@@ -11,8 +11,10 @@ in one call on an H100: correctness, then times side by side.
 
 3. The forward (section `forward`): the Gluon forward against the Triton forward and an fp64 twin on the
    same inputs (odd lengths, GQA 1/4/7, padding, causal and bidirectional), then times at 32k and 128k, d 128
-   and d 64 (the acceptance's two tables; session 10 timed d 128 only) (batch 1, 32 query / 8 KV heads, bf16, causal): SDPA's default forward, the Triton forward and the Gluon
-   forward, each plain and with the per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA.
+   and d 64 (the acceptance's two tables; session 10 timed d 128 only; batch 1, 32 query / 8 KV heads, bf16,
+   causal): SDPA's default forward, the Triton forward and the Gluon forward, each plain and with the
+   per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA. --forward-breakdown adds each
+   statistic alone and the Gluon forward's FMA_SCALE variant.
 
     PYTHONPATH=<folder holding attnlab> python bench/gluon_hopper.py [--sizes 32768,131072] [--dims 128,64]
         [--sections columns,forward] [--forward-dims 128,64] [--forward-breakdown]
@@ -156,8 +158,9 @@ def timings(n, d, log):
 FORWARD_STATS = StatRequest(sink_k=4, entropy=True, top_key=True)
 
 
-def _forward_outputs(call, request, gluon):
-    """(out, lse2, stats) of one forward through the Gluon or the Triton kernel (called directly: no cuDNN)."""
+def _forward_outputs(call, request, gluon, fma_scale=False):
+    """(out, lse2, stats) of one forward through the Gluon or the Triton kernel (called directly: no cuDNN);
+    fma_scale: the Gluon forward's FMA_SCALE variant."""
     f32 = dict(dtype=torch.float32, device=call.device)
     out = torch.empty(call.B, call.Hq, call.Nq, call.D, dtype=call.q.dtype, device=call.device)
     lse2 = torch.empty(call.B, call.Hq, call.Nq, **f32)
@@ -165,7 +168,11 @@ def _forward_outputs(call, request, gluon):
                                dtype=OUTPUTS[name].dtype, device=call.device)
              for name in request.outputs("forward")}
     if gluon:
-        gf.forward(call, request, out, lse2, stats)
+        shipped, gf.FMA_SCALE = gf.FMA_SCALE, fma_scale
+        try:
+            gf.forward(call, request, out, lse2, stats)
+        finally:
+            gf.FMA_SCALE = shipped
     else:
         call._launch_fwd(request, out, lse2, stats)
     return out, lse2, stats
@@ -209,7 +216,8 @@ def forward_correctness(log):
 
 
 # --forward-breakdown: each statistic alone, to attribute the statistics' cost (session 10: with all three the
-# Gluon forward took 1.56x its plain time at 32k, the Triton forward 1.13x)
+# Gluon forward took 1.56x its plain time at 32k, the Triton forward 1.13x), and the Gluon forward's FMA_SCALE
+# variant (one FFMA per score instead of a multiply and a subtraction) with and without the statistics
 FORWARD_ALONE = (("fwd_entropy", StatRequest(entropy=True)), ("fwd_top_key", StatRequest(top_key=True)),
                  ("fwd_sink_mass", StatRequest(sink_k=4)))
 
@@ -222,16 +230,19 @@ def forward_timings(n, d, log, breakdown=False):
     variants = (("fwd", StatRequest()), ("fwd_stats", FORWARD_STATS)) + (FORWARD_ALONE if breakdown else ())
     for suffix, request in variants:
         ref = None
-        for name, gluon in ((f"triton_{suffix}", False), (f"gluon_{suffix}", True)):
+        kernels = [(f"triton_{suffix}", False, False), (f"gluon_{suffix}", True, False)]
+        if breakdown and suffix in ("fwd", "fwd_stats"):
+            kernels.append((f"gluon_fma_{suffix}", True, True))
+        for name, gluon, fma in kernels:
             if gluon and res["gluon_unsupported"]:
                 continue
-            got = _forward_outputs(call, request, gluon)
+            got = _forward_outputs(call, request, gluon, fma)
             if ref is None:
                 ref = got
             else:  # the Gluon forward against the Triton one on the same inputs and request
                 _compare_forwards(res, name, got, ref)
             del got
-            ms = bench_ms(lambda: _forward_outputs(call, request, gluon), sdpa)
+            ms = bench_ms(lambda: _forward_outputs(call, request, gluon, fma), sdpa)
             res[f"{name}_ms"] = ms
             res[f"{name}_x_sdpa"] = ms / sdpa
             res[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
@@ -273,8 +284,8 @@ def main():
     if "forward" in sections:  # first: a short run tells whether the new kernel works at all
         if not args.skip_check:
             result["forward_correctness"] = forward_correctness(log)
-        result["forward_timings"] = [forward_timings(n, d, log, args.forward_breakdown) for d in map(int, args.forward_dims.split(","))
-                                     for n in sizes]
+        result["forward_timings"] = [forward_timings(n, d, log, args.forward_breakdown)
+                                     for d in map(int, args.forward_dims.split(",")) for n in sizes]
     if "columns" in sections:
         if not args.skip_check:
             result["correctness"] = correctness(log)

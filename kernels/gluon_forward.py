@@ -91,11 +91,14 @@ if importable():
     @gluon.jit
     def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, mask_pos,
                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                 SINK: gl.constexpr):
+                 SINK: gl.constexpr, FMA_SCALE: gl.constexpr):
         """One tile's scores s [BLOCK_M, BLOCK_N] (raw q.k) -> p (fp32) and the updated running row state.
-        mask_pos: the smallest query position of this warpgroup (a tile with a key past it needs the causal mask)."""
+        mask_pos: the smallest query position of this warpgroup (a tile with a key past it needs the causal mask).
+        FMA_SCALE: the scale folded into one FFMA per score (z = s c2 - m, the tile maximum taken on raw
+        scores and scaled once per row, FlashAttention-3's form) instead of a multiply and a subtraction."""
         cols = n0 + offs_n
-        s = s * c2
+        if not FMA_SCALE:
+            s = s * c2
         if CAUSAL:
             need = (n0 < first) | (n0 + BLOCK_N > Nk) | (n0 + BLOCK_N - 1 > mask_pos)
         else:
@@ -106,11 +109,17 @@ if importable():
                 vis = vis & (cols[None, :] <= pos[:, None])
             s = gl.where(vis, s, -1.0e30)
         m_blk = gl.max(s, axis=1)
-        if TOP:  # the leftmost maximum of the tile, kept where the row maximum strictly grows
+        if TOP:  # the leftmost maximum of the tile (on raw or scaled scores alike: c2 > 0)
             idx = gl.min(gl.where(s == m_blk[:, None], cols[None, :], 2147483647), axis=1)
+        if FMA_SCALE:
+            m_blk = m_blk * c2
+        if TOP:  # kept where the row maximum strictly grows
             top_i = gl.where(m_blk > m_i, idx, top_i)
         m_new = gl.maximum(m_i, m_blk)
-        z = s - m_new[:, None]
+        if FMA_SCALE:
+            z = s * c2 - m_new[:, None]
+        else:
+            z = s - m_new[:, None]
         p = gl.exp2(z)
         alpha = gl.exp2(m_i - m_new)
         if ENT:
@@ -128,7 +137,7 @@ if importable():
                       Out, Lse2, Ent, Top, TopP, Sink, b, h, Hq, Nq, Nk, q_off, m0_cta, first, lo, T, c2, sink_k,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                      SINK: gl.constexpr):
+                      SINK: gl.constexpr, FMA_SCALE: gl.constexpr):
         """One warpgroup: queries [m0_cta + WG * BLOCK_M, + BLOCK_M) against every streamed key tile."""
         s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -162,7 +171,8 @@ if importable():
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi,
-                                                        pos, offs_n, mask_pos, BLOCK_N, CAUSAL, ENT, TOP, SINK)
+                                                        pos, offs_n, mask_pos, BLOCK_N, CAUSAL, ENT, TOP, SINK,
+                                                        FMA_SCALE)
         p_op = gl.convert_layout(p.to(dtype), p_dot)
         for j in range(1, T):
             s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, j, STAGES, BLOCK_N, HEAD_DIM)
@@ -173,7 +183,7 @@ if importable():
             mbarrier.arrive(k_empty.index(j % STAGES), count=1)
             p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, c2,
                                                             first, Nk, sink_hi, pos, offs_n, mask_pos, BLOCK_N,
-                                                            CAUSAL, ENT, TOP, SINK)
+                                                            CAUSAL, ENT, TOP, SINK, FMA_SCALE)
             p_new = p.to(dtype)
             # the old P stays a dependency until its product completes (its registers are being read)
             o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
@@ -214,7 +224,8 @@ if importable():
                            Hq, G, Nq, Nk, q_off, c2, sink_k, n_mblocks,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                           SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                           SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+                           FMA_SCALE: gl.constexpr = False):
         bh = gl.program_id(0)
         m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
         b = bh // Hq
@@ -252,10 +263,10 @@ if importable():
         gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
                              Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
-                             WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK)),
+                             WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, FMA_SCALE)),
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
                              Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
-                             WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK)),
+                             WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, FMA_SCALE)),
             (_fwd_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                              v_empty, b, h, hk, m0, lo, T, STAGES, BLOCK_M, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -276,6 +287,10 @@ if importable():
 # setmaxnreg works on), so maxnreg x 384 threads must fit the 64K registers: 168. Then the producer gives its
 # registers back (24) and the consumers take 240 each (24 + 240 + 240 = 504 <= 512 per thread of a warpgroup).
 # Not yet timed on a GPU.
+# The scale folded into one FFMA per score (`_softmax`): off, as measured in session 10; compiled on the CPU
+# (tests/kernels/test_gluon_forward.py), correctness in tests/gpu and timing in bench/gluon_hopper.py
+# --forward-breakdown decide it on the next H100 run.
+FMA_SCALE = False
 FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
 STATS = ("entropy", "top_key", "top_prob", "sink_mass")
@@ -321,5 +336,5 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         int(request.sink_k or 0), n_mblocks,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
-        maxnreg=maxnreg,
+        maxnreg=maxnreg, FMA_SCALE=FMA_SCALE,
     )

@@ -56,10 +56,13 @@ def _rel(got, want):
 
 
 @needs_hopper
+@pytest.mark.parametrize("fma", [False, True], ids=["shipped", "fma_scale"])  # gluon_forward.FMA_SCALE
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES)
-def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype):
+def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype, fma):
+    from attnlab.kernels import gluon_forward
     from attnlab.kernels import triton_stats as ts
 
+    monkeypatch.setattr(gluon_forward, "FMA_SCALE", fma)
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
     monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)

@@ -123,7 +123,7 @@ for combo in json.loads(sys.argv[1]):
                 Out=torch.empty(4, dtype=dtype), Lse2=f, First=i32, Ent=f, Top=i64, TopP=f, Sink=f,
                 Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, sink_k=4, n_mblocks=8)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, STAGES=stages, CAUSAL=causal, ENT=ent, TOP=top, SINK=sink,
-                  CONSUMER_REGS=regs, num_warps=4)
+                  CONSUMER_REGS=regs, num_warps=4, FMA_SCALE=combo.get("fma", False))
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -136,7 +136,8 @@ print(json.dumps(out))
 COMBOS = [dict(d=128, causal=True, ent=True, top=True, sink=True),
           dict(d=128, causal=False, ent=False, top=False, sink=False),
           dict(d=128, causal=True, ent=False, top=True, sink=False, dtype="float16"),
-          dict(d=64, causal=True, ent=True, top=True, sink=True)]
+          dict(d=64, causal=True, ent=True, top=True, sink=True),
+          dict(d=128, causal=True, ent=True, top=True, sink=True, fma=True)]  # gluon_forward.FMA_SCALE's variant
 
 
 @pytest.mark.slow
