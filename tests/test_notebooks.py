@@ -3,6 +3,7 @@ PNG next to the interactive figure, and it shows no progress widgets."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -14,6 +15,14 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 2
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_valid_as_stored_with_an_id_on_every_cell(path):
+    # nbformat adds a missing id on read and warns; its future versions refuse the file
+    stored = json.loads(path.read_text())
+    assert [i for i, cell in enumerate(stored["cells"]) if "id" not in cell] == []
+    nbformat.validate(nbformat.from_dict(stored))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
