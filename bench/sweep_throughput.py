@@ -47,8 +47,10 @@ A worker's first cell is its warm-up (model on the device, kernel compilation); 
 the tokens of every later cell over the seconds from the moment the first worker finished its warm-up to
 the sweep's end (with 1 worker: the rate of the `ray` way above). A worker still warming up inside that
 window is capacity the sweep does not have yet, so it counts against the rate; the spread of the warm-ups'
-ends is reported (`warmup_spread_seconds`). (Counting from the last warm-up's end instead leaves no cell
-in the window when one worker warms up while another runs the rest, as a busy 2-core CI machine showed.)
+ends is reported (`warmup_spread_seconds`), and beside it the rate with every worker warm
+(`all_warm_tokens_per_second`: from the last warm-up's end, a straddling cell counted by its share of
+seconds; None where no cell runs after it, as when one worker warms up while another runs the rest, which
+a busy 2-core CI machine showed: that is why speedup and efficiency use the first).
 Speedup and efficiency are of that rate; the sweep's whole wall time is reported too.
 
     python bench/sweep_throughput.py --workers               # GPU machine: 1, 2, 4, ... up to its GPUs
@@ -276,10 +278,17 @@ def steady_rate(cells: list[dict], tokens: dict[str, int], end: float) -> dict:
     for cell in sorted(cells, key=lambda c: c["started"]):
         by_actor.setdefault(cell["worker"]["actor"] or str(cell["worker"]["pid"]), []).append(cell)
     warm_ends = [c[0]["finished"] for c in by_actor.values()]
-    counted = sum(tokens[cell["input"]] for actor_cells in by_actor.values() for cell in actor_cells[1:])
+    later = [cell for actor_cells in by_actor.values() for cell in actor_cells[1:]]
+    counted = sum(tokens[cell["input"]] for cell in later)
     seconds = end - min(warm_ends)
+    # with every worker warm: from the last warm-up's end, a cell straddling it by its share of seconds
+    # (None where no cell runs after it: one worker warmed up while the others ran the rest)
+    all_warm = max(warm_ends)
+    share = sum(tokens[c["input"]] * max(0.0, min(c["finished"], end) - max(c["started"], all_warm))
+                / max(c["finished"] - c["started"], 1e-9) for c in later)
     return {"tokens": counted, "seconds": round(seconds, 3),
             "tokens_per_second": round(counted / seconds, 1) if seconds > 0 and counted else None,
+            "all_warm_tokens_per_second": round(share / (end - all_warm), 1) if end > all_warm and share else None,
             "warmup_spread_seconds": round(max(warm_ends) - min(warm_ends), 3),
             "cells_per_actor": sorted(len(c) for c in by_actor.values())}
 
@@ -346,11 +355,13 @@ def run_scaling(model: str, texts, batches, lengths, stats, scratch: Path, devic
 
 def print_scaling(label: str, device: str, scaling: dict) -> None:
     print(f"{label} on {device}: {scaling['cells']} cells (buckets); ray.init {scaling['ray_init_seconds']:.1f} s")
-    print(f"{'workers':>7} {'actors':>6} {'tokens/s':>11} {'speedup':>8} {'efficiency':>10} {'wall s':>8} "
-          f"{'start s':>8} {'warm-up spread s':>16}  {'bit-equal':<9}  cells per device")
+    print(f"{'workers':>7} {'actors':>6} {'tokens/s':>11} {'all warm':>11} {'speedup':>8} {'efficiency':>10} "
+          f"{'wall s':>8} {'start s':>8} {'warm-up spread s':>16}  {'bit-equal':<9}  cells per device")
     for k, r in scaling["counts"].items():
         devices = ", ".join(f"{d}: {n}" for d, n in sorted(r["devices"].items()))
-        print(f"{k:>7} {r['actors']:>6} {r['tokens_per_second']:>11,.0f} {r['speedup']:>8.3f} {r['efficiency']:>10.3f} "
+        warm = r["all_warm_tokens_per_second"]
+        print(f"{k:>7} {r['actors']:>6} {r['tokens_per_second']:>11,.0f} {'-' if warm is None else f'{warm:,.0f}':>11} "
+              f"{r['speedup']:>8.3f} {r['efficiency']:>10.3f} "
               f"{r['sweep_wall_seconds']:>8.2f} {r['worker_start_seconds']:>8.2f} {r['warmup_spread_seconds']:>16.2f}  "
               f"{'yes' if r['bit_equal_to_1_worker'] else 'NO':<9}  {devices}")
 
