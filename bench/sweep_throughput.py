@@ -50,8 +50,8 @@ window is capacity the sweep does not have yet, so it counts against the rate; t
 ends is reported (`warmup_spread_seconds`), and beside it the rate with every worker warm
 (`all_warm_tokens_per_second`: from the last warm-up's end, a straddling cell counted by its share of
 seconds; None where no cell runs after it, as when one worker warms up while another runs the rest, which
-a busy 2-core CI machine showed: that is why speedup and efficiency use the first).
-Speedup and efficiency are of that rate; the sweep's whole wall time is reported too.
+a busy 2-core CI machine showed). Speedup and efficiency are of the steady rate; the sweep's whole wall
+time is reported too.
 
     python bench/sweep_throughput.py --workers               # GPU machine: 1, 2, 4, ... up to its GPUs
     python bench/sweep_throughput.py --small --workers 1,2   # CPU check: 2 CPU slots
@@ -372,7 +372,7 @@ def sync(device) -> None:
 
 
 def workload(args, scratch: Path, n_small: int, budgets: tuple[int, int]):
-    """(model, its label, texts, min and max tokens, padded tokens per bucket) from the options, with the
+    """(model, its label, number of texts, min and max tokens, padded tokens per bucket) from the options, with the
     defaults of --small (tiny-llama, 16-256 tokens, n_small texts, budgets[0]) or of the GPU machine
     (SmolLM2, 64-4,096 tokens, 500 texts, budgets[1]); --wide builds its model into scratch."""
     small = args.small

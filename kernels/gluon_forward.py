@@ -321,10 +321,12 @@ def _descriptor(t: torch.Tensor, rows: int, d: int):
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
-def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[str, torch.Tensor],
+            fma_scale: bool | None = None) -> None:
     """Pass 1 on Hopper: fills out [B, Hq, Nq, D] (contiguous, the query dtype), lse2 [B, Hq, Nq] (log2 units)
     and the forward statistics of `stats` ([B, Hq, Nq] each, allocated by `triton_stats._Call.forward`),
-    as `triton_stats._Call._launch_fwd` does for the calls `call_reason` accepts."""
+    as `triton_stats._Call._launch_fwd` does for the calls `call_reason` accepts. fma_scale: the kernel's
+    FMA_SCALE variant (None: the module's switch)."""
     assert out.is_contiguous() and lse2.is_contiguous()
     BM, BN, stages, maxnreg, consumer_regs = FORWARD_CONFIG[call.D]
     n_mblocks = triton.cdiv(call.Nq, 2 * BM)
@@ -336,5 +338,5 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         int(request.sink_k or 0), n_mblocks,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
-        maxnreg=maxnreg, FMA_SCALE=FMA_SCALE,
+        maxnreg=maxnreg, FMA_SCALE=FMA_SCALE if fma_scale is None else fma_scale,
     )

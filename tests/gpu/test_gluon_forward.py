@@ -35,6 +35,7 @@ CASES = [  # (batch, q heads, kv heads, queries, keys, head dim, causal, left pa
     (2, 8, 4, 515, 515, 128, True, 21, FP16),  # fp16, padding
     (2, 8, 2, 640, 640, 64, False, 37, BF16),
     (1, 32, 8, 8192, 8192, 128, True, 0, BF16),
+    (2, 8, 2, 1, 1300, 128, True, 40, BF16),  # one query after 1,299 keys (a decode step), padded (not yet run)
 ]
 
 
