@@ -14,7 +14,7 @@ in one call on an H100: correctness, then times side by side.
    and d 64 (the acceptance's two tables; session 10 timed d 128 only; batch 1, 32 query / 8 KV heads, bf16,
    causal): SDPA's default forward, the Triton forward and the Gluon forward, each plain and with the
    per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA. --forward-breakdown adds each
-   statistic alone and the Gluon forward's FMA_SCALE variant.
+   statistic alone and the Gluon forward's TOP_SKIP variant.
 
     PYTHONPATH=<folder holding attnlab> python bench/gluon_hopper.py [--sizes 32768,131072] [--dims 128,64]
         [--sections columns,forward] [--forward-dims 128,64] [--forward-breakdown]
@@ -158,9 +158,9 @@ def timings(n, d, log):
 FORWARD_STATS = StatRequest(sink_k=4, entropy=True, top_key=True)
 
 
-def _forward_outputs(call, request, gluon, fma_scale=None):
+def _forward_outputs(call, request, gluon, top_skip=None):
     """(out, lse2, stats) of one forward through the Gluon or the Triton kernel (called directly: no cuDNN);
-    fma_scale: the Gluon forward's FMA_SCALE variant (None: as shipped)."""
+    top_skip: the Gluon forward's TOP_SKIP variant (None: as shipped)."""
     f32 = dict(dtype=torch.float32, device=call.device)
     out = torch.empty(call.B, call.Hq, call.Nq, call.D, dtype=call.q.dtype, device=call.device)
     lse2 = torch.empty(call.B, call.Hq, call.Nq, **f32)
@@ -168,7 +168,7 @@ def _forward_outputs(call, request, gluon, fma_scale=None):
                                dtype=OUTPUTS[name].dtype, device=call.device)
              for name in request.outputs("forward")}
     if gluon:
-        gf.forward(call, request, out, lse2, stats, fma_scale=fma_scale)
+        gf.forward(call, request, out, lse2, stats, top_skip=top_skip)
     else:
         call._launch_fwd(request, out, lse2, stats)
     return out, lse2, stats
@@ -212,8 +212,8 @@ def forward_correctness(log):
 
 
 # --forward-breakdown: each statistic alone, to attribute the statistics' cost (session 10: with all three the
-# Gluon forward took 1.56x its plain time at 32k, the Triton forward 1.13x), and the Gluon forward's FMA_SCALE
-# variant (one FFMA per score instead of a multiply and a subtraction) with and without the statistics
+# Gluon forward took 1.56x its plain time at 32k, the Triton forward 1.13x), and the Gluon forward's TOP_SKIP
+# variant (top_key's index only on tiles where some row's maximum grows) where top_key is asked
 FORWARD_ALONE = (("fwd_entropy", StatRequest(entropy=True)), ("fwd_top_key", StatRequest(top_key=True)),
                  ("fwd_sink_mass", StatRequest(sink_k=4)))
 
@@ -227,18 +227,18 @@ def forward_timings(n, d, log, breakdown=False):
     for suffix, request in variants:
         ref = None
         kernels = [(f"triton_{suffix}", False, None), (f"gluon_{suffix}", True, None)]  # the Gluon one as shipped
-        if breakdown and suffix in ("fwd", "fwd_stats"):
-            kernels.append((f"gluon_fma_{suffix}", True, True))
-        for name, gluon, fma in kernels:
+        if breakdown and suffix in ("fwd_stats", "fwd_top_key"):
+            kernels.append((f"gluon_topskip_{suffix}", True, not gf.TOP_SKIP))
+        for name, gluon, top_skip in kernels:
             if gluon and res["gluon_unsupported"]:
                 continue
-            got = _forward_outputs(call, request, gluon, fma)
+            got = _forward_outputs(call, request, gluon, top_skip)
             if ref is None:
                 ref = got
             else:  # the Gluon forward against the Triton one on the same inputs and request
                 _compare_forwards(res, name, got, ref)
             del got
-            ms = bench_ms(lambda: _forward_outputs(call, request, gluon, fma), sdpa)
+            ms = bench_ms(lambda: _forward_outputs(call, request, gluon, top_skip), sdpa)
             res[f"{name}_ms"] = ms
             res[f"{name}_x_sdpa"] = ms / sdpa
             res[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12

@@ -89,55 +89,76 @@ if importable():
         return warpgroup_mma(q_tile, kt, acc0, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, mask_pos,
-                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                 SINK: gl.constexpr, FMA_SCALE: gl.constexpr):
-        """One tile's scores s [BLOCK_M, BLOCK_N] (raw q.k) -> p (fp32) and the updated running row state.
-        mask_pos: the smallest query position of this warpgroup (a tile with a key past it needs the causal mask).
-        FMA_SCALE: the scale folded into one FFMA per score (z = s c2 - m, the tile maximum taken on raw
-        scores and scaled once per row, FlashAttention-3's form) instead of a multiply and a subtraction."""
+    def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, BLOCK_N: gl.constexpr,
+                 CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr,
+                 MASK: gl.constexpr, TOP_SKIP: gl.constexpr):
+        """One tile's raw scores s = q.k [BLOCK_M, BLOCK_N] -> p (fp32) and the updated running row state (m_i, l_i
+        in log2 units of the scaled scores). The scale rides in one FFMA per score (z = s c2 - m, the tile maximum
+        taken on raw scores and scaled once per row: FlashAttention-3's form). MASK: mask keys before the text's
+        first, past Nk and (causal) after the row's position (constexpr: the loops that need it are separate).
+        SINK_TILE: the tile may hold sink keys (< sink_hi). TOP_SKIP: the top_key index only on tiles where some
+        row of the warpgroup has a new maximum (a warpgroup-uniform branch)."""
         cols = n0 + offs_n
-        if not FMA_SCALE:
-            s = s * c2
-        if CAUSAL:
-            need = (n0 < first) | (n0 + BLOCK_N > Nk) | (n0 + BLOCK_N - 1 > mask_pos)
-        else:
-            need = (n0 < first) | (n0 + BLOCK_N > Nk)
-        if need:
+        if MASK:
             vis = ((cols >= first) & (cols < Nk))[None, :]
             if CAUSAL:
                 vis = vis & (cols[None, :] <= pos[:, None])
             s = gl.where(vis, s, -1.0e30)
-        m_blk = gl.max(s, axis=1)
-        if TOP:  # the leftmost maximum of the tile (on raw or scaled scores alike: c2 > 0)
-            idx = gl.min(gl.where(s == m_blk[:, None], cols[None, :], 2147483647), axis=1)
-        if FMA_SCALE:
-            m_blk = m_blk * c2
-        if TOP:  # kept where the row maximum strictly grows
-            top_i = gl.where(m_blk > m_i, idx, top_i)
+        m_raw = gl.max(s, axis=1)
+        m_blk = m_raw * c2
+        if TOP:  # the leftmost maximum of the tile (raw scores: c2 > 0), kept where the row maximum strictly grows
+            grow = m_blk > m_i
+            # (the index inside the tile, n0 added per row: BLOCK_N where no score equals the maximum, NaN rows)
+            if TOP_SKIP:
+                if gl.max(grow.to(gl.int32), axis=0) > 0:
+                    idx = gl.min(gl.where(s == m_raw[:, None], offs_n[None, :], BLOCK_N), axis=1) + n0
+                    top_i = gl.where(grow, idx, top_i)
+            else:
+                idx = gl.min(gl.where(s == m_raw[:, None], offs_n[None, :], BLOCK_N), axis=1) + n0
+                top_i = gl.where(grow, idx, top_i)
         m_new = gl.maximum(m_i, m_blk)
-        if FMA_SCALE:
-            z = s * c2 - m_new[:, None]
-        else:
-            z = s - m_new[:, None]
+        z = s * c2 - m_new[:, None]
         p = gl.exp2(z)
         alpha = gl.exp2(m_i - m_new)
         if ENT:
             t_i = alpha * (t_i + (m_i - m_new) * l_i) + gl.sum(p * z, axis=1)
-        if SINK:
-            if n0 < sink_hi:
-                ms_i = alpha * ms_i + gl.sum(gl.where((cols < sink_hi)[None, :], p, 0.0), axis=1)
-            else:
-                ms_i = alpha * ms_i
+        if SINK_TILE:
+            ms_i = alpha * ms_i + gl.sum(gl.where((cols < sink_hi)[None, :], p, 0.0), axis=1)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i, t_i, top_i, ms_i
+
+    @gluon.jit
+    def _step(j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op,
+              m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo,
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr, MASK: gl.constexpr,
+              TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr):
+        """Tile j (from 1): issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} (both asynchronous), wait for S_j only
+        (wgmma groups retire in order), run S_j's softmax while the P V product runs, then wait for it and
+        rescale O by the new alpha. Nothing stays in flight past the step (the C7514 lesson of pass 2)."""
+        s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, j, STAGES, BLOCK_N, HEAD_DIM)
+        vslot = (j - 1) % STAGES
+        mbarrier.wait(v_ready.index(vslot), ((j - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))  # S_j done; P_{j-1} V_{j-1} may run on
+        mbarrier.arrive(k_empty.index(j % STAGES), count=1)
+        p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, c2, first,
+                                                        Nk, sink_hi, pos, offs_n, BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE,
+                                                        MASK, TOP_SKIP)
+        p_new = p.to(p_op.dtype)
+        # the old P stays a dependency until its product completes (its registers are being read)
+        o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_empty.index(vslot), count=1)
+        o = o * gl.convert_layout(alpha, row_o)[:, None]
+        p_op = gl.convert_layout(p_new, p_dot)
+        return o, p_op, m_i, l_i, t_i, top_i, ms_i
 
     @gluon.jit
     def _fwd_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                       Out, Lse2, Ent, Top, TopP, Sink, b, h, Hq, Nq, Nk, q_off, m0_cta, first, lo, T, c2, sink_k,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                      SINK: gl.constexpr, FMA_SCALE: gl.constexpr):
+                      SINK: gl.constexpr, TOP_SKIP: gl.constexpr):
         """One warpgroup: queries [m0_cta + WG * BLOCK_M, + BLOCK_M) against every streamed key tile."""
         s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -152,7 +173,6 @@ if importable():
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_mma))
         pos = offs_m + q_off
-        mask_pos = m0 + q_off
         sink_hi = first + sink_k
 
         acc0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_mma)
@@ -166,30 +186,39 @@ if importable():
         mbarrier.wait(q_bar, 0)
         q_tile = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
 
-        # tile 0: its scores, softmax and P (its P V product is issued with tile 1's scores)
+        # tile 0 (it holds the text's first key: masked): its scores, softmax and P (P V runs with tile 1's S)
         s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, 0, STAGES, BLOCK_N, HEAD_DIM)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi,
-                                                        pos, offs_n, mask_pos, BLOCK_N, CAUSAL, ENT, TOP, SINK,
-                                                        FMA_SCALE)
+                                                        pos, offs_n, BLOCK_N, CAUSAL, ENT, TOP, SINK, True, TOP_SKIP)
         p_op = gl.convert_layout(p.to(dtype), p_dot)
-        for j in range(1, T):
-            s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, j, STAGES, BLOCK_N, HEAD_DIM)
-            vslot = (j - 1) % STAGES
-            mbarrier.wait(v_ready.index(vslot), ((j - 1) // STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))  # S_j done; P_{j-1} V_{j-1} may run on
-            mbarrier.arrive(k_empty.index(j % STAGES), count=1)
-            p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, c2,
-                                                            first, Nk, sink_hi, pos, offs_n, mask_pos, BLOCK_N,
-                                                            CAUSAL, ENT, TOP, SINK, FMA_SCALE)
-            p_new = p.to(dtype)
-            # the old P stays a dependency until its product completes (its registers are being read)
-            o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-            mbarrier.arrive(v_empty.index(vslot), count=1)
-            o = o * gl.convert_layout(alpha, row_o)[:, None]
-            p_op = gl.convert_layout(p_new, p_dot)
+        j0 = 1
+        if SINK:  # the sink keys [first, first + sink_k <= first + BLOCK_N) lie in tiles 0 and 1: tile 1 peeled too
+            if T > 1:
+                o, p_op, m_i, l_i, t_i, top_i, ms_i = _step(
+                    1, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, m_i, l_i, t_i,
+                    top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP,
+                    True, True, TOP_SKIP, row_o, p_dot)
+            j0 = 2
+        # the sink's mass stays relative to the maximum of its last tile (rescaled once, in the epilogue)
+        m_sink = m_i
+        # tiles [j0, j_mask) need no mask (inside Nk and, causal, at or before this warpgroup's first query);
+        # the rest do: two loops, so the hot one carries no masking branch
+        n_clear = (Nk - lo) // BLOCK_N
+        if CAUSAL:
+            n_clear = gl.minimum(n_clear, gl.maximum(m0 + q_off - lo + 1, 0) // BLOCK_N)
+        j_mask = gl.minimum(gl.maximum(n_clear, j0), T)
+        for j in range(j0, j_mask):
+            o, p_op, m_i, l_i, t_i, top_i, ms_i = _step(
+                j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, m_i, l_i, t_i, top_i,
+                ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False,
+                False, TOP_SKIP, row_o, p_dot)
+        for j in range(gl.maximum(j_mask, j0), T):
+            o, p_op, m_i, l_i, t_i, top_i, ms_i = _step(
+                j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, m_i, l_i, t_i, top_i,
+                ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False,
+                True, TOP_SKIP, row_o, p_dot)
         vslot = (T - 1) % STAGES
         mbarrier.wait(v_ready.index(vslot), ((T - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
@@ -210,7 +239,7 @@ if importable():
             gl.store(Top + row, gl.where(real, top_i - first, -1).to(gl.int64), mask=row_ok)
             gl.store(TopP + row, gl.where(real, inv_l, nan), mask=row_ok)
         if SINK:
-            gl.store(Sink + row, gl.where(real, ms_i * inv_l, nan), mask=row_ok)
+            gl.store(Sink + row, gl.where(real, ms_i * gl.exp2(m_sink - m_i) * inv_l, nan), mask=row_ok)
         offs_mo = m0 + gl.arange(0, BLOCK_M, layout=row_o)
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
         scale_o = gl.convert_layout(gl.where(real, inv_l, 0.0), row_o)
@@ -225,7 +254,7 @@ if importable():
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                            SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-                           FMA_SCALE: gl.constexpr = False):
+                           TOP_SKIP: gl.constexpr = False):
         bh = gl.program_id(0)
         m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
         b = bh // Hq
@@ -263,10 +292,10 @@ if importable():
         gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
                              Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
-                             WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, FMA_SCALE)),
+                             WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP)),
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
                              Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
-                             WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, FMA_SCALE)),
+                             WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP)),
             (_fwd_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                              v_empty, b, h, hk, m0, lo, T, STAGES, BLOCK_M, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -286,11 +315,8 @@ if importable():
 # + K and V 2 x 2 x 32 KB). The launch has 12 warps (the producer's warp is padded to a warpgroup, which
 # setmaxnreg works on), so maxnreg x 384 threads must fit the 64K registers: 168. Then the producer gives its
 # registers back (24) and the consumers take 240 each (24 + 240 + 240 = 504 <= 512 per thread of a warpgroup).
-# Not yet timed on a GPU.
-# The scale folded into one FFMA per score (`_softmax`): off, as measured in session 10; compiled on the CPU
-# (tests/kernels/test_gluon_forward.py), correctness in tests/gpu and timing in bench/gluon_hopper.py
-# --forward-breakdown decide it on the next H100 run.
-FMA_SCALE = False
+# The top_key index only on tiles where a row's maximum grows (`_softmax`'s TOP_SKIP): off until timed.
+TOP_SKIP = False
 FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
 STATS = ("entropy", "top_key", "top_prob", "sink_mass")
@@ -311,6 +337,9 @@ def call_reason(call, request) -> str | None:
     others = [name for name in request.outputs("forward") if name not in STATS]
     if others:
         return ", ".join(others) + " (on the Triton forward)"
+    if "sink_mass" in request.outputs("forward") and request.sink_k > FORWARD_CONFIG[call.D][1]:
+        # the kernel sums the sink's mass on its first two key tiles only
+        return f"sink_mass over more than {FORWARD_CONFIG[call.D][1]} keys (on the Triton forward)"
     why = tma_reason(call.q, call.k, call.v)
     return None if why is None else f"query/key/value {why}"
 
@@ -322,11 +351,11 @@ def _descriptor(t: torch.Tensor, rows: int, d: int):
 
 
 def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[str, torch.Tensor],
-            fma_scale: bool | None = None) -> None:
+            top_skip: bool | None = None) -> None:
     """Pass 1 on Hopper: fills out [B, Hq, Nq, D] (contiguous, the query dtype), lse2 [B, Hq, Nq] (log2 units)
     and the forward statistics of `stats` ([B, Hq, Nq] each, allocated by `triton_stats._Call.forward`),
-    as `triton_stats._Call._launch_fwd` does for the calls `call_reason` accepts. fma_scale: the kernel's
-    FMA_SCALE variant (None: the module's switch)."""
+    as `triton_stats._Call._launch_fwd` does for the calls `call_reason` accepts. top_skip: the kernel's
+    TOP_SKIP variant (None: the module's switch)."""
     assert out.is_contiguous() and lse2.is_contiguous()
     BM, BN, stages, maxnreg, consumer_regs = FORWARD_CONFIG[call.D]
     n_mblocks = triton.cdiv(call.Nq, 2 * BM)
@@ -338,5 +367,5 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         int(request.sink_k or 0), n_mblocks,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
-        maxnreg=maxnreg, FMA_SCALE=FMA_SCALE if fma_scale is None else fma_scale,
+        maxnreg=maxnreg, TOP_SKIP=TOP_SKIP if top_skip is None else top_skip,
     )

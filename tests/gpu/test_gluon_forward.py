@@ -57,13 +57,13 @@ def _rel(got, want):
 
 
 @needs_hopper
-@pytest.mark.parametrize("fma", [False, True], ids=["shipped", "fma_scale"])  # gluon_forward.FMA_SCALE
+@pytest.mark.parametrize("top_skip", [False, True], ids=["top_every_tile", "top_skip"])  # gluon_forward.TOP_SKIP
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES)
-def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype, fma):
+def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype, top_skip):
     from attnlab.kernels import gluon_forward
     from attnlab.kernels import triton_stats as ts
 
-    monkeypatch.setattr(gluon_forward, "FMA_SCALE", fma)
+    monkeypatch.setattr(gluon_forward, "TOP_SKIP", top_skip)
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
     monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
@@ -151,3 +151,24 @@ def test_default_switches_give_pass_1_and_2_to_gluon_without_statistics_and_pass
             assert torch.equal(torch.isnan(got[name]), torch.isnan(want[name])), name
             err = _rel(got[name].float(), want[name].float())
             assert err < 2e-3, (name, err)
+
+
+@needs_hopper
+@pytest.mark.parametrize("pad,sink_k", [(126, 4), (200, 128), (0, 128), (127, 2)])
+def test_sink_mass_on_keys_across_the_first_two_key_tiles(monkeypatch, pad, sink_k):
+    """The Gluon forward sums the sink's mass on its first two key tiles only (the text's first key is in the
+    first; `call_reason` refuses sink_k > BLOCK_N): sinks that straddle the two tiles, as wide as a tile."""
+    from attnlab.kernels import triton_stats as ts
+
+    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
+    q, k, v, key_mask = _inputs(2, 8, 2, 700, 700, 128, pad)
+    req = StatRequest(sink_k=sink_k, entropy=True)
+    kernels.last_kernels()
+    _, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=True)
+    assert kernels.last_kernels()["forward"] == "gluon-hopper"
+    _, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req, key_mask=key_mask,
+                                        causal=True, chunk_size=512)
+    for name in ("sink_mass", "entropy"):
+        assert torch.equal(torch.isnan(got[name]), torch.isnan(want[name])), name
+        assert _rel(got[name].float(), want[name].float()) < 2e-3, (name, _rel(got[name].float(), want[name].float()))

@@ -4,9 +4,10 @@
   its reason); the switch `triton_stats.GLUON_FORWARD` (off by default: the record stays "triton"; on, a
   CPU call says why the Gluon forward did not run, and computes exactly what the Triton forward computes);
 - the kernel compiled for sm_90 through the ptxas in triton's wheel: TMA loads, asynchronous wgmma,
-  setmaxnreg budgets, no serialised wgmma (ptxas C7514), no real spills, and in the SASS the structure
-  FlashAttention-3 needs: the P V product still in flight while the softmax runs (a wait that leaves one
-  wgmma group outstanding) and exactly the products the schedule issues.
+  setmaxnreg budgets, no serialised wgmma (ptxas C7514), no spills in the hot loop (and no masking there: the
+  tiles that need masks have their own loop), and in the SASS the structure FlashAttention-3 needs: the P V
+  product still in flight while the softmax runs (a wait that leaves one wgmma group outstanding) and exactly
+  the products the schedule issues.
 Its numbers on a Hopper GPU are tests/gpu/test_gluon_forward.py.
 """
 
@@ -123,7 +124,7 @@ for combo in json.loads(sys.argv[1]):
                 Out=torch.empty(4, dtype=dtype), Lse2=f, First=i32, Ent=f, Top=i64, TopP=f, Sink=f,
                 Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, sink_k=4, n_mblocks=8)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, STAGES=stages, CAUSAL=causal, ENT=ent, TOP=top, SINK=sink,
-                  CONSUMER_REGS=regs, num_warps=4, FMA_SCALE=combo.get("fma", False))
+                  CONSUMER_REGS=regs, num_warps=4, TOP_SKIP=combo.get("top_skip", False))
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -136,8 +137,23 @@ print(json.dumps(out))
 COMBOS = [dict(d=128, causal=True, ent=True, top=True, sink=True),
           dict(d=128, causal=False, ent=False, top=False, sink=False),
           dict(d=128, causal=True, ent=False, top=True, sink=False, dtype="float16"),
-          dict(d=64, causal=True, ent=True, top=True, sink=True),
-          dict(d=128, causal=True, ent=True, top=True, sink=True, fma=True)]  # gluon_forward.FMA_SCALE's variant
+          dict(d=64, causal=True, ent=True, top=True, sink=True)]
+
+
+def _product_loops(sass: str) -> list[str]:
+    """The SASS of the innermost loops that issue wgmma products (HGMMA): the bodies of backward branches
+    holding HGMMA that hold no other such loop."""
+    lines = [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {a: i for i, (a, _) in enumerate(lines)}
+    loops = []
+    for i, (a, ins) in enumerate(lines):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
+            start = index[int(target.group(1), 16)]
+            if any("HGMMA" in x for _, x in lines[start:i + 1]):
+                loops.append((start, i))
+    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    return ["\n".join(x for _, x in lines[s:e + 1]) for s, e in inner]
 
 
 @pytest.mark.slow
@@ -163,13 +179,20 @@ def test_forward_compiles_for_sm90_with_overlapped_wgmma_and_no_spills(tmp_path)
                               capture_output=True, text=True, timeout=300)
         assert info.returncode == 0, info.stderr
         assert "C7514" not in info.stderr, (combo, info.stderr)  # wgmma serialised: the overlap is gone
-        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", info.stderr)]
-        assert spills and max(spills) <= 16, (combo, info.stderr)
+        # ptxas may spill a few scalars around the loops (the peeled tiles keep many values live): the hot loop
+        # below must not touch local memory
+        assert re.search(r"(\d+) bytes spill stores", info.stderr), info.stderr
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                               timeout=300).stdout
-        # per consumer: S of tile 0, then per loop iteration S_j and P_{j-1} V_{j-1}, then the last P V
-        d = json.loads(combo)["d"]
-        per_consumer = 2 * (d // 16) + 2 * (made["block_n"] // 16)
+        # per consumer: S of tile 0, then per step S_j and P_{j-1} V_{j-1} (the loop without masks, the loop with
+        # them and, with sink_mass, the peeled tile 1), then the last P V
+        c = json.loads(combo)
+        steps = 3 if c["sink"] else 2
+        per_consumer = (c["d"] // 16) * (1 + steps) + (made["block_n"] // 16) * (steps + 1)
         assert len(re.findall(r"\bHGMMA\.", sass)) == 2 * per_consumer, combo
-        # the softmax of tile j runs while P_{j-1} V_{j-1} is in flight: a wait that leaves one group
+        # each consumer's hot loop over key tiles holds no masking select (FSEL: those tiles have their own loop)
+        # and touches no local memory
+        hot = [body for body in _product_loops(sass) if "FSEL" not in body]
+        assert len(hot) == 2, combo
+        assert not any(re.search(r"\b(STL|LDL)\b", body) for body in hot), combo
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, combo
