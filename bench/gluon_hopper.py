@@ -14,7 +14,7 @@ in one call on an H100: correctness, then times side by side.
    and d 64 (the acceptance's two tables; session 10 timed d 128 only; batch 1, 32 query / 8 KV heads, bf16,
    causal): SDPA's default forward, the Triton forward and the Gluon forward, each plain and with the
    per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA. --forward-breakdown adds each
-   statistic alone and the Gluon forward's TOP_SKIP variant.
+   statistic alone and the Gluon forward's TOP_SKIP and PINGPONG variants.
 
     PYTHONPATH=<folder holding attnlab> python bench/gluon_hopper.py [--sizes 32768,131072] [--dims 128,64]
         [--sections columns,forward] [--forward-dims 128,64] [--forward-breakdown]
@@ -158,9 +158,9 @@ def timings(n, d, log):
 FORWARD_STATS = StatRequest(sink_k=4, entropy=True, top_key=True)
 
 
-def _forward_outputs(call, request, gluon, top_skip=None):
+def _forward_outputs(call, request, gluon, variant=None):
     """(out, lse2, stats) of one forward through the Gluon or the Triton kernel (called directly: no cuDNN);
-    top_skip: the Gluon forward's TOP_SKIP variant (None: as shipped)."""
+    variant: the Gluon forward's switches to flip (`gluon_forward.forward`'s keywords; None: as shipped)."""
     f32 = dict(dtype=torch.float32, device=call.device)
     out = torch.empty(call.B, call.Hq, call.Nq, call.D, dtype=call.q.dtype, device=call.device)
     lse2 = torch.empty(call.B, call.Hq, call.Nq, **f32)
@@ -168,7 +168,7 @@ def _forward_outputs(call, request, gluon, top_skip=None):
                                dtype=OUTPUTS[name].dtype, device=call.device)
              for name in request.outputs("forward")}
     if gluon:
-        gf.forward(call, request, out, lse2, stats, top_skip=top_skip)
+        gf.forward(call, request, out, lse2, stats, **(variant or {}))
     else:
         call._launch_fwd(request, out, lse2, stats)
     return out, lse2, stats
@@ -212,8 +212,9 @@ def forward_correctness(log):
 
 
 # --forward-breakdown: each statistic alone, to attribute the statistics' cost (session 10: with all three the
-# Gluon forward took 1.56x its plain time at 32k, the Triton forward 1.13x), and the Gluon forward's TOP_SKIP
-# variant (top_key's index only on tiles where some row's maximum grows) where top_key is asked
+# Gluon forward took 1.56x its plain time at 32k, the Triton forward 1.13x), and the Gluon forward's variants:
+# TOP_SKIP (top_key's index only on tiles where some row's maximum grows) where top_key is asked, PINGPONG
+# (the consumer warpgroups take turns to issue their products)
 FORWARD_ALONE = (("fwd_entropy", StatRequest(entropy=True)), ("fwd_top_key", StatRequest(top_key=True)),
                  ("fwd_sink_mass", StatRequest(sink_k=4)))
 
@@ -228,17 +229,19 @@ def forward_timings(n, d, log, breakdown=False):
         ref = None
         kernels = [(f"triton_{suffix}", False, None), (f"gluon_{suffix}", True, None)]  # the Gluon one as shipped
         if breakdown and suffix in ("fwd_stats", "fwd_top_key"):
-            kernels.append((f"gluon_topskip_{suffix}", True, not gf.TOP_SKIP))
-        for name, gluon, top_skip in kernels:
+            kernels.append((f"gluon_topskip_{suffix}", True, dict(top_skip=not gf.TOP_SKIP)))
+        if breakdown and suffix in ("fwd", "fwd_stats"):
+            kernels.append((f"gluon_pingpong_{suffix}", True, dict(pingpong=not gf.PINGPONG)))
+        for name, gluon, variant in kernels:
             if gluon and res["gluon_unsupported"]:
                 continue
-            got = _forward_outputs(call, request, gluon, top_skip)
+            got = _forward_outputs(call, request, gluon, variant)
             if ref is None:
                 ref = got
             else:  # the Gluon forward against the Triton one on the same inputs and request
                 _compare_forwards(res, name, got, ref)
             del got
-            ms = bench_ms(lambda: _forward_outputs(call, request, gluon, top_skip), sdpa)
+            ms = bench_ms(lambda: _forward_outputs(call, request, gluon, variant), sdpa)
             res[f"{name}_ms"] = ms
             res[f"{name}_x_sdpa"] = ms / sdpa
             res[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12

@@ -35,7 +35,7 @@ CASES = [  # (batch, q heads, kv heads, queries, keys, head dim, causal, left pa
     (2, 8, 4, 515, 515, 128, True, 21, FP16),  # fp16, padding
     (2, 8, 2, 640, 640, 64, False, 37, BF16),
     (1, 32, 8, 8192, 8192, 128, True, 0, BF16),
-    (2, 8, 2, 1, 1300, 128, True, 40, BF16),  # one query after 1,299 keys (a decode step), padded (not yet run)
+    (2, 8, 2, 1, 1300, 128, True, 40, BF16),  # one query after 1,299 keys (a decode step), padded
 ]
 
 
@@ -57,13 +57,14 @@ def _rel(got, want):
 
 
 @needs_hopper
-@pytest.mark.parametrize("top_skip", [False, True], ids=["top_every_tile", "top_skip"])  # gluon_forward.TOP_SKIP
+@pytest.mark.parametrize("variant", [{}, {"TOP_SKIP": True}, {"PINGPONG": True}], ids=["shipped", "top_skip", "pingpong"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES)
-def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype, top_skip):
+def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype, variant):
     from attnlab.kernels import gluon_forward
     from attnlab.kernels import triton_stats as ts
 
-    monkeypatch.setattr(gluon_forward, "TOP_SKIP", top_skip)
+    for switch, on in variant.items():  # gluon_forward's variants, off as shipped until timed
+        monkeypatch.setattr(gluon_forward, switch, on)
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
     monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
