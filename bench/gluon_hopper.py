@@ -14,7 +14,7 @@ in one call on an H100: correctness, then times side by side.
    and d 64 (the acceptance's two tables; session 10 timed d 128 only; batch 1, 32 query / 8 KV heads, bf16,
    causal): SDPA's default forward, the Triton forward and the Gluon forward, each plain and with the
    per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA. --forward-breakdown adds each
-   statistic alone and the Gluon forward's TOP_SKIP and PINGPONG variants.
+   statistic alone and the Gluon forward's TOP_SKIP and BESIDE variants.
 
     PYTHONPATH=<folder holding attnlab> python bench/gluon_hopper.py [--sizes 32768,131072] [--dims 128,64]
         [--sections columns,forward] [--forward-dims 128,64] [--forward-breakdown]
@@ -213,25 +213,27 @@ def forward_correctness(log):
 
 # --forward-breakdown: each statistic alone, to attribute the statistics' cost (session 10: with all three the
 # Gluon forward took 1.56x its plain time at 32k, the Triton forward 1.13x), and the Gluon forward's variants:
-# TOP_SKIP (top_key's index only on tiles where some row's maximum grows) where top_key is asked, PINGPONG
-# (the consumer warpgroups take turns to issue their products)
+# TOP_SKIP (top_key's index only on tiles where some row's maximum grows) where top_key is asked, BESIDE
+# flipped (the softmax beside the P V product, or after both products)
 FORWARD_ALONE = (("fwd_entropy", StatRequest(entropy=True)), ("fwd_top_key", StatRequest(top_key=True)),
                  ("fwd_sink_mass", StatRequest(sink_k=4)))
 
 
-def forward_timings(n, d, log, breakdown=False):
+def forward_timings(n, d, log, breakdown=False, variants_only=False):
     q, k, v, flops, sdpa = sdpa_baseline(n, d)
     call = ts._Call(q, k, v, None, None, None, None, True)
     res = {"n": n, "d": d, "sdpa_default_ms": sdpa, "sdpa_tflops": flops / (sdpa * 1e-3) / 1e12,
            "gluon_unsupported": gf.unsupported(call, FORWARD_STATS)}
-    variants = (("fwd", StatRequest()), ("fwd_stats", FORWARD_STATS)) + (FORWARD_ALONE if breakdown else ())
+    variants = (("fwd", StatRequest()), ("fwd_stats", FORWARD_STATS)) + (
+        FORWARD_ALONE if breakdown and not variants_only else ())
     for suffix, request in variants:
         ref = None
         kernels = [(f"triton_{suffix}", False, None), (f"gluon_{suffix}", True, None)]  # the Gluon one as shipped
         if breakdown and suffix in ("fwd_stats", "fwd_top_key"):
             kernels.append((f"gluon_topskip_{suffix}", True, dict(top_skip=not gf.TOP_SKIP)))
         if breakdown and suffix in ("fwd", "fwd_stats"):
-            kernels.append((f"gluon_pingpong_{suffix}", True, dict(pingpong=not gf.PINGPONG)))
+            beside = gf.BESIDE_WITH_STATS if suffix == "fwd_stats" else gf.BESIDE_PLAIN
+            kernels.append((f"gluon_{'after' if beside else 'beside'}_{suffix}", True, dict(beside=not beside)))
         for name, gluon, variant in kernels:
             if gluon and res["gluon_unsupported"]:
                 continue
@@ -270,6 +272,8 @@ def main():
     ap.add_argument("--sections", default="columns,forward", help="columns (pass 2), forward, or both")
     ap.add_argument("--forward-dims", default="128,64")
     ap.add_argument("--forward-breakdown", action="store_true", help="also time each forward statistic alone")
+    ap.add_argument("--forward-variants-only", action="store_true",
+                    help="with --forward-breakdown: the variants, not each statistic alone")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +287,7 @@ def main():
     if "forward" in sections:  # first: a short run tells whether the new kernel works at all
         if not args.skip_check:
             result["forward_correctness"] = forward_correctness(log)
-        result["forward_timings"] = [forward_timings(n, d, log, args.forward_breakdown)
+        result["forward_timings"] = [forward_timings(n, d, log, args.forward_breakdown, args.forward_variants_only)
                                      for d in map(int, args.forward_dims.split(",")) for n in sizes]
     if "columns" in sections:
         if not args.skip_check:

@@ -128,55 +128,32 @@ if importable():
         return p, alpha, m_new, l_i, t_i, top_i, ms_i
 
     @gluon.jit
-    def _named_barrier(ASM: gl.constexpr):
-        """One PTX named-barrier instruction per thread of a warpgroup (inline asm over a one-per-thread tensor)."""
-        one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        gl.inline_asm_elementwise(ASM, "=r,r", [gl.full([128], 0, gl.int32, one)], dtype=gl.int32, is_pure=False,
-                                  pack=1)
-
-    @gluon.jit
-    def _pingpong_wait(WG: gl.constexpr):
-        """FlashAttention-3's warp scheduler barrier: wait until the other consumer warpgroup has issued its
-        products (named barriers 8 and 9, 256 threads: this warpgroup's sync and the other's arrive)."""
-        if WG == 0:
-            _named_barrier("bar.sync 8, 256; mov.u32 $0, 0;")
-        else:
-            _named_barrier("bar.sync 9, 256; mov.u32 $0, 0;")
-
-    @gluon.jit
-    def _pingpong_signal(WG: gl.constexpr):
-        """Let the other consumer warpgroup issue its products."""
-        if WG == 0:
-            _named_barrier("bar.arrive 9, 256; mov.u32 $0, 0;")
-        else:
-            _named_barrier("bar.arrive 8, 256; mov.u32 $0, 0;")
-
-    @gluon.jit
     def _step(j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha,
               m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo,
               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr, MASK: gl.constexpr,
-              TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr, WG: gl.constexpr,
-              PINGPONG: gl.constexpr):
-        """Tile j (from 1): issue S_j = Q K_j^T, rescale O by tile j-1's alpha while it runs, issue
-        O += P_{j-1} V_{j-1} (both products asynchronous), wait for S_j only (wgmma groups retire in order),
-        run S_j's softmax while the P V product runs, then wait for it: only P_j's conversion follows that wait
-        (FlashAttention-3's order; with the rescale after it, ptxas hoisted the wait above the softmax to start
-        the rescale early, and the softmax ran after the product, not beside it). Nothing stays in flight past
-        the step (the C7514 lesson of pass 2).
-        PINGPONG: the two consumer warpgroups take turns to issue their products (FlashAttention-3), so one's
-        softmax runs while the other's products do."""
-        if PINGPONG:
-            _pingpong_wait(WG)
+              TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr, BESIDE: gl.constexpr):
+        """Tile j (from 1): S_j = Q K_j^T and O += P_{j-1} V_{j-1} (asynchronous wgmma; O rescaled by tile j-1's
+        alpha first, while S_j runs), S_j's softmax, and both products retired by the step's end (nothing in
+        flight past it: the C7514 lesson of pass 2).
+        BESIDE: S_j is waited for whole before P V is issued, so the softmax runs beside the P V product. (ptxas
+        lets the softmax overwrite S's registers only after a wait that retires every product: with S waited by
+        a wait that leaves P V in flight, FlashAttention-3's order, it hoisted the P V wait above the softmax,
+        and the softmax ran after both products, not beside one.) Else both products are issued together and
+        the softmax follows them."""
         s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, j, STAGES, BLOCK_N, HEAD_DIM)
         o = o * gl.convert_layout(alpha, row_o)[:, None]
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(j % STAGES), count=1)
         vslot = (j - 1) % STAGES
-        mbarrier.wait(v_ready.index(vslot), ((j - 1) // STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
-        if PINGPONG:
-            _pingpong_signal(WG)
+        if BESIDE:
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(j % STAGES), count=1)
+            mbarrier.wait(v_ready.index(vslot), ((j - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+        else:
+            mbarrier.wait(v_ready.index(vslot), ((j - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(j % STAGES), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, c2, first,
                                                         Nk, sink_hi, pos, offs_n, BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE,
                                                         MASK, TOP_SKIP)
@@ -192,7 +169,7 @@ if importable():
                       Out, Lse2, Ent, Top, TopP, Sink, b, h, Hq, Nq, Nk, q_off, m0_cta, first, lo, T, c2, sink_k,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                      SINK: gl.constexpr, TOP_SKIP: gl.constexpr, PINGPONG: gl.constexpr):
+                      SINK: gl.constexpr, TOP_SKIP: gl.constexpr, BESIDE: gl.constexpr):
         """One warpgroup: queries [m0_cta + WG * BLOCK_M, + BLOCK_M) against every streamed key tile."""
         s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -219,9 +196,6 @@ if importable():
 
         mbarrier.wait(q_bar, 0)
         q_tile = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
-        if PINGPONG:  # warpgroup 0 issues first
-            if WG == 1:
-                _pingpong_signal(WG)
 
         # tile 0 (it holds the text's first key: masked): its scores, softmax and P (P V runs with tile 1's S)
         s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, 0, STAGES, BLOCK_N, HEAD_DIM)
@@ -236,7 +210,7 @@ if importable():
                 o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i = _step(
                     1, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
                     top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP,
-                    True, True, TOP_SKIP, row_o, p_dot, WG, PINGPONG)
+                    True, True, TOP_SKIP, row_o, p_dot, BESIDE)
             j0 = 2
         # the sink's mass stays relative to the maximum of its last tile (rescaled once, in the epilogue)
         m_sink = m_i
@@ -250,15 +224,12 @@ if importable():
             o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i = _step(
                 j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i, top_i,
                 ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False,
-                False, TOP_SKIP, row_o, p_dot, WG, PINGPONG)
+                False, TOP_SKIP, row_o, p_dot, BESIDE)
         for j in range(gl.maximum(j_mask, j0), T):
             o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i = _step(
                 j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i, top_i,
                 ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False,
-                True, TOP_SKIP, row_o, p_dot, WG, PINGPONG)
-        if PINGPONG:  # warpgroup 1 signalled once more than warpgroup 0 waited (its first turn)
-            if WG == 0:
-                _pingpong_wait(WG)
+                True, TOP_SKIP, row_o, p_dot, BESIDE)
         o = o * gl.convert_layout(alpha, row_o)[:, None]
         vslot = (T - 1) % STAGES
         mbarrier.wait(v_ready.index(vslot), ((T - 1) // STAGES) & 1)
@@ -295,7 +266,7 @@ if importable():
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                            SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-                           TOP_SKIP: gl.constexpr = False, PINGPONG: gl.constexpr = False):
+                           TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = True):
         bh = gl.program_id(0)
         m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
         b = bh // Hq
@@ -333,10 +304,10 @@ if importable():
         gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
                              Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
-                             WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, PINGPONG)),
+                             WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE)),
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
                              Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
-                             WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, PINGPONG)),
+                             WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE)),
             (_fwd_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                              v_empty, b, h, hk, m0, lo, T, STAGES, BLOCK_M, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -358,8 +329,9 @@ if importable():
 # registers back (24) and the consumers take 240 each (24 + 240 + 240 = 504 <= 512 per thread of a warpgroup).
 # The top_key index only on tiles where a row's maximum grows (`_softmax`'s TOP_SKIP): off until timed.
 TOP_SKIP = False
-# The two consumer warpgroups taking turns to issue their products (FlashAttention-3's ping-pong): off until timed.
-PINGPONG = False
+# The softmax beside the P V product (`_step`'s BESIDE), for calls with and without per-query statistics.
+BESIDE_WITH_STATS = True
+BESIDE_PLAIN = True
 FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
 STATS = ("entropy", "top_key", "top_prob", "sink_mass")
@@ -394,11 +366,11 @@ def _descriptor(t: torch.Tensor, rows: int, d: int):
 
 
 def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[str, torch.Tensor],
-            top_skip: bool | None = None, pingpong: bool | None = None) -> None:
+            top_skip: bool | None = None, beside: bool | None = None) -> None:
     """Pass 1 on Hopper: fills out [B, Hq, Nq, D] (contiguous, the query dtype), lse2 [B, Hq, Nq] (log2 units)
     and the forward statistics of `stats` ([B, Hq, Nq] each, allocated by `triton_stats._Call.forward`),
     as `triton_stats._Call._launch_fwd` does for the calls `call_reason` accepts. top_skip: the kernel's
-    TOP_SKIP and PINGPONG variants (None: the module's switches)."""
+    TOP_SKIP and BESIDE variants (None: the module's switches)."""
     assert out.is_contiguous() and lse2.is_contiguous()
     BM, BN, stages, maxnreg, consumer_regs = FORWARD_CONFIG[call.D]
     n_mblocks = triton.cdiv(call.Nq, 2 * BM)
@@ -411,5 +383,5 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
         maxnreg=maxnreg, TOP_SKIP=TOP_SKIP if top_skip is None else top_skip,
-        PINGPONG=PINGPONG if pingpong is None else pingpong,
+        BESIDE=(BESIDE_WITH_STATS if stats else BESIDE_PLAIN) if beside is None else beside,
     )

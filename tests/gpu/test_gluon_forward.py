@@ -57,7 +57,8 @@ def _rel(got, want):
 
 
 @needs_hopper
-@pytest.mark.parametrize("variant", [{}, {"TOP_SKIP": True}, {"PINGPONG": True}], ids=["shipped", "top_skip", "pingpong"])
+@pytest.mark.parametrize("variant", [{}, {"TOP_SKIP": True}, {"BESIDE_WITH_STATS": False}],
+                         ids=["shipped", "top_skip", "after"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES)
 def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype, variant):
     from attnlab.kernels import gluon_forward

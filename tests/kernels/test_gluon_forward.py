@@ -125,7 +125,7 @@ for combo in json.loads(sys.argv[1]):
                 Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, sink_k=4, n_mblocks=8)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, STAGES=stages, CAUSAL=causal, ENT=ent, TOP=top, SINK=sink,
                   CONSUMER_REGS=regs, num_warps=4, TOP_SKIP=combo.get("top_skip", False),
-                  PINGPONG=combo.get("pingpong", False))
+                  BESIDE=combo.get("beside", True))
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
