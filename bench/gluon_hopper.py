@@ -232,8 +232,7 @@ def forward_timings(n, d, log, breakdown=False, variants_only=False):
         if breakdown and suffix in ("fwd_stats", "fwd_top_key"):
             kernels.append((f"gluon_topskip_{suffix}", True, dict(top_skip=not gf.TOP_SKIP)))
         if breakdown and suffix in ("fwd", "fwd_stats"):
-            beside = gf.BESIDE_WITH_STATS if suffix == "fwd_stats" else gf.BESIDE_PLAIN
-            kernels.append((f"gluon_{'after' if beside else 'beside'}_{suffix}", True, dict(beside=not beside)))
+            kernels.append((f"gluon_{'after' if gf.BESIDE else 'beside'}_{suffix}", True, dict(beside=not gf.BESIDE)))
         for name, gluon, variant in kernels:
             if gluon and res["gluon_unsupported"]:
                 continue

@@ -14,37 +14,43 @@ Structure (Shah et al. 2024, FlashAttention-3; the Gluon pass 2 in gluon_hopper.
   TMA through rings of STAGES shared buffers, keys and values on separate barriers (`k_ready`,
   `v_ready`), so S = Q K^T can start before the values arrive; both consumers release a buffer
   (`k_empty` / `v_empty`, count 2) once their product on it has completed;
-- two consumer warpgroups each own BLOCK_M queries and read every key tile. Per tile j (from 1):
-  issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} (both asynchronous wgmma, P from registers), wait for
-  S_j only (`num_outstanding=1`: wgmma groups retire in order), run the online softmax of S_j while
-  the P V product runs, then wait for it and rescale O by the new alpha. So the exponentials of one
-  tile overlap the tensor cores' work on the previous one inside a warpgroup, and the two warpgroups
-  overlap each other (no CTA-wide barrier between them). Nothing is in flight at the loop's back edge
-  (the C7514 lesson of pass 2: an in-flight loop-carried accumulator makes ptxas serialise every
-  wgmma): S is waited in its iteration, and so is the P V product; the old P is passed to that wait
-  as a dependency, so the registers the product reads are not reused by the next P while it runs.
-- masks (keys before the row's text starts, past Nk, causal) are applied only on the tiles that need
-  them (a uniform branch per tile); a masked score is -1e30 as in the Triton kernel (0 * -1e30 stays
-  finite in the entropy sum).
+- two consumer warpgroups each own BLOCK_M queries and read every key tile. Per tile j (from 1, `_step`):
+  issue S_j = Q K_j^T, rescale O by tile j-1's alpha while it runs, issue O += P_{j-1} V_{j-1} (P from
+  registers), wait for S_j (`num_outstanding=1`: wgmma groups retire in order), run S_j's online softmax,
+  wait for the P V product. ptxas lets the softmax overwrite S's registers only after a wait that retires
+  every product, so it moves the P V wait above the softmax: the softmax runs after both products, and the
+  other warpgroup's products fill the tensor cores meanwhile (the two fall into turns by themselves).
+  `BESIDE` (off) waits for S alone before issuing P V, so the softmax really runs beside the product (the
+  SASS shows it): slower on the H100 (248 against 228 ms at 128k, d 128), as was forcing the turns with
+  named barriers (FlashAttention-3's ping-pong, removed). Nothing is in flight at the loop's back edge
+  (the C7514 lesson of pass 2: an in-flight loop-carried accumulator makes ptxas serialise every wgmma);
+  the old P is passed to the P V wait as a dependency, so its registers are not reused while it runs.
+- tile 0 (which holds the text's first key) is peeled and masked; the other tiles run in two loops, one
+  without any masking code (keys inside Nk and, causal, at or before the warpgroup's first query) and one
+  with the masks (keys past Nk, after a row's position), so the hot loop carries no masking branch. A masked
+  score is -1e30 as in the Triton kernel (0 * -1e30 stays finite in the entropy sum). The scale rides in
+  one FFMA per score (z = s c2 - m, the tile maximum taken on raw scores: FlashAttention-3's form).
 - per-query statistics ride on the online softmax, none costs an extra pass:
   entropy: t = alpha (t + (m_old - m_new) l) + sum p (s - m_new), entropy = ln l - ln 2 * t / l;
   top_key: the leftmost maximum of each tile (a max and a min-of-index reduction), kept where the
-  row maximum strictly grows (so the leftmost over the row), top_prob = 1 / l;
-  sink_mass(k): the mass on keys < first + k rescaled with l (`ms = alpha ms + sum p [key < first + k]`,
-  the sum only on tiles that start below first + k). The Triton kernel re-streams those tiles after its
-  loop with the final log-sum-exp; here the same sum is carried online, at one multiply per row per tile.
+  row maximum strictly grows (so the leftmost over the row), top_prob = 1 / l; `TOP_SKIP` (off, not yet
+  timed in the shipped order) computes the index only on tiles where some row's maximum grows;
+  sink_mass(k): the mass on keys [first, first + k), k <= BLOCK_N, which lie in tiles 0 and 1: both are
+  peeled when it is asked, the sum rides on their softmax relative to their maximum and is rescaled once
+  in the epilogue, so the loops carry no sink work (in session 10 an in-loop branch cost 13% at 128k).
 
 What it covers (`unsupported` says why not, and the Triton forward runs): bf16/fp16, head dims of
 `FORWARD_CONFIG` (128, 64), causal and bidirectional attention, left padding, any GQA ratio, the
-statistics sink_mass, entropy (+ entropy_norm, derived after it), top_key. distance / local_mass,
-learned sinks, softcap, windows, key biases (ALiBi, key_keep), edits stay on the Triton kernel.
+statistics sink_mass (k <= 128), entropy (+ entropy_norm, derived after it), top_key. distance /
+local_mass, learned sinks, softcap, windows, key biases (ALiBi, key_keep), edits stay on the Triton kernel.
 
-Measured on an H100 (session 10; bench/RESULTS.md): all 30 cases of tests/gpu pass against fp64 (outputs
-within the Triton forward's error, statistics within 1e-6 relative). Output + log-sum-exp at d 128: 14.4 ms
-at 32k and 233 ms at 128k against the Triton forward's 17.2 / 285 ms (SDPA 14.4 / 246): on by default
-(triton_stats.GLUON_FORWARD). With the statistics 22.5 / 333 ms against Triton's 19.5 / 333 ms: per-query
-statistics stay on the Triton forward (triton_stats.GLUON_FORWARD_STATS off) until the statistics' epilogue
-is cheaper here.
+Measured on an H100 (session 11; bench/RESULTS.md; batch 1, 32 / 8 heads, bf16, causal; ms at 32k / 128k,
+x SDPA's default): d 128 output + log-sum-exp 14.3 / 228 (1.00x / 0.91x), with entropy, top_key and
+sink_mass(4) 17.9 / 272 (1.25x / 1.09x; the Triton forward 19.6 / 333, 1.38x / 1.33x); d 64 9.4 / 154
+(0.99x / 0.99x), with the statistics 12.1 / 208 (1.28x / 1.33x; Triton 13.7 / 226). Both on by default
+(triton_stats.GLUON_FORWARD, GLUON_FORWARD_STATS). The fp64 cases of tests/gpu passed on the H100 in the
+BESIDE order; the shipped order matched the Triton forward at 32k and 128k (statistics within 1.5e-6,
+top_key agreeing everywhere).
 """
 
 from __future__ import annotations
@@ -266,7 +272,7 @@ if importable():
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                            SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-                           TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = True):
+                           TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = False):
         bh = gl.program_id(0)
         m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
         b = bh // Hq
@@ -329,9 +335,12 @@ if importable():
 # registers back (24) and the consumers take 240 each (24 + 240 + 240 = 504 <= 512 per thread of a warpgroup).
 # The top_key index only on tiles where a row's maximum grows (`_softmax`'s TOP_SKIP): off until timed.
 TOP_SKIP = False
-# The softmax beside the P V product (`_step`'s BESIDE), for calls with and without per-query statistics.
-BESIDE_WITH_STATS = True
-BESIDE_PLAIN = True
+# The softmax beside the P V product (`_step`'s BESIDE). H100, session 11, ms at 32k / 128k, beside -> after:
+# d 128 plain 14.2 -> 14.3 / 248 -> 228, with statistics 19.4 -> 17.9 / 291 -> 272; d 64 plain 10.1 -> 9.4 /
+# 174 -> 154, with statistics 12.5 -> 12.1 / 210 -> 208. After: the products of one warpgroup run while the
+# other's softmax does (the two warpgroups fall into turns by themselves; forcing turns with named barriers,
+# FlashAttention-3's ping-pong, was slower: 16.9 ms plain at 32k).
+BESIDE = False
 FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
 STATS = ("entropy", "top_key", "top_prob", "sink_mass")
@@ -383,5 +392,5 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
         maxnreg=maxnreg, TOP_SKIP=TOP_SKIP if top_skip is None else top_skip,
-        BESIDE=(BESIDE_WITH_STATS if stats else BESIDE_PLAIN) if beside is None else beside,
+        BESIDE=BESIDE if beside is None else beside,
     )

@@ -56,9 +56,9 @@ ahead of the softmax by hand, and pass 2's sums chained inside the one-hot produ
 branch experiment/pipelined-qk, bench/RESULTS.md).
 
 On Hopper, pass 1 can run as a warp-specialised Gluon kernel (`gluon_forward.py`: FlashAttention-3's
-structure, with entropy, top_key and sink_mass) behind the switch `GLUON_FORWARD` (on: measured on an H100,
-faster than the Triton forward for the output and log-sum-exp; calls with per-query statistics stay on Triton,
-`GLUON_FORWARD_STATS`); the record then says "gluon-hopper", or "triton (why not)".
+structure, with entropy, top_key and sink_mass) behind the switches `GLUON_FORWARD` and `GLUON_FORWARD_STATS`
+(both on: measured on an H100, faster than the Triton forward with and without per-query statistics, at d 64
+and 128); the record then says "gluon-hopper", or "triton (why not)".
 
 All scores live in log2 units (s * log2 e) so the kernels use exp2. Not supported here, and so
 computed by the torch twin instead (never a wrong number): fp32 inputs, head dims other than
@@ -111,13 +111,13 @@ EXACT_SUMS = False
 # Pass 2 on Hopper through the Gluon kernel (gluon_hopper.py) where it covers the call (False: always
 # the Triton kernel; benchmarks time both).
 GLUON = True
-# Pass 1 on Hopper through the Gluon forward (gluon_forward.py) where it covers the call. H100, session 10
-# (bench/gluon_hopper.py's forward section, bench/RESULTS.md): correct against fp64 in all 30 tests/gpu cases;
-# output + log-sum-exp only, d 128, 32k / 128k: 14.4 / 233 ms against the Triton forward's 17.2 / 285 ms
-# (SDPA 14.4 / 246). With per-query statistics (entropy, top_key, sink_mass) 22.5 / 333 ms against Triton's
-# 19.5 / 333: slower at 32k, so those calls stay on Triton unless GLUON_FORWARD_STATS is set.
+# Pass 1 on Hopper through the Gluon forward (gluon_forward.py) where it covers the call, with or without
+# per-query statistics (GLUON_FORWARD_STATS). H100, session 11 (bench/gluon_hopper.py's forward section,
+# bench/RESULTS.md), d 128, 32k / 128k, ms: output + log-sum-exp 14.3 / 228 against the Triton forward's
+# 17.2 / 284 (SDPA 14.2 / 250); with entropy, top_key and sink_mass 17.9 / 272 against Triton's 19.6 / 333.
+# d 64: 9.4 / 154 and 12.1 / 208 against 10.5 / 173 and 13.7 / 226.
 GLUON_FORWARD = True
-GLUON_FORWARD_STATS = False
+GLUON_FORWARD_STATS = True
 # Use cuDNN's output and log-sum-exp when a call asks only for pass 2's statistics (set False to time
 # our forward instead).
 CUDNN = True
@@ -400,7 +400,7 @@ class _Call:
         if GLUON_FORWARD:
             why = gluon_forward.unsupported(self, request)
             if why is None and not GLUON_FORWARD_STATS and request.outputs("forward"):
-                why = "per-query statistics: faster on the Triton forward (triton_stats.GLUON_FORWARD_STATS)"
+                why = "per-query statistics: the Gluon forward turned off for them (triton_stats.GLUON_FORWARD_STATS)"
             if why is None:
                 gluon_forward.forward(self, request, out, lse2, stats)
                 self.output_from = "gluon-hopper"

@@ -57,8 +57,7 @@ def _rel(got, want):
 
 
 @needs_hopper
-@pytest.mark.parametrize("variant", [{}, {"TOP_SKIP": True}, {"BESIDE_WITH_STATS": False}],
-                         ids=["shipped", "top_skip", "after"])
+@pytest.mark.parametrize("variant", [{}, {"TOP_SKIP": True}, {"BESIDE": True}], ids=["shipped", "top_skip", "beside"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", CASES)
 def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype, variant):
     from attnlab.kernels import gluon_forward
@@ -129,19 +128,18 @@ def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
 
 
 @needs_hopper
-def test_default_switches_give_pass_1_and_2_to_gluon_without_statistics_and_pass_1_to_triton_with_them():
+def test_default_switches_give_both_passes_to_gluon_with_and_without_per_query_statistics():
     """The switches as shipped (no monkeypatch): a padded batch (cuDNN does not apply) asking for pass 2's
-    statistics runs both passes in Gluon; asking for per-query statistics too keeps pass 1 on Triton."""
+    statistics runs both passes in Gluon, and so does one asking for per-query statistics too."""
     from attnlab.kernels import triton_stats as ts
 
-    assert ts.GLUON_FORWARD and not ts.GLUON_FORWARD_STATS and ts.GLUON
+    assert ts.GLUON_FORWARD and ts.GLUON_FORWARD_STATS and ts.GLUON
     q, k, v, key_mask = _inputs(2, 8, 2, 777, 777, 128, 45)
-    slower = "triton (per-query statistics: faster on the Triton forward (triton_stats.GLUON_FORWARD_STATS))"
-    for req, forward in ((StatRequest(received=True, pooled_block=64), "gluon-hopper"),
-                         (StatRequest(received=True, entropy=True, top_key=True), slower)):
+    for req in (StatRequest(received=True, pooled_block=64),
+                StatRequest(received=True, entropy=True, top_key=True, sink_k=4)):
         kernels.last_kernels()
         out, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=True)
-        assert kernels.last_kernels() == {"forward": forward, "columns": "gluon-hopper"}
+        assert kernels.last_kernels() == {"forward": "gluon-hopper", "columns": "gluon-hopper"}
         ref_out, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req,
                                                   key_mask=key_mask, causal=True, chunk_size=512)
         real = torch.isfinite(ref_out).all(-1) & (ref_out.abs().sum(-1) > 0)

@@ -57,6 +57,10 @@ def test_gluon_forward_takes_plain_calls_and_names_what_it_leaves():
     assert gluon_forward.call_reason(_call(), StatRequest(distance_window=8)) == \
         "distance, local_mass (on the Triton forward)"
     assert "learned_sink" in gluon_forward.call_reason(_call(), StatRequest(learned_sink=True, entropy=True))
+    # the sink's mass is summed on the first two key tiles: up to a tile's width of sink keys
+    assert gluon_forward.call_reason(_call(), StatRequest(sink_k=128)) is None
+    assert gluon_forward.call_reason(_call(), StatRequest(sink_k=129)) == \
+        "sink_mass over more than 128 keys (on the Triton forward)"
     # pass 2's statistics are not its business
     assert gluon_forward.call_reason(_call(), StatRequest(received=True, pooled_block=64)) is None
     # TMA needs 16-byte strides: a query view into a wider buffer (row stride 130 x 2 bytes) is refused
@@ -66,9 +70,9 @@ def test_gluon_forward_takes_plain_calls_and_names_what_it_leaves():
     assert gluon_forward.unsupported(_call(), STATS) == "not a Hopper GPU (sm_90)"
 
 
-def test_switch_takes_only_calls_without_statistics_and_on_a_cpu_falls_back_to_the_same_numbers(monkeypatch):
-    # measured on an H100: faster than the Triton forward for out + lse2, slower with per-query statistics
-    assert ts.GLUON_FORWARD is True and ts.GLUON_FORWARD_STATS is False
+def test_switches_take_calls_with_and_without_statistics_and_on_a_cpu_fall_back_to_the_same_numbers(monkeypatch):
+    # measured on an H100 (session 11): faster than the Triton forward with and without per-query statistics
+    assert ts.GLUON_FORWARD is True and ts.GLUON_FORWARD_STATS is True
     monkeypatch.setattr(ts, "GLUON_FORWARD", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     g = torch.Generator().manual_seed(0)
@@ -87,19 +91,20 @@ def test_switch_takes_only_calls_without_statistics_and_on_a_cpu_falls_back_to_t
     for name in STATS.outputs():
         assert torch.equal(st_on[name].nan_to_num(-7.0), st_off[name].nan_to_num(-7.0)), name
 
-    # where the device would take it (as on an H100): a call with statistics goes to Triton, naming why; a call
-    # for the output and log-sum-exp alone (here: received, pass 2's business) to the Gluon forward
+    # where the device would take it (as on an H100): a call with statistics and one for the output and
+    # log-sum-exp alone (here: received, pass 2's business) both go to the Gluon forward; with
+    # GLUON_FORWARD_STATS off, the call with statistics goes to Triton, naming why
     taken = []
     monkeypatch.setattr(gluon_forward, "unsupported", lambda call, request: None)
     monkeypatch.setattr(gluon_forward, "forward", lambda call, request, out, lse2, stats: taken.append(request))
     ts.attention_stats(q, k, v, request=STATS, key_mask=key_mask)
-    assert kernels.last_kernels() == {"forward": "triton (per-query statistics: faster on the Triton forward "
-                                                 "(triton_stats.GLUON_FORWARD_STATS))"} and taken == []
-    ts.attention_stats(q, k, v, request=StatRequest(received=True), key_mask=key_mask)
     assert kernels.last_kernels()["forward"] == "gluon-hopper" and len(taken) == 1
-    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
-    ts.attention_stats(q, k, v, request=STATS, key_mask=key_mask)
+    ts.attention_stats(q, k, v, request=StatRequest(received=True), key_mask=key_mask)
     assert kernels.last_kernels()["forward"] == "gluon-hopper" and len(taken) == 2
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", False)
+    ts.attention_stats(q, k, v, request=STATS, key_mask=key_mask)
+    assert kernels.last_kernels() == {"forward": "triton (per-query statistics: the Gluon forward turned off for "
+                                                 "them (triton_stats.GLUON_FORWARD_STATS))"} and len(taken) == 2
 
 
 # ----------------------------------------------------------------------------- sm_90 compile (CPU)
@@ -125,7 +130,7 @@ for combo in json.loads(sys.argv[1]):
                 Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, sink_k=4, n_mblocks=8)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, STAGES=stages, CAUSAL=causal, ENT=ent, TOP=top, SINK=sink,
                   CONSUMER_REGS=regs, num_warps=4, TOP_SKIP=combo.get("top_skip", False),
-                  BESIDE=combo.get("beside", True))
+                  BESIDE=combo.get("beside", gf.BESIDE))
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -138,7 +143,8 @@ print(json.dumps(out))
 COMBOS = [dict(d=128, causal=True, ent=True, top=True, sink=True),
           dict(d=128, causal=False, ent=False, top=False, sink=False),
           dict(d=128, causal=True, ent=False, top=True, sink=False, dtype="float16"),
-          dict(d=64, causal=True, ent=True, top=True, sink=True)]
+          dict(d=64, causal=True, ent=True, top=True, sink=True),
+          dict(d=128, causal=True, ent=True, top=True, sink=True, beside=True)]  # gluon_forward.BESIDE's variant
 
 
 def _product_loops(sass: str) -> list[str]:
@@ -196,9 +202,12 @@ def test_forward_compiles_for_sm90_with_overlapped_wgmma_and_no_spills(tmp_path)
         hot = [body for body in _product_loops(sass) if "FSEL" not in body]
         assert len(hot) == 2, combo
         assert not any(re.search(r"\b(STL|LDL)\b", body) for body in hot), combo
-        # the softmax of tile j runs while P_{j-1} V_{j-1} is in flight: most of the hot loop's exponentials come
-        # before the wait that retires the P V product (with S waited by a wait that left the product in
-        # flight, ptxas hoisted that wait above the softmax and all of them came after it: session 11)
         for body in hot:
-            after_wait = body[body.rindex("WARPGROUP.DEPBAR.LE gsb0, 0x0"):]
-            assert after_wait.count("MUFU.EX2") < 0.5 * body.count("MUFU.EX2"), combo
+            if c.get("beside", gluon_forward.BESIDE):
+                # the softmax of tile j beside P_{j-1} V_{j-1}: most of the hot loop's exponentials come before
+                # the wait that retires the P V product (with S waited by a wait that left the product in
+                # flight, ptxas hoisted that wait above the softmax and all of them came after it: session 11)
+                after_wait = body[body.rindex("WARPGROUP.DEPBAR.LE gsb0, 0x0"):]
+                assert after_wait.count("MUFU.EX2") < 0.5 * body.count("MUFU.EX2"), combo
+            else:  # S_j and P_{j-1} V_{j-1} in flight together, S waited alone first
+                assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in body, combo
