@@ -112,10 +112,8 @@ EXACT_SUMS = False
 # the Triton kernel; benchmarks time both).
 GLUON = True
 # Pass 1 on Hopper through the Gluon forward (gluon_forward.py) where it covers the call, with or without
-# per-query statistics (GLUON_FORWARD_STATS). H100, session 11 (bench/gluon_hopper.py's forward section,
-# bench/RESULTS.md), d 128, 32k / 128k, ms: output + log-sum-exp 14.3 / 228 against the Triton forward's
-# 17.2 / 284 (SDPA 14.2 / 250); with entropy, top_key and sink_mass 17.9 / 272 against Triton's 19.6 / 333.
-# d 64: 9.4 / 154 and 12.1 / 208 against 10.5 / 173 and 13.7 / 226.
+# per-query statistics (GLUON_FORWARD_STATS): faster than the Triton forward in every cell measured on an H100
+# (d 64 and 128, 32k and 128k; gluon_forward.py's docstring and bench/RESULTS.md have the numbers).
 GLUON_FORWARD = True
 GLUON_FORWARD_STATS = True
 # Use cuDNN's output and log-sum-exp when a call asks only for pass 2's statistics (set False to time
