@@ -39,14 +39,15 @@ from attnlab.kernels import gluon_hopper as gh
 from attnlab.kernels import triton_stats as ts
 from attnlab.kernels.request import OUTPUTS
 
-# Gluon pass-2 tiles timed beside the default (gluon_hopper.COLUMNS_CONFIG's tuple; the RESULTS.md table has
-# the variants measured while choosing it, including the single-partition kernel it replaced). The K_REG ones
-# (session 11, not yet timed): the key block as the products' A operand in registers, so each HGMMA reads only
-# the query tile from shared memory (both operands from shared memory at N = 64 need about the SM's whole
-# shared-memory bandwidth at full tensor rate); 64 keys x 64 queries per warpgroup compile without spills
-# (128 keys spilled 180-196 bytes); at d 64 they are the Gluon kernel's first candidates.
-VARIANTS = {128: [(128, 64, 6, False, 168, 232), (64, 64, 4, True, 168, 240), (64, 64, 6, True, 168, 240)],
-            64: [(64, 64, 4, True, 168, 240), (128, 64, 4, True, 168, 240)]}
+# Gluon pass-2 tiles timed beside the default (gluon_hopper.ColumnsTiles; the RESULTS.md table has the variants
+# measured while choosing it, including the single-partition kernel it replaced). Session 12's: the key block as
+# the products' A operand in registers (K_REG: each HGMMA reads only the query tile from shared memory), and 3 or
+# 4 consumer warpgroups with one product in flight each (a 384- or 512-key block per CTA: each query tile read
+# from L2 serves 1.5x or 2x the keys), with 2 warpgroups of one product each to tell the two changes apart.
+VARIANTS = {128: [(64, 64, 4, True, 168, 240), (64, 64, 6, True, 168, 240),
+                  (128, 64, 4, False, 168, 232, 2, False), (128, 64, 4, False, 120, 160, 3, False),
+                  (128, 64, 4, False, 120, 120, 4, False)],
+            64: [(64, 64, 4, True, 168, 240), (128, 64, 4, True, 168, 240), (128, 64, 4, False, 120, 160, 3, False)]}
 
 LOG2E = 1.4426950408889634
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -126,9 +127,10 @@ if importable():
 
     @gluon.jit
     def _ws_producer(desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
-                     STAGES: gl.constexpr, BLOCK_M: gl.constexpr):
-        mbarrier.expect(k_bar, desc_k.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_k, [b, hk, n0, 0], k_bar, k_smem)
+                     STAGES: gl.constexpr, BLOCK_M: gl.constexpr, NWG: gl.constexpr, WG_N: gl.constexpr):
+        mbarrier.expect(k_bar, NWG * desc_k.block_type.nbytes)
+        for w in gl.static_range(NWG):  # one box per warpgroup (a TMA box has at most 256 rows)
+            tma.async_copy_global_to_shared(desc_k, [b, hk, n0 + w * WG_N, 0], k_bar, k_smem.index(w))
         for t in range(T):
             slot = t % STAGES
             mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
@@ -141,7 +143,7 @@ if importable():
                      q_off, qlo, n_m, T, c2, n_qc, n_ksub, pool, max_first, n0_cta,
                      WG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                      KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
-                     STAGES: gl.constexpr, K_REG: gl.constexpr):
+                     STAGES: gl.constexpr, K_REG: gl.constexpr, NWG: gl.constexpr, TWO_ACC: gl.constexpr):
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         key_l: gl.constexpr = gl.SliceLayout(1, mma)
@@ -151,7 +153,7 @@ if importable():
         offs_m = gl.arange(0, BLOCK_M, layout=qry_l)
         first = gl.load(First + b)
         mbarrier.wait(k_bar, 0)
-        k_tile = k_smem.reshape([2 * WG_N, HEAD_DIM]).slice(WG * WG_N, WG_N, dim=0)
+        k_tile = k_smem.index(WG).reshape([WG_N, HEAD_DIM])
         if K_REG:
             k_tile = k_tile.load(gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2))
         acc0 = gl.zeros([WG_N, BLOCK_M], gl.float32, layout=mma)
@@ -160,30 +162,40 @@ if importable():
         edge = (n0 < max_first) | (n0 + WG_N > Nk)
         key_ok = (cols >= first) & (cols < Nk)
         # this warpgroup's key block in pooled sub-blocks: index kb counts WG_N-key blocks here
-        kbw = kb * 2 + WG
+        kbw = kb * NWG + WG
 
-        s_a = _issue(k_tile, q_smem, ready, acc0, 0, STAGES, BLOCK_M, HEAD_DIM)
-        lse_a = _lse(Lse2, 0, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
-        for t in range(0, T, 2):
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_a, ))
-            mbarrier.arrive(empty.index(t % STAGES), count=1)
-            tb = gl.minimum(t + 1, T - 1)
-            s_b = _issue(k_tile, q_smem, ready, acc0, tb, STAGES, BLOCK_M, HEAD_DIM)
-            lse_b = _lse(Lse2, tb, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
-            recv, cell = _consume(s, t, lse_a, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off, qlo, n_m,
-                                  c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
-                                  WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_b, ))
-            if t + 1 < T:  # (a redundant product past the last tile releases nothing)
-                mbarrier.arrive(empty.index((t + 1) % STAGES), count=1)
-            ta = gl.minimum(t + 2, T - 1)
-            s_a = _issue(k_tile, q_smem, ready, acc0, ta, STAGES, BLOCK_M, HEAD_DIM)
-            lse_a = _lse(Lse2, ta, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
-            if t + 1 < T:
-                recv, cell = _consume(s, t + 1, lse_b, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off,
-                                      qlo, n_m, c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
+        if not TWO_ACC:  # one product in flight per warpgroup: the other warpgroups' products overlap its exps
+            for t in range(T):
+                s = _issue(k_tile, q_smem, ready, acc0, t, STAGES, BLOCK_M, HEAD_DIM)
+                lse = _lse(Lse2, t, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                mbarrier.arrive(empty.index(t % STAGES), count=1)
+                recv, cell = _consume(s, t, lse, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off, qlo, n_m,
+                                      c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
                                       WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
-        warpgroup_mma_wait(num_outstanding=0, deps=(s_a, ))
+        else:
+            s_a = _issue(k_tile, q_smem, ready, acc0, 0, STAGES, BLOCK_M, HEAD_DIM)
+            lse_a = _lse(Lse2, 0, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
+            for t in range(0, T, 2):
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_a, ))
+                mbarrier.arrive(empty.index(t % STAGES), count=1)
+                tb = gl.minimum(t + 1, T - 1)
+                s_b = _issue(k_tile, q_smem, ready, acc0, tb, STAGES, BLOCK_M, HEAD_DIM)
+                lse_b = _lse(Lse2, tb, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
+                recv, cell = _consume(s, t, lse_a, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off, qlo, n_m,
+                                      c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
+                                      WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_b, ))
+                if t + 1 < T:  # (a redundant product past the last tile releases nothing)
+                    mbarrier.arrive(empty.index((t + 1) % STAGES), count=1)
+                ta = gl.minimum(t + 2, T - 1)
+                s_a = _issue(k_tile, q_smem, ready, acc0, ta, STAGES, BLOCK_M, HEAD_DIM)
+                lse_a = _lse(Lse2, ta, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
+                if t + 1 < T:
+                    recv, cell = _consume(s, t + 1, lse_b, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off,
+                                          qlo, n_m, c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
+                                          WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
+            warpgroup_mma_wait(num_outstanding=0, deps=(s_a, ))
 
     @gluon.jit
     def _columns_ws_kernel(desc_q, desc_k, Lse2, First, Recv, PoolPart,
@@ -191,14 +203,14 @@ if importable():
                            NG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                            KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
                            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, K_REG: gl.constexpr,
-                           num_warps: gl.constexpr):
+                           NWG: gl.constexpr, TWO_ACC: gl.constexpr, num_warps: gl.constexpr):
         bg = gl.program_id(0)
         kb = gl.program_id(1)
         n_groups = Hq // NG
         b = bg // n_groups
         h0 = (bg % n_groups) * NG
         hk = h0 // G
-        n0 = kb * (2 * WG_N)
+        n0 = kb * (NWG * WG_N)
         if CAUSAL:
             qlo = gl.maximum(gl.maximum(n0, min_first) - q_off, 0)
         else:
@@ -207,14 +219,14 @@ if importable():
         n_m = gl.cdiv(Nq - qlo, BLOCK_M)
         T = NG * n_m
 
-        k_smem = gl.allocate_shared_memory(desc_k.dtype, desc_k.block_type.shape, desc_k.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [NWG] + desc_k.block_type.shape, desc_k.layout)
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES] + desc_q.block_type.shape, desc_q.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release a buffer
+            mbarrier.init(empty.index(i), count=NWG)  # every consumer warpgroup releases a buffer
         mbarrier.init(k_bar, count=1)
 
         # (kernel arguments equal to 1 arrive as constexprs: partitions take tensors)
@@ -223,16 +235,61 @@ if importable():
         pool_t, max_first_t = gl.to_tensor(pool), gl.to_tensor(max_first)
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
-        gl.warp_specialize([
-            (_ws_consumer, (k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t,
-                            Nk_t, q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                            WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG)),
-            (_ws_consumer, (k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t,
-                            Nk_t, q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                            WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG)),
-            (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
-                            STAGES, BLOCK_M)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        WG2: gl.constexpr = 2
+        WG3: gl.constexpr = 3
+        # (the partition list is static, its arguments written out: one branch per number of consumer warpgroups;
+        # constexprs passed through a tuple built in the kernel arrive as tensors)
+        if NWG == 2:
+            gl.warp_specialize([
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
+                                STAGES, BLOCK_M, NWG, WG_N)),
+            ], [4, 1], [CONSUMER_REGS, 24])
+        elif NWG == 3:
+            gl.warp_specialize([
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
+                                STAGES, BLOCK_M, NWG, WG_N)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_consumer, (
+                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
+                    WG3, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
+                                STAGES, BLOCK_M, NWG, WG_N)),
+            ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 24])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
@@ -247,7 +304,21 @@ if importable():
 # (spills at 240 registers); 64 keys x 128 queries per warpgroup 0.82x / 0.76x. d 64 is not here: its best
 # (0.99x / 0.95x) is slower than the Triton kernel's 0.92x / 0.87x. BLOCK_M drops to 64 where the pooled
 # block needs it (it already is 64).
-COLUMNS_CONFIG = {128: (128, 64, 4, False, 168, 232)}
+class ColumnsTiles(NamedTuple):
+    """The Gluon pass 2's tiles: WG_N keys per consumer warpgroup, BLOCK_M queries per tile, STAGES query
+    buffers, K_REG (the key block in registers), maxnreg of the launch, registers of each consumer, the number
+    of consumer warpgroups (the CTA's key block is their keys), and two products in flight per warpgroup."""
+    wg_n: int
+    block_m: int
+    stages: int
+    k_reg: bool
+    maxnreg: int
+    consumer_regs: int
+    consumers: int = 2
+    two_acc: bool = True
+
+
+COLUMNS_CONFIG = {128: ColumnsTiles(128, 64, 4, False, 168, 232)}
 
 
 def device_reason(q: torch.Tensor) -> str | None:
@@ -303,21 +374,22 @@ def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
     """Pass 2 on Hopper: received and pooled from pass 1's log-sum-exp (log2 units), as
     `triton_stats._Call._columns` returns them."""
     B, Hq, Nq, Nk, G = call.B, call.Hq, call.Nq, call.Nk, call.G
-    wg_n, BM, stages, k_reg, maxnreg, consumer_regs = COLUMNS_CONFIG[call.D]
+    wg_n, BM, stages, k_reg, maxnreg, consumer_regs, nwg, two_acc = ColumnsTiles(*COLUMNS_CONFIG[call.D])
     pool = request.pooled_block or 0
     if pool % BM:  # tiles never straddle a pooled cell
         BM = 64
     ksub = math.gcd(wg_n, pool) if pool else wg_n  # key sub-blocks that tile both
-    n_kb = triton.cdiv(Nk, 2 * wg_n)
+    n_kb = triton.cdiv(Nk, nwg * wg_n)
     n_ksub = triton.cdiv(Nk, ksub)
     n_qc = triton.cdiv(Nq, pool) if pool else 1
     f32 = dict(dtype=torch.float32, device=call.device)
     recv = torch.empty(B, Hq, Nk, **f32) if request.received else lse2
     part = torch.zeros(B, Hq, n_qc, n_ksub, **f32) if pool else lse2
     _columns_ws_kernel[(B * Hq // G, n_kb)](
-        _descriptor(call.q, BM, call.D), _descriptor(call.k, 2 * wg_n, call.D), lse2, call.first, recv, part,
+        _descriptor(call.q, BM, call.D), _descriptor(call.k, wg_n, call.D), lse2, call.first, recv, part,
         Hq, G, Nq, Nk, call.q_off, call.scale * LOG2E, n_qc, n_ksub, max(pool, 1), call.min_first, call.max_first,
         NG=G, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=call.D, KSUB=ksub, RECV=request.received, POOL=bool(pool),
-        CAUSAL=call.causal, STAGES=stages, CONSUMER_REGS=consumer_regs, K_REG=k_reg, num_warps=4, maxnreg=maxnreg,
+        CAUSAL=call.causal, STAGES=stages, CONSUMER_REGS=consumer_regs, K_REG=k_reg,
+        NWG=nwg, TWO_ACC=two_acc, num_warps=4, maxnreg=maxnreg,
     )
     return call.finish_columns(request, recv, part, ksub)

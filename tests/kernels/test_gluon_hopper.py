@@ -100,7 +100,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from attnlab.kernels import gluon_hopper as gh
 
 fn = gh._columns_ws_kernel
-wg_n, bm, stages, k_reg, maxnreg, regs = gh.COLUMNS_CONFIG[128]
+wg_n, bm, stages, k_reg, maxnreg, regs, nwg, two_acc = gh.ColumnsTiles(*gh.COLUMNS_CONFIG[128])
 out = {}
 for combo in json.loads(sys.argv[1]):
     pool, causal, recv = combo["pool"], combo["causal"], combo["recv"]
@@ -108,11 +108,12 @@ for combo in json.loads(sys.argv[1]):
     q = torch.empty(1, 8, 1024, 128, dtype=torch.bfloat16)
     k = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16)
     f, i32 = torch.empty(4), torch.empty(1, dtype=torch.int32)
-    args = dict(desc_q=gh._descriptor(q, BM, 128), desc_k=gh._descriptor(k, 2 * wg_n, 128), Lse2=f, First=i32,
+    args = dict(desc_q=gh._descriptor(q, BM, 128), desc_k=gh._descriptor(k, wg_n, 128), Lse2=f, First=i32,
                 Recv=f, PoolPart=f, Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, n_qc=8, n_ksub=8,
                 pool=max(pool, 1), min_first=0, max_first=0)
     consts = dict(NG=4, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=128, KSUB=math.gcd(wg_n, pool) if pool else wg_n, RECV=recv,
-                  POOL=bool(pool), CAUSAL=causal, STAGES=stages, CONSUMER_REGS=regs, K_REG=k_reg, num_warps=4)
+                  POOL=bool(pool), CAUSAL=causal, STAGES=stages, CONSUMER_REGS=regs, K_REG=k_reg, NWG=nwg,
+                  TWO_ACC=two_acc, num_warps=4)
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
