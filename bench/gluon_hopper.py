@@ -167,6 +167,8 @@ def timings(n, d, log):
 # ----------------------------------------------------------------------------- the forward
 
 FORWARD_STATS = StatRequest(sink_k=4, entropy=True, top_key=True)
+# every per-query statistic (bench/kernel_stats.py's PER_QUERY): with distance and local_mass (window 128)
+PER_QUERY = StatRequest(sink_k=4, entropy=True, top_key=True, distance_window=128)
 
 
 def _forward_outputs(call, request, gluon, variant=None):
@@ -235,7 +237,7 @@ def forward_timings(n, d, log, breakdown=False, variants_only=False):
     call = ts._Call(q, k, v, None, None, None, None, True)
     res = {"n": n, "d": d, "sdpa_default_ms": sdpa, "sdpa_tflops": flops / (sdpa * 1e-3) / 1e12,
            "gluon_unsupported": gf.unsupported(call, FORWARD_STATS)}
-    variants = (("fwd", StatRequest()), ("fwd_stats", FORWARD_STATS)) + (
+    variants = (("fwd", StatRequest()), ("fwd_stats", FORWARD_STATS), ("fwd_per_query", PER_QUERY)) + (
         FORWARD_ALONE if breakdown and not variants_only else ())
     for suffix, request in variants:
         ref = None
@@ -267,7 +269,7 @@ def _compare_forwards(res, name, got, ref):
     res[f"{name}_out_vs_triton"] = rel_err(got[0].float(), ref[0].float())
     fin = torch.isfinite(ref[1])
     res[f"{name}_lse2_vs_triton"] = float((got[1][fin] - ref[1][fin]).abs().max())
-    for s in ("sink_mass", "entropy", "top_prob"):
+    for s in ("sink_mass", "entropy", "top_prob", "distance", "local_mass"):
         if s in got[2]:
             res[f"{name}_{s}_vs_triton"] = rel_err(got[2][s], ref[2][s])
     if "top_key" in got[2]:

@@ -37,12 +37,18 @@ Structure (Shah et al. 2024, FlashAttention-3; the Gluon pass 2 in gluon_hopper.
   timed in the shipped order) computes the index only on tiles where some row's maximum grows;
   sink_mass(k): the mass on keys [first, first + k), k <= BLOCK_N, which lie in tiles 0 and 1: both are
   peeled when it is asked, the sum rides on their softmax relative to their maximum and is rescaled once
-  in the epilogue, so the loops carry no sink work (in session 10 an in-loop branch cost 13% at 128k).
+  in the epilogue, so the loops carry no sink work (in session 10 an in-loop branch cost 13% at 128k);
+  distance and local_mass (causal): d = sum p (j - lo) rides on every tile (offsets from the first key tile,
+  so fp32 keeps its digits at 128k), distance = (pos - lo) - d / l; the local mass (pos - j < window) only on
+  the tiles that can hold such keys: the masked tiles and a loop of its own over the clear tiles from the
+  one holding the warpgroup's first query's position - window + 1 (the local-mass select stays out of the
+  hot loop).
 
 What it covers (`unsupported` says why not, and the Triton forward runs): bf16/fp16, head dims of
 `FORWARD_CONFIG` (128, 64), causal and bidirectional attention, left padding, any GQA ratio, the
-statistics sink_mass (k <= 128), entropy (+ entropy_norm, derived after it), top_key. distance /
-local_mass, learned sinks, softcap, windows, key biases (ALiBi, key_keep), edits stay on the Triton kernel.
+statistics sink_mass (k <= 128), entropy (+ entropy_norm, derived after it), top_key, distance / local_mass
+(causal). Bidirectional distance, learned sinks, softcap, windows, key biases (ALiBi, key_keep), edits stay on
+the Triton kernel.
 
 Measured on an H100 (session 11; bench/RESULTS.md; batch 1, 32 / 8 heads, bf16, causal; ms at 32k / 128k,
 x SDPA's default): d 128 output + log-sum-exp 14.3 / 228 (1.00x / 0.91x), with entropy, top_key and
@@ -95,15 +101,17 @@ if importable():
         return warpgroup_mma(q_tile, kt, acc0, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, BLOCK_N: gl.constexpr,
-                 CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr,
-                 MASK: gl.constexpr, TOP_SKIP: gl.constexpr):
+    def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
+                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
+                 SINK_TILE: gl.constexpr, MASK: gl.constexpr, TOP_SKIP: gl.constexpr, DIST: gl.constexpr,
+                 LOCAL_TILE: gl.constexpr):
         """One tile's raw scores s = q.k [BLOCK_M, BLOCK_N] -> p (fp32) and the updated running row state (m_i, l_i
         in log2 units of the scaled scores). The scale rides in one FFMA per score (z = s c2 - m, the tile maximum
         taken on raw scores and scaled once per row: FlashAttention-3's form). MASK: mask keys before the text's
         first, past Nk and (causal) after the row's position (constexpr: the loops that need it are separate).
         SINK_TILE: the tile may hold sink keys (< sink_hi). TOP_SKIP: the top_key index only on tiles where some
-        row of the warpgroup has a new maximum (a warpgroup-uniform branch)."""
+        row of the warpgroup has a new maximum (a warpgroup-uniform branch). DIST (causal): d_i sums p (j - lo);
+        LOCAL_TILE: the tile may hold keys with pos - j < dist_w (lm_i sums their p)."""
         cols = n0 + offs_n
         if MASK:
             vis = ((cols >= first) & (cols < Nk))[None, :]
@@ -130,15 +138,20 @@ if importable():
             t_i = alpha * (t_i + (m_i - m_new) * l_i) + gl.sum(p * z, axis=1)
         if SINK_TILE:
             ms_i = alpha * ms_i + gl.sum(gl.where((cols < sink_hi)[None, :], p, 0.0), axis=1)
+        if DIST:  # (key offsets from lo, so the sum keeps fp32's digits at long inputs)
+            d_i = alpha * d_i + gl.sum(p * (cols - lo).to(gl.float32)[None, :], axis=1)
+            if LOCAL_TILE:
+                lm_i = alpha * lm_i + gl.sum(gl.where(pos[:, None] - cols[None, :] < dist_w, p, 0.0), axis=1)
         l_i = l_i * alpha + gl.sum(p, axis=1)
-        return p, alpha, m_new, l_i, t_i, top_i, ms_i
+        return p, alpha, m_new, l_i, t_i, top_i, ms_i, d_i, lm_i
 
     @gluon.jit
     def _step(j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha,
-              m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo,
+              m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr, MASK: gl.constexpr,
-              TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr, BESIDE: gl.constexpr):
+              TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr, BESIDE: gl.constexpr,
+              DIST: gl.constexpr, LOCAL_TILE: gl.constexpr):
         """Tile j (from 1): S_j = Q K_j^T and O += P_{j-1} V_{j-1} (asynchronous wgmma; O rescaled by tile j-1's
         alpha first, while S_j runs), S_j's softmax, and both products retired by the step's end (nothing in
         flight past it: the C7514 lesson of pass 2).
@@ -160,22 +173,23 @@ if importable():
             o_tok = warpgroup_mma(p_op, v_smem.index(vslot).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(j % STAGES), count=1)
-        p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, c2, first,
-                                                        Nk, sink_hi, pos, offs_n, BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE,
-                                                        MASK, TOP_SKIP)
+        p, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _softmax(
+            s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
+            BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE, MASK, TOP_SKIP, DIST, LOCAL_TILE)
         p_new = p.to(p_op.dtype)
         # the old P stays a dependency until its product completes (its registers are being read)
         o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
         mbarrier.arrive(v_empty.index(vslot), count=1)
         p_op = gl.convert_layout(p_new, p_dot)
-        return o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i
+        return o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i
 
     @gluon.jit
     def _fwd_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                      Out, Lse2, Ent, Top, TopP, Sink, b, h, Hq, Nq, Nk, q_off, m0_cta, first, lo, T, c2, sink_k,
+                      Out, Lse2, Ent, Top, TopP, Sink, Dist, Local, b, h, Hq, Nq, Nk, q_off, m0_cta, first, lo, T, c2,
+                      sink_k, dist_w,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                      SINK: gl.constexpr, TOP_SKIP: gl.constexpr, BESIDE: gl.constexpr):
+                      SINK: gl.constexpr, TOP_SKIP: gl.constexpr, BESIDE: gl.constexpr, DIST: gl.constexpr):
         """One warpgroup: queries [m0_cta + WG * BLOCK_M, + BLOCK_M) against every streamed key tile."""
         s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -197,6 +211,8 @@ if importable():
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
         t_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
         ms_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        d_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        lm_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
         top_i = gl.full([BLOCK_M], -1, gl.int32, layout=row_s)
         o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_mma)
 
@@ -207,16 +223,17 @@ if importable():
         s_tok = _issue_s(q_tile, k_smem, k_ready, acc0, 0, STAGES, BLOCK_N, HEAD_DIM)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, m_i, l_i, t_i, top_i, ms_i = _softmax(s, lo, m_i, l_i, t_i, top_i, ms_i, c2, first, Nk, sink_hi,
-                                                        pos, offs_n, BLOCK_N, CAUSAL, ENT, TOP, SINK, True, TOP_SKIP)
+        p, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _softmax(
+            s, lo, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N,
+            CAUSAL, ENT, TOP, SINK, True, TOP_SKIP, DIST, True)
         p_op = gl.convert_layout(p.to(dtype), p_dot)
         j0 = 1
         if SINK:  # the sink keys [first, first + sink_k <= first + BLOCK_N) lie in tiles 0 and 1: tile 1 peeled too
             if T > 1:
-                o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i = _step(
+                o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                     1, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
-                    top_i, ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP,
-                    True, True, TOP_SKIP, row_o, p_dot, BESIDE)
+                    top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N, HEAD_DIM, STAGES,
+                    CAUSAL, ENT, TOP, True, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True)
             j0 = 2
         # the sink's mass stays relative to the maximum of its last tile (rescaled once, in the epilogue)
         m_sink = m_i
@@ -226,16 +243,27 @@ if importable():
         if CAUSAL:
             n_clear = gl.minimum(n_clear, gl.maximum(m0 + q_off - lo + 1, 0) // BLOCK_N)
         j_mask = gl.minimum(gl.maximum(n_clear, j0), T)
-        for j in range(j0, j_mask):
-            o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i = _step(
+        # DIST: the clear tiles from j_loc on may hold keys within dist_w of this warpgroup's first query (the
+        # local ones): a loop of their own, so the tiles before carry no local-mass code
+        j_loc = j_mask
+        if DIST:
+            j_loc = gl.minimum(gl.maximum((m0 + q_off - dist_w + 1 - lo) // BLOCK_N, j0), j_mask)
+        for j in range(j0, j_loc):
+            o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                 j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i, top_i,
-                ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False,
-                False, TOP_SKIP, row_o, p_dot, BESIDE)
+                ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT,
+                TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST, False)
+        if DIST:
+            for j in range(j_loc, j_mask):
+                o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
+                    j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
+                    top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N, HEAD_DIM, STAGES,
+                    CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True)
         for j in range(gl.maximum(j_mask, j0), T):
-            o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i = _step(
+            o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                 j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i, top_i,
-                ms_i, c2, first, Nk, sink_hi, pos, offs_n, lo, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False,
-                True, TOP_SKIP, row_o, p_dot, BESIDE)
+                ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT,
+                TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True)
         o = o * gl.convert_layout(alpha, row_o)[:, None]
         vslot = (T - 1) % STAGES
         mbarrier.wait(v_ready.index(vslot), ((T - 1) // STAGES) & 1)
@@ -258,6 +286,9 @@ if importable():
             gl.store(TopP + row, gl.where(real, inv_l, nan), mask=row_ok)
         if SINK:
             gl.store(Sink + row, gl.where(real, ms_i * gl.exp2(m_sink - m_i) * inv_l, nan), mask=row_ok)
+        if DIST:  # causal: sum p (pos - j) / l = (pos - lo) - sum p (j - lo) / l
+            gl.store(Dist + row, gl.where(real, (pos - lo).to(gl.float32) - d_i * inv_l, nan), mask=row_ok)
+            gl.store(Local + row, gl.where(real, lm_i * inv_l, nan), mask=row_ok)
         offs_mo = m0 + gl.arange(0, BLOCK_M, layout=row_o)
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
         scale_o = gl.convert_layout(gl.where(real, inv_l, 0.0), row_o)
@@ -267,12 +298,12 @@ if importable():
         gl.store(dst, o, mask=(offs_mo < Nq)[:, None])
 
     @gluon.jit
-    def _forward_ws_kernel(desc_q, desc_k, desc_v, Out, Lse2, First, Ent, Top, TopP, Sink,
-                           Hq, G, Nq, Nk, q_off, c2, sink_k, n_mblocks,
+    def _forward_ws_kernel(desc_q, desc_k, desc_v, Out, Lse2, First, Ent, Top, TopP, Sink, Dist, Local,
+                           Hq, G, Nq, Nk, q_off, c2, sink_k, dist_w, n_mblocks,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                            SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-                           TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = False):
+                           TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = False, DIST: gl.constexpr = False):
         bh = gl.program_id(0)
         m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
         b = bh // Hq
@@ -304,16 +335,18 @@ if importable():
 
         # (kernel arguments equal to 1 arrive as constexprs: partitions take tensors)
         Hq_t, Nq_t, Nk_t, q_off_t = gl.to_tensor(Hq), gl.to_tensor(Nq), gl.to_tensor(Nk), gl.to_tensor(q_off)
-        c2_t, sink_k_t = gl.to_tensor(c2), gl.to_tensor(sink_k)
+        c2_t, sink_k_t, dist_w_t = gl.to_tensor(c2), gl.to_tensor(sink_k), gl.to_tensor(dist_w)
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
-                             Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
-                             WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE)),
+                             Top, TopP, Sink, Dist, Local, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t,
+                             sink_k_t, dist_w_t, WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK,
+                             TOP_SKIP, BESIDE, DIST)),
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
-                             Top, TopP, Sink, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, sink_k_t,
-                             WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE)),
+                             Top, TopP, Sink, Dist, Local, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t,
+                             sink_k_t, dist_w_t, WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK,
+                             TOP_SKIP, BESIDE, DIST)),
             (_fwd_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                              v_empty, b, h, hk, m0, lo, T, STAGES, BLOCK_M, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -343,7 +376,7 @@ TOP_SKIP = False
 BESIDE = False
 FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
-STATS = ("entropy", "top_key", "top_prob", "sink_mass")
+STATS = ("entropy", "top_key", "top_prob", "sink_mass", "distance", "local_mass")
 
 
 def unsupported(call, request) -> str | None:
@@ -361,6 +394,8 @@ def call_reason(call, request) -> str | None:
     others = [name for name in request.outputs("forward") if name not in STATS]
     if others:
         return ", ".join(others) + " (on the Triton forward)"
+    if "distance" in request.outputs("forward") and not call.causal:
+        return "distance / local_mass without a causal mask (on the Triton forward)"
     if "sink_mass" in request.outputs("forward") and request.sink_k > FORWARD_CONFIG[call.D][1]:
         # the kernel sums the sink's mass on its first two key tiles only
         return f"sink_mass over more than {FORWARD_CONFIG[call.D][1]} keys (on the Triton forward)"
@@ -387,10 +422,11 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
     _forward_ws_kernel[(call.B * call.Hq, n_mblocks)](
         _descriptor(call.q, BM, call.D), _descriptor(call.k, BN, call.D), _descriptor(call.v, BN, call.D),
         out, lse2, call.first, stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
-        stats.get("sink_mass", dummy), call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E,
-        int(request.sink_k or 0), n_mblocks,
+        stats.get("sink_mass", dummy), stats.get("distance", dummy), stats.get("local_mass", dummy),
+        call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E, int(request.sink_k or 0),
+        int(request.distance_window or 0), n_mblocks,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
         maxnreg=maxnreg, TOP_SKIP=TOP_SKIP if top_skip is None else top_skip,
-        BESIDE=BESIDE if beside is None else beside,
+        BESIDE=BESIDE if beside is None else beside, DIST="distance" in stats,
     )

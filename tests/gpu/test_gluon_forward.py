@@ -86,7 +86,8 @@ def test_gluon_forward_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, 
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
     monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
-    req = StatRequest(sink_k=4, entropy=True, top_key=True, received=True)  # received: pass 2 on its lse2
+    # received: pass 2 on its lse2; distance (causal only): a window that ends inside a key tile
+    req = StatRequest(sink_k=4, entropy=True, top_key=True, received=True, distance_window=100 if causal else None)
     kernels.last_kernels()
     out, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=causal)
     assert kernels.last_kernels()["forward"] == "gluon-hopper"
@@ -135,8 +136,9 @@ def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
     monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, _ = _inputs(1, 8, 2, 257, 257, 128, 0)
     kernels.last_kernels()
-    ts.attention_stats(q, k, v, request=StatRequest(entropy=True, distance_window=16))
-    assert kernels.last_kernels()["forward"] == "triton (distance, local_mass (on the Triton forward))"
+    ts.attention_stats(q, k, v, request=StatRequest(entropy=True, distance_window=16), causal=False)
+    assert kernels.last_kernels()["forward"] == \
+        "triton (distance / local_mass without a causal mask (on the Triton forward))"
     ts.attention_stats(q, k, v, request=StatRequest(entropy=True), softcap=30.0)
     assert kernels.last_kernels()["forward"] == "triton (a softcap (on the Triton forward))"
 
@@ -178,3 +180,25 @@ def test_sink_mass_on_keys_across_the_first_two_key_tiles(monkeypatch, pad, sink
     _, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req, key_mask=key_mask,
                                         causal=True, chunk_size=512)
     _assert_stats_match(got, want, ("sink_mass", "entropy"))
+
+
+@needs_hopper
+@pytest.mark.parametrize("window", [1, 128, 1000, 5000])
+def test_distance_and_local_mass_over_windows_of_any_width(monkeypatch, window):
+    """The local keys [pos - window + 1, pos] in the masked tiles, the clear tiles before them or (a window past
+    the text's start) every tile: distance and local_mass as the fp64 twin gives them, with left padding and
+    queries after a prefix of keys."""
+    from attnlab.kernels import triton_stats as ts
+
+    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
+    q, k, v, key_mask = _inputs(2, 8, 2, 3001, 3001, 128, 37)
+    for q_rows in (slice(None), slice(2000, None)):
+        qs = q[:, :, q_rows].contiguous()
+        req = StatRequest(distance_window=window, entropy=True)
+        kernels.last_kernels()
+        _, got = ts.attention_stats(qs, k, v, request=req, key_mask=key_mask, causal=True)
+        assert kernels.last_kernels()["forward"] == "gluon-hopper"
+        _, want = reference.attention_stats(qs.double(), k.double(), v.double(), request=req, key_mask=key_mask,
+                                            causal=True, chunk_size=512)
+        _assert_stats_match(got, want, req.outputs())

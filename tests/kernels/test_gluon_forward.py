@@ -53,9 +53,11 @@ def test_gluon_forward_takes_plain_calls_and_names_what_it_leaves():
     assert "sliding window" in gluon_forward.call_reason(_call(window=16), STATS)
     assert "key bias" in gluon_forward.call_reason(_call(key_bias=torch.zeros(1, 8, 64)), STATS)
     assert "learned sinks" in gluon_forward.call_reason(_call(sinks=torch.zeros(8)), STATS)
+    # distance and local_mass when causal (their keys' offsets from the row's position are one-signed)
+    assert gluon_forward.call_reason(_call(), StatRequest(distance_window=8, entropy=True)) is None
+    assert gluon_forward.call_reason(_call(causal=False), StatRequest(distance_window=8)) == \
+        "distance / local_mass without a causal mask (on the Triton forward)"
     # forward statistics it does not compute
-    assert gluon_forward.call_reason(_call(), StatRequest(distance_window=8)) == \
-        "distance, local_mass (on the Triton forward)"
     assert "learned_sink" in gluon_forward.call_reason(_call(), StatRequest(learned_sink=True, entropy=True))
     # the sink's mass is summed on the first two key tiles: up to a tile's width of sink keys
     assert gluon_forward.call_reason(_call(), StatRequest(sink_k=128)) is None
@@ -126,11 +128,11 @@ for combo in json.loads(sys.argv[1]):
     k = torch.empty(1, 2, 1024, d, dtype=dtype)
     f, i32, i64 = torch.empty(4), torch.empty(1, dtype=torch.int32), torch.empty(4, dtype=torch.int64)
     args = dict(desc_q=gf._descriptor(q, bm, d), desc_k=gf._descriptor(k, bn, d), desc_v=gf._descriptor(k, bn, d),
-                Out=torch.empty(4, dtype=dtype), Lse2=f, First=i32, Ent=f, Top=i64, TopP=f, Sink=f,
-                Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, sink_k=4, n_mblocks=8)
+                Out=torch.empty(4, dtype=dtype), Lse2=f, First=i32, Ent=f, Top=i64, TopP=f, Sink=f, Dist=f,
+                Local=f, Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, sink_k=4, dist_w=128, n_mblocks=8)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, STAGES=stages, CAUSAL=causal, ENT=ent, TOP=top, SINK=sink,
                   CONSUMER_REGS=regs, num_warps=4, TOP_SKIP=combo.get("top_skip", False),
-                  BESIDE=combo.get("beside", gf.BESIDE))
+                  BESIDE=combo.get("beside", gf.BESIDE), DIST=combo.get("dist", False))
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -144,7 +146,8 @@ COMBOS = [dict(d=128, causal=True, ent=True, top=True, sink=True),
           dict(d=128, causal=False, ent=False, top=False, sink=False),
           dict(d=128, causal=True, ent=False, top=True, sink=False, dtype="float16"),
           dict(d=64, causal=True, ent=True, top=True, sink=True),
-          dict(d=128, causal=True, ent=True, top=True, sink=True, beside=True)]  # gluon_forward.BESIDE's variant
+          dict(d=128, causal=True, ent=True, top=True, sink=True, beside=True),  # gluon_forward.BESIDE's variant
+          dict(d=128, causal=True, ent=True, top=True, sink=True, dist=True)]
 
 
 def _product_loops(sass: str) -> list[str]:
@@ -192,9 +195,10 @@ def test_forward_compiles_for_sm90_with_overlapped_wgmma_and_no_spills(tmp_path)
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                               timeout=300).stdout
         # per consumer: S of tile 0, then per step S_j and P_{j-1} V_{j-1} (the loop without masks, the loop with
-        # them and, with sink_mass, the peeled tile 1), then the last P V
+        # them and, with sink_mass, the peeled tile 1, with distance the loop over the clear local tiles), then the
+        # last P V
         c = json.loads(combo)
-        steps = 3 if c["sink"] else 2
+        steps = 2 + c["sink"] + c.get("dist", False)
         per_consumer = (c["d"] // 16) * (1 + steps) + (made["block_n"] // 16) * (steps + 1)
         assert len(re.findall(r"\bHGMMA\.", sass)) == 2 * per_consumer, combo
         # each consumer's hot loop over key tiles holds no masking select (FSEL: those tiles have their own loop)
