@@ -4,9 +4,11 @@
 #   bash bench/issue20_device.sh tests     # tests/gpu, every case (the Gluon forward and pass 2 against fp64)
 #   bash bench/issue20_device.sh forward   # the forward table, d 128 and 64, 32k and 128k, with the variants
 #   bash bench/issue20_device.sh columns   # pass 2 (received + pooled), d 128 and 64
+#   bash bench/issue20_device.sh capture   # per layer: forward, + per-query statistics, full capture (kernel_stats.py)
 #   bash bench/issue20_device.sh model     # the whole 1B-shaped model at 32k and 128k (the acceptance's table)
 #
 # LIMIT (seconds, default 560) bounds each part, so two parts fit one call: LIMIT=300 bash ... tests; ...
+# SKIP_CHECK=1: the columns part without its fp64 checks (tests/gpu has them).
 #
 # Run from the repository root on the device; results and logs land in $OUT (or bench/results). The
 # forward, columns and model parts import attnlab from the repository's rooms
@@ -27,13 +29,18 @@ case "${1:-}" in
       > "$OUT/forward.txt" 2>&1
     grep -E "^ +[0-9]+ d[0-9]+ " "$OUT/forward.txt" ;;
   columns)
-    timeout $LIMIT python3 "$R/bench/gluon_hopper.py" --sections columns > "$OUT/columns.txt" 2>&1
+    timeout $LIMIT python3 "$R/bench/gluon_hopper.py" --sections columns ${SKIP_CHECK:+--skip-check} \
+      > "$OUT/columns.txt" 2>&1
     grep -E "^ +[0-9]+ d[0-9]+ " "$OUT/columns.txt" ;;
+  capture)
+    timeout $LIMIT python3 "$R/bench/kernel_stats.py" --sizes 32768 131072 --skip-check --no-tune \
+      > "$OUT/kernel_stats.txt" 2>&1
+    grep -E "^[0-9]+ [a-z_]+: " "$OUT/kernel_stats.txt" ;;
   model)
     timeout $LIMIT python3 "$R/bench/whole_model.py" --lengths 32768,131072 --repeats 2 --out "$OUT" \
       > "$OUT/whole_model.txt" 2>&1
     tail -30 "$OUT/whole_model.txt" ;;
   *)
-    echo "usage: bash bench/issue20_device.sh tests|forward|columns|model" >&2
+    echo "usage: bash bench/issue20_device.sh tests|forward|columns|capture|model" >&2
     exit 2 ;;
 esac

@@ -31,6 +31,7 @@ import triton
 import triton.testing
 
 from attnlab.kernels import KernelEdit, StatRequest, reference
+from attnlab.kernels.dispatch import last_kernels
 from attnlab.kernels import triton_stats as ts
 
 DTYPE = torch.bfloat16
@@ -179,6 +180,7 @@ def time_size(n, log, hkv=8, with_chunked=True):
     rows = {}
 
     def add(name, fn):
+        last_kernels()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -189,8 +191,9 @@ def time_size(n, log, hkv=8, with_chunked=True):
             log(f"{n} {name}: out of memory")
             return
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        rows[name] = {"ms": ms, "tflops": flops / ms / 1e9, "extra_gib": peak}
-        log(f"{n} {name}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, +{peak:.2f} GiB")
+        ran = last_kernels()  # which kernel ran each pass (the last call's note: every call runs the same)
+        rows[name] = {"ms": ms, "tflops": flops / ms / 1e9, "extra_gib": peak, "kernels": ran}
+        log(f"{n} {name}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, +{peak:.2f} GiB {ran or ''}")
 
     add("sdpa_default", lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
