@@ -40,15 +40,14 @@ from attnlab.kernels import triton_stats as ts
 from attnlab.kernels.request import OUTPUTS
 
 # Gluon pass-2 tiles timed beside the default (gluon_hopper.ColumnsTiles; the RESULTS.md table has the variants
-# measured while choosing it, including the single-partition kernel it replaced). Session 12's: the key block as
-# the products' A operand in registers (K_REG: each HGMMA reads only the query tile from shared memory), and 3 or
-# 4 consumer warpgroups of 128 keys or 2 of 256, one product in flight each (a 384- or 512-key block per CTA:
-# each query tile read from L2 serves 1.5x or 2x the keys), with 2 warpgroups of one product each to tell the
-# two changes apart.
-VARIANTS = {128: [(64, 64, 4, True, 168, 240), (64, 64, 6, True, 168, 240),
-                  (128, 64, 4, False, 168, 232, 2, False), (128, 64, 4, False, 120, 160, 3, False),
-                  (128, 64, 4, False, 120, 120, 4, False), (256, 64, 4, False, 168, 232, 2, False)],
-            64: [(64, 64, 4, True, 168, 240), (128, 64, 4, True, 168, 240), (128, 64, 4, False, 120, 160, 3, False)]}
+# measured while choosing it, including the single-partition kernel it replaced). Session 12's, after the key
+# block in registers (K_REG) was slower (1.02x / 1.11x at 32k against 0.82x) and 3 warpgroups of 128 keys, one
+# product in flight each, a little faster (0.79x): 4 warpgroups (512 keys per CTA: 640 threads need maxnreg
+# 96), and 128-query tiles (HGMMA N = 128: each instruction reads its key rows once per 128 queries, not 64)
+# with one product in flight per warpgroup (the [128, 128] fp32 accumulator takes 128 registers).
+VARIANTS = {128: [(128, 64, 4, False, 120, 160, 3, False), (128, 64, 4, False, 96, 120, 4, False),
+                  (128, 128, 4, False, 168, 232, 2, False), (128, 128, 2, False, 168, 232, 2, False)],
+            64: [(128, 64, 4, False, 120, 160, 3, False)]}
 
 LOG2E = 1.4426950408889634
 
