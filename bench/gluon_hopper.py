@@ -153,7 +153,9 @@ def timings(n, d, log):
         res[f"{name}_x_sdpa"] = ms / sdpa
         res[f"{name}_kernel"] = call.kernels["columns"]
         res[f"{name}_tflops"] = (flops / 2) / (ms * 1e-3) / 1e12  # one product
-        print(f"  {n} d{d} {name}: {ms:.2f} ms ({ms / sdpa:.2f}x)", flush=True)
+        agree = res.get(f"{name}_vs_default", res.get(f"{name}_vs_triton"))
+        print(f"  {n} d{d} {name}: {ms:.2f} ms ({ms / sdpa:.2f}x)" + ("" if agree is None else f" err {agree:.1e}"),
+              flush=True)
     if default is None:
         gh.COLUMNS_CONFIG.pop(d, None)
     else:

@@ -35,9 +35,14 @@ CASES = [  # (batch, q heads, kv heads, queries, keys, causal, pooled block, lef
 ]
 
 
-@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90): the Gluon kernel's numbers run on the device")
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", CASES)
-def test_received_and_pooled_match_fp64_on_hopper(b, hq, hkv, nq, nk, causal, pool, pad):
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90): the Gluon kernel's numbers run on "
+                                                     "the device")
+# tiles other than the default (gluon_hopper.ColumnsTiles): 3 consumer warpgroups, one product in flight each;
+# 128-query tiles (pooled blocks that are not multiples of 128 take 64)
+OTHER_TILES = [(128, 64, 4, False, 120, 160, 3, False), (128, 128, 4, False, 168, 232, 2, False)]
+
+
+def _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad):
     from attnlab.kernels import triton_stats as ts
 
     g = torch.Generator(device="cuda").manual_seed(nq + hq)
@@ -60,6 +65,22 @@ def test_received_and_pooled_match_fp64_on_hopper(b, hq, hkv, nq, nk, causal, po
         ok = ~torch.isnan(w)
         err = (got[name][ok] - w[ok]).abs().max() / w[ok].abs().max()
         assert err < 1e-5, (name, float(err))
+
+
+@needs_hopper
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", CASES)
+def test_received_and_pooled_match_fp64_on_hopper(b, hq, hkv, nq, nk, causal, pool, pad):
+    _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad)
+
+
+@needs_hopper
+@pytest.mark.parametrize("tiles", OTHER_TILES)
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", CASES[1:])
+def test_other_tiles_match_fp64(monkeypatch, tiles, b, hq, hkv, nq, nk, causal, pool, pad):
+    from attnlab.kernels import gluon_hopper as gh
+
+    monkeypatch.setitem(gh.COLUMNS_CONFIG, 128, gh.ColumnsTiles(*tiles))
+    _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the warning is about the twin on a GPU")
