@@ -110,13 +110,21 @@ def main() -> None:
         sdpa_s, sdpa_mem = timed(forward, args.repeats)
         rows.append({"tokens": n, "what": "sdpa forward", "seconds": sdpa_s, "peak_gib": sdpa_mem})
         backends = ["triton"] + (["chunked"] if n <= args.chunked_up_to else [])
+        print(f"{n} sdpa forward {1000 * sdpa_s:.1f} ms, {sdpa_mem:.2f} GiB", flush=True)
         for backend in backends:
+            last = {}
+
             def capture(backend=backend):
-                return probe.capture(tokens, stats=STATS, backend=backend)
+                last["capture"] = probe.capture(tokens, stats=STATS, backend=backend)
 
             try:
                 s, mem = timed(capture, args.repeats if backend == "triton" else 1)
-                rows.append({"tokens": n, "what": f"capture/{backend}", "seconds": s, "peak_gib": mem})
+                # which kernel ran each pass (the capture's record, as its manifest has it)
+                rows.append({"tokens": n, "what": f"capture/{backend}", "seconds": s, "peak_gib": mem,
+                             "kernels": last["capture"].kernels})
+                print(f"{n} capture/{backend} {1000 * s:.1f} ms ({s / sdpa_s:.2f}x), {mem:.2f} GiB "
+                      f"({mem / sdpa_mem:.2f}x) {last['capture'].kernels}", flush=True)
+                del last["capture"]
             except torch.OutOfMemoryError:
                 rows.append({"tokens": n, "what": f"capture/{backend}", "error": "out of memory"})
             torch.cuda.empty_cache()
