@@ -43,10 +43,14 @@ from attnlab.kernels.request import OUTPUTS
 # measured while choosing it, including the single-partition kernel it replaced). Session 12's, after the key
 # block in registers (K_REG) was slower (1.02x / 1.11x at 32k against 0.82x) and 3 warpgroups of 128 keys, one
 # product in flight each, a little faster (0.79x): 4 warpgroups (512 keys per CTA: 640 threads need maxnreg
-# 96), and 128-query tiles (HGMMA N = 128: each instruction reads its key rows once per 128 queries, not 64)
-# with one product in flight per warpgroup (the [128, 128] fp32 accumulator takes 128 registers).
+# 96), 128-query tiles (HGMMA N = 128: each instruction reads its key rows once per 128 queries, not 64) with
+# one product in flight per warpgroup (the [128, 128] fp32 accumulator takes 128 registers), and half the
+# exponentials on the FMA units (poly_exp: per tile and SM, the MUFU work of the exponentials and the tensor
+# cores' products take about the same time, ~1,024 cycles for two warpgroups' tiles, so neither hides the other).
 VARIANTS = {128: [(128, 64, 4, False, 120, 160, 3, False), (128, 64, 4, False, 96, 120, 4, False),
-                  (128, 128, 4, False, 168, 232, 2, False), (128, 128, 2, False, 168, 232, 2, False)],
+                  (128, 128, 4, False, 168, 232, 2, False), (128, 128, 2, False, 168, 232, 2, False),
+                  (128, 64, 4, False, 168, 232, 2, True, True), (128, 64, 4, False, 120, 160, 3, False, True),
+                  (128, 128, 4, False, 168, 232, 2, False, True)],
             64: [(128, 64, 4, False, 120, 160, 3, False)]}
 
 LOG2E = 1.4426950408889634

@@ -93,14 +93,40 @@ if importable():
         return gl.load(Lse2 + (b * Hq + h0 + t // n_m) * Nq + m0 + offs_m, mask=m0 + offs_m < Nq, other=float("inf"))
 
     @gluon.jit
+    def _exp2_poly(x):
+        """2^x on the FMA and integer units (FlashAttention-4's trick), no MUFU and no conversion unit: x is
+        rounded to the nearest integer j by adding 1.5 * 2^23 (j then sits in the sum's low mantissa bits),
+        2^(x - j) for x - j in [-0.5, 0.5] is a degree-4 polynomial with p(0) = 1 (relative error <= 2.9e-6;
+        MUFU.EX2's ~1e-7), and j goes into the exponent bits by an integer add. x <= -127 gives +0 exactly
+        (pad rows: lse +inf)."""
+        x = gl.maximum(x, -127.0)
+        t = x + 12582912.0  # 1.5 * 2^23
+        f = x - (t - 12582912.0)
+        p = f * 0.009582847537131622 + 0.05590642656510453
+        p = p * f + 0.24024098756354634
+        p = p * f + 0.6931241933069774
+        p = p * f + 1.0
+        j = t.to(gl.int32, bitcast=True) - 0x4B400000  # the bits of 1.5 * 2^23
+        return (p.to(gl.int32, bitcast=True) + (j << 23)).to(gl.float32, bitcast=True)
+
+    @gluon.jit
     def _consume(s, t, lse, recv, cell, Recv, PoolPart, b, h0, kb, Hq, Nq, Nk, q_off, qlo, n_m, c2, n_qc, n_ksub,
                  pool, cols, offs_m, key_ok, edge, n0, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr):
+                 KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
+                 POLY: gl.constexpr):
         """Tile t's scores s [BLOCK_N keys, BLOCK_M queries] -> p, summed over queries into the key block's
-        running `received` (stored after the head's last tile) and `pooled` cell (stored per cell)."""
+        running `received` (stored after the head's last tile) and `pooled` cell (stored per cell). POLY: the
+        odd query columns' exponentials on the FMA units (`_exp2_poly`), the even ones on MUFU (each thread
+        holds its accumulator's columns in adjacent pairs, so the split and the join move no data)."""
         g = t // n_m
         m0 = qlo + (t % n_m) * BLOCK_M
-        p = gl.exp2(s * c2 - lse[None, :])
+        z = s * c2 - lse[None, :]
+        if POLY:
+            z_even, z_odd = gl.split(z.reshape([BLOCK_N, BLOCK_M // 2, 2]))
+            p = gl.join(gl.exp2(z_even), _exp2_poly(z_odd)).reshape([BLOCK_N, BLOCK_M])
+            p = gl.convert_layout(p, s.type.layout)
+        else:
+            p = gl.exp2(z)
         if CAUSAL:
             need = edge | (n0 + BLOCK_N - 1 > q_off + m0)
         else:
@@ -148,7 +174,8 @@ if importable():
                      q_off, qlo, n_m, T, c2, n_qc, n_ksub, pool, max_first, n0_cta,
                      WG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                      KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
-                     STAGES: gl.constexpr, K_REG: gl.constexpr, NWG: gl.constexpr, TWO_ACC: gl.constexpr):
+                     STAGES: gl.constexpr, K_REG: gl.constexpr, NWG: gl.constexpr, TWO_ACC: gl.constexpr,
+                     POLY: gl.constexpr):
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         key_l: gl.constexpr = gl.SliceLayout(1, mma)
@@ -177,7 +204,7 @@ if importable():
                 mbarrier.arrive(empty.index(t % STAGES), count=1)
                 recv, cell = _consume(s, t, lse, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off, qlo, n_m,
                                       c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
-                                      WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
+                                      WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY)
         else:
             s_a = _issue(k_tile, q_smem, ready, acc0, 0, STAGES, BLOCK_M, HEAD_DIM)
             lse_a = _lse(Lse2, 0, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
@@ -189,7 +216,7 @@ if importable():
                 lse_b = _lse(Lse2, tb, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
                 recv, cell = _consume(s, t, lse_a, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off, qlo, n_m,
                                       c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
-                                      WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
+                                      WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_b, ))
                 if t + 1 < T:  # (a redundant product past the last tile releases nothing)
                     mbarrier.arrive(empty.index((t + 1) % STAGES), count=1)
@@ -199,7 +226,7 @@ if importable():
                 if t + 1 < T:
                     recv, cell = _consume(s, t + 1, lse_b, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off,
                                           qlo, n_m, c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
-                                          WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL)
+                                          WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY)
             warpgroup_mma_wait(num_outstanding=0, deps=(s_a, ))
 
     @gluon.jit
@@ -208,7 +235,7 @@ if importable():
                            NG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                            KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
                            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, K_REG: gl.constexpr,
-                           NWG: gl.constexpr, TWO_ACC: gl.constexpr, num_warps: gl.constexpr):
+                           NWG: gl.constexpr, TWO_ACC: gl.constexpr, POLY: gl.constexpr, num_warps: gl.constexpr):
         bg = gl.program_id(0)
         kb = gl.program_id(1)
         n_groups = Hq // NG
@@ -249,11 +276,11 @@ if importable():
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
                                 STAGES, BLOCK_M, NWG, WG_N)),
             ], [4, 1], [CONSUMER_REGS, 24])
@@ -262,15 +289,15 @@ if importable():
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
                                 STAGES, BLOCK_M, NWG, WG_N)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
@@ -279,19 +306,19 @@ if importable():
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_consumer, (
                     k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
                     q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG3, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC)),
+                    WG3, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
                 (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
                                 STAGES, BLOCK_M, NWG, WG_N)),
             ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 24])
@@ -312,7 +339,8 @@ if importable():
 class ColumnsTiles(NamedTuple):
     """The Gluon pass 2's tiles: WG_N keys per consumer warpgroup, BLOCK_M queries per tile, STAGES query
     buffers, K_REG (the key block in registers), maxnreg of the launch, registers of each consumer, the number
-    of consumer warpgroups (the CTA's key block is their keys), and two products in flight per warpgroup."""
+    of consumer warpgroups (the CTA's key block is their keys), two products in flight per warpgroup, and half
+    the exponentials on the FMA units (`_exp2_poly`)."""
     wg_n: int
     block_m: int
     stages: int
@@ -321,6 +349,7 @@ class ColumnsTiles(NamedTuple):
     consumer_regs: int
     consumers: int = 2
     two_acc: bool = True
+    poly_exp: bool = False
 
 
 COLUMNS_CONFIG = {128: ColumnsTiles(128, 64, 4, False, 168, 232)}
@@ -379,7 +408,7 @@ def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
     """Pass 2 on Hopper: received and pooled from pass 1's log-sum-exp (log2 units), as
     `triton_stats._Call._columns` returns them."""
     B, Hq, Nq, Nk, G = call.B, call.Hq, call.Nq, call.Nk, call.G
-    wg_n, BM, stages, k_reg, maxnreg, consumer_regs, nwg, two_acc = ColumnsTiles(*COLUMNS_CONFIG[call.D])
+    wg_n, BM, stages, k_reg, maxnreg, consumer_regs, nwg, two_acc, poly = ColumnsTiles(*COLUMNS_CONFIG[call.D])
     pool = request.pooled_block or 0
     if pool % BM:  # tiles never straddle a pooled cell
         BM = 64
@@ -395,6 +424,6 @@ def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
         Hq, G, Nq, Nk, call.q_off, call.scale * LOG2E, n_qc, n_ksub, max(pool, 1), call.min_first, call.max_first,
         NG=G, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=call.D, KSUB=ksub, RECV=request.received, POOL=bool(pool),
         CAUSAL=call.causal, STAGES=stages, CONSUMER_REGS=consumer_regs, K_REG=k_reg,
-        NWG=nwg, TWO_ACC=two_acc, num_warps=4, maxnreg=maxnreg,
+        NWG=nwg, TWO_ACC=two_acc, POLY=poly, num_warps=4, maxnreg=maxnreg,
     )
     return call.finish_columns(request, recv, part, ksub)

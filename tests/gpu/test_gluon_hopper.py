@@ -38,8 +38,10 @@ CASES = [  # (batch, q heads, kv heads, queries, keys, causal, pooled block, lef
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90): the Gluon kernel's numbers run on "
                                                      "the device")
 # tiles other than the default (gluon_hopper.ColumnsTiles): 3 consumer warpgroups, one product in flight each;
-# 128-query tiles (pooled blocks that are not multiples of 128 take 64)
-OTHER_TILES = [(128, 64, 4, False, 120, 160, 3, False), (128, 128, 4, False, 168, 232, 2, False)]
+# 128-query tiles (pooled blocks that are not multiples of 128 take 64); half the exponentials by the polynomial
+# (its 2.9e-6 relative error per term stays inside the 1e-5 bound)
+OTHER_TILES = [(128, 64, 4, False, 120, 160, 3, False), (128, 128, 4, False, 168, 232, 2, False),
+               (128, 64, 4, False, 168, 232, 2, True, True), (128, 64, 4, False, 120, 160, 3, False, True)]
 
 
 def _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad):

@@ -100,9 +100,10 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from attnlab.kernels import gluon_hopper as gh
 
 fn = gh._columns_ws_kernel
-wg_n, bm, stages, k_reg, maxnreg, regs, nwg, two_acc = gh.ColumnsTiles(*gh.COLUMNS_CONFIG[128])
 out = {}
 for combo in json.loads(sys.argv[1]):
+    tiles = gh.ColumnsTiles(*combo.get("tiles", gh.COLUMNS_CONFIG[128]))
+    wg_n, bm, stages, k_reg, maxnreg, regs, nwg, two_acc, poly = tiles
     pool, causal, recv = combo["pool"], combo["causal"], combo["recv"]
     BM = bm if pool % bm == 0 else 64
     q = torch.empty(1, 8, 1024, 128, dtype=torch.bfloat16)
@@ -113,7 +114,7 @@ for combo in json.loads(sys.argv[1]):
                 pool=max(pool, 1), min_first=0, max_first=0)
     consts = dict(NG=4, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=128, KSUB=math.gcd(wg_n, pool) if pool else wg_n, RECV=recv,
                   POOL=bool(pool), CAUSAL=causal, STAGES=stages, CONSUMER_REGS=regs, K_REG=k_reg, NWG=nwg,
-                  TWO_ACC=two_acc, num_warps=4)
+                  TWO_ACC=two_acc, POLY=poly, num_warps=4)
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -145,3 +146,30 @@ def test_compiles_for_sm90_without_serialised_wgmma_or_spills(tmp_path):
         assert "C7514" not in info.stderr, (combo, info.stderr)  # wgmma serialised: the overlap is gone
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", info.stderr)]
         assert spills and max(spills) <= 16, (combo, info.stderr)
+
+
+@pytest.mark.slow
+def test_poly_exp_moves_half_the_exponentials_off_mufu(tmp_path):
+    """ColumnsTiles.poly_exp: half of MUFU.EX2 gone, and no rounding or float-to-int conversion added (they
+    would run on the conversion unit, as MUFU does); the split of the tile into even and odd query columns
+    moves no data (no extra shuffles or shared-memory traffic)."""
+    from attnlab.kernels import gluon_hopper as gh
+
+    base = dict(pool=128, causal=True, recv=True)
+    combos = [dict(base, tiles=list(gh.COLUMNS_CONFIG[128])),
+              dict(base, tiles=list(gh.COLUMNS_CONFIG[128]._replace(poly_exp=True)))]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(combos), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    counts = []
+    for path in json.loads(done.stdout.strip().splitlines()[-1]).values():
+        cubin = tmp_path / "k.cubin"
+        subprocess.run([str(bin_dir / "ptxas"), "-arch=sm_90a", path, "-o", str(cubin)], check=True, timeout=300)
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              timeout=300).stdout
+        counts.append({op: len(re.findall(rf"\b{op}\b", sass)) for op in ("MUFU.EX2", "FRND", "F2I", "SHFL", "STS")})
+    plain, poly = counts
+    assert poly["MUFU.EX2"] == plain["MUFU.EX2"] // 2 > 0, counts
+    assert all(poly[op] == plain[op] for op in ("FRND", "F2I", "SHFL", "STS")), counts
