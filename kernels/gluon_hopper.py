@@ -35,13 +35,18 @@ pooled(128), as multiples of SDPA's default forward; bench/RESULTS.md has every 
 0.82x / 0.73x at 32k / 128k (the Triton pass 2: 0.85x / 0.78x); d 64 0.99x / 0.95x (Triton: 0.92x /
 0.87x), so the dispatcher takes this kernel for d 128 only. The target of #20 (0.55x) is not reached:
 without any exponential the kernel still takes 0.65x (products, the query stream and the
-bookkeeping), so a polynomial exp2 on the FMA units (FlashAttention-4) would not help; the query
+bookkeeping), so a polynomial exp2 on the FMA units (FlashAttention-4) cannot take it below that; the query
 stream from L2 is the next suspect (a 64-key block per CTA is 1.33x slower than 128 keys). Session 12
 (32k, d 128; `ColumnsTiles` has the knobs): the key block in registers (K_REG, 64 keys x 64 queries per
 warpgroup) 1.02x / 1.11x (4 / 6 stages); 2 warpgroups with one product in flight each 0.83x; 3 warpgroups
 of 128 keys with one product each (384 keys per CTA) 0.79x against the default's 0.82x in the same run: the
 query stream is a small part, the products' rate (m64n64k16 from shared memory) the larger one. 128-query
-tiles (HGMMA N = 128) and 4 warpgroups are in bench/gluon_hopper.py's variants, not yet timed.
+tiles (HGMMA N = 128) and 4 warpgroups are in bench/gluon_hopper.py's variants, not yet timed. The SASS (CPU,
+ptxas from triton's wheel) shows tile t's MUFU.EX2 between the issue of tile t + 1's HGMMAs and their wait, so
+the intra-warpgroup overlap is there; per SM and pair of warpgroup tiles the exponentials need ~1,024 MUFU
+cycles (2 x 128 x 64 at 16 per cycle) and the products ~1,024 tensor cycles: balanced, so the MUFU work is as
+much a limit as the products. `poly_exp` (FlashAttention-4's polynomial exp2 on half the entries; off, not yet
+timed) halves the MUFU work at ~10 FMA-unit instructions per moved entry.
 
 The forward (pass 1) in the same style is `gluon_forward.py`.
 
