@@ -4,6 +4,7 @@
 #   bash bench/issue20_device.sh tests     # tests/gpu, every case (the Gluon forward and pass 2 against fp64)
 #   bash bench/issue20_device.sh forward   # the forward table, d 128 and 64, 32k and 128k, with the variants
 #   bash bench/issue20_device.sh columns   # pass 2 (received + pooled), d 128 and 64
+#   bash bench/issue20_device.sh pass2     # pass 2's GPU tests (every tile variant against fp64), then its d 128 table
 #   bash bench/issue20_device.sh capture   # per layer: forward, + per-query statistics, full capture (kernel_stats.py)
 #   bash bench/issue20_device.sh model     # the whole 1B-shaped model at 32k and 128k (the acceptance's table)
 #
@@ -32,6 +33,13 @@ case "${1:-}" in
     timeout $LIMIT python3 "$R/bench/gluon_hopper.py" --sections columns ${SKIP_CHECK:+--skip-check} \
       > "$OUT/columns.txt" 2>&1
     grep -E "^ +[0-9]+ d[0-9]+ " "$OUT/columns.txt" ;;
+  pass2)
+    timeout $LIMIT python3 -m pytest -q -p no:cacheprovider "$R/tests/gpu/test_gluon_hopper.py" \
+      > "$OUT/pytest_pass2.txt" 2>&1
+    tail -3 "$OUT/pytest_pass2.txt"
+    timeout $LIMIT python3 "$R/bench/gluon_hopper.py" --sections columns --skip-check --dims 128 \
+      > "$OUT/columns.txt" 2>&1
+    grep -E "^ +[0-9]+ d[0-9]+ |Error" "$OUT/columns.txt" ;;
   capture)
     timeout $LIMIT python3 "$R/bench/kernel_stats.py" --sizes 32768 131072 --skip-check --no-tune \
       > "$OUT/kernel_stats.txt" 2>&1
@@ -41,6 +49,6 @@ case "${1:-}" in
       > "$OUT/whole_model.txt" 2>&1
     tail -30 "$OUT/whole_model.txt" ;;
   *)
-    echo "usage: bash bench/issue20_device.sh tests|forward|columns|capture|model" >&2
+    echo "usage: bash bench/issue20_device.sh tests|forward|columns|pass2|capture|model" >&2
     exit 2 ;;
 esac
