@@ -138,7 +138,8 @@ def timings(n, d, log):
     res = {"n": n, "d": d, "sdpa_default_ms": sdpa}
     default = gh.COLUMNS_CONFIG.get(d)
     variants = [("triton_pass2", False, None)] + ([("gluon_pass2", True, default)] if default else [])
-    variants += [(f"gluon_{'_'.join(map(str, v))}", True, v) for v in VARIANTS.get(d, []) if v != default]
+    variants += [(f"gluon_{'_'.join(map(str, v))}", True, gh.ColumnsTiles(*v)) for v in VARIANTS.get(d, [])
+                 if gh.ColumnsTiles(*v) != default]
     for name, gluon, config in variants:
         ts.GLUON = gluon
         if config:

@@ -162,8 +162,8 @@ if importable():
     # ------------------------------------------------------------------------- the partitions
 
     @gluon.jit
-    def _ws_producer(desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
-                     STAGES: gl.constexpr, BLOCK_M: gl.constexpr, NWG: gl.constexpr, WG_N: gl.constexpr):
+    def _ws_producer(loads, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, NWG: gl.constexpr, WG_N: gl.constexpr):
+        desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T = loads
         mbarrier.expect(k_bar, NWG * desc_k.block_type.nbytes)
         for w in gl.static_range(NWG):  # one box per warpgroup (a TMA box has at most 256 rows)
             tma.async_copy_global_to_shared(desc_k, [b, hk, n0 + w * WG_N, 0], k_bar, k_smem.index(w))
@@ -175,12 +175,13 @@ if importable():
                                             ready.index(slot), q_smem.index(slot))
 
     @gluon.jit
-    def _ws_consumer(k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq, Nq, Nk,
-                     q_off, qlo, n_m, T, c2, n_qc, n_ksub, pool, max_first, n0_cta,
-                     WG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+    def _ws_consumer(shared, WG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                      KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
                      STAGES: gl.constexpr, K_REG: gl.constexpr, NWG: gl.constexpr, TWO_ACC: gl.constexpr,
                      POLY: gl.constexpr):
+        # (the runtime arguments every consumer shares, as one tuple: see the kernel's warp_specialize)
+        (k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq, Nq, Nk, q_off, qlo, n_m, T,
+         c2, n_qc, n_ksub, pool, max_first, n0_cta) = shared
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         key_l: gl.constexpr = gl.SliceLayout(1, mma)
@@ -270,63 +271,41 @@ if importable():
         Hq_t, Nq_t, Nk_t, q_off_t = gl.to_tensor(Hq), gl.to_tensor(Nq), gl.to_tensor(Nk), gl.to_tensor(q_off)
         c2_t, n_qc_t, n_ksub_t = gl.to_tensor(c2), gl.to_tensor(n_qc), gl.to_tensor(n_ksub)
         pool_t, max_first_t = gl.to_tensor(pool), gl.to_tensor(max_first)
+        shared = (k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
+                  q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0)
+        loads = (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T)
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         WG2: gl.constexpr = 2
         WG3: gl.constexpr = 3
-        # (the partition list is static, its arguments written out: one branch per number of consumer warpgroups;
-        # constexprs passed through a tuple built in the kernel arrive as tensors)
+        # (the partition list is static: one branch per number of consumer warpgroups; the warpgroup index and
+        # the tiles go as separate arguments, since constexprs passed inside a tuple built here arrive as tensors)
         if NWG == 2:
-            gl.warp_specialize([
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
-                                STAGES, BLOCK_M, NWG, WG_N)),
-            ], [4, 1], [CONSUMER_REGS, 24])
+            gl.warp_specialize([(_ws_consumer, (shared, WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_consumer, (shared, WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_producer, (loads, STAGES, BLOCK_M, NWG, WG_N))], [4, 1], [CONSUMER_REGS, 24])
         elif NWG == 3:
-            gl.warp_specialize([
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
-                                STAGES, BLOCK_M, NWG, WG_N)),
-            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+            gl.warp_specialize([(_ws_consumer, (shared, WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_consumer, (shared, WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_consumer, (shared, WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_producer, (loads, STAGES, BLOCK_M, NWG, WG_N))],
+                               [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
         else:
-            gl.warp_specialize([
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_consumer, (
-                    k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                    q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0,
-                    WG3, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES, K_REG, NWG, TWO_ACC, POLY)),
-                (_ws_producer, (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T,
-                                STAGES, BLOCK_M, NWG, WG_N)),
-            ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 24])
+            gl.warp_specialize([(_ws_consumer, (shared, WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_consumer, (shared, WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_consumer, (shared, WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_consumer, (shared, WG3, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
+                                                K_REG, NWG, TWO_ACC, POLY)),
+                                (_ws_producer, (loads, STAGES, BLOCK_M, NWG, WG_N))],
+                               [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 24])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
@@ -413,7 +392,7 @@ def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
     """Pass 2 on Hopper: received and pooled from pass 1's log-sum-exp (log2 units), as
     `triton_stats._Call._columns` returns them."""
     B, Hq, Nq, Nk, G = call.B, call.Hq, call.Nq, call.Nk, call.G
-    wg_n, BM, stages, k_reg, maxnreg, consumer_regs, nwg, two_acc, poly = ColumnsTiles(*COLUMNS_CONFIG[call.D])
+    wg_n, BM, stages, k_reg, maxnreg, consumer_regs, nwg, two_acc, poly = COLUMNS_CONFIG[call.D]
     pool = request.pooled_block or 0
     if pool % BM:  # tiles never straddle a pooled cell
         BM = 64

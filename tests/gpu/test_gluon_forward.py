@@ -68,6 +68,20 @@ def _assert_stats_match(got, want, names):
         assert err < 2e-3, (name, err)
 
 
+def _gluon_against_fp64(monkeypatch, q, k, v, key_mask, req, names):
+    """The Gluon forward (both switches on) runs the call, and the statistics `names` match the fp64 twin's."""
+    from attnlab.kernels import triton_stats as ts
+
+    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
+    kernels.last_kernels()
+    _, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=True)
+    assert kernels.last_kernels()["forward"] == "gluon-hopper"
+    _, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req, key_mask=key_mask,
+                                        causal=True, chunk_size=512)
+    _assert_stats_match(got, want, names)
+
+
 # the switches' other settings (gluon_forward.TOP_SKIP, BESIDE: off as shipped) on a few shapes: each setting is
 # a separately compiled kernel, and all twelve shapes three times took tests/gpu past four minutes
 VARIANT_CASES = [CASES[i] for i in (1, 3, 4, 6, 7)]
@@ -168,18 +182,9 @@ def test_default_switches_give_both_passes_to_gluon_with_and_without_per_query_s
 def test_sink_mass_on_keys_across_the_first_two_key_tiles(monkeypatch, pad, sink_k):
     """The Gluon forward sums the sink's mass on its first two key tiles only (the text's first key is in the
     first; `call_reason` refuses sink_k > BLOCK_N): sinks that straddle the two tiles, as wide as a tile."""
-    from attnlab.kernels import triton_stats as ts
-
-    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
-    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, key_mask = _inputs(2, 8, 2, 700, 700, 128, pad)
-    req = StatRequest(sink_k=sink_k, entropy=True)
-    kernels.last_kernels()
-    _, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=True)
-    assert kernels.last_kernels()["forward"] == "gluon-hopper"
-    _, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req, key_mask=key_mask,
-                                        causal=True, chunk_size=512)
-    _assert_stats_match(got, want, ("sink_mass", "entropy"))
+    _gluon_against_fp64(monkeypatch, q, k, v, key_mask, StatRequest(sink_k=sink_k, entropy=True),
+                        ("sink_mass", "entropy"))
 
 
 @needs_hopper
@@ -188,17 +193,7 @@ def test_distance_and_local_mass_over_windows_of_any_width(monkeypatch, window):
     """The local keys [pos - window + 1, pos] in the masked tiles, the clear tiles before them or (a window past
     the text's start) every tile: distance and local_mass as the fp64 twin gives them, with left padding and
     queries after a prefix of keys."""
-    from attnlab.kernels import triton_stats as ts
-
-    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
-    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, key_mask = _inputs(2, 8, 2, 3001, 3001, 128, 37)
+    req = StatRequest(distance_window=window, entropy=True)
     for q_rows in (slice(None), slice(2000, None)):
-        qs = q[:, :, q_rows].contiguous()
-        req = StatRequest(distance_window=window, entropy=True)
-        kernels.last_kernels()
-        _, got = ts.attention_stats(qs, k, v, request=req, key_mask=key_mask, causal=True)
-        assert kernels.last_kernels()["forward"] == "gluon-hopper"
-        _, want = reference.attention_stats(qs.double(), k.double(), v.double(), request=req, key_mask=key_mask,
-                                            causal=True, chunk_size=512)
-        _assert_stats_match(got, want, req.outputs())
+        _gluon_against_fp64(monkeypatch, q[:, :, q_rows].contiguous(), k, v, key_mask, req, req.outputs())
