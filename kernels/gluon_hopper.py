@@ -393,6 +393,8 @@ def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
     `triton_stats._Call._columns` returns them."""
     B, Hq, Nq, Nk, G = call.B, call.Hq, call.Nq, call.Nk, call.G
     wg_n, BM, stages, k_reg, maxnreg, consumer_regs, nwg, two_acc, poly = COLUMNS_CONFIG[call.D]
+    if nwg not in (2, 3, 4):  # the kernel writes out partitions for these only: others would hang on `empty`
+        raise ValueError(f"ColumnsTiles.consumers = {nwg}: the Gluon pass 2 has 2, 3 or 4 consumer warpgroups")
     pool = request.pooled_block or 0
     if pool % BM:  # tiles never straddle a pooled cell
         BM = 64

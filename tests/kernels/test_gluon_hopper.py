@@ -90,6 +90,17 @@ def test_capture_manifest_records_the_kernels(tmp_path):
         store.load(path)
 
 
+def test_tiles_with_a_number_of_consumers_the_kernel_lacks_are_refused(monkeypatch):
+    """The kernel writes out its partitions for 2, 3 or 4 consumer warpgroups; any other count would wait
+    forever on a buffer barrier expecting that many releases: refused before anything is launched."""
+    from attnlab.kernels import gluon_hopper as gh
+
+    for consumers in (1, 5):
+        monkeypatch.setitem(gh.COLUMNS_CONFIG, 128, gh.COLUMNS_CONFIG[128]._replace(consumers=consumers))
+        with pytest.raises(ValueError, match=f"consumers = {consumers}: the Gluon pass 2 has 2, 3 or 4"):
+            gh.columns(_call(), StatRequest(received=True), torch.zeros(1, 8, 64))
+
+
 # ----------------------------------------------------------------------------- sm_90 compile (CPU)
 
 COMPILE = r"""
