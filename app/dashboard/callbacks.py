@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from dash import ALL, Input, Output, State, ctx, html, no_update
+from dash import ClientsideFunction, Input, Output, State, ctx, html, no_update
 from dash.exceptions import PreventUpdate
 
 from attnlab.app import figures
@@ -20,7 +20,7 @@ from attnlab.app.dashboard.layout import COLLAPSED, DEFAULT_SCALE, GRAPHS, HIDDE
 from attnlab.app.dashboard.layout import blank as empty_figure
 from attnlab.probe import AttnlabError
 
-TOKEN_VIEW_LIMIT = 3000  # spans drawn in the token view; longer texts show the first ones
+TOKEN_VIEW_LIMIT = work.MAX_TOKENS  # spans drawn in the token view (a longer saved run shows its first ones)
 
 
 def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
@@ -234,15 +234,14 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         return ({} if shown else COLLAPSED), (HIDDEN if shown else {})
 
     @app.callback(Output(ids.SELECTED_TOKEN, "data", allow_duplicate=True),
-                  Input({"type": ids.TOKEN, "index": ALL}, "n_clicks"), Input(ids.HEATMAP, "clickData"),
+                  Input(ids.TOKEN_CLICK, "data"), Input(ids.HEATMAP, "clickData"),
                   prevent_initial_call=True)
-    def click_token(_token_clicks, pattern_click):
-        """A click on a token of the token view, or on a cell of the pattern (its query), selects that token."""
+    def click_token(token_click, pattern_click):
+        """A click on a token of the token view (assets/tokens.js), or on a cell of the pattern (its
+        query), selects that token."""
         trigger = ctx.triggered_id
-        if isinstance(trigger, dict) and trigger.get("type") == ids.TOKEN:
-            if not any(t.get("value") for t in ctx.triggered):  # the spans were redrawn, not clicked
-                raise PreventUpdate
-            position = trigger.get("index")
+        if trigger == ids.TOKEN_CLICK:
+            position = token_click.get("position") if isinstance(token_click, dict) else None
         elif trigger == ids.HEATMAP:
             point = checks.click_point(pattern_click)  # (y, x) = (query, key)
             position = point[0] if point is not None else None
@@ -347,11 +346,13 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         return figures.token_row_column(work.head_matrix(cap, layer, head), position, strings,
                                         work.pooled_block(cap), n_tokens=n, title=title)
 
-    @app.callback(Output(ids.TOKENS, "children"), Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"),
+    @app.callback(Output(ids.TOKENS_MESSAGE, "children"), Output(ids.TOKEN_SPANS, "data"),
+                  Input(ids.CURRENT, "data"), Input(ids.LAYER, "value"),
                   Input(ids.HEAD, "value"), Input(ids.TOKEN_MODE, "value"), Input(ids.SELECTED_TOKEN, "data"))
     def token_view(name, layer, head, mode, token):
         """The text coloured by what the selected head gives (the selected token's row) or receives
-        (`work.NEEDS`: a run without the mode's statistic says which to capture); every token is
+        (`work.NEEDS`: a run without the mode's statistic says which to capture) -> (message, spans).
+        The spans are data (`token_spans`), drawn by the browser (assets/tokens.js); every token is
         clickable (it selects that token) and its hover names its position."""
         try:
             name, layer, head = checks.selected_head(name, layer, head)
@@ -361,11 +362,11 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
             checks.head_in(layer, head, checks.capture_heads(cap), "capture", "choose one of its layers and heads")
             li, hi = cap.head_index(layer, head)
         except (AttnlabError, OSError, ValueError) as e:
-            return checks.user_message(e, runs.root)
+            return checks.user_message(e, runs.root), None
         need = work.missing(cap, f"token view {mode}")
         if need:
             what = "the attention the selected token gives" if mode == "gives" else "the attention each token receives"
-            return html.Span(f"{what}: {need}", className="needs")
+            return html.Span(f"{what}: {need}", className="needs"), None
         strings = cap.tokens.strings[0]
         real = cap.tokens.attention_mask[0].tolist()
         positions = [p for p, r in enumerate(real) if r]  # the view shows text 0's real tokens
@@ -381,16 +382,28 @@ def register(app, runs: work.RunCache, jobs: work.Jobs) -> None:
         else:
             values = cap["received"][0, li, hi].float().numpy()
             label = "alpha_k (mean attention received)"
-        recs = figures.token_colours(strings, values, real)
-        spans = [html.Span(r["text"], id={"type": ids.TOKEN, "index": p},
-                           className="tok selected" if p == chosen else "tok",
-                           title=f"{p}: {r['text']!r}  {label} = {r['value']:.4f}" if r["value"] is not None
-                           else f"{p}: {r['text']!r}",
-                           style={"backgroundColor": f"rgba(214, 39, 40, {r['alpha']:.3f})"})
-                 for p, r in zip(positions[:TOKEN_VIEW_LIMIT], recs[:TOKEN_VIEW_LIMIT])]
-        if len(recs) > TOKEN_VIEW_LIMIT:
-            spans.append(html.Span(f" ... ({len(recs) - TOKEN_VIEW_LIMIT} more tokens not drawn)"))
-        return spans
+        return None, token_spans(positions, figures.token_colours(strings, values, real), label, chosen)
+
+    # the spans are drawn by the browser: tokens.js's drawTokens (its output, the count drawn, is for tests)
+    app.clientside_callback(ClientsideFunction(namespace="attnlab", function_name="drawTokens"),
+                            Output(ids.TOKENS_DRAWN, "data"), Input(ids.TOKEN_SPANS, "data"))
+
+
+def token_spans(positions: list[int], recs: list[dict], label: str, selected: int | None) -> dict:
+    """The token view's spans as the browser draws them (assets/tokens.js), column-wise: position,
+    text, title (the hover: position, token and `label` = value), alpha (the red background's
+    opacity), the selected position, and how many tokens past `TOKEN_VIEW_LIMIT` are left out."""
+    shown = recs[:TOKEN_VIEW_LIMIT]
+    positions = positions[: len(shown)]
+    return {
+        "position": positions,
+        "text": [r["text"] for r in shown],
+        "title": [f"{p}: {r['text']!r}  {label} = {r['value']:.4f}" if r["value"] is not None else f"{p}: {r['text']!r}"
+                  for p, r in zip(positions, shown)],
+        "alpha": [round(r["alpha"], 3) for r in shown],
+        "selected": selected,
+        "more": len(recs) - len(shown),
+    }
 
 
 def _strings(cap) -> list[str]:

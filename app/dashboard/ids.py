@@ -72,7 +72,13 @@ COLOR_SCALE = "color-scale"
 HEAD_VIEWS = "head-views"  # the maps | pattern | tokens grid (collapsed to a hint until a capture is open)
 HEAD_HINT = "head-hint"  # the one-line hint shown instead of the head views
 HEAD_GALLERY = "head-gallery"  # every head of the selected layer as a thumbnail; a click selects it
-TOKEN = "token"  # {"type": TOKEN, "index": position}: a clickable token of the token view
+# The token view's spans are drawn in the browser (assets/tokens.js) from TOKEN_SPANS: one Dash component
+# per token (3,000 on a 4k-token run) froze the page for ~40 s while the renderer mounted them
+TOKENS_MESSAGE = "tokens-message"  # why the token view is empty (no run, a bad choice, a statistic to capture)
+TOKENS_TEXT = "tokens-text"  # the drawn spans (class "tok", data-position, title); Dash never sets its children
+TOKEN_SPANS = "token-spans"  # dcc.Store: the spans' data, column-wise ({"position", "text", "title", "alpha", ...})
+TOKENS_DRAWN = "tokens-drawn"  # dcc.Store: how many spans tokens.js drew (the clientside callback's output)
+TOKEN_CLICK = "token-click"  # dcc.Store: {"position", "at"} of the last click on a token (set by tokens.js)
 SELECTED_TOKEN = "selected-token"  # dcc.Store: the clicked token's position (None: the last token)
 TOKEN_DETAIL = "token-detail"  # the clicked token's row (what it attends to) and column (what attends to it)
 ANALYSIS_GRAPHS = "analysis-graphs"  # the score map and head view (collapsed to a hint until a run is open)

@@ -164,6 +164,7 @@ def head_panel() -> html.Div:
                                                           config=GRAPH_RESPONSIVE, style=_size(440))]),
         ]),
         dcc.Store(id=ids.SELECTED_TOKEN),
+        dcc.Store(id=ids.TOKEN_CLICK),
     ])
 
 
@@ -206,7 +207,9 @@ def token_view() -> html.Div:
         ]),
         html.Div("click a token to see what it attends to and what attends to it", className="hint",
                  style={"fontSize": "12px"}),
-        html.Div(id=ids.TOKENS, className="tokens"),
+        html.Div(id=ids.TOKENS, className="tokens",
+                 children=[html.Div(id=ids.TOKENS_MESSAGE), html.Div(id=ids.TOKENS_TEXT)]),
+        dcc.Store(id=ids.TOKEN_SPANS), dcc.Store(id=ids.TOKENS_DRAWN),
     ])
 
 

@@ -30,7 +30,7 @@ ASK = {"pooled": "pooled(1)", "received": "received", "entropy": "entropy"}  # a
 CALLBACKS = {  # each callback by its output key in Dash's callback map
     "open_run": lambda k: k.startswith("..current.data"),
     "views": lambda k: k.startswith("..sink-map.figure"),
-    "token_view": lambda k: k == "tokens.children",
+    "token_view": lambda k: k.startswith("..tokens-message.children"),
     "apply": lambda k: k.startswith("..edit-info.children"),
     "score_map": lambda k: k == "score-map.figure",
     "head_view": lambda k: k == "analysis-head-view.figure",
@@ -133,8 +133,10 @@ def test_a_run_opens_in_every_view_and_a_missing_statistic_says_what_to_capture(
         if view in lacking:
             assert f"capture `{ASK[lacking[view]]}` to see this" in text
         else:
-            spans = out[ids.TOKENS]["children"]
-            assert len(spans) == cap.tokens.length and all(s["props"]["className"] == "tok" for s in spans)
+            spans = out[ids.TOKEN_SPANS]["data"]
+            assert out[ids.TOKENS_MESSAGE]["children"] is None
+            assert spans["position"] == list(range(cap.tokens.length)) and len(spans["text"]) == cap.tokens.length
+            assert spans["selected"] is None and spans["more"] == 0
 
     # the analysis panel (no analysis open) and an intervention on the run's text
     _, out, _ = _call(app, client, "score_map", {f"{ids.LAYER}.value": layer, f"{ids.HEAD}.value": head})

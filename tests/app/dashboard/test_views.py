@@ -150,7 +150,7 @@ def test_views_side_by_side_gallery_token_click_colour_scale_and_hovers(dash_duo
 
     # click a token: its row and column next to the pattern, outlined in the pattern, highlighted
     dash_duo.driver.execute_script(
-        "document.getElementById(arguments[0]).click()", '{"index":6,"type":"%s"}' % ids.TOKEN)
+        f"document.querySelector('#{ids.TOKENS} .tok[data-position=\"6\"]').click()")
     _wait(lambda: f"token 6 {strings[6]!r}" in _title(dash_duo, ids.TOKEN_DETAIL), 20, "the row/column of token 6")
     row = _trace(dash_duo, ids.TOKEN_DETAIL, "y", 0)
     col = _trace(dash_duo, ids.TOKEN_DETAIL, "y", 1)
