@@ -68,8 +68,10 @@ install: $(STAMP)
 report: $(STAMP)
 	$(VENV)/bin/attnlab report --model smollm2-135m --suite default --out runs
 
+# Two pytest workers (pytest-xdist), one per core of CI's 2: one process left the second core idle
+# (~34 min). Browser tests share one worker (one Dash port), and so do the Ray tests (one local cluster).
 test: $(STAMP) $(BROWSER)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The newest releases that pyproject.toml's ranges admit, in a venv of their own (no system
 # site-packages, no lock), then the fast tests: an upgrade is tried here before it reaches the lock.

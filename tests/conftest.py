@@ -10,7 +10,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Up to 2 torch threads, shared among pytest-xdist's workers (`make test` runs 2: one thread each)
+TORCH_THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(TORCH_THREADS)
 
 # 64 tokens of ordinary English (with BOS) on SmolLM2: the acceptance text for the sink measurement.
 ENGLISH_64 = (

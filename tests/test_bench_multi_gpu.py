@@ -16,6 +16,9 @@ import torch
 
 from attnlab.probe import AttnlabError
 
+# one pytest-xdist worker for every test that starts a local Ray cluster (`make test`'s --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
+
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("ray")  # the sweep's extra: installed with the test extra
 

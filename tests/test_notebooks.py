@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
@@ -27,30 +27,13 @@ def test_notebook_is_valid_as_stored_with_an_id_on_every_cell(path):
     nbformat.validate(nbformat.from_dict(stored))
 
 
-@pytest.fixture(scope="module")
-def executed(smollm2, tmp_path_factory):
-    """Every notebook run top to bottom, two at a time, each in its own kernel with one torch thread
-    (one after another they took ~9.5 min of CI's 2 cores; side by side, one thread each, ~60% of
-    that) -> {path: (the executed notebook, the exception that stopped it or None)}. smollm2: the
-    default model is in the cache before any kernel loads it."""
-    def execute(path):
-        book = nbformat.read(path, as_version=4)
-        where = tmp_path_factory.mktemp(path.stem)
-        try:
-            NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(where)}}
-                           ).execute(env={**os.environ, "OMP_NUM_THREADS": "1"})
-        except Exception as e:  # noqa: BLE001 (a failed cell: its notebook's test reports it)
-            return book, e
-        return book, None
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(NOTEBOOKS, pool.map(execute, NOTEBOOKS)))
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, executed):
-    book, failure = executed[path]
-    assert failure is None, f"{path.name} stopped: {failure}"
+def test_notebook_executes(path, smollm2, tmp_path):
+    # smollm2: the default model is in the cache before the kernel loads it; the kernel's torch takes the
+    # tests' thread count (one per pytest-xdist worker under `make test`)
+    book = nbformat.read(path, as_version=4)
+    NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+                   ).execute(env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     # every figure cell produced a plotly figure

@@ -210,6 +210,7 @@ def sae_result(smollm2):
     return res
 
 
+@pytest.mark.xdist_group("sae_report")  # one worker computes sae_result (~70 s) for both
 def test_sae_section_scores_sae_node_scores_against_the_patching_circuit(sae_result):
     res = sae_result
     p = res.params
@@ -239,6 +240,7 @@ def test_sae_section_scores_sae_node_scores_against_the_patching_circuit(sae_res
     assert set(res.figures) == {"heatmaps", "roc", "circuit"}
 
 
+@pytest.mark.xdist_group("sae_report")  # one worker computes sae_result (~70 s) for both
 def test_sae_section_renders_offline_and_two_saved_runs_compare(tmp_path, smollm2, sae_result):
     store = RunStore(tmp_path)
     path = reports.write_report(store, smollm2, [sae_result])

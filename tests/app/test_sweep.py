@@ -13,10 +13,14 @@ import textwrap
 
 import pytest
 import torch
+from rich.console import Console
 
 from attnlab.analyses import ANALYSES
 from attnlab.app import cli, sweep
 from attnlab.probe import AttnlabError, RunStore
+
+# one pytest-xdist worker for every test that starts a local Ray cluster (`make test`'s --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
 
 ray = pytest.importorskip("ray")  # in the `test` extra: the import never fails where the lock is installed
 
@@ -144,7 +148,7 @@ def test_a_sweep_equals_its_cells_run_one_by_one_and_a_rerun_runs_nothing(cluste
     assert report.manifest.read_bytes() == before
     assert len(store.list()) == 12
     # the same through the command line: its summary table says so
-    monkeypatch.setenv("COLUMNS", "150")
+    monkeypatch.setattr(cli, "out", Console(width=150))  # cli's console took its width at import
     monkeypatch.setattr(sys, "argv", ["attnlab", "sweep", str(main_spec(tmp_path)), "--store", str(tmp_path / "runs")])
     with pytest.raises(SystemExit) as exited:
         cli.main()
@@ -184,7 +188,8 @@ def test_a_dead_worker_loses_only_its_cell_and_the_rerun_completes_it(cluster, t
 
     flag.unlink()
     # the rerun through the command line: the exit cell now finishes, the raise cell fails again (exit code 1)
-    monkeypatch.setenv("COLUMNS", "200")
+    # a wide console (cli's took its width at import), as the table's title wraps to the table
+    monkeypatch.setattr(cli, "out", Console(width=200))
     monkeypatch.setattr(sys, "argv", ["attnlab", "sweep", str(path), "--store", str(tmp_path / "runs"),
                                       "--workers", "1"])
     with pytest.raises(SystemExit) as exited:

@@ -41,13 +41,14 @@ def browser_missing() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test that drives a browser (dash_duo, second_browser) skips, saying why, where none can run."""
+    """Every test that drives a browser (dash_duo, second_browser) skips, saying why, where none can run,
+    and runs on one pytest-xdist worker (`make test`'s `--dist loadgroup`): dash_duo serves on one port."""
     why = browser_missing()
-    if why is None:
-        return
     for item in items:
         if {"dash_duo", "second_browser"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.skip(reason=why))
+            item.add_marker(pytest.mark.xdist_group("browser"))
+            if why is not None:
+                item.add_marker(pytest.mark.skip(reason=why))
 
 
 def pytest_configure(config):

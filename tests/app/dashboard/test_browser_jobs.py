@@ -194,7 +194,7 @@ def test_untrained_models_are_labelled_in_the_picker_the_run_list_and_the_run_he
     name = RunStore(runs).save_capture(cap, probe).name
     dash_duo.start_server(create_app(runs))
     dash_duo.wait_for_element(f"#{ids.RUNS}")
-    dash_duo.find_element(f"#{ids.MODEL}").click()
+    dash_duo.wait_for_element(f"#{ids.MODEL}", timeout=30).click()  # a busy machine renders it later
     _wait(lambda: "tiny-llama (untrained: random weights)" in _text(dash_duo.driver, ids.MODEL)
           or dash_duo.driver.execute_script("return Array.from(document.querySelectorAll('[role=option]'))"
                                             ".some(o => o.textContent.includes('tiny-llama (untrained'))"),
