@@ -11,9 +11,8 @@ mean normalised entropy) whose cells select a head, the head's attention heatmap
 pattern, `pooled(1)`, up to 256 tokens; `pooled(block)` tiles beyond, at most 128 per side), the
 analysis panel (any per-head score table of an analysis run as a layer x head map: retrieval score,
 receiver-head kurtosis, later SAE node scores; a click selects the head and draws its own view; for
-thought anchors the receiver score per sentence and the suppression matrix), the token view (its
-spans are data the browser draws, `assets/tokens.js`: one Dash component per token froze the page
-for ~40 s at 4k tokens), and
+thought anchors the receiver score per sentence and the suppression matrix), the token view (drawn by
+the browser from data: `assets/tokens.js`), and
 the intervention view (ZeroTuning, sink mass transfer, ACT, PASTA or a head ablation at a chosen
 strength and scope: the next-token table, the head's attention before/after and their difference,
 and the heads whose attention moved most), a comparison of the open run with a second one

@@ -72,8 +72,7 @@ COLOR_SCALE = "color-scale"
 HEAD_VIEWS = "head-views"  # the maps | pattern | tokens grid (collapsed to a hint until a capture is open)
 HEAD_HINT = "head-hint"  # the one-line hint shown instead of the head views
 HEAD_GALLERY = "head-gallery"  # every head of the selected layer as a thumbnail; a click selects it
-# The token view's spans are drawn in the browser (assets/tokens.js) from TOKEN_SPANS: one Dash component
-# per token (3,000 on a 4k-token run) froze the page for ~40 s while the renderer mounted them
+# The token view's spans are drawn in the browser (assets/tokens.js says why) from TOKEN_SPANS
 TOKENS_MESSAGE = "tokens-message"  # why the token view is empty (no run, a bad choice, a statistic to capture)
 TOKENS_TEXT = "tokens-text"  # the drawn spans (class "tok", data-position, title); Dash never sets its children
 TOKEN_SPANS = "token-spans"  # dcc.Store: the spans' data, column-wise ({"position", "text", "title", "alpha", ...})
