@@ -47,8 +47,11 @@ Structure (Shah et al. 2024, FlashAttention-3; the Gluon pass 2 in gluon_hopper.
 What it covers (`unsupported` says why not, and the Triton forward runs): bf16/fp16, head dims of
 `FORWARD_CONFIG` (128, 64), causal and bidirectional attention, left padding, any GQA ratio, the
 statistics sink_mass (k <= 128), entropy (+ entropy_norm, derived after it), top_key, distance / local_mass
-(causal). Bidirectional distance, learned sinks, softcap, windows, key biases (ALiBi, key_keep), edits stay on
-the Triton kernel.
+(causal), learned_sink; and the features a softcap, a key bias (ALiBi; KV-cache eviction's key_keep, folded
+into it) and learned sinks (GPT-OSS: joined to the normaliser in the epilogue, as the Triton forward does).
+A softcap or a key bias gives up the FFMA form (the scores are scaled to log2 units first, then biased: the
+Triton kernel's formulas, so both give the same numbers). Bidirectional distance, sliding windows and edits
+stay on the Triton kernel.
 
 Measured on an H100 (session 11; bench/RESULTS.md; batch 1, 32 / 8 heads, bf16, causal; ms at 32k / 128k,
 x SDPA's default): d 128 output + log-sum-exp 14.3 / 228 (1.00x / 0.91x), with entropy, top_key and
@@ -63,7 +66,7 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.kernels.gluon_hopper import (LOG2E, device_reason, feature_reasons, importable,
+from attnlab.kernels.gluon_hopper import (LOG2E, device_reason, importable,
                                           tma_reason)
 
 if importable():
@@ -102,17 +105,28 @@ if importable():
 
     @gluon.jit
     def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                 SINK_TILE: gl.constexpr, MASK: gl.constexpr, TOP_SKIP: gl.constexpr, DIST: gl.constexpr,
-                 LOCAL_TILE: gl.constexpr):
+                 kb_base, cs, cap2, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr,
+                 TOP: gl.constexpr, SINK_TILE: gl.constexpr, MASK: gl.constexpr, TOP_SKIP: gl.constexpr,
+                 DIST: gl.constexpr, LOCAL_TILE: gl.constexpr, SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr):
         """One tile's raw scores s = q.k [BLOCK_M, BLOCK_N] -> p (fp32) and the updated running row state (m_i, l_i
         in log2 units of the scaled scores). The scale rides in one FFMA per score (z = s c2 - m, the tile maximum
         taken on raw scores and scaled once per row: FlashAttention-3's form). MASK: mask keys before the text's
         first, past Nk and (causal) after the row's position (constexpr: the loops that need it are separate).
         SINK_TILE: the tile may hold sink keys (< sink_hi). TOP_SKIP: the top_key index only on tiles where some
         row of the warpgroup has a new maximum (a warpgroup-uniform branch). DIST (causal): d_i sums p (j - lo);
-        LOCAL_TILE: the tile may hold keys with pos - j < dist_w (lm_i sums their p)."""
+        LOCAL_TILE: the tile may hold keys with pos - j < dist_w (lm_i sums their p).
+        SOFTCAP (cs = scale / cap, cap2 = cap log2 e) and KEY_BIAS (kb_base: this head's [Nk] fp32 bias, natural
+        log units, added after the softcap) give up the FFMA form: the scores are scaled to log2 units first, as
+        in the Triton kernel's `_scores` (same formulas, so both kernels give the same numbers)."""
         cols = n0 + offs_n
+        if SOFTCAP:  # cap tanh(x), x = scale s / cap, as 2 sigmoid(2x) - 1 (the Triton kernel's form)
+            s = (2.0 / (1.0 + gl.exp2(s * (cs * -2.8853900817779268))) - 1.0) * cap2
+        elif KEY_BIAS:
+            s = s * c2
+        if KEY_BIAS:
+            s = s + (gl.load(kb_base + cols, mask=cols < Nk, other=0.0) * 1.4426950408889634)[None, :]
+        if SOFTCAP or KEY_BIAS:
+            c2 = 1.0
         if MASK:
             vis = ((cols >= first) & (cols < Nk))[None, :]
             if CAUSAL:
@@ -148,10 +162,11 @@ if importable():
     @gluon.jit
     def _step(j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha,
               m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr, MASK: gl.constexpr,
-              TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr, BESIDE: gl.constexpr,
-              DIST: gl.constexpr, LOCAL_TILE: gl.constexpr):
+              kb_base, cs, cap2, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr,
+              MASK: gl.constexpr, TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr,
+              BESIDE: gl.constexpr, DIST: gl.constexpr, LOCAL_TILE: gl.constexpr, SOFTCAP: gl.constexpr,
+              KEY_BIAS: gl.constexpr):
         """Tile j (from 1): S_j = Q K_j^T and O += P_{j-1} V_{j-1} (asynchronous wgmma; O rescaled by tile j-1's
         alpha first, while S_j runs), S_j's softmax, and both products retired by the step's end (nothing in
         flight past it: the C7514 lesson of pass 2).
@@ -175,7 +190,8 @@ if importable():
             mbarrier.arrive(k_empty.index(j % STAGES), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _softmax(
             s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-            BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE, MASK, TOP_SKIP, DIST, LOCAL_TILE)
+            kb_base, cs, cap2, BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE, MASK, TOP_SKIP, DIST, LOCAL_TILE, SOFTCAP,
+            KEY_BIAS)
         p_new = p.to(p_op.dtype)
         # the old P stays a dependency until its product completes (its registers are being read)
         o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
@@ -185,11 +201,12 @@ if importable():
 
     @gluon.jit
     def _fwd_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                      Out, Lse2, Ent, Top, TopP, Sink, Dist, Local, b, h, Hq, Nq, Nk, q_off, m0_cta, first, lo, T, c2,
-                      sink_k, dist_w,
+                      Out, Lse2, Ent, Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq, Nq, Nk, q_off,
+                      m0_cta, first, lo, T, c2, cs, cap2, sink_k, dist_w,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
-                      SINK: gl.constexpr, TOP_SKIP: gl.constexpr, BESIDE: gl.constexpr, DIST: gl.constexpr):
+                      SINK: gl.constexpr, TOP_SKIP: gl.constexpr, BESIDE: gl.constexpr, DIST: gl.constexpr,
+                      SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr, SINKS: gl.constexpr, LEARNED: gl.constexpr):
         """One warpgroup: queries [m0_cta + WG * BLOCK_M, + BLOCK_M) against every streamed key tile."""
         s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -224,16 +241,17 @@ if importable():
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _softmax(
-            s, lo, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N,
-            CAUSAL, ENT, TOP, SINK, True, TOP_SKIP, DIST, True)
+            s, lo, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs,
+            cap2, BLOCK_N, CAUSAL, ENT, TOP, SINK, True, TOP_SKIP, DIST, True, SOFTCAP, KEY_BIAS)
         p_op = gl.convert_layout(p.to(dtype), p_dot)
         j0 = 1
         if SINK:  # the sink keys [first, first + sink_k <= first + BLOCK_N) lie in tiles 0 and 1: tile 1 peeled too
             if T > 1:
                 o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                     1, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
-                    top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N, HEAD_DIM, STAGES,
-                    CAUSAL, ENT, TOP, True, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True)
+                    top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2,
+                    BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, True, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST,
+                    True, SOFTCAP, KEY_BIAS)
             j0 = 2
         # the sink's mass stays relative to the maximum of its last tile (rescaled once, in the epilogue)
         m_sink = m_i
@@ -250,20 +268,23 @@ if importable():
             j_loc = gl.minimum(gl.maximum((m0 + q_off - dist_w + 1 - lo) // BLOCK_N, j0), j_mask)
         for j in range(j0, j_loc):
             o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
-                j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i, top_i,
-                ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT,
-                TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST, False)
+                j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
+                top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2, BLOCK_N,
+                HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST, False, SOFTCAP,
+                KEY_BIAS)
         if DIST:
             for j in range(j_loc, j_mask):
                 o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                     j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
-                    top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N, HEAD_DIM, STAGES,
-                    CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True)
+                    top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2,
+                    BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST,
+                    True, SOFTCAP, KEY_BIAS)
         for j in range(gl.maximum(j_mask, j0), T):
             o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
-                j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i, top_i,
-                ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT,
-                TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True)
+                j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
+                top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2, BLOCK_N,
+                HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True, SOFTCAP,
+                KEY_BIAS)
         o = o * gl.convert_layout(alpha, row_o)[:, None]
         vslot = (T - 1) % STAGES
         mbarrier.wait(v_ready.index(vslot), ((T - 1) // STAGES) & 1)
@@ -274,21 +295,50 @@ if importable():
         # epilogue: the Triton forward's conventions (pad rows: output 0, lse2 +inf, statistics NaN / -1)
         row_ok = offs_m < Nq
         real = row_ok & (pos >= first)
+        keys_share = 1.0  # the keys' share of the normaliser (below 1 with a learned sink)
+        if SINKS:  # the learned sink joins the normaliser (no value), as in the Triton forward: rescale to max(m, sink)
+            sink2 = gl.load(Sinks + h) * 1.4426950408889634
+            m_keys = m_i
+            m_fin = gl.maximum(m_i, sink2)
+            a = gl.exp2(m_i - m_fin)
+            o = o * gl.convert_layout(a, row_o)[:, None]
+            t_i = a * (t_i + (m_i - m_fin) * l_i)
+            d_i = a * d_i
+            lm_i = a * lm_i
+            l_keys = l_i * a
+            e_sink = gl.exp2(sink2 - m_fin)
+            l_i = l_keys + e_sink
+            m_i = m_fin
         l_safe = gl.where(real, l_i, 1.0)
         inv_l = 1.0 / l_safe
+        if SINKS:
+            keys_share = l_keys * inv_l
         row = (b * Hq + h) * Nq + offs_m
         gl.store(Lse2 + row, gl.where(real, m_i + gl.log2(l_safe), float("inf")), mask=row_ok)
         nan = float("nan")
-        if ENT:
-            gl.store(Ent + row, gl.where(real, gl.log(l_safe) - 0.6931471805599453 * t_i * inv_l, nan), mask=row_ok)
+        if ENT:  # over the keys only (the learned sink's term is not in it)
+            gl.store(Ent + row, gl.where(real, gl.log(l_safe) * keys_share - 0.6931471805599453 * t_i * inv_l, nan),
+                     mask=row_ok)
         if TOP:  # in the text's own positions
-            gl.store(Top + row, gl.where(real, top_i - first, -1).to(gl.int64), mask=row_ok)
-            gl.store(TopP + row, gl.where(real, inv_l, nan), mask=row_ok)
+            if SINKS:  # the top key's weight is 2^(m_keys - m) / l; -1 where no key has mass left
+                top_p = gl.exp2(m_keys - m_i) * inv_l
+                gl.store(Top + row, gl.where(real & (top_p > 0), top_i - first, -1).to(gl.int64), mask=row_ok)
+                gl.store(TopP + row, gl.where(real, top_p, nan), mask=row_ok)
+            else:
+                gl.store(Top + row, gl.where(real, top_i - first, -1).to(gl.int64), mask=row_ok)
+                gl.store(TopP + row, gl.where(real, inv_l, nan), mask=row_ok)
         if SINK:
             gl.store(Sink + row, gl.where(real, ms_i * gl.exp2(m_sink - m_i) * inv_l, nan), mask=row_ok)
-        if DIST:  # causal: sum p (pos - j) / l = (pos - lo) - sum p (j - lo) / l
-            gl.store(Dist + row, gl.where(real, (pos - lo).to(gl.float32) - d_i * inv_l, nan), mask=row_ok)
+        if DIST:  # causal: sum p (pos - j) / l = (pos - lo) (keys' share) - sum p (j - lo) / l
+            gl.store(Dist + row, gl.where(real, (pos - lo).to(gl.float32) * keys_share - d_i * inv_l, nan),
+                     mask=row_ok)
             gl.store(Local + row, gl.where(real, lm_i * inv_l, nan), mask=row_ok)
+        if LEARNED:  # the learned sink's share of the normaliser (0 without one)
+            if SINKS:
+                learned = e_sink * inv_l
+            else:
+                learned = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+            gl.store(Learned + row, gl.where(real, learned, nan), mask=row_ok)
         offs_mo = m0 + gl.arange(0, BLOCK_M, layout=row_o)
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
         scale_o = gl.convert_layout(gl.where(real, inv_l, 0.0), row_o)
@@ -298,18 +348,21 @@ if importable():
         gl.store(dst, o, mask=(offs_mo < Nq)[:, None])
 
     @gluon.jit
-    def _forward_ws_kernel(desc_q, desc_k, desc_v, Out, Lse2, First, Ent, Top, TopP, Sink, Dist, Local,
-                           Hq, G, Nq, Nk, q_off, c2, sink_k, dist_w, n_mblocks,
+    def _forward_ws_kernel(desc_q, desc_k, desc_v, Out, Lse2, First, Ent, Top, TopP, Sink, Dist, Local, Learned,
+                           KeyBias, Sinks, Hq, G, Nq, Nk, q_off, c2, cs, cap2, skbb, sink_k, dist_w, n_mblocks,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                            SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-                           TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = False, DIST: gl.constexpr = False):
+                           TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = False, DIST: gl.constexpr = False,
+                           SOFTCAP: gl.constexpr = False, KEY_BIAS: gl.constexpr = False,
+                           SINKS: gl.constexpr = False, LEARNED: gl.constexpr = False):
         bh = gl.program_id(0)
         m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
         b = bh // Hq
         h = bh % Hq
         hk = h // G
         first = gl.load(First + b)
+        kb_base = KeyBias + b * skbb + h * Nk  # [B|1, Hq, Nk] key bias (batch stride 0 when broadcast)
         # key tiles [lo, hi): from the text's first real key (tile-aligned), to the last query's position
         lo = (first // BLOCK_N) * BLOCK_N
         if CAUSAL:
@@ -336,17 +389,20 @@ if importable():
         # (kernel arguments equal to 1 arrive as constexprs: partitions take tensors)
         Hq_t, Nq_t, Nk_t, q_off_t = gl.to_tensor(Hq), gl.to_tensor(Nq), gl.to_tensor(Nk), gl.to_tensor(q_off)
         c2_t, sink_k_t, dist_w_t = gl.to_tensor(c2), gl.to_tensor(sink_k), gl.to_tensor(dist_w)
+        cs_t, cap2_t = gl.to_tensor(cs), gl.to_tensor(cap2)
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
-                             Top, TopP, Sink, Dist, Local, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t,
-                             sink_k_t, dist_w_t, WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK,
-                             TOP_SKIP, BESIDE, DIST)),
+                             Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq_t, Nq_t, Nk_t, q_off_t,
+                             m0, first, lo, T, c2_t, cs_t, cap2_t, sink_k_t, dist_w_t, WG0, BLOCK_M, BLOCK_N,
+                             HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE, DIST, SOFTCAP, KEY_BIAS,
+                             SINKS, LEARNED)),
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
-                             Top, TopP, Sink, Dist, Local, b, h, Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t,
-                             sink_k_t, dist_w_t, WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK,
-                             TOP_SKIP, BESIDE, DIST)),
+                             Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq_t, Nq_t, Nk_t, q_off_t,
+                             m0, first, lo, T, c2_t, cs_t, cap2_t, sink_k_t, dist_w_t, WG1, BLOCK_M, BLOCK_N,
+                             HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE, DIST, SOFTCAP, KEY_BIAS,
+                             SINKS, LEARNED)),
             (_fwd_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                              v_empty, b, h, hk, m0, lo, T, STAGES, BLOCK_M, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -376,7 +432,7 @@ TOP_SKIP = False
 BESIDE = False
 FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
-STATS = ("entropy", "top_key", "top_prob", "sink_mass", "distance", "local_mass")
+STATS = ("entropy", "top_key", "top_prob", "sink_mass", "distance", "local_mass", "learned_sink")
 
 
 def unsupported(call, request) -> str | None:
@@ -388,7 +444,8 @@ def call_reason(call, request) -> str | None:
     """What in the call itself (not the device) the Gluon forward does not cover, or None."""
     if call.D not in FORWARD_CONFIG:
         return f"head dim {call.D} (the Gluon forward has tiles for {sorted(FORWARD_CONFIG)})"
-    reasons = feature_reasons(call, ("learned sinks", call.sinks is not None))
+    reasons = [what for what, present in (("a sliding window", call.window is not None),
+                                          ("an edit", call.edit is not None)) if present]
     if reasons:
         return ", ".join(reasons) + " (on the Triton forward)"
     others = [name for name in request.outputs("forward") if name not in STATS]
@@ -423,10 +480,14 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         _descriptor(call.q, BM, call.D), _descriptor(call.k, BN, call.D), _descriptor(call.v, BN, call.D),
         out, lse2, call.first, stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
         stats.get("sink_mass", dummy), stats.get("distance", dummy), stats.get("local_mass", dummy),
-        call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E, int(request.sink_k or 0),
-        int(request.distance_window or 0), n_mblocks,
+        stats.get("learned_sink", dummy), dummy if call.key_bias is None else call.key_bias,
+        dummy if call.sinks is None else call.sinks,
+        call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E, call.scale / float(call.softcap or 1.0),
+        float(call.softcap or 1.0) * LOG2E, call.skbb, int(request.sink_k or 0), int(request.distance_window or 0),
+        n_mblocks,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
         maxnreg=maxnreg, TOP_SKIP=TOP_SKIP if top_skip is None else top_skip,
-        BESIDE=BESIDE if beside is None else beside, DIST="distance" in stats,
+        BESIDE=BESIDE if beside is None else beside, DIST="distance" in stats, SOFTCAP=call.softcap is not None,
+        KEY_BIAS=call.key_bias is not None, SINKS=call.sinks is not None, LEARNED="learned_sink" in stats,
     )

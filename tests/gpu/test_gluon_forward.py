@@ -153,8 +153,8 @@ def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
     ts.attention_stats(q, k, v, request=StatRequest(entropy=True, distance_window=16), causal=False)
     assert kernels.last_kernels()["forward"] == \
         "triton (distance / local_mass without a causal mask (on the Triton forward))"
-    ts.attention_stats(q, k, v, request=StatRequest(entropy=True), softcap=30.0)
-    assert kernels.last_kernels()["forward"] == "triton (a softcap (on the Triton forward))"
+    ts.attention_stats(q, k, v, request=StatRequest(entropy=True), sliding_window=64)
+    assert kernels.last_kernels()["forward"] == "triton (a sliding window (on the Triton forward))"
 
 
 @needs_hopper
@@ -197,3 +197,56 @@ def test_distance_and_local_mass_over_windows_of_any_width(monkeypatch, window):
     req = StatRequest(distance_window=window, entropy=True)
     for q_rows in (slice(None), slice(2000, None)):
         _gluon_against_fp64(monkeypatch, q[:, :, q_rows].contiguous(), k, v, key_mask, req, req.outputs())
+
+
+FEATURE_SHAPES = [  # (batch, q heads, kv heads, queries, keys, head dim, causal, left pad, dtype)
+    (1, 12, 3, 1001, 1001, 128, True, 0, BF16),
+    (2, 8, 2, 640, 640, 64, False, 37, BF16),
+    (2, 7, 1, 777, 777, 128, True, 200, FP16),
+]
+
+
+def _features(which, hq, hkv, nk, q):
+    """The attention features of one case: ALiBi (a key bias of slope x key position: per row it differs from
+    -slope x distance by a constant), learned sinks large enough to take most of some rows' mass, a softcap
+    that bends the scores (queries scaled up so it does), KV-cache eviction (key_keep), or all of them."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    kw = {}
+    if which in ("alibi", "all"):
+        slopes = 2.0 ** (-8.0 * torch.arange(1, hq + 1, device="cuda") / hq)
+        kw["key_bias"] = (slopes[:, None] * torch.arange(nk, device="cuda")[None, :])[None].float()
+    if which in ("sinks", "all"):
+        kw["sinks"] = torch.randn(hq, generator=g, device="cuda") * 3.0 + 2.0
+    if which in ("softcap", "all"):
+        kw["softcap"] = 5.0
+        q = q * 3.0
+    if which in ("key_keep", "all"):
+        kw["key_keep"] = torch.rand(1, hkv, nk, generator=g, device="cuda") > 0.1
+    return q, kw
+
+
+@needs_hopper
+@pytest.mark.parametrize("which", ["alibi", "sinks", "softcap", "key_keep", "all"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", FEATURE_SHAPES)
+def test_gluon_forward_with_attention_features_matches_fp64(monkeypatch, which, b, hq, hkv, nq, nk, d, causal, pad,
+                                                             dtype):
+    """Key bias (ALiBi, KV-cache eviction), learned sinks and a softcap ride in the Gluon forward: every forward
+    statistic (learned_sink included) and received (pass 2 on the forward's log-sum-exp) as the fp64 twin gives
+    them, on GQA, bidirectional attention, left padding and fp16."""
+    from attnlab.kernels import triton_stats as ts
+
+    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
+    q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
+    q, kw = _features(which, hq, hkv, nk, q)
+    req = StatRequest(sink_k=4, entropy=True, top_key=True, received=True, learned_sink=True,
+                      distance_window=100 if causal else None)
+    kernels.last_kernels()
+    out, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=causal, **kw)
+    assert kernels.last_kernels()["forward"] == "gluon-hopper"
+    ref_out, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req, key_mask=key_mask,
+                                              causal=causal, chunk_size=512, **kw)
+    real = ~torch.isnan(want["entropy"])
+    assert _rel(out[real], ref_out[real]) < 2e-2, "output"
+    _assert_stats_match(got, want, [name for name in req.outputs() if name != "top_key"])
+    assert (got["top_key"][real] == want["top_key"][real]).double().mean() > 0.999
