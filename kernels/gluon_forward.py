@@ -48,7 +48,8 @@ What it covers (`unsupported` says why not, and the Triton forward runs): bf16/f
 `FORWARD_CONFIG` (128, 64), causal and bidirectional attention, left padding, any GQA ratio, the
 statistics sink_mass (k <= 128), entropy (+ entropy_norm, derived after it), top_key, distance / local_mass
 (causal), learned_sink; and the features a softcap, a key bias (ALiBi; KV-cache eviction's key_keep, folded
-into it) and learned sinks (GPT-OSS: joined to the normaliser in the epilogue, as the Triton forward does).
+into it) and learned sinks (GPT-OSS: joined to the normaliser in the epilogue, as the Triton forward does),
+behind the switch `FEATURES` (off until their fp64 cases have passed on a Hopper GPU).
 A softcap or a key bias gives up the FFMA form (the scores are scaled to log2 units first, then biased: the
 Triton kernel's formulas, so both give the same numbers). Bidirectional distance, sliding windows and edits
 stay on the Triton kernel.
@@ -431,6 +432,9 @@ TOP_SKIP = False
 # FlashAttention-3's ping-pong, was slower: 16.9 ms plain at 32k).
 BESIDE = False
 FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
+# A softcap, a key bias (ALiBi, key_keep) and learned sinks in this kernel (else they go to the Triton forward):
+# off until their fp64 cases (tests/gpu/test_gluon_forward.py) have passed on a Hopper GPU.
+FEATURES = False
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
 STATS = ("entropy", "top_key", "top_prob", "sink_mass", "distance", "local_mass", "learned_sink")
 
@@ -444,8 +448,11 @@ def call_reason(call, request) -> str | None:
     """What in the call itself (not the device) the Gluon forward does not cover, or None."""
     if call.D not in FORWARD_CONFIG:
         return f"head dim {call.D} (the Gluon forward has tiles for {sorted(FORWARD_CONFIG)})"
-    reasons = [what for what, present in (("a sliding window", call.window is not None),
-                                          ("an edit", call.edit is not None)) if present]
+    reasons = [what for what, present in (
+        ("a sliding window", call.window is not None), ("an edit", call.edit is not None),
+        *((what, present) for what, present in (
+            ("a softcap", call.softcap is not None), ("a key bias", call.key_bias is not None),
+            ("learned sinks", call.sinks is not None)) if not FEATURES)) if present]
     if reasons:
         return ", ".join(reasons) + " (on the Triton forward)"
     others = [name for name in request.outputs("forward") if name not in STATS]

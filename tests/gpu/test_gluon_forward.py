@@ -235,6 +235,9 @@ def test_gluon_forward_with_attention_features_matches_fp64(monkeypatch, which, 
     them, on GQA, bidirectional attention, left padding and fp16."""
     from attnlab.kernels import triton_stats as ts
 
+    from attnlab.kernels import gluon_forward
+
+    monkeypatch.setattr(gluon_forward, "FEATURES", True)
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
     monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
     q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)

@@ -49,7 +49,14 @@ def test_gluon_forward_takes_plain_calls_and_names_what_it_leaves(monkeypatch):
     assert gluon_forward.call_reason(_call(causal=False), STATS) is None
     assert gluon_forward.call_reason(_call(d=64, dtype=torch.float16), StatRequest()) is None
     assert "head dim 256" in gluon_forward.call_reason(_call(d=256), STATS)
-    # a softcap, a key bias (ALiBi, KV-cache eviction) and learned sinks ride in the kernel (with learned_sink)
+    # a softcap, a key bias (ALiBi, KV-cache eviction) and learned sinks: on the Triton forward until the switch
+    # FEATURES is on, then in the kernel (with learned_sink)
+    assert "softcap" in gluon_forward.call_reason(_call(softcap=30.0), STATS) or gluon_forward.FEATURES
+    monkeypatch.setattr(gluon_forward, "FEATURES", False)
+    assert gluon_forward.call_reason(_call(softcap=30.0), STATS) == "a softcap (on the Triton forward)"
+    assert gluon_forward.call_reason(_call(sinks=torch.zeros(8), key_bias=torch.zeros(1, 8, 64)), STATS) == \
+        "a key bias, learned sinks (on the Triton forward)"
+    monkeypatch.setattr(gluon_forward, "FEATURES", True)
     assert gluon_forward.call_reason(_call(softcap=30.0), STATS) is None
     assert gluon_forward.call_reason(_call(key_bias=torch.zeros(1, 8, 64)), STATS) is None
     assert gluon_forward.call_reason(_call(sinks=torch.zeros(8)), StatRequest(learned_sink=True, entropy=True)) is None
