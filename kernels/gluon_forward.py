@@ -49,10 +49,11 @@ What it covers (`unsupported` says why not, and the Triton forward runs): bf16/f
 statistics sink_mass (k <= 128), entropy (+ entropy_norm, derived after it), top_key, distance / local_mass
 (causal), learned_sink; and the features a softcap, a key bias (ALiBi; KV-cache eviction's key_keep, folded
 into it) and learned sinks (GPT-OSS: joined to the normaliser in the epilogue, as the Triton forward does),
-behind the switch `FEATURES` (off until their fp64 cases have passed on a Hopper GPU).
-A softcap or a key bias gives up the FFMA form (the scores are scaled to log2 units first, then biased: the
-Triton kernel's formulas, so both give the same numbers). Bidirectional distance, sliding windows and edits
-stay on the Triton kernel.
+and causal sliding windows (the CTA's key tiles start at its first query's window; the tiles holding keys out
+of some row's window run in a masked loop of their own, so the hot loop stays clear), behind the switch
+`FEATURES` (off until their fp64 cases have passed on a Hopper GPU). A softcap or a key bias gives up the FFMA
+form (the scores are scaled to log2 units first, then biased: the Triton kernel's formulas, so both give the
+same numbers). Bidirectional distance, bidirectional windows and edits stay on the Triton kernel.
 
 Measured on an H100 (session 11; bench/RESULTS.md; batch 1, 32 / 8 heads, bf16, causal; ms at 32k / 128k,
 x SDPA's default): d 128 output + log-sum-exp 14.3 / 228 (1.00x / 0.91x), with entropy, top_key and
@@ -106,9 +107,10 @@ if importable():
 
     @gluon.jit
     def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-                 kb_base, cs, cap2, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr,
+                 kb_base, cs, cap2, window, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr,
                  TOP: gl.constexpr, SINK_TILE: gl.constexpr, MASK: gl.constexpr, TOP_SKIP: gl.constexpr,
-                 DIST: gl.constexpr, LOCAL_TILE: gl.constexpr, SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr):
+                 DIST: gl.constexpr, LOCAL_TILE: gl.constexpr, SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr,
+                 HAS_WINDOW: gl.constexpr):
         """One tile's raw scores s = q.k [BLOCK_M, BLOCK_N] -> p (fp32) and the updated running row state (m_i, l_i
         in log2 units of the scaled scores). The scale rides in one FFMA per score (z = s c2 - m, the tile maximum
         taken on raw scores and scaled once per row: FlashAttention-3's form). MASK: mask keys before the text's
@@ -118,7 +120,8 @@ if importable():
         LOCAL_TILE: the tile may hold keys with pos - j < dist_w (lm_i sums their p).
         SOFTCAP (cs = scale / cap, cap2 = cap log2 e) and KEY_BIAS (kb_base: this head's [Nk] fp32 bias, natural
         log units, added after the softcap) give up the FFMA form: the scores are scaled to log2 units first, as
-        in the Triton kernel's `_scores` (same formulas, so both kernels give the same numbers)."""
+        in the Triton kernel's `_scores` (same formulas, so both kernels give the same numbers). HAS_WINDOW
+        (causal): MASK also hides keys at pos - window or before."""
         cols = n0 + offs_n
         if SOFTCAP:  # cap tanh(x), x = scale s / cap, as 2 sigmoid(2x) - 1 (the Triton kernel's form)
             s = (2.0 / (1.0 + gl.exp2(s * (cs * -2.8853900817779268))) - 1.0) * cap2
@@ -132,6 +135,8 @@ if importable():
             vis = ((cols >= first) & (cols < Nk))[None, :]
             if CAUSAL:
                 vis = vis & (cols[None, :] <= pos[:, None])
+            if HAS_WINDOW:  # (causal) the keys pos - window < j
+                vis = vis & (pos[:, None] - cols[None, :] < window)
             s = gl.where(vis, s, -1.0e30)
         m_raw = gl.max(s, axis=1)
         m_blk = m_raw * c2
@@ -163,11 +168,11 @@ if importable():
     @gluon.jit
     def _step(j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha,
               m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-              kb_base, cs, cap2, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              kb_base, cs, cap2, window, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr,
               MASK: gl.constexpr, TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr,
               BESIDE: gl.constexpr, DIST: gl.constexpr, LOCAL_TILE: gl.constexpr, SOFTCAP: gl.constexpr,
-              KEY_BIAS: gl.constexpr):
+              KEY_BIAS: gl.constexpr, HAS_WINDOW: gl.constexpr):
         """Tile j (from 1): S_j = Q K_j^T and O += P_{j-1} V_{j-1} (asynchronous wgmma; O rescaled by tile j-1's
         alpha first, while S_j runs), S_j's softmax, and both products retired by the step's end (nothing in
         flight past it: the C7514 lesson of pass 2).
@@ -191,8 +196,8 @@ if importable():
             mbarrier.arrive(k_empty.index(j % STAGES), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _softmax(
             s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-            kb_base, cs, cap2, BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE, MASK, TOP_SKIP, DIST, LOCAL_TILE, SOFTCAP,
-            KEY_BIAS)
+            kb_base, cs, cap2, window, BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE, MASK, TOP_SKIP, DIST, LOCAL_TILE,
+            SOFTCAP, KEY_BIAS, HAS_WINDOW)
         p_new = p.to(p_op.dtype)
         # the old P stays a dependency until its product completes (its registers are being read)
         o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
@@ -203,11 +208,12 @@ if importable():
     @gluon.jit
     def _fwd_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                       Out, Lse2, Ent, Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq, Nq, Nk, q_off,
-                      m0_cta, first, lo, T, c2, cs, cap2, sink_k, dist_w,
+                      m0_cta, first, lo, T, c2, cs, cap2, window, sink_k, dist_w,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                       SINK: gl.constexpr, TOP_SKIP: gl.constexpr, BESIDE: gl.constexpr, DIST: gl.constexpr,
-                      SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr, SINKS: gl.constexpr, LEARNED: gl.constexpr):
+                      SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr, SINKS: gl.constexpr, LEARNED: gl.constexpr,
+                      HAS_WINDOW: gl.constexpr):
         """One warpgroup: queries [m0_cta + WG * BLOCK_M, + BLOCK_M) against every streamed key tile."""
         s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -243,7 +249,7 @@ if importable():
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _softmax(
             s, lo, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs,
-            cap2, BLOCK_N, CAUSAL, ENT, TOP, SINK, True, TOP_SKIP, DIST, True, SOFTCAP, KEY_BIAS)
+            cap2, window, BLOCK_N, CAUSAL, ENT, TOP, SINK, True, TOP_SKIP, DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW)
         p_op = gl.convert_layout(p.to(dtype), p_dot)
         j0 = 1
         if SINK:  # the sink keys [first, first + sink_k <= first + BLOCK_N) lie in tiles 0 and 1: tile 1 peeled too
@@ -251,41 +257,53 @@ if importable():
                 o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                     1, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
                     top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2,
-                    BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, True, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST,
-                    True, SOFTCAP, KEY_BIAS)
+                    window, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, True, True, TOP_SKIP, row_o, p_dot, BESIDE,
+                    DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW)
             j0 = 2
         # the sink's mass stays relative to the maximum of its last tile (rescaled once, in the epilogue)
         m_sink = m_i
-        # tiles [j0, j_mask) need no mask (inside Nk and, causal, at or before this warpgroup's first query);
-        # the rest do: two loops, so the hot one carries no masking branch
+        # tiles [j_win, j_mask) need no mask (inside Nk, causal: at or before this warpgroup's first query, with a
+        # window: after its last query's position - window); the rest do: separate loops, so the hot one carries no
+        # masking branch
+        j_win = j0
+        if HAS_WINDOW:  # [j0, j_win): tiles with keys out of the window of some of this warpgroup's rows
+            j_win = gl.maximum((m0 + q_off + BLOCK_M - window - lo + BLOCK_N - 1) // BLOCK_N, j0)
         n_clear = (Nk - lo) // BLOCK_N
         if CAUSAL:
             n_clear = gl.minimum(n_clear, gl.maximum(m0 + q_off - lo + 1, 0) // BLOCK_N)
         j_mask = gl.minimum(gl.maximum(n_clear, j0), T)
+        if HAS_WINDOW:
+            j_win = gl.minimum(j_win, j_mask)
+            for j in range(j0, j_win):
+                o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
+                    j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
+                    top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2,
+                    window, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE,
+                    DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW)
         # DIST: the clear tiles from j_loc on may hold keys within dist_w of this warpgroup's first query (the
         # local ones): a loop of their own, so the tiles before carry no local-mass code
         j_loc = j_mask
         if DIST:
-            j_loc = gl.minimum(gl.maximum((m0 + q_off - dist_w + 1 - lo) // BLOCK_N, j0), j_mask)
-        for j in range(j0, j_loc):
+            j_loc = gl.minimum(gl.maximum((m0 + q_off - dist_w + 1 - lo) // BLOCK_N, j_win), j_mask)
+        for j in range(j_win, j_loc):
             o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                 j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
-                top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2, BLOCK_N,
-                HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST, False, SOFTCAP,
-                KEY_BIAS)
+                top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2, window,
+                BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST, False,
+                SOFTCAP, KEY_BIAS, HAS_WINDOW)
         if DIST:
             for j in range(j_loc, j_mask):
                 o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                     j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
                     top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2,
-                    BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST,
-                    True, SOFTCAP, KEY_BIAS)
+                    window, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE,
+                    DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW)
         for j in range(gl.maximum(j_mask, j0), T):
             o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                 j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
-                top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2, BLOCK_N,
-                HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True, SOFTCAP,
-                KEY_BIAS)
+                top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2, window,
+                BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True,
+                SOFTCAP, KEY_BIAS, HAS_WINDOW)
         o = o * gl.convert_layout(alpha, row_o)[:, None]
         vslot = (T - 1) % STAGES
         mbarrier.wait(v_ready.index(vslot), ((T - 1) // STAGES) & 1)
@@ -350,13 +368,15 @@ if importable():
 
     @gluon.jit
     def _forward_ws_kernel(desc_q, desc_k, desc_v, Out, Lse2, First, Ent, Top, TopP, Sink, Dist, Local, Learned,
-                           KeyBias, Sinks, Hq, G, Nq, Nk, q_off, c2, cs, cap2, skbb, sink_k, dist_w, n_mblocks,
+                           KeyBias, Sinks, Hq, G, Nq, Nk, q_off, c2, cs, cap2, skbb, window, sink_k, dist_w,
+                           n_mblocks,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                            SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
                            TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = False, DIST: gl.constexpr = False,
                            SOFTCAP: gl.constexpr = False, KEY_BIAS: gl.constexpr = False,
-                           SINKS: gl.constexpr = False, LEARNED: gl.constexpr = False):
+                           SINKS: gl.constexpr = False, LEARNED: gl.constexpr = False,
+                           HAS_WINDOW: gl.constexpr = False):
         bh = gl.program_id(0)
         m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
         b = bh // Hq
@@ -364,8 +384,12 @@ if importable():
         hk = h // G
         first = gl.load(First + b)
         kb_base = KeyBias + b * skbb + h * Nk  # [B|1, Hq, Nk] key bias (batch stride 0 when broadcast)
-        # key tiles [lo, hi): from the text's first real key (tile-aligned), to the last query's position
-        lo = (first // BLOCK_N) * BLOCK_N
+        # key tiles [lo, hi): from the text's first real key (with a window: the first key in the window of the
+        # block's first query, if later; tile-aligned), to the last query's position
+        if HAS_WINDOW:
+            lo = (gl.maximum(first, q_off + m0 - window + 1) // BLOCK_N) * BLOCK_N
+        else:
+            lo = (first // BLOCK_N) * BLOCK_N
         if CAUSAL:
             hi = gl.minimum(Nk, q_off + m0 + 2 * BLOCK_M)
         else:
@@ -390,20 +414,20 @@ if importable():
         # (kernel arguments equal to 1 arrive as constexprs: partitions take tensors)
         Hq_t, Nq_t, Nk_t, q_off_t = gl.to_tensor(Hq), gl.to_tensor(Nq), gl.to_tensor(Nk), gl.to_tensor(q_off)
         c2_t, sink_k_t, dist_w_t = gl.to_tensor(c2), gl.to_tensor(sink_k), gl.to_tensor(dist_w)
-        cs_t, cap2_t = gl.to_tensor(cs), gl.to_tensor(cap2)
+        cs_t, cap2_t, window_t = gl.to_tensor(cs), gl.to_tensor(cap2), gl.to_tensor(window)
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
                              Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq_t, Nq_t, Nk_t, q_off_t,
-                             m0, first, lo, T, c2_t, cs_t, cap2_t, sink_k_t, dist_w_t, WG0, BLOCK_M, BLOCK_N,
+                             m0, first, lo, T, c2_t, cs_t, cap2_t, window_t, sink_k_t, dist_w_t, WG0, BLOCK_M, BLOCK_N,
                              HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE, DIST, SOFTCAP, KEY_BIAS,
-                             SINKS, LEARNED)),
+                             SINKS, LEARNED, HAS_WINDOW)),
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
                              Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq_t, Nq_t, Nk_t, q_off_t,
-                             m0, first, lo, T, c2_t, cs_t, cap2_t, sink_k_t, dist_w_t, WG1, BLOCK_M, BLOCK_N,
+                             m0, first, lo, T, c2_t, cs_t, cap2_t, window_t, sink_k_t, dist_w_t, WG1, BLOCK_M, BLOCK_N,
                              HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE, DIST, SOFTCAP, KEY_BIAS,
-                             SINKS, LEARNED)),
+                             SINKS, LEARNED, HAS_WINDOW)),
             (_fwd_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                              v_empty, b, h, hk, m0, lo, T, STAGES, BLOCK_M, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -449,10 +473,12 @@ def call_reason(call, request) -> str | None:
     if call.D not in FORWARD_CONFIG:
         return f"head dim {call.D} (the Gluon forward has tiles for {sorted(FORWARD_CONFIG)})"
     reasons = [what for what, present in (
-        ("a sliding window", call.window is not None), ("an edit", call.edit is not None),
+        ("a sliding window without a causal mask", call.window is not None and not call.causal),
+        ("an edit", call.edit is not None),
         *((what, present) for what, present in (
             ("a softcap", call.softcap is not None), ("a key bias", call.key_bias is not None),
-            ("learned sinks", call.sinks is not None)) if not FEATURES)) if present]
+            ("learned sinks", call.sinks is not None), ("a sliding window", call.window is not None))
+          if not FEATURES)) if present]
     if reasons:
         return ", ".join(reasons) + " (on the Triton forward)"
     others = [name for name in request.outputs("forward") if name not in STATS]
@@ -490,11 +516,13 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         stats.get("learned_sink", dummy), dummy if call.key_bias is None else call.key_bias,
         dummy if call.sinks is None else call.sinks,
         call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E, call.scale / float(call.softcap or 1.0),
-        float(call.softcap or 1.0) * LOG2E, call.skbb, int(request.sink_k or 0), int(request.distance_window or 0),
+        float(call.softcap or 1.0) * LOG2E, call.skbb, int(call.window or 0), int(request.sink_k or 0),
+        int(request.distance_window or 0),
         n_mblocks,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
         maxnreg=maxnreg, TOP_SKIP=TOP_SKIP if top_skip is None else top_skip,
         BESIDE=BESIDE if beside is None else beside, DIST="distance" in stats, SOFTCAP=call.softcap is not None,
         KEY_BIAS=call.key_bias is not None, SINKS=call.sinks is not None, LEARNED="learned_sink" in stats,
+        HAS_WINDOW=call.window is not None,
     )

@@ -153,8 +153,8 @@ def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
     ts.attention_stats(q, k, v, request=StatRequest(entropy=True, distance_window=16), causal=False)
     assert kernels.last_kernels()["forward"] == \
         "triton (distance / local_mass without a causal mask (on the Triton forward))"
-    ts.attention_stats(q, k, v, request=StatRequest(entropy=True), sliding_window=64)
-    assert kernels.last_kernels()["forward"] == "triton (a sliding window (on the Triton forward))"
+    ts.attention_stats(q, k, v, request=StatRequest(entropy=True), sliding_window=64, causal=False)
+    assert kernels.last_kernels()["forward"] == "triton (a sliding window without a causal mask (on the Triton forward))"
 
 
 @needs_hopper
@@ -222,17 +222,22 @@ def _features(which, hq, hkv, nk, q):
         q = q * 3.0
     if which in ("key_keep", "all"):
         kw["key_keep"] = torch.rand(1, hkv, nk, generator=g, device="cuda") > 0.1
+    if which.startswith("window"):  # "window<W>": a sliding window of W keys (GPT-OSS: with learned sinks)
+        kw["sliding_window"] = int(which[6:])
+        kw["sinks"] = torch.randn(hq, generator=g, device="cuda") * 3.0
     return q, kw
 
 
 @needs_hopper
-@pytest.mark.parametrize("which", ["alibi", "sinks", "softcap", "key_keep", "all"])
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", FEATURE_SHAPES)
-def test_gluon_forward_with_attention_features_matches_fp64(monkeypatch, which, b, hq, hkv, nq, nk, d, causal, pad,
-                                                             dtype):
-    """Key bias (ALiBi, KV-cache eviction), learned sinks and a softcap ride in the Gluon forward: every forward
-    statistic (learned_sink included) and received (pass 2 on the forward's log-sum-exp) as the fp64 twin gives
-    them, on GQA, bidirectional attention, left padding and fp16."""
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype,which", [
+    (*shape, which) for shape in FEATURE_SHAPES for which in ("alibi", "sinks", "softcap", "key_keep", "all")] + [
+    (*shape, f"window{w}") for shape in FEATURE_SHAPES if shape[6] for w in (1, 50, 128, 300, 4000)])
+def test_gluon_forward_with_attention_features_matches_fp64(monkeypatch, b, hq, hkv, nq, nk, d, causal, pad, dtype,
+                                                             which):
+    """Key bias (ALiBi, KV-cache eviction), learned sinks, a softcap and (causal) sliding windows ride in the Gluon
+    forward: every forward statistic (learned_sink included) and received (pass 2 on the forward's log-sum-exp) as
+    the fp64 twin gives them, on GQA, bidirectional attention, left padding and fp16; windows of one key, less
+    than a key tile, one tile, more, and longer than the text."""
     from attnlab.kernels import triton_stats as ts
 
     from attnlab.kernels import gluon_forward

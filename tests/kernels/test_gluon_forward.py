@@ -54,13 +54,15 @@ def test_gluon_forward_takes_plain_calls_and_names_what_it_leaves(monkeypatch):
     assert "softcap" in gluon_forward.call_reason(_call(softcap=30.0), STATS) or gluon_forward.FEATURES
     monkeypatch.setattr(gluon_forward, "FEATURES", False)
     assert gluon_forward.call_reason(_call(softcap=30.0), STATS) == "a softcap (on the Triton forward)"
-    assert gluon_forward.call_reason(_call(sinks=torch.zeros(8), key_bias=torch.zeros(1, 8, 64)), STATS) == \
-        "a key bias, learned sinks (on the Triton forward)"
+    assert gluon_forward.call_reason(_call(sinks=torch.zeros(8), key_bias=torch.zeros(1, 8, 64), window=16),
+                                     STATS) == "a key bias, learned sinks, a sliding window (on the Triton forward)"
     monkeypatch.setattr(gluon_forward, "FEATURES", True)
+    assert gluon_forward.call_reason(_call(window=16), STATS) is None
+    assert gluon_forward.call_reason(_call(window=16, causal=False), STATS) == \
+        "a sliding window without a causal mask (on the Triton forward)"
     assert gluon_forward.call_reason(_call(softcap=30.0), STATS) is None
     assert gluon_forward.call_reason(_call(key_bias=torch.zeros(1, 8, 64)), STATS) is None
     assert gluon_forward.call_reason(_call(sinks=torch.zeros(8)), StatRequest(learned_sink=True, entropy=True)) is None
-    assert "sliding window" in gluon_forward.call_reason(_call(window=16), STATS)
     # distance and local_mass when causal (their keys' offsets from the row's position are one-signed)
     assert gluon_forward.call_reason(_call(), StatRequest(distance_window=8, entropy=True)) is None
     assert gluon_forward.call_reason(_call(causal=False), StatRequest(distance_window=8)) == \
@@ -144,12 +146,13 @@ for combo in json.loads(sys.argv[1]):
     args = dict(desc_q=gf._descriptor(q, bm, d), desc_k=gf._descriptor(k, bn, d), desc_v=gf._descriptor(k, bn, d),
                 Out=torch.empty(4, dtype=dtype), Lse2=f, First=i32, Ent=f, Top=i64, TopP=f, Sink=f, Dist=f,
                 Local=f, Learned=f, KeyBias=f, Sinks=f, Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, cs=0.01,
-                cap2=43.0, skbb=8192, sink_k=4, dist_w=128, n_mblocks=8)
+                cap2=43.0, skbb=8192, window=300, sink_k=4, dist_w=128, n_mblocks=8)
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, STAGES=stages, CAUSAL=causal, ENT=ent, TOP=top, SINK=sink,
                   CONSUMER_REGS=regs, num_warps=4, TOP_SKIP=combo.get("top_skip", False),
                   BESIDE=combo.get("beside", gf.BESIDE), DIST=combo.get("dist", False),
                   SOFTCAP=combo.get("softcap", False), KEY_BIAS=combo.get("key_bias", False),
-                  SINKS=combo.get("sinks", False), LEARNED=combo.get("sinks", False))
+                  SINKS=combo.get("sinks", False), LEARNED=combo.get("sinks", False),
+                  HAS_WINDOW=combo.get("window", False))
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -168,7 +171,11 @@ COMBOS = [dict(d=128, causal=True, ent=True, top=True, sink=True),
           # the attention features it carries: a key bias (ALiBi, KV-cache eviction), learned sinks, a softcap
           dict(d=128, causal=True, ent=True, top=True, sink=False, key_bias=True),
           dict(d=64, causal=False, ent=True, top=True, sink=True, sinks=True),
-          dict(d=128, causal=True, ent=True, top=True, sink=True, dist=True, softcap=True, key_bias=True, sinks=True)]
+          dict(d=128, causal=True, ent=True, top=True, sink=True, dist=True, softcap=True, key_bias=True, sinks=True),
+          # a sliding window (its left-edge tiles in a masked loop of their own), with learned sinks as in GPT-OSS.
+          # (With distance too, at d 64, ptxas spills 448 bytes and one hot loop touches local memory once.)
+          dict(d=128, causal=True, ent=True, top=True, sink=True, sinks=True, window=True),
+          dict(d=64, causal=True, ent=True, top=True, sink=True, window=True)]
 
 
 def _product_loops(sass: str) -> list[str]:
@@ -224,7 +231,7 @@ def test_forward_compiles_for_sm90_with_overlapped_wgmma_and_no_spills(tmp_path)
         # them and, with sink_mass, the peeled tile 1, with distance the loop over the clear local tiles), then the
         # last P V
         c = json.loads(combo)
-        steps = 2 + c["sink"] + c.get("dist", False)
+        steps = 2 + c["sink"] + c.get("dist", False) + c.get("window", False)
         per_consumer = (c["d"] // 16) * (1 + steps) + (made["block_n"] // 16) * (steps + 1)
         assert len(re.findall(r"\bHGMMA\.", sass)) == 2 * per_consumer, combo
         # each consumer's hot loop over key tiles holds no masking select (those tiles have their own loop)
