@@ -52,8 +52,10 @@ The forward (pass 1) in the same style is `gluon_forward.py`.
 
 What it covers (`unsupported` says why not, and the Triton kernel runs instead, recorded in
 `_Call.kernels`): bf16/fp16, head dim 128, causal and bidirectional attention, left padding, any GQA
-ratio, `received` and `pooled` (blocks that are multiples of 64). Softcap, windows, key biases,
-edits and segments stay on the Triton kernel.
+ratio, `received` and `pooled` (blocks that are multiples of 64); behind the switch `FEATURES` (off until their
+fp64 cases have passed on a Hopper GPU) a softcap, a key bias (ALiBi, key_keep) and causal sliding windows (the
+query tiles end at the block's last key + window). Edits, segments and bidirectional windows stay on the Triton
+kernel.
 """
 
 from __future__ import annotations
@@ -116,16 +118,29 @@ if importable():
 
     @gluon.jit
     def _consume(s, t, lse, recv, cell, Recv, PoolPart, b, h0, kb, Hq, Nq, Nk, q_off, qlo, n_m, c2, n_qc, n_ksub,
-                 pool, cols, offs_m, key_ok, edge, n0, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
-                 POLY: gl.constexpr):
+                 pool, cols, offs_m, key_ok, edge, n0, qhi, kb_base, cs, cap2, window, BLOCK_N: gl.constexpr,
+                 BLOCK_M: gl.constexpr, KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr,
+                 CAUSAL: gl.constexpr, POLY: gl.constexpr, SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr,
+                 HAS_WINDOW: gl.constexpr):
         """Tile t's scores s [BLOCK_N keys, BLOCK_M queries] -> p, summed over queries into the key block's
         running `received` (stored after the head's last tile) and `pooled` cell (stored per cell). POLY: the
         odd query columns' exponentials on the FMA units (`_exp2_poly`), the even ones on MUFU (each thread
-        holds its accumulator's columns in adjacent pairs, so the split and the join move no data)."""
+        holds its accumulator's columns in adjacent pairs, so the split and the join move no data).
+        SOFTCAP (cs = scale / cap, cap2 = cap log2 e), KEY_BIAS (kb_base: the batch's [Hq, Nk] fp32 bias, natural
+        log units, after the softcap) and HAS_WINDOW (causal: keys pos - window < j) as the Triton kernel's
+        `_col_loop` computes them; qhi: the end of the queries that see any of these keys (Nq without a window)."""
         g = t // n_m
         m0 = qlo + (t % n_m) * BLOCK_M
-        z = s * c2 - lse[None, :]
+        if SOFTCAP:  # cap tanh(x), x = scale s / cap, as 2 sigmoid(2x) - 1 (the Triton kernel's form)
+            s = (2.0 / (1.0 + gl.exp2(s * (cs * -2.8853900817779268))) - 1.0) * cap2
+        elif KEY_BIAS:
+            s = s * c2
+        if KEY_BIAS:  # this tile's head's bias on the block's keys
+            s = s + (gl.load(kb_base + (h0 + g) * Nk + cols, mask=cols < Nk, other=0.0) * 1.4426950408889634)[:, None]
+        if SOFTCAP or KEY_BIAS:
+            z = s - lse[None, :]
+        else:
+            z = s * c2 - lse[None, :]
         if POLY:
             z_even, z_odd = gl.split(z.reshape([BLOCK_N, BLOCK_M // 2, 2]))
             p = gl.join(gl.exp2(z_even), _exp2_poly(z_odd)).reshape([BLOCK_N, BLOCK_M])
@@ -136,17 +151,21 @@ if importable():
             need = edge | (n0 + BLOCK_N - 1 > q_off + m0)
         else:
             need = edge
+        if HAS_WINDOW:  # some row of the tile past the window of some key of the block
+            need = need | (q_off + m0 + BLOCK_M - 1 - n0 >= window)
         if need:
             vis = key_ok[:, None]
             if CAUSAL:
                 vis = vis & (cols[:, None] <= (q_off + m0 + offs_m)[None, :])
+            if HAS_WINDOW:
+                vis = vis & ((q_off + m0 + offs_m)[None, :] - cols[:, None] < window)
             p = gl.where(vis, p, 0.0)
         colsum = gl.sum(p, axis=1)
         if RECV:
             recv += colsum
         if POOL:
             cell += colsum
-            if ((m0 + BLOCK_M) % pool == 0) | (m0 + BLOCK_M >= Nq):
+            if ((m0 + BLOCK_M) % pool == 0) | (m0 + BLOCK_M >= qhi):
                 row = ((b * Hq + h0 + g) * n_qc + m0 // pool) * n_ksub
                 for sub in gl.static_range(BLOCK_N // KSUB):
                     in_sub = (cols - n0) // KSUB == sub
@@ -178,10 +197,10 @@ if importable():
     def _ws_consumer(shared, WG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                      KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
                      STAGES: gl.constexpr, K_REG: gl.constexpr, NWG: gl.constexpr, TWO_ACC: gl.constexpr,
-                     POLY: gl.constexpr):
+                     POLY: gl.constexpr, SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr, HAS_WINDOW: gl.constexpr):
         # (the runtime arguments every consumer shares, as one tuple: see the kernel's warp_specialize)
         (k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq, Nq, Nk, q_off, qlo, n_m, T,
-         c2, n_qc, n_ksub, pool, max_first, n0_cta) = shared
+         c2, n_qc, n_ksub, pool, max_first, n0_cta, qhi, kb_base, cs, cap2, window) = shared
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         key_l: gl.constexpr = gl.SliceLayout(1, mma)
@@ -209,8 +228,9 @@ if importable():
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
                 mbarrier.arrive(empty.index(t % STAGES), count=1)
                 recv, cell = _consume(s, t, lse, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off, qlo, n_m,
-                                      c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
-                                      WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY)
+                                      c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0, qhi, kb_base, cs,
+                                      cap2, window, WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY, SOFTCAP,
+                                      KEY_BIAS, HAS_WINDOW)
         else:
             s_a = _issue(k_tile, q_smem, ready, acc0, 0, STAGES, BLOCK_M, HEAD_DIM)
             lse_a = _lse(Lse2, 0, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
@@ -221,8 +241,9 @@ if importable():
                 s_b = _issue(k_tile, q_smem, ready, acc0, tb, STAGES, BLOCK_M, HEAD_DIM)
                 lse_b = _lse(Lse2, tb, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
                 recv, cell = _consume(s, t, lse_a, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off, qlo, n_m,
-                                      c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
-                                      WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY)
+                                      c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0, qhi, kb_base, cs,
+                                      cap2, window, WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY, SOFTCAP,
+                                      KEY_BIAS, HAS_WINDOW)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_b, ))
                 if t + 1 < T:  # (a redundant product past the last tile releases nothing)
                     mbarrier.arrive(empty.index((t + 1) % STAGES), count=1)
@@ -231,17 +252,20 @@ if importable():
                 lse_a = _lse(Lse2, ta, b, h0, Hq, Nq, qlo, n_m, offs_m, BLOCK_M)
                 if t + 1 < T:
                     recv, cell = _consume(s, t + 1, lse_b, recv, cell, Recv, PoolPart, b, h0, kbw, Hq, Nq, Nk, q_off,
-                                          qlo, n_m, c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0,
-                                          WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY)
+                                          qlo, n_m, c2, n_qc, n_ksub, pool, cols, offs_m, key_ok, edge, n0, qhi,
+                                          kb_base, cs, cap2, window, WG_N, BLOCK_M, KSUB, RECV, POOL, CAUSAL, POLY,
+                                          SOFTCAP, KEY_BIAS, HAS_WINDOW)
             warpgroup_mma_wait(num_outstanding=0, deps=(s_a, ))
 
     @gluon.jit
-    def _columns_ws_kernel(desc_q, desc_k, Lse2, First, Recv, PoolPart,
-                           Hq, G, Nq, Nk, q_off, c2, n_qc, n_ksub, pool, min_first, max_first,
+    def _columns_ws_kernel(desc_q, desc_k, Lse2, First, Recv, PoolPart, KeyBias,
+                           Hq, G, Nq, Nk, q_off, c2, n_qc, n_ksub, pool, min_first, max_first, cs, cap2, skbb, window,
                            NG: gl.constexpr, WG_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                            KSUB: gl.constexpr, RECV: gl.constexpr, POOL: gl.constexpr, CAUSAL: gl.constexpr,
                            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, K_REG: gl.constexpr,
-                           NWG: gl.constexpr, TWO_ACC: gl.constexpr, POLY: gl.constexpr, num_warps: gl.constexpr):
+                           NWG: gl.constexpr, TWO_ACC: gl.constexpr, POLY: gl.constexpr, num_warps: gl.constexpr,
+                           SOFTCAP: gl.constexpr = False, KEY_BIAS: gl.constexpr = False,
+                           HAS_WINDOW: gl.constexpr = False):
         bg = gl.program_id(0)
         kb = gl.program_id(1)
         n_groups = Hq // NG
@@ -254,7 +278,11 @@ if importable():
         else:
             qlo = gl.maximum(min_first - q_off, 0)
         qlo = (qlo // BLOCK_M) * BLOCK_M
-        n_m = gl.cdiv(Nq - qlo, BLOCK_M)
+        if HAS_WINDOW:  # (causal) the queries after the block's last key + window see none of its keys
+            qhi = gl.minimum(Nq, n0 + NWG * WG_N - 1 + window - q_off)
+        else:
+            qhi = Nq + 0 * n0
+        n_m = gl.cdiv(qhi - qlo, BLOCK_M)
         T = NG * n_m
 
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [NWG] + desc_k.block_type.shape, desc_k.layout)
@@ -271,8 +299,11 @@ if importable():
         Hq_t, Nq_t, Nk_t, q_off_t = gl.to_tensor(Hq), gl.to_tensor(Nq), gl.to_tensor(Nk), gl.to_tensor(q_off)
         c2_t, n_qc_t, n_ksub_t = gl.to_tensor(c2), gl.to_tensor(n_qc), gl.to_tensor(n_ksub)
         pool_t, max_first_t = gl.to_tensor(pool), gl.to_tensor(max_first)
+        cs_t, cap2_t, window_t = gl.to_tensor(cs), gl.to_tensor(cap2), gl.to_tensor(window)
+        kb_base = KeyBias + b * skbb  # [B|1, Hq, Nk] key bias (batch stride 0 when broadcast)
         shared = (k_smem, q_smem, ready, empty, k_bar, Lse2, First, Recv, PoolPart, b, h0, kb, Hq_t, Nq_t, Nk_t,
-                  q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0)
+                  q_off_t, qlo, n_m, T, c2_t, n_qc_t, n_ksub_t, pool_t, max_first_t, n0, qhi, kb_base, cs_t, cap2_t,
+                  window_t)
         loads = (desc_q, desc_k, q_smem, k_smem, ready, empty, k_bar, b, hk, h0, n0, qlo, n_m, T)
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
@@ -282,28 +313,28 @@ if importable():
         # the tiles go as separate arguments, since constexprs passed inside a tuple built here arrive as tensors)
         if NWG == 2:
             gl.warp_specialize([(_ws_consumer, (shared, WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_consumer, (shared, WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_producer, (loads, STAGES, BLOCK_M, NWG, WG_N))], [4, 1], [CONSUMER_REGS, 24])
         elif NWG == 3:
             gl.warp_specialize([(_ws_consumer, (shared, WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_consumer, (shared, WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_consumer, (shared, WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_producer, (loads, STAGES, BLOCK_M, NWG, WG_N))],
                                [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
         else:
             gl.warp_specialize([(_ws_consumer, (shared, WG0, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_consumer, (shared, WG1, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_consumer, (shared, WG2, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_consumer, (shared, WG3, WG_N, BLOCK_M, HEAD_DIM, KSUB, RECV, POOL, CAUSAL, STAGES,
-                                                K_REG, NWG, TWO_ACC, POLY)),
+                                                K_REG, NWG, TWO_ACC, POLY, SOFTCAP, KEY_BIAS, HAS_WINDOW)),
                                 (_ws_producer, (loads, STAGES, BLOCK_M, NWG, WG_N))],
                                [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 24])
         for i in gl.static_range(STAGES):
@@ -337,6 +368,9 @@ class ColumnsTiles(NamedTuple):
 
 
 COLUMNS_CONFIG = {128: ColumnsTiles(128, 64, 4, False, 168, 232)}
+# A softcap, a key bias (ALiBi, key_keep) and causal sliding windows in this kernel (else they go to the Triton
+# pass 2): off until their fp64 cases (tests/gpu/test_gluon_hopper.py) have passed on a Hopper GPU.
+FEATURES = False
 
 
 def device_reason(q: torch.Tensor) -> str | None:
@@ -346,14 +380,6 @@ def device_reason(q: torch.Tensor) -> str | None:
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not a Hopper GPU (sm_90)"
     return None
-
-
-def feature_reasons(call, *more: tuple[str, bool]) -> list[str]:
-    """The attention features of `call` the Gluon kernels leave to Triton, and those of `more` (name,
-    present) pairs that are present."""
-    return [what for what, present in (
-        ("a softcap", call.softcap is not None), ("a sliding window", call.window is not None),
-        ("a key bias", call.key_bias is not None), ("an edit", call.edit is not None), *more) if present]
 
 
 def tma_reason(*tensors: torch.Tensor) -> str | None:
@@ -373,7 +399,12 @@ def call_reason(call, request) -> str | None:
     """What in the call itself (not the device) the Gluon pass 2 does not cover, or None."""
     if call.D not in COLUMNS_CONFIG:
         return f"head dim {call.D} (the Gluon pass 2 is faster than the Triton one at d 128 only)"
-    reasons = feature_reasons(call, ("segments", request.segment_ids is not None))
+    reasons = [what for what, present in (
+        ("an edit", call.edit is not None), ("segments", request.segment_ids is not None),
+        ("a sliding window without a causal mask", call.window is not None and not call.causal),
+        *((what, present) for what, present in (
+            ("a softcap", call.softcap is not None), ("a key bias", call.key_bias is not None),
+            ("a sliding window", call.window is not None)) if not FEATURES)) if present]
     if reasons:
         return ", ".join(reasons) + " (on the Triton kernel)"
     if request.pooled_block is not None and request.pooled_block % 64:
@@ -407,9 +438,12 @@ def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
     part = torch.zeros(B, Hq, n_qc, n_ksub, **f32) if pool else lse2
     _columns_ws_kernel[(B * Hq // G, n_kb)](
         _descriptor(call.q, BM, call.D), _descriptor(call.k, wg_n, call.D), lse2, call.first, recv, part,
+        lse2 if call.key_bias is None else call.key_bias,
         Hq, G, Nq, Nk, call.q_off, call.scale * LOG2E, n_qc, n_ksub, max(pool, 1), call.min_first, call.max_first,
+        call.scale / float(call.softcap or 1.0), float(call.softcap or 1.0) * LOG2E, call.skbb, int(call.window or 0),
         NG=G, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=call.D, KSUB=ksub, RECV=request.received, POOL=bool(pool),
         CAUSAL=call.causal, STAGES=stages, CONSUMER_REGS=consumer_regs, K_REG=k_reg,
-        NWG=nwg, TWO_ACC=two_acc, POLY=poly, num_warps=4, maxnreg=maxnreg,
+        NWG=nwg, TWO_ACC=two_acc, POLY=poly, num_warps=4, maxnreg=maxnreg, SOFTCAP=call.softcap is not None,
+        KEY_BIAS=call.key_bias is not None, HAS_WINDOW=call.window is not None,
     )
     return call.finish_columns(request, recv, part, ksub)

@@ -44,7 +44,9 @@ OTHER_TILES = [(128, 64, 4, False, 120, 160, 3, False), (128, 128, 4, False, 168
                (128, 64, 4, False, 168, 232, 2, True, True), (128, 64, 4, False, 120, 160, 3, False, True)]
 
 
-def _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad):
+def _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad, **features):
+    """received and pooled through the Gluon pass 2 as the fp64 twin gives them (1e-5 relative); `features`:
+    attention features of the call (softcap, key_bias, sliding_window, sinks)."""
     from attnlab.kernels import triton_stats as ts
 
     g = torch.Generator(device="cuda").manual_seed(nq + hq)
@@ -57,10 +59,10 @@ def _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad):
         key_mask[1, :pad] = False
     req = StatRequest(received=True, pooled_block=pool)
     kernels.last_kernels()  # nothing left from an earlier call
-    _, got = ts.attention_stats(q, k, k, request=req, key_mask=key_mask, causal=causal)
+    _, got = ts.attention_stats(q, k, k, request=req, key_mask=key_mask, causal=causal, **features)
     assert kernels.last_kernels()["columns"] == "gluon-hopper"
     _, want = reference.attention_stats(q.double(), k.double(), k.double(), request=req, key_mask=key_mask,
-                                        causal=causal, chunk_size=512)
+                                        causal=causal, chunk_size=512, **features)
     for name in req.outputs():
         w = want[name].float()
         assert torch.equal(torch.isnan(got[name]), torch.isnan(w)), name
@@ -73,6 +75,30 @@ def _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad):
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", CASES)
 def test_received_and_pooled_match_fp64_on_hopper(b, hq, hkv, nq, nk, causal, pool, pad):
     _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad)
+
+
+@needs_hopper
+@pytest.mark.parametrize("which", ["softcap", "alibi", "window1", "window50", "window300", "window4000", "all"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", [CASES[1], CASES[4], CASES[5], CASES[6]])
+def test_attention_features_match_fp64(monkeypatch, which, b, hq, hkv, nq, nk, causal, pool, pad):
+    """A softcap, a key bias (ALiBi) and causal sliding windows (gluon_hopper.FEATURES; learned sinks ride in
+    the forward's log-sum-exp) in the Gluon pass 2: received and pooled as the fp64 twin gives them."""
+    from attnlab.kernels import gluon_forward, gluon_hopper
+
+    if which.startswith("window") and not causal:
+        pytest.skip("bidirectional windows stay on the Triton kernel (call_reason says so)")
+    monkeypatch.setattr(gluon_hopper, "FEATURES", True)
+    monkeypatch.setattr(gluon_forward, "FEATURES", True)
+    features = {}
+    if which in ("softcap", "all"):
+        features["softcap"] = 5.0
+    if which in ("alibi", "all"):
+        slopes = 2.0 ** (-8.0 * torch.arange(1, hq + 1, device="cuda") / hq)
+        features["key_bias"] = (slopes[:, None] * torch.arange(nk, device="cuda")[None, :])[None].float()
+    if which.startswith("window") or (which == "all" and causal):
+        features["sliding_window"] = int(which[6:]) if which.startswith("window") else 200
+        features["sinks"] = torch.linspace(-2.0, 4.0, hq, device="cuda")
+    _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad, **features)
 
 
 @needs_hopper

@@ -40,14 +40,21 @@ def _call(d=128, dtype=torch.bfloat16, **kw):
 # ----------------------------------------------------------------------------- dispatch (CPU)
 
 
-def test_gluon_takes_plain_d128_calls_and_names_what_it_leaves():
+def test_gluon_takes_plain_d128_calls_and_names_what_it_leaves(monkeypatch):
     req = StatRequest(received=True, pooled_block=128)
     assert gluon_hopper.call_reason(_call(), req) is None
     assert gluon_hopper.call_reason(_call(causal=False), req) is None
     assert "head dim 64" in gluon_hopper.call_reason(_call(d=64), req)
-    assert "softcap" in gluon_hopper.call_reason(_call(softcap=30.0), req)
-    assert "sliding window" in gluon_hopper.call_reason(_call(window=16), req)
-    assert "key bias" in gluon_hopper.call_reason(_call(key_bias=torch.zeros(1, 8, 64)), req)
+    # a softcap, a key bias and causal windows: in the kernel once the switch FEATURES is on (learned sinks need
+    # nothing in pass 2: the log-sum-exp carries them)
+    assert gluon_hopper.call_reason(_call(sinks=torch.zeros(8)), req) is None
+    monkeypatch.setattr(gluon_hopper, "FEATURES", False)
+    assert gluon_hopper.call_reason(_call(softcap=30.0, key_bias=torch.zeros(1, 8, 64), window=16), req) == \
+        "a softcap, a key bias, a sliding window (on the Triton kernel)"
+    monkeypatch.setattr(gluon_hopper, "FEATURES", True)
+    assert gluon_hopper.call_reason(_call(softcap=30.0, key_bias=torch.zeros(1, 8, 64), window=16), req) is None
+    assert gluon_hopper.call_reason(_call(window=16, causal=False), req) == \
+        "a sliding window without a causal mask (on the Triton kernel)"
     assert "multiple of 64" in gluon_hopper.call_reason(_call(), StatRequest(received=True, pooled_block=48))
     assert "segments" in gluon_hopper.call_reason(
         _call(), StatRequest(received=True, segment_ids=torch.zeros(1, 64, dtype=torch.long), n_segments=1))
@@ -122,10 +129,11 @@ for combo in json.loads(sys.argv[1]):
     f, i32 = torch.empty(4), torch.empty(1, dtype=torch.int32)
     args = dict(desc_q=gh._descriptor(q, BM, 128), desc_k=gh._descriptor(k, wg_n, 128), Lse2=f, First=i32,
                 Recv=f, PoolPart=f, Hq=8, G=4, Nq=1024, Nk=1024, q_off=0, c2=0.1, n_qc=8, n_ksub=8,
-                pool=max(pool, 1), min_first=0, max_first=0)
+                pool=max(pool, 1), min_first=0, max_first=0, KeyBias=f, cs=0.01, cap2=43.0, skbb=8192, window=300)
     consts = dict(NG=4, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=128, KSUB=math.gcd(wg_n, pool) if pool else wg_n, RECV=recv,
                   POOL=bool(pool), CAUSAL=causal, STAGES=stages, CONSUMER_REGS=regs, K_REG=k_reg, NWG=nwg,
-                  TWO_ACC=two_acc, POLY=poly, num_warps=4)
+                  TWO_ACC=two_acc, POLY=poly, num_warps=4, SOFTCAP=combo.get("softcap", False),
+                  KEY_BIAS=combo.get("key_bias", False), HAS_WINDOW=combo.get("window", False))
     sig = {n: ("constexpr" if n in consts else mangle_type(args[n])) for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -136,7 +144,11 @@ print(json.dumps(out))
 """
 
 COMBOS = [dict(pool=128, causal=True, recv=True), dict(pool=0, causal=True, recv=True),
-          dict(pool=64, causal=False, recv=True), dict(pool=192, causal=True, recv=False)]
+          dict(pool=64, causal=False, recv=True), dict(pool=192, causal=True, recv=False),
+          # the attention features (gluon_hopper.FEATURES), each alone: a causal window, a key bias, a softcap (all
+          # three together spill 48 bytes)
+          dict(pool=128, causal=True, recv=True, window=True), dict(pool=0, causal=False, recv=True, key_bias=True),
+          dict(pool=128, causal=True, recv=True, softcap=True)]
 
 
 @pytest.mark.slow
