@@ -16,8 +16,14 @@ in one call on an H100: correctness, then times side by side.
    per-query statistics sink_mass(4) + entropy + top_key, as ratios to SDPA. --forward-breakdown adds each
    statistic alone and the Gluon forward's TOP_SKIP and BESIDE variants.
 
+4. The attention features (section `features`, the switches `gluon_forward.FEATURES` / `gluon_hopper.FEATURES`):
+   per feature set (a sliding window of 4,096 keys with learned sinks, as GPT-OSS / Mistral layers; ALiBi as a
+   key bias; a softcap of 50, as Gemma 2) the forward with sink_mass(4) + entropy + top_key and pass 2
+   (received + pooled(128)) in Triton and in Gluon, their differences, and times as ratios to SDPA's default
+   plain causal forward on the same inputs (a window makes both kernels' work smaller than SDPA's).
+
     PYTHONPATH=<folder holding attnlab> python bench/gluon_hopper.py [--sizes 32768,131072] [--dims 128,64]
-        [--sections columns,forward] [--forward-dims 128,64] [--forward-breakdown]
+        [--sections columns,forward,features] [--forward-dims 128,64] [--forward-breakdown]
 
 Writes JSON to $OUT (when set) or bench/results/gluon_hopper.json.
 """
@@ -282,12 +288,73 @@ def _compare_forwards(res, name, got, ref):
         res[f"{name}_top_key_agree"] = float((got[2]["top_key"] == ref[2]["top_key"]).double().mean())
 
 
+# ----------------------------------------------------------------------------- the attention features
+
+FEATURE_SETS = {"window4096_sinks": dict(window=4096, sinks=True), "alibi": dict(alibi=True),
+                "softcap50": dict(softcap=50.0)}
+
+
+def feature_timings(n, d, log):
+    """Per feature set: the forward with FORWARD_STATS and pass 2 (received + pooled(128)), Triton against
+    Gluon (both FEATURES switches on), on the inputs of `sdpa_baseline`."""
+    q, k, v, flops, sdpa = sdpa_baseline(n, d)
+    hq = q.shape[1]
+    res = {"n": n, "d": d, "sdpa_default_ms": sdpa}
+    pass2 = StatRequest(received=True, pooled_block=128)
+    saved = gf.FEATURES, gh.FEATURES, ts.GLUON
+    for label, f in FEATURE_SETS.items():
+        sinks = torch.linspace(-2.0, 4.0, hq, device="cuda") if f.get("sinks") else None
+        key_bias = None
+        if f.get("alibi"):
+            slopes = 2.0 ** (-8.0 * torch.arange(1, hq + 1, device="cuda") / hq)
+            key_bias = (slopes[:, None] * torch.arange(n, device="cuda")[None, :])[None].float()
+        call = ts._Call(q, k, v, None, None, f.get("window"), f.get("softcap"), True, key_bias, sinks)
+        try:
+            gf.FEATURES = gh.FEATURES = True
+            res[f"{label}_gluon_unsupported"] = gf.unsupported(call, FORWARD_STATS)
+            res[f"{label}_gluon_pass2_unsupported"] = gh.unsupported(call, pass2)
+            ref = None
+            for kernel, gluon in (("triton", False), ("gluon", True)):
+                name = f"{label}_{kernel}_fwd_stats"
+                if gluon and res[f"{label}_gluon_unsupported"]:
+                    continue
+                got = _forward_outputs(call, FORWARD_STATS, gluon)
+                if ref is None:
+                    ref = got
+                else:
+                    _compare_forwards(res, name, got, ref)
+                ms = bench_ms(lambda: _forward_outputs(call, FORWARD_STATS, gluon), sdpa)
+                res[f"{name}_ms"], res[f"{name}_x_sdpa"] = ms, ms / sdpa
+                print(f"  {n} d{d} {name}: {ms:.2f} ms ({ms / sdpa:.2f}x)", flush=True)
+            lse2 = ref[1]
+            ref_cols = None
+            for kernel, gluon in (("triton", False), ("gluon", True)):
+                name = f"{label}_{kernel}_pass2"
+                if gluon and res[f"{label}_gluon_pass2_unsupported"]:
+                    continue
+                ts.GLUON = gluon
+                got = call._columns(pass2, lse2)
+                if ref_cols is None:
+                    ref_cols = got
+                else:
+                    res[f"{name}_vs_triton"] = max(rel_err(got[key], ref_cols[key]) for key in got)
+                ms = bench_ms(lambda: call._columns(pass2, lse2), sdpa)
+                res[f"{name}_ms"], res[f"{name}_x_sdpa"] = ms, ms / sdpa
+                res[f"{name}_kernel"] = call.kernels["columns"]
+                print(f"  {n} d{d} {name}: {ms:.2f} ms ({ms / sdpa:.2f}x)", flush=True)
+        finally:
+            gf.FEATURES, gh.FEATURES, ts.GLUON = saved
+    log(json.dumps(res))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--sections", default="columns,forward", help="columns (pass 2), forward, or both")
+    ap.add_argument("--sections", default="columns,forward",
+                    help="columns (pass 2), forward, features (the attention features), comma-separated")
     ap.add_argument("--forward-dims", default="128,64")
     ap.add_argument("--forward-breakdown", action="store_true", help="also time each forward statistic alone")
     ap.add_argument("--forward-variants-only", action="store_true",
@@ -307,12 +374,15 @@ def main():
             result["forward_correctness"] = forward_correctness(log)
         result["forward_timings"] = [forward_timings(n, d, log, args.forward_breakdown, args.forward_variants_only)
                                      for d in map(int, args.forward_dims.split(",")) for n in sizes]
+    if "features" in sections:
+        result["feature_timings"] = [feature_timings(n, d, log) for d in map(int, args.forward_dims.split(","))
+                                     for n in sizes]
     if "columns" in sections:
         if not args.skip_check:
             result["correctness"] = correctness(log)
         result["timings"] = [timings(n, d, log) for d in map(int, args.dims.split(",")) for n in sizes]
     print(f"\n{'n':>7} {'d':>4} {'kernel':>24} {'ms':>9} {'x sdpa':>7}")
-    for r in result.get("forward_timings", []) + result.get("timings", []):
+    for r in result.get("forward_timings", []) + result.get("feature_timings", []) + result.get("timings", []):
         print(f"{r['n']:>7} {r['d']:>4} {'sdpa_default':>24} {r['sdpa_default_ms']:>9.2f} {1:>6.2f}x")
         for key in r:
             if key.endswith("_x_sdpa"):

@@ -7,6 +7,8 @@
 #   bash bench/issue20_device.sh pass2     # pass 2's GPU tests (every tile variant against fp64), then its d 128 table
 #   bash bench/issue20_device.sh capture   # per layer: forward, + per-query statistics, full capture (kernel_stats.py)
 #   bash bench/issue20_device.sh model     # the whole 1B-shaped model at 32k and 128k (the acceptance's table)
+#   bash bench/issue20_device.sh features  # both Gluon kernels with a softcap, ALiBi, windows, learned sinks: their
+#                                          # fp64 GPU cases, then Triton against Gluon per feature set (32k, d 128)
 #
 # LIMIT (seconds, default 560) bounds each part, so two parts fit one call: LIMIT=300 bash ... tests; ...
 # SKIP_CHECK=1: the columns part without its fp64 checks (tests/gpu has them).
@@ -48,7 +50,15 @@ case "${1:-}" in
     timeout $LIMIT python3 "$R/bench/whole_model.py" --lengths 32768,131072 --repeats 2 --out "$OUT" \
       > "$OUT/whole_model.txt" 2>&1
     tail -30 "$OUT/whole_model.txt" ;;
+  features)
+    timeout $LIMIT python3 -m pytest -q -p no:cacheprovider "$R/tests/gpu/test_gluon_forward.py" \
+      "$R/tests/gpu/test_gluon_hopper.py" -k "features or leaves" > "$OUT/pytest_features.txt" 2>&1
+    echo "pytest rc $?" >> "$OUT/pytest_features.txt"
+    grep -E "^(FAILED|ERROR)|passed|failed|rc " "$OUT/pytest_features.txt" | tail -30
+    timeout $LIMIT python3 "$R/bench/gluon_hopper.py" --sections features --sizes 32768 --forward-dims 128 \
+      > "$OUT/features.txt" 2>&1
+    grep -E "^ +[0-9]+ d[0-9]+ |Error" "$OUT/features.txt" ;;
   *)
-    echo "usage: bash bench/issue20_device.sh tests|forward|columns|pass2|capture|model" >&2
+    echo "usage: bash bench/issue20_device.sh tests|forward|columns|pass2|capture|model|features" >&2
     exit 2 ;;
 esac
