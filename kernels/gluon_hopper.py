@@ -278,8 +278,9 @@ if importable():
         else:
             qlo = gl.maximum(min_first - q_off, 0)
         qlo = (qlo // BLOCK_M) * BLOCK_M
-        if HAS_WINDOW:  # (causal) the queries after the block's last key + window see none of its keys
-            qhi = gl.minimum(Nq, n0 + NWG * WG_N - 1 + window - q_off)
+        if HAS_WINDOW:  # (causal) the queries after the block's last key + window see none of its keys; at least
+            # one (masked) tile, so a block no query sees (left padding past the window) still stores its zeros
+            qhi = gl.maximum(gl.minimum(Nq, n0 + NWG * WG_N - 1 + window - q_off), qlo + 1)
         else:
             qhi = Nq + 0 * n0
         n_m = gl.cdiv(qhi - qlo, BLOCK_M)

@@ -79,7 +79,8 @@ def test_received_and_pooled_match_fp64_on_hopper(b, hq, hkv, nq, nk, causal, po
 
 @needs_hopper
 @pytest.mark.parametrize("which", ["softcap", "alibi", "window1", "window50", "window300", "window4000", "all"])
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", [CASES[1], CASES[4], CASES[5], CASES[6]])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", [CASES[1], CASES[4], CASES[5], CASES[6],
+                                                        (2, 8, 2, 1500, 1500, True, 64, 900)])  # padding past windows
 def test_attention_features_match_fp64(monkeypatch, which, b, hq, hkv, nq, nk, causal, pool, pad):
     """A softcap, a key bias (ALiBi) and causal sliding windows (gluon_hopper.FEATURES; learned sinks ride in
     the forward's log-sum-exp) in the Gluon pass 2: received and pooled as the fp64 twin gives them."""
