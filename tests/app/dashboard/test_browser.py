@@ -39,19 +39,18 @@ def _title(dash_duo, graph_id: str) -> str:
 
 
 def _wait(cond, timeout: float, what: str, step: float = 0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """cond()'s first true value, polled every `step` s (dash.testing's wait); fails naming `what`."""
+    from dash.testing.wait import until  # (dash[testing]: where it is missing, the browser tests skip)
+
+    return until(cond, timeout, poll=step, msg=f"timed out after {timeout} s waiting for {what}")
 
 
 def _wait_grid(dash_duo, graph_id: str, shape: tuple[int, int], timeout: float = 20) -> None:
+    from dash.testing.errors import TestingTimeoutError
+
     try:
         _wait(lambda: _grid(dash_duo, graph_id) == shape, timeout, f"a {shape} heatmap in #{graph_id}")
-    except AssertionError as e:
+    except TestingTimeoutError as e:
         raise AssertionError(f"{e}: it has {_grid(dash_duo, graph_id)}, title {_title(dash_duo, graph_id)!r}") from None
 
 

@@ -23,13 +23,10 @@ SHORT = ("When Mary and John went to the store, John gave a drink to Mary. "
 
 
 def _wait(cond, timeout: float, what: str, step: float = 0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """cond()'s first true value, polled every `step` s (dash.testing's wait); fails naming `what`."""
+    from dash.testing.wait import until  # (dash[testing]: where it is missing, the browser tests skip)
+
+    return until(cond, timeout, poll=step, msg=f"timed out after {timeout} s waiting for {what}")
 
 
 def _title(dash_duo, graph_id: str) -> str:
