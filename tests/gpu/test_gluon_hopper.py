@@ -77,17 +77,19 @@ def test_received_and_pooled_match_fp64_on_hopper(b, hq, hkv, nq, nk, causal, po
     _check_against_fp64(b, hq, hkv, nq, nk, causal, pool, pad)
 
 
+FEATURE_CASES = [CASES[1], CASES[4], CASES[5], CASES[6], (2, 8, 2, 1500, 1500, True, 64, 900)]  # padding past windows
+
+
 @needs_hopper
-@pytest.mark.parametrize("which", ["softcap", "alibi", "window1", "window50", "window300", "window4000", "all"])
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad", [CASES[1], CASES[4], CASES[5], CASES[6],
-                                                        (2, 8, 2, 1500, 1500, True, 64, 900)])  # padding past windows
-def test_attention_features_match_fp64(monkeypatch, which, b, hq, hkv, nq, nk, causal, pool, pad):
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,causal,pool,pad,which", [
+    (*case, which) for case in FEATURE_CASES
+    # (bidirectional windows stay on the Triton kernel: call_reason names them)
+    for which in ("softcap", "alibi", "all") + (("window1", "window50", "window300", "window4000") if case[5] else ())])
+def test_attention_features_match_fp64(monkeypatch, b, hq, hkv, nq, nk, causal, pool, pad, which):
     """A softcap, a key bias (ALiBi) and causal sliding windows (gluon_hopper.FEATURES; learned sinks ride in
     the forward's log-sum-exp) in the Gluon pass 2: received and pooled as the fp64 twin gives them."""
     from attnlab.kernels import gluon_forward, gluon_hopper
 
-    if which.startswith("window") and not causal:
-        pytest.skip("bidirectional windows stay on the Triton kernel (call_reason says so)")
     monkeypatch.setattr(gluon_hopper, "FEATURES", True)
     monkeypatch.setattr(gluon_forward, "FEATURES", True)
     features = {}
