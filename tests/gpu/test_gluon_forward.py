@@ -220,8 +220,10 @@ def _features(which, hq, hkv, nk, q):
     if which in ("softcap", "all"):
         kw["softcap"] = 5.0
         q = q * 3.0
-    if which in ("key_keep", "all"):
+    if which in ("key_keep", "all"):  # a tenth evicted, past the first 256 keys (every real query keeps its
+        # text's first key: a row with no kept key is refused, NoKeptKeyError)
         kw["key_keep"] = torch.rand(1, hkv, nk, generator=g, device="cuda") > 0.1
+        kw["key_keep"][..., :256] = True
     if which.startswith("window"):  # "window<W>": a sliding window of W keys (GPT-OSS: with learned sinks)
         kw["sliding_window"] = int(which[6:])
         kw["sinks"] = torch.randn(hq, generator=g, device="cuda") * 3.0
@@ -238,9 +240,8 @@ def test_gluon_forward_with_attention_features_matches_fp64(monkeypatch, b, hq, 
     forward: every forward statistic (learned_sink included) and received (pass 2 on the forward's log-sum-exp) as
     the fp64 twin gives them, on GQA, bidirectional attention, left padding and fp16; windows of one key, less
     than a key tile, one tile, more, and longer than the text."""
-    from attnlab.kernels import triton_stats as ts
-
     from attnlab.kernels import gluon_forward
+    from attnlab.kernels import triton_stats as ts
 
     monkeypatch.setattr(gluon_forward, "FEATURES", True)
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
