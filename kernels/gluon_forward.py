@@ -49,11 +49,13 @@ What it covers (`unsupported` says why not, and the Triton forward runs): bf16/f
 statistics sink_mass (k <= 128), entropy (+ entropy_norm, derived after it), top_key, distance / local_mass
 (causal), learned_sink; and the features a softcap, a key bias (ALiBi; KV-cache eviction's key_keep, folded
 into it) and learned sinks (GPT-OSS: joined to the normaliser in the epilogue, as the Triton forward does),
-and causal sliding windows (the CTA's key tiles start at its first query's window; the tiles holding keys out
-of some row's window run in a masked loop of their own, so the hot loop stays clear), behind the switch
-`FEATURES` (off until their fp64 cases have passed on a Hopper GPU). A softcap or a key bias gives up the FFMA
-form (the scores are scaled to log2 units first, then biased: the Triton kernel's formulas, so both give the
-same numbers). Bidirectional distance, bidirectional windows and edits stay on the Triton kernel.
+causal sliding windows (the CTA's key tiles start at its first query's window; the tiles holding keys out
+of some row's window run in a masked loop of their own, so the hot loop stays clear) and edits (a logit bias or
+a mass transfer, as per-row biases on two key classes: `_Call.set_edit`; the mass transfer's measuring pass
+stays on the Triton kernel), behind the switch `FEATURES` (off until their fp64 cases have passed on a Hopper
+GPU). A softcap, a key bias or an edit gives up the FFMA form (the scores are scaled to log2 units first, then
+biased: the Triton kernel's formulas, so both give the same numbers). Bidirectional distance and bidirectional
+windows stay on the Triton kernel.
 
 Measured on an H100 (session 11; bench/RESULTS.md; batch 1, 32 / 8 heads, bf16, causal; ms at 32k / 128k,
 x SDPA's default): d 128 output + log-sum-exp 14.3 / 228 (1.00x / 0.91x), with entropy, top_key and
@@ -107,10 +109,10 @@ if importable():
 
     @gluon.jit
     def _softmax(s, n0, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-                 kb_base, cs, cap2, window, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr,
-                 TOP: gl.constexpr, SINK_TILE: gl.constexpr, MASK: gl.constexpr, TOP_SKIP: gl.constexpr,
-                 DIST: gl.constexpr, LOCAL_TILE: gl.constexpr, SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr,
-                 HAS_WINDOW: gl.constexpr):
+                 kb_base, cs, cap2, window, edit, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr, MASK: gl.constexpr,
+                 TOP_SKIP: gl.constexpr, DIST: gl.constexpr, LOCAL_TILE: gl.constexpr, SOFTCAP: gl.constexpr,
+                 KEY_BIAS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_EDIT: gl.constexpr):
         """One tile's raw scores s = q.k [BLOCK_M, BLOCK_N] -> p (fp32) and the updated running row state (m_i, l_i
         in log2 units of the scaled scores). The scale rides in one FFMA per score (z = s c2 - m, the tile maximum
         taken on raw scores and scaled once per row: FlashAttention-3's form). MASK: mask keys before the text's
@@ -121,15 +123,24 @@ if importable():
         SOFTCAP (cs = scale / cap, cap2 = cap log2 e) and KEY_BIAS (kb_base: this head's [Nk] fp32 bias, natural
         log units, added after the softcap) give up the FFMA form: the scores are scaled to log2 units first, as
         in the Triton kernel's `_scores` (same formulas, so both kernels give the same numbers). HAS_WINDOW
-        (causal): MASK also hides keys at pos - window or before."""
+        (causal): MASK also hides keys at pos - window or before. HAS_EDIT: edit = (src, tgt, bs, bt), this text's
+        [Nk] int8 source / target key classes and this warpgroup's rows' biases on them (log2 units), as
+        `_Call.set_edit` compiles a KernelEdit; added after the key bias."""
         cols = n0 + offs_n
         if SOFTCAP:  # cap tanh(x), x = scale s / cap, as 2 sigmoid(2x) - 1 (the Triton kernel's form)
             s = (2.0 / (1.0 + gl.exp2(s * (cs * -2.8853900817779268))) - 1.0) * cap2
-        elif KEY_BIAS:
+        elif KEY_BIAS or HAS_EDIT:
             s = s * c2
         if KEY_BIAS:
             s = s + (gl.load(kb_base + cols, mask=cols < Nk, other=0.0) * 1.4426950408889634)[None, :]
-        if SOFTCAP or KEY_BIAS:
+        if HAS_EDIT:
+            src, tgt, bs, bt = edit
+            # (class x bias: two FFMAs, not selects; the classes are 0 / 1 (`set_edit`) and the biases finite,
+            # >= MIN_LOG, so 0 x bias adds 0 exactly)
+            src_k = gl.load(src + cols, mask=cols < Nk, other=0).to(gl.float32)
+            tgt_k = gl.load(tgt + cols, mask=cols < Nk, other=0).to(gl.float32)
+            s = s + src_k[None, :] * bs[:, None] + tgt_k[None, :] * bt[:, None]
+        if SOFTCAP or KEY_BIAS or HAS_EDIT:
             c2 = 1.0
         if MASK:
             vis = ((cols >= first) & (cols < Nk))[None, :]
@@ -168,11 +179,12 @@ if importable():
     @gluon.jit
     def _step(j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha,
               m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-              kb_base, cs, cap2, window, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              kb_base, cs, cap2, window, edit, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr, SINK_TILE: gl.constexpr,
               MASK: gl.constexpr, TOP_SKIP: gl.constexpr, row_o: gl.constexpr, p_dot: gl.constexpr,
               BESIDE: gl.constexpr, DIST: gl.constexpr, LOCAL_TILE: gl.constexpr, SOFTCAP: gl.constexpr,
-              KEY_BIAS: gl.constexpr, HAS_WINDOW: gl.constexpr):
+              KEY_BIAS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_EDIT: gl.constexpr):
         """Tile j (from 1): S_j = Q K_j^T and O += P_{j-1} V_{j-1} (asynchronous wgmma; O rescaled by tile j-1's
         alpha first, while S_j runs), S_j's softmax, and both products retired by the step's end (nothing in
         flight past it: the C7514 lesson of pass 2).
@@ -196,8 +208,8 @@ if importable():
             mbarrier.arrive(k_empty.index(j % STAGES), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _softmax(
             s, lo + j * BLOCK_N, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w,
-            kb_base, cs, cap2, window, BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE, MASK, TOP_SKIP, DIST, LOCAL_TILE,
-            SOFTCAP, KEY_BIAS, HAS_WINDOW)
+            kb_base, cs, cap2, window, edit, BLOCK_N, CAUSAL, ENT, TOP, SINK_TILE, MASK, TOP_SKIP, DIST,
+            LOCAL_TILE, SOFTCAP, KEY_BIAS, HAS_WINDOW, HAS_EDIT)
         p_new = p.to(p_op.dtype)
         # the old P stays a dependency until its product completes (its registers are being read)
         o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
@@ -207,13 +219,13 @@ if importable():
 
     @gluon.jit
     def _fwd_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                      Out, Lse2, Ent, Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq, Nq, Nk, q_off,
-                      m0_cta, first, lo, T, c2, cs, cap2, window, sink_k, dist_w,
+                      Out, Lse2, Ent, Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, Src, Tgt, BiasS, BiasT,
+                      b, h, Hq, Nq, Nk, q_off, m0_cta, first, lo, T, c2, cs, cap2, window, sink_k, dist_w,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                       SINK: gl.constexpr, TOP_SKIP: gl.constexpr, BESIDE: gl.constexpr, DIST: gl.constexpr,
                       SOFTCAP: gl.constexpr, KEY_BIAS: gl.constexpr, SINKS: gl.constexpr, LEARNED: gl.constexpr,
-                      HAS_WINDOW: gl.constexpr):
+                      HAS_WINDOW: gl.constexpr, HAS_EDIT: gl.constexpr):
         """One warpgroup: queries [m0_cta + WG * BLOCK_M, + BLOCK_M) against every streamed key tile."""
         s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -229,6 +241,11 @@ if importable():
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_mma))
         pos = offs_m + q_off
         sink_hi = first + sink_k
+        edit = (Src, Tgt, Sinks, Sinks)  # (unused without HAS_EDIT)
+        if HAS_EDIT:  # this text's key classes and these rows' biases on them (`_softmax`)
+            row_m = (b * Hq + h) * Nq + offs_m
+            edit = (Src + b * Nk, Tgt + b * Nk, gl.load(BiasS + row_m, mask=offs_m < Nq, other=0.0),
+                    gl.load(BiasT + row_m, mask=offs_m < Nq, other=0.0))
 
         acc0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_mma)
         m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_s)
@@ -249,7 +266,8 @@ if importable():
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _softmax(
             s, lo, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs,
-            cap2, window, BLOCK_N, CAUSAL, ENT, TOP, SINK, True, TOP_SKIP, DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW)
+            cap2, window, edit, BLOCK_N, CAUSAL, ENT, TOP, SINK, True, TOP_SKIP, DIST, True, SOFTCAP, KEY_BIAS,
+            HAS_WINDOW, HAS_EDIT)
         p_op = gl.convert_layout(p.to(dtype), p_dot)
         j0 = 1
         if SINK:  # the sink keys [first, first + sink_k <= first + BLOCK_N) lie in tiles 0 and 1: tile 1 peeled too
@@ -257,8 +275,8 @@ if importable():
                 o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                     1, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
                     top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2,
-                    window, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, True, True, TOP_SKIP, row_o, p_dot, BESIDE,
-                    DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW)
+                    window, edit, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, True, True, TOP_SKIP, row_o, p_dot,
+                    BESIDE, DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW, HAS_EDIT)
             j0 = 2
         # the sink's mass stays relative to the maximum of its last tile (rescaled once, in the epilogue)
         m_sink = m_i
@@ -278,8 +296,8 @@ if importable():
                 o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                     j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
                     top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2,
-                    window, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE,
-                    DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW)
+                    window, edit, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, True, TOP_SKIP, row_o, p_dot,
+                    BESIDE, DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW, HAS_EDIT)
         # DIST: the clear tiles from j_loc on may hold keys within dist_w of this warpgroup's first query (the
         # local ones): a loop of their own, so the tiles before carry no local-mass code
         j_loc = j_mask
@@ -289,21 +307,21 @@ if importable():
             o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                 j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
                 top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2, window,
-                BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST, False,
-                SOFTCAP, KEY_BIAS, HAS_WINDOW)
+                edit, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE, DIST,
+                False, SOFTCAP, KEY_BIAS, HAS_WINDOW, HAS_EDIT)
         if DIST:
             for j in range(j_loc, j_mask):
                 o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                     j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
                     top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2,
-                    window, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot, BESIDE,
-                    DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW)
+                    window, edit, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, False, TOP_SKIP, row_o, p_dot,
+                    BESIDE, DIST, True, SOFTCAP, KEY_BIAS, HAS_WINDOW, HAS_EDIT)
         for j in range(gl.maximum(j_mask, j0), T):
             o, p_op, alpha, m_i, l_i, t_i, top_i, ms_i, d_i, lm_i = _step(
                 j, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc0, o, p_op, alpha, m_i, l_i, t_i,
                 top_i, ms_i, d_i, lm_i, c2, first, Nk, sink_hi, pos, offs_n, lo, dist_w, kb_base, cs, cap2, window,
-                BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST, True,
-                SOFTCAP, KEY_BIAS, HAS_WINDOW)
+                edit, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, False, True, TOP_SKIP, row_o, p_dot, BESIDE, DIST,
+                True, SOFTCAP, KEY_BIAS, HAS_WINDOW, HAS_EDIT)
         o = o * gl.convert_layout(alpha, row_o)[:, None]
         vslot = (T - 1) % STAGES
         mbarrier.wait(v_ready.index(vslot), ((T - 1) // STAGES) & 1)
@@ -368,15 +386,15 @@ if importable():
 
     @gluon.jit
     def _forward_ws_kernel(desc_q, desc_k, desc_v, Out, Lse2, First, Ent, Top, TopP, Sink, Dist, Local, Learned,
-                           KeyBias, Sinks, Hq, G, Nq, Nk, q_off, c2, cs, cap2, skbb, window, sink_k, dist_w,
-                           n_mblocks,
+                           KeyBias, Sinks, Src, Tgt, BiasS, BiasT, Hq, G, Nq, Nk, q_off, c2, cs, cap2, skbb, window,
+                           sink_k, dist_w, n_mblocks,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, ENT: gl.constexpr, TOP: gl.constexpr,
                            SINK: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
                            TOP_SKIP: gl.constexpr = False, BESIDE: gl.constexpr = False, DIST: gl.constexpr = False,
                            SOFTCAP: gl.constexpr = False, KEY_BIAS: gl.constexpr = False,
                            SINKS: gl.constexpr = False, LEARNED: gl.constexpr = False,
-                           HAS_WINDOW: gl.constexpr = False):
+                           HAS_WINDOW: gl.constexpr = False, HAS_EDIT: gl.constexpr = False):
         bh = gl.program_id(0)
         m0 = (n_mblocks - 1 - gl.program_id(1)) * (2 * BLOCK_M)  # the heaviest causal blocks first
         b = bh // Hq
@@ -419,15 +437,15 @@ if importable():
         WG1: gl.constexpr = 1
         gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
-                             Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq_t, Nq_t, Nk_t, q_off_t,
-                             m0, first, lo, T, c2_t, cs_t, cap2_t, window_t, sink_k_t, dist_w_t, WG0, BLOCK_M, BLOCK_N,
-                             HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE, DIST, SOFTCAP, KEY_BIAS,
-                             SINKS, LEARNED, HAS_WINDOW)),
+                             Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, Src, Tgt, BiasS, BiasT, b, h,
+                             Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, cs_t, cap2_t, window_t, sink_k_t,
+                             dist_w_t, WG0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP,
+                             BESIDE, DIST, SOFTCAP, KEY_BIAS, SINKS, LEARNED, HAS_WINDOW, HAS_EDIT)),
             (_fwd_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse2, Ent,
-                             Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, b, h, Hq_t, Nq_t, Nk_t, q_off_t,
-                             m0, first, lo, T, c2_t, cs_t, cap2_t, window_t, sink_k_t, dist_w_t, WG1, BLOCK_M, BLOCK_N,
-                             HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP, BESIDE, DIST, SOFTCAP, KEY_BIAS,
-                             SINKS, LEARNED, HAS_WINDOW)),
+                             Top, TopP, Sink, Dist, Local, Learned, kb_base, Sinks, Src, Tgt, BiasS, BiasT, b, h,
+                             Hq_t, Nq_t, Nk_t, q_off_t, m0, first, lo, T, c2_t, cs_t, cap2_t, window_t, sink_k_t,
+                             dist_w_t, WG1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ENT, TOP, SINK, TOP_SKIP,
+                             BESIDE, DIST, SOFTCAP, KEY_BIAS, SINKS, LEARNED, HAS_WINDOW, HAS_EDIT)),
             (_fwd_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                              v_empty, b, h, hk, m0, lo, T, STAGES, BLOCK_M, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -456,8 +474,8 @@ TOP_SKIP = False
 # FlashAttention-3's ping-pong, was slower: 16.9 ms plain at 32k).
 BESIDE = False
 FORWARD_CONFIG = {128: (64, 128, 2, 168, 240), 64: (64, 128, 2, 168, 240)}
-# A softcap, a key bias (ALiBi, key_keep) and learned sinks in this kernel (else they go to the Triton forward):
-# off until their fp64 cases (tests/gpu/test_gluon_forward.py) have passed on a Hopper GPU.
+# A softcap, a key bias (ALiBi, key_keep), learned sinks, causal windows and edits in this kernel (else they go
+# to the Triton forward): off until their fp64 cases (tests/gpu/test_gluon_forward.py) have passed on a Hopper GPU.
 FEATURES = False
 # The forward statistics this kernel computes (the other forward ones fall back to the Triton kernel).
 STATS = ("entropy", "top_key", "top_prob", "sink_mass", "distance", "local_mass", "learned_sink")
@@ -472,13 +490,13 @@ def call_reason(call, request) -> str | None:
     """What in the call itself (not the device) the Gluon forward does not cover, or None."""
     if call.D not in FORWARD_CONFIG:
         return f"head dim {call.D} (the Gluon forward has tiles for {sorted(FORWARD_CONFIG)})"
-    reasons = [what for what, present in (
-        ("a sliding window without a causal mask", call.window is not None and not call.causal),
-        ("an edit", call.edit is not None),
-        *((what, present) for what, present in (
-            ("a softcap", call.softcap is not None), ("a key bias", call.key_bias is not None),
-            ("learned sinks", call.sinks is not None), ("a sliding window", call.window is not None))
-          if not FEATURES)) if present]
+    if FEATURES:
+        gaps = (("a sliding window without a causal mask", call.window is not None and not call.causal),)
+    else:
+        gaps = (("a softcap", call.softcap is not None), ("a key bias", call.key_bias is not None),
+                ("learned sinks", call.sinks is not None), ("a sliding window", call.window is not None),
+                ("an edit", call.edit is not None))
+    reasons = [what for what, present in gaps if present]
     if reasons:
         return ", ".join(reasons) + " (on the Triton forward)"
     others = [name for name in request.outputs("forward") if name not in STATS]
@@ -514,7 +532,7 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         out, lse2, call.first, stats.get("entropy", dummy), stats.get("top_key", dummy), stats.get("top_prob", dummy),
         stats.get("sink_mass", dummy), stats.get("distance", dummy), stats.get("local_mass", dummy),
         stats.get("learned_sink", dummy), dummy if call.key_bias is None else call.key_bias,
-        dummy if call.sinks is None else call.sinks,
+        dummy if call.sinks is None else call.sinks, call.src, call.tgt, call.bias_s, call.bias_t,
         call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E, call.scale / float(call.softcap or 1.0),
         float(call.softcap or 1.0) * LOG2E, call.skbb, int(call.window or 0), int(request.sink_k or 0),
         int(request.distance_window or 0),
@@ -524,5 +542,5 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         maxnreg=maxnreg, TOP_SKIP=TOP_SKIP if top_skip is None else top_skip,
         BESIDE=BESIDE if beside is None else beside, DIST="distance" in stats, SOFTCAP=call.softcap is not None,
         KEY_BIAS=call.key_bias is not None, SINKS=call.sinks is not None, LEARNED="learned_sink" in stats,
-        HAS_WINDOW=call.window is not None,
+        HAS_WINDOW=call.window is not None, HAS_EDIT=call.edit is not None,
     )

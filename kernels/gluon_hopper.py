@@ -400,12 +400,13 @@ def call_reason(call, request) -> str | None:
     """What in the call itself (not the device) the Gluon pass 2 does not cover, or None."""
     if call.D not in COLUMNS_CONFIG:
         return f"head dim {call.D} (the Gluon pass 2 is faster than the Triton one at d 128 only)"
-    reasons = [what for what, present in (
-        ("an edit", call.edit is not None), ("segments", request.segment_ids is not None),
-        ("a sliding window without a causal mask", call.window is not None and not call.causal),
-        *((what, present) for what, present in (
-            ("a softcap", call.softcap is not None), ("a key bias", call.key_bias is not None),
-            ("a sliding window", call.window is not None)) if not FEATURES)) if present]
+    if FEATURES:
+        gaps = (("a sliding window without a causal mask", call.window is not None and not call.causal),)
+    else:
+        gaps = (("a softcap", call.softcap is not None), ("a key bias", call.key_bias is not None),
+                ("a sliding window", call.window is not None))
+    gaps += (("an edit", call.edit is not None), ("segments", request.segment_ids is not None))
+    reasons = [what for what, present in gaps if present]
     if reasons:
         return ", ".join(reasons) + " (on the Triton kernel)"
     if request.pooled_block is not None and request.pooled_block % 64:

@@ -144,6 +144,7 @@ def test_gluon_forward_agrees_with_the_triton_forward_without_statistics(b, hq, 
 
 @needs_hopper
 def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
+    from attnlab.kernels import gluon_forward
     from attnlab.kernels import triton_stats as ts
 
     monkeypatch.setattr(ts, "GLUON_FORWARD", True)
@@ -154,7 +155,8 @@ def test_gluon_forward_leaves_what_it_does_not_compute_to_triton(monkeypatch):
     assert kernels.last_kernels()["forward"] == \
         "triton (distance / local_mass without a causal mask (on the Triton forward))"
     ts.attention_stats(q, k, v, request=StatRequest(entropy=True), sliding_window=64, causal=False)
-    assert kernels.last_kernels()["forward"] == "triton (a sliding window without a causal mask (on the Triton forward))"
+    why = "a sliding window without a causal mask" if gluon_forward.FEATURES else "a sliding window"
+    assert kernels.last_kernels()["forward"] == f"triton ({why} (on the Triton forward))"
 
 
 @needs_hopper
@@ -255,6 +257,43 @@ def test_gluon_forward_with_attention_features_matches_fp64(monkeypatch, b, hq, 
     assert kernels.last_kernels()["forward"] == "gluon-hopper"
     ref_out, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req, key_mask=key_mask,
                                               causal=causal, chunk_size=512, **kw)
+    real = ~torch.isnan(want["entropy"])
+    assert _rel(out[real], ref_out[real]) < 2e-2, "output"
+    _assert_stats_match(got, want, [name for name in req.outputs() if name != "top_key"])
+    assert (got["top_key"][real] == want["top_key"][real]).double().mean() > 0.999
+
+
+@needs_hopper
+@pytest.mark.parametrize("kind", ["logit_bias", "remove", "mass_transfer"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,pad,dtype", [FEATURE_SHAPES[0], FEATURE_SHAPES[2]])
+def test_gluon_forward_with_an_edit_matches_fp64(monkeypatch, kind, b, hq, hkv, nq, nk, d, causal, pad, dtype):
+    """An edit in the Gluon forward (gluon_forward.FEATURES): a logit bias (x 3.5 on the first real key and a
+    span), one that removes them (ln c at MIN_LOG), and a mass transfer (keep 0.3 of the sources' mass, the rest
+    to a target span; its measuring pass runs on the Triton kernel), on half the heads: every forward statistic
+    and received as the fp64 twin gives them."""
+    from attnlab.kernels import KernelEdit, gluon_forward
+    from attnlab.kernels import triton_stats as ts
+
+    monkeypatch.setattr(gluon_forward, "FEATURES", True)
+    monkeypatch.setattr(ts, "GLUON_FORWARD", True)
+    monkeypatch.setattr(ts, "GLUON_FORWARD_STATS", True)
+    q, k, v, key_mask = _inputs(b, hq, hkv, nq, nk, d, pad, dtype)
+    heads = torch.arange(hq, device="cuda") % 2 == 0
+    source = torch.zeros(b, nk, dtype=torch.bool, device="cuda")
+    source[:, 300:340] = True
+    for row in range(b):  # each text's first real key
+        source[row, pad if row == b - 1 else 0] = True
+    target = torch.zeros_like(source)
+    target[:, 500:600] = True
+    edit = {"logit_bias": KernelEdit.logit_bias(heads, source, 3.5),
+            "remove": KernelEdit.logit_bias(heads, source, 1e-30),
+            "mass_transfer": KernelEdit.mass_transfer(heads, source, 0.3, target=target)}[kind]
+    req = StatRequest(sink_k=4, entropy=True, top_key=True, received=True, distance_window=100)
+    kernels.last_kernels()
+    out, got = ts.attention_stats(q, k, v, request=req, key_mask=key_mask, causal=causal, edits=(edit,))
+    assert kernels.last_kernels()["forward"] == "gluon-hopper"
+    ref_out, want = reference.attention_stats(q.double(), k.double(), v.double(), request=req, key_mask=key_mask,
+                                              causal=causal, chunk_size=512, edits=(edit,))
     real = ~torch.isnan(want["entropy"])
     assert _rel(out[real], ref_out[real]) < 2e-2, "output"
     _assert_stats_match(got, want, [name for name in req.outputs() if name != "top_key"])
