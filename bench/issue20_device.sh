@@ -7,7 +7,7 @@
 #   bash bench/issue20_device.sh pass2     # pass 2's GPU tests (every tile variant against fp64), then its d 128 table
 #   bash bench/issue20_device.sh capture   # per layer: forward, + per-query statistics, full capture (kernel_stats.py)
 #   bash bench/issue20_device.sh model     # the whole 1B-shaped model at 32k and 128k (the acceptance's table)
-#   bash bench/issue20_device.sh features  # both Gluon kernels with a softcap, ALiBi, windows, learned sinks: their
+#   bash bench/issue20_device.sh features  # both Gluon kernels with a softcap, ALiBi, windows, sinks, edits: their
 #                                          # fp64 GPU cases, then Triton against Gluon per feature set (32k, d 128)
 #
 # LIMIT (seconds, default 560) bounds each part, so two parts fit one call: LIMIT=300 bash ... tests; ...
@@ -52,7 +52,7 @@ case "${1:-}" in
     tail -30 "$OUT/whole_model.txt" ;;
   features)
     timeout $LIMIT python3 -m pytest -q -p no:cacheprovider "$R/tests/gpu/test_gluon_forward.py" \
-      "$R/tests/gpu/test_gluon_hopper.py" -k "features or leaves" > "$OUT/pytest_features.txt" 2>&1
+      "$R/tests/gpu/test_gluon_hopper.py" -k "features or leaves or edit" > "$OUT/pytest_features.txt" 2>&1
     echo "pytest rc $?" >> "$OUT/pytest_features.txt"
     grep -E "^(FAILED|ERROR)|passed|failed|rc " "$OUT/pytest_features.txt" | tail -30
     timeout $LIMIT python3 "$R/bench/gluon_hopper.py" --sections features --sizes 32768 --forward-dims 128 \
