@@ -70,8 +70,7 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.kernels.gluon_hopper import (LOG2E, device_reason, importable,
-                                          tma_reason)
+from attnlab.kernels.gluon_hopper import LOG2E, device_reason, importable, softcap_scales, tma_reason
 
 if importable():
     import triton
@@ -79,6 +78,8 @@ if importable():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from attnlab.kernels.gluon_hopper import _softcap_log2
 
     @gluon.jit
     def _fwd_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
@@ -127,8 +128,8 @@ if importable():
         [Nk] int8 source / target key classes and this warpgroup's rows' biases on them (log2 units), as
         `_Call.set_edit` compiles a KernelEdit; added after the key bias."""
         cols = n0 + offs_n
-        if SOFTCAP:  # cap tanh(x), x = scale s / cap, as 2 sigmoid(2x) - 1 (the Triton kernel's form)
-            s = (2.0 / (1.0 + gl.exp2(s * (cs * -2.8853900817779268))) - 1.0) * cap2
+        if SOFTCAP:
+            s = _softcap_log2(s, cs, cap2)
         elif KEY_BIAS or HAS_EDIT:
             s = s * c2
         if KEY_BIAS:
@@ -499,7 +500,9 @@ def call_reason(call, request) -> str | None:
     reasons = [what for what, present in gaps if present]
     if reasons:
         return ", ".join(reasons) + " (on the Triton forward)"
-    others = [name for name in request.outputs("forward") if name not in STATS]
+    # (learned_sink's store is new with the features: behind the same switch)
+    others = [name for name in request.outputs("forward")
+              if name not in STATS or (name == "learned_sink" and not FEATURES)]
     if others:
         return ", ".join(others) + " (on the Triton forward)"
     if "distance" in request.outputs("forward") and not call.causal:
@@ -533,10 +536,8 @@ def forward(call, request, out: torch.Tensor, lse2: torch.Tensor, stats: dict[st
         stats.get("sink_mass", dummy), stats.get("distance", dummy), stats.get("local_mass", dummy),
         stats.get("learned_sink", dummy), dummy if call.key_bias is None else call.key_bias,
         dummy if call.sinks is None else call.sinks, call.src, call.tgt, call.bias_s, call.bias_t,
-        call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E, call.scale / float(call.softcap or 1.0),
-        float(call.softcap or 1.0) * LOG2E, call.skbb, int(call.window or 0), int(request.sink_k or 0),
-        int(request.distance_window or 0),
-        n_mblocks,
+        call.Hq, call.G, call.Nq, call.Nk, call.q_off, call.scale * LOG2E, *softcap_scales(call), call.skbb,
+        int(call.window or 0), int(request.sink_k or 0), int(request.distance_window or 0), n_mblocks,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=call.D, STAGES=stages, CAUSAL=call.causal, ENT="entropy" in stats,
         TOP="top_key" in stats, SINK="sink_mass" in stats, CONSUMER_REGS=consumer_regs, num_warps=4,
         maxnreg=maxnreg, TOP_SKIP=TOP_SKIP if top_skip is None else top_skip,

@@ -100,6 +100,12 @@ if importable():
         return gl.load(Lse2 + (b * Hq + h0 + t // n_m) * Nq + m0 + offs_m, mask=m0 + offs_m < Nq, other=float("inf"))
 
     @gluon.jit
+    def _softcap_log2(s, cs, cap2):
+        """Raw scores s -> cap tanh(scale s / cap) in log2 units (cs = scale / cap, cap2 = cap log2 e, as
+        `softcap_scales` gives them), tanh as 2 sigmoid(2x) - 1: the Triton kernel's form. Both Gluon kernels."""
+        return (2.0 / (1.0 + gl.exp2(s * (cs * -2.8853900817779268))) - 1.0) * cap2
+
+    @gluon.jit
     def _exp2_poly(x):
         """2^x on the FMA and integer units (FlashAttention-4's trick), no MUFU and no conversion unit: x is
         rounded to the nearest integer j by adding 1.5 * 2^23 (j then sits in the sum's low mantissa bits),
@@ -131,8 +137,8 @@ if importable():
         `_col_loop` computes them; qhi: the end of the queries that see any of these keys (Nq without a window)."""
         g = t // n_m
         m0 = qlo + (t % n_m) * BLOCK_M
-        if SOFTCAP:  # cap tanh(x), x = scale s / cap, as 2 sigmoid(2x) - 1 (the Triton kernel's form)
-            s = (2.0 / (1.0 + gl.exp2(s * (cs * -2.8853900817779268))) - 1.0) * cap2
+        if SOFTCAP:
+            s = _softcap_log2(s, cs, cap2)
         elif KEY_BIAS:
             s = s * c2
         if KEY_BIAS:  # this tile's head's bias on the block's keys
@@ -383,6 +389,12 @@ def device_reason(q: torch.Tensor) -> str | None:
     return None
 
 
+def softcap_scales(call) -> tuple[float, float]:
+    """(scale / cap, cap log2 e): the softcap's two constants in both Gluon kernels (1 for the cap without one)."""
+    cap = float(call.softcap or 1.0)
+    return call.scale / cap, cap * LOG2E
+
+
 def tma_reason(*tensors: torch.Tensor) -> str | None:
     """None when every tensor's strides (but the last) and base are 16-byte aligned, as TMA needs."""
     for t in tensors:
@@ -442,7 +454,7 @@ def columns(call, request, lse2: torch.Tensor) -> dict[str, torch.Tensor]:
         _descriptor(call.q, BM, call.D), _descriptor(call.k, wg_n, call.D), lse2, call.first, recv, part,
         lse2 if call.key_bias is None else call.key_bias,
         Hq, G, Nq, Nk, call.q_off, call.scale * LOG2E, n_qc, n_ksub, max(pool, 1), call.min_first, call.max_first,
-        call.scale / float(call.softcap or 1.0), float(call.softcap or 1.0) * LOG2E, call.skbb, int(call.window or 0),
+        *softcap_scales(call), call.skbb, int(call.window or 0),
         NG=G, WG_N=wg_n, BLOCK_M=BM, HEAD_DIM=call.D, KSUB=ksub, RECV=request.received, POOL=bool(pool),
         CAUSAL=call.causal, STAGES=stages, CONSUMER_REGS=consumer_regs, K_REG=k_reg,
         NWG=nwg, TWO_ACC=two_acc, POLY=poly, num_warps=4, maxnreg=maxnreg, SOFTCAP=call.softcap is not None,

@@ -54,6 +54,7 @@ def test_gluon_forward_takes_plain_calls_and_names_what_it_leaves(monkeypatch):
     assert "softcap" in gluon_forward.call_reason(_call(softcap=30.0), STATS) or gluon_forward.FEATURES
     monkeypatch.setattr(gluon_forward, "FEATURES", False)
     assert gluon_forward.call_reason(_call(softcap=30.0), STATS) == "a softcap (on the Triton forward)"
+    assert gluon_forward.call_reason(_call(), StatRequest(learned_sink=True)) == "learned_sink (on the Triton forward)"
     assert gluon_forward.call_reason(_call(sinks=torch.zeros(8), key_bias=torch.zeros(1, 8, 64), window=16),
                                      STATS) == "a key bias, learned sinks, a sliding window (on the Triton forward)"
     monkeypatch.setattr(gluon_forward, "FEATURES", True)
