@@ -311,8 +311,8 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     dash_duo.wait_for_contains_text(f"#{ids.PROGRESS_TEXT}", "retrieval", timeout=30)
     dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "retrieval run", timeout=180)
     assert dash_duo.find_element(f"#{ids.MESSAGE}").text == ""
+    _wait(lambda: "retrieval: score (heads)" in _title(dash_duo, ids.SCORE_MAP), 30, "the retrieval score map")
     _wait_grid(dash_duo, ids.SCORE_MAP, (30, 9), 20)  # SmolLM2: 30 layers x 9 heads
-    assert "retrieval: score (heads)" in _title(dash_duo, ids.SCORE_MAP)
     # no capture is open: the run's top head is selected and its view drawn; a click picks another
     _wait(lambda: "decode steps" in _title(dash_duo, ids.HEAD_VIEW), 60, "the top head's decode steps")
     _click_cell(dash_duo, ids.SCORE_MAP, layer=18, head=6)
@@ -351,8 +351,10 @@ def test_analyses_run_in_the_background_render_maps_and_click_through(dash_duo, 
     dash_duo.find_element(f"#{ids.RUN_ANALYSIS}").click()
     dash_duo.wait_for_contains_text(f"#{ids.RUN_INFO}", "thought_anchors run", timeout=180)
     n = len(split_sentences(TRACE))
+    # the retrieval run's map has the same (30, 9) grid: wait for the new run's title before the grid
+    _wait(lambda: "thought_anchors: score (heads)" in _title(dash_duo, ids.SCORE_MAP), 30,
+          "the thought_anchors score map")
     _wait_grid(dash_duo, ids.SCORE_MAP, (30, 9), 20)
-    assert "thought_anchors: score (heads)" in _title(dash_duo, ids.SCORE_MAP)
     n_bars = _wait(lambda: dash_duo.driver.execute_script(
         f"const gd = document.querySelector('#{ids.TA_RECEIVERS} .js-plotly-plot');"
         "return gd && gd.querySelectorAll('g.point path').length;"), 20, "the receiver-score bars")
